@@ -1,0 +1,1257 @@
+#!/usr/bin/env python3
+"""ssl_repsim: how the training objective shapes self-supervised Vision Transformers.
+
+Load any released self-supervised ViT (MAE, BEiT, SimMIM, data2vec, DINO, DINOv2, iBOT, MoCo v3, MSN, I-JEPA, CAE,
+supervised DeiT / torchvision as baselines) into one plain ViT, extract what every layer and sub-layer computes, and
+compare models: CKA maps across all layer pairs, per-layer linear probes and k-NN, fine-tuning, and the analyses of
+"Objectives Matter" (Shekhar et al. 2023).
+
+    python ssl_repsim.py cka mae dino            # CKA map of two registered checkpoints on built-in synthetic data
+    python ssl_repsim.py --help                  # every subcommand
+
+One file, read top to bottom:
+  1 registry & config   2 model   3 checkpoints   4 data   5 extraction   6 similarity   7 probes
+  8 fine-tuning   9 analyses   10 CLI
+Hard dependencies: torch, numpy, safetensors. Pillow, matplotlib and tqdm are imported only where needed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__version__ = "0.1.0"
+
+# ======================================================================================================================
+# 1. Registry & config
+# ======================================================================================================================
+
+
+class UsageError(Exception):
+    """A user error (bad input, file or option): the CLI prints its message on one line and exits with code 2."""
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+FBAI = "https://dl.fbaipublicfiles.com"
+IBOT = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot"
+BEIT = "https://github.com/addf400/files/releases/download/v1.0"
+
+# Objective of each family: reconstruction (REC), joint-embedding (JE), both (HYB) or supervised (SUP).
+OBJECTIVE = {"mae": "REC", "mae_ft": "REC+FT", "beit": "REC", "beit_ft": "REC+FT", "simmim": "REC", "cae": "REC",
+             "data2vec": "HYB", "data2vec_ft": "HYB+FT", "data2vec_hf": "HYB", "dino": "JE", "dinov2": "HYB",
+             "ibot": "HYB", "mocov3": "JE", "msn": "JE", "ijepa": "JE", "deit": "SUP", "deit3": "SUP",
+             "torchvision": "SUP", "timm": "?", "ssl_repsim": "?"}
+
+
+def _row(family, url, heads, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bicubic", crop=0.875, img=224,
+         sha256=None, md5=None, rep="cls_norm"):
+    return dict(family=family, url=url, num_heads=heads, mean=mean, std=std, interp=interp, crop_pct=crop,
+                img_size=img, sha256=sha256, md5=md5, eval_repr=rep)
+
+
+# One row per released checkpoint. rep = official linear-eval representation: cls_norm (cls after final norm),
+# cls_raw (cls of the last block, no final norm), fc_norm_mean (fc_norm of the mean patch token), mean_tokens,
+# cls4_norm (normed cls of the last 4 blocks), cls_mean (normed cls || mean patch), block_cls_mean (per block).
+# sha256 / md5 hold the digest prefixes the authors publish (DeiT file suffixes, MAE README md5s).
+REGISTRY: dict[str, dict] = {
+    "mae-vitb16": _row("mae", f"{FBAI}/mae/pretrain/mae_pretrain_vit_base.pth", 12, md5="8cad7c"),
+    "mae-vitl16": _row("mae", f"{FBAI}/mae/pretrain/mae_pretrain_vit_large.pth", 16, md5="b8b06e"),
+    "mae-vith14": _row("mae", f"{FBAI}/mae/pretrain/mae_pretrain_vit_huge.pth", 16, md5="9bdbb0"),
+    "mae-ft-vitb16": _row("mae_ft", f"{FBAI}/mae/finetune/mae_finetuned_vit_base.pth", 12, md5="1b25e9",
+                          rep="fc_norm_mean"),
+    "mae-ft-vitl16": _row("mae_ft", f"{FBAI}/mae/finetune/mae_finetuned_vit_large.pth", 16, md5="51f550",
+                          rep="fc_norm_mean"),
+    "mae-ft-vith14": _row("mae_ft", f"{FBAI}/mae/finetune/mae_finetuned_vit_huge.pth", 16, md5="2541f2",
+                          rep="fc_norm_mean"),
+    "dino-vits16": _row("dino", f"{FBAI}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", 6,
+                        rep="cls4_norm"),
+    "dino-vits8": _row("dino", f"{FBAI}/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", 6,
+                       rep="cls4_norm"),
+    "dino-vitb16": _row("dino", f"{FBAI}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", 12,
+                        rep="cls_mean"),
+    "dino-vitb8": _row("dino", f"{FBAI}/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", 12, rep="cls_mean"),
+    "mocov3-vits16": _row("mocov3", f"{FBAI}/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar", 12, interp="bilinear"),
+    "mocov3-vitb16": _row("mocov3", f"{FBAI}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar", 12, interp="bilinear"),
+    "msn-vits16": _row("msn", f"{FBAI}/msn/vits16_800ep.pth.tar", 6, interp="bilinear", rep="cls_raw"),
+    "msn-vitb16": _row("msn", f"{FBAI}/msn/vitb16_600ep.pth.tar", 12, interp="bilinear", rep="cls_raw"),
+    "msn-vitl16": _row("msn", f"{FBAI}/msn/vitl16_600ep.pth.tar", 16, interp="bilinear", rep="cls_raw"),
+    "msn-vitb4": _row("msn", f"{FBAI}/msn/vitb4_300ep.pth.tar", 12, interp="bilinear", rep="cls_raw"),
+    "msn-vitl7": _row("msn", f"{FBAI}/msn/vitl7_200ep.pth.tar", 16, interp="bilinear", rep="cls_raw"),
+    "ibot-vits16": _row("ibot", f"{IBOT}/vits_16/checkpoint_teacher.pth", 6, rep="cls4_norm"),
+    "ibot-vitb16": _row("ibot", f"{IBOT}/vitb_16/checkpoint_teacher.pth", 12, rep="cls_mean"),
+    "ibot-vitl16": _row("ibot", f"{IBOT}/vitl_16/checkpoint_teacher.pth", 16, rep="cls_mean"),
+    "deit-vitti16": _row("deit", f"{FBAI}/deit/deit_tiny_patch16_224-a1311bcf.pth", 3, sha256="a1311bcf"),
+    "deit-vits16": _row("deit", f"{FBAI}/deit/deit_small_patch16_224-cd65a155.pth", 6, sha256="cd65a155"),
+    "deit-vitb16": _row("deit", f"{FBAI}/deit/deit_base_patch16_224-b5f2ef4d.pth", 12, sha256="b5f2ef4d"),
+    "deit3-vits16": _row("deit3", f"{FBAI}/deit/deit_3_small_224_1k.pth", 6),
+    "deit3-vitb16": _row("deit3", f"{FBAI}/deit/deit_3_base_224_1k.pth", 12),
+    "deit3-vitl16": _row("deit3", f"{FBAI}/deit/deit_3_large_224_1k.pth", 16),
+    "deit3-vith14": _row("deit3", f"{FBAI}/deit/deit_3_huge_224_1k_v1.pth", 16),
+    "ijepa-vith14": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.14-300e.pth.tar", 16, rep="mean_tokens"),
+    "ijepa-vith16-448": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.16-448px-300e.pth.tar", 16, img=448,
+                             rep="mean_tokens"),
+    "ijepa-vith14-in22k": _row("ijepa", f"{FBAI}/ijepa/IN22K-vit.h.14-900e.pth.tar", 16, rep="mean_tokens"),
+    "ijepa-vitg16-in22k": _row("ijepa", f"{FBAI}/ijepa/IN22K-vit.g.16-600e.pth.tar", 16, rep="mean_tokens"),
+    "beit-vitb16": _row("beit", f"{BEIT}/beit_base_patch16_224_pt22k.pth", 12, mean=HALF_MEAN, std=HALF_STD,
+                        rep="block_cls_mean"),
+    "beit-vitl16": _row("beit", f"{BEIT}/beit_large_patch16_224_pt22k.pth", 16, mean=HALF_MEAN, std=HALF_STD,
+                        rep="block_cls_mean"),
+    "beit-ft-vitb16": _row("beit_ft", f"{BEIT}/beit_base_patch16_224_pt22k_ft22k.pth", 12, mean=HALF_MEAN,
+                           std=HALF_STD, rep="fc_norm_mean"),
+    "simmim-vitb16": _row("simmim", "https://drive.google.com/file/d/1dJn6GYkwMIcoP3zqOEyW1_iQfpBi8UOw/view", 12,
+                          rep="fc_norm_mean"),
+    "data2vec-vitb16": _row("data2vec", f"{FBAI}/fairseq/data2vec/data2vec_vision/base_800/checkpoint-799.pth", 12,
+                            rep="mean_tokens"),
+    "data2vec-vitl16": _row("data2vec", f"{FBAI}/fairseq/data2vec/data2vec_vision/large_1600/checkpoint-799.pth", 16,
+                            rep="mean_tokens"),
+    "dinov2-vits14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", 6, rep="cls_mean"),
+    "dinov2-vitb14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth", 12, rep="cls_mean"),
+    "dinov2-vitl14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth", 16, rep="cls_mean"),
+    "dinov2-vitg14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth", 24, rep="cls_mean"),
+    "dinov2-vits14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth", 6,
+                              rep="cls_mean"),
+    "dinov2-vitb14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth", 12,
+                              rep="cls_mean"),
+    "dinov2-vitl14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth", 16,
+                              rep="cls_mean"),
+    "dinov2-vitg14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth", 24,
+                              rep="cls_mean"),
+    "cae-vitb16": _row("cae", "https://drive.google.com/drive/folders/1wwhg7nj2GQuU9uthVuQLkEEXEjx90G7g", 12),
+    "supervised-vitb16": _row("torchvision", "https://download.pytorch.org/models/vit_b_16-c867db91.pth", 12,
+                              interp="bilinear", sha256="c867db91"),
+}
+ALIASES = {"mae": "mae-vitb16", "mae-ft": "mae-ft-vitb16", "dino": "dino-vitb16", "mocov3": "mocov3-vitb16",
+           "moco": "mocov3-vitb16", "msn": "msn-vitb16", "ibot": "ibot-vitb16", "deit": "deit-vitb16",
+           "deit3": "deit3-vitb16", "ijepa": "ijepa-vith14", "beit": "beit-vitb16", "simmim": "simmim-vitb16",
+           "data2vec": "data2vec-vitb16", "dinov2": "dinov2-vitb14", "cae": "cae-vitb16",
+           "supervised": "supervised-vitb16"}
+# Files the authors publish only behind a web page (Google Drive): download by hand into the weights dir.
+MANUAL_DOWNLOAD = {"simmim", "cae"}
+
+# Heads are not recoverable from weights: by width, with the registry's value (or num_heads=) taking precedence.
+HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+HEADS_BY_FAMILY_WIDTH = {("mocov3", 384): 12}
+# Position-embedding interpolation each family's own code uses at other input sizes (see interpolate_pos_embed).
+OFFSET_INTERP_FAMILIES = {"dino", "ibot", "msn", "dinov2"}
+
+
+def resolve_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def list_models() -> list[dict]:
+    """Registry rows with their names, for `python ssl_repsim.py list`."""
+    return [dict(name=n, **r) for n, r in REGISTRY.items()]
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_hidden: int = 3072
+    swiglu: bool = False          # DINOv2 ViT-g: out = fc2(SiLU(x1) * x2), [x1, x2] = fc1(x)
+    cls_token: bool = True        # I-JEPA has none
+    num_registers: int = 0        # DINOv2 *_reg4
+    pos_embed: bool = True        # BEiT / SimMIM / data2vec pretrained use relative bias only
+    pos_cls_row: bool = True      # DeiT III: pos_embed covers patches only, cls unpositioned
+    rel_pos: str | None = None    # None | "shared" (one table for all blocks) | "per_block"
+    layer_scale: bool = False     # gamma_1 / gamma_2
+    norm_eps: float = 1e-6
+    final_norm: bool = True       # MAE / BEiT fine-tuned: no token-level norm ...
+    fc_norm: bool = False         # ... but fc_norm over the mean of patch tokens
+    pos_interp: str = "bicubic"   # "bicubic" | "offset" (DINO, DINOv2: +0.1) | "antialias" (DINOv2 registers)
+    num_classes: int = 0
+    family: str = ""
+
+    @property
+    def num_prefix(self) -> int:
+        return int(self.cls_token) + self.num_registers
+
+
+class Progress:
+    """Progress on stderr: tqdm when importable, else a small built-in bar; silent when disabled or not a TTY."""
+
+    def __init__(self, total, desc="", enabled=True, unit="it"):
+        self.total, self.desc, self.n, self.unit, self._t0, self._last = total, desc, 0, unit, time.time(), 0.0
+        self.enabled = enabled and sys.stderr.isatty()
+        self._tqdm = None
+        if self.enabled:
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+                self._tqdm = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False)
+
+    def update(self, k=1):
+        self.n += k
+        if self._tqdm is not None:
+            self._tqdm.update(k)
+        elif self.enabled and time.time() - self._last > 0.2:
+            self._last = time.time()
+            frac = self.n / self.total if self.total else 0.0
+            bar = "#" * int(24 * frac)
+            sys.stderr.write(f"\r{self.desc} [{bar:<24}] {self.n}/{self.total or '?'} {self.unit}")
+            sys.stderr.flush()
+
+    def close(self):
+        if self._tqdm is not None:
+            self._tqdm.close()
+        elif self.enabled:
+            sys.stderr.write("\r" + " " * (len(self.desc) + 60) + "\r")
+            sys.stderr.flush()
+
+
+def note(msg: str, quiet: bool = False):
+    """One line of information on stderr (announcements, notices), suppressed by --quiet."""
+    if not quiet:
+        print(msg, file=sys.stderr)
+
+
+# ======================================================================================================================
+# 2. Model: one pre-norm ViT covering every family's variant
+# ======================================================================================================================
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): drop the residual branch per sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+def relative_position_index(gh: int, gw: int) -> torch.Tensor:
+    """BEiT's (N+1)x(N+1) index into a [(2gh-1)(2gw-1)+3, H] table; the 3 last rows are cls->patch, patch->cls,
+    cls->cls."""
+    hh, ww = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    h, w = hh.flatten(), ww.flatten()
+    rel = (h[:, None] - h[None, :] + gh - 1) * (2 * gw - 1) + (w[:, None] - w[None, :] + gw - 1)
+    num = (2 * gh - 1) * (2 * gw - 1) + 3
+    index = torch.empty(gh * gw + 1, gh * gw + 1, dtype=torch.long)
+    index[1:, 1:] = rel
+    index[0, :] = num - 3
+    index[:, 0] = num - 2
+    index[0, 0] = num - 1
+    return index
+
+
+def relative_position_bias(table: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """(H, N+1, N+1) bias from a BEiT table, resampled bicubically when the grid differs from the table's window
+    (BEiT resamples with a geometric progression; bicubic agrees closely and is exact at the native size)."""
+    w0 = int(round(math.sqrt(table.shape[0] - 3)))  # 2W-1
+    if (w0, w0) != (2 * gh - 1, 2 * gw - 1):
+        grid = table[:-3].T.reshape(1, -1, w0, w0)
+        grid = F.interpolate(grid.float(), size=(2 * gh - 1, 2 * gw - 1), mode="bicubic", align_corners=False)
+        table = torch.cat([grid.reshape(table.shape[1], -1).T.to(table.dtype), table[-3:]])
+    index = relative_position_index(gh, gw).to(table.device)
+    return table[index].permute(2, 0, 1)
+
+
+def interpolate_pos_embed(grid: torch.Tensor, gh: int, gw: int, method: str = "bicubic") -> torch.Tensor:
+    """Resample a (1, M*M, D) position grid to (1, gh*gw, D) with the arithmetic of each family's code.
+    bicubic: size=(gh, gw) (MAE, DeiT, timm); offset: scale_factor=((g+0.1)/M) (DINO, DINOv2 without registers);
+    antialias: size=(gh, gw) with antialias=True (DINOv2 with registers)."""
+    m = int(round(math.sqrt(grid.shape[1])))
+    if m * m == gh * gw and gh == gw:
+        return grid
+    g = grid.reshape(1, m, m, -1).permute(0, 3, 1, 2).float()
+    if method == "offset":
+        g = F.interpolate(g, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic", align_corners=False)
+    else:
+        g = F.interpolate(g, size=(gh, gw), mode="bicubic", align_corners=False, antialias=(method == "antialias"))
+    if g.shape[-2:] != (gh, gw):
+        raise UsageError(f"position-embedding interpolation gave {tuple(g.shape[-2:])}, expected {(gh, gw)}")
+    return g.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(grid.dtype)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x):
+        if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
+            raise UsageError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), patches row-major
+
+
+class Attention(nn.Module):
+    """softmax(q kᵀ / √d_h + B_rel) v over H heads (Vaswani et al. 2017), qkv rows [q; k; v]."""
+
+    def __init__(self, dim: int, heads: int, table_rows: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_rows, heads)) if table_rows else None
+        self.keep_attn = False   # set by attention_maps(): compute softmax explicitly and keep it in .attn_map
+        self.attn_map = None
+
+    def forward(self, x, bias=None, grid=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if self.relative_position_bias_table is not None:
+            bias = relative_position_bias(self.relative_position_bias_table, *grid)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        if self.keep_attn:
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            attn = (logits + bias if bias is not None else logits).softmax(-1)
+            self.attn_map = attn.detach()
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLUAct(nn.Module):
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return F.silu(x1) * x2
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1(x))): exact GELU, or SwiGLU where fc1 holds both halves (DINOv2 w12/w3)."""
+
+    def __init__(self, dim: int, hidden: int, swiglu: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden)
+        self.act = SwiGLUAct() if swiglu else nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x ← x + γ₁·attn(norm1(x)); x ← x + γ₂·mlp(norm2(x)). `attn_residual` marks the stream between the two."""
+
+    def __init__(self, cfg: ViTConfig, table_rows=None):
+        super().__init__()
+        d = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.attn = Attention(d, cfg.num_heads, table_rows)
+        self.attn_residual = nn.Identity()
+        self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.mlp = Mlp(d, cfg.mlp_hidden, cfg.swiglu)
+        self.gamma_1 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
+        self.gamma_2 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
+        self.drop_path = 0.0
+
+    def forward(self, x, bias=None, grid=None):
+        a = self.attn(self.norm1(x), bias, grid)
+        a = a * self.gamma_1 if self.gamma_1 is not None else a
+        x = self.attn_residual(x + drop_path(a, self.drop_path, self.training))
+        m = self.mlp(self.norm2(x))
+        m = m * self.gamma_2 if self.gamma_2 is not None else m
+        return x + drop_path(m, self.drop_path, self.training)
+
+
+class SharedRelPos(nn.Module):
+    def __init__(self, rows, heads):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, heads))
+
+
+class ViT(nn.Module):
+    """Plain pre-norm ViT (Dosovitskiy et al. 2021) with every released SSL variant as a config switch."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg, self.family = cfg, cfg.family
+        d, g = cfg.embed_dim, cfg.img_size // cfg.patch_size
+        rows = (2 * g - 1) ** 2 + 3
+        self.patch_embed = PatchEmbed(cfg.patch_size, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.cls_token else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_registers, d)) if cfg.num_registers else None
+        n_pos = g * g + int(cfg.cls_token and cfg.pos_cls_row)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d)) if cfg.pos_embed else None
+        self.rel_pos_bias = SharedRelPos(rows, cfg.num_heads) if cfg.rel_pos == "shared" else None
+        self.embed = nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg, rows if cfg.rel_pos == "per_block" else None)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.fc_norm else None
+        self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
+        self._init_weights()
+        self.eval()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.register_tokens, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def position_embedding(self, gh: int, gw: int) -> torch.Tensor:
+        pos = self.pos_embed
+        if pos is None:
+            return None
+        cls_row = int(self.cfg.cls_token and self.cfg.pos_cls_row)
+        grid = interpolate_pos_embed(pos[:, cls_row:], gh, gw, self.cfg.pos_interp)
+        return torch.cat([pos[:, :cls_row], grid], 1) if cls_row else grid
+
+    def tokens(self, x: torch.Tensor):
+        """Tokens entering block 0 in the order [cls, registers, patches], and the patch grid."""
+        gh, gw = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
+        x = self.patch_embed(x)
+        pos = self.position_embedding(gh, gw)
+        cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
+        if pos is not None and cls is not None and self.cfg.pos_cls_row:
+            x = torch.cat([cls, x], 1) + pos
+        else:
+            x = x + pos if pos is not None else x
+            x = torch.cat([cls, x], 1) if cls is not None else x
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], 1)
+        return self.embed(x), (gh, gw)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm (the last block's output where the checkpoint has no `norm`)."""
+        x, grid = self.tokens(x)
+        bias = relative_position_bias(self.rel_pos_bias.relative_position_bias_table, *grid) \
+            if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, bias, grid)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The family's pooled representation from final tokens."""
+        if self.fc_norm is not None:
+            return self.fc_norm(tokens[:, self.cfg.num_prefix:].mean(1))
+        if not self.cfg.cls_token:
+            return tokens.mean(1)
+        return tokens[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise UsageError("this model has no classification head (load it with head=True or fine-tune it)")
+        return self.head(self(x))
+
+
+@contextlib.contextmanager
+def keep_attention(model: ViT):
+    """Within the block, attention layers compute softmax explicitly and keep it in `.attn_map` (B, H, T, T)."""
+    for blk in model.blocks:
+        blk.attn.keep_attn = True
+    try:
+        yield
+    finally:
+        for blk in model.blocks:
+            blk.attn.keep_attn, blk.attn.attn_map = False, None
+
+
+def attention_maps(model: ViT, x: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities of every block, a list of (B, H, T, T)."""
+    with keep_attention(model), torch.no_grad():
+        model.forward_features(x)
+        return [blk.attn.attn_map for blk in model.blocks]
+
+
+# ======================================================================================================================
+# 3. Checkpoints: read safely, detect the layout, convert, download
+# ======================================================================================================================
+
+CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar", ".ckpt", ".safetensors")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(object, safetensors metadata) of a checkpoint file. Pickles load with weights_only=True: only tensors,
+    containers and argparse.Namespace (the `args` of DINO / iBOT full files) are rebuilt; nothing runs code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        except Exception as e:
+            raise UsageError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe globals; RuntimeError / EOFError for corrupt files
+        msg = _one_line(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "Unpickl" in type(e).__name__:
+            found = re.findall(r"GLOBAL ([\w.]+)", msg)
+            raise UsageError(f"{path}: refused to unpickle {found[0] if found else 'an object'} — the file would run "
+                             "code on load; re-save its state dict with torch.save(state_dict) or as safetensors"
+                             ) from None
+        raise UsageError(f"{path}: corrupt or unreadable checkpoint ({msg[:200]})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}: holds a {type(obj).__name__}, not a state dict or a dict of state dicts")
+    return obj, {}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+@dataclass
+class Layout:
+    """How one released layout maps to our ViT: which sub-dict, which prefix, which keys are not the backbone."""
+    family: str
+    match: object                 # predicate on the file's top-level object
+    pick: str | None = None       # sub-dict holding the evaluated network (teacher, target_encoder, ...)
+    prefix: str | None = None     # prefix of backbone keys; None = whatever precedes patch_embed.proj.weight
+    only_prefix: bool = False     # keys without the prefix belong to other networks: ignore them
+    drop: str = r"$^"             # regex of keys that are not the backbone (heads, decoders, predictors, ...)
+
+
+def _sub(obj, key):
+    return obj.get(key) if isinstance(obj.get(key), dict) else {}
+
+
+def _any(d, pattern):
+    return any(re.search(pattern, k) for k in d)
+
+
+INDEX = r"relative_position_index$"
+LAYOUTS = [
+    Layout("ibot", lambda o: "teacher" in o and ("ibot_loss" in o or _any(_sub(o, "teacher"), r"last_layer2")),
+           pick="teacher", prefix="backbone.", only_prefix=True),
+    Layout("dino", lambda o: "teacher" in o, pick="teacher", prefix="backbone.", only_prefix=True),
+    Layout("mocov3", lambda o: _any(_sub(o, "state_dict"), r"^module\.base_encoder\."), pick="state_dict",
+           prefix="module.base_encoder.", only_prefix=True, drop=r"^head\."),
+    Layout("ibot", lambda o: "state_dict" in o, pick="state_dict", drop=r"^head\.|^masked_embed"),
+    Layout("msn", lambda o: _any(_sub(o, "target_encoder"), r"cls_token$"), pick="target_encoder",
+           prefix="module.", drop=r"^fc\."),
+    Layout("ijepa", lambda o: "target_encoder" in o, pick="target_encoder", prefix="module."),
+    Layout("data2vec_ft", lambda o: "module" in o, pick="module", drop=r"^head\.|" + INDEX),
+    Layout("simmim", lambda o: _any(_sub(o, "model"), r"^encoder\.(rel_pos_bias|blocks\.0\.attn\.relative_pos)"),
+           pick="model", prefix="encoder.", only_prefix=True, drop=r"mask_token|" + INDEX),
+    Layout("cae", lambda o: "encoder.patch_embed.proj.weight" in _sub(o, "model"), pick="model", prefix="encoder.",
+           only_prefix=True, drop=r"mask_token|" + INDEX),
+    Layout("data2vec", lambda o: "model_ema" in o or _lm_head_is_square(_sub(o, "model")), pick="model",
+           drop=r"^lm_head\.|mask_token|" + INDEX),
+    Layout("beit_ft", lambda o: _any(_sub(o, "model"), r"^blocks\.0\.attn\.relative_position_bias_table")
+           and "fc_norm.weight" in _sub(o, "model"), pick="model", drop=r"^head\.|" + INDEX),
+    Layout("beit", lambda o: _any(_sub(o, "model"), r"q_bias$"), pick="model",
+           drop=r"^lm_head\.|^head\.|mask_token|" + INDEX),
+    Layout("deit3", lambda o: _any(_sub(o, "model"), r"gamma_1$"), pick="model", drop=r"^head\."),
+    Layout("mae_ft", lambda o: "fc_norm.weight" in _sub(o, "model"), pick="model", drop=r"^head\."),
+    Layout("deit", lambda o: "head.weight" in _sub(o, "model") and not _any(_sub(o, "model"), r"^decoder"),
+           pick="model", drop=r"^head\."),
+    Layout("mae", lambda o: "model" in o, pick="model", drop=r"^decoder|^mask_token$"),
+    Layout("data2vec_hf", lambda o: _any(o, r"embeddings\.patch_embeddings\.projection\.weight$"),
+           drop=r"^classifier\.|mask_token|" + INDEX),
+    Layout("torchvision", lambda o: "conv_proj.weight" in o, drop=r"^heads\.(?!head\.)"),
+    Layout("dinov2", lambda o: "mask_token" in o and _any(o, r"^blocks\.0\.(ls1\.gamma|0\.)"), drop=r"^mask_token$"),
+    Layout("timm", lambda o: _is_state_dict(o) and _any(o, r"^(head\.weight|fc_norm\.|reg_token|blocks\.0\.ls1\.)"),
+           drop=r"^head\."),
+    Layout("dino", lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o),
+]
+
+
+def _lm_head_is_square(sd) -> bool:
+    w = sd.get("lm_head.weight")
+    return w is not None and w.ndim == 2 and w.shape[0] == w.shape[1]
+
+
+# Foreign key names → ours, applied in order (torchvision, Hugging Face, DINOv2/timm spellings).
+RENAMES = [
+    (r"^conv_proj\.", "patch_embed.proj."), (r"^class_token$", "cls_token"),
+    (r"^encoder\.pos_embedding$", "pos_embed"), (r"^encoder\.ln\.", "norm."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."), (r"\.ln_1\.", ".norm1."), (r"\.ln_2\.", ".norm2."),
+    (r"\.self_attention\.in_proj_weight$", ".attn.qkv.weight"), (r"\.self_attention\.in_proj_bias$", ".attn.qkv.bias"),
+    (r"\.self_attention\.out_proj\.", ".attn.proj."), (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),
+    (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."), (r"^heads\.head\.", "head."),
+    (r"^(data2vec_vision|beit)\.", ""), (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.relative_position_bias\.", "rel_pos_bias."), (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
+    (r"\.attention\.attention\.relative_position_bias\.", ".attn."),
+    (r"\.attention\.attention\.(query|key|value)\.", r".attn.\1."), (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."), (r"\.output\.dense\.", ".mlp.fc2."), (r"\.lambda_([12])$", r".gamma_\1"),
+    (r"^pooler\.layernorm\.", "fc_norm."), (r"^layernorm\.", "norm."), (r"^classifier\.", "head."),
+    (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."), (r"\.ls([12])\.gamma$", r".gamma_\1"), (r"^reg_token$", "register_tokens"),
+    (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."),
+]
+
+
+def _rename(key: str) -> str:
+    for pattern, repl in RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _fuse_qkv(sd: dict) -> dict:
+    """q/v-only biases (BEiT family: bias = [q_bias; 0; v_bias]) and separate q/k/v projections (Hugging Face) →
+    one qkv Linear."""
+    out = dict(sd)
+    for q_key in [k for k in sd if k.endswith((".attn.q_bias", ".attn.query.weight"))]:
+        base = q_key.rsplit(".", 2)[0] if "query" in q_key else q_key.rsplit(".", 1)[0]
+        if q_key.endswith("query.weight"):
+            out[f"{base}.qkv.weight"] = torch.cat([out.pop(f"{base}.{n}.weight") for n in ("query", "key", "value")])
+            q, v = out.pop(f"{base}.query.bias", None), out.pop(f"{base}.value.bias", None)
+            out.pop(f"{base}.key.bias", None)
+        else:
+            q, v = out.pop(f"{base}.q_bias"), out.pop(f"{base}.v_bias", None)
+        if q is not None and v is not None:
+            out[f"{base}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    for w_key in [k for k in out if k.endswith(".attn.qkv.weight")]:
+        out.setdefault(w_key[:-6] + "bias", torch.zeros(out[w_key].shape[0]))
+    return out
+
+
+def detect_layout(obj: dict, family: str | None = None) -> Layout:
+    """The first layout whose predicate holds (or the given family's layout)."""
+    for layout in LAYOUTS:
+        if family is None or layout.family == family:
+            with contextlib.suppress(Exception):
+                if layout.match(obj):
+                    return layout
+    if family is not None:
+        known = sorted({lay.family for lay in LAYOUTS})
+        if family not in known:
+            raise UsageError(f"unknown family {family!r}; known: {', '.join(known)}")
+        raise UsageError(f"the file does not look like a {family} checkpoint (top-level keys: {_keys_str(obj)})")
+    raise UsageError(f"unknown checkpoint layout (top-level keys: {_keys_str(obj)}); pass family= / --family")
+
+
+def _keys_str(d, n=6) -> str:
+    keys = list(d)
+    return ", ".join(map(str, keys[:n])) + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
+
+
+def convert_state_dict(obj: dict, family: str | None = None, head: bool = False) -> tuple[dict, Layout]:
+    """The backbone state dict in our key names, and the layout it came in."""
+    layout = detect_layout(obj, family)
+    sd = obj[layout.pick] if layout.pick else obj
+    if not _is_state_dict(sd):
+        raise UsageError(f"{layout.family} layout: {layout.pick or 'the file'} is not a state dict")
+    prefix = layout.prefix
+    if prefix is None:  # whatever precedes the patch embedding ("" for flat files, "module.backbone." ...)
+        anchors = [k for k in sd if k.endswith("patch_embed.proj.weight")]
+        prefix = min(anchors, key=len)[: -len("patch_embed.proj.weight")] if anchors else ""
+    out = {}
+    for k, v in sd.items():
+        if prefix and not k.startswith(prefix):
+            if layout.only_prefix:
+                continue
+        else:
+            k = k[len(prefix):]
+        if re.search(layout.drop, k) or k.endswith("relative_position_index"):
+            if not (head and re.fullmatch(r"head\.(weight|bias)", k) and v.ndim <= 2):
+                continue
+        out[_rename(k)] = v
+    if not head:
+        out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    return _fuse_qkv(out), layout
+
+
+def infer_config(sd: dict, family: str, *, num_heads: int | None = None, norm_eps: float = 1e-6) -> ViTConfig:
+    """Architecture from the shapes of a converted state dict (heads, which weights cannot tell, from the tables)."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is None or w.ndim != 4:
+        raise UsageError(f"no ViT patch embedding found (keys: {_keys_str(sd)}): not a ViT checkpoint")
+    d, patch = w.shape[0], w.shape[-1]
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth == 0:
+        raise UsageError("no transformer blocks (blocks.N.*) in the checkpoint")
+    cls = "cls_token" in sd
+    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    grid, pos_cls_row = None, True
+    if "pos_embed" in sd:
+        rows = sd["pos_embed"].shape[1]
+        if cls and _is_square(rows - 1):
+            grid = math.isqrt(rows - 1)
+        elif _is_square(rows):
+            grid, pos_cls_row = math.isqrt(rows), False
+        else:
+            raise UsageError(f"pos_embed has {rows} rows: neither a square grid nor a square grid plus a cls row")
+    rel_pos, table = None, None
+    if "rel_pos_bias.relative_position_bias_table" in sd:
+        rel_pos, table = "shared", sd["rel_pos_bias.relative_position_bias_table"]
+    elif "blocks.0.attn.relative_position_bias_table" in sd:
+        rel_pos, table = "per_block", sd["blocks.0.attn.relative_position_bias_table"]
+    if grid is None and table is not None:
+        grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
+    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
+    if fc1 is None or fc2 is None:
+        raise UsageError("blocks.0.mlp.fc1/fc2 weights missing: not a ViT checkpoint of a known layout")
+    heads = num_heads or HEADS_BY_FAMILY_WIDTH.get((family, d)) or HEADS_BY_WIDTH.get(d) or max(d // 64, 1)
+    if d % heads:
+        raise UsageError(f"num_heads={heads} does not divide the width {d}")
+    if table is not None and table.shape[1] != heads:
+        heads = table.shape[1]  # the relative-position table has one column per head
+    interp = "antialias" if family == "dinov2" and regs else "offset" if family in OFFSET_INTERP_FAMILIES \
+        else "bicubic"
+    return ViTConfig(img_size=(grid or 14) * patch, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
+                     mlp_hidden=fc2.shape[1], swiglu=fc1.shape[0] == 2 * fc2.shape[1], cls_token=cls,
+                     num_registers=regs, pos_embed="pos_embed" in sd, pos_cls_row=pos_cls_row, rel_pos=rel_pos,
+                     layer_scale="blocks.0.gamma_1" in sd, norm_eps=norm_eps, final_norm="norm.weight" in sd,
+                     fc_norm="fc_norm.weight" in sd, pos_interp=interp,
+                     num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0, family=family)
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def build_model(sd: dict, cfg: ViTConfig) -> ViT:
+    """A ViT holding exactly these weights; missing or unexpected keys and wrong shapes are user errors."""
+    model = ViT(cfg)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        parts = ([f"missing {_keys_str(missing, 4)}"] if missing else []) + \
+                ([f"unexpected {_keys_str(unexpected, 4)}"] if unexpected else [])
+        raise UsageError(f"{cfg.family} checkpoint does not match the ViT it describes: " + "; ".join(parts))
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
+    if bad:
+        raise UsageError(f"{cfg.family} checkpoint: shape mismatch: {'; '.join(bad[:3])}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model.eval()
+
+
+def default_weights_dir() -> Path:
+    return Path(os.environ.get("SSL_REPSIM_WEIGHTS") or Path(__file__).resolve().parent / "weights")
+
+
+def registry_path(name: str, weights_dir=None) -> Path:
+    row = REGISTRY[name]
+    url = row["url"]
+    suffix = ".pth.tar" if url.endswith(".pth.tar") else Path(url).suffix or ".pth"
+    return Path(weights_dir or default_weights_dir()) / f"{name}{suffix}"
+
+
+def file_sha256(path, _cache={}) -> str:
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+def load_model(spec, family: str | None = None, *, weights_dir=None, download: bool = True,
+               num_heads: int | None = None, img_size: int | None = None, head: bool = False,
+               progress: bool = True) -> ViT:
+    """A ViT from a registered name, a checkpoint file or a Hugging Face directory (config.json + weights).
+    The layout is detected from the keys unless `family` is given; `head=True` keeps a linear classifier."""
+    spec = str(spec)
+    name, row, meta, hf = resolve_name(spec), None, {}, {}
+    if name in REGISTRY and not Path(spec).exists():
+        row = REGISTRY[name]
+        path = registry_path(name, weights_dir)
+        if not path.exists():
+            if not download:
+                raise UsageError(f"{name} is not in {path.parent} (offline): run `python ssl_repsim.py download "
+                                 f"{name}` or put the file at {path}")
+            globals()["download"](name, weights_dir, progress=progress)
+        family, num_heads = family or row["family"], num_heads or row["num_heads"]
+    elif Path(spec).is_dir():
+        path, hf = _hf_weights(Path(spec))
+        num_heads = num_heads or hf.get("num_attention_heads")
+        family = family or "data2vec_hf"
+    elif Path(spec).is_file():
+        path = Path(spec)
+    else:
+        raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), "
+                         "a checkpoint file or a Hugging Face model directory")
+    obj, meta = read_checkpoint(path)
+    if meta.get("format") == "ssl_repsim":
+        cfg = ViTConfig(**json.loads(meta["config"]))
+        if not head:
+            cfg.num_classes = 0
+            obj = {k: v for k, v in obj.items() if not k.startswith("head.")}
+        model = build_model(obj, cfg)
+        model.family = cfg.family
+    else:
+        sd, layout = convert_state_dict(obj, family, head)
+        cfg = infer_config(sd, layout.family, num_heads=num_heads, norm_eps=hf.get("layer_norm_eps", 1e-6))
+        model = build_model(sd, cfg)
+    model.source = dict(spec=spec, path=str(path), family=model.family, registry=name if row else None)
+    model.input_size = img_size or (row or {}).get("img_size") or model.cfg.img_size
+    row = row or next((r for r in REGISTRY.values() if r["family"] == model.family), None) or {}
+    model.preprocess = dict(mean=tuple(row.get("mean", IMAGENET_MEAN)), std=tuple(row.get("std", IMAGENET_STD)),
+                            interp=row.get("interp", "bicubic"), crop_pct=row.get("crop_pct", 0.875))
+    if meta.get("format") == "ssl_repsim" and "preprocess" in meta:
+        model.preprocess = json.loads(meta["preprocess"])
+    return model
+
+
+def _hf_weights(d: Path) -> tuple[Path, dict]:
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise UsageError(f"{d}: a model directory needs config.json (Hugging Face layout)")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{cfg_file}: invalid JSON ({e})") from None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        if (d / fname).is_file():
+            return d / fname, hf
+    raise UsageError(f"{d}: no model.safetensors or pytorch_model.bin beside config.json")
+
+
+def save_checkpoint(model: ViT, path, extra: dict | None = None) -> Path:
+    """Our own layout: safetensors of the ViT state dict, config and preprocessing in the metadata."""
+    from safetensors.torch import save as st_save
+    cfg = dataclasses.replace(model.cfg, family=getattr(model, "family", model.cfg.family) or "ssl_repsim")
+    meta = {"format": "ssl_repsim", "config": json.dumps(dataclasses.asdict(cfg)), "version": __version__,
+            "preprocess": json.dumps(getattr(model, "preprocess", {}))}
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return atomic_write(path, st_save(tensors, metadata=meta))
+
+
+def atomic_write(path, data: bytes | str) -> Path:
+    """Write to a temp file in the target directory, fsync, rename: a result file is whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def download_file(url: str, dest, sha256: str | None = None, md5: str | None = None, progress: bool = False) -> Path:
+    """Stream `url` into a temp file beside `dest`, verify length and digest (a published prefix is enough),
+    then rename into place. On any failure nothing is left behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    h256, h5, done = hashlib.sha256(), hashlib.md5(), 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            req = urllib.request.Request(url, headers={"User-Agent": f"ssl_repsim/{__version__}"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                total = int(resp.headers.get("Content-Length") or 0)
+                bar = Progress(total or None, f"download {dest.name}", enabled=progress, unit="B")
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    h256.update(chunk)
+                    h5.update(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+                bar.close()
+            if total and done != total:
+                raise UsageError(f"download of {url} interrupted: {done} of {total} bytes")
+            f.flush()
+            os.fsync(f.fileno())
+        if sha256 and not h256.hexdigest().startswith(sha256.lower()):
+            raise UsageError(f"checksum mismatch for {url}: sha256 {h256.hexdigest()[:16]}…, expected {sha256}")
+        if md5 and not h5.hexdigest().startswith(md5.lower()):
+            raise UsageError(f"checksum mismatch for {url}: md5 {h5.hexdigest()[:12]}…, expected {md5}")
+        os.replace(tmp, dest)
+        return dest
+    except UsageError:
+        _unlink(tmp)
+        raise
+    except Exception as e:  # URLError, HTTPError, IncompleteRead, timeouts, disk full
+        _unlink(tmp)
+        raise UsageError(f"download of {url} failed: {_one_line(e)}") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(p):
+    with contextlib.suppress(OSError):
+        os.unlink(p)
+
+
+def download(name: str, weights_dir=None, progress: bool = True) -> Path:
+    """Fetch a registered checkpoint into the weights dir (verified where a digest is published)."""
+    name = resolve_name(name)
+    if name not in REGISTRY:
+        raise UsageError(f"unknown model {name!r} (see `python ssl_repsim.py list`)")
+    row, dest = REGISTRY[name], registry_path(name, weights_dir)
+    if dest.exists():
+        return dest
+    if row["family"] in MANUAL_DOWNLOAD:
+        raise UsageError(f"{name} is published only on a web page ({row['url']}): download it by hand to {dest}")
+    return download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
+
+
+# ======================================================================================================================
+# 4. Data: image folders, tensor files, a synthetic labelled set; preprocessing in torch ops
+# ======================================================================================================================
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+TENSOR_SUFFIXES = {".pt", ".pth", ".npy", ".npz", ".safetensors"}
+SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "diagonal",
+                     "checker", "dots", "blob-pair", "frame")
+
+
+@dataclass
+class ImageSet:
+    """Images (paths, or a tensor N×3×H×W uint8 / float in [0, 1]) with optional labels and per-pixel masks."""
+    items: object
+    labels: torch.Tensor | None
+    classes: list
+    name: str
+    masks: torch.Tensor | None = None   # (N, H, W) long: 0 background, 1 + class where the object is
+    skipped: int = 0
+    strict: bool = False
+
+    def __len__(self):
+        return len(self.items)
+
+    def subset(self, idx) -> "ImageSet":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        items = self.items[idx] if isinstance(self.items, torch.Tensor) else [self.items[i] for i in idx.tolist()]
+        return dataclasses.replace(self, items=items, labels=None if self.labels is None else self.labels[idx],
+                                   masks=None if self.masks is None else self.masks[idx])
+
+    def image(self, i: int) -> torch.Tensor | None:
+        """Image i as a uint8 or float tensor (3, H, W); None if unreadable (counted, or an error when strict)."""
+        if isinstance(self.items, torch.Tensor):
+            return self.items[i]
+        Image = _pillow()
+        try:
+            with Image.open(self.items[i]) as im:
+                return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        except Exception as e:
+            if self.strict:
+                raise UsageError(f"unreadable image {self.items[i]}: {_one_line(e)}") from None
+            self.skipped += 1
+            return None
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError("reading image folders needs Pillow: pip install pillow") from None
+    return Image
+
+
+def synthetic_images(n: int = 256, size: int = 224, seed: int = 0, num_classes: int = 12) -> ImageSet:
+    """A deterministic labelled procedural set: shapes and textures of random colour, place and scale, over a
+    noisy background, balanced over classes; masks give each pixel's label (for spatial probes)."""
+    if not 2 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise UsageError(f"synthetic data has 2..{len(SYNTHETIC_CLASSES)} classes")
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    cx, cy, r = 0.3 + 0.4 * u(n, 1, 1), 0.3 + 0.4 * u(n, 1, 1), 0.12 + 0.16 * u(n, 1, 1)
+    freq, phase = 6 + 10 * u(n, 1, 1), 2 * math.pi * u(n, 1, 1)
+    dx, dy = xs - cx, ys - cy
+    dist = (dx ** 2 + dy ** 2).sqrt()
+    box = (dx.abs() < r) & (dy.abs() < r)
+    wave = lambda t: torch.sin(2 * math.pi * freq * t + phase) > 0  # noqa: E731
+    shapes = [dist < r, box, (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2), (dist < r) & (dist > r / 2),
+              ((dx.abs() < r / 3) & (dy.abs() < r)) | ((dy.abs() < r / 3) & (dx.abs() < r)),
+              box & wave(ys), box & wave(xs), box & wave((xs + ys) / 2), box & (wave(xs) ^ wave(ys)),
+              box & wave(xs) & wave(ys), ((xs - cx + r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2)
+              | ((xs - cx - r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2), box & ~((dx.abs() < r * 0.6) & (dy.abs() < r * 0.6))]
+    mask = torch.stack(shapes[:num_classes], 1)[torch.arange(n), labels]  # (n, H, W)
+    fg, bg = u(n, 3, 1, 1), u(n, 3, 1, 1)
+    img = torch.where(mask[:, None], fg, bg * 0.6) + 0.08 * torch.randn(n, 3, size, size, generator=g)
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    masks = torch.where(mask, labels[:, None, None] + 1, 0)
+    return ImageSet(img, labels, list(SYNTHETIC_CLASSES[:num_classes]), f"synthetic(n={n},seed={seed})", masks)
+
+
+def image_folder(root) -> ImageSet:
+    """Every image under root, searched recursively; first-level sub-folders are classes (ImageFolder style)."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    tops = [p.relative_to(root).parts for p in files]
+    if all(len(t) > 1 for t in tops):
+        classes = sorted({t[0] for t in tops})
+        labels = torch.tensor([classes.index(t[0]) for t in tops])
+    else:
+        classes, labels = [], None
+    return ImageSet(files, labels, classes, str(root))
+
+
+def tensor_file(path) -> ImageSet:
+    """Images [N,3,H,W] (uint8, or float in [0,1]; channels-last accepted) and optional labels from .pt / .npy /
+    .npz / .safetensors (keys `images` and `labels`, or a bare tensor)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            obj = {"images": torch.from_numpy(np.load(path, allow_pickle=False))}
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                obj = {k: torch.from_numpy(z[k]) for k in z.files}
+        else:
+            obj, _ = read_checkpoint(path) if path.suffix == ".safetensors" else (
+                torch.load(path, map_location="cpu", weights_only=True), None)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"{path}: unreadable tensor file ({_one_line(e)[:200]})") from None
+    if isinstance(obj, torch.Tensor):
+        obj = {"images": obj}
+    if not isinstance(obj, dict) or "images" not in obj:
+        raise UsageError(f"{path}: expected a tensor or a dict with key 'images' (and optionally 'labels')")
+    x = obj["images"]
+    if x.ndim == 4 and x.shape[1] != 3 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+        raise UsageError(f"{path}: images must be [N,3,H,W] with N > 0, got {tuple(x.shape)}")
+    if x.is_floating_point() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise UsageError(f"{path}: float images must lie in [0, 1] (unnormalised); got [{x.min():.3g}, {x.max():.3g}]")
+    if not x.is_floating_point() and x.dtype != torch.uint8:
+        raise UsageError(f"{path}: images must be uint8 or float, got {x.dtype}")
+    y = obj.get("labels")
+    if y is not None:
+        y = torch.as_tensor(y).long().flatten()
+        if len(y) != len(x):
+            raise UsageError(f"{path}: {len(y)} labels for {len(x)} images")
+    classes = [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
+    return ImageSet(x, y, classes, str(path))
+
+
+def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict: bool = False,
+                quiet: bool = False, synthetic_n: int = 256) -> ImageSet:
+    """An ImageSet from `synthetic`, an image folder or a tensor file; `n` draws a fixed subset by `seed`."""
+    source = str(source)
+    if source == "synthetic":
+        images = synthetic_images(n or synthetic_n, seed=seed)
+        note(f"data: built-in synthetic set, {len(images)} images of {len(images.classes)} classes "
+             "(pass --data DIR|FILE for your own)", quiet)
+    elif Path(source).is_dir():
+        images = image_folder(source)
+    elif Path(source).is_file() and Path(source).suffix.lower() in TENSOR_SUFFIXES:
+        images = tensor_file(source)
+    elif Path(source).exists():
+        raise UsageError(f"{source}: data must be an image folder, a tensor file "
+                         f"({', '.join(sorted(TENSOR_SUFFIXES))}) or 'synthetic'")
+    else:
+        raise UsageError(f"data not found: {source}")
+    images.strict = strict
+    if n is not None and source != "synthetic":
+        if n > len(images):
+            raise UsageError(f"--n {n} exceeds the {len(images)} images in {source}")
+        images = images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort()[0])
+    return images
+
+
+def preprocess(img: torch.Tensor, size: int, crop_pct: float = 0.875, interp: str = "bicubic",
+               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Resize the shorter side to size/crop_pct (antialiased), centre-crop size×size, scale to [0,1], normalise.
+    img: (3,H,W) or (B,3,H,W), uint8 or float in [0,1]."""
+    x = img.unsqueeze(0) if img.ndim == 3 else img
+    x = x.float() / 255 if not x.is_floating_point() else x.float()
+    h, w = x.shape[-2:]
+    short = int(size / crop_pct)
+    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x if img.ndim == 4 else x[0]
+
+
+def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None):
+    """Yield (x, y) batches preprocessed for `model` (its registry's resize, crop, mean and std; its input size)."""
+    pp, size = getattr(model, "preprocess", {}), getattr(model, "input_size", model.cfg.img_size)
+    kw = dict(size=size, crop_pct=pp.get("crop_pct", 0.875), interp=pp.get("interp", "bicubic"),
+              mean=pp.get("mean", IMAGENET_MEAN), std=pp.get("std", IMAGENET_STD))
+    stop = len(images) if stop is None else stop
+    for b in range(start, stop, batch_size):
+        idx = range(b, min(b + batch_size, stop))
+        if isinstance(images.items, torch.Tensor):
+            x = preprocess(images.items[b:idx.stop], **kw)
+            keep = list(idx)
+        else:
+            pairs = [(i, images.image(i)) for i in idx]
+            keep = [i for i, im in pairs if im is not None]
+            if not keep:
+                continue
+            x = torch.stack([preprocess(im, **kw) for _, im in pairs if im is not None])
+        y = images.labels[keep] if images.labels is not None else None
+        yield x, y
+
+
+# ======================================================================================================================
+# 5. Extraction: named points, token reductions, streaming, feature cache
+# ======================================================================================================================
+
+SUBLAYERS = ("norm1", "attn", "attn.qkv", "attn.proj", "norm2", "mlp", "mlp.fc1", "mlp.act", "mlp.fc2")
+TOKENS = ("all", "flat", "cls", "mean", "patch")
+
+
+def resolve_points(model: ViT, points=None) -> list[str]:
+    """Point names from a keyword (blocks | sublayers | all), a comma list or a list of module names."""
+    depth = len(model.blocks)
+    if points is None or points == "blocks":
+        return [f"blocks.{i}" for i in range(depth)]
+    if points == "sublayers":
+        return [f"blocks.{i}.{s}" for i in range(depth) for s in SUBLAYERS]
+    if points == "all":
+        per_block = SUBLAYERS[:4] + ("attn_residual",) + SUBLAYERS[4:]
+        return ["embed"] + [p for i in range(depth) for p in [f"blocks.{i}.{s}" for s in per_block] + [f"blocks.{i}"]] \
+            + ["norm"]
+    names = [p.strip() for p in points.split(",")] if isinstance(points, str) else list(points)
+    modules = dict(model.named_modules())
+    bad = [p for p in names if p not in modules or p == ""]
+    if bad:
+        raise UsageError(f"unknown point(s) {', '.join(bad[:3])}: use blocks | sublayers | all or names like "
+                         f"embed, blocks.0, blocks.0.attn.qkv, blocks.0.attn_residual, norm (depth {depth})")
+    return names
+
+
+def reduce_tokens(t: torch.Tensor, tokens: str, num_prefix: int, has_cls: bool) -> torch.Tensor:
+    """(B, T, C) → all (B,T,C) | flat (B,T·C) | cls (B,C) | mean of patch tokens (B,C) | patch (B,P,C)."""
+    if t.ndim == 2:
+        return t
+    if tokens == "all":
+        return t
+    if tokens == "flat":
+        return t.flatten(1)
+    if tokens == "cls":
+        if not has_cls:
+            raise UsageError("tokens=cls: this model has no cls token (use mean)")
+        return t[:, 0]
+    if tokens == "mean":
+        return t[:, num_prefix:].mean(1)
+    if tokens == "patch":
+        return t[:, num_prefix:]
+    raise UsageError(f"unknown tokens {tokens!r}: choose from {', '.join(TOKENS)}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=None, dtype=None):
+    """Yield ({point: (b, ...) float32 tensor on `out_device`}, labels) per batch, one forward pass each."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = _parse_dtype(dtype)
+    names = resolve_points(model, points)
+    modules = dict(model.named_modules())
+    model.to(device).eval()
+    store, handles = {}, []
+    npre, has_cls = model.cfg.num_prefix, model.cfg.cls_token
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            store[name] = reduce_tokens(out, tokens, npre, has_cls).float()
+        return fn
+
+    try:
+        for n in names:
+            handles.append(modules[n].register_forward_hook(hook(n)))
+        with torch.no_grad(), _autocast(device, dtype):
+            for batch in batches:
+                x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                store.clear()
+                model.forward_features(x.to(device, non_blocking=True))
+                yield {n: store[n] for n in names}, y
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UsageError(f"unknown dtype {dtype!r}: choose float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: int = 64, device=None, dtype=None,
+            progress: bool = False) -> dict[str, torch.Tensor]:
+    """Features at every requested point for all images, concatenated on the CPU (float32).
+    images: a preprocessed tensor (n,3,H,W), an ImageSet (preprocessed per model), or an iterable of batches."""
+    if isinstance(images, ImageSet):
+        batches, total = model_batches(model, images, batch_size), len(images)
+    elif isinstance(images, torch.Tensor):
+        batches, total = images.split(batch_size), len(images)
+    else:
+        batches, total = images, None
+    out: dict[str, list] = {}
+    bar = Progress(total, "extract", enabled=progress, unit="img")
+    for feats, _ in iter_features(model, batches, points, tokens, device, dtype):
+        for k, v in feats.items():
+            out.setdefault(k, []).append(v.cpu())
+        bar.update(len(next(iter(feats.values()))))
+    bar.close()
+    if not out:
+        raise UsageError("no images to extract features from")
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def features_cache_key(model: ViT, data_id: str, points, tokens: str, n: int, img_size: int) -> str:
+    src = getattr(model, "source", {})
+    ckpt = file_sha256(src["path"]) if src.get("path") and Path(src["path"]).is_file() else "random-init"
+    key = json.dumps([ckpt, data_id, list(points), tokens, n, img_size, __version__])
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=None, batch_size=64, device=None,
+                   dtype=None, progress=False, data_id=None) -> dict[str, torch.Tensor]:
+    """extract(), saved to / loaded from a safetensors file keyed by checkpoint hash, data, points, tokens and n."""
+    names = resolve_points(model, points)
+    if cache_dir is None:
+        return extract(model, images, names, tokens, batch_size, device, dtype, progress)
+    from safetensors.torch import load_file, save as st_save
+    key = features_cache_key(model, data_id or images.name, names, tokens, len(images), model.input_size)
+    path = Path(cache_dir) / f"features-{key}.safetensors"
+    if path.is_file():
+        with contextlib.suppress(Exception):
+            feats = load_file(str(path))
+            if set(feats) >= set(names):
+                return {k: feats[k] for k in names}
+    feats = extract(model, images, names, tokens, batch_size, device, dtype, progress)
+    if images.labels is not None:
+        feats_to_save = dict(feats, __labels__=images.labels.clone())
+    else:
+        feats_to_save = feats
+    atomic_write(path, st_save({k: v.contiguous() for k, v in feats_to_save.items()}))
+    return feats
