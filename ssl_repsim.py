@@ -1255,3 +1255,272 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
         feats_to_save = feats
     atomic_write(path, st_save({k: v.contiguous() for k, v in feats_to_save.items()}))
     return feats
+
+
+# ======================================================================================================================
+# 6. Similarity: Grams, centring, HSIC estimators, CKA maps, minibatch accumulator, summaries
+# ======================================================================================================================
+
+GRAM_BUDGET_BYTES = 4 << 30   # Grams held at once by cka_matrix; beyond it the map is computed in groups
+CHUNK = 1 << 22               # elements per float32 product before accumulating in float64
+
+
+def gram_linear(x: torch.Tensor) -> torch.Tensor:
+    """K = X Xᵀ."""
+    return x @ x.T
+
+
+def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """K_ij = exp(−‖x_i − x_j‖² / (2 t² · median_kl ‖x_k − x_l‖²)) (Kornblith et al. 2019, median over all pairs)."""
+    x = x.double()
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min_(0)
+    flat = d2.flatten()
+    m = flat.numel()
+    lo = flat.kthvalue((m + 1) // 2).values
+    med = lo if m % 2 else (lo + flat.kthvalue(m // 2 + 1).values) / 2
+    return torch.exp(-d2 / (2 * threshold ** 2 * med))
+
+
+def center_gram(k: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """H K H (biased), or the U-centred Gram of Székely & Rizzo 2014 (zero diagonal), whose inner product over
+    n(n−3) is the unbiased HSIC of Song et al. 2012."""
+    k = k.double().clone()
+    n = k.shape[0]
+    if not unbiased:
+        return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    k.fill_diagonal_(0)
+    means = k.sum(0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    k -= means[:, None] + means[None, :]
+    return k.fill_diagonal_(0)
+
+
+def _flat64(x) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    return x.reshape(x.shape[0], -1).double()
+
+
+def cka(x, y, kernel: str = "linear", debiased: bool = False, rbf_threshold: float = 1.0) -> float:
+    """CKA(K, L) = ⟨K_c, L_c⟩_F / (‖K_c‖_F ‖L_c‖_F) (Kornblith et al. 2019); float64 throughout."""
+    x, y = _flat64(x), _flat64(y)
+    if x.shape[0] != y.shape[0]:
+        raise UsageError(f"cka: {x.shape[0]} vs {y.shape[0]} samples")
+    _check_n(x.shape[0], debiased)
+    if kernel == "linear" and not debiased and x.shape[0] > max(x.shape[1], y.shape[1]):
+        xc, yc = x - x.mean(0), y - y.mean(0)  # feature form: ‖YᵀX‖² / (‖XᵀX‖ ‖YᵀY‖)
+        return float((yc.T @ xc).square().sum() / ((xc.T @ xc).norm() * (yc.T @ yc).norm()))
+    kc, lc = (center_gram(_gram(v, kernel, rbf_threshold), debiased) for v in (x, y))
+    return float((kc * lc).sum() / (kc.norm() * lc.norm()))
+
+
+def _gram(x, kernel, threshold):
+    if kernel == "linear":
+        return gram_linear(x)
+    if kernel == "rbf":
+        return gram_rbf(x, threshold)
+    raise UsageError(f"unknown kernel {kernel!r}: choose linear or rbf")
+
+
+def _check_n(n, debiased):
+    need = 4 if debiased else 2
+    if n < need:
+        raise UsageError(f"{'debiased ' if debiased else ''}CKA needs at least {need} samples, got {n}")
+
+
+def _named(xs) -> tuple[list[str], list[torch.Tensor]]:
+    if isinstance(xs, dict):
+        return list(xs), list(xs.values())
+    xs = list(xs)
+    return [str(i) for i in range(len(xs))], xs
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ bᵀ for (m, N) × (k, N) float32, summed over N in chunks, accumulated in float64."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    step = max(1, CHUNK // max(a.shape[0], b.shape[0], 1))
+    for s in range(0, a.shape[1], step):
+        out += (a[:, s:s + step] @ b[:, s:s + step].T).double()
+    return out
+
+
+def _centred32(x) -> torch.Tensor:
+    x = torch.as_tensor(x).reshape(x.shape[0], -1)
+    if x.dtype == torch.float64:
+        return x - x.mean(0)
+    return (x.double() - x.double().mean(0)).float()
+
+
+def _feature_products(xs, ys) -> torch.Tensor:
+    """‖X_aᵀ Y_b‖²_F for all pairs of centred features, products in float32 over row chunks of n, summed in float64."""
+    out = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=xs[0].device)
+    yall = torch.cat(ys, 1)
+    widths = [y.shape[1] for y in ys]
+    n = yall.shape[0]
+    rows = max(256, CHUNK // max(yall.shape[1], 1))
+    for i, x in enumerate(xs):
+        acc = torch.zeros(x.shape[1], yall.shape[1], dtype=torch.float64, device=x.device)
+        for s in range(0, n, rows):
+            acc += (x[s:s + rows].T @ yall[s:s + rows]).double()
+        out[i] = torch.stack([blk.square().sum() for blk in acc.split(widths, 1)])
+    return out
+
+
+def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_threshold: float = 1.0) -> torch.Tensor:
+    """CKA between every layer of xs and every layer of ys, (len(xs), len(ys)) float64.
+    Linear biased CKA takes the Gram form (centred Grams, 2n²d each, then n² per pair) or the feature form
+    (‖X_cᵀY_c‖², 2n·d_a·d_b per pair), whichever costs fewer FLOPs; other estimators use Grams. A constant layer
+    gives NaN entries and a warning naming it."""
+    na, xs = _named(xs)
+    nb, ys = _named(ys)
+    if not xs or not ys:
+        raise UsageError("cka_matrix needs at least one layer on each side")
+    n = xs[0].shape[0]
+    if any(v.shape[0] != n for v in xs + ys):
+        raise UsageError("cka_matrix: every layer must hold the same samples (same first dimension)")
+    _check_n(n, debiased)
+    const_a = [_is_constant(x) for x in xs]
+    const_b = [_is_constant(y) for y in ys]
+    for name, c in list(zip(na, const_a)) + list(zip(nb, const_b)):
+        if c:
+            warnings.warn(f"layer {name} is constant over the samples: its CKA entries are NaN", stacklevel=2)
+    da, db = [x[0].numel() for x in xs], [y[0].numel() for y in ys]
+    feature_form = kernel == "linear" and not debiased and \
+        2 * n * sum(da) * sum(db) < 2 * n * n * (sum(da) + sum(db)) + 2 * len(xs) * len(ys) * n * n and \
+        max(da) * sum(db) * 8 <= GRAM_BUDGET_BYTES
+    if feature_form:
+        xc, yc = [_centred32(x) for x in xs], [_centred32(y) for y in ys]
+        xy = _feature_products(xc, yc)
+        xx = torch.stack([_feature_products([x], [x])[0, 0] for x in xc])
+        yy = torch.stack([_feature_products([y], [y])[0, 0] for y in yc])
+    else:
+        def grams(vs):
+            for v in vs:
+                v = v.reshape(n, -1)
+                g = gram_linear(_centred32(v)) if kernel == "linear" else _gram(v, kernel, rbf_threshold)
+                yield center_gram(g, debiased).float().flatten() if (debiased or kernel != "linear") else g.flatten()
+        group = max(1, GRAM_BUDGET_BYTES // (4 * n * n) - 1)
+        xy = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=xs[0].device)
+        yy = torch.zeros(len(ys), dtype=torch.float64, device=xs[0].device)
+        xx = torch.zeros(len(xs), dtype=torch.float64, device=xs[0].device)
+        for g0 in range(0, len(ys), group):
+            gy = torch.stack(list(grams(ys[g0:g0 + group])))
+            yy[g0:g0 + group] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gy])
+            for i, gx in enumerate(grams(xs)):
+                xy[i, g0:g0 + group] = _dot64(gx[None], gy)[0]
+                if g0 == 0:
+                    xx[i] = _dot64(gx[None], gx[None])[0, 0]
+    out = xy / (xx.sqrt()[:, None] * yy.sqrt()[None, :])
+    out[torch.tensor(const_a, dtype=torch.bool, device=out.device)] = float("nan")
+    out[:, torch.tensor(const_b, dtype=torch.bool, device=out.device)] = float("nan")
+    return out.cpu()
+
+
+def _is_constant(x) -> bool:
+    x = x.reshape(x.shape[0], -1)
+    return bool((x == x[:1]).all())
+
+
+def u_centred_gram(x: torch.Tensor) -> torch.Tensor:
+    """U-centred linear Gram of a minibatch (float64), features centred first (U-centring ignores the shift)."""
+    xc = _centred32(x.reshape(x.shape[0], -1))
+    return center_gram(gram_linear(xc), unbiased=True)
+
+
+class MinibatchCKA:
+    """CKA = Σ_b HSIC₁(K_b, L_b) / √(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b)) (Nguyen et al. 2021), HSIC₁ the
+    unbiased estimator of Song et al. 2012; float64 sums, memory independent of n."""
+
+    def __init__(self, num_a: int, num_b: int, device=None):
+        kw = dict(dtype=torch.float64, device=device)
+        self.xy, self.xx, self.yy = torch.zeros(num_a, num_b, **kw), torch.zeros(num_a, **kw), torch.zeros(num_b, **kw)
+        self.batches = 0
+        self.const_a = torch.ones(num_a, dtype=torch.bool)
+        self.const_b = torch.ones(num_b, dtype=torch.bool)
+
+    def update(self, xs, ys):
+        _, xs = _named(xs)
+        _, ys = _named(ys)
+        if len(xs) != len(self.xx) or len(ys) != len(self.yy):
+            raise UsageError(f"MinibatchCKA({len(self.xx)}, {len(self.yy)}) updated with {len(xs)} and {len(ys)} layers")
+        b = xs[0].shape[0]
+        if b < 4 or any(v.shape[0] != b for v in xs + ys):
+            raise UsageError(f"minibatch CKA needs batches of at least 4 samples, the same for every layer (got {b})")
+        dev = self.xy.device
+        ga = torch.stack([u_centred_gram(x.to(dev)).flatten() for x in xs])
+        gb = torch.stack([u_centred_gram(y.to(dev)).flatten() for y in ys])
+        scale = 1.0 / (b * (b - 3))
+        self.xy += scale * ga @ gb.T
+        self.xx += scale * (ga * ga).sum(1)
+        self.yy += scale * (gb * gb).sum(1)
+        self.const_a &= torch.tensor([_is_constant(x) for x in xs])
+        self.const_b &= torch.tensor([_is_constant(y) for y in ys])
+        self.batches += 1
+
+    def all_reduce(self, group=None):
+        """Sum the accumulators over a torch.distributed process group (no-op when none is initialised)."""
+        if _dist_active(group):
+            import torch.distributed as dist
+            for t in (self.xy, self.xx, self.yy):
+                dist.all_reduce(t, group=group)
+            for t in (self.const_a, self.const_b):
+                v = t.to(self.xy.device, torch.float64)
+                dist.all_reduce(v, op=dist.ReduceOp.MIN, group=group)
+                t.copy_(v.bool().cpu())
+        return self
+
+    def compute(self) -> torch.Tensor:
+        if self.batches == 0 and not _dist_active(None):
+            raise UsageError("MinibatchCKA.compute() before any update()")
+        out = self.xy / (self.xx.sqrt()[:, None] * self.yy.sqrt()[None, :])
+        out[self.const_a.to(out.device)] = float("nan")
+        out[:, self.const_b.to(out.device)] = float("nan")
+        if self.const_a.any() or self.const_b.any():
+            warnings.warn(f"constant layers (a: {self.const_a.nonzero().flatten().tolist()}, "
+                          f"b: {self.const_b.nonzero().flatten().tolist()}): their CKA entries are NaN", stacklevel=2)
+        return out.cpu()
+
+
+def _dist_active(group=None) -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def diagonal_mean(m: torch.Tensor) -> float:
+    """Mean CKA of matched layers (the diagonal; rectangular maps matched by relative depth)."""
+    la, lb = m.shape
+    idx = [round(i * (lb - 1) / max(la - 1, 1)) for i in range(la)]
+    return float(torch.stack([m[i, j] for i, j in enumerate(idx)]).nanmean())
+
+
+def cka_vs_distance(m: torch.Tensor) -> list[float]:
+    """Mean CKA over layer pairs (i, j) with |i − j| = d, for d = 0 … L−1 (square maps)."""
+    L = min(m.shape)
+    i, j = torch.meshgrid(torch.arange(m.shape[0]), torch.arange(m.shape[1]), indexing="ij")
+    dist = (i - j).abs()
+    return [float(m[dist == d].nanmean()) for d in range(L)]
+
+
+SUBLAYER_TYPES = {"normalization": ("norm1", "norm2"), "attention": ("attn", "attn.qkv", "attn.proj"),
+                  "mlp": ("mlp", "mlp.fc1", "mlp.act", "mlp.fc2"), "residual": ("attn_residual", "")}
+
+
+def sublayer_type(point: str) -> str:
+    m = re.fullmatch(r"blocks\.\d+(?:\.(.*))?", point)
+    if not m:
+        return "other"
+    sub = m.group(1) or ""
+    return next((t for t, subs in SUBLAYER_TYPES.items() if sub in subs), "other")
+
+
+def slice_by_type(m: torch.Tensor, names_a, names_b) -> dict[str, dict]:
+    """The map restricted to points of one kind on both sides: normalization, attention, MLP, residual stream."""
+    out = {}
+    for t in SUBLAYER_TYPES:
+        ia = [i for i, p in enumerate(names_a) if sublayer_type(p) == t]
+        ib = [j for j, p in enumerate(names_b) if sublayer_type(p) == t]
+        if ia and ib:
+            sub = m[ia][:, ib]
+            out[t] = dict(layers_a=[names_a[i] for i in ia], layers_b=[names_b[j] for j in ib], cka=sub,
+                          diagonal_mean=diagonal_mean(sub))
+    return out
