@@ -1524,3 +1524,384 @@ def slice_by_type(m: torch.Tensor, names_a, names_b) -> dict[str, dict]:
             out[t] = dict(layers_a=[names_a[i] for i in ia], layers_b=[names_b[j] for j in ib], cka=sub,
                           diagonal_mean=diagonal_mean(sub))
     return out
+
+
+# ======================================================================================================================
+# 10. CLI
+# ======================================================================================================================
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, float):
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return _jsonable(v.item())
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def write_json(path, obj) -> Path:
+    return atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
+
+
+def write_csv(path, header, rows) -> Path:
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([["" if isinstance(c, float) and math.isnan(c) else c for c in r] for r in rows])
+    return atomic_write(path, buf.getvalue())
+
+
+def _pyplot(quiet=False):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        note("notice: matplotlib is not installed, no PNG written (pip install matplotlib)", quiet)
+        return None
+
+
+def save_figure(fig, path) -> Path:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
+def plot_heatmaps(maps: list[dict], path, title="CKA", quiet=False):
+    """One labelled heatmap per entry {a, b, layers_a, layers_b, cka}."""
+    plt = _pyplot(quiet)
+    if plt is None or not maps:
+        return None
+    cols = min(3, len(maps))
+    rows = math.ceil(len(maps) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, maps):
+        im = ax.imshow(np.asarray(_jsonable(m["cka"]), dtype=float), origin="lower", vmin=0, vmax=1,
+                       cmap="magma", aspect="auto")
+        ax.set_xlabel(f"{m['b']} layer")
+        ax.set_ylabel(f"{m['a']} layer")
+        ax.set_title(f"{title}: {m['a']} vs {m['b']}", fontsize=9)
+        for setter, labels in ((ax.set_yticks, m["layers_a"]), (ax.set_xticks, m["layers_b"])):
+            step = max(1, len(labels) // 12)
+            ticks = list(range(0, len(labels), step))
+            setter(ticks, [_short(labels[t]) for t in ticks], fontsize=6)
+        ax.tick_params(axis="x", rotation=90)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[len(maps):]:
+        ax.axis("off")
+    return save_figure(fig, path)
+
+
+def _short(point: str) -> str:
+    return point.replace("blocks.", "b").replace("attn_residual", "attn+res")
+
+
+def format_map(m: torch.Tensor, la, lb, max_cols=14) -> str:
+    """A compact text table of a CKA map (subsampled beyond max_cols)."""
+    ia = list(range(len(la)))[:: max(1, math.ceil(len(la) / max_cols))]
+    ib = list(range(len(lb)))[:: max(1, math.ceil(len(lb) / max_cols))]
+    w = max(len(_short(la[i])) for i in ia)
+    lines = [" " * w + " " + " ".join(f"{_short(lb[j])[-5:]:>5}" for j in ib)]
+    for i in ia:
+        lines.append(f"{_short(la[i]):>{w}} " + " ".join(f"{float(m[i, j]):5.2f}" for j in ib))
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import platform
+    return dict(ssl_repsim=__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())
+
+
+def _model_meta(model: ViT) -> dict:
+    src = dict(getattr(model, "source", {}))
+    path = src.get("path")
+    src["sha256"] = file_sha256(path) if path and Path(path).is_file() else None
+    src.update(objective=OBJECTIVE.get(model.family, "?"), depth=model.cfg.depth, width=model.cfg.embed_dim,
+               patch=model.cfg.patch_size, input_size=model.input_size)
+    return src
+
+
+def _out_dir(args, kind: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    tag = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(m)).stem)[:24] for m in args.models)
+    return Path("results") / f"{kind}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _load_models(args) -> list[ViT]:
+    models = []
+    for spec in args.models:
+        m = load_model(spec, args.family, weights_dir=args.weights_dir, download=not args.offline,
+                       num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet)
+        note(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
+             f"heads={m.cfg.num_heads}, input {m.input_size}px", args.quiet)
+        models.append(m)
+    return models
+
+
+def _check_batches(n: int, batch_size: int, estimator: str):
+    if estimator == "minibatch" and (batch_size < 4 or n < 4):
+        raise UsageError(f"minibatch CKA needs --batch-size ≥ 4 and --n ≥ 4 (got batch {batch_size}, n {n})")
+    if estimator == "debiased" and n < 4:
+        raise UsageError(f"debiased CKA needs n ≥ 4 images, got {n}")
+    if n < 2:
+        raise UsageError(f"CKA needs at least 2 images, got {n}")
+
+
+def feature_bytes(model: ViT, points, tokens: str, n: int) -> int:
+    """Bytes extract() would hold for n images (float32)."""
+    g = (model.input_size // model.cfg.patch_size) ** 2
+    t = {"all": g + model.cfg.num_prefix, "flat": g + model.cfg.num_prefix, "patch": g}.get(tokens, 1)
+    d, h = model.cfg.embed_dim, model.cfg.mlp_hidden
+    width = {"attn.qkv": 3 * d, "mlp.fc1": h * (2 if model.cfg.swiglu else 1), "mlp.act": h}
+    return 4 * n * t * sum(width.get(p.split(".", 2)[-1] if p.count(".") >= 2 else "", d) for p in points)
+
+
+def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30) -> str:
+    """full when every model's features fit the budget, else minibatch (memory independent of n)."""
+    if requested:
+        return requested
+    need = sum(feature_bytes(m, p, tokens, n) for m, p in zip(models, points_per_model))
+    return "full" if need <= budget else "minibatch"
+
+
+def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
+                   kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
+                   progress=False, quiet=True) -> dict:
+    """CKA maps of every pair of models (each extracted once) and the models×models matrix at the last point."""
+    names = [resolve_points(m, points) for m in models]
+    estimator = choose_estimator(models, names, tokens, len(images), estimator)
+    _check_batches(len(images), batch_size, estimator)
+    if kernel != "linear" and estimator == "minibatch":
+        raise UsageError("the minibatch estimator is linear only: use --estimator full or debiased with --kernel rbf")
+    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    maps = {}
+    if estimator == "minibatch":
+        accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]])) for p in pairs}
+        gens = [iter_features(m, model_batches(m, images, batch_size), pts, tokens, device, dtype)
+                for m, pts in zip(models, names)]
+        bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
+        skipped = 0
+        for outs in zip(*gens):
+            feats = [f for f, _ in outs]
+            b = next(iter(feats[0].values())).shape[0]
+            bar.update(b)
+            if b < 4:
+                skipped += b
+                continue
+            for (i, j), acc in accs.items():
+                acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
+        bar.close()
+        if skipped:
+            note(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA", quiet)
+        for p, acc in accs.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                maps[p] = acc.compute()
+            for w in caught:
+                note(f"warning: {models[p[0]].source['spec']} vs {models[p[1]].source['spec']}: {w.message}", quiet)
+    else:
+        feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                dtype=dtype, progress=progress) for m, pts in zip(models, names)]
+        for i, j in pairs:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=estimator == "debiased",
+                                          rbf_threshold=rbf_threshold)
+            for w in caught:
+                note(f"warning: {w.message}", quiet)
+    specs = [m.source["spec"] for m in models]
+    out_pairs = []
+    matrix = torch.eye(len(models), dtype=torch.float64)
+    for (i, j), m in maps.items():
+        entry = dict(a=specs[i], b=specs[j], layers_a=names[i], layers_b=names[j], cka=m,
+                     diagonal_mean=diagonal_mean(m))
+        if m.shape[0] == m.shape[1]:
+            entry["cka_vs_distance"] = cka_vs_distance(m)
+        types = slice_by_type(m, names[i], names[j])
+        if len(types) > 1:
+            entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
+        out_pairs.append(entry)
+        matrix[i, j] = matrix[j, i] = m[-1, -1]
+    return dict(pairs=out_pairs, model_matrix=dict(models=specs, point=[n[-1] for n in names], cka=matrix),
+                estimator=estimator)
+
+
+def cmd_cka(args):
+    if len(args.models) < 2:
+        raise UsageError("cka needs at least two models")
+    t0 = time.time()
+    models = _load_models(args)
+    images = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
+    res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
+                         kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
+                         device=args.device, dtype=args.dtype, cache_dir=args.cache, progress=not args.quiet,
+                         quiet=args.quiet)
+    if images.skipped:
+        note(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)", args.quiet)
+    out = _out_dir(args, "cka")
+    meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
+                n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
+                tokens=args.tokens, estimator=res["estimator"], kernel=args.kernel,
+                rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None, batch_size=args.batch_size,
+                device=str(args.device or default_device()), dtype=args.dtype or "float32", versions=_versions(),
+                elapsed_s=round(time.time() - t0, 2), command=" ".join(sys.argv))
+    doc = dict(res, meta=meta)
+    first = res["pairs"][0]
+    if len(models) == 2:
+        doc.update(layers_a=first["layers_a"], layers_b=first["layers_b"], cka=first["cka"])
+    write_json(out / "cka.json", doc)
+    write_csv(out / "cka.csv", ["model_a", "model_b", "layer_a", "layer_b", "cka"],
+              [[p["a"], p["b"], la, lb, float(p["cka"][i, j])] for p in res["pairs"]
+               for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])])
+    plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({res['estimator']}, {args.tokens})", quiet=args.quiet)
+    for p in res["pairs"]:
+        print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}")
+        print(format_map(p["cka"], p["layers_a"], p["layers_b"]))
+    if len(models) > 2:
+        print("\nmodel × model CKA at the last point:")
+        print(format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
+    print(f"\nwrote {out}/cka.json, cka.csv{', cka.png' if (out / 'cka.png').exists() else ''} "
+          f"({meta['elapsed_s']:.1f} s)")
+
+
+def cmd_list(args):
+    wdir = Path(args.weights_dir or default_weights_dir())
+    alias_of = {}
+    for a, n in ALIASES.items():
+        alias_of.setdefault(n, []).append(a)
+    print(f"{'name':<20} {'family':<12} {'obj':<7} {'heads':>5} {'norm':<9} {'resize':<8} {'eval repr':<15} "
+          f"{'present':<8} aliases")
+    for name, r in REGISTRY.items():
+        present = "yes" if registry_path(name, wdir).exists() else ("manual" if r["family"] in MANUAL_DOWNLOAD else "-")
+        norm = "0.5/0.5" if r["mean"] == HALF_MEAN else "imagenet"
+        print(f"{name:<20} {r['family']:<12} {OBJECTIVE[r['family']]:<7} {r['num_heads']:>5} {norm:<9} "
+              f"{r['interp']:<8} {r['eval_repr']:<15} {present:<8} {','.join(alias_of.get(name, []))}")
+    others = sorted(p.name for p in wdir.glob("*") if p.is_file() and p.name != "README.md"
+                    and not any(p == registry_path(n, wdir) for n in REGISTRY))
+    print(f"\nweights dir: {wdir}" + (f"; other files: {', '.join(others)}" if others else ""))
+
+
+def cmd_download(args):
+    for name in args.names:
+        path = download(name, args.weights_dir, progress=not args.quiet)
+        print(f"{resolve_name(name)}: {path}")
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _common(p, data=True):
+    g = p.add_argument_group("models")
+    g.add_argument("--weights-dir", default=None, help="checkpoint folder (default: weights/ beside ssl_repsim.py, "
+                   "or $SSL_REPSIM_WEIGHTS)")
+    g.add_argument("--offline", action="store_true", help="never download; registered names must be present")
+    g.add_argument("--family", default=None, help="override layout detection (e.g. mae, dino, beit, dinov2)")
+    g.add_argument("--num-heads", type=int, default=None, help="attention heads, where the registry does not know")
+    if data:
+        g = p.add_argument_group("data")
+        g.add_argument("--data", default="synthetic", help="image folder (class sub-folders = labels), tensor file "
+                       "(.pt/.npy/.npz/.safetensors with images [N,3,H,W] and labels) or 'synthetic' (default)")
+        g.add_argument("--n", type=int, default=None, help="number of images (a fixed subset by --seed; synthetic: "
+                       "default 256)")
+        g.add_argument("--batch-size", type=int, default=32)
+        g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own, e.g. 224)")
+        g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+        g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="autocast dtype for the forward pass (default float32)")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--out", default=None, help="output folder (default results/<command>-<models>-<time>/)")
+        g.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder: a second analysis of "
+                       "the same models, data, points and tokens costs no forward pass")
+    p.add_argument("--quiet", action="store_true", help="no progress or notices on stderr")
+    p.add_argument("--debug", action="store_true", help="full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = ArgParser(prog="ssl_repsim.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   epilog="Models: a registered name (see `list`), a checkpoint file in its official layout, or a "
+                          "Hugging Face directory.\nExamples:\n  python ssl_repsim.py cka mae dino\n"
+                          "  python ssl_repsim.py cka mae.pth moco.pth.tar --data ~/imagenet/val --n 1024 "
+                          "--points sublayers\n  python ssl_repsim.py probe dino --data train/ --val val/\n")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=ArgParser)
+    sub.required = True
+
+    p = sub.add_parser("cka", help="CKA maps between every layer of two or more models",
+                       description="CKA (Kornblith et al. 2019) between every layer pair of two or more models, "
+                                   "and the model×model matrix at the last point. Writes cka.json, cka.csv, cka.png.")
+    p.add_argument("models", nargs="+", help="two or more models")
+    p.add_argument("--points", default="blocks", help="blocks (residual stream after each block; default) | "
+                   "sublayers (the paper's 9 per block) | all | comma list like blocks.0.attn,blocks.0.norm1")
+    p.add_argument("--tokens", default="flat", choices=TOKENS, help="token reduction: flat (all tokens × channels, "
+                   "the paper's; default), cls, mean (patch tokens), all, patch")
+    p.add_argument("--estimator", default=None, choices=["full", "debiased", "minibatch"],
+                   help="full = biased HSIC (Kornblith), debiased = U-statistic, minibatch = Nguyen et al. "
+                        "(memory independent of n). Default: full when features fit in 2 GiB, else minibatch")
+    p.add_argument("--kernel", default="linear", choices=["linear", "rbf"])
+    p.add_argument("--rbf-threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median "
+                   "distance (0.2 .. 1.0 in the paper)")
+    _common(p)
+    p.set_defaults(fn=cmd_cka)
+
+    p = sub.add_parser("list", help="registered checkpoints and which are present")
+    _common(p, data=False)
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("download", help="fetch registered checkpoints into the weights dir")
+    p.add_argument("names", nargs="+")
+    _common(p, data=False)
+    p.set_defaults(fn=cmd_download)
+    for add in EXTRA_COMMANDS:
+        add(sub)
+    return ap
+
+
+EXTRA_COMMANDS: list = []   # filled by the sections above the CLI with functions that add their subcommands
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+        return 0
+    except UsageError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"ssl_repsim: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head & co.
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")
+        return 0
+    except KeyboardInterrupt:
+        print("ssl_repsim: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"ssl_repsim: internal error: {type(e).__name__}: {_one_line(e)[:300]} (rerun with --debug for the "
+              "traceback; please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
