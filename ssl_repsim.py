@@ -1527,6 +1527,263 @@ def slice_by_type(m: torch.Tensor, names_a, names_b) -> dict[str, dict]:
 
 
 # ======================================================================================================================
+# 7. Probes: batched linear probes, MLP and concatenated-layer probes, weighted k-NN
+# ======================================================================================================================
+
+WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def _layers(feats) -> dict[str, torch.Tensor]:
+    if isinstance(feats, dict):
+        return {k: v.reshape(v.shape[0], -1) for k, v in feats.items()}
+    if isinstance(feats, torch.Tensor):
+        return {"0": feats.reshape(feats.shape[0], -1)}
+    return {str(i): v.reshape(v.shape[0], -1) for i, v in enumerate(feats)}
+
+
+def _check_probe_inputs(train, y_train, test, y_test):
+    train, test = _layers(train), _layers(test)
+    if set(train) != set(test):
+        raise UsageError("probe: train and test must hold the same layers")
+    y_train, y_test = torch.as_tensor(y_train).long(), torch.as_tensor(y_test).long()
+    for k in train:
+        if len(train[k]) != len(y_train) or len(test[k]) != len(y_test):
+            raise UsageError(f"probe: layer {k} has {len(train[k])}/{len(test[k])} samples for "
+                             f"{len(y_train)}/{len(y_test)} labels")
+    if len(y_train) < 2 or y_train.unique().numel() < 2:
+        raise UsageError("probe: the training set needs at least two classes")
+    return train, y_train, test, y_test
+
+
+def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
+    return float((logits.topk(k, -1).indices == y[:, None]).any(-1).float().mean())
+
+
+def standardize(train: torch.Tensor, *others):
+    """(x − μ_train) / σ_train: what an affine-free BatchNorm head (MAE) applies at evaluation."""
+    mu, sd = train.mean(0), train.std(0).clamp_min(1e-6)
+    return [(x - mu) / sd for x in (train, *others)]
+
+
+def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.Tensor, max_iter: int = 200):
+    """Multinomial logistic regression for a stack of problems xs (P, n, d) with L2 penalties wd (P,):
+    minimise Σ_p [CE(x_p W_p + b_p, y) + wd_p ‖W_p‖²] by full-batch L-BFGS (the problems are independent)."""
+    P, n, d = xs.shape
+    w = torch.zeros(P, d, num_classes, device=xs.device, requires_grad=True)
+    b = torch.zeros(P, 1, num_classes, device=xs.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    target = y.to(xs.device).repeat(P)
+
+    def closure():
+        opt.zero_grad()
+        logits = torch.baddbmm(b, xs, w)
+        loss = F.cross_entropy(logits.reshape(P * n, -1), target, reduction="sum") / n
+        loss = loss + (wd.to(xs.device) * w.square().sum((1, 2))).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _stack_groups(layers: dict[str, torch.Tensor]) -> dict[int, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for k, v in layers.items():
+        groups.setdefault(v.shape[1], []).append(k)
+    return groups
+
+
+def linear_probe(train, y_train, test, y_test, *, weight_decays=WEIGHT_DECAYS, val_fraction: float = 0.2,
+                 max_iter: int = 200, seed: int = 0, device=None, method: str = "lbfgs", **mae_opts) -> dict:
+    """Top-1 (and top-5 with ≥ 5 classes) test accuracy of one linear classifier per layer.
+    Features are standardised on the training set; the L2 weight decay is chosen per layer on a held-out part of
+    the training set (never on test), then the classifier is refit on the whole training set. method="mae" runs
+    MAE's protocol instead (affine-free BatchNorm, LARS, warmup + cosine; see mae_linear_probe)."""
+    train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
+    if method == "mae":
+        return mae_linear_probe(train, y_train, test, y_test, seed=seed, device=device, **mae_opts)
+    if method != "lbfgs":
+        raise UsageError(f"unknown probe method {method!r}: lbfgs or mae")
+    device = torch.device(device) if device else default_device()
+    C = int(max(y_train.max(), y_test.max())) + 1
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y_train), generator=g)
+    n_val = int(len(y_train) * val_fraction) if len(weight_decays) > 1 else 0
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    wds = torch.tensor(weight_decays, dtype=torch.float64)
+    out = {}
+    for d, names in _stack_groups(train).items():
+        step = max(1, int(2e8 // max(len(y_train) * max(C, d) * len(wds), 1)))
+        for s in range(0, len(names), step):
+            chunk = names[s:s + step]
+            tr = torch.stack([standardize(train[k], test[k])[0] for k in chunk]).to(device)
+            te = torch.stack([standardize(train[k], test[k])[1] for k in chunk]).to(device)
+            if n_val:
+                xs = tr[:, fit_idx].repeat_interleave(len(wds), 0)
+                w, b = _fit_softmax(xs, y_train[fit_idx], C, wds.repeat(len(chunk)), max_iter)
+                logits = torch.baddbmm(b, tr[:, val_idx].repeat_interleave(len(wds), 0), w)
+                acc = (logits.argmax(-1).cpu() == y_train[val_idx]).float().mean(1).view(len(chunk), len(wds))
+                best = wds[acc.argmax(1)]  # first (smallest) decay among the best on held-out data
+            else:
+                best = wds[:1].repeat(len(chunk))
+            w, b = _fit_softmax(tr, y_train, C, best, max_iter)
+            logits = torch.baddbmm(b, te, w).cpu()
+            for i, k in enumerate(chunk):
+                out[k] = topk_accuracy(logits[i], y_test)
+                if C > 5:
+                    out[f"{k}/top5"] = topk_accuracy(logits[i], y_test, 5)
+                out[f"{k}/weight_decay"] = float(best[i])
+    return {k: out[k] for k in _order(out, train)}
+
+
+def _order(out: dict, layers: dict) -> list[str]:
+    return [k for name in layers for k in (name, f"{name}/top5", f"{name}/weight_decay") if k in out]
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float, min_lr: float = 0.0) -> float:
+    """Linear warmup, then half-cycle cosine to min_lr (MAE util/lr_sched.py, per iteration)."""
+    if step < warmup:
+        return base * step / max(warmup, 1)
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
+                     ref_batch: int = 16384, warmup_epochs: int = 10, seed: int = 0, device=None) -> dict:
+    """MAE's linear-probe protocol: BatchNorm1d(affine=False) → Linear (init std 0.01), LARS (momentum 0.9, trust
+    0.001, no weight decay), lr = blr·batch/256 with warmup + per-iteration cosine (He et al. 2022). Evaluation
+    BatchNorm statistics = training-set mean/variance, so features are standardised once. LARS steps are relative
+    to ‖w‖, so the peak lr is MAE's own, blr·ref_batch/256 = 6.4, whatever batch fits here."""
+    train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
+    device = torch.device(device) if device else default_device()
+    C = int(max(y_train.max(), y_test.max())) + 1
+    out = {}
+    for d, names in _stack_groups(train).items():
+        tr = torch.stack([standardize(train[k], test[k])[0] for k in names]).to(device)
+        te = torch.stack([standardize(train[k], test[k])[1] for k in names]).to(device)
+        g = torch.Generator().manual_seed(seed)
+        w = (torch.randn(len(names), d, C, generator=g) * 0.01).to(device)
+        b = torch.zeros(len(names), 1, C, device=device)
+        mom = [torch.zeros_like(w), torch.zeros_like(b)]
+        n = tr.shape[1]
+        steps_per_epoch = math.ceil(n / batch_size)
+        total, lr0 = epochs * steps_per_epoch, blr * ref_batch / 256
+        for step in range(total):
+            if step % steps_per_epoch == 0:
+                perm = torch.randperm(n, generator=g)
+            idx = perm[(step % steps_per_epoch) * batch_size:][:batch_size]
+            w.requires_grad_(True)
+            b.requires_grad_(True)
+            with torch.enable_grad():
+                logits = torch.baddbmm(b, tr[:, idx], w)
+                loss = F.cross_entropy(logits.reshape(-1, C), y_train[idx].to(device).repeat(len(names)),
+                                       reduction="sum") / len(idx)
+                gw, gb = torch.autograd.grad(loss, [w, b])
+            w, b = w.detach(), b.detach()
+            lr = cosine_lr(step, total, warmup_epochs * steps_per_epoch, lr0)
+            # LARS on the weight matrix: scale each problem's gradient by 0.001·‖w‖/‖g‖ (trust ratio)
+            wn, gn = w.norm(dim=(1, 2), keepdim=True), gw.norm(dim=(1, 2), keepdim=True)
+            trust = torch.where((wn > 0) & (gn > 0), 0.001 * wn / gn, torch.ones_like(wn))
+            mom[0] = 0.9 * mom[0] + gw * trust
+            mom[1] = 0.9 * mom[1] + gb
+            w, b = w - lr * mom[0], b - lr * mom[1]
+        logits = torch.baddbmm(b, te, w).cpu()
+        for i, k in enumerate(names):
+            out[k] = topk_accuracy(logits[i], y_test)
+            if C > 5:
+                out[f"{k}/top5"] = topk_accuracy(logits[i], y_test, 5)
+    return {k: out[k] for k in _order(out, train)}
+
+
+def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | None = None, epochs: int = 100,
+              batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+              device=None) -> dict:
+    """Per layer, an MLP head of `depth` linear layers (hidden width d, BatchNorm + ReLU between) trained with
+    AdamW and a cosine schedule on standardised features; depth 1 is a linear head. Returns top-1 per layer."""
+    if not 1 <= depth <= 8:
+        raise UsageError("mlp_probe depth must be 1..8")
+    train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
+    device = torch.device(device) if device else default_device()
+    C = int(max(y_train.max(), y_test.max())) + 1
+    out = {}
+    for k in train:
+        tr, te = (v.to(device) for v in standardize(train[k], test[k]))
+        torch.manual_seed(seed)
+        d = tr.shape[1]
+        h = hidden or d
+        layers, width = [], d
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU()]
+            width = h
+        head = nn.Sequential(*layers, nn.Linear(width, C)).to(device)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        n = len(tr)
+        spe = math.ceil(n / batch_size)
+        g = torch.Generator().manual_seed(seed)
+        head.train()
+        for step in range(epochs * spe):
+            if step % spe == 0:
+                perm = torch.randperm(n, generator=g)
+            idx = perm[(step % spe) * batch_size:][:batch_size]
+            if len(idx) < 2 and depth > 1:
+                continue
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, epochs * spe, 0, lr)
+            with torch.enable_grad():
+                loss = F.cross_entropy(head(tr[idx]), y_train[idx].to(device))
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            out[k] = topk_accuracy(head(te).cpu(), y_test)
+    return out
+
+
+def concat_features(feats: dict, final: str | None = None) -> dict[str, torch.Tensor]:
+    """The 'marginal features' inputs: the final layer concatenated with each other layer, and with all layers."""
+    feats = _layers(feats)
+    final = final or list(feats)[-1]
+    out = {final: feats[final]}
+    for k, v in feats.items():
+        if k != final:
+            out[f"{final}+{k}"] = torch.cat([feats[final], v], 1)
+    out["all"] = torch.cat(list(feats.values()), 1)
+    return out
+
+
+def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float = 0.07,
+                 num_classes: int | None = None, chunk: int = 512, device=None) -> dict:
+    """Weighted k-NN of DINO (Caron et al. 2021, eval_knn.py) per layer: L2-normalised features, cosine
+    similarity, the k nearest training samples vote for their class with weight exp(sim / T)."""
+    train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
+    if not 1 <= k <= len(y_train):
+        raise UsageError(f"k-NN: k={k} must be between 1 and the {len(y_train)} training samples")
+    device = torch.device(device) if device else default_device()
+    C = num_classes or int(max(y_train.max(), y_test.max())) + 1
+    out = {}
+    for name in train:
+        bank = F.normalize(train[name].float(), dim=1).to(device)
+        labels = y_train.to(device)
+        top1 = top5 = 0
+        for s in range(0, len(y_test), chunk):
+            q = F.normalize(test[name][s:s + chunk].float(), dim=1).to(device)
+            sim, idx = (q @ bank.T).topk(k, dim=1)
+            votes = torch.zeros(len(q), C, device=device)
+            votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
+            pred = votes.topk(min(5, C), dim=1).indices.cpu()
+            yt = y_test[s:s + chunk]
+            top1 += int((pred[:, 0] == yt).sum())
+            top5 += int((pred == yt[:, None]).any(1).sum())
+        out[name] = top1 / len(y_test)
+        if C > 5:
+            out[f"{name}/top5"] = top5 / len(y_test)
+    return out
+
+
+# ======================================================================================================================
 # 10. CLI
 # ======================================================================================================================
 
