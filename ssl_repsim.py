@@ -802,8 +802,9 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, download: b
     row = row or next((r for r in REGISTRY.values() if r["family"] == model.family), None) or {}
     model.preprocess = dict(mean=tuple(row.get("mean", IMAGENET_MEAN)), std=tuple(row.get("std", IMAGENET_STD)),
                             interp=row.get("interp", "bicubic"), crop_pct=row.get("crop_pct", 0.875))
-    if meta.get("format") == "ssl_repsim" and "preprocess" in meta:
-        model.preprocess = json.loads(meta["preprocess"])
+    if meta.get("format") == "ssl_repsim":
+        model.preprocess = json.loads(meta.get("preprocess", "null")) or model.preprocess
+        model.input_size = img_size or json.loads(meta.get("input_size", "null")) or model.input_size
     return model
 
 
@@ -826,7 +827,8 @@ def save_checkpoint(model: ViT, path, extra: dict | None = None) -> Path:
     from safetensors.torch import save as st_save
     cfg = dataclasses.replace(model.cfg, family=getattr(model, "family", model.cfg.family) or "ssl_repsim")
     meta = {"format": "ssl_repsim", "config": json.dumps(dataclasses.asdict(cfg)), "version": __version__,
-            "preprocess": json.dumps(getattr(model, "preprocess", {}))}
+            "preprocess": json.dumps(getattr(model, "preprocess", {})),
+            "input_size": json.dumps(getattr(model, "input_size", cfg.img_size))}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return atomic_write(path, st_save(tensors, metadata=meta))
@@ -1784,6 +1786,255 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
 
 
 # ======================================================================================================================
+# 8. Fine-tuning: layer-wise lr decay, warmup + cosine, augmentation in torch ops, checkpoint and exact resume
+# ======================================================================================================================
+
+NO_WEIGHT_DECAY = {"pos_embed", "cls_token", "register_tokens"}
+
+
+def layer_id(name: str, depth: int) -> int:
+    """MAE util/lr_decay.py: 0 for the embeddings, i+1 for blocks.i, depth+1 for the final norms and the head."""
+    if name.split(".")[0] in ("cls_token", "pos_embed", "register_tokens", "patch_embed", "rel_pos_bias"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75) -> list[dict]:
+    """AdamW groups with lr_scale = layer_decay^(depth+1 − layer_id); no weight decay on 1-D parameters,
+    pos_embed, cls_token and registers (He et al. 2022, MAE fine-tuning recipe)."""
+    depth = len(model.blocks)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth)
+        wd = 0.0 if p.ndim == 1 or name in NO_WEIGHT_DECAY else weight_decay
+        g = groups.setdefault((lid, wd), dict(params=[], names=[], weight_decay=wd, layer_id=lid,
+                                              lr_scale=layer_decay ** (depth + 1 - lid)))
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3), interp: str = "bicubic") -> torch.Tensor:
+    """Inception-style crop (area fraction in `scale`, log-uniform aspect in `ratio`), resized to size×size,
+    flipped horizontally with p = 0.5. img: (3, H, W) float in [0, 1]."""
+    H, W = img.shape[-2:]
+    for _ in range(10):
+        area = H * W * (scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=g)))
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * float(torch.rand(1, generator=g)))
+        w, h = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+        if 0 < w <= W and 0 < h <= H:
+            top = int(torch.randint(0, H - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, W - w + 1, (1,), generator=g))
+            break
+    else:
+        h = w = min(H, W)
+        top, left = (H - h) // 2, (W - w) // 2
+    crop = img[None, :, top:top + h, left:left + w]
+    out = F.interpolate(crop, size=(size, size), mode=interp, align_corners=False, antialias=True)[0]
+    return out.flip(-1) if float(torch.rand(1, generator=g)) < 0.5 else out
+
+
+def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Generator, shard=(0, 1)):
+    """Shuffled, augmented training batches (random-resized crop + flip, the model's normalisation); with
+    shard=(rank, world) each process takes every world-th batch of one shared permutation."""
+    pp, size = model.preprocess, model.input_size
+    mean, std = torch.tensor(pp["mean"]).view(3, 1, 1), torch.tensor(pp["std"]).view(3, 1, 1)
+    perm = torch.randperm(len(images), generator=g)
+    rank, world = shard
+    for b, s in enumerate(range(0, len(perm) - batch_size * world + 1, batch_size)):
+        if b % world != rank:
+            continue
+        xs, ys = [], []
+        for i in perm[s:s + batch_size].tolist():
+            im = images.image(i)
+            if im is None:
+                continue
+            im = im.float() / 255 if not im.is_floating_point() else im.float()
+            xs.append((random_resized_crop(im, size, g, interp=pp.get("interp", "bicubic")).clamp(0, 1) - mean) / std)
+            ys.append(int(images.labels[i]))
+        if xs:
+            yield torch.stack(xs), torch.tensor(ys)
+
+
+def mix_batch(x, y, num_classes, g, mixup=0.0, cutmix=0.0, smoothing=0.0):
+    """Soft targets with label smoothing; mixup (Zhang et al. 2018) or cutmix (Yun et al. 2019), chosen with equal
+    probability when both are on, mixing each sample with the batch reversed."""
+    t = F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    modes = [m for m, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
+    if not modes:
+        return x, t
+    mode = modes[int(torch.randint(0, len(modes), (1,), generator=g))]
+    alpha = mixup if mode == "mixup" else cutmix
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
+    if mode == "mixup":
+        x = lam * x + (1 - lam) * x.flip(0)
+    else:
+        H, W = x.shape[-2:]
+        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(0, H, (1,), generator=g)), int(torch.randint(0, W, (1,), generator=g))
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    return x, lam * t + (1 - lam) * t.flip(0)
+
+
+class Classifier(nn.Module):
+    """head(pool(ViT(x))) as one module, so DistributedDataParallel sees the whole forward."""
+
+    def __init__(self, vit: ViT):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.head(self.vit(x))
+
+
+def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> float:
+    """Top-1 accuracy of the model's head on preprocessed (centre-crop) images."""
+    device = torch.device(device) if device else default_device()
+    model.eval()
+    correct = total = 0
+    with torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
+        for x, y in model_batches(model, images, batch_size):
+            pred = model.logits(x.to(device)).argmax(-1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val: ImageSet | None = None,
+             epochs: int = 3, batch_size: int = 16, blr: float = 1e-3, layer_decay: float = 0.75,
+             weight_decay: float = 0.05, warmup_epochs: float = 1, min_lr: float = 1e-6, drop_path: float = 0.1,
+             label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0, accum_steps: int = 1,
+             seed: int = 0, out=None, resume: bool = False, device=None, dtype=None, progress: bool = False,
+             quiet: bool = True, stop_after_steps: int | None = None) -> dict:
+    """Fine-tune end to end with MAE's recipe: AdamW with layer-wise lr decay, lr = blr·(effective batch)/256,
+    linear warmup then half-cycle cosine per iteration, drop path, label smoothing, optional mixup/cutmix;
+    random-resized crop + flip in torch ops; bf16 autocast on CUDA. After every epoch `out` receives
+    checkpoint.safetensors (reloadable by load_model, head included), train_state.pt (optimizer, epoch) and
+    log.json ({"history": [{epoch, train_loss, val_acc, lr}], ...}); resume=True continues exactly from there.
+    Under torchrun each process takes its share of every batch and gradients are averaged (DDP)."""
+    if train.labels is None:
+        raise UsageError("fine-tuning needs labelled data (class sub-folders, or labels in the tensor file)")
+    num_classes = num_classes or len(train.classes) or int(train.labels.max()) + 1
+    if accum_steps < 1 or batch_size < 1 or epochs < 1:
+        raise UsageError("epochs, batch size and accum steps must be ≥ 1")
+    device = torch.device(device) if device else default_device()
+    dtype = _parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else None)
+    rank, world = _rank_world()
+    out = Path(out) if out else None
+    if model.head is None or model.head.out_features != num_classes:
+        model.head = nn.Linear(model.cfg.embed_dim, num_classes)
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        nn.init.zeros_(model.head.bias)
+    model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
+    for i, blk in enumerate(model.blocks):
+        blk.drop_path = drop_path * i / max(len(model.blocks) - 1, 1)
+    model.to(device)
+    groups = param_groups_lrd(model, weight_decay, layer_decay)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
+                            betas=(0.9, 0.999))
+    history, start = [], 0
+    if resume and out and (out / "train_state.pt").is_file():
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+        sd, _ = read_checkpoint(out / "checkpoint.safetensors")
+        model.load_state_dict(sd)
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"] + 1
+        note(f"resuming from {out} after epoch {state['epoch'] + 1}", quiet)
+    net = Classifier(model)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    eff_batch = batch_size * accum_steps * world
+    lr = blr * eff_batch / 256
+    steps_per_epoch = max(1, (len(train) // (batch_size * world)) // accum_steps)
+    total, warm = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
+    if len(train) < batch_size * world:
+        raise UsageError(f"{len(train)} training images are fewer than one batch of {batch_size * world}")
+    step = start * steps_per_epoch
+    for epoch in range(start, epochs):
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)  # all randomness of an epoch: exact resume
+        torch.manual_seed(seed * 100003 + epoch + 7)
+        net.train()
+        losses, micro = [], 0
+        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress and rank == 0, unit="step")
+        for x, y in train_batches(model, train, batch_size, g, (rank, world)):
+            if micro == 0:
+                cur = cosine_lr(step, total, warm, lr, min_lr)
+                for grp in opt.param_groups:
+                    grp["lr"] = cur * grp["lr_scale"]
+            x, t = mix_batch(x, y, num_classes, g, mixup, cutmix, label_smoothing)
+            with _autocast(device, dtype):
+                logits = net(x.to(device))
+                loss = torch.sum(-t.to(device) * F.log_softmax(logits.float(), -1), -1).mean()
+            (loss / accum_steps).backward()
+            losses.append(float(loss.detach()))
+            micro += 1
+            if micro == accum_steps:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                micro, step = 0, step + 1
+                bar.update()
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    raise KeyboardInterrupt("stop_after_steps")  # simulated interruption (tests)
+                if step >= (epoch + 1) * steps_per_epoch:
+                    break
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+        val_acc = evaluate(model, val, device=device, dtype=dtype) if val is not None and val.labels is not None \
+            else None
+        history.append(dict(epoch=epoch + 1, train_loss=_mean(_all_reduce_mean(losses)), val_acc=val_acc,
+                            lr=opt.param_groups[-1]["lr"]))
+        note(f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}"
+             + (f", val acc {val_acc:.3f}" if val_acc is not None else ""), quiet or rank != 0)
+        if out and rank == 0:
+            save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=epoch + 1))
+            buf = __import__("io").BytesIO()
+            torch.save(dict(optimizer=opt.state_dict(), epoch=epoch, history=history), buf)
+            atomic_write(out / "train_state.pt", buf.getvalue())
+            write_json(out / "log.json", dict(history=history, config=dict(
+                epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, world_size=world, blr=blr, lr=lr,
+                layer_decay=layer_decay, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
+                drop_path=drop_path, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, seed=seed,
+                num_classes=num_classes, family=model.family)))
+        _barrier()
+    model.eval()
+    return dict(history=history, checkpoint=str(out / "checkpoint.safetensors") if out else None)
+
+
+def _mean(xs):
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def _rank_world(group=None) -> tuple[int, int]:
+    if _dist_active(group):
+        import torch.distributed as dist
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def _barrier():
+    if _dist_active():
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _all_reduce_mean(xs: list) -> list:
+    if not _dist_active():
+        return xs
+    import torch.distributed as dist
+    t = torch.tensor([sum(xs), len(xs)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return [float(t[0] / t[1])]
+
+
+# ======================================================================================================================
 # 10. CLI
 # ======================================================================================================================
 
@@ -2058,6 +2309,157 @@ def cmd_download(args):
         print(f"{resolve_name(name)}: {path}")
 
 
+def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """A deterministic random split (by seed) into training and validation sets."""
+    if not 0 < fraction < 1:
+        raise UsageError("--val-fraction must lie in (0, 1)")
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))
+    k = max(1, int(round(len(images) * fraction)))
+    if len(images) - k < 2:
+        raise UsageError(f"{len(images)} images are too few to split into training and validation sets")
+    return images.subset(perm[k:].sort()[0]), images.subset(perm[:k].sort()[0])
+
+
+def _train_val(args) -> tuple[ImageSet, ImageSet]:
+    train = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
+    if train.labels is None:
+        raise UsageError(f"{args.data}: no labels (use class sub-folders, or a tensor file with 'labels')")
+    if args.val:
+        val = load_images(args.val, None, args.seed, args.strict, args.quiet)
+        if val.labels is None:
+            raise UsageError(f"{args.val}: no labels")
+        if train.classes and val.classes and train.classes != val.classes:
+            raise UsageError(f"train classes {train.classes[:5]} differ from val classes {val.classes[:5]}")
+        return train, val
+    return split_train_val(train, args.val_fraction, args.seed)
+
+
+def _probe_tokens(model: ViT, tokens: str | None) -> str:
+    return tokens or ("cls" if model.cfg.cls_token else "mean")
+
+
+def plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str, quiet=False):
+    """Accuracy (or any score) versus layer, one line per model."""
+    plt = _pyplot(quiet)
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, res in curves.items():
+        keys = [k for k in res if "/" not in k]
+        ax.plot(range(len(keys)), [res[k] for k in keys], marker="o", label=label)
+        ax.set_xticks(range(len(keys)), [_short(k) for k in keys], rotation=90, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def _write_layer_results(out: Path, kind: str, results: dict, meta: dict, quiet: bool):
+    write_json(out / f"{kind}.json", dict(results=results, meta=meta))
+    rows = [[m, k.split("/")[0], k.split("/")[1] if "/" in k else "top1", v] for m, r in results.items()
+            for k, v in r.items()]
+    write_csv(out / f"{kind}.csv", ["model", "layer", "metric", "value"], rows)
+    plot_layer_curves(results, out / f"{kind}.png", f"{kind} top-1", quiet)
+    for m, r in results.items():
+        print(f"\n{m}: {kind} top-1 per layer")
+        for k, v in r.items():
+            if "/" not in k:
+                extra = f"  top-5 {r[k + '/top5']:.3f}" if k + "/top5" in r else ""
+                print(f"  {_short(k):>14}  {v:.3f}{extra}")
+    print(f"\nwrote {out}/{kind}.json, {kind}.csv" + (f", {kind}.png" if (out / f"{kind}.png").exists() else ""))
+
+
+def cmd_probe(args, kind="probe"):
+    t0 = time.time()
+    models = _load_models(args)
+    train, val = _train_val(args)
+    results = {}
+    for m in models:
+        tok = _probe_tokens(m, args.tokens)
+        kw = dict(cache_dir=args.cache, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                  progress=not args.quiet)
+        ftr = cached_extract(m, train, args.points, tok, data_id=f"{args.data}:train:{args.seed}", **kw)
+        fva = cached_extract(m, val, args.points, tok, data_id=f"{args.val or args.data}:val:{args.seed}", **kw)
+        ytr, yva = train.labels, val.labels
+        if kind == "knn":
+            results[m.source["spec"]] = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)),
+                                                     temperature=args.temperature, device=args.device)
+        elif args.method == "mlp":
+            results[m.source["spec"]] = mlp_probe(ftr, ytr, fva, yva, depth=args.depth, epochs=args.epochs,
+                                                  seed=args.seed, device=args.device)
+        else:
+            opts = dict(epochs=args.epochs) if args.method == "mae" else {}
+            results[m.source["spec"]] = linear_probe(ftr, ytr, fva, yva, method=args.method, seed=args.seed,
+                                                     device=args.device, **opts)
+    meta = dict(models=[_model_meta(m) for m in models], data=str(args.data), val=args.val or
+                f"{args.val_fraction:.0%} of data (seed {args.seed})", n_train=len(train), n_val=len(val),
+                points=args.points, tokens=args.tokens or "cls (mean without cls)", versions=_versions(),
+                elapsed_s=round(time.time() - t0, 2), command=" ".join(sys.argv))
+    meta.update(dict(k=args.k, temperature=args.temperature) if kind == "knn" else dict(method=args.method))
+    _write_layer_results(_out_dir(args, kind), kind, results, meta, args.quiet)
+
+
+def cmd_knn(args):
+    cmd_probe(args, kind="knn")
+
+
+def cmd_finetune(args):
+    if len(args.models) != 1:
+        raise UsageError("finetune takes one model")
+    model = _load_models(args)[0]
+    train, val = _train_val(args)
+    out = _out_dir(args, "finetune")
+    res = finetune(model, train, val=val, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
+                   layer_decay=args.layer_decay, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                   drop_path=args.drop_path, label_smoothing=args.label_smoothing, mixup=args.mixup,
+                   cutmix=args.cutmix, accum_steps=args.accum_steps, seed=args.seed, out=out, resume=args.resume,
+                   device=args.device, dtype=args.dtype, progress=not args.quiet, quiet=args.quiet)
+    last = res["history"][-1] if res["history"] else {}
+    print(f"fine-tuned {args.models[0]} for {len(res['history'])} epoch(s): val acc {last.get('val_acc')}; "
+          f"wrote {out}/checkpoint.safetensors, log.json")
+
+
+def _add_probe_commands(sub):
+    for name, fn, text in (("probe", cmd_probe, "per-layer linear (or MLP) probes"),
+                           ("knn", cmd_knn, "per-layer weighted k-NN (DINO protocol)"),
+                           ("finetune", cmd_finetune, "fine-tune one model end to end (MAE recipe)")):
+        p = sub.add_parser(name, help=text, description=text + ". Labels come from class sub-folders or the "
+                           "tensor file's 'labels'; --val gives a validation set, else a deterministic split.")
+        p.add_argument("models", nargs="+")
+        p.add_argument("--val", default=None, help="validation data (default: --val-fraction of --data)")
+        p.add_argument("--val-fraction", type=float, default=0.2)
+        if name != "finetune":
+            p.add_argument("--points", default="blocks", help="blocks | sublayers | all | comma list")
+            p.add_argument("--tokens", default=None, choices=TOKENS[1:], help="cls (default; mean for models "
+                           "without cls), mean, flat")
+        if name == "probe":
+            p.add_argument("--method", default="lbfgs", choices=["lbfgs", "mae", "mlp"],
+                           help="lbfgs: logistic regression, weight decay chosen on held-out train data "
+                                "(default); mae: BN + LARS + cosine (MAE protocol); mlp: MLP head (--depth)")
+            p.add_argument("--depth", type=int, default=2, help="MLP probe depth (1-4)")
+            p.add_argument("--epochs", type=int, default=90, help="epochs for --method mae/mlp")
+        if name == "knn":
+            p.add_argument("--k", type=int, default=20)
+            p.add_argument("--temperature", type=float, default=0.07)
+        if name == "finetune":
+            p.add_argument("--epochs", type=int, default=3)
+            p.add_argument("--blr", type=float, default=1e-3, help="base lr; lr = blr × effective batch / 256")
+            p.add_argument("--layer-decay", type=float, default=0.75)
+            p.add_argument("--weight-decay", type=float, default=0.05)
+            p.add_argument("--warmup-epochs", type=float, default=1)
+            p.add_argument("--drop-path", type=float, default=0.1)
+            p.add_argument("--label-smoothing", type=float, default=0.1)
+            p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (MAE: 0.8)")
+            p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (MAE: 1.0)")
+            p.add_argument("--accum-steps", type=int, default=1)
+            p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        _common(p)
+        if name == "finetune":
+            p.set_defaults(batch_size=16)
+        p.set_defaults(fn=fn)
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2)."""
 
@@ -2127,12 +2529,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+")
     _common(p, data=False)
     p.set_defaults(fn=cmd_download)
-    for add in EXTRA_COMMANDS:
-        add(sub)
+    _add_probe_commands(sub)
+    _add_analysis_commands(sub)
     return ap
-
-
-EXTRA_COMMANDS: list = []   # filled by the sections above the CLI with functions that add their subcommands
 
 
 def main(argv=None) -> int:
