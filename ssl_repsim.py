@@ -413,8 +413,9 @@ class ViT(nn.Module):
         grid = interpolate_pos_embed(pos[:, cls_row:], gh, gw, self.cfg.pos_interp)
         return torch.cat([pos[:, :cls_row], grid], 1) if cls_row else grid
 
-    def tokens(self, x: torch.Tensor):
-        """Tokens entering block 0 in the order [cls, registers, patches], and the patch grid."""
+    def tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None):
+        """Tokens entering block 0 in the order [cls, registers, patches], and the patch grid. `keep` (B, K) keeps
+        only those patches (MAE-style masking, after position embeddings are added)."""
         gh, gw = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
         x = self.patch_embed(x)
         pos = self.position_embedding(gh, gw)
@@ -426,11 +427,16 @@ class ViT(nn.Module):
             x = torch.cat([cls, x], 1) if cls is not None else x
         if self.register_tokens is not None:
             x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], 1)
+        if keep is not None:
+            if self.cfg.rel_pos:
+                raise UsageError("masking is not defined for models with relative position bias")
+            k = self.cfg.num_prefix
+            x = torch.cat([x[:, :k], x[:, k:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))], 1)
         return self.embed(x), (gh, gw)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens after the final norm (the last block's output where the checkpoint has no `norm`)."""
-        x, grid = self.tokens(x)
+        x, grid = self.tokens(x, keep)
         bias = relative_position_bias(self.rel_pos_bias.relative_position_bias_table, *grid) \
             if self.rel_pos_bias is not None else None
         for blk in self.blocks:
@@ -1819,7 +1825,7 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
 
 
 def random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), interp: str = "bicubic") -> torch.Tensor:
+                        ratio=(3 / 4, 4 / 3), interp: str = "bicubic", flip: bool = True) -> torch.Tensor:
     """Inception-style crop (area fraction in `scale`, log-uniform aspect in `ratio`), resized to size×size,
     flipped horizontally with p = 0.5. img: (3, H, W) float in [0, 1]."""
     H, W = img.shape[-2:]
@@ -1836,7 +1842,7 @@ def random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator, scale=
         top, left = (H - h) // 2, (W - w) // 2
     crop = img[None, :, top:top + h, left:left + w]
     out = F.interpolate(crop, size=(size, size), mode=interp, align_corners=False, antialias=True)[0]
-    return out.flip(-1) if float(torch.rand(1, generator=g)) < 0.5 else out
+    return out.flip(-1) if flip and float(torch.rand(1, generator=g)) < 0.5 else out
 
 
 def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Generator, shard=(0, 1)):
@@ -2032,6 +2038,282 @@ def _all_reduce_mean(xs: list) -> list:
     t = torch.tensor([sum(xs), len(xs)], dtype=torch.float64)
     dist.all_reduce(t)
     return [float(t[0] / t[1])]
+
+
+# ======================================================================================================================
+# 9. Analyses: where the gap opens, information distribution, invariance, attention, spatial probes, fine-tuning
+# ======================================================================================================================
+
+def layernorm_without_affine(feats: dict, model: ViT) -> dict:
+    """LayerNorm outputs with their affine part undone, (y − β) / γ, for every norm point in feats (any token
+    reduction: the affine map is per channel, so it commutes with token means and slices)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for k, v in feats.items():
+        mod = modules.get(k)
+        if isinstance(mod, nn.LayerNorm):
+            w, b = mod.weight.detach().float().cpu(), mod.bias.detach().float().cpu()
+            shape = v.shape
+            c = w.numel()
+            out[f"{k}.noaffine"] = ((v.reshape(*shape[:-1], -1, c) if v.shape[-1] != c else v) - b).div(w)\
+                .reshape(shape)
+    return out
+
+
+def effective_rank(x) -> float:
+    """exp(H(p)), p_i = σ_i / Σσ over singular values of the mean-centred features (Roy & Vetterli 2007)."""
+    x = _flat64(x)
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def participation_ratio(x) -> float:
+    """(Σλ)² / Σλ², λ the eigenvalues of the feature covariance."""
+    x = _flat64(x)
+    lam = torch.linalg.svdvals(x - x.mean(0)) ** 2
+    return float(lam.sum() ** 2 / (lam ** 2).sum())
+
+
+def anisotropy(x) -> float:
+    """ρ² = ‖μ‖² / E‖x − μ‖²: how much a shared mean direction dominates the features."""
+    x = _flat64(x)
+    mu = x.mean(0)
+    return float(mu.square().sum() / (x - mu).square().sum(1).mean())
+
+
+def spectrum_stats(feats: dict) -> dict[str, dict]:
+    """Effective rank, participation ratio, anisotropy and top-PC variance share per layer."""
+    out = {}
+    for k, v in _layers(feats).items():
+        x = v.double()
+        lam = torch.linalg.svdvals(x - x.mean(0)) ** 2
+        out[k] = dict(effective_rank=effective_rank(x), participation_ratio=participation_ratio(x),
+                      anisotropy=anisotropy(x), top_pc_share=float(lam[0] / lam.sum()) if lam.sum() > 0 else 0.0)
+    return out
+
+
+def pca_probe(train, y_train, test, y_test, ks=(1, 2, 4, 8, 16, 32, 64), seed: int = 0, **probe_opts) -> dict:
+    """Linear probes on the top-k principal components of each layer (fit on train) versus k random orthonormal
+    directions: class information concentrated in few dominant directions is found by the first, not the second."""
+    train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
+    g = torch.Generator().manual_seed(seed)
+    tr, te = {}, {}
+    for name, x in train.items():
+        mu = x.double().mean(0)
+        _, _, vt = torch.linalg.svd(x.double() - mu, full_matrices=False)
+        d = x.shape[1]
+        rand, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        for k in ks:
+            if k > min(d, len(x)):
+                continue
+            for tag, basis in (("pc", vt[:k].T), ("random", rand[:, :k])):
+                tr[f"{name}/{tag}{k}"] = ((x.double() - mu) @ basis).float()
+                te[f"{name}/{tag}{k}"] = ((test[name].double() - mu) @ basis).float()
+    res = linear_probe(tr, y_train, te, y_test, seed=seed, **probe_opts)
+    return {k: v for k, v in res.items() if not k.endswith(("/top5", "/weight_decay"))}
+
+
+def _unnormalize(x, pp):
+    m, s = torch.tensor(pp["mean"]).view(1, 3, 1, 1), torch.tensor(pp["std"]).view(1, 3, 1, 1)
+    return x * s + m, (m, s)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    r = max(1, int(3 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+    """One augmentation of images in [0, 1]: hflip, crop (random 50-100% area, resized back), color (brightness,
+    contrast, saturation ±40%), grayscale, blur (σ = 1.5 px)."""
+    if kind == "hflip":
+        return x.flip(-1)
+    if kind == "grayscale":
+        return (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand_as(x)
+    if kind == "blur":
+        return gaussian_blur(x)
+    if kind == "crop":
+        return torch.stack([random_resized_crop(im, x.shape[-1], g, scale=(0.5, 1.0), ratio=(1, 1), flip=False)
+                            for im in x])
+    if kind == "color":
+        f = lambda: 0.6 + 0.8 * torch.rand(len(x), 1, 1, 1, generator=g)  # noqa: E731
+        gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
+        x = x * f()
+        x = (x - gray.mean((2, 3), keepdim=True)) * f() + gray.mean((2, 3), keepdim=True)
+        return (gray + (x - gray) * f()).clamp(0, 1)
+    raise UsageError(f"unknown augmentation {kind!r}: hflip, crop, color, grayscale, blur")
+
+
+AUGMENTATIONS = ("hflip", "crop", "color", "grayscale", "blur")
+
+
+def invariance_scores(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
+    """Mean cosine between features of each image (a) and of its augmented version (b), raw and mean-centred, and
+    normalised by a shuffled-pair baseline: (s − s_shuffled) / (1 − s_shuffled)."""
+    a, b = _flat64(a), _flat64(b)
+    perm = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))
+    if len(a) > 1:
+        perm = torch.where(perm == torch.arange(len(a)), perm.roll(1), perm)
+    out = {}
+    for tag, (u, v) in (("raw", (a, b)), ("centred", (a - torch.cat([a, b]).mean(0), b - torch.cat([a, b]).mean(0)))):
+        s = float(F.cosine_similarity(u, v, dim=1).mean())
+        sh = float(F.cosine_similarity(u, v[perm], dim=1).mean())
+        out[tag] = s
+        out[f"{tag}_shuffled"] = sh
+        out[f"{tag}_normalised"] = (s - sh) / (1 - sh) if abs(1 - sh) > 1e-12 else float("nan")
+    return out
+
+
+def invariance(model: ViT, images: ImageSet, augmentations=AUGMENTATIONS, points=None, tokens=None,
+               batch_size: int = 32, seed: int = 0, device=None, dtype=None) -> dict:
+    """Per layer and augmentation, invariance_scores of the model's features (cls, or mean without cls)."""
+    tokens = tokens or ("cls" if model.cfg.cls_token else "mean")
+    names = resolve_points(model, points)
+    base = extract(model, images, names, tokens, batch_size, device, dtype)
+    out = {}
+    for kind in augmentations:
+        g = torch.Generator().manual_seed(seed)
+
+        def aug_batches():
+            for x, _ in model_batches(model, images, batch_size):
+                x01, (m, s) = _unnormalize(x, model.preprocess)
+                yield (augment(x01.clamp(0, 1), kind, g) - m) / s
+
+        feats = extract(model, aug_batches(), names, tokens, batch_size, device, dtype)
+        out[kind] = {k: invariance_scores(base[k], feats[k], seed) for k in names}
+    return out
+
+
+def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: float = 0.0, seed: int = 0,
+                         device=None, max_images: int | None = None) -> dict:
+    """Per block and head: mean attention distance in pixels (Dosovitskiy et al. 2021 / Raghu et al. 2021: the
+    patch-to-patch attention, renormalised without cls and registers, weighted by grid distance × patch size),
+    attention entropy (nats, mean over queries), and Park et al. 2023's normalised mutual information between
+    queries (uniform) and keys: I(q; k) / √(H(q) H(k)). mask_ratio > 0 keeps a random sorted subset of patches
+    per image, as MAE's pre-training forward does (positions of kept patches are used for distances)."""
+    device = torch.device(device) if device else default_device()
+    model.to(device).eval()
+    depth, H = len(model.blocks), model.cfg.num_heads
+    sums = {k: torch.zeros(depth, H, dtype=torch.float64) for k in ("distance", "entropy", "nmi")}
+    count = 0
+    g = torch.Generator().manual_seed(seed)
+    batches = model_batches(model, images, batch_size) if isinstance(images, ImageSet) else \
+        ((x, None) for x in (images.split(batch_size) if isinstance(images, torch.Tensor) else images))
+    npre, p = model.cfg.num_prefix, model.cfg.patch_size
+    for x, _ in batches:
+        x = x.to(device)
+        gh, gw = x.shape[-2] // p, x.shape[-1] // p
+        keep = None
+        if mask_ratio > 0:
+            n_keep = max(1, int(round(gh * gw * (1 - mask_ratio))))
+            keep = torch.rand(len(x), gh * gw, generator=g).argsort(1)[:, :n_keep].sort(1).values.to(device)
+        with keep_attention(model), torch.no_grad():
+            model.forward_features(x, keep=keep)
+            maps = [blk.attn.attn_map.double() for blk in model.blocks]
+        idx = keep if keep is not None else torch.arange(gh * gw, device=device).expand(len(x), -1)
+        pos = torch.stack([idx // gw, idx % gw], -1).double() * p          # (B, P, 2) pixels
+        dist = torch.cdist(pos, pos)                                         # (B, P, P)
+        for li, a in enumerate(maps):                                        # a: (B, H, T, T)
+            pp = a[:, :, npre:, npre:]
+            pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-12)
+            sums["distance"][li] += (pp * dist[:, None]).sum(-1).mean(-1).sum(0).cpu()
+            ent = -(a * a.clamp_min(1e-12).log()).sum(-1)                   # (B, H, T)
+            sums["entropy"][li] += ent.mean(-1).sum(0).cpu()
+            pk = a.mean(-2)                                                  # p(k) with uniform queries
+            hk = -(pk * pk.clamp_min(1e-12).log()).sum(-1)
+            mi = hk - ent.mean(-1)
+            hq = math.log(a.shape[-2])
+            sums["nmi"][li] += (mi / (hq * hk).clamp_min(1e-12).sqrt()).sum(0).cpu()
+        count += len(x)
+        if max_images and count >= max_images:
+            break
+    if count == 0:
+        raise UsageError("no images for attention statistics")
+    return {k: (v / count) for k, v in sums.items()}
+
+
+def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
+    """Per-patch labels (majority of the pixel mask under each patch, after the model's resize and crop):
+    0 = background, 1 + class where the object is. Needs images with masks (the synthetic set)."""
+    if images.masks is None:
+        raise UsageError("per-patch labels need masks (the synthetic data set has them)")
+    pp, size = model.preprocess, model.input_size
+    C = int(images.masks.max()) + 1
+    onehot = F.one_hot(images.masks.long(), C).float()                       # (n, H, W, C) in [0, 1]
+    crop = torch.stack([preprocess(onehot[..., c, None].expand(-1, -1, -1, 3).permute(0, 3, 1, 2), size,
+                                   pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1))[:, 0] for c in range(C)], 1)
+    p = model.cfg.patch_size
+    return F.avg_pool2d(crop, p).argmax(1).flatten(1)                        # (n, P)
+
+
+def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 32, max_patches: int = 20000,
+                   seed: int = 0, device=None, dtype=None) -> dict:
+    """Linear probes on frozen patch tokens of every block: the patch's grid position (P classes) and, where the
+    data has masks, the object class under the patch (0 = background). Train/test split by image."""
+    names = resolve_points(model, points)
+    feats = extract(model, images, names, "patch", batch_size, device, dtype)
+    n, P = next(iter(feats.values())).shape[:2]
+    if n < 4:
+        raise UsageError("spatial probes need at least 4 images")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    tr_img, te_img = perm[: n * 3 // 4], perm[n * 3 // 4:]
+    targets = {"position": torch.arange(P).expand(n, -1)}
+    if images.masks is not None:
+        targets["mask"] = patch_labels(model, images)
+    out = {}
+    for tname, lab in targets.items():
+        def take(imgs):
+            rows = torch.cartesian_prod(imgs, torch.arange(P))
+            if len(rows) > max_patches:
+                rows = rows[torch.randperm(len(rows), generator=g)[:max_patches]]
+            return rows
+        rtr, rte = take(tr_img), take(te_img)
+        tr = {k: v[rtr[:, 0], rtr[:, 1]] for k, v in feats.items()}
+        te = {k: v[rte[:, 0], rte[:, 1]] for k, v in feats.items()}
+        res = linear_probe(tr, lab[rtr[:, 0], rtr[:, 1]], te, lab[rte[:, 0], rte[:, 1]], weight_decays=(1e-4,),
+                           max_iter=100, seed=seed, device=device)
+        out[tname] = {k: v for k, v in res.items() if "/" not in k}
+    return out
+
+
+def weight_distance(model_a: nn.Module, model_b: nn.Module) -> dict[str, float]:
+    """‖θ_a − θ_b‖₂ per module (parameters grouped by their module name), plus 'blocks' and 'total'."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    common = [k for k in sa if k in sb and sa[k].shape == sb[k].shape and not k.startswith("head.")]
+    if not common:
+        raise UsageError("the two models share no parameters of equal shape")
+    sq: dict[str, float] = {}
+    for k in common:
+        mod = k.rsplit(".", 1)[0] if "." in k else k
+        d = float((sa[k].double() - sb[k].double()).square().sum())
+        sq[mod] = sq.get(mod, 0.0) + d
+        if k.startswith("blocks."):
+            sq["blocks"] = sq.get("blocks", 0.0) + d
+        sq["total"] = sq.get("total", 0.0) + d
+    return {k: math.sqrt(v) for k, v in sq.items()}
+
+
+def prediction_agreement(correct_a, correct_b) -> dict:
+    """Joint correctness table [[both, a only], [b only, neither]], Hamming distance of the correctness vectors,
+    and Cohen's κ = (p_o − p_e) / (1 − p_e) on them (error consistency, Geirhos et al. 2020)."""
+    a, b = torch.as_tensor(correct_a).bool().flatten(), torch.as_tensor(correct_b).bool().flatten()
+    if a.shape != b.shape or len(a) == 0:
+        raise UsageError("prediction_agreement needs two correctness vectors of the same non-zero length")
+    n = len(a)
+    both, a_only, b_only = int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum())
+    neither = n - both - a_only - b_only
+    po = (both + neither) / n
+    pa, pb = float(a.float().mean()), float(b.float().mean())
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    kappa = (po - pe) / (1 - pe) if pe < 1 else (1.0 if po == 1 else float("nan"))
+    return dict(table=[[both, a_only], [b_only, neither]], hamming=1 - po, kappa=kappa, acc_a=pa, acc_b=pb)
 
 
 # ======================================================================================================================
@@ -2458,6 +2740,237 @@ def _add_probe_commands(sub):
         if name == "finetune":
             p.set_defaults(batch_size=16)
         p.set_defaults(fn=fn)
+
+
+# --- analyses: each runner returns (results, figures, readings); `report` runs them all -------------------------
+
+def _spec(m: ViT) -> str:
+    return m.source["spec"] if hasattr(m, "source") else m.family
+
+
+def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
+    """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
+    res = compare_models(models, images, points="all", tokens=args.tokens, estimator=args.estimator,
+                         batch_size=args.batch_size, device=args.device, dtype=args.dtype, cache_dir=args.cache,
+                         progress=not args.quiet, quiet=args.quiet)
+    readings, figures = [], {}
+    norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
+    feats = [cached_extract(m, images, pts, "mean", cache_dir=args.cache, batch_size=args.batch_size,
+                            device=args.device, dtype=args.dtype) for m, pts in zip(models, norm_pts)]
+    raw = [layernorm_without_affine(f, m) for f, m in zip(feats, models)]
+    for pair in res["pairs"]:
+        i, j = [next(k for k, m in enumerate(models) if _spec(m) == s) for s in (pair["a"], pair["b"])]
+        by_type = slice_by_type(pair["cka"], pair["layers_a"], pair["layers_b"])
+        pair["by_type"] = {t: dict(diagonal=[float(v["cka"][k, k]) for k in range(min(v["cka"].shape))],
+                                   diagonal_mean=v["diagonal_mean"]) for t, v in by_type.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pair["layernorm_mean_tokens"] = dict(
+                with_affine=diagonal_mean(cka_matrix(feats[i], feats[j])),
+                without_affine=diagonal_mean(cka_matrix(raw[i], raw[j])))
+        figures[f"gap-{i}-{j}.png"] = (plot_heatmaps, [dict(a=pair["a"], b=pair["b"], layers_a=v["layers_a"],
+                                                          layers_b=v["layers_b"], cka=v["cka"]) | {"b": f"{pair['b']} [{t}]"}
+                                                     for t, v in by_type.items()])
+        readings.append(_read_gap(pair))
+    return res, figures, readings
+
+
+def _read_gap(pair) -> str:
+    types = pair.get("by_type", {})
+    res = types.get("residual", {}).get("diagonal", [])
+    resid = res[1::2] if len(res) > 1 else res      # block outputs (attn_residual, block) alternate
+    low = next((k for k, v in enumerate(resid) if v < 0.5), None)
+    early = {t: float(np.mean(v["diagonal"][: max(1, len(v["diagonal"]) // 4)])) for t, v in types.items()
+             if t != "residual" and v["diagonal"]}
+    worst = min(early, key=early.get) if early else None
+    where = f"diverge from block {low} on (residual-stream CKA < 0.5)" if low is not None else \
+        "stay similar in the residual stream (CKA ≥ 0.5 at every block)"
+    txt = f"{pair['a']} and {pair['b']} {where}; matched-layer mean CKA {pair['diagonal_mean']:.2f}"
+    if worst:
+        txt += f"; in the first quarter of the blocks the {worst} outputs agree least (mean CKA {early[worst]:.2f})"
+    return txt + "."
+
+
+def run_info(models, images, args) -> tuple[dict, dict, list[str]]:
+    """Information distribution: per-block linear probes and k-NN, marginal-feature probes, MLP probes of depth
+    1-4 on the last block, top-k PCs vs random directions, spectrum statistics per block."""
+    train, val = split_train_val(images, 0.25, args.seed)
+    out, readings, curves = {}, [], {}
+    for m in models:
+        tok = _probe_tokens(m, None)
+        ftr = cached_extract(m, train, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
+                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:train")
+        fva = cached_extract(m, val, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
+                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:val")
+        last = list(ftr)[-1]
+        lin = {k: v for k, v in linear_probe(ftr, train.labels, fva, val.labels, seed=args.seed).items() if "/" not in k}
+        knn = {k: v for k, v in knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train))).items()
+               if "/" not in k}
+        marg = {k: v for k, v in linear_probe(concat_features(ftr, last), train.labels,
+                                              concat_features(fva, last), val.labels, seed=args.seed).items()
+                if "/" not in k}
+        mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, depth=d,
+                                      epochs=args.epochs, seed=args.seed)[last] for d in (1, 2, 3, 4)}
+        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=args.seed)
+        spec = spectrum_stats(ftr)
+        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok)
+        curves[f"{_spec(m)} linear"], curves[f"{_spec(m)} k-NN"] = lin, knn
+        best = max(lin, key=lin.get)
+        gain = marg["all"] - marg[last]
+        readings.append(f"{_spec(m)}: linear accuracy peaks at {best} ({lin[best]:.2f}; last block {lin[last]:.2f}); "
+                        f"adding all blocks to the last changes it by {gain:+.2f}; the best MLP probe "
+                        f"({max(mlp, key=mlp.get)}) reaches {max(mlp.values()):.2f} vs linear {mlp['depth1']:.2f}.")
+    return out, {"info.png": (plot_layer_curves, curves)}, readings
+
+
+def run_invariance(models, images, args) -> tuple[dict, dict, list[str]]:
+    out, curves, readings = {}, {}, []
+    for m in models:
+        inv = invariance(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype)
+        out[_spec(m)] = inv
+        for kind, per in inv.items():
+            curves[f"{_spec(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
+        last = {kind: list(per.values())[-1]["centred_normalised"] for kind, per in inv.items()}
+        readings.append(f"{_spec(m)} at its last block (centred, baseline-normalised; 1 = invariant, 0 = like an "
+                        "unrelated image): " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()) + ".")
+    return out, {"invariance.png": (plot_layer_curves, curves)}, readings
+
+
+def run_attention(models, images, args) -> tuple[dict, dict, list[str]]:
+    out, curves, readings = {}, {}, []
+    for m in models:
+        st = attention_statistics(m, images, batch_size=args.batch_size, mask_ratio=args.mae_mask_ratio,
+                                  seed=args.seed, device=args.device, max_images=args.attention_images)
+        out[_spec(m)] = {k: v for k, v in st.items()}
+        for k in ("distance", "nmi"):
+            curves[f"{_spec(m)} {k}"] = {f"blocks.{i}": float(v) for i, v in enumerate(st[k].mean(1))}
+        d = st["distance"].mean(1)
+        readings.append(f"{_spec(m)}: mean attention distance {float(d[0]):.1f} px in block 0, {float(d[-1]):.1f} px "
+                        f"in the last block; NMI last block {float(st['nmi'][-1].mean()):.3f} (high = "
+                        "query-specific attention, low = all queries attend alike).")
+    return out, {"attention.png": (plot_layer_curves, {k: v for k, v in curves.items() if "distance" in k})}, \
+        readings
+
+
+def run_spatial(models, images, args) -> tuple[dict, dict, list[str]]:
+    out, curves, readings = {}, {}, []
+    for m in models:
+        sp = spatial_probes(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                            dtype=args.dtype)
+        out[_spec(m)] = sp
+        for t, per in sp.items():
+            curves[f"{_spec(m)} {t}"] = per
+        readings.append(f"{_spec(m)}: patch-position probe {list(sp['position'].values())[-1]:.2f} at the last block"
+                        + (f", per-patch object probe {list(sp['mask'].values())[-1]:.2f}" if "mask" in sp else "")
+                        + ".")
+    return out, {"spatial.png": (plot_layer_curves, curves)}, readings
+
+
+def run_weights(models, images, args) -> tuple[dict, dict, list[str]]:
+    """Per-module weight distance between every pair of models of the same architecture (e.g. PT vs FT)."""
+    out, readings = {}, []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            sa, sb = a.state_dict(), b.state_dict()
+            if not all(k in sb and sb[k].shape == v.shape for k, v in sa.items() if k.startswith("blocks.")):
+                continue
+            wd = weight_distance(a, b)
+            out[f"{_spec(a)} vs {_spec(b)}"] = wd
+            qkv = {k: v for k, v in wd.items() if k.endswith("attn.qkv")}
+            top = max(qkv, key=qkv.get) if qkv else None
+            readings.append(f"{_spec(a)} → {_spec(b)}: total weight distance {wd['total']:.2f}"
+                            + (f"; the qkv projection that moved most is {top} ({qkv[top]:.2f})" if top else "") + ".")
+    return out, {}, readings
+
+
+ANALYSES = {"gap": run_gap, "info": run_info, "invariance": run_invariance, "attention": run_attention,
+            "spatial": run_spatial, "weights": run_weights}
+ANALYSIS_TITLES = {"gap": "Where the gap opens (CKA by sub-layer type)", "info": "Information distribution",
+                   "invariance": "Invariance to augmentations", "attention": "Attention distance and NMI",
+                   "spatial": "Spatial specificity (per-patch probes)", "weights": "Weight distance"}
+
+
+def _render_figures(figures: dict, out: Path, quiet: bool) -> list[str]:
+    written = []
+    for fname, (fn, payload) in figures.items():
+        if fn is plot_layer_curves:
+            path = fn(payload, out / fname, "score", quiet)
+        else:
+            path = fn(payload, out / fname, "CKA", quiet)
+        if path:
+            written.append(fname)
+    return written
+
+
+def cmd_analysis(args):
+    t0 = time.time()
+    models = _load_models(args)
+    images = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
+    names = list(ANALYSES) if args.cmd == "report" else [args.cmd]
+    if args.cmd == "report" and args.skip:
+        names = [n for n in names if n not in args.skip.split(",")]
+    out = _out_dir(args, args.cmd)
+    results, sections = {}, []
+    for name in names:
+        note(f"analysis: {name}", args.quiet)
+        res, figures, readings = ANALYSES[name](models, images, args)
+        results[name] = dict(results=res, readings=readings)
+        sections.append((name, _render_figures(figures, out, args.quiet), readings))
+        for r in readings:
+            print(f"[{name}] {r}")
+    meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
+                n=len(images), seed=args.seed), tokens=args.tokens, estimator=args.estimator,
+                mae_mask_ratio=args.mae_mask_ratio, versions=_versions(), elapsed_s=round(time.time() - t0, 2),
+                command=" ".join(sys.argv))
+    kind = "report" if args.cmd == "report" else args.cmd
+    write_json(out / f"{kind}.json", dict(results, meta=meta))
+    if args.cmd == "report":
+        atomic_write(out / "report.md", render_report(sections, meta))
+    print(f"wrote {out}/{kind}.json" + (", report.md" if args.cmd == "report" else "")
+          + f" ({meta['elapsed_s']:.1f} s)")
+
+
+def render_report(sections, meta) -> str:
+    """report.md: settings, checkpoint hashes, then per analysis its figures and a plain-language reading."""
+    lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
+             f"Data: {meta['data']['name']} ({meta['data']['n']} images, seed {meta['data']['seed']}); "
+             f"CKA tokens: {meta['tokens']}; MAE mask ratio: {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; "
+             f"ssl_repsim {meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.", "",
+             "| model | family | objective | depth × width / patch | sha256 |", "|---|---|---|---|---|"]
+    for m in meta["models"]:
+        lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / "
+                     f"{m['patch']} | {(m['sha256'] or '-')[:16]} |")
+    for name, figs, readings in sections:
+        lines += ["", f"## {ANALYSIS_TITLES[name]}", ""]
+        lines += [f"- {r}" for r in readings] or ["- (nothing to compare)"]
+        lines += [""] + [f"![{name}]({f})" for f in figs]
+    lines += ["", "Every number is in report.json."]
+    return "\n".join(lines) + "\n"
+
+
+def _add_analysis_commands(sub):
+    helps = {"gap": "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
+             "info": "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
+             "invariance": "per-layer invariance to flip, crop, colour, grayscale, blur",
+             "attention": "mean attention distance, entropy and NMI per head and layer",
+             "spatial": "per-patch probes of position and object class on frozen patch tokens",
+             "weights": "per-module weight distance between models of one architecture (e.g. pretrained vs "
+                        "fine-tuned)",
+             "report": "run every analysis and write report.md + report.json"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text + ".")
+        p.add_argument("models", nargs="+")
+        p.add_argument("--tokens", default="flat", choices=TOKENS, help="token reduction for CKA (default flat)")
+        p.add_argument("--estimator", default=None, choices=["full", "debiased", "minibatch"])
+        p.add_argument("--epochs", type=int, default=50, help="epochs of the MLP probes")
+        p.add_argument("--mae-mask-ratio", type=float, default=0.0, help="attention statistics with MAE's "
+                       "random masking (the paper's author code ran pretrained MAE at 0.75); default 0")
+        p.add_argument("--attention-images", type=int, default=256, help="images for attention statistics")
+        if name == "report":
+            p.add_argument("--skip", default=None, help="comma list of analyses to leave out: "
+                           + ",".join(ANALYSES))
+        _common(p)
+        p.set_defaults(fn=cmd_analysis)
 
 
 class ArgParser(argparse.ArgumentParser):
