@@ -1603,17 +1603,23 @@ def _stack_groups(layers: dict[str, torch.Tensor]) -> dict[int, list[str]]:
     return groups
 
 
-def linear_probe(train, y_train, test, y_test, *, weight_decays=WEIGHT_DECAYS, val_fraction: float = 0.2,
-                 max_iter: int = 200, seed: int = 0, device=None, method: str = "lbfgs", **mae_opts) -> dict:
+def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_decays=WEIGHT_DECAYS,
+                 val_fraction: float = 0.2, max_iter: int = 200, seed: int = 0, device=None, method: str = "lbfgs",
+                 **mae_opts) -> dict:
     """Top-1 (and top-5 with ≥ 5 classes) test accuracy of one linear classifier per layer.
     Features are standardised on the training set; the L2 weight decay is chosen per layer on a held-out part of
-    the training set (never on test), then the classifier is refit on the whole training set. method="mae" runs
-    MAE's protocol instead (affine-free BatchNorm, LARS, warmup + cosine; see mae_linear_probe)."""
+    the training set (never on test), then the classifier is refit on the whole training set; `weight_decay`
+    fixes it (a float) or gives the grid (a list). method="mae" runs MAE's protocol instead (affine-free
+    BatchNorm, LARS, warmup + cosine; see mae_linear_probe)."""
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     if method == "mae":
         return mae_linear_probe(train, y_train, test, y_test, seed=seed, device=device, **mae_opts)
     if method != "lbfgs":
         raise UsageError(f"unknown probe method {method!r}: lbfgs or mae")
+    if mae_opts:
+        raise UsageError(f"linear_probe: unknown option(s) {', '.join(mae_opts)} for method lbfgs")
+    if weight_decay is not None:
+        weight_decays = [weight_decay] if isinstance(weight_decay, (int, float)) else list(weight_decay)
     device = torch.device(device) if device else default_device()
     C = int(max(y_train.max(), y_test.max())) + 1
     g = torch.Generator().manual_seed(seed)
@@ -1640,7 +1646,7 @@ def linear_probe(train, y_train, test, y_test, *, weight_decays=WEIGHT_DECAYS, v
             logits = torch.baddbmm(b, te, w).cpu()
             for i, k in enumerate(chunk):
                 out[k] = topk_accuracy(logits[i], y_test)
-                if C > 5:
+                if C >= 5:
                     out[f"{k}/top5"] = topk_accuracy(logits[i], y_test, 5)
                 out[f"{k}/weight_decay"] = float(best[i])
     return {k: out[k] for k in _order(out, train)}
@@ -1700,7 +1706,7 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
         logits = torch.baddbmm(b, te, w).cpu()
         for i, k in enumerate(names):
             out[k] = topk_accuracy(logits[i], y_test)
-            if C > 5:
+            if C >= 5:
                 out[f"{k}/top5"] = topk_accuracy(logits[i], y_test, 5)
     return {k: out[k] for k in _order(out, train)}
 
@@ -1786,7 +1792,7 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
             top1 += int((pred[:, 0] == yt).sum())
             top5 += int((pred == yt[:, None]).any(1).sum())
         out[name] = top1 / len(y_test)
-        if C > 5:
+        if C >= 5:
             out[f"{name}/top5"] = top5 / len(y_test)
     return out
 
@@ -2591,6 +2597,119 @@ def cmd_download(args):
         print(f"{resolve_name(name)}: {path}")
 
 
+def _timeit(fn, reps=1, sync=None):
+    best = float("inf")
+    for _ in range(reps):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cka_flops(n: int, la: int, lb: int, d: int, estimator: str, batch: int = 256) -> tuple[float, str]:
+    """FLOP floor of an all-pairs map: Gram form 2n²d(La+Lb) + 2LaLbn², feature form 2n(La·d)(Lb·d) + 2nd²(La+Lb)
+    (the cheaper one for linear biased CKA), minibatch: the Gram form per batch."""
+    gram = 2 * n * n * d * (la + lb) + 2 * la * lb * n * n
+    feat = 2 * n * (la * d) * (lb * d) + 2 * n * d * d * (la + lb)
+    if estimator == "full":
+        return (gram, "gram") if gram <= feat else (feat, "feature")
+    if estimator == "debiased":
+        return gram, "gram"
+    nb = n // batch
+    return nb * (2 * batch * batch * d * (la + lb) + 2 * la * lb * batch * batch), "minibatch"
+
+
+def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
+    """Extraction img/s (ViT-B/16, all block outputs hooked vs a plain forward), the matmul rate, and all-pairs
+    12×12 CKA (d = 768) at several n for each estimator, as a multiple of its FLOP floor and with its error
+    against a float64 computation of the same formula."""
+    device = torch.device(device) if device else default_device()
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    out = dict(device=str(device), threads=torch.get_num_threads(), versions=_versions(),
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    m = 4096 if device.type == "cuda" or full else 2048
+    a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
+    t = _timeit(lambda: a @ b, 3, sync)
+    rate = 2 * m ** 3 / t
+    out["matmul_gflops"] = rate / 1e9
+    note(f"matmul fp32 {m}³: {rate / 1e9:.0f} GFLOP/s", quiet)
+    vit = ViT(ViTConfig()).to(device)
+    nimg = 64 if device.type == "cuda" else (32 if full else 8)
+    x = torch.randn(nimg, 3, 224, 224, device=device)
+    t_plain = t_hook = float("inf")
+    with torch.no_grad():
+        vit.forward_features(x[:2])
+        for _ in range(3):  # alternate, best of 3 each: fair under a fluctuating load
+            t_plain = min(t_plain, _timeit(lambda: vit.forward_features(x), 1, sync))
+            t_hook = min(t_hook, _timeit(lambda: list(iter_features(vit, [x], "blocks", "all", device)), 1, sync))
+    out["extraction"] = dict(images=nimg, plain_img_s=nimg / t_plain, hooked_img_s=nimg / t_hook,
+                             hook_overhead=t_hook / t_plain - 1)
+    note(f"ViT-B/16 forward: {nimg / t_plain:.1f} img/s plain, {nimg / t_hook:.1f} img/s with 12 block outputs "
+         f"hooked ({100 * (t_hook / t_plain - 1):+.1f}%)", quiet)
+    if device.type == "cuda":
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            t_bf = _timeit(lambda: vit.forward_features(x), 2, sync)
+        out["extraction"]["bf16_img_s"] = nimg / t_bf
+    del vit, x, a, b
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n in ((1000, 5000, 10000) if full else (1000,)):
+        base = torch.randn(n, 768, generator=g)
+        xs = [(base + 0.5 * torch.randn(n, 768, generator=g) + 3.0).to(device) for _ in range(12)]
+        ys = [(base @ torch.randn(768, 768, generator=g) / 28 + torch.randn(n, 768, generator=g)).to(device)
+              for _ in range(12)]
+        ref = None
+        if n <= 5000:  # float64 feature form of the same biased estimator, as the reference
+            xc = [v.double() - v.double().mean(0) for v in xs]
+            yc = [v.double() - v.double().mean(0) for v in ys]
+            ref = torch.tensor([[float((yb.T @ xa).square().sum() / ((xa.T @ xa).norm() * (yb.T @ yb).norm()))
+                                 for yb in yc] for xa in xc])
+            del xc, yc
+        for est in ("full", "debiased", "minibatch"):
+            if est == "debiased" and n > 5000 and device.type == "cpu":
+                continue
+            if est == "minibatch":
+                def run():
+                    acc = MinibatchCKA(12, 12, device=device)
+                    for s in range(0, n - 255, 256):
+                        acc.update([v[s:s + 256] for v in xs], [v[s:s + 256] for v in ys])
+                    return acc.compute()
+            else:
+                def run():
+                    return cka_matrix(xs, ys, debiased=est == "debiased")
+            res = {}
+            t = _timeit(lambda: res.setdefault("m", run()), 1, sync)
+            flops, form = cka_flops(n, 12, 12, 768, est)
+            err = float((res["m"] - ref).abs().max()) if ref is not None and est == "full" else None
+            rows.append(dict(n=n, estimator=est, form=form, seconds=t, floor_seconds=flops / rate,
+                             x_floor=t * rate / flops, max_err_vs_float64=err))
+            note(f"CKA 12×12 d=768 n={n} {est:<9} ({form}): {t:.2f} s, {t * rate / flops:.2f}× the floor"
+                 + (f", max error vs float64 {err:.1e}" if err is not None else ""), quiet)
+    out["cka"] = rows
+    return out
+
+
+def cmd_bench(args):
+    res = bench(args.full, args.device, args.quiet)
+    print(f"\nssl_repsim bench on {res['gpu'] or 'CPU'} ({res['threads']} threads), torch {res['versions']['torch']}")
+    print(f"matmul fp32: {res['matmul_gflops']:.0f} GFLOP/s")
+    e = res["extraction"]
+    print(f"ViT-B/16 extraction: {e['plain_img_s']:.1f} img/s plain, {e['hooked_img_s']:.1f} img/s with every block "
+          f"output hooked (overhead {100 * e['hook_overhead']:+.1f}%)" +
+          (f"; bf16 autocast {e['bf16_img_s']:.0f} img/s" if "bf16_img_s" in e else ""))
+    print(f"{'n':>6} {'estimator':<10} {'form':<9} {'seconds':>8} {'floor s':>8} {'× floor':>8} {'err vs f64':>10}")
+    for r in res["cka"]:
+        err = f"{r['max_err_vs_float64']:.1e}" if r["max_err_vs_float64"] is not None else "-"
+        print(f"{r['n']:>6} {r['estimator']:<10} {r['form']:<9} {r['seconds']:>8.2f} {r['floor_seconds']:>8.2f} "
+              f"{r['x_floor']:>8.2f} {err:>10}")
+    if args.out:
+        write_json(Path(args.out) / "bench.json", res)
+
+
 def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """A deterministic random split (by seed) into training and validation sets."""
     if not 0 < fraction < 1:
@@ -3037,6 +3156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="registered checkpoints and which are present")
     _common(p, data=False)
     p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("bench", help="extraction and CKA speed on this machine, against the FLOP floor",
+                       description="Measures the matmul rate, ViT-B/16 extraction with and without hooks, and "
+                                   "12×12 all-pairs CKA (d=768) for each estimator. Quick by default (n=1k).")
+    p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="also write bench.json here")
+    _common(p, data=False)
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("download", help="fetch registered checkpoints into the weights dir")
     p.add_argument("names", nargs="+")
