@@ -226,6 +226,48 @@ def note(msg: str, quiet: bool = False):
         print(msg, file=sys.stderr)
 
 
+# --- torch.distributed: every function behaves identically when no process group is initialised ---------------
+
+def _dist_active(group=None) -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world(group=None) -> tuple[int, int]:
+    if _dist_active(group):
+        import torch.distributed as dist
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def _barrier():
+    if _dist_active():
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def shard_batches(batches, group=None):
+    """This process's share of a batch stream: batch i goes to rank i mod world (whole minibatches)."""
+    rank, world = _rank_world(group)
+    for i, b in enumerate(batches):
+        if i % world == rank:
+            yield b
+
+
+def gather_batches(parts: list, group=None) -> list:
+    """The batch-ordered list of every rank's per-batch results (rank r holds batches r, r+world, ...)."""
+    if not _dist_active(group):
+        return parts
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    everything = [None] * world
+    dist.all_gather_object(everything, parts, group=group)
+    out = []
+    for i in range(max(len(p) for p in everything)):
+        out += [p[i] for p in everything if i < len(p)]
+    return out
+
+
 # ======================================================================================================================
 # 2. Model: one pre-norm ViT covering every family's variant
 # ======================================================================================================================
@@ -843,6 +885,8 @@ def save_checkpoint(model: ViT, path, extra: dict | None = None) -> Path:
 def atomic_write(path, data: bytes | str) -> Path:
     """Write to a temp file in the target directory, fsync, rename: a result file is whole or absent."""
     path = Path(path)
+    if _rank_world()[0] != 0:  # under torchrun only rank 0 writes
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -1214,25 +1258,26 @@ def _parse_dtype(dtype):
 
 
 def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: int = 64, device=None, dtype=None,
-            progress: bool = False) -> dict[str, torch.Tensor]:
+            progress: bool = False, group=None) -> dict[str, torch.Tensor]:
     """Features at every requested point for all images, concatenated on the CPU (float32).
-    images: a preprocessed tensor (n,3,H,W), an ImageSet (preprocessed per model), or an iterable of batches."""
+    images: a preprocessed tensor (n,3,H,W), an ImageSet (preprocessed per model), or an iterable of batches.
+    Under torch.distributed each process extracts whole batches i ≡ rank (mod world) and all gather them."""
     if isinstance(images, ImageSet):
         batches, total = model_batches(model, images, batch_size), len(images)
     elif isinstance(images, torch.Tensor):
         batches, total = images.split(batch_size), len(images)
     else:
         batches, total = images, None
-    out: dict[str, list] = {}
-    bar = Progress(total, "extract", enabled=progress, unit="img")
-    for feats, _ in iter_features(model, batches, points, tokens, device, dtype):
-        for k, v in feats.items():
-            out.setdefault(k, []).append(v.cpu())
-        bar.update(len(next(iter(feats.values()))))
+    parts = []
+    bar = Progress(total, "extract", enabled=progress and _rank_world(group)[0] == 0, unit="img")
+    for feats, _ in iter_features(model, shard_batches(batches, group), points, tokens, device, dtype):
+        parts.append({k: v.cpu() for k, v in feats.items()})
+        bar.update(len(next(iter(feats.values()))) * _rank_world(group)[1])
     bar.close()
-    if not out:
+    parts = gather_batches(parts, group)
+    if not parts:
         raise UsageError("no images to extract features from")
-    return {k: torch.cat(v) for k, v in out.items()}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def features_cache_key(model: ViT, data_id: str, points, tokens: str, n: int, img_size: int) -> str:
@@ -1243,11 +1288,11 @@ def features_cache_key(model: ViT, data_id: str, points, tokens: str, n: int, im
 
 
 def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=None, batch_size=64, device=None,
-                   dtype=None, progress=False, data_id=None) -> dict[str, torch.Tensor]:
+                   dtype=None, progress=False, data_id=None, group=None) -> dict[str, torch.Tensor]:
     """extract(), saved to / loaded from a safetensors file keyed by checkpoint hash, data, points, tokens and n."""
     names = resolve_points(model, points)
     if cache_dir is None:
-        return extract(model, images, names, tokens, batch_size, device, dtype, progress)
+        return extract(model, images, names, tokens, batch_size, device, dtype, progress, group)
     from safetensors.torch import load_file, save as st_save
     key = features_cache_key(model, data_id or images.name, names, tokens, len(images), model.input_size)
     path = Path(cache_dir) / f"features-{key}.safetensors"
@@ -1256,7 +1301,7 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
             feats = load_file(str(path))
             if set(feats) >= set(names):
                 return {k: feats[k] for k in names}
-    feats = extract(model, images, names, tokens, batch_size, device, dtype, progress)
+    feats = extract(model, images, names, tokens, batch_size, device, dtype, progress, group)
     if images.labels is not None:
         feats_to_save = dict(feats, __labels__=images.labels.clone())
     else:
@@ -1487,11 +1532,6 @@ class MinibatchCKA:
             warnings.warn(f"constant layers (a: {self.const_a.nonzero().flatten().tolist()}, "
                           f"b: {self.const_b.nonzero().flatten().tolist()}): their CKA entries are NaN", stacklevel=2)
         return out.cpu()
-
-
-def _dist_active(group=None) -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
 
 
 def diagonal_mean(m: torch.Tensor) -> float:
@@ -1851,9 +1891,11 @@ def random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator, scale=
     return out.flip(-1) if flip and float(torch.rand(1, generator=g)) < 0.5 else out
 
 
-def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Generator, shard=(0, 1)):
-    """Shuffled, augmented training batches (random-resized crop + flip, the model's normalisation); with
-    shard=(rank, world) each process takes every world-th batch of one shared permutation."""
+def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Generator, shard=(0, 1),
+                  augment: bool = True):
+    """Shuffled training batches, augmented by random-resized crop + flip (else resized and centre-cropped), with
+    the model's normalisation; with shard=(rank, world) each process takes every world-th batch of one shared
+    permutation, so world processes of batch b see what one process of batch world·b sees."""
     pp, size = model.preprocess, model.input_size
     mean, std = torch.tensor(pp["mean"]).view(3, 1, 1), torch.tensor(pp["std"]).view(3, 1, 1)
     perm = torch.randperm(len(images), generator=g)
@@ -1865,6 +1907,11 @@ def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Genera
         for i in perm[s:s + batch_size].tolist():
             im = images.image(i)
             if im is None:
+                continue
+            if not augment:
+                xs.append(preprocess(im, size, pp.get("crop_pct", 0.875), pp.get("interp", "bicubic"), pp["mean"],
+                                     pp["std"]))
+                ys.append(int(images.labels[i]))
                 continue
             im = im.float() / 255 if not im.is_floating_point() else im.float()
             xs.append((random_resized_crop(im, size, g, interp=pp.get("interp", "bicubic")).clamp(0, 1) - mean) / std)
@@ -1924,7 +1971,7 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
              epochs: int = 3, batch_size: int = 16, blr: float = 1e-3, layer_decay: float = 0.75,
              weight_decay: float = 0.05, warmup_epochs: float = 1, min_lr: float = 1e-6, drop_path: float = 0.1,
              label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0, accum_steps: int = 1,
-             seed: int = 0, out=None, resume: bool = False, device=None, dtype=None, progress: bool = False,
+             augment: bool = True, seed: int = 0, out=None, resume: bool = False, device=None, dtype=None, progress: bool = False,
              quiet: bool = True, stop_after_steps: int | None = None) -> dict:
     """Fine-tune end to end with MAE's recipe: AdamW with layer-wise lr decay, lr = blr·(effective batch)/256,
     linear warmup then half-cycle cosine per iteration, drop path, label smoothing, optional mixup/cutmix;
@@ -1976,7 +2023,7 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
         net.train()
         losses, micro = [], 0
         bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress and rank == 0, unit="step")
-        for x, y in train_batches(model, train, batch_size, g, (rank, world)):
+        for x, y in train_batches(model, train, batch_size, g, (rank, world), augment):
             if micro == 0:
                 cur = cosine_lr(step, total, warm, lr, min_lr)
                 for grp in opt.param_groups:
@@ -2022,19 +2069,6 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
 
 def _mean(xs):
     return float(sum(xs) / len(xs)) if xs else float("nan")
-
-
-def _rank_world(group=None) -> tuple[int, int]:
-    if _dist_active(group):
-        import torch.distributed as dist
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
-def _barrier():
-    if _dist_active():
-        import torch.distributed as dist
-        dist.barrier()
 
 
 def _all_reduce_mean(xs: list) -> list:
@@ -2476,8 +2510,10 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
 
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
                    kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
-                   progress=False, quiet=True) -> dict:
-    """CKA maps of every pair of models (each extracted once) and the models×models matrix at the last point."""
+                   progress=False, quiet=True, group=None) -> dict:
+    """CKA maps of every pair of models (each extracted once) and the models×models matrix at the last point.
+    Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
+    all-reduced, full-batch features gathered, so every estimator equals the single-process result."""
     names = [resolve_points(m, points) for m in models]
     estimator = choose_estimator(models, names, tokens, len(images), estimator)
     _check_batches(len(images), batch_size, estimator)
@@ -2487,8 +2523,8 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     maps = {}
     if estimator == "minibatch":
         accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]])) for p in pairs}
-        gens = [iter_features(m, model_batches(m, images, batch_size), pts, tokens, device, dtype)
-                for m, pts in zip(models, names)]
+        gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device,
+                              dtype) for m, pts in zip(models, names)]
         bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
         skipped = 0
         for outs in zip(*gens):
@@ -2501,6 +2537,8 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
             for (i, j), acc in accs.items():
                 acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
         bar.close()
+        for acc in accs.values():
+            acc.all_reduce(group)
         if skipped:
             note(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA", quiet)
         for p, acc in accs.items():
@@ -2511,7 +2549,7 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
                 note(f"warning: {models[p[0]].source['spec']} vs {models[p[1]].source['spec']}: {w.message}", quiet)
     else:
         feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                dtype=dtype, progress=progress) for m, pts in zip(models, names)]
+                                dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names)]
         for i, j in pairs:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -3110,8 +3148,9 @@ def _common(p, data=True):
         g = p.add_argument_group("data")
         g.add_argument("--data", default="synthetic", help="image folder (class sub-folders = labels), tensor file "
                        "(.pt/.npy/.npz/.safetensors with images [N,3,H,W] and labels) or 'synthetic' (default)")
-        g.add_argument("--n", type=int, default=None, help="number of images (a fixed subset by --seed; synthetic: "
-                       "default 256)")
+        g.add_argument("--n", "--num-images", dest="n", type=int, default=None,
+                       help="number of images (a fixed subset by --seed; synthetic: default 256). Under torchrun "
+                            "write --num-images: torchrun takes --n for its own --nnodes")
         g.add_argument("--batch-size", type=int, default=32)
         g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own, e.g. 224)")
         g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
@@ -3175,9 +3214,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def init_distributed(args) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, gloo on CPU), pin this rank's GPU,
+    and keep stdout/stderr for rank 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and not str(getattr(args, "device", "") or "").startswith("cpu")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if hasattr(args, "device"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
+    return True
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    distributed = False
     try:
+        distributed = init_distributed(args)
         args.fn(args)
         return 0
     except UsageError as e:
@@ -3198,6 +3257,10 @@ def main(argv=None) -> int:
         print(f"ssl_repsim: internal error: {type(e).__name__}: {_one_line(e)[:300]} (rerun with --debug for the "
               "traceback; please report it)", file=sys.stderr)
         return 1
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
