@@ -814,6 +814,8 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, download: b
     """A ViT from a registered name, a checkpoint file or a Hugging Face directory (config.json + weights).
     The layout is detected from the keys unless `family` is given; `head=True` keeps a linear classifier."""
     spec = str(spec)
+    if num_heads is not None and num_heads < 1:
+        raise UsageError(f"num_heads must be ≥ 1, got {num_heads}")
     name, row, meta, hf = resolve_name(spec), None, {}, {}
     if name in REGISTRY and not Path(spec).exists():
         row = REGISTRY[name]
@@ -1335,17 +1337,20 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return torch.exp(-d2 / (2 * threshold ** 2 * med))
 
 
-def center_gram(k: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+def center_gram(k: torch.Tensor, unbiased: bool = False, dtype=torch.float64) -> torch.Tensor:
     """H K H (biased), or the U-centred Gram of Székely & Rizzo 2014 (zero diagonal), whose inner product over
-    n(n−3) is the unbiased HSIC of Song et al. 2012."""
-    k = k.double().clone()
+    n(n−3) is the unbiased HSIC of Song et al. 2012. Computed in `dtype` (float64 unless the caller's Gram is
+    already well conditioned, e.g. built from centred features)."""
+    k = k.to(dtype=dtype, copy=True)
     n = k.shape[0]
     if not unbiased:
         return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
     k.fill_diagonal_(0)
-    means = k.sum(0) / (n - 2)
+    means = k.sum(0, dtype=torch.float64) / (n - 2)
     means -= means.sum() / (2 * (n - 1))
-    k -= means[:, None] + means[None, :]
+    means = means.to(dtype)
+    k -= means[:, None]
+    k -= means[None, :]
     return k.fill_diagonal_(0)
 
 
@@ -1447,22 +1452,30 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
         xx = torch.stack([_feature_products([x], [x])[0, 0] for x in xc])
         yy = torch.stack([_feature_products([y], [y])[0, 0] for y in yc])
     else:
-        def grams(vs):
+        def grams(vs):  # flattened centred Grams, float32 (linear: of float64-centred features, so HKH = X_c X_cᵀ)
             for v in vs:
-                v = v.reshape(n, -1)
-                g = gram_linear(_centred32(v)) if kernel == "linear" else _gram(v, kernel, rbf_threshold)
-                yield center_gram(g, debiased).float().flatten() if (debiased or kernel != "linear") else g.flatten()
-        group = max(1, GRAM_BUDGET_BYTES // (4 * n * n) - 1)
-        xy = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=xs[0].device)
-        yy = torch.zeros(len(ys), dtype=torch.float64, device=xs[0].device)
-        xx = torch.zeros(len(xs), dtype=torch.float64, device=xs[0].device)
-        for g0 in range(0, len(ys), group):
-            gy = torch.stack(list(grams(ys[g0:g0 + group])))
-            yy[g0:g0 + group] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gy])
-            for i, gx in enumerate(grams(xs)):
-                xy[i, g0:g0 + group] = _dot64(gx[None], gy)[0]
-                if g0 == 0:
-                    xx[i] = _dot64(gx[None], gx[None])[0, 0]
+                if kernel == "linear":
+                    g = gram_linear(_centred32(v))
+                    yield (center_gram(g, True, g.dtype) if debiased else g).flatten()
+                else:
+                    yield center_gram(_gram(v.reshape(n, -1), kernel, rbf_threshold), debiased).float().flatten()
+        # A and B Grams in groups that fit the budget; each group pair is one float32 matmul summed in float64
+        per_group = max(2, GRAM_BUDGET_BYTES // (4 * n * n))
+        gb = max(1, min(len(ys), per_group // 2))
+        ga = max(1, min(len(xs), per_group - gb))
+        dev = xs[0].device
+        xy = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=dev)
+        xx = torch.zeros(len(xs), dtype=torch.float64, device=dev)
+        yy = torch.zeros(len(ys), dtype=torch.float64, device=dev)
+        for b0 in range(0, len(ys), gb):
+            gy = torch.stack(list(grams(ys[b0:b0 + gb])))
+            yy[b0:b0 + gb] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gy])
+            for a0 in range(0, len(xs), ga):
+                gx = torch.stack(list(grams(xs[a0:a0 + ga])))
+                xy[a0:a0 + ga, b0:b0 + gb] = _dot64(gx, gy)
+                if b0 == 0:
+                    xx[a0:a0 + ga] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gx])
+                del gx
     out = xy / (xx.sqrt()[:, None] * yy.sqrt()[None, :])
     out[torch.tensor(const_a, dtype=torch.bool, device=out.device)] = float("nan")
     out[:, torch.tensor(const_b, dtype=torch.bool, device=out.device)] = float("nan")
