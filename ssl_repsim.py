@@ -824,7 +824,7 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, download: b
             if not download:
                 raise UsageError(f"{name} is not in {path.parent} (offline): run `python ssl_repsim.py download "
                                  f"{name}` or put the file at {path}")
-            globals()["download"](name, weights_dir, progress=progress)
+            download_registered(name, weights_dir, progress=progress)
         family, num_heads = family or row["family"], num_heads or row["num_heads"]
     elif Path(spec).is_dir():
         path, hf = _hf_weights(Path(spec))
@@ -950,7 +950,7 @@ def _unlink(p):
         os.unlink(p)
 
 
-def download(name: str, weights_dir=None, progress: bool = True) -> Path:
+def download_registered(name: str, weights_dir=None, progress: bool = True) -> Path:
     """Fetch a registered checkpoint into the weights dir (verified where a digest is published)."""
     name = resolve_name(name)
     if name not in REGISTRY:
@@ -961,6 +961,9 @@ def download(name: str, weights_dir=None, progress: bool = True) -> Path:
     if row["family"] in MANUAL_DOWNLOAD:
         raise UsageError(f"{name} is published only on a web page ({row['url']}): download it by hand to {dest}")
     return download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
+
+
+download = download_registered  # the public name; load_model's `download=` flag shadows it inside load_model
 
 
 # ======================================================================================================================
@@ -2513,10 +2516,13 @@ def feature_bytes(model: ViT, points, tokens: str, n: int) -> int:
     return 4 * n * t * sum(width.get(p.split(".", 2)[-1] if p.count(".") >= 2 else "", d) for p in points)
 
 
-def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30) -> str:
-    """full when every model's features fit the budget, else minibatch (memory independent of n)."""
+def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30, kernel="linear") -> str:
+    """full when every model's features fit the budget (or the kernel is not linear), else minibatch (memory
+    independent of n)."""
     if requested:
         return requested
+    if kernel != "linear":
+        return "full"
     need = sum(feature_bytes(m, p, tokens, n) for m, p in zip(models, points_per_model))
     return "full" if need <= budget else "minibatch"
 
@@ -2528,7 +2534,7 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
     all-reduced, full-batch features gathered, so every estimator equals the single-process result."""
     names = [resolve_points(m, points) for m in models]
-    estimator = choose_estimator(models, names, tokens, len(images), estimator)
+    estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
     _check_batches(len(images), batch_size, estimator)
     if kernel != "linear" and estimator == "minibatch":
         raise UsageError("the minibatch estimator is linear only: use --estimator full or debiased with --kernel rbf")
@@ -2574,7 +2580,7 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     out_pairs = []
     matrix = torch.eye(len(models), dtype=torch.float64)
     for (i, j), m in maps.items():
-        entry = dict(a=specs[i], b=specs[j], layers_a=names[i], layers_b=names[j], cka=m,
+        entry = dict(a=specs[i], b=specs[j], index=[i, j], layers_a=names[i], layers_b=names[j], cka=m,
                      diagonal_mean=diagonal_mean(m))
         if m.shape[0] == m.shape[1]:
             entry["cka_vs_distance"] = cka_vs_distance(m)
@@ -2929,7 +2935,7 @@ def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
                             device=args.device, dtype=args.dtype) for m, pts in zip(models, norm_pts)]
     raw = [layernorm_without_affine(f, m) for f, m in zip(feats, models)]
     for pair in res["pairs"]:
-        i, j = [next(k for k, m in enumerate(models) if _spec(m) == s) for s in (pair["a"], pair["b"])]
+        i, j = pair["index"]
         by_type = slice_by_type(pair["cka"], pair["layers_a"], pair["layers_b"])
         pair["by_type"] = {t: dict(diagonal=[float(v["cka"][k, k]) for k in range(min(v["cka"].shape))],
                                    diagonal_mean=v["diagonal_mean"]) for t, v in by_type.items()}
