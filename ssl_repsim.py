@@ -1166,6 +1166,17 @@ def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int
         yield x, y
 
 
+def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """A deterministic random split (by seed) into training and validation sets."""
+    if not 0 < fraction < 1:
+        raise UsageError("--val-fraction must lie in (0, 1)")
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))
+    k = max(1, int(round(len(images) * fraction)))
+    if len(images) - k < 2:
+        raise UsageError(f"{len(images)} images are too few to split into training and validation sets")
+    return images.subset(perm[k:].sort()[0]), images.subset(perm[:k].sort()[0])
+
+
 # ======================================================================================================================
 # 5. Extraction: named points, token reductions, streaming, feature cache
 # ======================================================================================================================
@@ -1590,6 +1601,101 @@ def slice_by_type(m: torch.Tensor, names_a, names_b) -> dict[str, dict]:
     return out
 
 
+def _check_batches(n: int, batch_size: int, estimator: str):
+    if estimator == "minibatch" and (batch_size < 4 or n < 4):
+        raise UsageError(f"minibatch CKA needs --batch-size ≥ 4 and --n ≥ 4 (got batch {batch_size}, n {n})")
+    if estimator == "debiased" and n < 4:
+        raise UsageError(f"debiased CKA needs n ≥ 4 images, got {n}")
+    if n < 2:
+        raise UsageError(f"CKA needs at least 2 images, got {n}")
+
+
+def feature_bytes(model: ViT, points, tokens: str, n: int) -> int:
+    """Bytes extract() would hold for n images (float32)."""
+    g = (model.input_size // model.cfg.patch_size) ** 2
+    t = {"all": g + model.cfg.num_prefix, "flat": g + model.cfg.num_prefix, "patch": g}.get(tokens, 1)
+    d, h = model.cfg.embed_dim, model.cfg.mlp_hidden
+    width = {"attn.qkv": 3 * d, "mlp.fc1": h * (2 if model.cfg.swiglu else 1), "mlp.act": h}
+    return 4 * n * t * sum(width.get(p.split(".", 2)[-1] if p.count(".") >= 2 else "", d) for p in points)
+
+
+def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30, kernel="linear") -> str:
+    """full when every model's features fit the budget (or the kernel is not linear), else minibatch (memory
+    independent of n)."""
+    if requested:
+        return requested
+    if kernel != "linear":
+        return "full"
+    need = sum(feature_bytes(m, p, tokens, n) for m, p in zip(models, points_per_model))
+    return "full" if need <= budget else "minibatch"
+
+
+def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
+                   kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
+                   progress=False, quiet=True, group=None) -> dict:
+    """CKA maps of every pair of models (each extracted once) and the models×models matrix at the last point.
+    Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
+    all-reduced, full-batch features gathered, so every estimator equals the single-process result."""
+    names = [resolve_points(m, points) for m in models]
+    estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
+    _check_batches(len(images), batch_size, estimator)
+    if kernel != "linear" and estimator == "minibatch":
+        raise UsageError("the minibatch estimator is linear only: use --estimator full or debiased with --kernel rbf")
+    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    maps = {}
+    if estimator == "minibatch":
+        accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]])) for p in pairs}
+        gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device,
+                              dtype) for m, pts in zip(models, names)]
+        bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
+        skipped = 0
+        for outs in zip(*gens):
+            feats = [f for f, _ in outs]
+            b = next(iter(feats[0].values())).shape[0]
+            bar.update(b)
+            if b < 4:
+                skipped += b
+                continue
+            for (i, j), acc in accs.items():
+                acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
+        bar.close()
+        for acc in accs.values():
+            acc.all_reduce(group)
+        if skipped:
+            note(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA", quiet)
+        for p, acc in accs.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                maps[p] = acc.compute()
+            for w in caught:
+                note(f"warning: {models[p[0]].source['spec']} vs {models[p[1]].source['spec']}: {w.message}", quiet)
+    else:
+        feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names)]
+        for i, j in pairs:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=estimator == "debiased",
+                                          rbf_threshold=rbf_threshold)
+            for w in caught:
+                note(f"warning: {w.message}", quiet)
+    specs = [m.source["spec"] for m in models]
+    out_pairs = []
+    matrix = torch.eye(len(models), dtype=torch.float64)
+    for (i, j), m in maps.items():
+        entry = dict(a=specs[i], b=specs[j], index=[i, j], layers_a=names[i], layers_b=names[j], cka=m,
+                     diagonal_mean=diagonal_mean(m))
+        if m.shape[0] == m.shape[1]:
+            entry["cka_vs_distance"] = cka_vs_distance(m)
+        types = slice_by_type(m, names[i], names[j])
+        if len(types) > 1:
+            entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
+        out_pairs.append(entry)
+        matrix[i, j] = matrix[j, i] = m[-1, -1]
+    return dict(pairs=out_pairs, model_matrix=dict(models=specs, point=[n[-1] for n in names], cka=matrix),
+                estimator=estimator)
+
+
 # ======================================================================================================================
 # 7. Probes: batched linear probes, MLP and concatenated-layer probes, weighted k-NN
 # ======================================================================================================================
@@ -1890,6 +1996,10 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
         if C >= 5:
             out[f"{name}/top5"] = top5 / len(y_test)
     return out
+
+
+def _probe_tokens(model: ViT, tokens: str | None) -> str:
+    return tokens or ("cls" if model.cfg.cls_token else "mean")
 
 
 # ======================================================================================================================
@@ -2411,6 +2521,172 @@ def prediction_agreement(correct_a, correct_b) -> dict:
     return dict(table=[[both, a_only], [b_only, neither]], hamming=1 - po, kappa=kappa, acc_a=pa, acc_b=pb)
 
 
+# --- the battery: each runner returns (results, figures as data, plain-language readings); `report` runs all ----
+
+def _spec(m: ViT) -> str:
+    return m.source["spec"] if hasattr(m, "source") else m.family
+
+
+def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
+    """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
+    res = compare_models(models, images, points="all", tokens=args.tokens, estimator=args.estimator,
+                         batch_size=args.batch_size, device=args.device, dtype=args.dtype, cache_dir=args.cache,
+                         progress=not args.quiet, quiet=args.quiet)
+    readings, figures = [], {}
+    norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
+    feats = [cached_extract(m, images, pts, "mean", cache_dir=args.cache, batch_size=args.batch_size,
+                            device=args.device, dtype=args.dtype) for m, pts in zip(models, norm_pts)]
+    raw = [layernorm_without_affine(f, m) for f, m in zip(feats, models)]
+    for pair in res["pairs"]:
+        i, j = pair["index"]
+        by_type = slice_by_type(pair["cka"], pair["layers_a"], pair["layers_b"])
+        pair["by_type"] = {t: dict(diagonal=[float(v["cka"][k, k]) for k in range(min(v["cka"].shape))],
+                                   diagonal_mean=v["diagonal_mean"]) for t, v in by_type.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pair["layernorm_mean_tokens"] = dict(
+                with_affine=diagonal_mean(cka_matrix(feats[i], feats[j])),
+                without_affine=diagonal_mean(cka_matrix(raw[i], raw[j])))
+        figures[f"gap-{i}-{j}.png"] = ("heatmaps", [dict(a=pair["a"], b=pair["b"], layers_a=v["layers_a"],
+                                                          layers_b=v["layers_b"], cka=v["cka"]) | {"b": f"{pair['b']} [{t}]"}
+                                                     for t, v in by_type.items()])
+        readings.append(_read_gap(pair))
+    return res, figures, readings
+
+
+def _read_gap(pair) -> str:
+    types = pair.get("by_type", {})
+    res = types.get("residual", {}).get("diagonal", [])
+    resid = res[1::2] if len(res) > 1 else res      # block outputs (attn_residual, block) alternate
+    low = next((k for k, v in enumerate(resid) if v < 0.5), None)
+    early = {t: float(np.mean(v["diagonal"][: max(1, len(v["diagonal"]) // 4)])) for t, v in types.items()
+             if t != "residual" and v["diagonal"]}
+    worst = min(early, key=early.get) if early else None
+    where = f"diverge from block {low} on (residual-stream CKA < 0.5)" if low is not None else \
+        "stay similar in the residual stream (CKA ≥ 0.5 at every block)"
+    txt = f"{pair['a']} and {pair['b']} {where}; matched-layer mean CKA {pair['diagonal_mean']:.2f}"
+    if worst:
+        txt += f"; in the first quarter of the blocks the {worst} outputs agree least (mean CKA {early[worst]:.2f})"
+    return txt + "."
+
+
+def run_info(models, images, args) -> tuple[dict, dict, list[str]]:
+    """Information distribution: per-block linear probes and k-NN, marginal-feature probes, MLP probes of depth
+    1-4 on the last block, top-k PCs vs random directions, spectrum statistics per block."""
+    train, val = split_train_val(images, 0.25, args.seed)
+    out, readings, curves = {}, [], {}
+    for m in models:
+        tok = _probe_tokens(m, None)
+        ftr = cached_extract(m, train, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
+                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:train")
+        fva = cached_extract(m, val, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
+                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:val")
+        last = list(ftr)[-1]
+        lin = {k: v for k, v in linear_probe(ftr, train.labels, fva, val.labels, seed=args.seed).items() if "/" not in k}
+        knn = {k: v for k, v in knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train))).items()
+               if "/" not in k}
+        marg = {k: v for k, v in linear_probe(concat_features(ftr, last), train.labels,
+                                              concat_features(fva, last), val.labels, seed=args.seed).items()
+                if "/" not in k}
+        mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, depth=d,
+                                      epochs=args.epochs, seed=args.seed)[last] for d in (1, 2, 3, 4)}
+        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=args.seed)
+        spec = spectrum_stats(ftr)
+        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok)
+        curves[f"{_spec(m)} linear"], curves[f"{_spec(m)} k-NN"] = lin, knn
+        best = max(lin, key=lin.get)
+        gain = marg["all"] - marg[last]
+        readings.append(f"{_spec(m)}: linear accuracy peaks at {best} ({lin[best]:.2f}; last block {lin[last]:.2f}); "
+                        f"adding all blocks to the last changes it by {gain:+.2f}; the best MLP probe "
+                        f"({max(mlp, key=mlp.get)}) reaches {max(mlp.values()):.2f} vs linear {mlp['depth1']:.2f}.")
+    return out, {"info.png": ("curves", curves)}, readings
+
+
+def run_invariance(models, images, args) -> tuple[dict, dict, list[str]]:
+    out, curves, readings = {}, {}, []
+    for m in models:
+        inv = invariance(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype)
+        out[_spec(m)] = inv
+        for kind, per in inv.items():
+            curves[f"{_spec(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
+        last = {kind: list(per.values())[-1]["centred_normalised"] for kind, per in inv.items()}
+        readings.append(f"{_spec(m)} at its last block (centred, baseline-normalised; 1 = invariant, 0 = like an "
+                        "unrelated image): " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()) + ".")
+    return out, {"invariance.png": ("curves", curves)}, readings
+
+
+def run_attention(models, images, args) -> tuple[dict, dict, list[str]]:
+    out, curves, readings = {}, {}, []
+    for m in models:
+        st = attention_statistics(m, images, batch_size=args.batch_size, mask_ratio=args.mae_mask_ratio,
+                                  seed=args.seed, device=args.device, max_images=args.attention_images)
+        out[_spec(m)] = {k: v for k, v in st.items()}
+        for k in ("distance", "nmi"):
+            curves[f"{_spec(m)} {k}"] = {f"blocks.{i}": float(v) for i, v in enumerate(st[k].mean(1))}
+        d = st["distance"].mean(1)
+        readings.append(f"{_spec(m)}: mean attention distance {float(d[0]):.1f} px in block 0, {float(d[-1]):.1f} px "
+                        f"in the last block; NMI last block {float(st['nmi'][-1].mean()):.3f} (high = "
+                        "query-specific attention, low = all queries attend alike).")
+    return out, {"attention.png": ("curves", {k: v for k, v in curves.items() if "distance" in k})}, \
+        readings
+
+
+def run_spatial(models, images, args) -> tuple[dict, dict, list[str]]:
+    out, curves, readings = {}, {}, []
+    for m in models:
+        sp = spatial_probes(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                            dtype=args.dtype)
+        out[_spec(m)] = sp
+        for t, per in sp.items():
+            curves[f"{_spec(m)} {t}"] = per
+        readings.append(f"{_spec(m)}: patch-position probe {list(sp['position'].values())[-1]:.2f} at the last block"
+                        + (f", per-patch object probe {list(sp['mask'].values())[-1]:.2f}" if "mask" in sp else "")
+                        + ".")
+    return out, {"spatial.png": ("curves", curves)}, readings
+
+
+def run_weights(models, images, args) -> tuple[dict, dict, list[str]]:
+    """Per-module weight distance between every pair of models of the same architecture (e.g. PT vs FT)."""
+    out, readings = {}, []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            sa, sb = a.state_dict(), b.state_dict()
+            if not all(k in sb and sb[k].shape == v.shape for k, v in sa.items() if k.startswith("blocks.")):
+                continue
+            wd = weight_distance(a, b)
+            out[f"{_spec(a)} vs {_spec(b)}"] = wd
+            qkv = {k: v for k, v in wd.items() if k.endswith("attn.qkv")}
+            top = max(qkv, key=qkv.get) if qkv else None
+            readings.append(f"{_spec(a)} → {_spec(b)}: total weight distance {wd['total']:.2f}"
+                            + (f"; the qkv projection that moved most is {top} ({qkv[top]:.2f})" if top else "") + ".")
+    return out, {}, readings
+
+
+ANALYSES = {"gap": run_gap, "info": run_info, "invariance": run_invariance, "attention": run_attention,
+            "spatial": run_spatial, "weights": run_weights}
+ANALYSIS_TITLES = {"gap": "Where the gap opens (CKA by sub-layer type)", "info": "Information distribution",
+                   "invariance": "Invariance to augmentations", "attention": "Attention distance and NMI",
+                   "spatial": "Spatial specificity (per-patch probes)", "weights": "Weight distance"}
+
+
+def render_report(sections, meta) -> str:
+    """report.md: settings, checkpoint hashes, then per analysis its figures and a plain-language reading."""
+    lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
+             f"Data: {meta['data']['name']} ({meta['data']['n']} images, seed {meta['data']['seed']}); "
+             f"CKA tokens: {meta['tokens']}; MAE mask ratio: {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; "
+             f"ssl_repsim {meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.", "",
+             "| model | family | objective | depth × width / patch | sha256 |", "|---|---|---|---|---|"]
+    for m in meta["models"]:
+        lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / "
+                     f"{m['patch']} | {(m['sha256'] or '-')[:16]} |")
+    for name, figs, readings in sections:
+        lines += ["", f"## {ANALYSIS_TITLES[name]}", ""]
+        lines += [f"- {r}" for r in readings] or ["- (nothing to compare)"]
+        lines += [""] + [f"![{name}]({f})" for f in figs]
+    lines += ["", "Every number is in report.json."]
+    return "\n".join(lines) + "\n"
+
+
 # ======================================================================================================================
 # 10. CLI
 # ======================================================================================================================
@@ -2535,101 +2811,6 @@ def _load_models(args) -> list[ViT]:
              f"heads={m.cfg.num_heads}, input {m.input_size}px", args.quiet)
         models.append(m)
     return models
-
-
-def _check_batches(n: int, batch_size: int, estimator: str):
-    if estimator == "minibatch" and (batch_size < 4 or n < 4):
-        raise UsageError(f"minibatch CKA needs --batch-size ≥ 4 and --n ≥ 4 (got batch {batch_size}, n {n})")
-    if estimator == "debiased" and n < 4:
-        raise UsageError(f"debiased CKA needs n ≥ 4 images, got {n}")
-    if n < 2:
-        raise UsageError(f"CKA needs at least 2 images, got {n}")
-
-
-def feature_bytes(model: ViT, points, tokens: str, n: int) -> int:
-    """Bytes extract() would hold for n images (float32)."""
-    g = (model.input_size // model.cfg.patch_size) ** 2
-    t = {"all": g + model.cfg.num_prefix, "flat": g + model.cfg.num_prefix, "patch": g}.get(tokens, 1)
-    d, h = model.cfg.embed_dim, model.cfg.mlp_hidden
-    width = {"attn.qkv": 3 * d, "mlp.fc1": h * (2 if model.cfg.swiglu else 1), "mlp.act": h}
-    return 4 * n * t * sum(width.get(p.split(".", 2)[-1] if p.count(".") >= 2 else "", d) for p in points)
-
-
-def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30, kernel="linear") -> str:
-    """full when every model's features fit the budget (or the kernel is not linear), else minibatch (memory
-    independent of n)."""
-    if requested:
-        return requested
-    if kernel != "linear":
-        return "full"
-    need = sum(feature_bytes(m, p, tokens, n) for m, p in zip(models, points_per_model))
-    return "full" if need <= budget else "minibatch"
-
-
-def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
-                   kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
-                   progress=False, quiet=True, group=None) -> dict:
-    """CKA maps of every pair of models (each extracted once) and the models×models matrix at the last point.
-    Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
-    all-reduced, full-batch features gathered, so every estimator equals the single-process result."""
-    names = [resolve_points(m, points) for m in models]
-    estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
-    _check_batches(len(images), batch_size, estimator)
-    if kernel != "linear" and estimator == "minibatch":
-        raise UsageError("the minibatch estimator is linear only: use --estimator full or debiased with --kernel rbf")
-    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
-    maps = {}
-    if estimator == "minibatch":
-        accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]])) for p in pairs}
-        gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device,
-                              dtype) for m, pts in zip(models, names)]
-        bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
-        skipped = 0
-        for outs in zip(*gens):
-            feats = [f for f, _ in outs]
-            b = next(iter(feats[0].values())).shape[0]
-            bar.update(b)
-            if b < 4:
-                skipped += b
-                continue
-            for (i, j), acc in accs.items():
-                acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
-        bar.close()
-        for acc in accs.values():
-            acc.all_reduce(group)
-        if skipped:
-            note(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA", quiet)
-        for p, acc in accs.items():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                maps[p] = acc.compute()
-            for w in caught:
-                note(f"warning: {models[p[0]].source['spec']} vs {models[p[1]].source['spec']}: {w.message}", quiet)
-    else:
-        feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names)]
-        for i, j in pairs:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=estimator == "debiased",
-                                          rbf_threshold=rbf_threshold)
-            for w in caught:
-                note(f"warning: {w.message}", quiet)
-    specs = [m.source["spec"] for m in models]
-    out_pairs = []
-    matrix = torch.eye(len(models), dtype=torch.float64)
-    for (i, j), m in maps.items():
-        entry = dict(a=specs[i], b=specs[j], index=[i, j], layers_a=names[i], layers_b=names[j], cka=m,
-                     diagonal_mean=diagonal_mean(m))
-        if m.shape[0] == m.shape[1]:
-            entry["cka_vs_distance"] = cka_vs_distance(m)
-        types = slice_by_type(m, names[i], names[j])
-        if len(types) > 1:
-            entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
-        out_pairs.append(entry)
-        matrix[i, j] = matrix[j, i] = m[-1, -1]
-    return dict(pairs=out_pairs, model_matrix=dict(models=specs, point=[n[-1] for n in names], cka=matrix),
-                estimator=estimator)
 
 
 def cmd_cka(args):
@@ -2806,17 +2987,6 @@ def cmd_bench(args):
         write_json(Path(args.out) / "bench.json", res)
 
 
-def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """A deterministic random split (by seed) into training and validation sets."""
-    if not 0 < fraction < 1:
-        raise UsageError("--val-fraction must lie in (0, 1)")
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))
-    k = max(1, int(round(len(images) * fraction)))
-    if len(images) - k < 2:
-        raise UsageError(f"{len(images)} images are too few to split into training and validation sets")
-    return images.subset(perm[k:].sort()[0]), images.subset(perm[:k].sort()[0])
-
-
 def _train_val(args) -> tuple[ImageSet, ImageSet]:
     train = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
     if train.labels is None:
@@ -2829,10 +2999,6 @@ def _train_val(args) -> tuple[ImageSet, ImageSet]:
             raise UsageError(f"train classes {train.classes[:5]} differ from val classes {val.classes[:5]}")
         return train, val
     return split_train_val(train, args.val_fraction, args.seed)
-
-
-def _probe_tokens(model: ViT, tokens: str | None) -> str:
-    return tokens or ("cls" if model.cfg.cls_token else "mean")
 
 
 def plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str, quiet=False):
@@ -2957,161 +3123,13 @@ def _add_probe_commands(sub):
         p.set_defaults(fn=fn)
 
 
-# --- analyses: each runner returns (results, figures, readings); `report` runs them all -------------------------
-
-def _spec(m: ViT) -> str:
-    return m.source["spec"] if hasattr(m, "source") else m.family
-
-
-def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
-    """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
-    res = compare_models(models, images, points="all", tokens=args.tokens, estimator=args.estimator,
-                         batch_size=args.batch_size, device=args.device, dtype=args.dtype, cache_dir=args.cache,
-                         progress=not args.quiet, quiet=args.quiet)
-    readings, figures = [], {}
-    norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
-    feats = [cached_extract(m, images, pts, "mean", cache_dir=args.cache, batch_size=args.batch_size,
-                            device=args.device, dtype=args.dtype) for m, pts in zip(models, norm_pts)]
-    raw = [layernorm_without_affine(f, m) for f, m in zip(feats, models)]
-    for pair in res["pairs"]:
-        i, j = pair["index"]
-        by_type = slice_by_type(pair["cka"], pair["layers_a"], pair["layers_b"])
-        pair["by_type"] = {t: dict(diagonal=[float(v["cka"][k, k]) for k in range(min(v["cka"].shape))],
-                                   diagonal_mean=v["diagonal_mean"]) for t, v in by_type.items()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pair["layernorm_mean_tokens"] = dict(
-                with_affine=diagonal_mean(cka_matrix(feats[i], feats[j])),
-                without_affine=diagonal_mean(cka_matrix(raw[i], raw[j])))
-        figures[f"gap-{i}-{j}.png"] = (plot_heatmaps, [dict(a=pair["a"], b=pair["b"], layers_a=v["layers_a"],
-                                                          layers_b=v["layers_b"], cka=v["cka"]) | {"b": f"{pair['b']} [{t}]"}
-                                                     for t, v in by_type.items()])
-        readings.append(_read_gap(pair))
-    return res, figures, readings
-
-
-def _read_gap(pair) -> str:
-    types = pair.get("by_type", {})
-    res = types.get("residual", {}).get("diagonal", [])
-    resid = res[1::2] if len(res) > 1 else res      # block outputs (attn_residual, block) alternate
-    low = next((k for k, v in enumerate(resid) if v < 0.5), None)
-    early = {t: float(np.mean(v["diagonal"][: max(1, len(v["diagonal"]) // 4)])) for t, v in types.items()
-             if t != "residual" and v["diagonal"]}
-    worst = min(early, key=early.get) if early else None
-    where = f"diverge from block {low} on (residual-stream CKA < 0.5)" if low is not None else \
-        "stay similar in the residual stream (CKA ≥ 0.5 at every block)"
-    txt = f"{pair['a']} and {pair['b']} {where}; matched-layer mean CKA {pair['diagonal_mean']:.2f}"
-    if worst:
-        txt += f"; in the first quarter of the blocks the {worst} outputs agree least (mean CKA {early[worst]:.2f})"
-    return txt + "."
-
-
-def run_info(models, images, args) -> tuple[dict, dict, list[str]]:
-    """Information distribution: per-block linear probes and k-NN, marginal-feature probes, MLP probes of depth
-    1-4 on the last block, top-k PCs vs random directions, spectrum statistics per block."""
-    train, val = split_train_val(images, 0.25, args.seed)
-    out, readings, curves = {}, [], {}
-    for m in models:
-        tok = _probe_tokens(m, None)
-        ftr = cached_extract(m, train, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:train")
-        fva = cached_extract(m, val, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:val")
-        last = list(ftr)[-1]
-        lin = {k: v for k, v in linear_probe(ftr, train.labels, fva, val.labels, seed=args.seed).items() if "/" not in k}
-        knn = {k: v for k, v in knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train))).items()
-               if "/" not in k}
-        marg = {k: v for k, v in linear_probe(concat_features(ftr, last), train.labels,
-                                              concat_features(fva, last), val.labels, seed=args.seed).items()
-                if "/" not in k}
-        mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, depth=d,
-                                      epochs=args.epochs, seed=args.seed)[last] for d in (1, 2, 3, 4)}
-        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=args.seed)
-        spec = spectrum_stats(ftr)
-        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok)
-        curves[f"{_spec(m)} linear"], curves[f"{_spec(m)} k-NN"] = lin, knn
-        best = max(lin, key=lin.get)
-        gain = marg["all"] - marg[last]
-        readings.append(f"{_spec(m)}: linear accuracy peaks at {best} ({lin[best]:.2f}; last block {lin[last]:.2f}); "
-                        f"adding all blocks to the last changes it by {gain:+.2f}; the best MLP probe "
-                        f"({max(mlp, key=mlp.get)}) reaches {max(mlp.values()):.2f} vs linear {mlp['depth1']:.2f}.")
-    return out, {"info.png": (plot_layer_curves, curves)}, readings
-
-
-def run_invariance(models, images, args) -> tuple[dict, dict, list[str]]:
-    out, curves, readings = {}, {}, []
-    for m in models:
-        inv = invariance(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype)
-        out[_spec(m)] = inv
-        for kind, per in inv.items():
-            curves[f"{_spec(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
-        last = {kind: list(per.values())[-1]["centred_normalised"] for kind, per in inv.items()}
-        readings.append(f"{_spec(m)} at its last block (centred, baseline-normalised; 1 = invariant, 0 = like an "
-                        "unrelated image): " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()) + ".")
-    return out, {"invariance.png": (plot_layer_curves, curves)}, readings
-
-
-def run_attention(models, images, args) -> tuple[dict, dict, list[str]]:
-    out, curves, readings = {}, {}, []
-    for m in models:
-        st = attention_statistics(m, images, batch_size=args.batch_size, mask_ratio=args.mae_mask_ratio,
-                                  seed=args.seed, device=args.device, max_images=args.attention_images)
-        out[_spec(m)] = {k: v for k, v in st.items()}
-        for k in ("distance", "nmi"):
-            curves[f"{_spec(m)} {k}"] = {f"blocks.{i}": float(v) for i, v in enumerate(st[k].mean(1))}
-        d = st["distance"].mean(1)
-        readings.append(f"{_spec(m)}: mean attention distance {float(d[0]):.1f} px in block 0, {float(d[-1]):.1f} px "
-                        f"in the last block; NMI last block {float(st['nmi'][-1].mean()):.3f} (high = "
-                        "query-specific attention, low = all queries attend alike).")
-    return out, {"attention.png": (plot_layer_curves, {k: v for k, v in curves.items() if "distance" in k})}, \
-        readings
-
-
-def run_spatial(models, images, args) -> tuple[dict, dict, list[str]]:
-    out, curves, readings = {}, {}, []
-    for m in models:
-        sp = spatial_probes(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                            dtype=args.dtype)
-        out[_spec(m)] = sp
-        for t, per in sp.items():
-            curves[f"{_spec(m)} {t}"] = per
-        readings.append(f"{_spec(m)}: patch-position probe {list(sp['position'].values())[-1]:.2f} at the last block"
-                        + (f", per-patch object probe {list(sp['mask'].values())[-1]:.2f}" if "mask" in sp else "")
-                        + ".")
-    return out, {"spatial.png": (plot_layer_curves, curves)}, readings
-
-
-def run_weights(models, images, args) -> tuple[dict, dict, list[str]]:
-    """Per-module weight distance between every pair of models of the same architecture (e.g. PT vs FT)."""
-    out, readings = {}, []
-    for i, a in enumerate(models):
-        for b in models[i + 1:]:
-            sa, sb = a.state_dict(), b.state_dict()
-            if not all(k in sb and sb[k].shape == v.shape for k, v in sa.items() if k.startswith("blocks.")):
-                continue
-            wd = weight_distance(a, b)
-            out[f"{_spec(a)} vs {_spec(b)}"] = wd
-            qkv = {k: v for k, v in wd.items() if k.endswith("attn.qkv")}
-            top = max(qkv, key=qkv.get) if qkv else None
-            readings.append(f"{_spec(a)} → {_spec(b)}: total weight distance {wd['total']:.2f}"
-                            + (f"; the qkv projection that moved most is {top} ({qkv[top]:.2f})" if top else "") + ".")
-    return out, {}, readings
-
-
-ANALYSES = {"gap": run_gap, "info": run_info, "invariance": run_invariance, "attention": run_attention,
-            "spatial": run_spatial, "weights": run_weights}
-ANALYSIS_TITLES = {"gap": "Where the gap opens (CKA by sub-layer type)", "info": "Information distribution",
-                   "invariance": "Invariance to augmentations", "attention": "Attention distance and NMI",
-                   "spatial": "Spatial specificity (per-patch probes)", "weights": "Weight distance"}
-
-
 def _render_figures(figures: dict, out: Path, quiet: bool) -> list[str]:
     written = []
-    for fname, (fn, payload) in figures.items():
-        if fn is plot_layer_curves:
-            path = fn(payload, out / fname, "score", quiet)
+    for fname, (kind, payload) in figures.items():
+        if kind == "curves":
+            path = plot_layer_curves(payload, out / fname, "score", quiet)
         else:
-            path = fn(payload, out / fname, "CKA", quiet)
+            path = plot_heatmaps(payload, out / fname, "CKA", quiet)
         if path:
             written.append(fname)
     return written
@@ -3143,24 +3161,6 @@ def cmd_analysis(args):
         atomic_write(out / "report.md", render_report(sections, meta))
     print(f"wrote {out}/{kind}.json" + (", report.md" if args.cmd == "report" else "")
           + f" ({meta['elapsed_s']:.1f} s)")
-
-
-def render_report(sections, meta) -> str:
-    """report.md: settings, checkpoint hashes, then per analysis its figures and a plain-language reading."""
-    lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
-             f"Data: {meta['data']['name']} ({meta['data']['n']} images, seed {meta['data']['seed']}); "
-             f"CKA tokens: {meta['tokens']}; MAE mask ratio: {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; "
-             f"ssl_repsim {meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.", "",
-             "| model | family | objective | depth × width / patch | sha256 |", "|---|---|---|---|---|"]
-    for m in meta["models"]:
-        lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / "
-                     f"{m['patch']} | {(m['sha256'] or '-')[:16]} |")
-    for name, figs, readings in sections:
-        lines += ["", f"## {ANALYSIS_TITLES[name]}", ""]
-        lines += [f"- {r}" for r in readings] or ["- (nothing to compare)"]
-        lines += [""] + [f"![{name}]({f})" for f in figs]
-    lines += ["", "Every number is in report.json."]
-    return "\n".join(lines) + "\n"
 
 
 def _add_analysis_commands(sub):
