@@ -197,6 +197,7 @@ class Progress:
         self.enabled = enabled and sys.stderr.isatty()
         self._tqdm = None
         if self.enabled:
+            hold_notes(False)  # long work starts: show what was announced
             with contextlib.suppress(ImportError):
                 from tqdm import tqdm
                 self._tqdm = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False)
@@ -220,9 +221,24 @@ class Progress:
             sys.stderr.flush()
 
 
+_NOTES: list | None = None   # the CLI holds notes until work starts, so a command that fails prints one line
+
+
 def note(msg: str, quiet: bool = False):
     """One line of information on stderr (announcements, notices), suppressed by --quiet."""
-    if not quiet:
+    if quiet:
+        return
+    if _NOTES is not None:
+        _NOTES.append(msg)
+    else:
+        print(msg, file=sys.stderr)
+
+
+def hold_notes(hold: bool):
+    """Start holding notes (hold=True), or print the held ones and stop holding (False)."""
+    global _NOTES
+    held, _NOTES = _NOTES, ([] if hold else None)
+    for msg in held or []:
         print(msg, file=sys.stderr)
 
 
@@ -984,8 +1000,12 @@ class ImageSet:
     classes: list
     name: str
     masks: torch.Tensor | None = None   # (N, H, W) long: 0 background, 1 + class where the object is
-    skipped: int = 0
     strict: bool = False
+    unreadable: set = dataclasses.field(default_factory=set)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.unreadable)
 
     def __len__(self):
         return len(self.items)
@@ -994,7 +1014,7 @@ class ImageSet:
         idx = torch.as_tensor(idx, dtype=torch.long)
         items = self.items[idx] if isinstance(self.items, torch.Tensor) else [self.items[i] for i in idx.tolist()]
         return dataclasses.replace(self, items=items, labels=None if self.labels is None else self.labels[idx],
-                                   masks=None if self.masks is None else self.masks[idx])
+                                   masks=None if self.masks is None else self.masks[idx], unreadable=set())
 
     def image(self, i: int) -> torch.Tensor | None:
         """Image i as a uint8 or float tensor (3, H, W); None if unreadable (counted, or an error when strict)."""
@@ -1007,7 +1027,7 @@ class ImageSet:
         except Exception as e:
             if self.strict:
                 raise UsageError(f"unreadable image {self.items[i]}: {_one_line(e)}") from None
-            self.skipped += 1
+            self.unreadable.add(i)
             return None
 
 
@@ -3295,9 +3315,12 @@ def main(argv=None) -> int:
     distributed = False
     try:
         distributed = init_distributed(args)
+        hold_notes(True)
         args.fn(args)
+        hold_notes(False)
         return 0
     except UsageError as e:
+        globals()["_NOTES"] = None  # a failed command says one thing: what went wrong
         if getattr(args, "debug", False):
             raise
         print(f"ssl_repsim: error: {_one_line(e)}", file=sys.stderr)
