@@ -1126,6 +1126,8 @@ def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict:
                 quiet: bool = False, synthetic_n: int = 256) -> ImageSet:
     """An ImageSet from `synthetic`, an image folder or a tensor file; `n` draws a fixed subset by `seed`."""
     source = str(source)
+    if n is not None and n < 1:
+        raise UsageError(f"--n must be ≥ 1, got {n}")
     if source == "synthetic":
         images = synthetic_images(n or synthetic_n, seed=seed)
         note(f"data: built-in synthetic set, {len(images)} images of {len(images.classes)} classes "
@@ -3237,8 +3239,9 @@ def _common(p, data=True):
                        help="autocast dtype for the forward pass (default float32)")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--out", default=None, help="output folder (default results/<command>-<models>-<time>/)")
-        g.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder: a second analysis of "
-                       "the same models, data, points and tokens costs no forward pass")
+        g.add_argument("--cache", nargs="?", const=".cache/ssl_repsim", default=None, metavar="DIR",
+                       help="feature cache folder (default .cache/ssl_repsim when given without DIR): a second "
+                            "analysis of the same models, data, points and tokens costs no forward pass")
     p.add_argument("--quiet", action="store_true", help="no progress or notices on stderr")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
 
@@ -3312,6 +3315,8 @@ def init_distributed(args) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        build_parser().error(f"--batch-size must be ≥ 1, got {args.batch_size}")
     distributed = False
     try:
         distributed = init_distributed(args)
