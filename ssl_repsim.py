@@ -1157,7 +1157,7 @@ def preprocess(img: torch.Tensor, size: int, crop_pct: float = 0.875, interp: st
     x = x.float() / 255 if not x.is_floating_point() else x.float()
     h, w = x.shape[-2:]
     short = int(size / crop_pct)
-    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    nh, nw = (short, max(short, int(w * short / h))) if h <= w else (max(short, int(h * short / w)), short)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
@@ -1274,12 +1274,12 @@ def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=
     try:
         for n in names:
             handles.append(modules[n].register_forward_hook(hook(n)))
-        with torch.no_grad(), _autocast(device, dtype):
-            for batch in batches:
-                x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-                store.clear()
+        for batch in batches:
+            x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            store.clear()
+            with torch.no_grad(), _autocast(device, dtype):  # not held across `yield`: the caller's mode stays
                 model.forward_features(x.to(device, non_blocking=True))
-                yield {n: store[n] for n in names}, y
+            yield {n: store[n] for n in names}, y
     finally:
         for h in handles:
             h.remove()
@@ -2087,11 +2087,9 @@ def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Genera
     mean, std = torch.tensor(pp["mean"]).view(3, 1, 1), torch.tensor(pp["std"]).view(3, 1, 1)
     perm = torch.randperm(len(images), generator=g)
     rank, world = shard
-    for b, s in enumerate(range(0, len(perm) - batch_size * world + 1, batch_size)):
-        if b % world != rank:
-            continue
+    for b in range(rank, len(perm) // (batch_size * world) * world, world):  # whole groups of world batches
         xs, ys = [], []
-        for i in perm[s:s + batch_size].tolist():
+        for i in perm[b * batch_size:(b + 1) * batch_size].tolist():
             im = images.image(i)
             if im is None:
                 continue

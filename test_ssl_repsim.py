@@ -7,16 +7,28 @@ float64 forward pass written from the formulas in this file (never calling ssl_r
 """
 import argparse
 import collections
+import contextlib
+import copy
+import csv
 import dataclasses
+import datetime
 import hashlib
 import http.server
+import io
 import json
 import math
 import os
 import pickle
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
+import traceback
+import types
+import warnings
 import zlib
 from pathlib import Path
 
@@ -2225,3 +2237,1223 @@ def test_math_prediction_agreement_hand_kappa():
     assert float(r2["kappa"]) == pytest.approx(0.4, abs=1e-9)
     if hasattr(sr, "cohen_kappa"):
         assert float(sr.cohen_kappa(a, b)) == pytest.approx(0.4, abs=1e-9)
+
+
+# ====================================================================================================
+# Data, CLI, probes and fine-tuning, analyses with known answers, torch.distributed
+# ====================================================================================================
+
+_X_HERE = Path(__file__).resolve().parent
+_X_TOOL = _X_HERE / "ssl_repsim.py"
+_X_CFG = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_hidden=64)
+_X_PP = dict(mean=sr.IMAGENET_MEAN, std=sr.IMAGENET_STD, interp="bicubic", crop_pct=0.875)
+_X_SUBCOMMANDS = ("cka", "list", "bench", "download", "probe", "knn", "finetune", "gap", "info", "invariance",
+                  "attention", "spatial", "weights", "report")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _x_model(seed=0, **over):
+    """A tiny hand-built ViT, initialised from its own seed without touching the global RNG."""
+    cfg = dict(_X_CFG, **over)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = sr.ViT(sr.ViTConfig(**cfg))
+    m.input_size = cfg["img_size"]
+    m.preprocess = dict(_X_PP)
+    m.source = dict(spec=f"tiny{seed}", path=None, family="")
+    return m
+
+
+def _x_save(model, path, layout="ours"):
+    path = Path(path)
+    if layout == "ours":
+        sr.save_checkpoint(model, path)
+    else:  # MAE layout: {"model": state_dict}
+        torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def _x_pair(d):
+    """Two tiny checkpoint files: ours (safetensors) and the MAE layout (.pth)."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    return _x_save(_x_model(0), d / "a.safetensors"), _x_save(_x_model(1), d / "b.pth", "mae")
+
+
+def _x_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _x_main(*argv):
+    """sr.main in this process, with stdout / stderr (and any warning or escaping traceback) captured as text, the
+    way a separate process would show them."""
+    out, err = io.StringIO(), io.StringIO()
+    rc, extra = None, ""
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", ResourceWarning)  # emitted by the GC for whatever object it collects
+        try:
+            rc = sr.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse (--help, usage errors)
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - an escaping exception is what a traceback would show
+            extra = traceback.format_exc()
+    text = err.getvalue() + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                                    for w in caught) + extra
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=text)
+
+
+@contextlib.contextmanager
+def _x_grad_mode_kept():
+    """Restore autograd's global mode afterwards (compare_models once left it off; a test below checks it no longer
+    does), so that such a bug would not break unrelated tests."""
+    prev = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch.set_grad_enabled(prev)
+
+
+def _x_lines(text):
+    return [ln for ln in text.strip().splitlines() if ln.strip()]
+
+
+def _x_assert_usage_error(p, out=None):
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(_x_lines(p.stderr)) == 1, p.stderr
+    if out is not None:
+        out = Path(out)
+        assert not (out / "cka.json").exists()
+        assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def _x_np_cka(x, y):
+    """Linear biased CKA (Kornblith et al. 2019) in float64 numpy: ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F), centred."""
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def _x_np_cka_map(fa, fb):
+    return np.array([[_x_np_cka(fa[a], fb[b]) for b in fb] for a in fa])
+
+
+def _x_ref_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IMAGENET_STD, interp="bicubic"):
+    """Resize the shorter side to int(size / crop_pct) (long side keeps the aspect, here always an exact integer),
+    centre-crop size x size, normalise. img (3, H, W) uint8 or float in [0, 1]."""
+    x = img.double() / 255 if img.dtype == torch.uint8 else img.double()
+    h, w = x.shape[-2:]
+    s = int(size / crop_pct)
+    if h <= w:
+        nh, nw = s, w * s / h
+    else:
+        nh, nw = h * s / w, s
+    assert float(nh).is_integer() and float(nw).is_integer(), "choose sizes with an exact aspect"
+    nh, nw = int(nh), int(nw)
+    x = x.float()[None]
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
+    t, l = (nh - size) // 2, (nw - size) // 2
+    x = x[0, :, t:t + size, l:l + size]
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _x_ref_features(path, imgs, size=32, points="blocks", tokens="flat"):
+    """Features of a checkpoint on images preprocessed by _x_ref_preprocess (hand-written, not sr.preprocess)."""
+    m = sr.load_model(path, img_size=size)
+    x = torch.stack([_x_ref_preprocess(im, size, m.preprocess["crop_pct"], m.preprocess["mean"],
+                                       m.preprocess["std"], m.preprocess["interp"]) for im in imgs])
+    return sr.extract(m, x, points, tokens, batch_size=64, device="cpu")
+
+
+def _x_ref_cka_map(pa, pb, imgs, size=32):
+    return _x_np_cka_map(_x_ref_features(pa, imgs, size), _x_ref_features(pb, imgs, size))
+
+
+def _x_colour_images(n, size=32, seed=0, hw=None):
+    """n uint8 images, label 0 red-ish / 1 blue-ish with pixel noise (colour alone separates the classes)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = hw or (size, size)
+    y = torch.arange(n) % 2
+    base = torch.where(y[:, None] == 0, torch.tensor([200.0, 50.0, 40.0]), torch.tensor([40.0, 60.0, 200.0]))
+    x = base[:, :, None, None] + 40 * torch.randn(n, 3, h, w, generator=g)
+    return x.clamp(0, 255).round().to(torch.uint8), y
+
+
+def _x_colour_set(n, size=32, seed=0):
+    x, y = _x_colour_images(n, size, seed)
+    return sr.ImageSet(x, y, ["red", "blue"], f"colour(n={n},seed={seed})")
+
+
+def _x_png(path, arr):
+    Image = pytest.importorskip("PIL.Image")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(arr)).save(path)
+
+
+def _x_has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _x_read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+class _XJob(threading.Thread):
+    """Runs command lines one after another in the background (stops at the first failure). niced: at a lower
+    scheduling priority, so that the longest job (the report) is not the one left running at the end."""
+
+    def __init__(self, steps, cwd, niced=False):
+        super().__init__(daemon=True)
+        nice = shutil.which("nice") if niced else None
+        self.steps = [([nice, "-n", "10"] if nice else []) + list(argv) for argv in steps]
+        self.cwd, self.results, self.proc, self.stopped = cwd, [], None, False
+
+    def run(self):
+        for argv in self.steps:
+            if self.stopped:
+                return
+            try:
+                self.proc = subprocess.Popen([str(a) for a in argv], cwd=str(self.cwd), stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True, env=_x_env(),
+                                             start_new_session=True)
+                out, err = self.proc.communicate()
+            except Exception as e:  # noqa: BLE001
+                self.results.append(types.SimpleNamespace(returncode=None, stdout="", stderr=repr(e)))
+                return
+            self.results.append(types.SimpleNamespace(returncode=self.proc.returncode, stdout=out, stderr=err))
+            if self.proc.returncode != 0:
+                return
+
+    def wait(self, timeout=400):
+        self.join(timeout)
+        if self.is_alive():
+            self.kill()
+            pytest.fail(f"background job {self.steps} did not finish in {timeout} s")
+        return self.results
+
+    def kill(self):
+        self.stopped = True
+        p = self.proc
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)  # the session this job started (torchrun and its workers)
+
+
+def _x_torchrun():
+    exe = shutil.which("torchrun")
+    return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _x_ft_folders(root):
+    """train/ (24 + 24) and val/ (12 + 12) folders of noisy 48x48 PNGs that colour alone separates."""
+    rng = np.random.default_rng(0)
+    for split, k in (("train", 24), ("val", 12)):
+        for cls, col in (("blue", (40, 60, 200)), ("red", (200, 50, 40))):
+            for i in range(k):
+                a = np.clip(np.array(col)[None, None, :] + rng.normal(0, 40, (48, 48, 3)), 0, 255).astype(np.uint8)
+                _x_png(root / split / cls / f"{i:03d}.png", a)
+    return root / "train", root / "val"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _x_bg(tmp_path_factory):
+    """The slow command lines of this file, started at once so they overlap with the in-process tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # one intra-op thread here while the background jobs use the other core
+    d = tmp_path_factory.mktemp("x_bg")
+    a, b = _x_pair(d)
+    p16 = _x_save(_x_model(2, patch_size=16), d / "p16.safetensors")
+    jobs = {}
+    py, tool = sys.executable, _X_TOOL
+    jobs["report"] = _XJob([[py, tool, "report", a, b, "--img-size", 32, "--n", 48, "--batch-size", 16,
+                             "--out", d / "report", "--quiet", "--epochs", 5]], d)
+    jobs["cka_basic"] = _XJob([[py, tool, "cka", a, b, "--img-size", 32, "--n", 24, "--batch-size", 8,
+                                "--out", d / "cka_basic", "--quiet"]], d, niced=True)
+    jobs["torchrun"] = _XJob([[*_x_torchrun(), "--standalone", "--nproc_per_node", 2, tool, "cka", a, b,
+                               "--device", "cpu", "--img-size", 32, "--num-images", 24, "--batch-size", 8,
+                               "--out", d / "torchrun"]], d, niced=True)
+    try:
+        train, val = _x_ft_folders(d / "ftdata")
+        jobs["finetune"] = _XJob([[py, tool, "finetune", p16, "--data", train, "--val", val, "--epochs", 3,
+                                   "--batch-size", 16, "--img-size", 96, "--out", d / "ft"],
+                                  [py, tool, "cka", d / "ft" / "checkpoint.safetensors", p16, "--img-size", 96,
+                                   "--n", 16, "--batch-size", 8, "--out", d / "ftcka", "--quiet"]], d,
+                                 niced=True)
+    except pytest.skip.Exception:  # no Pillow
+        pass
+    for j in jobs.values():
+        j.start()
+    try:
+        yield types.SimpleNamespace(dir=d, a=a, b=b, p16=p16, jobs=jobs)
+    finally:
+        torch.set_num_threads(threads)
+        for j in jobs.values():
+            j.kill()
+
+
+# ================================================================================================================
+# A. Data & CLI
+# ================================================================================================================
+
+def test_more_cli_cka_image_folder_of_mixed_sizes(tmp_path):
+    rng = np.random.default_rng(1)
+    sizes = [(40, 60), (60, 40), (32, 48), (48, 32), (64, 64), (36, 54)]  # exact aspect at short side 36
+    imgs = []
+    for k, (h, w) in enumerate(sizes * 2):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        _x_png(tmp_path / "data" / ("cat" if k % 2 else "dog") / f"{k}.png", arr)
+        imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
+    a, b = _x_pair(tmp_path)
+    out = tmp_path / "out"
+    p = _x_main("cka", a, b, "--data", tmp_path / "data", "--img-size", 32, "--batch-size", 5, "--out", out,
+                "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((out / "cka.json").read_text())
+    assert doc["meta"]["data"]["n"] == len(imgs) and doc["meta"]["data"]["skipped"] == 0
+    np.testing.assert_allclose(np.array(doc["cka"]), _x_ref_cka_map(a, b, imgs), atol=2e-6)
+
+
+def _x_tensor_file(path, x, y):
+    fmt = path.suffix
+    if fmt == ".pt":
+        torch.save({"images": x, "labels": y}, path)
+    elif fmt == ".npy":
+        np.save(path, x.numpy())
+    elif fmt == ".npz":
+        np.savez(path, images=x.numpy(), labels=y.numpy())
+    elif fmt == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({"images": x.contiguous(), "labels": y.contiguous()}, str(path))
+    return path
+
+
+def test_more_cli_cka_tensor_files_every_format(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (14, 3, 40, 60), generator=g, dtype=torch.uint8)  # non-square: 36 x 54, crop 32
+    y = torch.arange(14) % 3
+    a, b = _x_pair(tmp_path)
+    ref = _x_ref_cka_map(a, b, list(x))
+    maps = {}
+    for fmt in (".pt", ".npy", ".npz", ".safetensors"):
+        f = _x_tensor_file(tmp_path / f"data{fmt}", x, y)
+        out = tmp_path / f"out{fmt}"
+        p = _x_main("cka", a, b, "--data", f, "--img-size", 32, "--batch-size", 8, "--out", out, "--quiet")
+        assert p.returncode == 0, (fmt, p.stderr[-3000:])
+        doc = json.loads((out / "cka.json").read_text())
+        assert doc["meta"]["data"]["n"] == 14
+        maps[fmt] = np.array(doc["cka"])
+        np.testing.assert_allclose(maps[fmt], ref, atol=2e-6, err_msg=fmt)
+    # float images in [0, 1] are the same images as uint8 / 255; channels-last is accepted
+    f = tmp_path / "float_nhwc.pt"
+    torch.save({"images": (x.float() / 255).permute(0, 2, 3, 1).contiguous(), "labels": y}, f)
+    p = _x_main("cka", a, b, "--data", f, "--img-size", 32, "--batch-size", 8, "--out", tmp_path / "outf", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    np.testing.assert_allclose(np.array(json.loads((tmp_path / "outf" / "cka.json").read_text())["cka"]), ref,
+                               atol=2e-6)
+
+
+def test_more_tensor_file_labels_and_subset(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 256, (10, 3, 16, 16), generator=g, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    for fmt in (".pt", ".npz", ".safetensors"):
+        s = sr.load_images(_x_tensor_file(tmp_path / f"d{fmt}", x, y))
+        assert torch.equal(s.items, x) and torch.equal(s.labels, y)
+        sub = sr.load_images(tmp_path / f"d{fmt}", n=4, seed=3)
+        assert len(sub) == 4
+        # the subset is 4 distinct images of the file, in file order, with their own labels
+        idx = [next(i for i in range(10) if torch.equal(x[i], im)) for im in sub.items]
+        assert idx == sorted(set(idx))
+        assert torch.equal(sub.labels, y[idx])
+    s = sr.load_images(_x_tensor_file(tmp_path / "d.npy", x, y))
+    assert torch.equal(s.items, x) and s.labels is None
+
+
+def test_more_cli_cka_three_models(tmp_path):
+    a, b = _x_pair(tmp_path)
+    c = _x_save(_x_model(3), tmp_path / "c.safetensors")
+    out = tmp_path / "out"
+    p = _x_main("cka", a, b, c, "--img-size", 32, "--n", 16, "--batch-size", 8, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((out / "cka.json").read_text())
+    assert len(doc["pairs"]) == 3
+    assert {(q["a"], q["b"]) for q in doc["pairs"]} == {(str(a), str(b)), (str(a), str(c)), (str(b), str(c))}
+    mm = np.array(doc["model_matrix"]["cka"], dtype=float)
+    assert mm.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(mm), 1.0, atol=1e-12)
+    np.testing.assert_allclose(mm, mm.T, atol=1e-12)
+    # off-diagonal = numpy CKA of the last block's flat features, images preprocessed by hand
+    imgs = sr.synthetic_images(16, seed=0).items
+    last = {f: _x_ref_features(f, imgs)["blocks.1"] for f in (a, b, c)}
+    for (i, fi), (j, fj) in [((0, a), (1, b)), ((0, a), (2, c)), ((1, b), (2, c))]:
+        assert mm[i, j] == pytest.approx(_x_np_cka(last[fi], last[fj]), abs=2e-6)
+    rows = _x_read_csv(out / "cka.csv")
+    assert len(rows) - 1 == 3 * 2 * 2
+
+
+def _x_bad_inputs(tmp_path):
+    """(name, argv) of CLI calls that must fail with a usage error; every one writes to its own --out."""
+    a, b = _x_pair(tmp_path)
+    ij = _x_model(4, cls_token=False, pos_cls_row=False)
+    ijp = _x_save(ij, tmp_path / "ijepa_like.safetensors")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(Path(b).read_bytes()[:300])  # a truncated zip
+    (tmp_path / "empty" / "cls_a").mkdir(parents=True)
+    (tmp_path / "empty" / "cls_a" / "notes.txt").write_text("not an image")
+    (tmp_path / "weights_empty").mkdir()
+    x, y = _x_colour_images(10, 16)
+    small = tmp_path / "small.pt"
+    torch.save({"images": x, "labels": y}, small)
+    badf = tmp_path / "normalised.pt"
+    torch.save({"images": (x.float() / 255 - 0.45) / 0.225, "labels": y}, badf)
+    common = ["--img-size", 32, "--quiet"]
+    return [
+        ("unknown name offline", ["cka", "no-such-model-xyz", b, "--offline", "--n", 8, *common]),
+        ("registered name offline, absent", ["cka", "mae-vitb16", b, "--offline", "--weights-dir",
+                                             tmp_path / "weights_empty", "--n", 8, *common]),
+        ("missing file", ["cka", tmp_path / "nope.pth", b, "--n", 8, *common]),
+        ("corrupt checkpoint", ["cka", a, corrupt, "--n", 8, *common]),
+        ("empty image folder", ["cka", a, b, "--data", tmp_path / "empty", *common]),
+        ("data path missing", ["cka", a, b, "--data", tmp_path / "no_such_dir", *common]),
+        ("n larger than data", ["cka", a, b, "--data", small, "--n", 11, *common]),
+        ("minibatch batch 2", ["cka", a, b, "--estimator", "minibatch", "--batch-size", 2, "--n", 8, *common]),
+        ("debiased n 3", ["cka", a, b, "--estimator", "debiased", "--n", 3, *common]),
+        ("float outside [0,1]", ["cka", a, b, "--data", badf, *common]),
+        ("unknown point", ["cka", a, b, "--points", "blocks.0,blocks.7", "--n", 8, *common]),
+        ("unknown point name", ["cka", a, b, "--points", "nonsense", "--n", 8, *common]),
+        ("tokens cls without cls", ["cka", ijp, b, "--tokens", "cls", "--n", 8, *common]),
+        ("one model", ["cka", a, "--n", 8, *common]),
+    ]
+
+
+def test_more_cli_bad_inputs_exit_2_one_line(tmp_path):
+    for k, (name, argv) in enumerate(_x_bad_inputs(tmp_path)):
+        out = tmp_path / f"out{k}"
+        p = _x_main(*argv, "--out", out)
+        try:
+            _x_assert_usage_error(p, out)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+def _x_folder_with_corrupt_image(root):
+    rng = np.random.default_rng(2)
+    good = []
+    for k in range(10):
+        arr = rng.integers(0, 256, (40 + 4 * (k % 3), 60 + 6 * (k % 3), 3), dtype=np.uint8)  # aspect 2:3
+        _x_png(root / ("a" if k % 2 else "b") / f"{k}.png", arr)
+        good.append(torch.from_numpy(arr).permute(2, 0, 1))
+    (root / "a" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    return good
+
+
+def test_more_cli_corrupt_image_skipped_and_strict(tmp_path):
+    good = _x_folder_with_corrupt_image(tmp_path / "data")
+    a, b = _x_pair(tmp_path)
+    out = tmp_path / "out"
+    p = _x_main("cka", a, b, "--data", tmp_path / "data", "--img-size", 32, "--batch-size", 4, "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    notices = [ln for ln in _x_lines(p.stderr) if "skipped" in ln]
+    assert len(notices) == 1 and "unreadable" in notices[0], p.stderr
+    assert "Traceback" not in p.stderr
+    doc = json.loads((out / "cka.json").read_text())
+    assert doc["meta"]["data"]["skipped"] >= 1
+    # the map is computed on the 10 readable images
+    np.testing.assert_allclose(np.array(doc["cka"]), _x_ref_cka_map(a, b, good), atol=2e-6)
+    out2 = tmp_path / "out_strict"
+    p = _x_main("cka", a, b, "--data", tmp_path / "data", "--img-size", 32, "--batch-size", 4, "--out", out2,
+                "--quiet", "--strict")
+    _x_assert_usage_error(p, out2)
+    assert "zz_corrupt.png" in p.stderr
+
+
+def test_more_cli_corrupt_image_counted_once(tmp_path):
+    good = _x_folder_with_corrupt_image(tmp_path / "data")
+    a, b = _x_pair(tmp_path)
+    out = tmp_path / "out"
+    p = _x_main("cka", a, b, "--data", tmp_path / "data", "--img-size", 32, "--batch-size", 4, "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    notice = next(ln for ln in _x_lines(p.stderr) if "skipped" in ln)
+    assert re.search(r"\b1 unreadable image", notice), notice
+    data = json.loads((out / "cka.json").read_text())["meta"]["data"]
+    assert data["skipped"] == 1, data
+    assert data["n"] == len(good), data
+
+
+@pytest.mark.parametrize("h,w", [(40, 60), (60, 40), (36, 36), (32, 48)])
+def test_more_preprocess_resize_short_side_then_centre_crop(h, w):
+    g = torch.Generator().manual_seed(h * 100 + w)
+    img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    got = sr.preprocess(img, 32, crop_pct=0.875)
+    # by hand: shorter side -> int(32 / 0.875) = 36, long side keeps the aspect, crop the centre 32 x 32
+    x = img.float()[None] / 255
+    s = 36
+    nh, nw = (s, w * s // h) if h <= w else (h * s // w, s)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    t, l = (nh - 32) // 2, (nw - 32) // 2
+    x = x[0, :, t:t + 32, l:l + 32]
+    exp = (x - torch.tensor(sr.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(sr.IMAGENET_STD).view(3, 1, 1)
+    assert got.shape == (3, 32, 32)
+    torch.testing.assert_close(got, exp, atol=1e-5, rtol=0)
+    # float input in [0, 1] and a batch give the same
+    torch.testing.assert_close(sr.preprocess(img.float() / 255, 32), got, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sr.preprocess(torch.stack([img, img]), 32)[1], got, atol=1e-6, rtol=0)
+
+
+def test_more_preprocess_no_resize_when_already_sized():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 32, 32, generator=g)
+    got = sr.preprocess(img, 32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    torch.testing.assert_close(got, (img - 0.5) / 0.5, atol=1e-6, rtol=0)
+    # crop only: a 40 x 32 image at crop_pct 1 keeps the centre rows 4..36 untouched
+    img = torch.rand(3, 40, 32, generator=g)
+    got = sr.preprocess(img, 32, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.testing.assert_close(got, img[:, 4:36], atol=1e-6, rtol=0)
+
+
+def test_more_synthetic_images_deterministic_and_balanced():
+    s1, s2 = sr.synthetic_images(48, size=40, seed=7), sr.synthetic_images(48, size=40, seed=7)
+    assert torch.equal(s1.items, s2.items) and torch.equal(s1.labels, s2.labels)
+    assert torch.equal(s1.masks, s2.masks)
+    s3 = sr.synthetic_images(48, size=40, seed=8)
+    assert not torch.equal(s1.items, s3.items)
+    assert s1.items.dtype == torch.uint8 and s1.items.shape == (48, 3, 40, 40)
+    assert len(s1.classes) >= 10 and len(set(s1.classes)) == len(s1.classes)
+    counts = np.bincount(s1.labels.numpy(), minlength=len(s1.classes))
+    assert len(counts) == len(s1.classes) and counts.min() == counts.max() == 48 // len(s1.classes)
+    big = sr.synthetic_images(250, size=16, seed=0)
+    counts = np.bincount(big.labels.numpy(), minlength=len(big.classes))
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 250
+    # masks: 0 background, 1 + label where the object is, and every object is visible
+    for i in range(48):
+        vals = set(s1.masks[i].unique().tolist())
+        assert vals <= {0, int(s1.labels[i]) + 1} and int(s1.labels[i]) + 1 in vals
+
+
+def test_more_cli_list_and_help():
+    p = _x_main("list", "--weights-dir", _X_HERE / "no_such_weights_dir_x")
+    assert p.returncode == 0, p.stderr
+    assert "mae-vitb16" in p.stdout
+    names = [ln.split()[0] for ln in p.stdout.splitlines()[1:] if ln.strip() and not ln.startswith("weights dir")]
+    assert "dino-vitb16" in names and "ijepa-vith14" in names
+    p = _x_main("--help")
+    assert p.returncode == 0 and "cka" in p.stdout
+    for cmd in _X_SUBCOMMANDS:
+        p = _x_main(cmd, "--help")
+        assert p.returncode == 0, (cmd, p.stderr)
+        assert "usage:" in p.stdout and cmd in p.stdout, cmd
+        assert p.stderr == "", (cmd, p.stderr)
+    p = _x_main("no-such-command")
+    assert p.returncode == 2 and len(_x_lines(p.stderr)) == 1 and "Traceback" not in p.stderr
+
+
+# ================================================================================================================
+# B. Probes & fine-tuning
+# ================================================================================================================
+
+def test_more_param_groups_layer_decay_and_no_weight_decay():
+    m = _x_model(0, num_classes=3)
+    groups = sr.param_groups_lrd(m, weight_decay=0.1, layer_decay=0.5)
+    seen = {}
+    for g in groups:
+        for name, p in zip(g["names"], g["params"]):
+            assert name not in seen
+            seen[name] = (g["lr_scale"], g["weight_decay"], p)
+    params = dict(m.named_parameters())
+    assert set(seen) == set(params)
+    for name, (scale, wd, p) in seen.items():
+        assert p is params[name]
+        top = name.split(".")[0]
+        if top in ("patch_embed", "cls_token", "pos_embed"):
+            exp = 0.5 ** 3
+        elif name.startswith("blocks.0."):
+            exp = 0.5 ** 2
+        elif name.startswith("blocks.1."):
+            exp = 0.5
+        else:
+            assert top in ("norm", "head"), name
+            exp = 1.0
+        assert scale == pytest.approx(exp, rel=1e-12), name
+        no_wd = p.ndim == 1 or name in ("pos_embed", "cls_token")
+        assert wd == (0.0 if no_wd else 0.1), name
+    assert seen["cls_token"][2].ndim == 3 and seen["cls_token"][1] == 0.0
+    assert seen["blocks.0.attn.qkv.weight"][1] == 0.1 and seen["head.weight"][1] == 0.1
+    assert seen["blocks.1.norm1.weight"][1] == 0.0 and seen["head.bias"][1] == 0.0
+
+
+def test_more_cosine_lr_values():
+    base, mn, warm, total = 0.1, 1e-3, 10, 110
+
+    def ref(step):
+        if step < warm:
+            return base * step / warm
+        t = (step - warm) / (total - warm)
+        return mn + (base - mn) * 0.5 * (1 + math.cos(math.pi * t))
+
+    assert sr.cosine_lr(0, total, warm, base, mn) == pytest.approx(0.0, abs=1e-15)
+    assert sr.cosine_lr(5, total, warm, base, mn) == pytest.approx(0.05, rel=1e-12)
+    assert sr.cosine_lr(10, total, warm, base, mn) == pytest.approx(base, rel=1e-12)
+    assert sr.cosine_lr(60, total, warm, base, mn) == pytest.approx(mn + (base - mn) / 2, rel=1e-12)
+    assert sr.cosine_lr(110, total, warm, base, mn) == pytest.approx(mn, rel=1e-12)
+    for s in (1, 9, 11, 37, 85, 109):
+        assert sr.cosine_lr(s, total, warm, base, mn) == pytest.approx(ref(s), rel=1e-12)
+    assert sr.cosine_lr(0, 50, 0, 2.0) == pytest.approx(2.0)
+    vals = [sr.cosine_lr(s, total, warm, base, mn) for s in range(warm, total + 1)]
+    assert all(x >= y for x, y in zip(vals, vals[1:]))
+
+
+def _x_sd(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_more_finetune_exact_resume_log_and_checkpoint(tmp_path):
+    base = _x_model(0, num_classes=2)
+    train, val = _x_colour_set(32, seed=1), _x_colour_set(8, seed=2)
+    kw = dict(val=val, epochs=2, batch_size=8, device="cpu", seed=3)   # 4 steps per epoch
+    m1 = copy.deepcopy(base)
+    r1 = sr.finetune(m1, train, out=tmp_path / "d1", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        sr.finetune(copy.deepcopy(base), train, out=tmp_path / "d2", stop_after_steps=6, **kw)
+    interrupted = json.loads((tmp_path / "d2" / "log.json").read_text())["history"]
+    assert [h["epoch"] for h in interrupted] == [1]
+    m2 = copy.deepcopy(base)
+    r2 = sr.finetune(m2, train, out=tmp_path / "d2", resume=True, **kw)
+    s1, s2 = _x_sd(m1), _x_sd(m2)
+    assert set(s1) == set(s2)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-6, rtol=0, msg=k)
+    assert any(not torch.equal(s1[k], v) for k, v in base.state_dict().items())  # it did train
+    # log.json
+    log = json.loads((tmp_path / "d1" / "log.json").read_text())
+    hist = log["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    for h in hist:
+        assert set(h) >= {"epoch", "train_loss", "val_acc", "lr"}
+        assert 0 <= h["val_acc"] <= 1 and math.isfinite(h["train_loss"])
+    # lr of the last step of each epoch: lr = blr * batch / 256, warmup 1 epoch (4 steps), cosine to min_lr
+    lr, mn = 1e-3 * 8 / 256, 1e-6
+    assert hist[0]["lr"] == pytest.approx(lr * 3 / 4, rel=1e-9)
+    assert hist[1]["lr"] == pytest.approx(mn + (lr - mn) * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-9)
+    hist2 = json.loads((tmp_path / "d2" / "log.json").read_text())["history"]
+    assert [h["epoch"] for h in hist2] == [1, 2]
+    for h1, h2 in zip(hist, hist2):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-6)
+        assert h2["val_acc"] == h1["val_acc"]
+    assert r1["history"][-1]["train_loss"] == pytest.approx(r2["history"][-1]["train_loss"], abs=1e-6)
+    # val_acc recorded = accuracy of the model's logits on val, computed here
+    x = torch.stack([_x_ref_preprocess(im, 32) for im in val.items])
+    with torch.no_grad():
+        acc = float((m1.logits(x).argmax(-1) == val.labels).float().mean())
+    assert hist[-1]["val_acc"] == pytest.approx(acc, abs=1e-9)
+    # the checkpoint reloads with its head and gives the same logits
+    re_m = sr.load_model(tmp_path / "d1" / "checkpoint.safetensors", head=True)
+    with torch.no_grad():
+        torch.testing.assert_close(re_m.logits(x), m1.logits(x), atol=1e-6, rtol=0)
+    assert re_m.input_size == 32 and re_m.preprocess["crop_pct"] == 0.875
+
+
+def test_more_cli_probe_and_knn_on_tensor_files(tmp_path):
+    xtr, ytr = _x_colour_images(24, 32, seed=1)
+    xva, yva = _x_colour_images(12, 32, seed=2)
+    torch.save({"images": xtr, "labels": ytr}, tmp_path / "train.pt")
+    torch.save({"images": xva, "labels": yva}, tmp_path / "val.pt")
+    a, _ = _x_pair(tmp_path)
+    common = ["--data", tmp_path / "train.pt", "--val", tmp_path / "val.pt", "--img-size", 32, "--batch-size", 8,
+              "--quiet"]
+    p = _x_main("knn", a, *common, "--k", 5, "--out", tmp_path / "knn")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "knn" / "knn.json").read_text())["results"][str(a)]
+    assert [k for k in res if "/" not in k] == ["blocks.0", "blocks.1"]
+    # DINO weighted k-NN by hand (numpy) on cls features of hand-preprocessed images
+    ftr = _x_ref_features(a, list(xtr), tokens="cls")
+    fva = _x_ref_features(a, list(xva), tokens="cls")
+    for layer in ("blocks.0", "blocks.1"):
+        tr = ftr[layer].double().numpy()
+        te = fva[layer].double().numpy()
+        tr /= np.linalg.norm(tr, axis=1, keepdims=True)
+        te /= np.linalg.norm(te, axis=1, keepdims=True)
+        sim = te @ tr.T
+        correct, ytr_np, yva_np = 0, ytr.numpy(), yva.numpy()
+        for i in range(len(te)):
+            nn_idx = np.argsort(-sim[i])[:5]
+            votes = np.zeros(2)
+            for j in nn_idx:
+                votes[ytr_np[j]] += np.exp(sim[i, j] / 0.07)
+            correct += int(votes.argmax() == yva_np[i])
+        assert res[layer] == pytest.approx(correct / len(te), abs=1e-12), layer
+    p = _x_main("probe", a, *common, "--out", tmp_path / "probe")
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    res = doc["results"][str(a)]
+    assert [k for k in res if "/" not in k] == ["blocks.0", "blocks.1"]
+    assert all(0 <= res[k] <= 1 for k in ("blocks.0", "blocks.1"))
+    assert res["blocks.1"] == 1.0  # colour alone separates the classes
+    assert doc["meta"]["n_train"] == 24 and doc["meta"]["n_val"] == 12
+    rows = _x_read_csv(tmp_path / "probe" / "probe.csv")
+    assert rows[0] == ["model", "layer", "metric", "value"] and len(rows) > 2
+
+
+def _x_blobs(n_per, centres, seed, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c, mu in enumerate(centres):
+        xs.append(mu + std * torch.randn(n_per, len(mu), generator=g))
+        ys.append(torch.full((n_per,), c))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_more_mlp_probe_separable_blobs():
+    g = torch.Generator().manual_seed(0)
+    centres = 8 * F.normalize(torch.randn(3, 16, generator=g), dim=1)
+    xtr, ytr = _x_blobs(50, centres, 1)
+    xte, yte = _x_blobs(30, centres, 2)
+    noise_tr, noise_te = torch.randn(150, 16, generator=g), torch.randn(90, 16, generator=g)
+    res = sr.mlp_probe({"sep": xtr, "noise": noise_tr}, ytr, {"sep": xte, "noise": noise_te}, yte, depth=2,
+                       epochs=40, lr=1e-2, batch_size=64, device="cpu")
+    assert res["sep"] >= 0.98
+    assert res["noise"] <= 0.6
+    res1 = sr.mlp_probe({"sep": xtr}, ytr, {"sep": xte}, yte, depth=1, epochs=40, lr=1e-2, batch_size=64,
+                       device="cpu")
+    assert res1["sep"] >= 0.98
+
+
+def test_more_concat_features_shapes_and_contents():
+    g = torch.Generator().manual_seed(0)
+    feats = {"a": torch.randn(7, 4, generator=g), "b": torch.randn(7, 2, 3, generator=g),
+             "c": torch.randn(7, 5, generator=g)}
+    out = sr.concat_features(feats)
+    assert list(out) == ["c", "c+a", "c+b", "all"]
+    assert out["c"].shape == (7, 5) and out["c+a"].shape == (7, 9) and out["c+b"].shape == (7, 11)
+    assert out["all"].shape == (7, 15)
+    assert torch.equal(out["c+a"], torch.cat([feats["c"], feats["a"]], 1))
+    assert torch.equal(out["c+b"], torch.cat([feats["c"], feats["b"].reshape(7, 6)], 1))
+    assert torch.equal(out["all"], torch.cat([feats["a"], feats["b"].reshape(7, 6), feats["c"]], 1))
+    out = sr.concat_features(feats, final="a")
+    assert list(out) == ["a", "a+b", "a+c", "all"] and out["a+c"].shape == (7, 9)
+
+
+# ================================================================================================================
+# C. Analyses with known answers
+# ================================================================================================================
+
+def _x_rel_model(table_fill):
+    """Depth-2 model with per-block relative position tables and zero q/k/v: attention = softmax(bias)."""
+    m = _x_model(0, rel_pos="per_block")
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.zero_()
+            blk.attn.qkv.bias.zero_()
+            table_fill(blk.attn.relative_position_bias_table)
+    return m
+
+
+def _x_patch_mean_distance(g, p):
+    rc = np.array([(i // g, i % g) for i in range(g * g)], dtype=np.float64) * p
+    d = np.sqrt(((rc[:, None, :] - rc[None, :, :]) ** 2).sum(-1))
+    return float(d.mean())
+
+
+def _x_attention_stats_by_hand(A):
+    """Mean entropy over queries and NMI I(q;k)/sqrt(H(q)H(k)) with uniform queries, of one (T, T) matrix."""
+    A = np.asarray(A, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hrow = -np.nansum(np.where(A > 0, A * np.log(A), 0.0), axis=1)
+        pk = A.mean(0)
+        hk = -np.sum(np.where(pk > 0, pk * np.log(pk), 0.0))
+    ent = hrow.mean()
+    mi = hk - ent
+    return ent, mi / math.sqrt(math.log(A.shape[0]) * hk)
+
+
+def test_more_attention_statistics_local_vs_global():
+    g, p = 4, 8
+    T = g * g + 1
+    x = torch.stack([_x_ref_preprocess(im, 32) for im in _x_colour_images(4, 32)[0]])
+
+    # global: zero q/k and zero tables -> uniform attention over all T tokens
+    uni = _x_rel_model(lambda t: t.zero_())
+    st = sr.attention_statistics(uni, x, batch_size=2, device="cpu")
+    mean_d = _x_patch_mean_distance(g, p)
+    assert st["distance"].shape == (2, 2)
+    np.testing.assert_allclose(st["distance"].numpy(), mean_d, rtol=1e-9)
+    np.testing.assert_allclose(st["entropy"].numpy(), math.log(T), rtol=1e-6)
+    np.testing.assert_allclose(st["nmi"].numpy(), 0.0, atol=1e-6)
+
+    # local: bias +30 at relative offset (0, 0), -1e4 for every other patch offset and for patch -> cls;
+    # cls -> patch and cls -> cls rows 0 (the cls query stays uniform)
+    zero_offset = (g - 1) * (2 * g - 1) + (g - 1)
+    rows = (2 * g - 1) ** 2
+
+    def fill(t):
+        t.fill_(-1e4)
+        t[zero_offset] = 30.0
+        t[rows + 0] = 0.0      # cls -> patch
+        t[rows + 1] = -1e4     # patch -> cls
+        t[rows + 2] = 0.0      # cls -> cls
+
+    loc = _x_rel_model(fill)
+    st_l = sr.attention_statistics(loc, x, batch_size=4, device="cpu")
+    np.testing.assert_allclose(st_l["distance"].numpy(), 0.0, atol=1e-6)
+    A = np.zeros((T, T))
+    A[0] = 1.0 / T
+    A[np.arange(1, T), np.arange(1, T)] = 1.0
+    ent, nmi = _x_attention_stats_by_hand(A)
+    np.testing.assert_allclose(st_l["entropy"].numpy(), ent, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st_l["nmi"].numpy(), nmi, rtol=1e-5)
+    assert float(st_l["distance"].max()) < float(st["distance"].min())
+    assert float(st_l["nmi"].min()) > 0.9
+
+
+def test_more_attention_maps_are_softmax_of_the_bias():
+    g = 4
+    gen = torch.Generator().manual_seed(0)
+    tables = []
+
+    def fill(t):
+        t.copy_(torch.randn(t.shape, generator=gen))
+        tables.append(t.detach().clone())
+
+    m = _x_rel_model(fill)
+    x = torch.stack([_x_ref_preprocess(im, 32) for im in _x_colour_images(2, 32)[0]])
+    maps = sr.attention_maps(m, x)
+    # BEiT index by hand: patch i -> j uses (dr + g - 1) * (2g - 1) + (dc + g - 1); cls rows at the end
+    P = g * g
+    idx = np.zeros((P + 1, P + 1), dtype=np.int64)
+    for i in range(P):
+        for j in range(P):
+            dr, dc = i // g - j // g, i % g - j % g
+            idx[i + 1, j + 1] = (dr + g - 1) * (2 * g - 1) + (dc + g - 1)
+    n = (2 * g - 1) ** 2
+    idx[0, 1:], idx[1:, 0], idx[0, 0] = n, n + 1, n + 2
+    for blk, table, a in zip(m.blocks, tables, maps):
+        bias = table[torch.from_numpy(idx)].permute(2, 0, 1)      # (H, T, T)
+        torch.testing.assert_close(a, bias.softmax(-1)[None].expand_as(a), atol=1e-6, rtol=0)
+
+
+def test_more_invariance_flip_symmetric_model_scores_one():
+    m = _x_model(0, pos_embed=False)
+    with torch.no_grad():
+        w = m.patch_embed.proj.weight
+        w.copy_((w + w.flip(-1)) / 2)      # each patch filter is left-right symmetric
+    m.preprocess = dict(_X_PP, crop_pct=1.0)   # 32 px images: no resize, so pixels stay in [0, 1]
+    x = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(9), dtype=torch.uint8)
+    images = sr.ImageSet(x, torch.arange(8) % 2, ["0", "1"], "rand")
+    inv = sr.invariance(m, images, augmentations=("hflip",), batch_size=4, device="cpu")
+    assert list(inv["hflip"]) == ["blocks.0", "blocks.1"]
+    for layer, sc in inv["hflip"].items():
+        assert sc["raw"] == pytest.approx(1.0, abs=1e-5), layer
+        assert sc["centred"] == pytest.approx(1.0, abs=1e-5), layer
+        assert sc["centred_normalised"] == pytest.approx(1.0, abs=1e-5), layer
+    # the same model with position embeddings is not flip invariant
+    m2 = _x_model(0)
+    with torch.no_grad():
+        m2.pos_embed.mul_(50)
+    m2.preprocess = dict(_X_PP, crop_pct=1.0)
+    inv2 = sr.invariance(m2, images, augmentations=("hflip",), batch_size=4, device="cpu")
+    assert inv2["hflip"]["blocks.1"]["centred_normalised"] < 0.99
+
+
+def test_more_invariance_scores_known_values():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 6, generator=g)
+    s = sr.invariance_scores(a, a.clone())
+    assert s["raw"] == pytest.approx(1.0) and s["centred_normalised"] == pytest.approx(1.0)
+    # b = -a: raw cosine -1 per image
+    s = sr.invariance_scores(a, -a)
+    assert s["raw"] == pytest.approx(-1.0, abs=1e-12)
+    # by hand: raw and centred (by the mean of [a; b]) cosines; normalised = (s - s_shuffled) / (1 - s_shuffled)
+    b = torch.randn(10, 6, generator=g)
+    s = sr.invariance_scores(a, b, seed=3)
+    an, bn = a.double().numpy(), b.double().numpy()
+
+    def cos(u, v):
+        return float(np.mean(np.sum(u * v, 1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))))
+
+    assert s["raw"] == pytest.approx(cos(an, bn), abs=1e-12)
+    mu = np.concatenate([an, bn]).mean(0)
+    assert s["centred"] == pytest.approx(cos(an - mu, bn - mu), abs=1e-12)
+    sh = s["centred_shuffled"]
+    assert s["centred_normalised"] == pytest.approx((s["centred"] - sh) / (1 - sh), abs=1e-12)
+
+
+def test_more_pca_probe_top_pcs_vs_random_directions():
+    g = torch.Generator().manual_seed(0)
+    d = 512
+
+    def data(n):
+        y = torch.arange(n) % 2
+        x = torch.randn(n, d, generator=g)
+        x[:, :2] += 3.0 * (2 * y[:, None] - 1)     # class information on the top-variance direction only
+        return x, y
+
+    xtr, ytr = data(300)
+    xte, yte = data(200)
+    res = sr.pca_probe({"f": xtr}, ytr, {"f": xte}, yte, ks=(1, 2, 4), weight_decay=1e-4, device="cpu")
+    assert set(res) == {f"f/{t}{k}" for t in ("pc", "random") for k in (1, 2, 4)}
+    for k in (1, 2, 4):
+        assert res[f"f/pc{k}"] >= 0.97, res
+    assert res["f/random1"] <= 0.75, res
+    assert res["f/random2"] <= 0.8, res
+
+
+def test_more_marginal_probe_finds_intermediate_layer_information():
+    g = torch.Generator().manual_seed(1)
+    C = 4
+    centres = 4 * torch.eye(C, 8)
+
+    def layers(n):
+        y = torch.arange(n) % C
+        return {"blocks.0": torch.randn(n, 8, generator=g),
+                "blocks.1": centres[y] + torch.randn(n, 8, generator=g),   # the only informative layer
+                "blocks.2": torch.randn(n, 8, generator=g)}, y
+
+    ftr, ytr = layers(240)
+    fte, yte = layers(200)
+    ctr, cte = sr.concat_features(ftr), sr.concat_features(fte)
+    res = sr.linear_probe(ctr, ytr, cte, yte, weight_decay=1e-3, device="cpu")
+    assert res["blocks.2"] <= 0.45 and res["blocks.2+blocks.0"] <= 0.45, res
+    assert res["blocks.2+blocks.1"] >= 0.9 and res["all"] >= 0.9, res
+    per_layer = sr.linear_probe(ftr, ytr, fte, yte, weight_decay=1e-3, device="cpu")
+    assert per_layer["blocks.1"] >= 0.9 and per_layer["blocks.0"] <= 0.45
+
+
+def test_more_prediction_agreement_of_identical_heads():
+    m1 = _x_model(0, num_classes=3)
+    m2 = copy.deepcopy(m1)
+    x = torch.stack([_x_ref_preprocess(im, 32) for im in torch.randint(0, 256, (40, 3, 32, 32),
+                                                                       generator=torch.Generator().manual_seed(1),
+                                                                       dtype=torch.uint8)])
+    with torch.no_grad():
+        p1, p2 = m1.logits(x).argmax(-1), m2.logits(x).argmax(-1)
+    y = p1.clone()
+    y[::3] = (y[::3] + 1) % 3          # a third of the labels disagree with the prediction
+    c1, c2 = p1 == y, p2 == y
+    r = sr.prediction_agreement(c1, c2)
+    assert r["kappa"] == pytest.approx(1.0, abs=1e-12)
+    assert r["hamming"] == pytest.approx(0.0, abs=1e-12)
+    acc = float(c1.float().mean())
+    assert r["acc_a"] == pytest.approx(acc) and r["acc_b"] == pytest.approx(acc)
+    n_right = int(c1.sum())
+    assert r["table"] == [[n_right, 0], [0, 40 - n_right]]
+
+
+def test_more_weight_distance_self_zero_and_single_perturbation():
+    m = _x_model(0, num_classes=3)
+    wd = sr.weight_distance(m, copy.deepcopy(m))
+    assert wd["total"] == 0.0 and wd["blocks"] == 0.0 and all(v == 0.0 for v in wd.values())
+    for key in ("patch_embed.proj", "cls_token", "pos_embed", "blocks.0.attn.qkv", "blocks.1.mlp.fc2", "norm"):
+        assert key in wd, key
+    g = torch.Generator().manual_seed(0)
+    m2 = copy.deepcopy(m)
+    dw = 0.01 * torch.randn(m2.blocks[1].mlp.fc1.weight.shape, generator=g)
+    db = 0.02 * torch.randn(m2.blocks[1].mlp.fc1.bias.shape, generator=g)
+    dpos = 0.03 * torch.randn(m2.pos_embed.shape, generator=g)
+    with torch.no_grad():
+        m2.blocks[1].mlp.fc1.weight.add_(dw)
+        m2.blocks[1].mlp.fc1.bias.add_(db)
+        m2.pos_embed.add_(dpos)
+        m2.head.weight.add_(1.0)       # heads are left out
+    wd = sr.weight_distance(m, m2)
+    n_fc1 = math.sqrt(float(dw.double().square().sum() + db.double().square().sum()))
+    n_pos = float(dpos.double().norm())
+    assert wd["blocks.1.mlp.fc1"] == pytest.approx(n_fc1, rel=1e-6)
+    assert wd["pos_embed"] == pytest.approx(n_pos, rel=1e-6)
+    assert wd["blocks"] == pytest.approx(n_fc1, rel=1e-6)
+    assert wd["total"] == pytest.approx(math.hypot(n_fc1, n_pos), rel=1e-6)
+    others = {k: v for k, v in wd.items() if k not in ("blocks.1.mlp.fc1", "pos_embed", "blocks", "total")}
+    assert all(v == 0.0 for v in others.values()), others
+    assert not any(k.startswith("head") for k in wd)
+
+
+# ================================================================================================================
+# D. torch.distributed (gloo, 2 CPU processes)
+# ================================================================================================================
+
+_X_FT_KW = dict(epochs=2, augment=False, drop_path=0.0, label_smoothing=0.0, device="cpu", seed=0)
+
+
+def _x_dist_files(d):
+    d = Path(d)
+    a, b = _x_pair(d)
+    h = _x_save(_x_model(5, num_classes=2), d / "head.safetensors")
+    return a, b, h
+
+
+def _x_dist_worker(rank, tmp):
+    """Everything the distributed tests check, in one pair of processes; rank 0 saves the results."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    with contextlib.suppress(OSError):
+        os.nice(10)   # leave the CPU to the longest background job (the report)
+    tmp = Path(tmp)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=180))
+    try:
+        a, b, h = tmp / "a.safetensors", tmp / "b.pth", tmp / "head.safetensors"
+        ma, mb = sr.load_model(a, img_size=32), sr.load_model(b, img_size=32)
+        images = sr.synthetic_images(26, size=40, seed=3)     # batches of 8: 8, 8, 8, 2
+        res = {}
+        for est in ("minibatch", "full"):
+            with _x_grad_mode_kept():
+                r = sr.compare_models([ma, mb], images, estimator=est, batch_size=8, device="cpu")
+            res[est] = r["pairs"][0]["cka"]
+        feats = sr.extract(ma, images, "blocks", "cls", batch_size=8, device="cpu")
+        res["extract"] = feats
+        tr, te = torch.arange(18), torch.arange(18, 26)
+        ftr = {k: v[tr] for k, v in feats.items()}
+        fte = {k: v[te] for k, v in feats.items()}
+        res["probe"] = sr.linear_probe(ftr, images.labels[tr], fte, images.labels[te], weight_decay=1e-3,
+                                       max_iter=50, device="cpu")
+        res["knn"] = sr.knn_accuracy(ftr, images.labels[tr], fte, images.labels[te], k=5, device="cpu")
+        train, val = _x_colour_set(28, seed=1), _x_colour_set(8, seed=2)
+        sr.finetune(sr.load_model(h, head=True), train, val=val, batch_size=4, out=tmp / "ft2", **_X_FT_KW)
+        try:
+            sr.finetune(sr.load_model(h, head=True), train, val=val, batch_size=4, out=tmp / "ft2r",
+                        stop_after_steps=5, **_X_FT_KW)
+            res["interrupted"] = False
+        except KeyboardInterrupt:
+            res["interrupted"] = True
+        sr.finetune(sr.load_model(h, head=True), train, val=val, batch_size=4, out=tmp / "ft2r", resume=True,
+                    **_X_FT_KW)
+        if rank == 0:
+            torch.save(res, tmp / "dist_res.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def _x_dist(tmp_path_factory):
+    import torch.multiprocessing as mp
+    d = tmp_path_factory.mktemp("x_dist")
+    _x_dist_files(d)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        ctx = mp.start_processes(_x_dist_worker, args=(str(d),), nprocs=2, join=False, start_method="spawn")
+        deadline = 300
+        t0 = time.time()
+        while not ctx.join(timeout=5):
+            if time.time() - t0 > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail("distributed workers did not finish in time")
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    res = torch.load(d / "dist_res.pt", weights_only=False)
+    return types.SimpleNamespace(dir=d, res=res)
+
+
+def test_more_dist_compare_models_equals_single_process(_x_dist):
+    d = _x_dist.dir
+    ma, mb = sr.load_model(d / "a.safetensors", img_size=32), sr.load_model(d / "b.pth", img_size=32)
+    images = sr.synthetic_images(26, size=40, seed=3)
+    for est in ("minibatch", "full"):
+        with _x_grad_mode_kept():
+            single = sr.compare_models([ma, mb], images, estimator=est, batch_size=8,
+                                       device="cpu")["pairs"][0]["cka"]
+        torch.testing.assert_close(_x_dist.res[est], single, atol=1e-6, rtol=0, msg=est)
+    # the full estimator also equals numpy CKA of hand-preprocessed features
+    ref = _x_np_cka_map(_x_ref_features(d / "a.safetensors", list(images.items)),
+                        _x_ref_features(d / "b.pth", list(images.items)))
+    np.testing.assert_allclose(_x_dist.res["full"].numpy(), ref, atol=2e-6)
+
+
+def test_more_compare_models_minibatch_keeps_autograd_on():
+    ma, mb = _x_model(0), _x_model(1)
+    images = sr.synthetic_images(16, size=32, seed=0)
+    with _x_grad_mode_kept():
+        torch.set_grad_enabled(True)
+        sr.compare_models([ma, mb], images, estimator="minibatch", batch_size=8, device="cpu")
+        enabled = torch.is_grad_enabled()
+    assert enabled, "autograd is disabled after compare_models(estimator='minibatch')"
+
+
+def test_more_dist_extract_and_probes_equal_single_process(_x_dist):
+    d = _x_dist.dir
+    ma = sr.load_model(d / "a.safetensors", img_size=32)
+    images = sr.synthetic_images(26, size=40, seed=3)
+    feats = sr.extract(ma, images, "blocks", "cls", batch_size=8, device="cpu")
+    got = _x_dist.res["extract"]
+    assert list(got) == list(feats)
+    for k in feats:
+        assert got[k].shape == feats[k].shape == (26, 32)
+        torch.testing.assert_close(got[k], feats[k], atol=1e-5, rtol=0, msg=k)
+    tr, te = torch.arange(18), torch.arange(18, 26)
+    ftr = {k: v[tr] for k, v in feats.items()}
+    fte = {k: v[te] for k, v in feats.items()}
+    assert sr.linear_probe(ftr, images.labels[tr], fte, images.labels[te], weight_decay=1e-3, max_iter=50,
+                           device="cpu") == _x_dist.res["probe"]
+    assert sr.knn_accuracy(ftr, images.labels[tr], fte, images.labels[te], k=5, device="cpu") == _x_dist.res["knn"]
+
+
+def _x_load_sd(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_more_dist_finetune_equals_single_process_double_batch(_x_dist, tmp_path):
+    d = _x_dist.dir
+    train, val = _x_colour_set(28, seed=1), _x_colour_set(8, seed=2)
+    sr.finetune(sr.load_model(d / "head.safetensors", head=True), train, val=val, batch_size=8,
+                out=tmp_path / "ft1", **_X_FT_KW)
+    s1, s2 = _x_load_sd(tmp_path / "ft1" / "checkpoint.safetensors"), _x_load_sd(d / "ft2" / "checkpoint.safetensors")
+    assert set(s1) == set(s2)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-5, rtol=0, msg=k)
+    h0 = _x_load_sd(d / "head.safetensors")
+    assert any(not torch.allclose(s1[k], h0[k]) for k in s1)   # it did train
+    l1 = json.loads((tmp_path / "ft1" / "log.json").read_text())
+    l2 = json.loads((d / "ft2" / "log.json").read_text())
+    assert l2["config"]["world_size"] == 2 and l1["config"]["world_size"] == 1
+    assert l2["config"]["lr"] == pytest.approx(l1["config"]["lr"])
+    for h1, h2 in zip(l1["history"], l2["history"], strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
+        assert h2["val_acc"] == h1["val_acc"] and h2["lr"] == pytest.approx(h1["lr"])
+
+
+def test_more_dist_finetune_resume(_x_dist):
+    d = _x_dist.dir
+    assert _x_dist.res["interrupted"] is True
+    s_full, s_res = _x_load_sd(d / "ft2" / "checkpoint.safetensors"), _x_load_sd(d / "ft2r" / "checkpoint.safetensors")
+    for k in s_full:
+        torch.testing.assert_close(s_res[k], s_full[k], atol=1e-6, rtol=0, msg=k)
+    hist = json.loads((d / "ft2r" / "log.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+
+
+def _x_shard_cover(n, bs, world=2):
+    m = _x_model(0)
+    images = _x_colour_set(n, seed=1)
+    single = list(sr.train_batches(m, images, bs * world, torch.Generator().manual_seed(0), (0, 1), augment=False))
+    shards = [list(sr.train_batches(m, images, bs, torch.Generator().manual_seed(0), (r, world), augment=False))
+              for r in range(world)]
+    return single, shards
+
+
+def test_more_train_batches_shards_make_the_single_process_batches():
+    single, shards = _x_shard_cover(28, 4)      # 28 = 3 * 8 + 4
+    assert len(single) == 3 and [len(s) for s in shards] == [3, 3]
+    for k in range(3):
+        torch.testing.assert_close(torch.cat([shards[0][k][0], shards[1][k][0]]), single[k][0], atol=0, rtol=0)
+        assert torch.equal(torch.cat([shards[0][k][1], shards[1][k][1]]), single[k][1])
+
+
+def test_more_train_batches_shards_equal_when_data_divides_evenly():
+    single, shards = _x_shard_cover(24, 4)      # 24 = 3 * 8
+    assert len(single) == 3
+    assert [len(s) for s in shards] == [3, 3]
+    for k in range(3):
+        torch.testing.assert_close(torch.cat([shards[0][k][0], shards[1][k][0]]), single[k][0], atol=0, rtol=0)
+
+
+# ================================================================================================================
+# Command lines run in the background by _x_bg (kept last: their tests wait for them)
+# ================================================================================================================
+
+def test_more_cli_cka_two_checkpoint_files(_x_bg):
+    a, b = _x_bg.a, _x_bg.b
+    out = _x_bg.dir / "cka_basic"
+    (p,) = _x_bg.jobs["cka_basic"].wait()
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr == "", p.stderr  # --quiet
+    doc = json.loads((out / "cka.json").read_text())
+    la, lb, m = doc["layers_a"], doc["layers_b"], np.array(doc["cka"], dtype=float)
+    assert la == ["blocks.0", "blocks.1"] and lb == ["blocks.0", "blocks.1"]
+    assert m.shape == (len(la), len(lb))
+    # sha256 of each checkpoint file, by hashlib
+    shas = [mm["sha256"] for mm in doc["meta"]["models"]]
+    assert shas == [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (a, b)]
+    # cka.csv: header + La*Lb rows, values equal to the json map
+    rows = _x_read_csv(out / "cka.csv")
+    assert len(rows) - 1 == len(la) * len(lb)
+    got = {(r[2], r[3]): float(r[4]) for r in rows[1:]}
+    for i, x in enumerate(la):
+        for j, y in enumerate(lb):
+            assert got[(x, y)] == pytest.approx(m[i, j], abs=1e-9)
+    if _x_has_matplotlib():
+        assert (out / "cka.png").is_file() and (out / "cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the map against numpy CKA of features of the same 24 synthetic images, preprocessed by hand
+    imgs = sr.synthetic_images(24, seed=0).items
+    ref = _x_ref_cka_map(a, b, imgs)
+    np.testing.assert_allclose(m, ref, atol=2e-6)
+
+
+def test_more_cli_finetune_colour_folders_then_cka(_x_bg):
+    if "finetune" not in _x_bg.jobs:
+        pytest.skip("Pillow not installed")
+    res = _x_bg.jobs["finetune"].wait()
+    ft = res[0]
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    log = json.loads((_x_bg.dir / "ft" / "log.json").read_text())
+    assert [h["epoch"] for h in log["history"]] == [1, 2, 3]
+    assert log["history"][-1]["val_acc"] >= 0.9, log["history"]
+    assert len(res) == 2, "the cka step did not run"
+    assert res[1].returncode == 0, res[1].stderr[-3000:]
+    doc = json.loads((_x_bg.dir / "ftcka" / "cka.json").read_text())
+    assert np.array(doc["cka"]).shape == (2, 2)
+    assert doc["meta"]["models"][0]["input_size"] == 96
+
+
+def test_more_torchrun_cka_equals_single_process(_x_bg, tmp_path):
+    res = _x_bg.jobs["torchrun"].wait()
+    assert res and res[0].returncode == 0, (res[0].stderr[-3000:] if res else "no result")
+    dist_doc = json.loads((_x_bg.dir / "torchrun" / "cka.json").read_text())
+    p = _x_main("cka", _x_bg.a, _x_bg.b, "--device", "cpu", "--img-size", 32, "--num-images", 24, "--batch-size", 8,
+                "--out", tmp_path / "single", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    single = json.loads((tmp_path / "single" / "cka.json").read_text())
+    assert dist_doc["layers_a"] == single["layers_a"] and dist_doc["layers_b"] == single["layers_b"]
+    np.testing.assert_allclose(np.array(dist_doc["cka"]), np.array(single["cka"]), atol=1e-6)
+    # only rank 0 wrote: one result, and stdout printed once
+    assert res[0].stdout.count("wrote ") == 1, res[0].stdout
+    assert dist_doc["meta"]["data"]["n"] == 24
+
+
+def test_more_cli_report(_x_bg):
+    res = _x_bg.jobs["report"].wait()
+    assert res and res[0].returncode == 0, (res[0].stderr[-3000:] if res else "no result")
+    out = _x_bg.dir / "report"
+    md = (out / "report.md").read_text()
+    sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
+    assert len(sections) == 6, sections
+    for word in ("gap", "Information", "Invariance", "Attention", "Spatial", "Weight"):
+        assert any(word.lower() in s.lower() for s in sections), (word, sections)
+    figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    for f in figs:
+        assert (out / f).is_file(), f
+    if _x_has_matplotlib():
+        assert len(figs) >= 5, figs
+    doc = json.loads((out / "report.json").read_text())
+    assert set(doc) >= {"gap", "info", "invariance", "attention", "spatial", "weights", "meta"}
+    shas = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (_x_bg.a, _x_bg.b)]
+    assert [m["sha256"] for m in doc["meta"]["models"]] == shas
+    for m in doc["meta"]["models"]:
+        assert m["sha256"][:16] in md
+    # the weight distance in the report equals the norm of the difference of the two files' weights
+    a = sr.load_model(_x_bg.a, img_size=32)
+    b = sr.load_model(_x_bg.b, img_size=32)
+    sa, sb = a.state_dict(), b.state_dict()
+    total = math.sqrt(sum(float((sa[k].double() - sb[k].double()).square().sum()) for k in sa))
+    (wd,) = doc["weights"]["results"].values()
+    assert wd["total"] == pytest.approx(total, rel=1e-9)
