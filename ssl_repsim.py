@@ -150,7 +150,7 @@ MANUAL_DOWNLOAD = {"simmim", "cae"}
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
 HEADS_BY_FAMILY_WIDTH = {("mocov3", 384): 12}
 # Position-embedding interpolation each family's own code uses at other input sizes (see interpolate_pos_embed).
-OFFSET_INTERP_FAMILIES = {"dino", "ibot", "msn", "dinov2"}
+OFFSET_INTERP_FAMILIES = {"dino", "ibot", "dinov2"}   # MSN: sqrt(npatch/N) scale, i.e. size=(g, g)
 
 
 def resolve_name(name: str) -> str:
@@ -1373,16 +1373,16 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return torch.exp(-d2 / (2 * threshold ** 2 * med))
 
 
-def center_gram(k: torch.Tensor, unbiased: bool = False, dtype=torch.float64) -> torch.Tensor:
+def center_gram(k: torch.Tensor, unbiased: bool = False, dtype=torch.float64, inplace: bool = False) -> torch.Tensor:
     """H K H (biased), or the U-centred Gram of Székely & Rizzo 2014 (zero diagonal), whose inner product over
     n(n−3) is the unbiased HSIC of Song et al. 2012. Computed in `dtype` (float64 unless the caller's Gram is
-    already well conditioned, e.g. built from centred features)."""
-    k = k.to(dtype=dtype, copy=True)
+    already well conditioned, e.g. built from centred features); `inplace` reuses k when it has that dtype."""
+    k = k if inplace and k.dtype == dtype else k.to(dtype=dtype, copy=True)
     n = k.shape[0]
     if not unbiased:
         return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
     k.fill_diagonal_(0)
-    means = k.sum(0, dtype=torch.float64) / (n - 2)
+    means = k.sum(1).double() / (n - 2)   # row sums (K is symmetric): contiguous, cascade-summed
     means -= means.sum() / (2 * (n - 1))
     means = means.to(dtype)
     k -= means[:, None]
@@ -1454,7 +1454,7 @@ def _feature_products(xs, ys) -> torch.Tensor:
     yall = torch.cat(ys, 1)
     widths = [y.shape[1] for y in ys]
     n = yall.shape[0]
-    rows = max(256, CHUNK // max(yall.shape[1], 1))
+    rows = 2048  # float32 products over 2048 samples at a time, summed in float64
     for i, x in enumerate(xs):
         acc = torch.zeros(x.shape[1], yall.shape[1], dtype=torch.float64, device=x.device)
         for s in range(0, n, rows):
@@ -1463,11 +1463,19 @@ def _feature_products(xs, ys) -> torch.Tensor:
     return out
 
 
+def cka_form_flops(n: int, dims_a: list[int], dims_b: list[int]) -> tuple[int, int]:
+    """FLOPs of an all-pairs linear CKA map in the Gram form, 2n²(Σd_a + Σd_b) + 2·L_a·L_b·n², and in the feature
+    form, 2n·Σd_a·Σd_b + 2n(Σd_a² + Σd_b²) (the self-terms ‖X_cᵀX_c‖)."""
+    gram = 2 * n * n * (sum(dims_a) + sum(dims_b)) + 2 * len(dims_a) * len(dims_b) * n * n
+    feature = 2 * n * sum(dims_a) * sum(dims_b) + 2 * n * (sum(d * d for d in dims_a) + sum(d * d for d in dims_b))
+    return gram, feature
+
+
 def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_threshold: float = 1.0) -> torch.Tensor:
     """CKA between every layer of xs and every layer of ys, (len(xs), len(ys)) float64.
-    Linear biased CKA takes the Gram form (centred Grams, 2n²d each, then n² per pair) or the feature form
-    (‖X_cᵀY_c‖², 2n·d_a·d_b per pair), whichever costs fewer FLOPs; other estimators use Grams. A constant layer
-    gives NaN entries and a warning naming it."""
+    Linear CKA (biased or debiased) takes the Gram form (centred Grams, 2n²d each, then n² per pair) or the
+    feature form (‖X_cᵀY_c‖², 2n·d_a·d_b per pair, plus O(n) terms for the U-statistic), whichever costs fewer
+    FLOPs; RBF uses Grams. A constant layer gives NaN entries and a warning naming it."""
     na, xs = _named(xs)
     nb, ys = _named(ys)
     if not xs or not ys:
@@ -1477,23 +1485,33 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
         raise UsageError("cka_matrix: every layer must hold the same samples (same first dimension)")
     _check_n(n, debiased)
     da, db = [x[0].numel() for x in xs], [y[0].numel() for y in ys]
-    feature_form = kernel == "linear" and not debiased and \
-        2 * n * sum(da) * sum(db) < 2 * n * n * (sum(da) + sum(db)) + 2 * len(xs) * len(ys) * n * n and \
-        max(da) * sum(db) * 8 <= GRAM_BUDGET_BYTES
+    gram_flops, feature_flops = cka_form_flops(n, da, db)
+    feature_form = kernel == "linear" and feature_flops < gram_flops and max(da) * sum(db) * 8 <= GRAM_BUDGET_BYTES
     if feature_form:
         xc, yc = [_centred32(x) for x in xs], [_centred32(y) for y in ys]
         xy = _feature_products(xc, yc)
         xx = torch.stack([_feature_products([x], [x])[0, 0] for x in xc])
         yy = torch.stack([_feature_products([y], [y])[0, 0] for y in yc])
+        if debiased:  # Song et al.'s HSIC₁ from features: for centred X, K̃1 = −a with a_i = ‖x_i‖² (K̃ = K − diag K)
+            a = torch.stack([x.double().square().sum(1) for x in xc])
+            b = torch.stack([y.double().square().sum(1) for y in yc])
+
+            def u_stat(p, u, v):  # n(n−3)·HSIC₁ = tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2·1ᵀK̃L̃1/(n−2)
+                uv = u @ v.T
+                return p - uv * (1 + 2 / (n - 2)) + torch.outer(u.sum(1), v.sum(1)) / ((n - 1) * (n - 2))
+            xy = u_stat(xy, a, b)
+            xx = torch.diagonal(u_stat(torch.diag(xx), a, a)).clone()
+            yy = torch.diagonal(u_stat(torch.diag(yy), b, b)).clone()
     else:
         def grams(vs):  # (len(vs), n²) centred Grams, float32 (linear: of float64-centred features: HKH = X_c X_cᵀ)
-            out = torch.empty(len(vs), n * n, device=vs[0].device)
+            dt = torch.float64 if vs[0].dtype == torch.float64 else torch.float32
+            out = torch.empty(len(vs), n * n, device=vs[0].device, dtype=dt)
             for i, v in enumerate(vs):
                 if kernel == "linear":
                     xc = _centred32(v)
-                    torch.mm(xc, xc.T, out=out[i].view(n, n))
+                    torch.mm(xc, xc.T.contiguous(), out=out[i].view(n, n))
                     if debiased:
-                        out[i] = center_gram(out[i].view(n, n), True, torch.float32).flatten()
+                        center_gram(out[i].view(n, n), True, dt, inplace=True)
                 else:
                     out[i] = center_gram(_gram(v.reshape(n, -1), kernel, rbf_threshold), debiased).flatten()
             return out
@@ -2915,16 +2933,12 @@ def _timeit(fn, reps=1, sync=None):
 
 
 def cka_flops(n: int, la: int, lb: int, d: int, estimator: str, batch: int = 256) -> tuple[float, str]:
-    """FLOP floor of an all-pairs map: Gram form 2n²d(La+Lb) + 2LaLbn², feature form 2n(La·d)(Lb·d) + 2nd²(La+Lb)
-    (the cheaper one for linear biased CKA), minibatch: the Gram form per batch."""
-    gram = 2 * n * n * d * (la + lb) + 2 * la * lb * n * n
-    feat = 2 * n * (la * d) * (lb * d) + 2 * n * d * d * (la + lb)
-    if estimator == "full":
+    """FLOP floor of an all-pairs map as cka_matrix computes it: the cheaper of the Gram and feature forms for
+    linear CKA (biased or debiased), the Gram form per batch for minibatch."""
+    gram, feat = cka_form_flops(n, [d] * la, [d] * lb)
+    if estimator in ("full", "debiased"):
         return (gram, "gram") if gram <= feat else (feat, "feature")
-    if estimator == "debiased":
-        return gram, "gram"
-    nb = n // batch
-    return nb * (2 * batch * batch * d * (la + lb) + 2 * la * lb * batch * batch), "minibatch"
+    return n // batch * cka_form_flops(batch, [d] * la, [d] * lb)[0], "minibatch"
 
 
 def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
@@ -2974,8 +2988,6 @@ def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
                                  for yb in yc] for xa in xc])
             del xc, yc
         for est in ("full", "debiased", "minibatch"):
-            if est == "debiased" and n > 5000 and device.type == "cpu":
-                continue
             if est == "minibatch":
                 def run():
                     acc = MinibatchCKA(12, 12, device=device)

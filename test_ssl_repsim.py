@@ -983,7 +983,7 @@ def test_hf_dir_reads_num_heads_from_config(tmp_path):
 @pytest.mark.parametrize("name,new_grid,recipe", [
     ("deit", 6, "plain"), ("deit", 3, "plain"), ("deit3", 5, "plain"), ("mae_ft", 6, "plain"),
     ("deit", (3, 6), "plain"),
-    ("dino", 6, "dinov2"), ("dino", 3, "dinov2"), ("ibot", 5, "dinov2"), ("msn", 6, "dinov2"),
+    ("dino", 6, "dinov2"), ("dino", 3, "dinov2"), ("ibot", 5, "dinov2"), ("msn", 6, "plain"),
     ("dino", (2, 8), "dinov2"),   # same token count as the stored 4x4 grid, but not square: must resample
 ])
 def test_learned_pos_embed_bicubic_interpolation(name, new_grid, recipe, tmp_path):
