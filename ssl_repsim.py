@@ -1509,7 +1509,7 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
             for i, v in enumerate(vs):
                 if kernel == "linear":
                     xc = _centred32(v)
-                    torch.mm(xc, xc.T.contiguous(), out=out[i].view(n, n))
+                    torch.mm(xc, xc.T, out=out[i].view(n, n))
                     if debiased:
                         center_gram(out[i].view(n, n), True, dt, inplace=True)
                 else:
