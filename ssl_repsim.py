@@ -2974,12 +2974,8 @@ def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
         out["extraction"]["bf16_img_s"] = nimg / t_bf
     del vit, x, a, b
     rows = []
-    g = torch.Generator().manual_seed(0)
     for n in ((1000, 5000, 10000) if full else (1000,)):
-        base = torch.randn(n, 768, generator=g)
-        xs = [(base + 0.5 * torch.randn(n, 768, generator=g) + 3.0).to(device) for _ in range(12)]
-        ys = [(base @ torch.randn(768, 768, generator=g) / 28 + torch.randn(n, 768, generator=g)).to(device)
-              for _ in range(12)]
+        xs, ys = bench_features(n, device)
         ref = None
         if n <= 5000:  # float64 feature form of the same biased estimator, as the reference
             xc = [v.double() - v.double().mean(0) for v in xs]
@@ -3009,7 +3005,87 @@ def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
     return out
 
 
+def bench_features(n: int, device=None, seed: int = 0) -> tuple[list, list]:
+    """The bench's 12 + 12 layers of d = 768 features for n samples: correlated, with a shared offset."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 768, generator=g)
+    xs = [(base + 0.5 * torch.randn(n, 768, generator=g) + 3.0).to(device) for _ in range(12)]
+    ys = [(base @ torch.randn(768, 768, generator=g) / 28 + torch.randn(n, 768, generator=g)).to(device)
+          for _ in range(12)]
+    return xs, ys
+
+
+_PEER_RUN = """
+import sys, time, torch
+sys.path.insert(0, {here!r})
+import ssl_repsim as sr
+xs, ys = sr.bench_features({n}, {device!r})
+base = sr._peak_rss()
+t = time.perf_counter()
+if {which!r} == "ssl_repsim":
+    m = sr.cka_matrix(xs, ys, debiased=True)
+else:
+    from cka.cka import cka_from_features
+    m = cka_from_features(xs, ys)
+dt = time.perf_counter() - t
+torch.save(dict(seconds=dt, extra=max(0.0, sr._peak_rss() - base), cka=m.double().cpu()), {out!r})
+"""
+
+
+def bench_peer(ns=(1000, 2000, 4000, 10000), device=None, quiet: bool = False) -> list[dict]:
+    """Side by side with pytorch-cka (pip install pytorch-cka; its `cka_from_features`, the same unbiased HSIC
+    estimator) on identical 12×12 d=768 features: time and peak extra memory of each, each in a fresh process,
+    and for n ≤ 4000 each one's largest error against a float64 computation."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("cka") is None:
+        raise UsageError("bench --peer needs pytorch-cka: pip install pytorch-cka")
+    device = str(torch.device(device) if device else default_device())
+    here = str(Path(__file__).resolve().parent)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in ns:
+            row = dict(n=n)
+            for which in ("ssl_repsim", "pytorch-cka"):
+                out = str(Path(tmp) / f"{which}-{n}.pt")
+                code = _PEER_RUN.format(here=here, n=n, device=device, which=which, out=out)
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise UsageError(f"bench --peer: {which} at n={n} failed: {_one_line(proc.stderr)[-300:]}")
+                r = torch.load(out, weights_only=True)
+                row[f"{which}_s"], row[f"{which}_extra_gb"], row[which] = r["seconds"], r["extra"] / 2 ** 30, r["cka"]
+            if n <= 4000:
+                xs, ys = bench_features(n, device)
+                ref = cka_matrix([x.double() for x in xs], [y.double() for y in ys], debiased=True)
+                for which in ("ssl_repsim", "pytorch-cka"):
+                    row[f"{which}_err"] = float((row[which] - ref).abs().max())
+            row["max_diff"] = float((row.pop("ssl_repsim") - row.pop("pytorch-cka")).abs().max())
+            note(f"n={n}: ssl_repsim {row['ssl_repsim_s']:.2f} s, pytorch-cka {row['pytorch-cka_s']:.2f} s", quiet)
+            rows.append(row)
+    return rows
+
+
+def _peak_rss() -> float:
+    """Peak resident memory of this process in bytes (Linux reports kB, macOS bytes)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(r if sys.platform == "darwin" else r * 1024)
+
+
 def cmd_bench(args):
+    if args.peer:
+        rows = bench_peer(device=args.device, quiet=args.quiet)
+        print(f"{'n':>6} {'ssl_repsim s':>12} {'pytorch-cka s':>13} {'ratio':>6} {'extra GB ours/peer':>19} "
+              f"{'err ours':>9} {'err peer':>9}")
+        for r in rows:
+            err = lambda k: f"{r[k]:.1e}" if k in r else "-"  # noqa: E731
+            print(f"{r['n']:>6} {r['ssl_repsim_s']:>12.2f} {r['pytorch-cka_s']:>13.2f} "
+                  f"{r['ssl_repsim_s'] / r['pytorch-cka_s']:>6.2f} "
+                  f"{r['ssl_repsim_extra_gb']:>9.2f}/{r['pytorch-cka_extra_gb']:<9.2f} {err('ssl_repsim_err'):>9} "
+                  f"{err('pytorch-cka_err'):>9}")
+        if args.out:
+            write_json(Path(args.out) / "bench_peer.json", rows)
+        return
     res = bench(args.full, args.device, args.quiet)
     print(f"\nssl_repsim bench on {res['gpu'] or 'CPU'} ({res['threads']} threads), torch {res['versions']['torch']}")
     print(f"matmul fp32: {res['matmul_gflops']:.0f} GFLOP/s")
@@ -3298,6 +3374,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measures the matmul rate, ViT-B/16 extraction with and without hooks, and "
                                    "12×12 all-pairs CKA (d=768) for each estimator. Quick by default (n=1k).")
     p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
+    p.add_argument("--peer", action="store_true", help="debiased 12×12 maps side by side with pytorch-cka "
+                   "(pip install pytorch-cka) at n = 1k, 2k, 4k, 10k: time, memory, error vs float64")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="also write bench.json here")
     _common(p, data=False)
