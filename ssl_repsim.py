@@ -2797,9 +2797,10 @@ def plot_heatmaps(maps: list[dict], path, title="CKA", quiet=False):
     for ax, m in zip(axes.flat, maps):
         im = ax.imshow(np.asarray(_jsonable(m["cka"]), dtype=float), origin="lower", vmin=0, vmax=1,
                        cmap="magma", aspect="auto")
-        ax.set_xlabel(f"{m['b']} layer")
-        ax.set_ylabel(f"{m['a']} layer")
-        ax.set_title(f"{title}: {m['a']} vs {m['b']}", fontsize=9)
+        a, b = Path(m["a"]).name, Path(m["b"]).name   # a checkpoint's file name, or a registered name
+        ax.set_xlabel(f"{b} layer")
+        ax.set_ylabel(f"{a} layer")
+        ax.set_title(f"{title}: {a} vs {b}", fontsize=9)
         for setter, labels in ((ax.set_yticks, m["layers_a"]), (ax.set_xticks, m["layers_b"])):
             step = max(1, len(labels) // 12)
             ticks = list(range(0, len(labels), step))
