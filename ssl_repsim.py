@@ -1543,11 +1543,6 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
     return out.cpu()
 
 
-def _is_constant(x) -> bool:
-    x = x.reshape(x.shape[0], -1)
-    return bool((x == x[:1]).all())
-
-
 def u_centred_gram(x: torch.Tensor) -> torch.Tensor:
     """U-centred linear Gram of a minibatch (float64), features centred first (U-centring ignores the shift)."""
     xc = _centred32(x.reshape(x.shape[0], -1))
@@ -1562,8 +1557,6 @@ class MinibatchCKA:
         kw = dict(dtype=torch.float64, device=device)
         self.xy, self.xx, self.yy = torch.zeros(num_a, num_b, **kw), torch.zeros(num_a, **kw), torch.zeros(num_b, **kw)
         self.batches = 0
-        self.const_a = torch.ones(num_a, dtype=torch.bool)
-        self.const_b = torch.ones(num_b, dtype=torch.bool)
 
     def update(self, xs, ys):
         _, xs = _named(xs)
@@ -1580,8 +1573,6 @@ class MinibatchCKA:
         self.xy += scale * ga @ gb.T
         self.xx += scale * (ga * ga).sum(1)
         self.yy += scale * (gb * gb).sum(1)
-        self.const_a &= torch.tensor([_is_constant(x) for x in xs])
-        self.const_b &= torch.tensor([_is_constant(y) for y in ys])
         self.batches += 1
 
     def all_reduce(self, group=None):
@@ -1590,21 +1581,19 @@ class MinibatchCKA:
             import torch.distributed as dist
             for t in (self.xy, self.xx, self.yy):
                 dist.all_reduce(t, group=group)
-            for t in (self.const_a, self.const_b):
-                v = t.to(self.xy.device, torch.float64)
-                dist.all_reduce(v, op=dist.ReduceOp.MIN, group=group)
-                t.copy_(v.bool().cpu())
         return self
 
     def compute(self) -> torch.Tensor:
         if self.batches == 0 and not _dist_active(None):
             raise UsageError("MinibatchCKA.compute() before any update()")
+        # a layer constant within every batch has U-centred Grams of exactly 0, so a zero self-term
+        const_a, const_b = ~(self.xx > 0), ~(self.yy > 0)
         out = self.xy / (self.xx.sqrt()[:, None] * self.yy.sqrt()[None, :])
-        out[self.const_a.to(out.device)] = float("nan")
-        out[:, self.const_b.to(out.device)] = float("nan")
-        if self.const_a.any() or self.const_b.any():
-            warnings.warn(f"constant layers (a: {self.const_a.nonzero().flatten().tolist()}, "
-                          f"b: {self.const_b.nonzero().flatten().tolist()}): their CKA entries are NaN", stacklevel=2)
+        out[const_a] = float("nan")
+        out[:, const_b] = float("nan")
+        if const_a.any() or const_b.any():
+            warnings.warn(f"constant layers (a: {const_a.nonzero().flatten().tolist()}, "
+                          f"b: {const_b.nonzero().flatten().tolist()}): their CKA entries are NaN", stacklevel=2)
         return out.cpu()
 
 
