@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -157,11 +158,6 @@ def resolve_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def list_models() -> list[dict]:
-    """Registry rows with their names, for `python ssl_repsim.py list`."""
-    return [dict(name=n, **r) for n, r in REGISTRY.items()]
-
-
 @dataclass
 class ViTConfig:
     img_size: int = 224
@@ -244,7 +240,7 @@ def hold_notes(hold: bool):
 
 # --- torch.distributed: every function behaves identically when no process group is initialised ---------------
 
-def _dist_active(group=None) -> bool:
+def _dist_active(group=None) -> bool:  # `group` for symmetry with the callers; any initialised group counts
     import torch.distributed as dist
     return dist.is_available() and dist.is_initialized()
 
@@ -451,6 +447,9 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.fc_norm else None
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
+        # what load_model fills in from the registry / file; defaults for a model built in code
+        self.input_size, self.source = cfg.img_size, dict(spec=cfg.family or "ViT", path=None, family=cfg.family)
+        self.preprocess = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bicubic", crop_pct=0.875)
         self._init_weights()
         self.eval()
 
@@ -484,7 +483,8 @@ class ViT(nn.Module):
             x = x + pos if pos is not None else x
             x = torch.cat([cls, x], 1) if cls is not None else x
         if self.register_tokens is not None:
-            x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], 1)
+            c = int(self.cfg.cls_token)
+            x = torch.cat([x[:, :c], self.register_tokens.expand(x.shape[0], -1, -1), x[:, c:]], 1)
         if keep is not None:
             if self.cfg.rel_pos:
                 raise UsageError("masking is not defined for models with relative position bias")
@@ -530,19 +530,16 @@ def keep_attention(model: ViT):
             blk.attn.keep_attn, blk.attn.attn_map = False, None
 
 
-def attention_maps(model: ViT, x: torch.Tensor) -> list[torch.Tensor]:
-    """Attention probabilities of every block, a list of (B, H, T, T)."""
+def attention_maps(model: ViT, x: torch.Tensor, keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Attention probabilities of every block, a list of (B, H, T, T) (`keep`: patches kept, as in tokens())."""
     with keep_attention(model), torch.no_grad():
-        model.forward_features(x)
+        model.forward_features(x, keep)
         return [blk.attn.attn_map for blk in model.blocks]
 
 
 # ======================================================================================================================
 # 3. Checkpoints: read safely, detect the layout, convert, download
 # ======================================================================================================================
-
-CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar", ".ckpt", ".safetensors")
-
 
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
@@ -832,6 +829,8 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, download: b
     spec = str(spec)
     if num_heads is not None and num_heads < 1:
         raise UsageError(f"num_heads must be ≥ 1, got {num_heads}")
+    if img_size is not None and img_size < 1:
+        raise UsageError(f"img_size must be ≥ 1, got {img_size}")
     name, row, meta, hf = resolve_name(spec), None, {}, {}
     if name in REGISTRY and not Path(spec).exists():
         row = REGISTRY[name]
@@ -1105,6 +1104,8 @@ def tensor_file(path) -> ImageSet:
     if not isinstance(obj, dict) or "images" not in obj:
         raise UsageError(f"{path}: expected a tensor or a dict with key 'images' (and optionally 'labels')")
     x = obj["images"]
+    if not isinstance(x, torch.Tensor):
+        raise UsageError(f"{path}: 'images' must be a tensor or array, got {type(x).__name__}")
     if x.ndim == 4 and x.shape[1] != 3 and x.shape[-1] == 3:
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
@@ -1118,6 +1119,8 @@ def tensor_file(path) -> ImageSet:
         y = torch.as_tensor(y).long().flatten()
         if len(y) != len(x):
             raise UsageError(f"{path}: {len(y)} labels for {len(x)} images")
+        if len(y) and y.min() < 0:
+            raise UsageError(f"{path}: labels must be class indices ≥ 0")
     classes = [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
     return ImageSet(x, y, classes, str(path))
 
@@ -1257,7 +1260,7 @@ def _autocast(device: torch.device, dtype):
 
 
 def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=None, dtype=None):
-    """Yield ({point: (b, ...) float32 tensor on `out_device`}, labels) per batch, one forward pass each."""
+    """Yield ({point: (b, ...) float32 tensor on `device`}, labels) per batch, one forward pass each."""
     device = torch.device(device) if device is not None else default_device()
     dtype = _parse_dtype(dtype)
     names = resolve_points(model, points)
@@ -1318,21 +1321,43 @@ def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: in
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def features_cache_key(model: ViT, data_id: str, points, tokens: str, n: int, img_size: int) -> str:
-    src = getattr(model, "source", {})
-    ckpt = file_sha256(src["path"]) if src.get("path") and Path(src["path"]).is_file() else "random-init"
-    key = json.dumps([ckpt, data_id, list(points), tokens, n, img_size, __version__])
+def images_fingerprint(images: ImageSet) -> str:
+    """A digest of exactly which images (and labels) an ImageSet holds: file paths, or the tensor's bytes."""
+    h = hashlib.sha256()
+    if isinstance(images.items, torch.Tensor):
+        h.update(str((tuple(images.items.shape), images.items.dtype)).encode())
+        h.update(images.items.contiguous().numpy().tobytes())
+    else:
+        h.update("\n".join(map(str, images.items)).encode())
+    if images.labels is not None:
+        h.update(images.labels.numpy().tobytes())
+    return h.hexdigest()
+
+
+def features_cache_key(model: ViT, images: ImageSet, points, tokens: str, dtype=None) -> str:
+    """Checkpoint (file hash, or the weights of an in-memory model), images, points, tokens, preprocessing, dtype."""
+    path = model.source.get("path")
+    if path and Path(path).is_file():
+        weights = file_sha256(path)
+    else:
+        h = hashlib.sha256()
+        for v in model.state_dict().values():
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        weights = h.hexdigest()
+    key = json.dumps([weights, images_fingerprint(images), list(points), tokens, model.input_size,
+                      model.preprocess, str(dtype), __version__], default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=None, batch_size=64, device=None,
-                   dtype=None, progress=False, data_id=None, group=None) -> dict[str, torch.Tensor]:
-    """extract(), saved to / loaded from a safetensors file keyed by checkpoint hash, data, points, tokens and n."""
+                   dtype=None, progress=False, group=None) -> dict[str, torch.Tensor]:
+    """extract(), saved to / loaded from a safetensors file keyed by the checkpoint's hash, the exact images,
+    points, tokens, preprocessing and dtype."""
     names = resolve_points(model, points)
     if cache_dir is None:
         return extract(model, images, names, tokens, batch_size, device, dtype, progress, group)
     from safetensors.torch import load_file, save as st_save
-    key = features_cache_key(model, data_id or images.name, names, tokens, len(images), model.input_size)
+    key = features_cache_key(model, images, names, tokens, dtype)
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
         with contextlib.suppress(Exception):
@@ -1340,11 +1365,7 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
             if set(feats) >= set(names):
                 return {k: feats[k] for k in names}
     feats = extract(model, images, names, tokens, batch_size, device, dtype, progress, group)
-    if images.labels is not None:
-        feats_to_save = dict(feats, __labels__=images.labels.clone())
-    else:
-        feats_to_save = feats
-    atomic_write(path, st_save({k: v.contiguous() for k, v in feats_to_save.items()}))
+    atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}))
     return feats
 
 
@@ -1597,11 +1618,16 @@ class MinibatchCKA:
         return out.cpu()
 
 
-def diagonal_mean(m: torch.Tensor) -> float:
-    """Mean CKA of matched layers (the diagonal; rectangular maps matched by relative depth)."""
+def matched_diagonal(m: torch.Tensor) -> list[float]:
+    """CKA of matched layers: the diagonal, or for rectangular maps layer i of A with the layer of B at the same
+    relative depth."""
     la, lb = m.shape
-    idx = [round(i * (lb - 1) / max(la - 1, 1)) for i in range(la)]
-    return float(torch.stack([m[i, j] for i, j in enumerate(idx)]).nanmean())
+    return [float(m[i, round(i * (lb - 1) / max(la - 1, 1))]) for i in range(la)]
+
+
+def diagonal_mean(m: torch.Tensor) -> float:
+    """Mean CKA of matched layers (see matched_diagonal)."""
+    return float(torch.tensor(matched_diagonal(m)).nanmean())
 
 
 def cka_vs_distance(m: torch.Tensor) -> list[float]:
@@ -1795,7 +1821,7 @@ def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.
     x = torch.zeros(P, d * C + C, device=xs.device, dtype=xs.dtype)
     f, g = loss_grad(x)
     S, Y, R = [], [], []
-    for it in range(max_iter):
+    for _ in range(max_iter):
         if float(g.abs().max()) < tol:
             break
         q, alphas = g.clone(), []
@@ -1869,8 +1895,7 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
         step = max(1, int(2e8 // max(len(y_train) * max(C, d) * len(wds), 1)))
         for s in range(0, len(names), step):
             chunk = names[s:s + step]
-            tr = torch.stack([standardize(train[k], test[k])[0] for k in chunk]).to(device)
-            te = torch.stack([standardize(train[k], test[k])[1] for k in chunk]).to(device)
+            tr, te = (torch.stack(z).to(device) for z in zip(*(standardize(train[k], test[k]) for k in chunk)))
             if n_val:
                 xs = tr[:, fit_idx].repeat_interleave(len(wds), 0)
                 w, b = _fit_softmax(xs, y_train[fit_idx], C, wds.repeat(len(chunk)), max_iter)
@@ -1912,8 +1937,7 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
     C = int(max(y_train.max(), y_test.max())) + 1
     out = {}
     for d, names in _stack_groups(train).items():
-        tr = torch.stack([standardize(train[k], test[k])[0] for k in names]).to(device)
-        te = torch.stack([standardize(train[k], test[k])[1] for k in names]).to(device)
+        tr, te = (torch.stack(z).to(device) for z in zip(*(standardize(train[k], test[k]) for k in names)))
         g = torch.Generator().manual_seed(seed)
         w = (torch.randn(len(names), d, C, generator=g) * 0.01).to(device)
         b = torch.zeros(len(names), 1, C, device=device)
@@ -2013,7 +2037,7 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
     if not 1 <= k <= len(y_train):
         raise UsageError(f"k-NN: k={k} must be between 1 and the {len(y_train)} training samples")
     device = torch.device(device) if device else default_device()
-    C = num_classes or int(max(y_train.max(), y_test.max())) + 1
+    C = max(num_classes or 0, int(max(y_train.max(), y_test.max())) + 1)
     out = {}
     for name in train:
         bank = F.normalize(train[name].float(), dim=1).to(device)
@@ -2042,7 +2066,7 @@ def _probe_tokens(model: ViT, tokens: str | None) -> str:
 # 8. Fine-tuning: layer-wise lr decay, warmup + cosine, augmentation in torch ops, checkpoint and exact resume
 # ======================================================================================================================
 
-NO_WEIGHT_DECAY = {"pos_embed", "cls_token", "register_tokens"}
+NO_WEIGHT_DECAY = {"pos_embed", "cls_token", "register_tokens"}   # and every *relative_position_bias_table
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -2063,7 +2087,8 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth)
-        wd = 0.0 if p.ndim == 1 or name in NO_WEIGHT_DECAY else weight_decay
+        wd = 0.0 if p.ndim == 1 or name in NO_WEIGHT_DECAY or name.endswith("relative_position_bias_table") \
+            else weight_decay
         g = groups.setdefault((lid, wd), dict(params=[], names=[], weight_decay=wd, layer_id=lid,
                                               lr_scale=layer_decay ** (depth + 1 - lid)))
         g["params"].append(p)
@@ -2201,7 +2226,10 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
     history, start = [], 0
     if resume and out and (out / "train_state.pt").is_file():
         state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
-        sd, _ = read_checkpoint(out / "checkpoint.safetensors")
+        sd, meta = read_checkpoint(out / "checkpoint.safetensors")
+        if json.loads(meta.get("epoch", "-1")) != state["epoch"] + 1:
+            raise UsageError(f"{out}: checkpoint.safetensors and train_state.pt are from different epochs (an "
+                             "interrupted save); remove train_state.pt to start over")
         model.load_state_dict(sd)
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"] + 1
@@ -2253,7 +2281,7 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
              + (f", val acc {val_acc:.3f}" if val_acc is not None else ""), quiet or rank != 0)
         if out and rank == 0:
             save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=epoch + 1))
-            buf = __import__("io").BytesIO()
+            buf = io.BytesIO()
             torch.save(dict(optimizer=opt.state_dict(), epoch=epoch, history=history), buf)
             atomic_write(out / "train_state.pt", buf.getvalue())
             write_json(out / "log.json", dict(history=history, config=dict(
@@ -2299,20 +2327,31 @@ def layernorm_without_affine(feats: dict, model: ViT) -> dict:
     return out
 
 
-def effective_rank(x) -> float:
-    """exp(H(p)), p_i = σ_i / Σσ over singular values of the mean-centred features (Roy & Vetterli 2007)."""
+def _spectrum(x) -> torch.Tensor:
+    """Singular values of the mean-centred features (float64)."""
     x = _flat64(x)
-    s = torch.linalg.svdvals(x - x.mean(0))
+    return torch.linalg.svdvals(x - x.mean(0))
+
+
+def _effective_rank(s: torch.Tensor) -> float:
     p = s / s.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _participation_ratio(s: torch.Tensor) -> float:
+    lam = s ** 2
+    return float(lam.sum() ** 2 / (lam ** 2).sum())
+
+
+def effective_rank(x) -> float:
+    """exp(H(p)), p_i = σ_i / Σσ over singular values of the mean-centred features (Roy & Vetterli 2007)."""
+    return _effective_rank(_spectrum(x))
+
+
 def participation_ratio(x) -> float:
     """(Σλ)² / Σλ², λ the eigenvalues of the feature covariance."""
-    x = _flat64(x)
-    lam = torch.linalg.svdvals(x - x.mean(0)) ** 2
-    return float(lam.sum() ** 2 / (lam ** 2).sum())
+    return _participation_ratio(_spectrum(x))
 
 
 def anisotropy(x) -> float:
@@ -2323,13 +2362,13 @@ def anisotropy(x) -> float:
 
 
 def spectrum_stats(feats: dict) -> dict[str, dict]:
-    """Effective rank, participation ratio, anisotropy and top-PC variance share per layer."""
+    """Effective rank, participation ratio, anisotropy and top-PC variance share per layer (one SVD each)."""
     out = {}
     for k, v in _layers(feats).items():
-        x = v.double()
-        lam = torch.linalg.svdvals(x - x.mean(0)) ** 2
-        out[k] = dict(effective_rank=effective_rank(x), participation_ratio=participation_ratio(x),
-                      anisotropy=anisotropy(x), top_pc_share=float(lam[0] / lam.sum()) if lam.sum() > 0 else 0.0)
+        s = _spectrum(v)
+        lam = s ** 2
+        out[k] = dict(effective_rank=_effective_rank(s), participation_ratio=_participation_ratio(s),
+                      anisotropy=anisotropy(v), top_pc_share=float(lam[0] / lam.sum()) if lam.sum() > 0 else 0.0)
     return out
 
 
@@ -2412,7 +2451,7 @@ def invariance_scores(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
 def invariance(model: ViT, images: ImageSet, augmentations=AUGMENTATIONS, points=None, tokens=None,
                batch_size: int = 32, seed: int = 0, device=None, dtype=None) -> dict:
     """Per layer and augmentation, invariance_scores of the model's features (cls, or mean without cls)."""
-    tokens = tokens or ("cls" if model.cfg.cls_token else "mean")
+    tokens = _probe_tokens(model, tokens)
     names = resolve_points(model, points)
     base = extract(model, images, names, tokens, batch_size, device, dtype)
     out = {}
@@ -2452,9 +2491,7 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
         if mask_ratio > 0:
             n_keep = max(1, int(round(gh * gw * (1 - mask_ratio))))
             keep = torch.rand(len(x), gh * gw, generator=g).argsort(1)[:, :n_keep].sort(1).values.to(device)
-        with keep_attention(model), torch.no_grad():
-            model.forward_features(x, keep=keep)
-            maps = [blk.attn.attn_map.double() for blk in model.blocks]
+        maps = [a.double() for a in attention_maps(model, x, keep)]
         idx = keep if keep is not None else torch.arange(gh * gw, device=device).expand(len(x), -1)
         pos = torch.stack([idx // gw, idx % gw], -1).double() * p          # (B, P, 2) pixels
         dist = torch.cdist(pos, pos)                                         # (B, P, P)
@@ -2493,8 +2530,9 @@ def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
 
 def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 32, max_patches: int = 20000,
                    seed: int = 0, device=None, dtype=None) -> dict:
-    """Linear probes on frozen patch tokens of every block: the patch's grid position (P classes) and, where the
-    data has masks, the object class under the patch (0 = background). Train/test split by image."""
+    """Linear probes on frozen patch tokens of every block, and of every block concatenated with the last: the
+    patch's grid position (P classes) and, where the data has masks, the object class under the patch
+    (0 = background). Train/test split by image."""
     names = resolve_points(model, points)
     feats = extract(model, images, names, "patch", batch_size, device, dtype)
     n, P = next(iter(feats.values())).shape[:2]
@@ -2516,6 +2554,8 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
         rtr, rte = take(tr_img), take(te_img)
         tr = {k: v[rtr[:, 0], rtr[:, 1]] for k, v in feats.items()}
         te = {k: v[rte[:, 0], rte[:, 1]] for k, v in feats.items()}
+        if len(names) > 1:  # and each block concatenated with the last one (the paper's block-i + block-11 runs)
+            tr, te = ({k: v for k, v in concat_features(f, names[-1]).items() if k != "all"} for f in (tr, te))
         res = linear_probe(tr, lab[rtr[:, 0], rtr[:, 1]], te, lab[rte[:, 0], rte[:, 1]], weight_decays=(1e-4,),
                            max_iter=100, seed=seed, device=device)
         out[tname] = {k: v for k, v in res.items() if "/" not in k}
@@ -2574,8 +2614,8 @@ def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
     for pair in res["pairs"]:
         i, j = pair["index"]
         by_type = slice_by_type(pair["cka"], pair["layers_a"], pair["layers_b"])
-        pair["by_type"] = {t: dict(diagonal=[float(v["cka"][k, k]) for k in range(min(v["cka"].shape))],
-                                   diagonal_mean=v["diagonal_mean"]) for t, v in by_type.items()}
+        pair["by_type"] = {t: dict(diagonal=matched_diagonal(v["cka"]), diagonal_mean=v["diagonal_mean"])
+                           for t, v in by_type.items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pair["layernorm_mean_tokens"] = dict(
@@ -2612,9 +2652,9 @@ def run_info(models, images, args) -> tuple[dict, dict, list[str]]:
     for m in models:
         tok = _probe_tokens(m, None)
         ftr = cached_extract(m, train, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:train")
+                             device=args.device, dtype=args.dtype)
         fva = cached_extract(m, val, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype, data_id=f"{images.name}:val")
+                             device=args.device, dtype=args.dtype)
         last = list(ftr)[-1]
         lin = {k: v for k, v in linear_probe(ftr, train.labels, fva, val.labels, seed=args.seed).items() if "/" not in k}
         knn = {k: v for k, v in knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train))).items()
@@ -2696,11 +2736,42 @@ def run_weights(models, images, args) -> tuple[dict, dict, list[str]]:
     return out, {}, readings
 
 
+def predictions_correct(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> torch.Tensor:
+    """Per image, whether the model's classification head predicts its label (top-1)."""
+    device = torch.device(device) if device else default_device()
+    out = []
+    with torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
+        for x, y in model_batches(model, images, batch_size):
+            out.append(model.logits(x.to(device)).argmax(-1).cpu() == y)
+    return torch.cat(out)
+
+
+def run_agreement(models, images, args) -> tuple[dict, dict, list[str]]:
+    """Prediction agreement between every two models whose heads classify the data's labels (fine-tuned or
+    linear-probed checkpoints): joint correctness table, Hamming distance, Cohen's κ."""
+    heads = [m for m in models if m.head is not None and images.labels is not None
+             and m.head.out_features > int(images.labels.max())]
+    if len(heads) < 2:
+        return {}, {}, ["fewer than two models carry a classification head for these labels: nothing to compare "
+                        "(fine-tune them, or load fine-tuned checkpoints with their heads)"]
+    correct = {_spec(m): predictions_correct(m, images, args.batch_size, args.device, args.dtype) for m in heads}
+    out, readings = {}, []
+    names = list(correct)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            r = prediction_agreement(correct[a], correct[b])
+            out[f"{a} vs {b}"] = r
+            readings.append(f"{a} ({r['acc_a']:.2f}) vs {b} ({r['acc_b']:.2f}): Hamming distance of correctness "
+                            f"{r['hamming']:.3f}, Cohen's κ {r['kappa']:.2f}.")
+    return out, {}, readings
+
+
 ANALYSES = {"gap": run_gap, "info": run_info, "invariance": run_invariance, "attention": run_attention,
-            "spatial": run_spatial, "weights": run_weights}
+            "spatial": run_spatial, "weights": run_weights, "agreement": run_agreement}
 ANALYSIS_TITLES = {"gap": "Where the gap opens (CKA by sub-layer type)", "info": "Information distribution",
                    "invariance": "Invariance to augmentations", "attention": "Attention distance and NMI",
-                   "spatial": "Spatial specificity (per-patch probes)", "weights": "Weight distance"}
+                   "spatial": "Spatial specificity (per-patch probes)", "weights": "Weight distance",
+                   "agreement": "Prediction agreement of classification heads"}
 
 
 def render_report(sections, meta) -> str:
@@ -2747,7 +2818,6 @@ def write_json(path, obj) -> Path:
 
 def write_csv(path, header, rows) -> Path:
     import csv
-    import io
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -2767,7 +2837,6 @@ def _pyplot(quiet=False):
 
 
 def save_figure(fig, path) -> Path:
-    import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -2837,11 +2906,11 @@ def _out_dir(args, kind: str) -> Path:
     return Path("results") / f"{kind}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _load_models(args) -> list[ViT]:
+def _load_models(args, head: bool = False) -> list[ViT]:
     models = []
     for spec in args.models:
         m = load_model(spec, args.family, weights_dir=args.weights_dir, download=not args.offline,
-                       num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet)
+                       num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet, head=head)
         note(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
              f"heads={m.cfg.num_heads}, input {m.input_size}px", args.quiet)
         models.append(m)
@@ -3147,8 +3216,8 @@ def cmd_probe(args, kind="probe"):
         tok = _probe_tokens(m, args.tokens)
         kw = dict(cache_dir=args.cache, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                   progress=not args.quiet)
-        ftr = cached_extract(m, train, args.points, tok, data_id=f"{args.data}:train:{args.seed}", **kw)
-        fva = cached_extract(m, val, args.points, tok, data_id=f"{args.val or args.data}:val:{args.seed}", **kw)
+        ftr = cached_extract(m, train, args.points, tok, **kw)
+        fva = cached_extract(m, val, args.points, tok, **kw)
         ytr, yva = train.labels, val.labels
         if kind == "knn":
             results[m.source["spec"]] = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)),
@@ -3199,13 +3268,13 @@ def _add_probe_commands(sub):
         p.add_argument("--val-fraction", type=float, default=0.2)
         if name != "finetune":
             p.add_argument("--points", default="blocks", help="blocks | sublayers | all | comma list")
-            p.add_argument("--tokens", default=None, choices=TOKENS[1:], help="cls (default; mean for models "
-                           "without cls), mean, flat")
+            p.add_argument("--tokens", default=None, choices=("flat", "cls", "mean"), help="cls (default; mean "
+                           "for models without cls), mean, flat")
         if name == "probe":
             p.add_argument("--method", default="lbfgs", choices=["lbfgs", "mae", "mlp"],
                            help="lbfgs: logistic regression, weight decay chosen on held-out train data "
                                 "(default); mae: BN + LARS + cosine (MAE protocol); mlp: MLP head (--depth)")
-            p.add_argument("--depth", type=int, default=2, help="MLP probe depth (1-4)")
+            p.add_argument("--depth", type=int, default=2, help="MLP probe depth (the paper: 1-4)")
             p.add_argument("--epochs", type=int, default=90, help="epochs for --method mae/mlp")
         if name == "knn":
             p.add_argument("--k", type=int, default=20)
@@ -3242,7 +3311,7 @@ def _render_figures(figures: dict, out: Path, quiet: bool) -> list[str]:
 
 def cmd_analysis(args):
     t0 = time.time()
-    models = _load_models(args)
+    models = _load_models(args, head=args.cmd in ("report", "agreement"))
     images = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
     names = list(ANALYSES) if args.cmd == "report" else [args.cmd]
     if args.cmd == "report" and args.skip:
@@ -3276,6 +3345,8 @@ def _add_analysis_commands(sub):
              "spatial": "per-patch probes of position and object class on frozen patch tokens",
              "weights": "per-module weight distance between models of one architecture (e.g. pretrained vs "
                         "fine-tuned)",
+             "agreement": "prediction agreement of models' classification heads: joint correctness, Hamming "
+                          "distance, Cohen's kappa",
              "report": "run every analysis and write report.md + report.json"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text + ".")

@@ -3436,7 +3436,7 @@ def test_more_cli_report(_x_bg):
     out = _x_bg.dir / "report"
     md = (out / "report.md").read_text()
     sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
-    assert len(sections) == 6, sections
+    assert len(sections) == 7, sections
     for word in ("gap", "Information", "Invariance", "Attention", "Spatial", "Weight"):
         assert any(word.lower() in s.lower() for s in sections), (word, sections)
     figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
