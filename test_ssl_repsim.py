@@ -3457,3 +3457,61 @@ def test_more_cli_report(_x_bg):
     total = math.sqrt(sum(float((sa[k].double() - sb[k].double()).square().sum()) for k in sa))
     (wd,) = doc["weights"]["results"].values()
     assert wd["total"] == pytest.approx(total, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# regressions from review: feature cache identity, agreement of heads, input checks
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_feature_cache_distinguishes_subsets_and_reuses_identical(tmp_path):
+    m = _x_model(0)
+    data = tmp_path / "d.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save({"images": torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g),
+                "labels": torch.arange(12) % 3}, data)
+    a = sr.load_images(data, n=6, seed=1, quiet=True)
+    b = sr.load_images(data, n=6, seed=2, quiet=True)
+    assert not torch.equal(a.items, b.items)
+    cache = tmp_path / "cache"
+    fa = sr.cached_extract(m, a, "blocks", "cls", cache_dir=cache)
+    fb = sr.cached_extract(m, b, "blocks", "cls", cache_dir=cache)
+    assert len(list(cache.glob("features-*.safetensors"))) == 2
+    direct = sr.extract(m, b, "blocks", "cls")          # what a cache miss computes, independently of the cache
+    assert all(torch.allclose(fb[k], direct[k]) for k in direct)
+    assert not all(torch.allclose(fa[k], fb[k]) for k in fa)
+    again = sr.cached_extract(m, a, "blocks", "cls", cache_dir=cache)
+    assert len(list(cache.glob("features-*.safetensors"))) == 2 and all(torch.equal(again[k], fa[k]) for k in fa)
+
+
+def test_agreement_of_identical_heads_is_kappa_one(tmp_path):
+    m = _x_model(3, num_classes=3)
+    p1, p2 = sr.save_checkpoint(m, tmp_path / "h1.safetensors"), sr.save_checkpoint(m, tmp_path / "h2.safetensors")
+    data = tmp_path / "d.pt"
+    g = torch.Generator().manual_seed(1)
+    torch.save({"images": torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g),
+                "labels": torch.arange(20) % 3}, data)
+    p = _x_main("agreement", p1, p2, "--data", data, "--img-size", 32, "--out", tmp_path / "o", "--quiet")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads((tmp_path / "o" / "agreement.json").read_text())
+    (r,) = doc["agreement"]["results"].values()
+    assert r["kappa"] == 1.0 and r["hamming"] == 0.0
+    assert sum(map(sum, r["table"])) == 20
+
+
+def test_tensor_file_rejects_non_tensor_images_and_negative_labels(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"images": [1, 2, 3]}, bad)
+    with pytest.raises(sr.UsageError):
+        sr.load_images(bad, quiet=True)
+    neg = tmp_path / "neg.pt"
+    torch.save({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "labels": torch.tensor([0, -1])}, neg)
+    with pytest.raises(sr.UsageError):
+        sr.load_images(neg, quiet=True)
+
+
+def test_knn_num_classes_smaller_than_labels_is_not_an_index_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=g)
+    y = torch.arange(30) % 6
+    res = sr.knn_accuracy({"f": x}, y, {"f": x}, y, k=1, num_classes=2)
+    assert res["f"] == 1.0  # k=1 on the training set itself: every sample's nearest neighbour is itself
