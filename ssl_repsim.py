@@ -1694,11 +1694,13 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
 
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
                    kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
-                   progress=False, quiet=True, group=None) -> dict:
-    """CKA maps of every pair of models (each extracted once) and the models×models matrix at the last point.
+                   progress=False, quiet=True, group=None, model_point: str | None = None) -> dict:
+    """CKA maps of every pair of models (each extracted once) and the models×models matrix at `model_point`
+    (default: each model's last point; "last"/"first" or a point name present in every model's list).
     Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
     all-reduced, full-batch features gathered, so every estimator equals the single-process result."""
     names = [resolve_points(m, points) for m in models]
+    at = [_point_index(n, model_point) for n in names]
     estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
     _check_batches(len(images), batch_size, estimator)
     if kernel != "linear" and estimator == "minibatch":
@@ -1753,9 +1755,19 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
         if len(types) > 1:
             entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
         out_pairs.append(entry)
-        matrix[i, j] = matrix[j, i] = m[-1, -1]
-    return dict(pairs=out_pairs, model_matrix=dict(models=specs, point=[n[-1] for n in names], cka=matrix),
-                estimator=estimator)
+        matrix[i, j] = matrix[j, i] = m[at[i], at[j]]
+    return dict(pairs=out_pairs, model_matrix=dict(models=specs, point=[n[k] for n, k in zip(names, at)],
+                                                   cka=matrix), estimator=estimator)
+
+
+def _point_index(names: list[str], point: str | None) -> int:
+    if point in (None, "last"):
+        return len(names) - 1
+    if point == "first":
+        return 0
+    if point not in names:
+        raise UsageError(f"--model-point {point} is not among the points ({names[0]} ... {names[-1]})")
+    return names.index(point)
 
 
 # ======================================================================================================================
@@ -2926,7 +2938,7 @@ def cmd_cka(args):
     res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                          kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype, cache_dir=args.cache, progress=not args.quiet,
-                         quiet=args.quiet)
+                         quiet=args.quiet, model_point=args.model_point)
     if images.skipped:
         note(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)", args.quiet)
     out = _out_dir(args, "cka")
@@ -2949,7 +2961,7 @@ def cmd_cka(args):
         print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}")
         print(format_map(p["cka"], p["layers_a"], p["layers_b"]))
     if len(models) > 2:
-        print("\nmodel × model CKA at the last point:")
+        print(f"\nmodel × model CKA at {res['model_matrix']['point'][0]}:")
         print(format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
     print(f"\nwrote {out}/cka.json, cka.csv{', cka.png' if (out / 'cka.png').exists() else ''} "
           f"({meta['elapsed_s']:.1f} s)")
@@ -3424,6 +3436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default="linear", choices=["linear", "rbf"])
     p.add_argument("--rbf-threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median "
                    "distance (0.2 .. 1.0 in the paper)")
+    p.add_argument("--model-point", default=None, help="point of the model×model matrix (3+ models): last "
+                   "(default), first, or a name such as blocks.5")
     _common(p)
     p.set_defaults(fn=cmd_cka)
 

@@ -3515,3 +3515,19 @@ def test_knn_num_classes_smaller_than_labels_is_not_an_index_error():
     y = torch.arange(30) % 6
     res = sr.knn_accuracy({"f": x}, y, {"f": x}, y, k=1, num_classes=2)
     assert res["f"] == 1.0  # k=1 on the training set itself: every sample's nearest neighbour is itself
+
+
+def test_model_point_selects_the_model_matrix_point(tmp_path):
+    paths = [sr.save_checkpoint(_x_model(s), tmp_path / f"m{s}.safetensors") for s in (0, 1, 2)]
+    data = tmp_path / "d.pt"
+    g = torch.Generator().manual_seed(4)
+    torch.save({"images": torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)}, data)
+    p = _x_main("cka", *paths, "--data", data, "--img-size", 32, "--model-point", "blocks.0", "--estimator", "full",
+                "--tokens", "cls", "--out", tmp_path / "o", "--quiet")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads((tmp_path / "o" / "cka.json").read_text())
+    assert doc["model_matrix"]["point"] == ["blocks.0"] * 3
+    imgs = sr.load_images(data, quiet=True)
+    feats = [sr.extract(sr.load_model(q), imgs, ["blocks.0"], "cls")["blocks.0"].numpy() for q in paths]
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert abs(doc["model_matrix"]["cka"][i][j] - _x_np_cka(feats[i], feats[j])) < 1e-6
