@@ -17,6 +17,7 @@ Hard dependencies: torch, numpy, safetensors. Pillow, matplotlib and tqdm are im
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -545,9 +546,22 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+class _ConfigAsDict:
+    """Stands in for a pickled yacs CfgNode (the `config` of SimMIM files): it unpickles as a plain OrderedDict of
+    the node's items and attributes, so none of yacs' code is needed or run."""
+
+    def __new__(cls, *args):
+        return collections.OrderedDict()
+
+
+# what weights_only loading may rebuild besides tensors and containers: the data-only objects released files pickle
+SAFE_GLOBALS = [argparse.Namespace, (_ConfigAsDict, "yacs.config.CfgNode")]
+
+
 def read_checkpoint(path) -> tuple[dict, dict]:
     """(object, safetensors metadata) of a checkpoint file. Pickles load with weights_only=True: only tensors,
-    containers and argparse.Namespace (the `args` of DINO / iBOT full files) are rebuilt; nothing runs code."""
+    containers, argparse.Namespace (the `args` of DINO / iBOT / BEiT full files) and yacs configs (as plain
+    dicts) are rebuilt; nothing runs code."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
@@ -559,7 +573,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         except Exception as e:
             raise UsageError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for unsafe globals; RuntimeError / EOFError for corrupt files
         msg = _one_line(e)

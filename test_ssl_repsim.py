@@ -3531,3 +3531,28 @@ def test_model_point_selects_the_model_matrix_point(tmp_path):
     feats = [sr.extract(sr.load_model(q), imgs, ["blocks.0"], "cls")["blocks.0"].numpy() for q in paths]
     for i, j in ((0, 1), (0, 2), (1, 2)):
         assert abs(doc["model_matrix"]["cka"][i][j] - _x_np_cka(feats[i], feats[j])) < 1e-6
+
+
+def test_simmim_file_with_pickled_yacs_config_loads_without_yacs(tmp_path, monkeypatch):
+    """SimMIM's save_checkpoint also pickles its yacs `config`: such a file must load (as data) with weights_only,
+    without yacs installed and without running any of its code."""
+    case = build("simmim", tmp_path)
+    pkg = tmp_path / "fakeyacs" / "yacs"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("class CfgNode(dict):\n    def __init__(self, d=None):\n"
+                                   "        super().__init__(d or {})\n        self.__dict__['__immutable__'] = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "fakeyacs"))
+    from yacs.config import CfgNode
+    obj = torch.load(case.path, weights_only=True)
+    obj["config"] = CfgNode({"MODEL": CfgNode({"TYPE": "vit"}), "SEED": 0})
+    torch.save(obj, case.path)
+    for mod in [m for m in sys.modules if m == "yacs" or m.startswith("yacs.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "fakeyacs" not in p])
+    loaded, _ = sr.read_checkpoint(case.path)
+    assert dict(loaded["config"]) == {"MODEL": {"TYPE": "vit"}, "SEED": 0}
+    assert "yacs" not in sys.modules
+    m = sr.load_model(case.path, **case.kwargs)
+    assert m.family == "simmim"
+    check_model(m, case, images(case.a))
