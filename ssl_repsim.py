@@ -1578,10 +1578,24 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
     return out.cpu()
 
 
-def u_centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """U-centred linear Gram of a minibatch (float64), features centred first (U-centring ignores the shift)."""
-    xc = _centred32(x.reshape(x.shape[0], -1))
-    return center_gram(gram_linear(xc), unbiased=True)
+def _u_centred_grams(xs: list[torch.Tensor]) -> torch.Tensor:
+    """(L, b²) flattened U-centred Grams (as center_gram(unbiased=True)) of L layers of one minibatch, float64;
+    features centred first (U-centring ignores the shift); layers of equal width share one batched product."""
+    b = xs[0].shape[0]
+    out = torch.empty(len(xs), b * b, dtype=torch.float64, device=xs[0].device)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(x[0].numel(), []).append(i)
+    for idx in groups.values():
+        xc = torch.stack([_centred32(xs[i]) for i in idx])                 # (g, b, d)
+        k = torch.bmm(xc, xc.transpose(1, 2)).double()                      # (g, b, b)
+        k.diagonal(dim1=1, dim2=2).zero_()
+        means = k.sum(2) / (b - 2)
+        means -= means.sum(1, keepdim=True) / (2 * (b - 1))
+        k -= means[:, :, None] + means[:, None, :]
+        k.diagonal(dim1=1, dim2=2).zero_()
+        out[idx] = k.flatten(1)
+    return out
 
 
 class MinibatchCKA:
@@ -1602,8 +1616,8 @@ class MinibatchCKA:
         if b < 4 or any(v.shape[0] != b for v in xs + ys):
             raise UsageError(f"minibatch CKA needs batches of at least 4 samples, the same for every layer (got {b})")
         dev = self.xy.device
-        ga = torch.stack([u_centred_gram(x.to(dev)).flatten() for x in xs])
-        gb = torch.stack([u_centred_gram(y.to(dev)).flatten() for y in ys])
+        ga = _u_centred_grams([x.to(dev) for x in xs])
+        gb = _u_centred_grams([y.to(dev) for y in ys])
         scale = 1.0 / (b * (b - 3))
         self.xy += scale * ga @ gb.T
         self.xx += scale * (ga * ga).sum(1)
@@ -1722,7 +1736,8 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     maps = {}
     if estimator == "minibatch":
-        accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]])) for p in pairs}
+        dev = torch.device(device) if device is not None else default_device()
+        accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
         gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device,
                               dtype) for m, pts in zip(models, names)]
         bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
