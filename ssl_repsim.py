@@ -865,25 +865,25 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, download: b
         raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), "
                          "a checkpoint file or a Hugging Face model directory")
     obj, meta = read_checkpoint(path)
-    if meta.get("format") == "ssl_repsim":
+    if meta.get("format") == "ssl_repsim":  # our own files carry their preprocessing and input size
         cfg = ViTConfig(**json.loads(meta["config"]))
         if not head:
             cfg.num_classes = 0
             obj = {k: v for k, v in obj.items() if not k.startswith("head.")}
         model = build_model(obj, cfg)
         model.family = cfg.family
+        model.preprocess = json.loads(meta.get("preprocess", "null")) or model.preprocess
+        model.input_size = img_size or json.loads(meta.get("input_size", "null")) or model.input_size
     else:
         sd, layout = convert_state_dict(obj, family, head)
         cfg = infer_config(sd, layout.family, num_heads=num_heads, norm_eps=hf.get("layer_norm_eps", 1e-6))
         model = build_model(sd, cfg)
+        model.input_size = img_size or (row or {}).get("img_size") or model.cfg.img_size
+        fam_row = row or next((r for r in REGISTRY.values() if r["family"] == model.family), None) or {}
+        model.preprocess = dict(mean=tuple(fam_row.get("mean", IMAGENET_MEAN)),
+                                std=tuple(fam_row.get("std", IMAGENET_STD)), interp=fam_row.get("interp", "bicubic"),
+                                crop_pct=fam_row.get("crop_pct", 0.875))
     model.source = dict(spec=spec, path=str(path), family=model.family, registry=name if row else None)
-    model.input_size = img_size or (row or {}).get("img_size") or model.cfg.img_size
-    row = row or next((r for r in REGISTRY.values() if r["family"] == model.family), None) or {}
-    model.preprocess = dict(mean=tuple(row.get("mean", IMAGENET_MEAN)), std=tuple(row.get("std", IMAGENET_STD)),
-                            interp=row.get("interp", "bicubic"), crop_pct=row.get("crop_pct", 0.875))
-    if meta.get("format") == "ssl_repsim":
-        model.preprocess = json.loads(meta.get("preprocess", "null")) or model.preprocess
-        model.input_size = img_size or json.loads(meta.get("input_size", "null")) or model.input_size
     return model
 
 
@@ -3392,8 +3392,7 @@ def _add_analysis_commands(sub):
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text + ".")
         p.add_argument("models", nargs="+")
-        p.add_argument("--tokens", default="flat", choices=TOKENS, help="token reduction for CKA (default flat)")
-        p.add_argument("--estimator", default=None, choices=["full", "debiased", "minibatch"])
+        _cka_options(p)
         p.add_argument("--epochs", type=int, default=50, help="epochs of the MLP probes")
         p.add_argument("--mae-mask-ratio", type=float, default=0.0, help="attention statistics with MAE's "
                        "random masking (the paper's author code ran pretrained MAE at 0.75); default 0")
@@ -3441,6 +3440,14 @@ def _common(p, data=True):
     p.add_argument("--debug", action="store_true", help="full tracebacks")
 
 
+def _cka_options(p):
+    p.add_argument("--tokens", default="flat", choices=TOKENS, help="token reduction: flat (all tokens × channels, "
+                   "the paper's; default), cls, mean (patch tokens), all, patch")
+    p.add_argument("--estimator", default=None, choices=["full", "debiased", "minibatch"],
+                   help="full = biased HSIC (Kornblith), debiased = U-statistic, minibatch = Nguyen et al. "
+                        "(memory independent of n). Default: full when features fit in 2 GiB, else minibatch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgParser(prog="ssl_repsim.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -3453,15 +3460,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cka", help="CKA maps between every layer of two or more models",
                        description="CKA (Kornblith et al. 2019) between every layer pair of two or more models, "
-                                   "and the model×model matrix at the last point. Writes cka.json, cka.csv, cka.png.")
+                                   "and the model×model matrix at --model-point. Writes cka.json, cka.csv, cka.png.")
     p.add_argument("models", nargs="+", help="two or more models")
     p.add_argument("--points", default="blocks", help="blocks (residual stream after each block; default) | "
                    "sublayers (the paper's 9 per block) | all | comma list like blocks.0.attn,blocks.0.norm1")
-    p.add_argument("--tokens", default="flat", choices=TOKENS, help="token reduction: flat (all tokens × channels, "
-                   "the paper's; default), cls, mean (patch tokens), all, patch")
-    p.add_argument("--estimator", default=None, choices=["full", "debiased", "minibatch"],
-                   help="full = biased HSIC (Kornblith), debiased = U-statistic, minibatch = Nguyen et al. "
-                        "(memory independent of n). Default: full when features fit in 2 GiB, else minibatch")
+    _cka_options(p)
     p.add_argument("--kernel", default="linear", choices=["linear", "rbf"])
     p.add_argument("--rbf-threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median "
                    "distance (0.2 .. 1.0 in the paper)")

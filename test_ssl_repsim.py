@@ -1329,16 +1329,21 @@ def test_download_failures_leave_nothing(server, case, tmp_path):
     assert os.listdir(d) == [], f"left behind: {os.listdir(d)}"
 
 
+def _registered_deit(monkeypatch, tmp_path, name, **over):
+    """Register a DeiT-family row under `name` (URL etc. overridden) and return an empty weights dir."""
+    row = dict(next(r for r in sr.REGISTRY.values() if r["family"] == "deit"), md5=None, **over)
+    monkeypatch.setitem(sr.REGISTRY, name, row)
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    return wdir
+
+
 def test_registered_name_downloads_and_loads(server, tmp_path, monkeypatch):
     case = build("deit", tmp_path)
     data = case.path.read_bytes()
     monkeypatch.setitem(_Handler.files, "/deit_tiny_test.pth", data)
-    row = dict(next(r for r in sr.REGISTRY.values() if r["family"] == "deit"))
-    row.update(url=server + "/deit_tiny_test.pth", sha256=hashlib.sha256(data).hexdigest(), md5=None, num_heads=2,
-               img_size=case.a.img)
-    monkeypatch.setitem(sr.REGISTRY, "deit-tiny-test", row)
-    wdir = tmp_path / "weights"
-    wdir.mkdir()
+    wdir = _registered_deit(monkeypatch, tmp_path, "deit-tiny-test", url=server + "/deit_tiny_test.pth",
+                            sha256=hashlib.sha256(data).hexdigest(), num_heads=2, img_size=case.a.img)
     with pytest.raises(sr.UsageError) as e:
         sr.load_model("deit-tiny-test", weights_dir=wdir, download=False)
     one_line(e)
@@ -1350,11 +1355,7 @@ def test_registered_name_downloads_and_loads(server, tmp_path, monkeypatch):
 
 
 def test_registered_name_bad_checksum_leaves_nothing(server, tmp_path, monkeypatch):
-    row = dict(next(r for r in sr.REGISTRY.values() if r["family"] == "deit"))
-    row.update(url=server + "/good.bin", sha256="f" * 64, md5=None)
-    monkeypatch.setitem(sr.REGISTRY, "deit-bad-sum", row)
-    wdir = tmp_path / "weights"
-    wdir.mkdir()
+    wdir = _registered_deit(monkeypatch, tmp_path, "deit-bad-sum", url=server + "/good.bin", sha256="f" * 64)
     with pytest.raises(sr.UsageError) as e:
         sr.download("deit-bad-sum", weights_dir=wdir, progress=False)
     one_line(e)
