@@ -31,6 +31,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ __version__ = "0.1.0"
 # ======================================================================================================================
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A user error (bad input, file or option): the CLI prints its message on one line and exits with code 2."""
 
 
@@ -56,17 +57,144 @@ FBAI = "https://dl.fbaipublicfiles.com"
 IBOT = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot"
 BEIT = "https://github.com/addf400/files/releases/download/v1.0"
 
-# Objective of each family: reconstruction (REC), joint-embedding (JE), both (HYB) or supervised (SUP).
-OBJECTIVE = {"mae": "REC", "mae_ft": "REC+FT", "beit": "REC", "beit_ft": "REC+FT", "simmim": "REC", "cae": "REC",
-             "data2vec": "HYB", "data2vec_ft": "HYB+FT", "data2vec_hf": "HYB", "dino": "JE", "dinov2": "HYB",
-             "ibot": "HYB", "mocov3": "JE", "msn": "JE", "ijepa": "JE", "deit": "SUP", "deit3": "SUP",
-             "torchvision": "SUP", "timm": "?", "ssl_repsim": "?"}
+# --- families: one row holds everything known about a family of checkpoints ------------------------------------
 
 
-def _row(family, url, heads, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bicubic", crop=0.875, img=224,
-         sha256=None, md5=None, rep="cls_norm"):
-    return dict(family=family, url=url, num_heads=heads, mean=mean, std=std, interp=interp, crop_pct=crop,
-                img_size=img, sha256=sha256, md5=md5, eval_repr=rep)
+@dataclass(frozen=True)
+class Layout:
+    """How one released file layout maps to our ViT: which sub-dict, which prefix, which keys are not the backbone."""
+    match: Callable[[dict], bool]  # predicate on the file's top-level dict (never raises)
+    pick: str | None = None       # sub-dict holding the evaluated network (teacher, target_encoder, ...)
+    prefix: str | None = None     # prefix of backbone keys; None = whatever precedes patch_embed.proj.weight
+    only_prefix: bool = False     # keys without the prefix belong to other networks: ignore them
+    drop: str = r"$^"             # regex of keys that are not the backbone (heads, decoders, predictors, ...)
+    fallback: bool = False        # a catch-all: tried only after every other family's layouts
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of checkpoints: its training objective, how its files are recognised and renamed, the position
+    interpolation and head counts its code uses, its preprocessing, and whether its files download."""
+    objective: str                            # REC(onstruction) | JE (joint-embedding) | HYB (both) | SUP | ?; +FT
+    layouts: tuple[Layout, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()  # its foreign key names → ours (regex, replacement), in order
+    pos_interp: str = "bicubic"               # see interpolate_pos_embed
+    pos_interp_registers: str | None = None   # ... when the file has register tokens (default: pos_interp)
+    heads: dict = dataclasses.field(default_factory=dict)   # width → heads where it departs from HEADS_BY_WIDTH
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    interp: str = "bicubic"                   # resize interpolation of its evaluation transform
+    crop_pct: float = 0.875
+    manual_download: bool = False             # published only behind a web page (Google Drive)
+
+    @property
+    def preprocess(self) -> dict:
+        return dict(mean=tuple(self.mean), std=tuple(self.std), interp=self.interp, crop_pct=self.crop_pct)
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _sub(obj: dict, key: str) -> dict:
+    return obj[key] if isinstance(obj.get(key), dict) else {}
+
+
+def _any(d: dict, pattern: str) -> bool:
+    return any(isinstance(k, str) and re.search(pattern, k) for k in d)
+
+
+def _lm_head_is_square(sd: dict) -> bool:
+    w = sd.get("lm_head.weight")
+    return isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[0] == w.shape[1]
+
+
+INDEX = r"relative_position_index$"
+TORCHVISION_RENAMES = (
+    (r"^conv_proj\.", "patch_embed.proj."), (r"^class_token$", "cls_token"),
+    (r"^encoder\.pos_embedding$", "pos_embed"), (r"^encoder\.ln\.", "norm."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."), (r"\.ln_1\.", ".norm1."), (r"\.ln_2\.", ".norm2."),
+    (r"\.self_attention\.in_proj_weight$", ".attn.qkv.weight"), (r"\.self_attention\.in_proj_bias$", ".attn.qkv.bias"),
+    (r"\.self_attention\.out_proj\.", ".attn.proj."), (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),
+    (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."), (r"^heads\.head\.", "head."))
+HF_RENAMES = (
+    (r"^(data2vec_vision|beit)\.", ""), (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.relative_position_bias\.", "rel_pos_bias."), (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
+    (r"\.attention\.attention\.relative_position_bias\.", ".attn."),
+    (r"\.attention\.attention\.(query|key|value)\.", r".attn.\1."), (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."), (r"\.output\.dense\.", ".mlp.fc2."), (r"\.lambda_([12])$", r".gamma_\1"),
+    (r"^pooler\.layernorm\.", "fc_norm."), (r"^layernorm\.", "norm."), (r"^classifier\.", "head."))
+TIMM_RENAMES = (   # DINOv2 and timm spellings: block chunks, ls1/ls2, SwiGLU w12/w3, reg_token
+    (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."), (r"\.ls([12])\.gamma$", r".gamma_\1"), (r"^reg_token$", "register_tokens"),
+    (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."))
+
+# Rows are tried in this order (each row's layouts in turn), catch-all (fallback) layouts last.
+FAMILIES: dict[str, Family] = {
+    "mocov3": Family("JE", (Layout(lambda o: _any(_sub(o, "state_dict"), r"^module\.base_encoder\."),
+                                   pick="state_dict", prefix="module.base_encoder.", only_prefix=True,
+                                   drop=r"^head\."),), heads={384: 12}),
+    "ibot": Family("HYB", (Layout(lambda o: "teacher" in o and ("ibot_loss" in o
+                                                                or _any(_sub(o, "teacher"), r"last_layer2")),
+                                  pick="teacher", prefix="backbone.", only_prefix=True),
+                           Layout(lambda o: "state_dict" in o, pick="state_dict", drop=r"^head\.|^masked_embed")),
+                   pos_interp="offset"),
+    "dino": Family("JE", (Layout(lambda o: "teacher" in o, pick="teacher", prefix="backbone.", only_prefix=True),
+                          Layout(lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o, fallback=True)),
+                   pos_interp="offset"),
+    "msn": Family("JE", (Layout(lambda o: _any(_sub(o, "target_encoder"), r"cls_token$"), pick="target_encoder",
+                                prefix="module.", drop=r"^fc\."),)),  # interpolates to (g, g)
+    "ijepa": Family("JE", (Layout(lambda o: "target_encoder" in o, pick="target_encoder", prefix="module."),)),
+    "data2vec_ft": Family("HYB+FT", (Layout(lambda o: "module" in o, pick="module", drop=r"^head\.|" + INDEX),)),
+    "simmim": Family("REC", (Layout(lambda o: _any(_sub(o, "model"),
+                                                   r"^encoder\.(rel_pos_bias|blocks\.0\.attn\.relative_pos)"),
+                                    pick="model", prefix="encoder.", only_prefix=True, drop=r"mask_token|" + INDEX),),
+                     manual_download=True),
+    "cae": Family("REC", (Layout(lambda o: "encoder.patch_embed.proj.weight" in _sub(o, "model"), pick="model",
+                                 prefix="encoder.", only_prefix=True, drop=r"mask_token|" + INDEX),),
+                  manual_download=True),
+    "data2vec": Family("HYB", (Layout(lambda o: "model_ema" in o or _lm_head_is_square(_sub(o, "model")),
+                                      pick="model", drop=r"^lm_head\.|mask_token|" + INDEX),)),
+    "beit_ft": Family("REC+FT", (Layout(lambda o: _any(_sub(o, "model"), r"^blocks\.0\.attn\.relative_position_bias_"
+                                                       r"table") and "fc_norm.weight" in _sub(o, "model"),
+                                        pick="model", drop=r"^head\.|" + INDEX),)),
+    "beit": Family("REC", (Layout(lambda o: _any(_sub(o, "model"), r"q_bias$"), pick="model",
+                                  drop=r"^lm_head\.|^head\.|mask_token|" + INDEX),)),
+    "deit3": Family("SUP", (Layout(lambda o: _any(_sub(o, "model"), r"gamma_1$"), pick="model", drop=r"^head\."),)),
+    "mae_ft": Family("REC+FT", (Layout(lambda o: "fc_norm.weight" in _sub(o, "model"), pick="model",
+                                       drop=r"^head\."),)),
+    "deit": Family("SUP", (Layout(lambda o: "head.weight" in _sub(o, "model") and not _any(_sub(o, "model"),
+                                                                                           r"^decoder"),
+                                  pick="model", drop=r"^head\."),)),
+    "mae": Family("REC", (Layout(lambda o: "model" in o, pick="model", drop=r"^decoder|^mask_token$"),)),
+    "data2vec_hf": Family("HYB", (Layout(lambda o: _any(o, r"embeddings\.patch_embeddings\.projection\.weight$"),
+                                         drop=r"^classifier\.|mask_token|" + INDEX),), renames=HF_RENAMES),
+    "torchvision": Family("SUP", (Layout(lambda o: "conv_proj.weight" in o, drop=r"^heads\.(?!head\.)"),),
+                          renames=TORCHVISION_RENAMES),
+    "dinov2": Family("HYB", (Layout(lambda o: "mask_token" in o and _any(o, r"^blocks\.0\.(ls1\.gamma|0\.)"),
+                                    drop=r"^mask_token$"),), renames=TIMM_RENAMES, pos_interp="offset",
+                     pos_interp_registers="antialias"),
+    "timm": Family("?", (Layout(lambda o: _is_state_dict(o) and _any(o, r"^(head\.weight|fc_norm\.|reg_token|"
+                                                                      r"blocks\.0\.ls1\.)"), drop=r"^head\."),),
+                   renames=TIMM_RENAMES),
+    "ssl_repsim": Family("?"),   # our own safetensors files: the config travels in the metadata
+}
+
+# Heads are not recoverable from weights: by width, unless the registry, the family or num_heads= says otherwise.
+HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+
+
+def objective(family: str) -> str:
+    return FAMILIES[family].objective if family in FAMILIES else "?"
+
+
+# --- released checkpoints: one row each ---------------------------------------------------------------------------
+
+def _row(family, url, heads, *, img=224, sha256=None, md5=None, rep="cls_norm", aliases=()):
+    return dict(family=family, url=url, num_heads=heads, **FAMILIES[family].preprocess, img_size=img, sha256=sha256,
+                md5=md5, eval_repr=rep, aliases=tuple(aliases))
 
 
 # One row per released checkpoint. rep = official linear-eval representation: cls_norm (cls after final norm),
@@ -74,11 +202,11 @@ def _row(family, url, heads, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bi
 # cls4_norm (normed cls of the last 4 blocks), cls_mean (normed cls || mean patch), block_cls_mean (per block).
 # sha256 / md5 hold the digest prefixes the authors publish (DeiT file suffixes, MAE README md5s).
 REGISTRY: dict[str, dict] = {
-    "mae-vitb16": _row("mae", f"{FBAI}/mae/pretrain/mae_pretrain_vit_base.pth", 12, md5="8cad7c"),
+    "mae-vitb16": _row("mae", f"{FBAI}/mae/pretrain/mae_pretrain_vit_base.pth", 12, md5="8cad7c", aliases=("mae",)),
     "mae-vitl16": _row("mae", f"{FBAI}/mae/pretrain/mae_pretrain_vit_large.pth", 16, md5="b8b06e"),
     "mae-vith14": _row("mae", f"{FBAI}/mae/pretrain/mae_pretrain_vit_huge.pth", 16, md5="9bdbb0"),
     "mae-ft-vitb16": _row("mae_ft", f"{FBAI}/mae/finetune/mae_finetuned_vit_base.pth", 12, md5="1b25e9",
-                          rep="fc_norm_mean"),
+                          rep="fc_norm_mean", aliases=("mae-ft",)),
     "mae-ft-vitl16": _row("mae_ft", f"{FBAI}/mae/finetune/mae_finetuned_vit_large.pth", 16, md5="51f550",
                           rep="fc_norm_mean"),
     "mae-ft-vith14": _row("mae_ft", f"{FBAI}/mae/finetune/mae_finetuned_vit_huge.pth", 16, md5="2541f2",
@@ -88,44 +216,42 @@ REGISTRY: dict[str, dict] = {
     "dino-vits8": _row("dino", f"{FBAI}/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", 6,
                        rep="cls4_norm"),
     "dino-vitb16": _row("dino", f"{FBAI}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", 12,
-                        rep="cls_mean"),
+                        rep="cls_mean", aliases=("dino",)),
     "dino-vitb8": _row("dino", f"{FBAI}/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", 12, rep="cls_mean"),
-    "mocov3-vits16": _row("mocov3", f"{FBAI}/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar", 12, interp="bilinear"),
-    "mocov3-vitb16": _row("mocov3", f"{FBAI}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar", 12, interp="bilinear"),
-    "msn-vits16": _row("msn", f"{FBAI}/msn/vits16_800ep.pth.tar", 6, interp="bilinear", rep="cls_raw"),
-    "msn-vitb16": _row("msn", f"{FBAI}/msn/vitb16_600ep.pth.tar", 12, interp="bilinear", rep="cls_raw"),
-    "msn-vitl16": _row("msn", f"{FBAI}/msn/vitl16_600ep.pth.tar", 16, interp="bilinear", rep="cls_raw"),
-    "msn-vitb4": _row("msn", f"{FBAI}/msn/vitb4_300ep.pth.tar", 12, interp="bilinear", rep="cls_raw"),
-    "msn-vitl7": _row("msn", f"{FBAI}/msn/vitl7_200ep.pth.tar", 16, interp="bilinear", rep="cls_raw"),
+    "mocov3-vits16": _row("mocov3", f"{FBAI}/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar", 12),
+    "mocov3-vitb16": _row("mocov3", f"{FBAI}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar", 12, aliases=("mocov3", "moco")),
+    "msn-vits16": _row("msn", f"{FBAI}/msn/vits16_800ep.pth.tar", 6, rep="cls_raw"),
+    "msn-vitb16": _row("msn", f"{FBAI}/msn/vitb16_600ep.pth.tar", 12, rep="cls_raw", aliases=("msn",)),
+    "msn-vitl16": _row("msn", f"{FBAI}/msn/vitl16_600ep.pth.tar", 16, rep="cls_raw"),
+    "msn-vitb4": _row("msn", f"{FBAI}/msn/vitb4_300ep.pth.tar", 12, rep="cls_raw"),
+    "msn-vitl7": _row("msn", f"{FBAI}/msn/vitl7_200ep.pth.tar", 16, rep="cls_raw"),
     "ibot-vits16": _row("ibot", f"{IBOT}/vits_16/checkpoint_teacher.pth", 6, rep="cls4_norm"),
-    "ibot-vitb16": _row("ibot", f"{IBOT}/vitb_16/checkpoint_teacher.pth", 12, rep="cls_mean"),
+    "ibot-vitb16": _row("ibot", f"{IBOT}/vitb_16/checkpoint_teacher.pth", 12, rep="cls_mean", aliases=("ibot",)),
     "ibot-vitl16": _row("ibot", f"{IBOT}/vitl_16/checkpoint_teacher.pth", 16, rep="cls_mean"),
     "deit-vitti16": _row("deit", f"{FBAI}/deit/deit_tiny_patch16_224-a1311bcf.pth", 3, sha256="a1311bcf"),
     "deit-vits16": _row("deit", f"{FBAI}/deit/deit_small_patch16_224-cd65a155.pth", 6, sha256="cd65a155"),
-    "deit-vitb16": _row("deit", f"{FBAI}/deit/deit_base_patch16_224-b5f2ef4d.pth", 12, sha256="b5f2ef4d"),
+    "deit-vitb16": _row("deit", f"{FBAI}/deit/deit_base_patch16_224-b5f2ef4d.pth", 12, sha256="b5f2ef4d", aliases=("deit",)),
     "deit3-vits16": _row("deit3", f"{FBAI}/deit/deit_3_small_224_1k.pth", 6),
-    "deit3-vitb16": _row("deit3", f"{FBAI}/deit/deit_3_base_224_1k.pth", 12),
+    "deit3-vitb16": _row("deit3", f"{FBAI}/deit/deit_3_base_224_1k.pth", 12, aliases=("deit3",)),
     "deit3-vitl16": _row("deit3", f"{FBAI}/deit/deit_3_large_224_1k.pth", 16),
     "deit3-vith14": _row("deit3", f"{FBAI}/deit/deit_3_huge_224_1k_v1.pth", 16),
-    "ijepa-vith14": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.14-300e.pth.tar", 16, rep="mean_tokens"),
+    "ijepa-vith14": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.14-300e.pth.tar", 16, rep="mean_tokens", aliases=("ijepa",)),
     "ijepa-vith16-448": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.16-448px-300e.pth.tar", 16, img=448,
                              rep="mean_tokens"),
     "ijepa-vith14-in22k": _row("ijepa", f"{FBAI}/ijepa/IN22K-vit.h.14-900e.pth.tar", 16, rep="mean_tokens"),
     "ijepa-vitg16-in22k": _row("ijepa", f"{FBAI}/ijepa/IN22K-vit.g.16-600e.pth.tar", 16, rep="mean_tokens"),
-    "beit-vitb16": _row("beit", f"{BEIT}/beit_base_patch16_224_pt22k.pth", 12, mean=HALF_MEAN, std=HALF_STD,
-                        rep="block_cls_mean"),
-    "beit-vitl16": _row("beit", f"{BEIT}/beit_large_patch16_224_pt22k.pth", 16, mean=HALF_MEAN, std=HALF_STD,
-                        rep="block_cls_mean"),
-    "beit-ft-vitb16": _row("beit_ft", f"{BEIT}/beit_base_patch16_224_pt22k_ft22k.pth", 12, mean=HALF_MEAN,
-                           std=HALF_STD, rep="fc_norm_mean"),
+    "beit-vitb16": _row("beit", f"{BEIT}/beit_base_patch16_224_pt22k.pth", 12, rep="block_cls_mean",
+                        aliases=("beit",)),
+    "beit-vitl16": _row("beit", f"{BEIT}/beit_large_patch16_224_pt22k.pth", 16, rep="block_cls_mean"),
+    "beit-ft-vitb16": _row("beit_ft", f"{BEIT}/beit_base_patch16_224_pt22k_ft22k.pth", 12, rep="fc_norm_mean"),
     "simmim-vitb16": _row("simmim", "https://drive.google.com/file/d/1dJn6GYkwMIcoP3zqOEyW1_iQfpBi8UOw/view", 12,
-                          rep="fc_norm_mean"),
+                          rep="fc_norm_mean", aliases=("simmim",)),
     "data2vec-vitb16": _row("data2vec", f"{FBAI}/fairseq/data2vec/data2vec_vision/base_800/checkpoint-799.pth", 12,
-                            rep="mean_tokens"),
+                            rep="mean_tokens", aliases=("data2vec",)),
     "data2vec-vitl16": _row("data2vec", f"{FBAI}/fairseq/data2vec/data2vec_vision/large_1600/checkpoint-799.pth", 16,
                             rep="mean_tokens"),
     "dinov2-vits14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", 6, rep="cls_mean"),
-    "dinov2-vitb14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth", 12, rep="cls_mean"),
+    "dinov2-vitb14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth", 12, rep="cls_mean", aliases=("dinov2",)),
     "dinov2-vitl14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth", 16, rep="cls_mean"),
     "dinov2-vitg14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth", 24, rep="cls_mean"),
     "dinov2-vits14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth", 6,
@@ -136,23 +262,11 @@ REGISTRY: dict[str, dict] = {
                               rep="cls_mean"),
     "dinov2-vitg14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth", 24,
                               rep="cls_mean"),
-    "cae-vitb16": _row("cae", "https://drive.google.com/drive/folders/1wwhg7nj2GQuU9uthVuQLkEEXEjx90G7g", 12),
+    "cae-vitb16": _row("cae", "https://drive.google.com/drive/folders/1wwhg7nj2GQuU9uthVuQLkEEXEjx90G7g", 12, aliases=("cae",)),
     "supervised-vitb16": _row("torchvision", "https://download.pytorch.org/models/vit_b_16-c867db91.pth", 12,
-                              interp="bilinear", sha256="c867db91"),
+                              sha256="c867db91", aliases=("supervised",)),
 }
-ALIASES = {"mae": "mae-vitb16", "mae-ft": "mae-ft-vitb16", "dino": "dino-vitb16", "mocov3": "mocov3-vitb16",
-           "moco": "mocov3-vitb16", "msn": "msn-vitb16", "ibot": "ibot-vitb16", "deit": "deit-vitb16",
-           "deit3": "deit3-vitb16", "ijepa": "ijepa-vith14", "beit": "beit-vitb16", "simmim": "simmim-vitb16",
-           "data2vec": "data2vec-vitb16", "dinov2": "dinov2-vitb14", "cae": "cae-vitb16",
-           "supervised": "supervised-vitb16"}
-# Files the authors publish only behind a web page (Google Drive): download by hand into the weights dir.
-MANUAL_DOWNLOAD = {"simmim", "cae"}
-
-# Heads are not recoverable from weights: by width, with the registry's value (or num_heads=) taking precedence.
-HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
-HEADS_BY_FAMILY_WIDTH = {("mocov3", 384): 12}
-# Position-embedding interpolation each family's own code uses at other input sizes (see interpolate_pos_embed).
-OFFSET_INTERP_FAMILIES = {"dino", "ibot", "dinov2"}   # MSN: sqrt(npatch/N) scale, i.e. size=(g, g)
+ALIASES = {a: name for name, row in REGISTRY.items() for a in row["aliases"]}
 
 
 def resolve_name(name: str) -> str:
@@ -542,10 +656,6 @@ def attention_maps(model: ViT, x: torch.Tensor, keep: torch.Tensor | None = None
 # 3. Checkpoints: read safely, detect the layout, convert, download
 # ======================================================================================================================
 
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
 class _ConfigAsDict:
     """Stands in for a pickled yacs CfgNode (the `config` of SimMIM files): it unpickles as a plain OrderedDict of
     the node's items and attributes, so none of yacs' code is needed or run."""
@@ -592,91 +702,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-@dataclass
-class Layout:
-    """How one released layout maps to our ViT: which sub-dict, which prefix, which keys are not the backbone."""
-    family: str
-    match: object                 # predicate on the file's top-level object
-    pick: str | None = None       # sub-dict holding the evaluated network (teacher, target_encoder, ...)
-    prefix: str | None = None     # prefix of backbone keys; None = whatever precedes patch_embed.proj.weight
-    only_prefix: bool = False     # keys without the prefix belong to other networks: ignore them
-    drop: str = r"$^"             # regex of keys that are not the backbone (heads, decoders, predictors, ...)
-
-
-def _sub(obj, key):
-    return obj.get(key) if isinstance(obj.get(key), dict) else {}
-
-
-def _any(d, pattern):
-    return any(re.search(pattern, k) for k in d)
-
-
-INDEX = r"relative_position_index$"
-LAYOUTS = [
-    Layout("ibot", lambda o: "teacher" in o and ("ibot_loss" in o or _any(_sub(o, "teacher"), r"last_layer2")),
-           pick="teacher", prefix="backbone.", only_prefix=True),
-    Layout("dino", lambda o: "teacher" in o, pick="teacher", prefix="backbone.", only_prefix=True),
-    Layout("mocov3", lambda o: _any(_sub(o, "state_dict"), r"^module\.base_encoder\."), pick="state_dict",
-           prefix="module.base_encoder.", only_prefix=True, drop=r"^head\."),
-    Layout("ibot", lambda o: "state_dict" in o, pick="state_dict", drop=r"^head\.|^masked_embed"),
-    Layout("msn", lambda o: _any(_sub(o, "target_encoder"), r"cls_token$"), pick="target_encoder",
-           prefix="module.", drop=r"^fc\."),
-    Layout("ijepa", lambda o: "target_encoder" in o, pick="target_encoder", prefix="module."),
-    Layout("data2vec_ft", lambda o: "module" in o, pick="module", drop=r"^head\.|" + INDEX),
-    Layout("simmim", lambda o: _any(_sub(o, "model"), r"^encoder\.(rel_pos_bias|blocks\.0\.attn\.relative_pos)"),
-           pick="model", prefix="encoder.", only_prefix=True, drop=r"mask_token|" + INDEX),
-    Layout("cae", lambda o: "encoder.patch_embed.proj.weight" in _sub(o, "model"), pick="model", prefix="encoder.",
-           only_prefix=True, drop=r"mask_token|" + INDEX),
-    Layout("data2vec", lambda o: "model_ema" in o or _lm_head_is_square(_sub(o, "model")), pick="model",
-           drop=r"^lm_head\.|mask_token|" + INDEX),
-    Layout("beit_ft", lambda o: _any(_sub(o, "model"), r"^blocks\.0\.attn\.relative_position_bias_table")
-           and "fc_norm.weight" in _sub(o, "model"), pick="model", drop=r"^head\.|" + INDEX),
-    Layout("beit", lambda o: _any(_sub(o, "model"), r"q_bias$"), pick="model",
-           drop=r"^lm_head\.|^head\.|mask_token|" + INDEX),
-    Layout("deit3", lambda o: _any(_sub(o, "model"), r"gamma_1$"), pick="model", drop=r"^head\."),
-    Layout("mae_ft", lambda o: "fc_norm.weight" in _sub(o, "model"), pick="model", drop=r"^head\."),
-    Layout("deit", lambda o: "head.weight" in _sub(o, "model") and not _any(_sub(o, "model"), r"^decoder"),
-           pick="model", drop=r"^head\."),
-    Layout("mae", lambda o: "model" in o, pick="model", drop=r"^decoder|^mask_token$"),
-    Layout("data2vec_hf", lambda o: _any(o, r"embeddings\.patch_embeddings\.projection\.weight$"),
-           drop=r"^classifier\.|mask_token|" + INDEX),
-    Layout("torchvision", lambda o: "conv_proj.weight" in o, drop=r"^heads\.(?!head\.)"),
-    Layout("dinov2", lambda o: "mask_token" in o and _any(o, r"^blocks\.0\.(ls1\.gamma|0\.)"), drop=r"^mask_token$"),
-    Layout("timm", lambda o: _is_state_dict(o) and _any(o, r"^(head\.weight|fc_norm\.|reg_token|blocks\.0\.ls1\.)"),
-           drop=r"^head\."),
-    Layout("dino", lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o),
-]
-
-
-def _lm_head_is_square(sd) -> bool:
-    w = sd.get("lm_head.weight")
-    return w is not None and w.ndim == 2 and w.shape[0] == w.shape[1]
-
-
-# Foreign key names → ours, applied in order (torchvision, Hugging Face, DINOv2/timm spellings).
-RENAMES = [
-    (r"^conv_proj\.", "patch_embed.proj."), (r"^class_token$", "cls_token"),
-    (r"^encoder\.pos_embedding$", "pos_embed"), (r"^encoder\.ln\.", "norm."),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."), (r"\.ln_1\.", ".norm1."), (r"\.ln_2\.", ".norm2."),
-    (r"\.self_attention\.in_proj_weight$", ".attn.qkv.weight"), (r"\.self_attention\.in_proj_bias$", ".attn.qkv.bias"),
-    (r"\.self_attention\.out_proj\.", ".attn.proj."), (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),
-    (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."), (r"^heads\.head\.", "head."),
-    (r"^(data2vec_vision|beit)\.", ""), (r"^embeddings\.cls_token$", "cls_token"),
-    (r"^embeddings\.position_embeddings$", "pos_embed"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^encoder\.relative_position_bias\.", "rel_pos_bias."), (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
-    (r"\.attention\.attention\.relative_position_bias\.", ".attn."),
-    (r"\.attention\.attention\.(query|key|value)\.", r".attn.\1."), (r"\.attention\.output\.dense\.", ".attn.proj."),
-    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
-    (r"\.intermediate\.dense\.", ".mlp.fc1."), (r"\.output\.dense\.", ".mlp.fc2."), (r"\.lambda_([12])$", r".gamma_\1"),
-    (r"^pooler\.layernorm\.", "fc_norm."), (r"^layernorm\.", "norm."), (r"^classifier\.", "head."),
-    (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."), (r"\.ls([12])\.gamma$", r".gamma_\1"), (r"^reg_token$", "register_tokens"),
-    (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."),
-]
-
-
-def _rename(key: str) -> str:
-    for pattern, repl in RENAMES:
+def _rename(key: str, renames) -> str:
+    for pattern, repl in renames:
         key = re.sub(pattern, repl, key)
     return key
 
@@ -700,17 +727,16 @@ def _fuse_qkv(sd: dict) -> dict:
     return out
 
 
-def detect_layout(obj: dict, family: str | None = None) -> Layout:
-    """The first layout whose predicate holds (or the given family's layout)."""
-    for layout in LAYOUTS:
-        if family is None or layout.family == family:
-            with contextlib.suppress(Exception):
-                if layout.match(obj):
-                    return layout
+def detect_layout(obj: dict, family: str | None = None) -> tuple[str, Layout]:
+    """(family, layout) of the first row of FAMILIES whose layout predicate holds, catch-alls last (or of the
+    given family)."""
+    if family is not None and family not in FAMILIES:
+        raise UsageError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    rows = [(name, lay) for name, fam in FAMILIES.items() for lay in fam.layouts if family in (None, name)]
+    for name, layout in sorted(rows, key=lambda row: row[1].fallback):   # stable: table order within each pass
+        if layout.match(obj):
+            return name, layout
     if family is not None:
-        known = sorted({lay.family for lay in LAYOUTS})
-        if family not in known:
-            raise UsageError(f"unknown family {family!r}; known: {', '.join(known)}")
         raise UsageError(f"the file does not look like a {family} checkpoint (top-level keys: {_keys_str(obj)})")
     raise UsageError(f"unknown checkpoint layout (top-level keys: {_keys_str(obj)}); pass family= / --family")
 
@@ -720,12 +746,12 @@ def _keys_str(d, n=6) -> str:
     return ", ".join(map(str, keys[:n])) + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
 
 
-def convert_state_dict(obj: dict, family: str | None = None, head: bool = False) -> tuple[dict, Layout]:
-    """The backbone state dict in our key names, and the layout it came in."""
-    layout = detect_layout(obj, family)
+def convert_state_dict(obj: dict, family: str | None = None, head: bool = False) -> tuple[dict, str]:
+    """The backbone state dict in our key names, and the family whose layout it came in."""
+    family, layout = detect_layout(obj, family)
     sd = obj[layout.pick] if layout.pick else obj
     if not _is_state_dict(sd):
-        raise UsageError(f"{layout.family} layout: {layout.pick or 'the file'} is not a state dict")
+        raise UsageError(f"{family} layout: {layout.pick or 'the file'} is not a state dict")
     prefix = layout.prefix
     if prefix is None:  # whatever precedes the patch embedding ("" for flat files, "module.backbone." ...)
         anchors = [k for k in sd if k.endswith("patch_embed.proj.weight")]
@@ -740,10 +766,10 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
         if re.search(layout.drop, k) or k.endswith("relative_position_index"):
             if not (head and re.fullmatch(r"head\.(weight|bias)", k) and v.ndim <= 2):
                 continue
-        out[_rename(k)] = v
+        out[_rename(k, FAMILIES[family].renames)] = v
     if not head:
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    return _fuse_qkv(out), layout
+    return _fuse_qkv(out), family
 
 
 def infer_config(sd: dict, family: str, *, num_heads: int | None = None, norm_eps: float = 1e-6) -> ViTConfig:
@@ -776,13 +802,13 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, norm_ep
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
     if fc1 is None or fc2 is None:
         raise UsageError("blocks.0.mlp.fc1/fc2 weights missing: not a ViT checkpoint of a known layout")
-    heads = num_heads or HEADS_BY_FAMILY_WIDTH.get((family, d)) or HEADS_BY_WIDTH.get(d) or max(d // 64, 1)
+    fam = FAMILIES[family]
+    heads = num_heads or fam.heads.get(d) or HEADS_BY_WIDTH.get(d) or max(d // 64, 1)
     if d % heads:
         raise UsageError(f"num_heads={heads} does not divide the width {d}")
     if table is not None and table.shape[1] != heads:
         heads = table.shape[1]  # the relative-position table has one column per head
-    interp = "antialias" if family == "dinov2" and regs else "offset" if family in OFFSET_INTERP_FAMILIES \
-        else "bicubic"
+    interp = (fam.pos_interp_registers or fam.pos_interp) if regs else fam.pos_interp
     return ViTConfig(img_size=(grid or 14) * patch, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
                      mlp_hidden=fc2.shape[1], swiglu=fc1.shape[0] == 2 * fc2.shape[1], cls_token=cls,
                      num_registers=regs, pos_embed="pos_embed" in sd, pos_cls_row=pos_cls_row, rel_pos=rel_pos,
@@ -835,55 +861,59 @@ def file_sha256(path, _cache={}) -> str:
     return _cache[key]
 
 
-def load_model(spec, family: str | None = None, *, weights_dir=None, download: bool = True,
+def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bool = False,
                num_heads: int | None = None, img_size: int | None = None, head: bool = False,
                progress: bool = True) -> ViT:
-    """A ViT from a registered name, a checkpoint file or a Hugging Face directory (config.json + weights).
+    """A ViT from a registered name, a checkpoint file or a Hugging Face directory (config.json + weights):
+    locate the file, read it safely, detect its layout, convert its keys, infer the architecture, build.
     The layout is detected from the keys unless `family` is given; `head=True` keeps a linear classifier."""
     spec = str(spec)
-    if num_heads is not None and num_heads < 1:
-        raise UsageError(f"num_heads must be ≥ 1, got {num_heads}")
-    if img_size is not None and img_size < 1:
-        raise UsageError(f"img_size must be ≥ 1, got {img_size}")
-    name, row, meta, hf = resolve_name(spec), None, {}, {}
+    for what, v in (("num_heads", num_heads), ("img_size", img_size)):
+        if v is not None and v < 1:
+            raise UsageError(f"{what} must be ≥ 1, got {v}")
+    path, hints = _locate_checkpoint(spec, weights_dir, offline, progress)
+    obj, meta = read_checkpoint(path)
+    if meta.get("format") == "ssl_repsim":  # our own files carry their config, preprocessing and input size
+        model = _build_own(obj, meta, head)
+    else:
+        sd, family = convert_state_dict(obj, family or hints.get("family"), head)
+        cfg = infer_config(sd, family, num_heads=num_heads or hints.get("num_heads"),
+                           norm_eps=hints.get("norm_eps", 1e-6))
+        model = build_model(sd, cfg)
+        model.preprocess = FAMILIES[family].preprocess
+        model.input_size = hints.get("img_size") or cfg.img_size
+    model.input_size = img_size or model.input_size
+    model.source = dict(spec=spec, path=str(path), family=model.family, registry=hints.get("registry"))
+    return model
+
+
+def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) -> tuple[Path, dict]:
+    """The file a spec names, and what is known about it before reading (registry row, HF config)."""
+    name = resolve_name(spec)
     if name in REGISTRY and not Path(spec).exists():
-        row = REGISTRY[name]
-        path = registry_path(name, weights_dir)
+        row, path = REGISTRY[name], registry_path(name, weights_dir)
         if not path.exists():
-            if not download:
+            if offline:
                 raise UsageError(f"{name} is not in {path.parent} (offline): run `python ssl_repsim.py download "
                                  f"{name}` or put the file at {path}")
-            download_registered(name, weights_dir, progress=progress)
-        family, num_heads = family or row["family"], num_heads or row["num_heads"]
-    elif Path(spec).is_dir():
-        path, hf = _hf_weights(Path(spec))
-        num_heads = num_heads or hf.get("num_attention_heads")
-        family = family or "data2vec_hf"
-    elif Path(spec).is_file():
-        path = Path(spec)
-    else:
-        raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), "
-                         "a checkpoint file or a Hugging Face model directory")
-    obj, meta = read_checkpoint(path)
-    if meta.get("format") == "ssl_repsim":  # our own files carry their preprocessing and input size
-        cfg = ViTConfig(**json.loads(meta["config"]))
-        if not head:
-            cfg.num_classes = 0
-            obj = {k: v for k, v in obj.items() if not k.startswith("head.")}
-        model = build_model(obj, cfg)
-        model.family = cfg.family
-        model.preprocess = json.loads(meta.get("preprocess", "null")) or model.preprocess
-        model.input_size = img_size or json.loads(meta.get("input_size", "null")) or model.input_size
-    else:
-        sd, layout = convert_state_dict(obj, family, head)
-        cfg = infer_config(sd, layout.family, num_heads=num_heads, norm_eps=hf.get("layer_norm_eps", 1e-6))
-        model = build_model(sd, cfg)
-        model.input_size = img_size or (row or {}).get("img_size") or model.cfg.img_size
-        fam_row = row or next((r for r in REGISTRY.values() if r["family"] == model.family), None) or {}
-        model.preprocess = dict(mean=tuple(fam_row.get("mean", IMAGENET_MEAN)),
-                                std=tuple(fam_row.get("std", IMAGENET_STD)), interp=fam_row.get("interp", "bicubic"),
-                                crop_pct=fam_row.get("crop_pct", 0.875))
-    model.source = dict(spec=spec, path=str(path), family=model.family, registry=name if row else None)
+            download(name, weights_dir, progress=progress)
+        return path, dict(registry=name, family=row["family"], num_heads=row["num_heads"], img_size=row["img_size"])
+    if Path(spec).is_dir():
+        return _hf_weights(Path(spec))
+    if Path(spec).is_file():
+        return Path(spec), {}
+    raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), "
+                     "a checkpoint file or a Hugging Face model directory")
+
+
+def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
+    cfg = ViTConfig(**json.loads(meta["config"]))
+    if not head:
+        cfg.num_classes = 0
+        obj = {k: v for k, v in obj.items() if not k.startswith("head.")}
+    model = build_model(obj, cfg)
+    model.preprocess = json.loads(meta.get("preprocess", "null")) or model.preprocess
+    model.input_size = json.loads(meta.get("input_size", "null")) or model.input_size
     return model
 
 
@@ -895,9 +925,11 @@ def _hf_weights(d: Path) -> tuple[Path, dict]:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"{cfg_file}: invalid JSON ({e})") from None
+    hints = dict(family="data2vec_hf", num_heads=hf.get("num_attention_heads"),
+                 norm_eps=hf.get("layer_norm_eps", 1e-6))
     for fname in ("model.safetensors", "pytorch_model.bin"):
         if (d / fname).is_file():
-            return d / fname, hf
+            return d / fname, hints
     raise UsageError(f"{d}: no model.safetensors or pytorch_model.bin beside config.json")
 
 
@@ -979,7 +1011,7 @@ def _unlink(p):
         os.unlink(p)
 
 
-def download_registered(name: str, weights_dir=None, progress: bool = True) -> Path:
+def download(name: str, weights_dir=None, progress: bool = True) -> Path:
     """Fetch a registered checkpoint into the weights dir (verified where a digest is published)."""
     name = resolve_name(name)
     if name not in REGISTRY:
@@ -987,12 +1019,10 @@ def download_registered(name: str, weights_dir=None, progress: bool = True) -> P
     row, dest = REGISTRY[name], registry_path(name, weights_dir)
     if dest.exists():
         return dest
-    if row["family"] in MANUAL_DOWNLOAD:
+    if FAMILIES[row["family"]].manual_download:
         raise UsageError(f"{name} is published only on a web page ({row['url']}): download it by hand to {dest}")
     return download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
 
-
-download = download_registered  # the public name; load_model's `download=` flag shadows it inside load_model
 
 
 # ======================================================================================================================
@@ -2935,7 +2965,7 @@ def _model_meta(model: ViT) -> dict:
     src = dict(getattr(model, "source", {}))
     path = src.get("path")
     src["sha256"] = file_sha256(path) if path and Path(path).is_file() else None
-    src.update(objective=OBJECTIVE.get(model.family, "?"), depth=model.cfg.depth, width=model.cfg.embed_dim,
+    src.update(objective=objective(model.family), depth=model.cfg.depth, width=model.cfg.embed_dim,
                patch=model.cfg.patch_size, input_size=model.input_size)
     return src
 
@@ -2950,7 +2980,7 @@ def _out_dir(args, kind: str) -> Path:
 def _load_models(args, head: bool = False) -> list[ViT]:
     models = []
     for spec in args.models:
-        m = load_model(spec, args.family, weights_dir=args.weights_dir, download=not args.offline,
+        m = load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
                        num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet, head=head)
         note(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
              f"heads={m.cfg.num_heads}, input {m.input_size}px", args.quiet)
@@ -2998,16 +3028,14 @@ def cmd_cka(args):
 
 def cmd_list(args):
     wdir = Path(args.weights_dir or default_weights_dir())
-    alias_of = {}
-    for a, n in ALIASES.items():
-        alias_of.setdefault(n, []).append(a)
     print(f"{'name':<20} {'family':<12} {'obj':<7} {'heads':>5} {'norm':<9} {'resize':<8} {'eval repr':<15} "
           f"{'present':<8} aliases")
     for name, r in REGISTRY.items():
-        present = "yes" if registry_path(name, wdir).exists() else ("manual" if r["family"] in MANUAL_DOWNLOAD else "-")
+        present = "yes" if registry_path(name, wdir).exists() else ("manual" if FAMILIES[r["family"]].manual_download
+                                                                  else "-")
         norm = "0.5/0.5" if r["mean"] == HALF_MEAN else "imagenet"
-        print(f"{name:<20} {r['family']:<12} {OBJECTIVE[r['family']]:<7} {r['num_heads']:>5} {norm:<9} "
-              f"{r['interp']:<8} {r['eval_repr']:<15} {present:<8} {','.join(alias_of.get(name, []))}")
+        print(f"{name:<20} {r['family']:<12} {objective(r['family']):<7} {r['num_heads']:>5} {norm:<9} "
+              f"{r['interp']:<8} {r['eval_repr']:<15} {present:<8} {','.join(r['aliases'])}")
     others = sorted(p.name for p in wdir.glob("*") if p.is_file() and p.name != "README.md"
                     and not any(p == registry_path(n, wdir) for n in REGISTRY))
     print(f"\nweights dir: {wdir}" + (f"; other files: {', '.join(others)}" if others else ""))
