@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -300,26 +301,35 @@ class ViTConfig:
         return int(self.cls_token) + self.num_registers
 
 
+log = logging.getLogger("ssl_repsim")   # notices and announcements; the CLI prints them on stderr as they happen
+
+
 class Progress:
-    """Progress on stderr: tqdm when importable, else a small built-in bar; silent when disabled or not a TTY."""
+    """Progress on stderr: tqdm on a terminal when importable, else a built-in bar; in a batch log (stderr not a
+    terminal) a plain line at every 10%; nothing when disabled."""
 
     def __init__(self, total, desc="", enabled=True, unit="it"):
-        self.total, self.desc, self.n, self.unit, self._t0, self._last = total, desc, 0, unit, time.time(), 0.0
-        self.enabled = enabled and sys.stderr.isatty()
+        self.total, self.desc, self.n, self.unit, self._last, self._decile = total, desc, 0, unit, 0.0, 0
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
         self._tqdm = None
-        if self.enabled:
-            hold_notes(False)  # long work starts: show what was announced
+        if self.enabled and self.tty:
             with contextlib.suppress(ImportError):
                 from tqdm import tqdm
                 self._tqdm = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False)
 
     def update(self, k=1):
         self.n += k
+        frac = self.n / self.total if self.total else 0.0
+        if not self.enabled:
+            return
         if self._tqdm is not None:
             self._tqdm.update(k)
-        elif self.enabled and time.time() - self._last > 0.2:
+        elif not self.tty:
+            if int(10 * frac) > self._decile:
+                self._decile = int(10 * frac)
+                print(f"{self.desc}: {10 * self._decile}% ({self.n}/{self.total} {self.unit})", file=sys.stderr)
+        elif time.time() - self._last > 0.2:
             self._last = time.time()
-            frac = self.n / self.total if self.total else 0.0
             bar = "#" * int(24 * frac)
             sys.stderr.write(f"\r{self.desc} [{bar:<24}] {self.n}/{self.total or '?'} {self.unit}")
             sys.stderr.flush()
@@ -327,30 +337,9 @@ class Progress:
     def close(self):
         if self._tqdm is not None:
             self._tqdm.close()
-        elif self.enabled:
+        elif self.enabled and self.tty:
             sys.stderr.write("\r" + " " * (len(self.desc) + 60) + "\r")
             sys.stderr.flush()
-
-
-_NOTES: list | None = None   # the CLI holds notes until work starts, so a command that fails prints one line
-
-
-def note(msg: str, quiet: bool = False):
-    """One line of information on stderr (announcements, notices), suppressed by --quiet."""
-    if quiet:
-        return
-    if _NOTES is not None:
-        _NOTES.append(msg)
-    else:
-        print(msg, file=sys.stderr)
-
-
-def hold_notes(hold: bool):
-    """Start holding notes (hold=True), or print the held ones and stop holding (False)."""
-    global _NOTES
-    held, _NOTES = _NOTES, ([] if hold else None)
-    for msg in held or []:
-        print(msg, file=sys.stderr)
 
 
 # --- torch.distributed: every function behaves identically when no process group is initialised ---------------
@@ -1170,15 +1159,15 @@ def tensor_file(path) -> ImageSet:
 
 
 def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict: bool = False,
-                quiet: bool = False, synthetic_n: int = 256) -> ImageSet:
+                synthetic_n: int = 256) -> ImageSet:
     """An ImageSet from `synthetic`, an image folder or a tensor file; `n` draws a fixed subset by `seed`."""
     source = str(source)
     if n is not None and n < 1:
         raise UsageError(f"--n must be ≥ 1, got {n}")
     if source == "synthetic":
         images = synthetic_images(n or synthetic_n, seed=seed)
-        note(f"data: built-in synthetic set, {len(images)} images of {len(images.classes)} classes "
-             "(pass --data DIR|FILE for your own)", quiet)
+        log.info(f"data: built-in synthetic set, {len(images)} images of {len(images.classes)} classes "
+                 "(pass --data DIR|FILE for your own)")
     elif Path(source).is_dir():
         images = image_folder(source)
     elif Path(source).is_file() and Path(source).suffix.lower() in TENSOR_SUFFIXES:
@@ -1752,7 +1741,7 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
 
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
                    kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
-                   progress=False, quiet=True, group=None, model_point: str | None = None) -> dict:
+                   progress=False, group=None, model_point: str | None = None) -> dict:
     """CKA maps of every pair of models (each extracted once) and the models×models matrix at `model_point`
     (default: each model's last point; "last"/"first" or a point name present in every model's list).
     Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
@@ -1785,13 +1774,13 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
         for acc in accs.values():
             acc.all_reduce(group)
         if skipped:
-            note(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA", quiet)
+            log.warning(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA")
         for p, acc in accs.items():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 maps[p] = acc.compute()
             for w in caught:
-                note(f"warning: {models[p[0]].source['spec']} vs {models[p[1]].source['spec']}: {w.message}", quiet)
+                log.warning(f"warning: {models[p[0]].source['spec']} vs {models[p[1]].source['spec']}: {w.message}")
     else:
         feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
                                 dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names)]
@@ -1801,7 +1790,7 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
                 maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=estimator == "debiased",
                                           rbf_threshold=rbf_threshold)
             for w in caught:
-                note(f"warning: {w.message}", quiet)
+                log.warning(f"warning: {w.message}")
     specs = [m.source["spec"] for m in models]
     out_pairs = []
     matrix = torch.eye(len(models), dtype=torch.float64)
@@ -2267,7 +2256,7 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
              weight_decay: float = 0.05, warmup_epochs: float = 1, min_lr: float = 1e-6, drop_path: float = 0.1,
              label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0, accum_steps: int = 1,
              augment: bool = True, seed: int = 0, out=None, resume: bool = False, device=None, dtype=None, progress: bool = False,
-             quiet: bool = True, stop_after_steps: int | None = None) -> dict:
+             stop_after_steps: int | None = None) -> dict:
     """Fine-tune end to end with MAE's recipe: AdamW with layer-wise lr decay, lr = blr·(effective batch)/256,
     linear warmup then half-cycle cosine per iteration, drop path, label smoothing, optional mixup/cutmix;
     random-resized crop + flip in torch ops; bf16 autocast on CUDA. After every epoch `out` receives
@@ -2304,7 +2293,7 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
         model.load_state_dict(sd)
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"] + 1
-        note(f"resuming from {out} after epoch {state['epoch'] + 1}", quiet)
+        log.info(f"resuming from {out} after epoch {state['epoch'] + 1}")
     net = Classifier(model)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -2348,8 +2337,9 @@ def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val
             else None
         history.append(dict(epoch=epoch + 1, train_loss=_mean(_all_reduce_mean(losses)), val_acc=val_acc,
                             lr=opt.param_groups[-1]["lr"]))
-        note(f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}"
-             + (f", val acc {val_acc:.3f}" if val_acc is not None else ""), quiet or rank != 0)
+        if rank == 0:
+            log.info(f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}"
+                     + (f", val acc {val_acc:.3f}" if val_acc is not None else ""))
         if out and rank == 0:
             save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=epoch + 1))
             buf = io.BytesIO()
@@ -2676,7 +2666,7 @@ def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
     """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
     res = compare_models(models, images, points="all", tokens=args.tokens, estimator=args.estimator,
                          batch_size=args.batch_size, device=args.device, dtype=args.dtype, cache_dir=args.cache,
-                         progress=not args.quiet, quiet=args.quiet)
+                         progress=not args.quiet)
     readings, figures = [], {}
     norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
     feats = [cached_extract(m, images, pts, "mean", cache_dir=args.cache, batch_size=args.batch_size,
@@ -2896,14 +2886,14 @@ def write_csv(path, header, rows) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
-def _pyplot(quiet=False):
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         return plt
     except ImportError:
-        note("notice: matplotlib is not installed, no PNG written (pip install matplotlib)", quiet)
+        log.warning("notice: matplotlib is not installed, no PNG written (pip install matplotlib)")
         return None
 
 
@@ -2915,9 +2905,9 @@ def save_figure(fig, path) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
-def plot_heatmaps(maps: list[dict], path, title="CKA", quiet=False):
+def plot_heatmaps(maps: list[dict], path, title="CKA"):
     """One labelled heatmap per entry {a, b, layers_a, layers_b, cka}."""
-    plt = _pyplot(quiet)
+    plt = _pyplot()
     if plt is None or not maps:
         return None
     cols = min(3, len(maps))
@@ -2982,8 +2972,8 @@ def _load_models(args, head: bool = False) -> list[ViT]:
     for spec in args.models:
         m = load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
                        num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet, head=head)
-        note(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
-             f"heads={m.cfg.num_heads}, input {m.input_size}px", args.quiet)
+        log.info(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
+                 f"heads={m.cfg.num_heads}, input {m.input_size}px")
         models.append(m)
     return models
 
@@ -2993,20 +2983,20 @@ def cmd_cka(args):
         raise UsageError("cka needs at least two models")
     t0 = time.time()
     models = _load_models(args)
-    images = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
+    images = load_images(args.data, args.n, args.seed, args.strict)
     res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                          kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype, cache_dir=args.cache, progress=not args.quiet,
-                         quiet=args.quiet, model_point=args.model_point)
+                         model_point=args.model_point)
     if images.skipped:
-        note(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)", args.quiet)
+        log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
     out = _out_dir(args, "cka")
     meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
                 n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
                 tokens=args.tokens, estimator=res["estimator"], kernel=args.kernel,
                 rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None, batch_size=args.batch_size,
                 device=str(args.device or default_device()), dtype=args.dtype or "float32", versions=_versions(),
-                elapsed_s=round(time.time() - t0, 2), command=" ".join(sys.argv))
+                elapsed_s=round(time.time() - t0, 2), command=args.command)
     doc = dict(res, meta=meta)
     first = res["pairs"][0]
     if len(models) == 2:
@@ -3015,7 +3005,7 @@ def cmd_cka(args):
     write_csv(out / "cka.csv", ["model_a", "model_b", "layer_a", "layer_b", "cka"],
               [[p["a"], p["b"], la, lb, float(p["cka"][i, j])] for p in res["pairs"]
                for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])])
-    plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({res['estimator']}, {args.tokens})", quiet=args.quiet)
+    plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({res['estimator']}, {args.tokens})")
     for p in res["pairs"]:
         print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}")
         print(format_map(p["cka"], p["layers_a"], p["layers_b"]))
@@ -3069,7 +3059,7 @@ def cka_flops(n: int, la: int, lb: int, d: int, estimator: str, batch: int = 256
     return n // batch * cka_form_flops(batch, [d] * la, [d] * lb)[0], "minibatch"
 
 
-def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
+def bench(full: bool = False, device=None) -> dict:
     """Extraction img/s (ViT-B/16, all block outputs hooked vs a plain forward), the matmul rate, and all-pairs
     12×12 CKA (d = 768) at several n for each estimator, as a multiple of its FLOP floor and with its error
     against a float64 computation of the same formula."""
@@ -3082,7 +3072,7 @@ def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
     t = _timeit(lambda: a @ b, 5, sync)  # best of 5: the achievable rate
     rate = 2 * m ** 3 / t
     out["matmul_gflops"] = rate / 1e9
-    note(f"matmul fp32 {m}³: {rate / 1e9:.0f} GFLOP/s", quiet)
+    log.info(f"matmul fp32 {m}³: {rate / 1e9:.0f} GFLOP/s")
     vit = ViT(ViTConfig()).to(device)
     nimg = 64 if device.type == "cuda" else (32 if full else 8)
     x = torch.randn(nimg, 3, 224, 224, device=device)
@@ -3094,8 +3084,8 @@ def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
             t_hook = min(t_hook, _timeit(lambda: list(iter_features(vit, [x], "blocks", "all", device)), 1, sync))
     out["extraction"] = dict(images=nimg, plain_img_s=nimg / t_plain, hooked_img_s=nimg / t_hook,
                              hook_overhead=t_hook / t_plain - 1)
-    note(f"ViT-B/16 forward: {nimg / t_plain:.1f} img/s plain, {nimg / t_hook:.1f} img/s with 12 block outputs "
-         f"hooked ({100 * (t_hook / t_plain - 1):+.1f}%)", quiet)
+    log.info(f"ViT-B/16 forward: {nimg / t_plain:.1f} img/s plain, {nimg / t_hook:.1f} img/s with 12 block outputs "
+             f"hooked ({100 * (t_hook / t_plain - 1):+.1f}%)")
     if device.type == "cuda":
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             t_bf = _timeit(lambda: vit.forward_features(x), 2, sync)
@@ -3127,8 +3117,8 @@ def bench(full: bool = False, device=None, quiet: bool = False) -> dict:
             err = float((res["m"] - ref).abs().max()) if ref is not None and est == "full" else None
             rows.append(dict(n=n, estimator=est, form=form, seconds=t, floor_seconds=flops / rate,
                              x_floor=t * rate / flops, max_err_vs_float64=err))
-            note(f"CKA 12×12 d=768 n={n} {est:<9} ({form}): {t:.2f} s, {t * rate / flops:.2f}× the floor"
-                 + (f", max error vs float64 {err:.1e}" if err is not None else ""), quiet)
+            log.info(f"CKA 12×12 d=768 n={n} {est:<9} ({form}): {t:.2f} s, {t * rate / flops:.2f}× the floor"
+                     + (f", max error vs float64 {err:.1e}" if err is not None else ""))
     out["cka"] = rows
     return out
 
@@ -3160,7 +3150,7 @@ torch.save(dict(seconds=dt, extra=max(0.0, sr._peak_rss() - base), cka=m.double(
 """
 
 
-def bench_peer(ns=(1000, 2000, 4000, 10000), device=None, quiet: bool = False) -> list[dict]:
+def bench_peer(ns=(1000, 2000, 4000, 10000), device=None) -> list[dict]:
     """Side by side with pytorch-cka (pip install pytorch-cka; its `cka_from_features`, the same unbiased HSIC
     estimator) on identical 12×12 d=768 features: time and peak extra memory of each, each in a fresh process,
     and for n ≤ 4000 each one's largest error against a float64 computation."""
@@ -3188,7 +3178,7 @@ def bench_peer(ns=(1000, 2000, 4000, 10000), device=None, quiet: bool = False) -
                 for which in ("ssl_repsim", "pytorch-cka"):
                     row[f"{which}_err"] = float((row[which] - ref).abs().max())
             row["max_diff"] = float((row.pop("ssl_repsim") - row.pop("pytorch-cka")).abs().max())
-            note(f"n={n}: ssl_repsim {row['ssl_repsim_s']:.2f} s, pytorch-cka {row['pytorch-cka_s']:.2f} s", quiet)
+            log.info(f"n={n}: ssl_repsim {row['ssl_repsim_s']:.2f} s, pytorch-cka {row['pytorch-cka_s']:.2f} s")
             rows.append(row)
     return rows
 
@@ -3202,7 +3192,7 @@ def _peak_rss() -> float:
 
 def cmd_bench(args):
     if args.peer:
-        rows = bench_peer(device=args.device, quiet=args.quiet)
+        rows = bench_peer(device=args.device)
         print(f"{'n':>6} {'ssl_repsim s':>12} {'pytorch-cka s':>13} {'ratio':>6} {'extra GB ours/peer':>19} "
               f"{'err ours':>9} {'err peer':>9}")
         for r in rows:
@@ -3214,7 +3204,7 @@ def cmd_bench(args):
         if args.out:
             write_json(Path(args.out) / "bench_peer.json", rows)
         return
-    res = bench(args.full, args.device, args.quiet)
+    res = bench(args.full, args.device)
     print(f"\nssl_repsim bench on {res['gpu'] or 'CPU'} ({res['threads']} threads), torch {res['versions']['torch']}")
     print(f"matmul fp32: {res['matmul_gflops']:.0f} GFLOP/s")
     e = res["extraction"]
@@ -3231,11 +3221,11 @@ def cmd_bench(args):
 
 
 def _train_val(args) -> tuple[ImageSet, ImageSet]:
-    train = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
+    train = load_images(args.data, args.n, args.seed, args.strict)
     if train.labels is None:
         raise UsageError(f"{args.data}: no labels (use class sub-folders, or a tensor file with 'labels')")
     if args.val:
-        val = load_images(args.val, None, args.seed, args.strict, args.quiet)
+        val = load_images(args.val, None, args.seed, args.strict)
         if val.labels is None:
             raise UsageError(f"{args.val}: no labels")
         if train.classes and val.classes and train.classes != val.classes:
@@ -3244,9 +3234,9 @@ def _train_val(args) -> tuple[ImageSet, ImageSet]:
     return split_train_val(train, args.val_fraction, args.seed)
 
 
-def plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str, quiet=False):
+def plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str):
     """Accuracy (or any score) versus layer, one line per model."""
-    plt = _pyplot(quiet)
+    plt = _pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -3261,12 +3251,12 @@ def plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str, qu
     return save_figure(fig, path)
 
 
-def _write_layer_results(out: Path, kind: str, results: dict, meta: dict, quiet: bool):
+def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
     write_json(out / f"{kind}.json", dict(results=results, meta=meta))
     rows = [[m, k.split("/")[0], k.split("/")[1] if "/" in k else "top1", v] for m, r in results.items()
             for k, v in r.items()]
     write_csv(out / f"{kind}.csv", ["model", "layer", "metric", "value"], rows)
-    plot_layer_curves(results, out / f"{kind}.png", f"{kind} top-1", quiet)
+    plot_layer_curves(results, out / f"{kind}.png", f"{kind} top-1")
     for m, r in results.items():
         print(f"\n{m}: {kind} top-1 per layer")
         for k, v in r.items():
@@ -3301,9 +3291,9 @@ def cmd_probe(args, kind="probe"):
     meta = dict(models=[_model_meta(m) for m in models], data=str(args.data), val=args.val or
                 f"{args.val_fraction:.0%} of data (seed {args.seed})", n_train=len(train), n_val=len(val),
                 points=args.points, tokens=args.tokens or "cls (mean without cls)", versions=_versions(),
-                elapsed_s=round(time.time() - t0, 2), command=" ".join(sys.argv))
+                elapsed_s=round(time.time() - t0, 2), command=args.command)
     meta.update(dict(k=args.k, temperature=args.temperature) if kind == "knn" else dict(method=args.method))
-    _write_layer_results(_out_dir(args, kind), kind, results, meta, args.quiet)
+    _write_layer_results(_out_dir(args, kind), kind, results, meta)
 
 
 def cmd_knn(args):
@@ -3320,7 +3310,7 @@ def cmd_finetune(args):
                    layer_decay=args.layer_decay, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                    drop_path=args.drop_path, label_smoothing=args.label_smoothing, mixup=args.mixup,
                    cutmix=args.cutmix, accum_steps=args.accum_steps, seed=args.seed, out=out, resume=args.resume,
-                   device=args.device, dtype=args.dtype, progress=not args.quiet, quiet=args.quiet)
+                   device=args.device, dtype=args.dtype, progress=not args.quiet)
     last = res["history"][-1] if res["history"] else {}
     print(f"fine-tuned {args.models[0]} for {len(res['history'])} epoch(s): val acc {last.get('val_acc')}; "
           f"wrote {out}/checkpoint.safetensors, log.json")
@@ -3366,13 +3356,13 @@ def _add_probe_commands(sub):
         p.set_defaults(fn=fn)
 
 
-def _render_figures(figures: dict, out: Path, quiet: bool) -> list[str]:
+def _render_figures(figures: dict, out: Path) -> list[str]:
     written = []
     for fname, (kind, payload) in figures.items():
         if kind == "curves":
-            path = plot_layer_curves(payload, out / fname, "score", quiet)
+            path = plot_layer_curves(payload, out / fname, "score")
         else:
-            path = plot_heatmaps(payload, out / fname, "CKA", quiet)
+            path = plot_heatmaps(payload, out / fname, "CKA")
         if path:
             written.append(fname)
     return written
@@ -3381,23 +3371,23 @@ def _render_figures(figures: dict, out: Path, quiet: bool) -> list[str]:
 def cmd_analysis(args):
     t0 = time.time()
     models = _load_models(args, head=args.cmd in ("report", "agreement"))
-    images = load_images(args.data, args.n, args.seed, args.strict, args.quiet)
+    images = load_images(args.data, args.n, args.seed, args.strict)
     names = list(ANALYSES) if args.cmd == "report" else [args.cmd]
     if args.cmd == "report" and args.skip:
         names = [n for n in names if n not in args.skip.split(",")]
     out = _out_dir(args, args.cmd)
     results, sections = {}, []
     for name in names:
-        note(f"analysis: {name}", args.quiet)
+        log.info(f"analysis: {name}")
         res, figures, readings = ANALYSES[name](models, images, args)
         results[name] = dict(results=res, readings=readings)
-        sections.append((name, _render_figures(figures, out, args.quiet), readings))
+        sections.append((name, _render_figures(figures, out), readings))
         for r in readings:
             print(f"[{name}] {r}")
     meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
                 n=len(images), seed=args.seed), tokens=args.tokens, estimator=args.estimator,
                 mae_mask_ratio=args.mae_mask_ratio, versions=_versions(), elapsed_s=round(time.time() - t0, 2),
-                command=" ".join(sys.argv))
+                command=args.command)
     kind = "report" if args.cmd == "report" else args.cmd
     write_json(out / f"{kind}.json", dict(results, meta=meta))
     if args.cmd == "report":
@@ -3543,19 +3533,42 @@ def init_distributed(args) -> bool:
     return True
 
 
+class _StderrHandler(logging.Handler):
+    """Each record as one line on whatever sys.stderr is when it is emitted."""
+
+    def emit(self, record):
+        print(self.format(record), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _cli_logging(quiet: bool):
+    """The `ssl_repsim` logger prints on stderr for the duration of a command: notices and announcements, or with
+    --quiet nothing below an error."""
+    handler, level, propagate = _StderrHandler(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.ERROR if quiet else logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.command = " ".join(["ssl_repsim.py", *argv])
     if getattr(args, "batch_size", 1) < 1:
         build_parser().error(f"--batch-size must be ≥ 1, got {args.batch_size}")
     distributed = False
     try:
         distributed = init_distributed(args)
-        hold_notes(True)
-        args.fn(args)
-        hold_notes(False)
+        with _cli_logging(args.quiet):
+            args.fn(args)
         return 0
     except UsageError as e:
-        globals()["_NOTES"] = None  # a failed command says one thing: what went wrong
         if getattr(args, "debug", False):
             raise
         print(f"ssl_repsim: error: {_one_line(e)}", file=sys.stderr)
