@@ -20,6 +20,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -811,8 +812,10 @@ def _is_square(n: int) -> bool:
 
 
 def build_model(sd: dict, cfg: ViTConfig) -> ViT:
-    """A ViT holding exactly these weights; missing or unexpected keys and wrong shapes are user errors."""
-    model = ViT(cfg)
+    """A ViT holding exactly these weights; missing or unexpected keys and wrong shapes are user errors. The
+    skeleton is built without memory (meta device) and takes the file's tensors as its parameters."""
+    with torch.device("meta"):
+        model = ViT(cfg)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -822,7 +825,7 @@ def build_model(sd: dict, cfg: ViTConfig) -> ViT:
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         raise UsageError(f"{cfg.family} checkpoint: shape mismatch: {'; '.join(bad[:3])}")
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, assign=True)
     return model.eval()
 
 
@@ -837,17 +840,20 @@ def registry_path(name: str, weights_dir=None) -> Path:
     return Path(weights_dir or default_weights_dir()) / f"{name}{suffix}"
 
 
-def file_sha256(path, _cache={}) -> str:
+def file_sha256(path) -> str:
+    """Hex sha256 of a file (remembered while its size and modification time stay the same)."""
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bool = False,
@@ -1298,8 +1304,7 @@ def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=
     dtype = _parse_dtype(dtype)
     names = resolve_points(model, points)
     modules = dict(model.named_modules())
-    model.to(device).eval()
-    store, handles = {}, []
+    store = {}
     npre, has_cls = model.cfg.num_prefix, model.cfg.cls_token
 
     def hook(name):
@@ -1307,18 +1312,33 @@ def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=
             store[name] = reduce_tokens(out, tokens, npre, has_cls).float()
         return fn
 
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
     try:
-        for n in names:
-            handles.append(modules[n].register_forward_hook(hook(n)))
-        for batch in batches:
-            x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-            store.clear()
-            with torch.no_grad(), _autocast(device, dtype):  # not held across `yield`: the caller's mode stays
-                model.forward_features(x.to(device, non_blocking=True))
-            yield {n: store[n] for n in names}, y
+        with _placed(model, device):
+            for batch in batches:
+                x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                store.clear()
+                with torch.no_grad(), _autocast(device, dtype):  # not held across `yield`: the caller's mode stays
+                    model.forward_features(x.to(device, non_blocking=True))
+                yield {n: store[n] for n in names}, y
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _placed(model: nn.Module, device: torch.device, train: bool = False):
+    """The model on `device` in eval (or train) mode for the duration; then back on the caller's device and in the
+    caller's mode."""
+    p = next(model.parameters(), None)
+    home, mode = (p.device if p is not None else device), model.training
+    model.to(device).train(train)
+    try:
+        yield model
+    finally:
+        if home != device and not (device.index is None and home.type == device.type):
+            model.to(home)
+        model.train(mode)
 
 
 def _parse_dtype(dtype):
@@ -2045,18 +2065,17 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
     out = {}
     for k in train:
         tr, te = (v.to(device) for v in standardize(train[k], test[k]))
-        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
         d = tr.shape[1]
         h = hidden or d
         layers, width = [], d
         for _ in range(depth - 1):
-            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU()]
+            layers += [_seeded_linear(width, h, g), nn.BatchNorm1d(h), nn.ReLU()]
             width = h
-        head = nn.Sequential(*layers, nn.Linear(width, C)).to(device)
+        head = nn.Sequential(*layers, _seeded_linear(width, C, g)).to(device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
         n = len(tr)
         spe = math.ceil(n / batch_size)
-        g = torch.Generator().manual_seed(seed)
         head.train()
         for step in range(epochs * spe):
             if step % spe == 0:
@@ -2075,6 +2094,16 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
         with torch.no_grad():
             out[k] = topk_accuracy(head(te).cpu(), y_test)
     return out
+
+
+def _seeded_linear(inp: int, out: int, g: torch.Generator) -> nn.Linear:
+    """nn.Linear with PyTorch's default initialisation (U(±1/√inp) for weight and bias), drawn from `g`."""
+    lin = nn.utils.skip_init(nn.Linear, inp, out)
+    bound = 1 / math.sqrt(inp)
+    with torch.no_grad():
+        lin.weight.uniform_(-bound, bound, generator=g)
+        lin.bias.uniform_(-bound, bound, generator=g)
+    return lin
 
 
 def concat_features(feats: dict, final: str | None = None) -> dict[str, torch.Tensor]:
@@ -2537,7 +2566,6 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
     queries (uniform) and keys: I(q; k) / √(H(q) H(k)). mask_ratio > 0 keeps a random sorted subset of patches
     per image, as MAE's pre-training forward does (positions of kept patches are used for distances)."""
     device = torch.device(device) if device else default_device()
-    model.to(device).eval()
     depth, H = len(model.blocks), model.cfg.num_heads
     sums = {k: torch.zeros(depth, H, dtype=torch.float64) for k in ("distance", "entropy", "nmi")}
     count = 0
@@ -2545,34 +2573,40 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
     batches = model_batches(model, images, batch_size) if isinstance(images, ImageSet) else \
         ((x, None) for x in (images.split(batch_size) if isinstance(images, torch.Tensor) else images))
     npre, p = model.cfg.num_prefix, model.cfg.patch_size
-    for x, _ in batches:
-        x = x.to(device)
-        gh, gw = x.shape[-2] // p, x.shape[-1] // p
-        keep = None
-        if mask_ratio > 0:
-            n_keep = max(1, int(round(gh * gw * (1 - mask_ratio))))
-            keep = torch.rand(len(x), gh * gw, generator=g).argsort(1)[:, :n_keep].sort(1).values.to(device)
-        maps = [a.double() for a in attention_maps(model, x, keep)]
-        idx = keep if keep is not None else torch.arange(gh * gw, device=device).expand(len(x), -1)
-        pos = torch.stack([idx // gw, idx % gw], -1).double() * p          # (B, P, 2) pixels
-        dist = torch.cdist(pos, pos)                                         # (B, P, P)
-        for li, a in enumerate(maps):                                        # a: (B, H, T, T)
-            pp = a[:, :, npre:, npre:]
-            pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-12)
-            sums["distance"][li] += (pp * dist[:, None]).sum(-1).mean(-1).sum(0).cpu()
-            ent = -(a * a.clamp_min(1e-12).log()).sum(-1)                   # (B, H, T)
-            sums["entropy"][li] += ent.mean(-1).sum(0).cpu()
-            pk = a.mean(-2)                                                  # p(k) with uniform queries
-            hk = -(pk * pk.clamp_min(1e-12).log()).sum(-1)
-            mi = hk - ent.mean(-1)
-            hq = math.log(a.shape[-2])
-            sums["nmi"][li] += (mi / (hq * hk).clamp_min(1e-12).sqrt()).sum(0).cpu()
-        count += len(x)
-        if max_images and count >= max_images:
-            break
+    with _placed(model, device):
+        for x, _ in batches:
+            x = x.to(device)
+            gh, gw = x.shape[-2] // p, x.shape[-1] // p
+            keep = None
+            if mask_ratio > 0:
+                n_keep = max(1, int(round(gh * gw * (1 - mask_ratio))))
+                keep = torch.rand(len(x), gh * gw, generator=g).argsort(1)[:, :n_keep].sort(1).values.to(device)
+            idx = keep if keep is not None else torch.arange(gh * gw, device=device).expand(len(x), -1)
+            pos = torch.stack([idx // gw, idx % gw], -1).double() * p          # (B, P, 2) pixels
+            dist = torch.cdist(pos, pos)                                         # (B, P, P)
+            for li, a in enumerate(attention_maps(model, x, keep)):
+                for k, v in attention_map_stats(a.double(), dist, npre).items():
+                    sums[k][li] += v.sum(0).cpu()
+            count += len(x)
+            if max_images and count >= max_images:
+                break
     if count == 0:
         raise UsageError("no images for attention statistics")
     return {k: (v / count) for k, v in sums.items()}
+
+
+def attention_map_stats(a: torch.Tensor, dist: torch.Tensor, num_prefix: int) -> dict[str, torch.Tensor]:
+    """(B, H) statistics of attention maps a (B, H, T, T) with patch distances dist (B, P, P): mean distance of
+    the renormalised patch-to-patch attention, entropy (mean over queries) and NMI = I(q; k) / √(H(q) H(k)) with
+    uniform queries."""
+    pp = a[:, :, num_prefix:, num_prefix:]
+    pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-12)
+    ent = -(a * a.clamp_min(1e-12).log()).sum(-1)                   # (B, H, T)
+    pk = a.mean(-2)                                                  # p(k) with uniform queries
+    hk = -(pk * pk.clamp_min(1e-12).log()).sum(-1)
+    mi = hk - ent.mean(-1)
+    return dict(distance=(pp * dist[:, None]).sum(-1).mean(-1), entropy=ent.mean(-1),
+                nmi=mi / (math.log(a.shape[-2]) * hk).clamp_min(1e-12).sqrt())
 
 
 def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
