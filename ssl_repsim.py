@@ -390,11 +390,11 @@ def gather_batches(parts: list, group=None) -> list:
 # ======================================================================================================================
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def stochastic_depth(x: torch.Tensor, p: float, training: bool, rng: torch.Generator | None = None) -> torch.Tensor:
     """Stochastic depth (Huang et al. 2016): drop the residual branch per sample with probability p."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p, generator=rng)
     return x * keep / (1 - p)
 
 
@@ -515,15 +515,15 @@ class Block(nn.Module):
         self.mlp = Mlp(d, cfg.mlp_hidden, cfg.swiglu)
         self.gamma_1 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
         self.gamma_2 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
-        self.drop_path = 0.0
+        self.drop_path, self.rng = 0.0, None   # stochastic-depth rate and its generator (set by finetune)
 
     def forward(self, x, bias=None, grid=None):
         a = self.attn(self.norm1(x), bias, grid)
         a = a * self.gamma_1 if self.gamma_1 is not None else a
-        x = self.attn_residual(x + drop_path(a, self.drop_path, self.training))
+        x = self.attn_residual(x + stochastic_depth(a, self.drop_path, self.training, self.rng))
         m = self.mlp(self.norm2(x))
         m = m * self.gamma_2 if self.gamma_2 is not None else m
-        return x + drop_path(m, self.drop_path, self.training)
+        return x + stochastic_depth(m, self.drop_path, self.training, self.rng)
 
 
 class SharedRelPos(nn.Module):
@@ -2242,7 +2242,7 @@ def mix_batch(x, y, num_classes, g, mixup=0.0, cutmix=0.0, smoothing=0.0):
         return x, t
     mode = modes[int(torch.randint(0, len(modes), (1,), generator=g))]
     alpha = mixup if mode == "mixup" else cutmix
-    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
+    lam = float(np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=g))).beta(alpha, alpha))
     if mode == "mixup":
         x = lam * x + (1 - lam) * x.flip(0)
     else:
@@ -2280,108 +2280,152 @@ def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dt
     return correct / max(total, 1)
 
 
-def finetune(model: ViT, train: ImageSet, *, num_classes: int | None = None, val: ImageSet | None = None,
-             epochs: int = 3, batch_size: int = 16, blr: float = 1e-3, layer_decay: float = 0.75,
-             weight_decay: float = 0.05, warmup_epochs: float = 1, min_lr: float = 1e-6, drop_path: float = 0.1,
-             label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0, accum_steps: int = 1,
-             augment: bool = True, seed: int = 0, out=None, resume: bool = False, device=None, dtype=None, progress: bool = False,
-             stop_after_steps: int | None = None) -> dict:
+@dataclass
+class FinetuneConfig:
+    """finetune()'s hyperparameters (MAE's recipe, He et al. 2022; the defaults are a quick CPU-sized run)."""
+    epochs: int = 3
+    batch_size: int = 16            # per process
+    blr: float = 1e-3               # base lr: lr = blr × effective batch / 256
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1
+    min_lr: float = 1e-6
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.0              # mixup alpha (MAE: 0.8)
+    cutmix: float = 0.0             # cutmix alpha (MAE: 1.0)
+    accum_steps: int = 1
+    augment: bool = True            # random-resized crop + flip (else resize + centre crop)
+    seed: int = 0
+
+    def check(self):
+        if self.accum_steps < 1 or self.batch_size < 1 or self.epochs < 1:
+            raise UsageError("epochs, batch size and accum steps must be ≥ 1")
+        return self
+
+
+def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, *, val: ImageSet | None = None,
+             num_classes: int | None = None, out=None, resume: bool = False, device=None, dtype=None,
+             progress: bool = False, stop_after_steps: int | None = None, **hyper) -> dict:
     """Fine-tune end to end with MAE's recipe: AdamW with layer-wise lr decay, lr = blr·(effective batch)/256,
     linear warmup then half-cycle cosine per iteration, drop path, label smoothing, optional mixup/cutmix;
-    random-resized crop + flip in torch ops; bf16 autocast on CUDA. After every epoch `out` receives
-    checkpoint.safetensors (reloadable by load_model, head included), train_state.pt (optimizer, epoch) and
-    log.json ({"history": [{epoch, train_loss, val_acc, lr}], ...}); resume=True continues exactly from there.
+    random-resized crop + flip in torch ops; bf16 autocast on CUDA. Hyperparameters: `config`, or its fields as
+    keywords. After every epoch `out` receives checkpoint.safetensors (reloadable by load_model, head included),
+    train_state.pt (optimizer, epoch) and log.json ({"history": [{epoch, train_loss, val_acc, lr}], "config"});
+    resume=True continues exactly from there. Every random draw comes from generators seeded by config.seed.
     Under torchrun each process takes its share of every batch and gradients are averaged (DDP)."""
+    unknown = set(hyper) - {f.name for f in dataclasses.fields(FinetuneConfig)}
+    if unknown:
+        raise UsageError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
+    cfg = dataclasses.replace(config or FinetuneConfig(), **hyper).check()
     if train.labels is None:
         raise UsageError("fine-tuning needs labelled data (class sub-folders, or labels in the tensor file)")
     num_classes = num_classes or len(train.classes) or int(train.labels.max()) + 1
-    if accum_steps < 1 or batch_size < 1 or epochs < 1:
-        raise UsageError("epochs, batch size and accum steps must be ≥ 1")
     device = torch.device(device) if device else default_device()
     dtype = _parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     rank, world = _rank_world()
+    if len(train) < cfg.batch_size * world:
+        raise UsageError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size * world}")
     out = Path(out) if out else None
-    if model.head is None or model.head.out_features != num_classes:
-        model.head = nn.Linear(model.cfg.embed_dim, num_classes)
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)
-        nn.init.zeros_(model.head.bias)
-    model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
+    _attach_head(model, num_classes, torch.Generator().manual_seed(cfg.seed))
     for i, blk in enumerate(model.blocks):
-        blk.drop_path = drop_path * i / max(len(model.blocks) - 1, 1)
-    model.to(device)
-    groups = param_groups_lrd(model, weight_decay, layer_decay)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
-                            betas=(0.9, 0.999))
-    history, start = [], 0
-    if resume and out and (out / "train_state.pt").is_file():
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
-        sd, meta = read_checkpoint(out / "checkpoint.safetensors")
-        if json.loads(meta.get("epoch", "-1")) != state["epoch"] + 1:
-            raise UsageError(f"{out}: checkpoint.safetensors and train_state.pt are from different epochs (an "
-                             "interrupted save); remove train_state.pt to start over")
-        model.load_state_dict(sd)
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["epoch"] + 1
-        log.info(f"resuming from {out} after epoch {state['epoch'] + 1}")
-    net = Classifier(model)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    eff_batch = batch_size * accum_steps * world
-    lr = blr * eff_batch / 256
-    steps_per_epoch = max(1, (len(train) // (batch_size * world)) // accum_steps)
-    total, warm = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
-    if len(train) < batch_size * world:
-        raise UsageError(f"{len(train)} training images are fewer than one batch of {batch_size * world}")
-    step = start * steps_per_epoch
-    for epoch in range(start, epochs):
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)  # all randomness of an epoch: exact resume
-        torch.manual_seed(seed * 100003 + epoch + 7)
-        net.train()
-        losses, micro = [], 0
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress and rank == 0, unit="step")
-        for x, y in train_batches(model, train, batch_size, g, (rank, world), augment):
-            if micro == 0:
-                cur = cosine_lr(step, total, warm, lr, min_lr)
-                for grp in opt.param_groups:
-                    grp["lr"] = cur * grp["lr_scale"]
-            x, t = mix_batch(x, y, num_classes, g, mixup, cutmix, label_smoothing)
-            with _autocast(device, dtype):
-                logits = net(x.to(device))
-                loss = torch.sum(-t.to(device) * F.log_softmax(logits.float(), -1), -1).mean()
-            (loss / accum_steps).backward()
-            losses.append(float(loss.detach()))
-            micro += 1
-            if micro == accum_steps:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                micro, step = 0, step + 1
-                bar.update()
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    raise KeyboardInterrupt("stop_after_steps")  # simulated interruption (tests)
-                if step >= (epoch + 1) * steps_per_epoch:
-                    break
-        bar.close()
-        opt.zero_grad(set_to_none=True)
-        val_acc = evaluate(model, val, device=device, dtype=dtype) if val is not None and val.labels is not None \
-            else None
-        history.append(dict(epoch=epoch + 1, train_loss=_mean(_all_reduce_mean(losses)), val_acc=val_acc,
-                            lr=opt.param_groups[-1]["lr"]))
-        if rank == 0:
-            log.info(f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}"
-                     + (f", val acc {val_acc:.3f}" if val_acc is not None else ""))
-        if out and rank == 0:
-            save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=epoch + 1))
-            buf = io.BytesIO()
-            torch.save(dict(optimizer=opt.state_dict(), epoch=epoch, history=history), buf)
-            atomic_write(out / "train_state.pt", buf.getvalue())
-            write_json(out / "log.json", dict(history=history, config=dict(
-                epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, world_size=world, blr=blr, lr=lr,
-                layer_decay=layer_decay, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
-                drop_path=drop_path, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, seed=seed,
-                num_classes=num_classes, family=model.family)))
-        _barrier()
-    model.eval()
+        blk.drop_path = cfg.drop_path * i / max(len(model.blocks) - 1, 1)
+    with _placed(model, device, train=True):
+        groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
+        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
+                                betas=(0.9, 0.999))
+        history = _resume(model, opt, out) if resume and out and (out / "train_state.pt").is_file() else []
+        net = Classifier(model)
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        steps_per_epoch = max(1, (len(train) // (cfg.batch_size * world)) // cfg.accum_steps)
+        sched = dict(total=cfg.epochs * steps_per_epoch, warmup=int(cfg.warmup_epochs * steps_per_epoch),
+                     base=cfg.blr * cfg.batch_size * cfg.accum_steps * world / 256, min_lr=cfg.min_lr)
+        for epoch in range(len(history), cfg.epochs):
+            loss = _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num_classes, device,
+                                dtype, progress and rank == 0, stop_after_steps)
+            val_acc = evaluate(model, val, device=device, dtype=dtype) if val is not None and val.labels is not None \
+                else None
+            history.append(dict(epoch=epoch + 1, train_loss=loss, val_acc=val_acc, lr=opt.param_groups[-1]["lr"]))
+            if rank == 0:
+                log.info(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.4f}"
+                         + (f", val acc {val_acc:.3f}" if val_acc is not None else ""))
+                if out:
+                    _save_epoch(out, model, opt, history, dict(dataclasses.asdict(cfg), lr=sched["base"],
+                                                               world_size=world, num_classes=num_classes,
+                                                               family=model.family))
+            _barrier()
+    for blk in model.blocks:
+        blk.rng = None
     return dict(history=history, checkpoint=str(out / "checkpoint.safetensors") if out else None)
+
+
+def _attach_head(model: ViT, num_classes: int, g: torch.Generator):
+    """A new linear head (trunc-normal σ = 2e-5, zero bias, as MAE) unless the model has one of that size."""
+    if model.head is None or model.head.out_features != num_classes:
+        head = nn.utils.skip_init(nn.Linear, model.cfg.embed_dim, num_classes)
+        with torch.no_grad():
+            nn.init.trunc_normal_(head.weight, std=2e-5, generator=g)
+            head.bias.zero_()
+        model.head = head.to(model.patch_embed.proj.weight.device)
+    model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
+
+
+def _resume(model: ViT, opt, out: Path) -> list[dict]:
+    """Weights and optimizer state of the last finished epoch in `out`; the history so far."""
+    state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+    sd, meta = read_checkpoint(out / "checkpoint.safetensors")
+    if json.loads(meta.get("epoch", "-1")) != state["epoch"] + 1:
+        raise UsageError(f"{out}: checkpoint.safetensors and train_state.pt are from different epochs (an "
+                         "interrupted save); remove train_state.pt to start over")
+    model.load_state_dict(sd)
+    opt.load_state_dict(state["optimizer"])
+    log.info(f"resuming from {out} after epoch {state['epoch'] + 1}")
+    return state["history"]
+
+
+def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num_classes, device, dtype, progress,
+                 stop_after_steps) -> float:
+    """One epoch of optimizer steps; its randomness (order, crops, mixing, drop path) is seeded by (seed, epoch),
+    so a resumed run repeats it exactly. Returns the mean training loss over all processes."""
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    for blk in model.blocks:
+        blk.rng = torch.Generator(device).manual_seed(cfg.seed * 100003 + epoch + 7)
+    rank, world = _rank_world()
+    net.train()
+    step, losses, micro = epoch * steps_per_epoch, [], 0
+    bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, unit="step")
+    for x, y in train_batches(model, train, cfg.batch_size, g, (rank, world), cfg.augment):
+        if micro == 0:
+            lr = cosine_lr(step, sched["total"], sched["warmup"], sched["base"], sched["min_lr"])
+            for grp in opt.param_groups:
+                grp["lr"] = lr * grp["lr_scale"]
+        x, t = mix_batch(x, y, num_classes, g, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
+        with _autocast(device, dtype):
+            loss = torch.sum(-t.to(device) * F.log_softmax(net(x.to(device)).float(), -1), -1).mean()
+        (loss / cfg.accum_steps).backward()
+        losses.append(float(loss.detach()))
+        micro += 1
+        if micro == cfg.accum_steps:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            micro, step = 0, step + 1
+            bar.update()
+            if stop_after_steps is not None and step >= stop_after_steps:
+                raise KeyboardInterrupt("stop_after_steps")  # simulated interruption (tests)
+            if step >= (epoch + 1) * steps_per_epoch:
+                break
+    bar.close()
+    opt.zero_grad(set_to_none=True)
+    return _mean(_all_reduce_mean(losses))
+
+
+def _save_epoch(out: Path, model: ViT, opt, history: list, config: dict):
+    save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=len(history)))
+    buf = io.BytesIO()
+    torch.save(dict(optimizer=opt.state_dict(), epoch=len(history) - 1, history=history), buf)
+    atomic_write(out / "train_state.pt", buf.getvalue())
+    write_json(out / "log.json", dict(history=history, config=config))
 
 
 def _mean(xs):
@@ -3340,11 +3384,10 @@ def cmd_finetune(args):
     model = _load_models(args)[0]
     train, val = _train_val(args)
     out = _out_dir(args, "finetune")
-    res = finetune(model, train, val=val, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
-                   layer_decay=args.layer_decay, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                   drop_path=args.drop_path, label_smoothing=args.label_smoothing, mixup=args.mixup,
-                   cutmix=args.cutmix, accum_steps=args.accum_steps, seed=args.seed, out=out, resume=args.resume,
-                   device=args.device, dtype=args.dtype, progress=not args.quiet)
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+                               if hasattr(args, f.name)})
+    res = finetune(model, train, config, val=val, out=out, resume=args.resume, device=args.device, dtype=args.dtype,
+                   progress=not args.quiet)
     last = res["history"][-1] if res["history"] else {}
     print(f"fine-tuned {args.models[0]} for {len(res['history'])} epoch(s): val acc {last.get('val_acc')}; "
           f"wrote {out}/checkpoint.safetensors, log.json")
