@@ -1560,61 +1560,85 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
     _check_n(n, debiased)
     da, db = [x[0].numel() for x in xs], [y[0].numel() for y in ys]
     gram_flops, feature_flops = cka_form_flops(n, da, db)
-    feature_form = kernel == "linear" and feature_flops < gram_flops and max(da) * sum(db) * 8 <= GRAM_BUDGET_BYTES
-    if feature_form:
-        xc, yc = [_centred32(x) for x in xs], [_centred32(y) for y in ys]
-        xy = _feature_products(xc, yc)
-        xx = torch.stack([_feature_products([x], [x])[0, 0] for x in xc])
-        yy = torch.stack([_feature_products([y], [y])[0, 0] for y in yc])
-        if debiased:  # Song et al.'s HSIC₁ from features: for centred X, K̃1 = −a with a_i = ‖x_i‖² (K̃ = K − diag K)
-            a = torch.stack([x.double().square().sum(1) for x in xc])
-            b = torch.stack([y.double().square().sum(1) for y in yc])
-
-            def u_stat(p, u, v):  # n(n−3)·HSIC₁ = tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2·1ᵀK̃L̃1/(n−2)
-                uv = u @ v.T
-                return p - uv * (1 + 2 / (n - 2)) + torch.outer(u.sum(1), v.sum(1)) / ((n - 1) * (n - 2))
-            xy = u_stat(xy, a, b)
-            xx = torch.diagonal(u_stat(torch.diag(xx), a, a)).clone()
-            yy = torch.diagonal(u_stat(torch.diag(yy), b, b)).clone()
+    if kernel == "linear" and feature_flops < gram_flops and max(da) * sum(db) * 8 <= GRAM_BUDGET_BYTES:
+        xy, xx, yy = _feature_form_hsic(xs, ys, debiased)
     else:
-        def grams(vs):  # (len(vs), n²) centred Grams, float32 (linear: of float64-centred features: HKH = X_c X_cᵀ)
-            dt = torch.float64 if vs[0].dtype == torch.float64 else torch.float32
-            out = torch.empty(len(vs), n * n, device=vs[0].device, dtype=dt)
-            for i, v in enumerate(vs):
-                if kernel == "linear":
-                    xc = _centred32(v)
-                    torch.mm(xc, xc.T, out=out[i].view(n, n))
-                    if debiased:
-                        center_gram(out[i].view(n, n), True, dt, inplace=True)
-                else:
-                    out[i] = center_gram(_gram(v.reshape(n, -1), kernel, rbf_threshold), debiased).flatten()
-            return out
-        # A and B Grams in groups that fit the budget; each group pair is one float32 matmul summed in float64
-        per_group = max(2, GRAM_BUDGET_BYTES // (4 * n * n))
-        gb = max(1, min(len(ys), per_group // 2))
-        ga = max(1, min(len(xs), per_group - gb))
-        dev = xs[0].device
-        xy = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=dev)
-        xx = torch.zeros(len(xs), dtype=torch.float64, device=dev)
-        yy = torch.zeros(len(ys), dtype=torch.float64, device=dev)
-        for b0 in range(0, len(ys), gb):
-            gy = grams(ys[b0:b0 + gb])
-            yy[b0:b0 + gb] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gy])
-            for a0 in range(0, len(xs), ga):
-                gx = grams(xs[a0:a0 + ga])
-                xy[a0:a0 + ga, b0:b0 + gb] = _dot64(gx, gy)
-                if b0 == 0:
-                    xx[a0:a0 + ga] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gx])
-                del gx
-    # a layer constant over the samples has X_c = 0 exactly (its float64 mean is exact), so a zero self-term
-    const_a, const_b = ~(xx > 0), ~(yy > 0)   # (NaN too: an RBF bandwidth of 0)
-    for name, c in list(zip(na, const_a.tolist())) + list(zip(nb, const_b.tolist())):
+        xy, xx, yy = _gram_form_hsic(xs, ys, kernel, debiased, rbf_threshold)
+    return _cka_from_hsic(xy, xx, yy, na, nb)
+
+
+def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, names_a, names_b) -> torch.Tensor:
+    """CKA = HSIC(K, L) / √(HSIC(K, K) HSIC(L, L)) from the (scaled) HSIC sums of all pairs. A layer constant over
+    the samples has X_c = 0 exactly (its float64 mean is exact), so a zero self-term: its entries are NaN, with a
+    warning naming it (NaN self-terms too: an RBF bandwidth of 0)."""
+    const_a, const_b = ~(xx > 0), ~(yy > 0)
+    for name, c in list(zip(names_a, const_a.tolist(), strict=True)) + list(zip(names_b, const_b.tolist(),
+                                                                                   strict=True)):
         if c:
-            warnings.warn(f"layer {name} is constant over the samples: its CKA entries are NaN", stacklevel=2)
+            warnings.warn(f"layer {name} is constant over the samples: its CKA entries are NaN", stacklevel=3)
     out = xy / (xx.sqrt()[:, None] * yy.sqrt()[None, :])
     out[const_a] = float("nan")
     out[:, const_b] = float("nan")
     return out.cpu()
+
+
+def _feature_form_hsic(xs, ys, debiased: bool):
+    """n²-scaled HSIC sums (all pairs, and each side's self-terms) from centred features: ‖X_cᵀY_c‖²_F, or for the
+    U-statistic Song et al.'s HSIC₁ from features (for centred X, K̃1 = −a with a_i = ‖x_i‖², K̃ = K − diag K)."""
+    xc, yc = [_centred32(x) for x in xs], [_centred32(y) for y in ys]
+    xy = _feature_products(xc, yc)
+    xx = torch.stack([_feature_products([x], [x])[0, 0] for x in xc])
+    yy = torch.stack([_feature_products([y], [y])[0, 0] for y in yc])
+    if not debiased:
+        return xy, xx, yy
+    n = xc[0].shape[0]
+    a = torch.stack([x.double().square().sum(1) for x in xc])
+    b = torch.stack([y.double().square().sum(1) for y in yc])
+
+    def u_stat(p, u, v):  # n(n−3)·HSIC₁ = tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2·1ᵀK̃L̃1/(n−2)
+        return p - (u @ v.T) * (1 + 2 / (n - 2)) + torch.outer(u.sum(1), v.sum(1)) / ((n - 1) * (n - 2))
+    return (u_stat(xy, a, b), torch.diagonal(u_stat(torch.diag(xx), a, a)).clone(),
+            torch.diagonal(u_stat(torch.diag(yy), b, b)).clone())
+
+
+def _centred_grams(vs, kernel: str, debiased: bool, threshold: float) -> torch.Tensor:
+    """(len(vs), n²) centred (or U-centred) Grams, float32 unless the features are float64 (linear: Grams of
+    float64-centred features, HKH = X_c X_cᵀ)."""
+    n = vs[0].shape[0]
+    dt = torch.float64 if vs[0].dtype == torch.float64 else torch.float32
+    out = torch.empty(len(vs), n * n, device=vs[0].device, dtype=dt)
+    for i, v in enumerate(vs):
+        if kernel == "linear":
+            xc = _centred32(v)
+            torch.mm(xc, xc.T, out=out[i].view(n, n))
+            if debiased:
+                center_gram(out[i].view(n, n), True, dt, inplace=True)
+        else:
+            out[i] = center_gram(_gram(v.reshape(n, -1), kernel, threshold), debiased).flatten()
+    return out
+
+
+def _gram_form_hsic(xs, ys, kernel: str, debiased: bool, threshold: float):
+    """HSIC sums ⟨K_c, L_c⟩ of all pairs and self-terms, with the A and B Grams in groups that fit the memory
+    budget; each group pair is one float32 matmul summed in float64."""
+    n = xs[0].shape[0]
+    per_group = max(2, GRAM_BUDGET_BYTES // (4 * n * n))
+    gb = max(1, min(len(ys), per_group // 2))
+    ga = max(1, min(len(xs), per_group - gb))
+    dev = xs[0].device
+    xy = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=dev)
+    xx = torch.zeros(len(xs), dtype=torch.float64, device=dev)
+    yy = torch.zeros(len(ys), dtype=torch.float64, device=dev)
+    for b0 in range(0, len(ys), gb):
+        gy = _centred_grams(ys[b0:b0 + gb], kernel, debiased, threshold)
+        yy[b0:b0 + gb] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gy])
+        for a0 in range(0, len(xs), ga):
+            gx = _centred_grams(xs[a0:a0 + ga], kernel, debiased, threshold)
+            xy[a0:a0 + ga, b0:b0 + gb] = _dot64(gx, gy)
+            if b0 == 0:
+                xx[a0:a0 + ga] = torch.stack([_dot64(g[None], g[None])[0, 0] for g in gx])
+            del gx
+    return xy, xx, yy
 
 
 def _u_centred_grams(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -1671,18 +1695,12 @@ class MinibatchCKA:
                 dist.all_reduce(t, group=group)
         return self
 
-    def compute(self) -> torch.Tensor:
+    def compute(self, names_a=None, names_b=None) -> torch.Tensor:
+        """The map; a layer constant within every batch (U-centred Grams of exactly 0) gives NaN entries."""
         if self.batches == 0 and not _dist_active(None):
             raise UsageError("MinibatchCKA.compute() before any update()")
-        # a layer constant within every batch has U-centred Grams of exactly 0, so a zero self-term
-        const_a, const_b = ~(self.xx > 0), ~(self.yy > 0)
-        out = self.xy / (self.xx.sqrt()[:, None] * self.yy.sqrt()[None, :])
-        out[const_a] = float("nan")
-        out[:, const_b] = float("nan")
-        if const_a.any() or const_b.any():
-            warnings.warn(f"constant layers (a: {const_a.nonzero().flatten().tolist()}, "
-                          f"b: {const_b.nonzero().flatten().tolist()}): their CKA entries are NaN", stacklevel=2)
-        return out.cpu()
+        return _cka_from_hsic(self.xy, self.xx, self.yy, names_a or [f"a{i}" for i in range(len(self.xx))],
+                              names_b or [f"b{j}" for j in range(len(self.yy))])
 
 
 def matched_diagonal(m: torch.Tensor) -> list[float]:
@@ -1773,59 +1791,80 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     if kernel != "linear" and estimator == "minibatch":
         raise UsageError("the minibatch estimator is linear only: use --estimator full or debiased with --kernel rbf")
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
-    maps = {}
+    run = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, group=group)
     if estimator == "minibatch":
-        dev = torch.device(device) if device is not None else default_device()
-        accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
-        gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device,
-                              dtype) for m, pts in zip(models, names)]
-        bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
-        skipped = 0
-        for outs in zip(*gens):
-            feats = [f for f, _ in outs]
-            b = next(iter(feats[0].values())).shape[0]
-            bar.update(b)
-            if b < 4:
-                skipped += b
-                continue
-            for (i, j), acc in accs.items():
-                acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
-        bar.close()
-        for acc in accs.values():
-            acc.all_reduce(group)
-        if skipped:
-            log.warning(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA")
-        for p, acc in accs.items():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                maps[p] = acc.compute()
-            for w in caught:
-                log.warning(f"warning: {models[p[0]].source['spec']} vs {models[p[1]].source['spec']}: {w.message}")
+        maps = _minibatch_maps(models, images, names, pairs, tokens, **run)
     else:
-        feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names)]
-        for i, j in pairs:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=estimator == "debiased",
-                                          rbf_threshold=rbf_threshold)
-            for w in caught:
-                log.warning(f"warning: {w.message}")
+        maps = _full_batch_maps(models, images, names, pairs, tokens, cache_dir=cache_dir, kernel=kernel,
+                                debiased=estimator == "debiased", rbf_threshold=rbf_threshold, **run)
     specs = [m.source["spec"] for m in models]
-    out_pairs = []
     matrix = torch.eye(len(models), dtype=torch.float64)
     for (i, j), m in maps.items():
-        entry = dict(a=specs[i], b=specs[j], index=[i, j], layers_a=names[i], layers_b=names[j], cka=m,
-                     diagonal_mean=diagonal_mean(m))
-        if m.shape[0] == m.shape[1]:
-            entry["cka_vs_distance"] = cka_vs_distance(m)
-        types = slice_by_type(m, names[i], names[j])
-        if len(types) > 1:
-            entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
-        out_pairs.append(entry)
         matrix[i, j] = matrix[j, i] = m[at[i], at[j]]
-    return dict(pairs=out_pairs, model_matrix=dict(models=specs, point=[n[k] for n, k in zip(names, at)],
-                                                   cka=matrix), estimator=estimator)
+    return dict(pairs=[_pair_entry(specs, names, i, j, m) for (i, j), m in maps.items()],
+                model_matrix=dict(models=specs, point=[n[k] for n, k in zip(names, at, strict=True)], cka=matrix),
+                estimator=estimator)
+
+
+def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor) -> dict:
+    """One pair's map with its summaries: matched-layer mean, CKA vs layer distance, per sub-layer type."""
+    entry = dict(a=specs[i], b=specs[j], index=[i, j], layers_a=names[i], layers_b=names[j], cka=m,
+                 diagonal_mean=diagonal_mean(m))
+    if m.shape[0] == m.shape[1]:
+        entry["cka_vs_distance"] = cka_vs_distance(m)
+    types = slice_by_type(m, names[i], names[j])
+    if len(types) > 1:
+        entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
+    return entry
+
+
+def _minibatch_maps(models, images, names, pairs, tokens, *, batch_size, device, dtype, progress, group) -> dict:
+    """Every model's features batch by batch, accumulated into one MinibatchCKA per pair (memory independent of n)."""
+    dev = torch.device(device) if device is not None else default_device()
+    accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
+    gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device, dtype)
+            for m, pts in zip(models, names, strict=True)]
+    bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
+    skipped = 0
+    for outs in zip(*gens, strict=True):
+        feats = [f for f, _ in outs]
+        b = next(iter(feats[0].values())).shape[0]
+        bar.update(b)
+        if b < 4:
+            skipped += b
+            continue
+        for (i, j), acc in accs.items():
+            acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
+    bar.close()
+    if skipped:
+        log.warning(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA")
+    maps = {}
+    for (i, j), acc in accs.items():
+        with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
+            maps[(i, j)] = acc.all_reduce(group).compute(names[i], names[j])
+    return maps
+
+
+def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel, debiased, rbf_threshold,
+                     batch_size, device, dtype, progress, group) -> dict:
+    feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
+                            dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names, strict=True)]
+    maps = {}
+    for i, j in pairs:
+        with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
+            maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=debiased,
+                                      rbf_threshold=rbf_threshold)
+    return maps
+
+
+@contextlib.contextmanager
+def _logged_warnings(prefix: str = ""):
+    """Python warnings raised inside the block become `ssl_repsim` log warnings (one line each)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        log.warning(f"warning: {prefix}{w.message}")
 
 
 def _point_index(names: list[str], point: str | None) -> int:
