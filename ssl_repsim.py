@@ -1936,46 +1936,61 @@ def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.
             (g,) = torch.autograd.grad(losses.sum(), x)
         return losses.detach(), g
 
-    dot = lambda a, b: (a * b).sum(1, keepdim=True)  # noqa: E731  per-problem inner products
     x = torch.zeros(P, d * C + C, device=xs.device, dtype=xs.dtype)
     f, g = loss_grad(x)
-    S, Y, R = [], [], []
+    pairs = []   # the last `history` curvature pairs (s, y, 1/sᵀy) of every problem
     for _ in range(max_iter):
         if float(g.abs().max()) < tol:
             break
-        q, alphas = g.clone(), []
-        for s, yv, rho in reversed(list(zip(S, Y, R))):
-            a = rho * dot(s, q)
-            q -= a * yv
-            alphas.append(a)
-        gamma = dot(S[-1], Y[-1]) / dot(Y[-1], Y[-1]).clamp_min(1e-30) if S else \
-            1.0 / g.abs().sum(1, keepdim=True).clamp_min(1.0)
-        r = gamma * q
-        for (s, yv, rho), a in zip(zip(S, Y, R), reversed(alphas)):
-            r += s * (a - rho * dot(yv, r))
         done = g.abs().amax(1, keepdim=True) < tol         # converged problems stay where they are
-        direction = torch.where(done, torch.zeros_like(r), -r)
-        slope = dot(g, direction)
-        bad = (slope >= 0) & ~done                         # not a descent direction: fall back to −g
-        direction = torch.where(bad, -g, direction)
-        slope = torch.where(bad, -dot(g, g), slope)
-        t = torch.ones(P, 1, device=x.device, dtype=x.dtype)
-        for _ in range(30):                                # Armijo backtracking, each problem its own step
-            f_new, g_new = loss_grad(x + t * direction)
-            ok = (f_new[:, None] <= f[:, None] + 1e-4 * t * slope) | done | (t < 1e-10) \
-                | (f_new[:, None] <= f[:, None] * (1 + 1e-7))  # within float32 noise of a converged problem
-            if bool(ok.all()):
-                break
-            t = torch.where(ok, t, t * 0.5)
+        direction, slope = _descent_direction(g, pairs, done)
+        t, f_new, g_new = _armijo_step(loss_grad, x, f, direction, slope, done)
         s, yv = t * direction, g_new - g
         x, f, g = x + s, f_new, g_new
-        sy = dot(s, yv)
-        S.append(s)
-        Y.append(yv)
-        R.append(torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), torch.zeros_like(sy)))
-        if len(S) > history:
-            S.pop(0), Y.pop(0), R.pop(0)
+        sy = _dot(s, yv)
+        pairs.append((s, yv, torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), torch.zeros_like(sy))))
+        del pairs[:-history]
     return x[:, :d * C].view(P, d, C), x[:, d * C:].view(P, 1, C)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-problem inner products of (P, m) stacks, (P, 1)."""
+    return (a * b).sum(1, keepdim=True)
+
+
+def _descent_direction(g: torch.Tensor, pairs: list, done: torch.Tensor):
+    """L-BFGS two-loop recursion −H g per problem (−g where that is not a descent direction), and its slope gᵀp."""
+    q, alphas = g.clone(), []
+    for s, yv, rho in reversed(pairs):
+        a = rho * _dot(s, q)
+        q -= a * yv
+        alphas.append(a)
+    if pairs:
+        s, yv, _ = pairs[-1]
+        gamma = _dot(s, yv) / _dot(yv, yv).clamp_min(1e-30)
+    else:
+        gamma = 1.0 / g.abs().sum(1, keepdim=True).clamp_min(1.0)
+    r = gamma * q
+    for (s, yv, rho), a in zip(pairs, reversed(alphas), strict=True):
+        r += s * (a - rho * _dot(yv, r))
+    direction = torch.where(done, torch.zeros_like(r), -r)
+    slope = _dot(g, direction)
+    bad = (slope >= 0) & ~done
+    return torch.where(bad, -g, direction), torch.where(bad, -_dot(g, g), slope)
+
+
+def _armijo_step(loss_grad, x, f, direction, slope, done, max_halvings: int = 30):
+    """Backtracking from t = 1, each problem its own step, until f(x + t p) ≤ f(x) + 1e-4 t gᵀp (or within float32
+    noise of a converged problem). Returns t and the loss and gradient there."""
+    t = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)
+    for _ in range(max_halvings):
+        f_new, g_new = loss_grad(x + t * direction)
+        ok = (f_new[:, None] <= f[:, None] + 1e-4 * t * slope) | done | (t < 1e-10) \
+            | (f_new[:, None] <= f[:, None] * (1 + 1e-7))
+        if bool(ok.all()):
+            break
+        t = torch.where(ok, t, t * 0.5)
+    return t, f_new, g_new
 
 
 def _stack_groups(layers: dict[str, torch.Tensor]) -> dict[int, list[str]]:
