@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 import warnings
@@ -383,6 +384,62 @@ def gather_batches(parts: list, group=None) -> list:
     for i in range(max(len(p) for p in everything)):
         out += [p[i] for p in everything if i < len(p)]
     return out
+
+
+def _field(default, help: str, **meta):
+    """A dataclass field whose help (and choices) the CLI turns into a flag."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **meta))
+
+
+# --- output files: written whole or not at all -------------------------------------------------------------
+
+def atomic_write(path, data: bytes | str) -> Path:
+    """Write to a temp file in the target directory, fsync, rename: a result file is whole or absent."""
+    path = Path(path)
+    if _rank_world()[0] != 0:  # under torchrun only rank 0 writes
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, float):
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return _jsonable(v.item())
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def write_json(path, obj) -> Path:
+    return atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
+
+
+def write_csv(path, header, rows) -> Path:
+    import csv
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([["" if isinstance(c, float) and math.isnan(c) else c for c in r] for r in rows])
+    return atomic_write(path, buf.getvalue())
 
 
 # ======================================================================================================================
@@ -938,26 +995,6 @@ def save_checkpoint(model: ViT, path, extra: dict | None = None) -> Path:
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return atomic_write(path, st_save(tensors, metadata=meta))
-
-
-def atomic_write(path, data: bytes | str) -> Path:
-    """Write to a temp file in the target directory, fsync, rename: a result file is whole or absent."""
-    path = Path(path)
-    if _rank_world()[0] != 0:  # under torchrun only rank 0 writes
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def download_file(url: str, dest, sha256: str | None = None, md5: str | None = None, progress: bool = False) -> Path:
@@ -2003,7 +2040,7 @@ def _stack_groups(layers: dict[str, torch.Tensor]) -> dict[int, list[str]]:
 def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_decays=WEIGHT_DECAYS,
                  val_fraction: float = 0.2, max_iter: int = 500, seed: int = 0, device=None, method: str = "lbfgs",
                  **mae_opts) -> dict:
-    """Top-1 (and top-5 with ≥ 5 classes) test accuracy of one linear classifier per layer.
+    """{layer: {"top1", "top5" (with ≥ 5 classes), "weight_decay"}}: test accuracy of one linear classifier per layer.
     Features are standardised on the training set; the L2 weight decay is chosen per layer on a held-out part of
     the training set (never on test), then the classifier is refit on the whole training set; `weight_decay`
     fixes it (a float) or gives the grid (a list). method="mae" runs MAE's protocol instead (affine-free
@@ -2041,15 +2078,21 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
             w, b = _fit_softmax(tr, y_train, C, best, max_iter)
             logits = torch.baddbmm(b, te, w).cpu()
             for i, k in enumerate(chunk):
-                out[k] = topk_accuracy(logits[i], y_test)
-                if C >= 5:
-                    out[f"{k}/top5"] = topk_accuracy(logits[i], y_test, 5)
-                out[f"{k}/weight_decay"] = float(best[i])
-    return {k: out[k] for k in _order(out, train)}
+                out[k] = dict(accuracies(logits[i], y_test, C), weight_decay=float(best[i]))
+    return {k: out[k] for k in train}
 
 
-def _order(out: dict, layers: dict) -> list[str]:
-    return [k for name in layers for k in (name, f"{name}/top5", f"{name}/weight_decay") if k in out]
+def accuracies(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """{"top1": ..., "top5": ...} (top-5 only with at least 5 classes)."""
+    out = dict(top1=topk_accuracy(logits, y))
+    if num_classes >= 5:
+        out["top5"] = topk_accuracy(logits, y, 5)
+    return out
+
+
+def top1(results: dict) -> dict[str, float]:
+    """{layer: top-1} of a probe or k-NN result {layer: {"top1", ...}}."""
+    return {k: v["top1"] for k, v in results.items()}
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, min_lr: float = 0.0) -> float:
@@ -2100,10 +2143,8 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
             w, b = w - lr * mom[0], b - lr * mom[1]
         logits = torch.baddbmm(b, te, w).cpu()
         for i, k in enumerate(names):
-            out[k] = topk_accuracy(logits[i], y_test)
-            if C >= 5:
-                out[f"{k}/top5"] = topk_accuracy(logits[i], y_test, 5)
-    return {k: out[k] for k in _order(out, train)}
+            out[k] = accuracies(logits[i], y_test, C)
+    return {k: out[k] for k in train}
 
 
 def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | None = None, epochs: int = 100,
@@ -2146,7 +2187,7 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
             opt.step()
         head.eval()
         with torch.no_grad():
-            out[k] = topk_accuracy(head(te).cpu(), y_test)
+            out[k] = dict(top1=topk_accuracy(head(te).cpu(), y_test))
     return out
 
 
@@ -2195,9 +2236,7 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
             yt = y_test[s:s + chunk]
             top1 += int((pred[:, 0] == yt).sum())
             top5 += int((pred == yt[:, None]).any(1).sum())
-        out[name] = top1 / len(y_test)
-        if C >= 5:
-            out[f"{name}/top5"] = top5 / len(y_test)
+        out[name] = dict(top1=top1 / len(y_test), **(dict(top5=top5 / len(y_test)) if C >= 5 else {}))
     return out
 
 
@@ -2337,20 +2376,20 @@ def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dt
 @dataclass
 class FinetuneConfig:
     """finetune()'s hyperparameters (MAE's recipe, He et al. 2022; the defaults are a quick CPU-sized run)."""
-    epochs: int = 3
-    batch_size: int = 16            # per process
-    blr: float = 1e-3               # base lr: lr = blr × effective batch / 256
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1
-    min_lr: float = 1e-6
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    mixup: float = 0.0              # mixup alpha (MAE: 0.8)
-    cutmix: float = 0.0             # cutmix alpha (MAE: 1.0)
-    accum_steps: int = 1
-    augment: bool = True            # random-resized crop + flip (else resize + centre crop)
-    seed: int = 0
+    epochs: int = _field(3, "training epochs")
+    batch_size: int = _field(16, "images per step and process")
+    blr: float = _field(1e-3, "base learning rate: lr = blr × effective batch / 256")
+    layer_decay: float = _field(0.75, "layer-wise lr decay: block i gets layer_decay^(depth + 1 − (i + 1))")
+    weight_decay: float = _field(0.05, "AdamW weight decay (none on norms, biases, position and cls tokens)")
+    warmup_epochs: float = _field(1.0, "linear warmup, then half-cycle cosine")
+    min_lr: float = _field(1e-6, "lr at the end of the cosine")
+    drop_path: float = _field(0.1, "stochastic depth of the last block (linear in depth)")
+    label_smoothing: float = _field(0.1, "label smoothing")
+    mixup: float = _field(0.0, "mixup alpha (MAE: 0.8; 0 = off)")
+    cutmix: float = _field(0.0, "cutmix alpha (MAE: 1.0; 0 = off)")
+    accum_steps: int = _field(1, "gradient accumulation steps")
+    augment: bool = _field(True, "random-resized crop + flip (off: resize + centre crop)")
+    seed: int = _field(0, "seed of the head, the data order and every augmentation")
 
     def check(self):
         if self.accum_steps < 1 or self.batch_size < 1 or self.epochs < 1:
@@ -2562,7 +2601,8 @@ def spectrum_stats(feats: dict) -> dict[str, dict]:
 
 def pca_probe(train, y_train, test, y_test, ks=(1, 2, 4, 8, 16, 32, 64), seed: int = 0, **probe_opts) -> dict:
     """Linear probes on the top-k principal components of each layer (fit on train) versus k random orthonormal
-    directions: class information concentrated in few dominant directions is found by the first, not the second."""
+    directions: class information concentrated in few dominant directions is found by the first, not the second.
+    Returns {layer: {"pc": {k: top-1}, "random": {k: top-1}}}."""
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     g = torch.Generator().manual_seed(seed)
     tr, te = {}, {}
@@ -2578,7 +2618,12 @@ def pca_probe(train, y_train, test, y_test, ks=(1, 2, 4, 8, 16, 32, 64), seed: i
                 tr[f"{name}/{tag}{k}"] = ((x.double() - mu) @ basis).float()
                 te[f"{name}/{tag}{k}"] = ((test[name].double() - mu) @ basis).float()
     res = linear_probe(tr, y_train, te, y_test, seed=seed, **probe_opts)
-    return {k: v for k, v in res.items() if not k.endswith(("/top5", "/weight_decay"))}
+    out = {name: {"pc": {}, "random": {}} for name in train}
+    for key, r in res.items():
+        name, tag = key.rsplit("/", 1)
+        kind = "pc" if tag.startswith("pc") else "random"
+        out[name][kind][int(tag[len(kind):])] = r["top1"]
+    return out
 
 
 def _unnormalize(x, pp):
@@ -2751,7 +2796,7 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
             tr, te = ({k: v for k, v in concat_features(f, names[-1]).items() if k != "all"} for f in (tr, te))
         res = linear_probe(tr, lab[rtr[:, 0], rtr[:, 1]], te, lab[rte[:, 0], rte[:, 1]], weight_decays=(1e-4,),
                            max_iter=100, seed=seed, device=device)
-        out[tname] = {k: v for k, v in res.items() if "/" not in k}
+        out[tname] = top1(res)
     return out
 
 
@@ -2788,22 +2833,42 @@ def prediction_agreement(correct_a, correct_b) -> dict:
     return dict(table=[[both, a_only], [b_only, neither]], hamming=1 - po, kappa=kappa, acc_a=pa, acc_b=pb)
 
 
-# --- the battery: each runner returns (results, figures as data, plain-language readings); `report` runs all ----
+# --- the battery: each analysis returns (results, figures as data, plain-language readings); `report` runs all -
+
+@dataclass
+class AnalysisOptions:
+    """Settings of the analyses; each uses the fields its ANALYSES row lists."""
+    tokens: str = _field("flat", "token reduction for CKA: flat (all tokens × channels, the paper's), cls, mean "
+                                 "(patch tokens), all, patch", choices=TOKENS)
+    estimator: str | None = _field(None, "CKA estimator: full = biased HSIC (Kornblith), debiased = U-statistic, "
+                                         "minibatch = Nguyen et al. (memory independent of n). Default: full when "
+                                         "features fit in 2 GiB, else minibatch",
+                                   choices=("full", "debiased", "minibatch"))
+    epochs: int = _field(50, "epochs of the MLP probes")
+    mae_mask_ratio: float = _field(0.0, "attention statistics with MAE's random masking (the paper's author code "
+                                        "ran pretrained MAE at 0.75)")
+    attention_images: int = _field(256, "images for attention statistics")
+    batch_size: int = 32
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: str | None = None     # feature cache folder
+    seed: int = 0
+    progress: bool = False
+
 
 def _spec(m: ViT) -> str:
     return m.source["spec"] if hasattr(m, "source") else m.family
 
 
-def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
+def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
-    res = compare_models(models, images, points="all", tokens=args.tokens, estimator=args.estimator,
-                         batch_size=args.batch_size, device=args.device, dtype=args.dtype, cache_dir=args.cache,
-                         progress=not args.quiet)
+    run = dict(batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir)
+    res = compare_models(models, images, points="all", tokens=opts.tokens, estimator=opts.estimator,
+                         progress=opts.progress, **run)
     readings, figures = [], {}
     norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
-    feats = [cached_extract(m, images, pts, "mean", cache_dir=args.cache, batch_size=args.batch_size,
-                            device=args.device, dtype=args.dtype) for m, pts in zip(models, norm_pts)]
-    raw = [layernorm_without_affine(f, m) for f, m in zip(feats, models)]
+    feats = [cached_extract(m, images, pts, "mean", **run) for m, pts in zip(models, norm_pts, strict=True)]
+    raw = [layernorm_without_affine(f, m) for f, m in zip(feats, models, strict=True)]
     for pair in res["pairs"]:
         i, j = pair["index"]
         by_type = slice_by_type(pair["cka"], pair["layers_a"], pair["layers_b"])
@@ -2814,9 +2879,9 @@ def run_gap(models, images, args) -> tuple[dict, dict, list[str]]:
             pair["layernorm_mean_tokens"] = dict(
                 with_affine=diagonal_mean(cka_matrix(feats[i], feats[j])),
                 without_affine=diagonal_mean(cka_matrix(raw[i], raw[j])))
-        figures[f"gap-{i}-{j}.png"] = ("heatmaps", [dict(a=pair["a"], b=pair["b"], layers_a=v["layers_a"],
-                                                          layers_b=v["layers_b"], cka=v["cka"]) | {"b": f"{pair['b']} [{t}]"}
-                                                     for t, v in by_type.items()])
+        figures[f"gap-{i}-{j}.png"] = ("heatmaps", [dict(a=pair["a"], b=f"{pair['b']} [{t}]", layers_a=v["layers_a"],
+                                                         layers_b=v["layers_b"], cka=v["cka"])
+                                                    for t, v in by_type.items()])
         readings.append(_read_gap(pair))
     return res, figures, readings
 
@@ -2837,42 +2902,41 @@ def _read_gap(pair) -> str:
     return txt + "."
 
 
-def run_info(models, images, args) -> tuple[dict, dict, list[str]]:
+def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Information distribution: per-block linear probes and k-NN, marginal-feature probes, MLP probes of depth
     1-4 on the last block, top-k PCs vs random directions, spectrum statistics per block."""
-    train, val = split_train_val(images, 0.25, args.seed)
+    if images.labels is None:
+        raise UsageError("info needs labelled data (class sub-folders, labels in the tensor file, or synthetic)")
+    train, val = split_train_val(images, 0.25, opts.seed)
     out, readings, curves = {}, [], {}
+    run = dict(cache_dir=opts.cache_dir, batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype)
     for m in models:
         tok = _probe_tokens(m, None)
-        ftr = cached_extract(m, train, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype)
-        fva = cached_extract(m, val, "blocks", tok, cache_dir=args.cache, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype)
+        ftr, fva = (cached_extract(m, s, "blocks", tok, **run) for s in (train, val))
         last = list(ftr)[-1]
-        lin = {k: v for k, v in linear_probe(ftr, train.labels, fva, val.labels, seed=args.seed).items() if "/" not in k}
-        knn = {k: v for k, v in knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train))).items()
-               if "/" not in k}
-        marg = {k: v for k, v in linear_probe(concat_features(ftr, last), train.labels,
-                                              concat_features(fva, last), val.labels, seed=args.seed).items()
-                if "/" not in k}
+        lin = top1(linear_probe(ftr, train.labels, fva, val.labels, seed=opts.seed))
+        knn = top1(knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train))))
+        marg = top1(linear_probe(concat_features(ftr, last), train.labels, concat_features(fva, last), val.labels,
+                                 seed=opts.seed))
         mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, depth=d,
-                                      epochs=args.epochs, seed=args.seed)[last] for d in (1, 2, 3, 4)}
-        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=args.seed)
-        spec = spectrum_stats(ftr)
-        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok)
+                                      epochs=opts.epochs, seed=opts.seed)[last]["top1"] for d in (1, 2, 3, 4)}
+        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=opts.seed)
+        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spectrum_stats(ftr),
+                             tokens=tok)
         curves[f"{_spec(m)} linear"], curves[f"{_spec(m)} k-NN"] = lin, knn
         best = max(lin, key=lin.get)
-        gain = marg["all"] - marg[last]
         readings.append(f"{_spec(m)}: linear accuracy peaks at {best} ({lin[best]:.2f}; last block {lin[last]:.2f}); "
-                        f"adding all blocks to the last changes it by {gain:+.2f}; the best MLP probe "
-                        f"({max(mlp, key=mlp.get)}) reaches {max(mlp.values()):.2f} vs linear {mlp['depth1']:.2f}.")
+                        f"adding all blocks to the last changes it by {marg['all'] - marg[last]:+.2f}; the best MLP "
+                        f"probe ({max(mlp, key=mlp.get)}) reaches {max(mlp.values()):.2f} vs linear "
+                        f"{mlp['depth1']:.2f}.")
     return out, {"info.png": ("curves", curves)}, readings
 
 
-def run_invariance(models, images, args) -> tuple[dict, dict, list[str]]:
+def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
+    """Per-layer invariance to flip, crop, colour, grayscale and blur, against a shuffled-pair baseline."""
     out, curves, readings = {}, {}, []
     for m in models:
-        inv = invariance(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype)
+        inv = invariance(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device, dtype=opts.dtype)
         out[_spec(m)] = inv
         for kind, per in inv.items():
             curves[f"{_spec(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
@@ -2882,27 +2946,27 @@ def run_invariance(models, images, args) -> tuple[dict, dict, list[str]]:
     return out, {"invariance.png": ("curves", curves)}, readings
 
 
-def run_attention(models, images, args) -> tuple[dict, dict, list[str]]:
+def attention_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
+    """Mean attention distance, entropy and NMI per head and block."""
     out, curves, readings = {}, {}, []
     for m in models:
-        st = attention_statistics(m, images, batch_size=args.batch_size, mask_ratio=args.mae_mask_ratio,
-                                  seed=args.seed, device=args.device, max_images=args.attention_images)
-        out[_spec(m)] = {k: v for k, v in st.items()}
-        for k in ("distance", "nmi"):
-            curves[f"{_spec(m)} {k}"] = {f"blocks.{i}": float(v) for i, v in enumerate(st[k].mean(1))}
+        st = attention_statistics(m, images, batch_size=opts.batch_size, mask_ratio=opts.mae_mask_ratio,
+                                  seed=opts.seed, device=opts.device, max_images=opts.attention_images)
+        out[_spec(m)] = st
+        curves[f"{_spec(m)} distance"] = {f"blocks.{i}": float(v) for i, v in enumerate(st["distance"].mean(1))}
         d = st["distance"].mean(1)
         readings.append(f"{_spec(m)}: mean attention distance {float(d[0]):.1f} px in block 0, {float(d[-1]):.1f} px "
                         f"in the last block; NMI last block {float(st['nmi'][-1].mean()):.3f} (high = "
                         "query-specific attention, low = all queries attend alike).")
-    return out, {"attention.png": ("curves", {k: v for k, v in curves.items() if "distance" in k})}, \
-        readings
+    return out, {"attention.png": ("curves", curves)}, readings
 
 
-def run_spatial(models, images, args) -> tuple[dict, dict, list[str]]:
+def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
+    """Per-patch probes of grid position and object class on frozen patch tokens."""
     out, curves, readings = {}, {}, []
     for m in models:
-        sp = spatial_probes(m, images, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                            dtype=args.dtype)
+        sp = spatial_probes(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
+                            dtype=opts.dtype)
         out[_spec(m)] = sp
         for t, per in sp.items():
             curves[f"{_spec(m)} {t}"] = per
@@ -2912,7 +2976,7 @@ def run_spatial(models, images, args) -> tuple[dict, dict, list[str]]:
     return out, {"spatial.png": ("curves", curves)}, readings
 
 
-def run_weights(models, images, args) -> tuple[dict, dict, list[str]]:
+def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Per-module weight distance between every pair of models of the same architecture (e.g. PT vs FT)."""
     out, readings = {}, []
     for i, a in enumerate(models):
@@ -2939,7 +3003,7 @@ def predictions_correct(model: ViT, images: ImageSet, batch_size: int = 64, devi
     return torch.cat(out)
 
 
-def run_agreement(models, images, args) -> tuple[dict, dict, list[str]]:
+def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Prediction agreement between every two models whose heads classify the data's labels (fine-tuned or
     linear-probed checkpoints): joint correctness table, Hamming distance, Cohen's κ."""
     heads = [m for m in models if m.head is not None and images.labels is not None
@@ -2947,7 +3011,7 @@ def run_agreement(models, images, args) -> tuple[dict, dict, list[str]]:
     if len(heads) < 2:
         return {}, {}, ["fewer than two models carry a classification head for these labels: nothing to compare "
                         "(fine-tune them, or load fine-tuned checkpoints with their heads)"]
-    correct = {_spec(m): predictions_correct(m, images, args.batch_size, args.device, args.dtype) for m in heads}
+    correct = {_spec(m): predictions_correct(m, images, opts.batch_size, opts.device, opts.dtype) for m in heads}
     out, readings = {}, []
     names = list(correct)
     for i, a in enumerate(names):
@@ -2959,16 +3023,59 @@ def run_agreement(models, images, args) -> tuple[dict, dict, list[str]]:
     return out, {}, readings
 
 
-ANALYSES = {"gap": run_gap, "info": run_info, "invariance": run_invariance, "attention": run_attention,
-            "spatial": run_spatial, "weights": run_weights, "agreement": run_agreement}
-ANALYSIS_TITLES = {"gap": "Where the gap opens (CKA by sub-layer type)", "info": "Information distribution",
-                   "invariance": "Invariance to augmentations", "attention": "Attention distance and NMI",
-                   "spatial": "Spatial specificity (per-patch probes)", "weights": "Weight distance",
-                   "agreement": "Prediction agreement of classification heads"}
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis of the battery: its function, report title, one-line help, the AnalysisOptions it reads,
+    and how many models it needs."""
+    fn: Callable
+    title: str
+    help: str
+    options: tuple[str, ...] = ("batch_size", "device", "dtype", "seed")
+    min_models: int = 1
+    needs_heads: bool = False
+
+
+ANALYSES: dict[str, Analysis] = {
+    "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
+                    "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
+                    ("tokens", "estimator", "batch_size", "device", "dtype", "cache_dir"), min_models=2),
+    "info": Analysis(info_analysis, "Information distribution",
+                     "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
+                     ("epochs", "batch_size", "device", "dtype", "seed", "cache_dir")),
+    "invariance": Analysis(invariance_analysis, "Invariance to augmentations",
+                           "per-layer invariance to flip, crop, colour, grayscale, blur"),
+    "attention": Analysis(attention_analysis, "Attention distance and NMI",
+                          "mean attention distance, entropy and NMI per head and layer",
+                          ("mae_mask_ratio", "attention_images", "batch_size", "device", "seed")),
+    "spatial": Analysis(spatial_analysis, "Spatial specificity (per-patch probes)",
+                        "per-patch probes of position and object class on frozen patch tokens"),
+    "weights": Analysis(weights_analysis, "Weight distance",
+                        "per-module weight distance between models of one architecture (e.g. pretrained vs "
+                        "fine-tuned)", (), min_models=2),
+    "agreement": Analysis(agreement_analysis, "Prediction agreement of classification heads",
+                          "prediction agreement of models' classification heads: joint correctness, Hamming "
+                          "distance, Cohen's kappa", ("batch_size", "device", "dtype"), min_models=2,
+                          needs_heads=True),
+}
+
+
+def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str, dict, dict, list[str]]]:
+    """(name, results, figures, readings) of each named analysis, in order; one that needs more models than given
+    is skipped with a reading that says so."""
+    out = []
+    for name in names:
+        a = ANALYSES[name]
+        if len(models) < a.min_models:
+            out.append((name, {}, {}, [f"skipped: {name} needs at least {a.min_models} models"]))
+            continue
+        log.info(f"analysis: {name}")
+        out.append((name, *a.fn(models, images, opts)))
+    return out
 
 
 def render_report(sections, meta) -> str:
-    """report.md: settings, checkpoint hashes, then per analysis its figures and a plain-language reading."""
+    """report.md: settings, checkpoint hashes, then per analysis its figures and a plain-language reading.
+    sections: (name, figure file names, readings)."""
     lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
              f"Data: {meta['data']['name']} ({meta['data']['n']} images, seed {meta['data']['seed']}); "
              f"CKA tokens: {meta['tokens']}; MAE mask ratio: {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; "
@@ -2978,7 +3085,7 @@ def render_report(sections, meta) -> str:
         lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / "
                      f"{m['patch']} | {(m['sha256'] or '-')[:16]} |")
     for name, figs, readings in sections:
-        lines += ["", f"## {ANALYSIS_TITLES[name]}", ""]
+        lines += ["", f"## {ANALYSES[name].title}", ""]
         lines += [f"- {r}" for r in readings] or ["- (nothing to compare)"]
         lines += [""] + [f"![{name}]({f})" for f in figs]
     lines += ["", "Every number is in report.json."]
@@ -2989,63 +3096,31 @@ def render_report(sections, meta) -> str:
 # 10. CLI
 # ======================================================================================================================
 
-def _jsonable(v):
-    if isinstance(v, torch.Tensor):
-        v = v.tolist()
-    if isinstance(v, float):
-        return None if math.isnan(v) or math.isinf(v) else v
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.floating, np.integer)):
-        return _jsonable(v.item())
-    if isinstance(v, Path):
-        return str(v)
-    return v
+# --- figures (matplotlib's object API: no global backend, no pyplot state) and console tables -----------------
 
-
-def write_json(path, obj) -> Path:
-    return atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
-
-
-def write_csv(path, header, rows) -> Path:
-    import csv
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows([["" if isinstance(c, float) and math.isnan(c) else c for c in r] for r in rows])
-    return atomic_write(path, buf.getvalue())
-
-
-def _pyplot():
+def _new_figure(**kw):
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
+        from matplotlib.figure import Figure
     except ImportError:
         log.warning("notice: matplotlib is not installed, no PNG written (pip install matplotlib)")
         return None
+    return Figure(**kw)
 
 
-def save_figure(fig, path) -> Path:
+def _save_figure(fig, path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
     return atomic_write(path, buf.getvalue())
 
 
-def plot_heatmaps(maps: list[dict], path, title="CKA"):
+def _plot_heatmaps(maps: list[dict], path, title="CKA"):
     """One labelled heatmap per entry {a, b, layers_a, layers_b, cka}."""
-    plt = _pyplot()
-    if plt is None or not maps:
-        return None
     cols = min(3, len(maps))
-    rows = math.ceil(len(maps) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False)
-    for ax, m in zip(axes.flat, maps):
+    fig = _new_figure(figsize=(5.2 * cols, 4.6 * math.ceil(len(maps) / max(cols, 1)))) if maps else None
+    if fig is None:
+        return None
+    axes = fig.subplots(math.ceil(len(maps) / cols), cols, squeeze=False)
+    for ax, m in zip(axes.flat, maps, strict=False):
         im = ax.imshow(np.asarray(_jsonable(m["cka"]), dtype=float), origin="lower", vmin=0, vmax=1,
                        cmap="magma", aspect="auto")
         a, b = Path(m["a"]).name, Path(m["b"]).name   # a checkpoint's file name, or a registered name
@@ -3053,30 +3128,44 @@ def plot_heatmaps(maps: list[dict], path, title="CKA"):
         ax.set_ylabel(f"{a} layer")
         ax.set_title(f"{title}: {a} vs {b}", fontsize=9)
         for setter, labels in ((ax.set_yticks, m["layers_a"]), (ax.set_xticks, m["layers_b"])):
-            step = max(1, len(labels) // 12)
-            ticks = list(range(0, len(labels), step))
-            setter(ticks, [_short(labels[t]) for t in ticks], fontsize=6)
+            ticks = list(range(0, len(labels), max(1, len(labels) // 12)))
+            setter(ticks, [labels[t] for t in ticks], fontsize=6)
         ax.tick_params(axis="x", rotation=90)
         fig.colorbar(im, ax=ax, fraction=0.046)
     for ax in list(axes.flat)[len(maps):]:
         ax.axis("off")
-    return save_figure(fig, path)
+    return _save_figure(fig, path)
 
 
-def _short(point: str) -> str:
-    return point.replace("blocks.", "b").replace("attn_residual", "attn+res")
+def _plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str):
+    """A score versus layer, one line per entry {label: {layer: score}}."""
+    fig = _new_figure(figsize=(7, 4))
+    if fig is None:
+        return None
+    ax = fig.subplots()
+    for label, res in curves.items():
+        ax.plot(range(len(res)), list(res.values()), marker="o", label=label)
+        ax.set_xticks(range(len(res)), list(res), rotation=90, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
 
 
-def format_map(m: torch.Tensor, la, lb, max_cols=14) -> str:
-    """A compact text table of a CKA map (subsampled beyond max_cols)."""
+def _format_map(m: torch.Tensor, la, lb, max_cols=14) -> str:
+    """A text table of a map: rows with their full point names, columns numbered with a legend (subsampled
+    beyond max_cols)."""
     ia = list(range(len(la)))[:: max(1, math.ceil(len(la) / max_cols))]
     ib = list(range(len(lb)))[:: max(1, math.ceil(len(lb) / max_cols))]
-    w = max(len(_short(la[i])) for i in ia)
-    lines = [" " * w + " " + " ".join(f"{_short(lb[j])[-5:]:>5}" for j in ib)]
-    for i in ia:
-        lines.append(f"{_short(la[i]):>{w}} " + " ".join(f"{float(m[i, j]):5.2f}" for j in ib))
+    w = max(len(la[i]) for i in ia)
+    lines = [" " * w + " " + " ".join(f"{f'[{j}]':>6}" for j in ib)]
+    lines += [f"{la[i]:>{w}} " + " ".join(f"{float(m[i, j]):6.2f}" for j in ib) for i in ia]
+    lines.append("columns: " + ", ".join(f"[{j}] {lb[j]}" for j in ib))
     return "\n".join(lines)
 
+
+# --- what every output records ------------------------------------------------------------------------------------
 
 def _versions() -> dict:
     import platform
@@ -3100,17 +3189,32 @@ def _out_dir(args, kind: str) -> Path:
 
 
 def _load_models(args, head: bool = False) -> list[ViT]:
-    models = []
-    for spec in args.models:
-        m = load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
-                       num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet, head=head)
+    models = [load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
+                         num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet, head=head)
+              for spec in args.models]
+    for spec, m in zip(args.models, models, strict=True):
         log.info(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
                  f"heads={m.cfg.num_heads}, input {m.input_size}px")
-        models.append(m)
     return models
 
 
-def cmd_cka(args):
+def _train_val(args) -> tuple[ImageSet, ImageSet]:
+    train = load_images(args.data, args.n, args.seed, args.strict)
+    if train.labels is None:
+        raise UsageError(f"{args.data}: no labels (use class sub-folders, or a tensor file with 'labels')")
+    if args.val:
+        val = load_images(args.val, None, args.seed, args.strict)
+        if val.labels is None:
+            raise UsageError(f"{args.val}: no labels")
+        if train.classes and val.classes and train.classes != val.classes:
+            raise UsageError(f"train classes {train.classes[:5]} differ from val classes {val.classes[:5]}")
+        return train, val
+    return split_train_val(train, args.val_fraction, args.seed)
+
+
+# --- one function per subcommand ----------------------------------------------------------------------------------
+
+def _cmd_cka(args):
     if len(args.models) < 2:
         raise UsageError("cka needs at least two models")
     t0 = time.time()
@@ -3118,7 +3222,7 @@ def cmd_cka(args):
     images = load_images(args.data, args.n, args.seed, args.strict)
     res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                          kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
-                         device=args.device, dtype=args.dtype, cache_dir=args.cache, progress=not args.quiet,
+                         device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
                          model_point=args.model_point)
     if images.skipped:
         log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
@@ -3137,24 +3241,24 @@ def cmd_cka(args):
     write_csv(out / "cka.csv", ["model_a", "model_b", "layer_a", "layer_b", "cka"],
               [[p["a"], p["b"], la, lb, float(p["cka"][i, j])] for p in res["pairs"]
                for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])])
-    plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({res['estimator']}, {args.tokens})")
+    _plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({res['estimator']}, {args.tokens})")
     for p in res["pairs"]:
         print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}")
-        print(format_map(p["cka"], p["layers_a"], p["layers_b"]))
+        print(_format_map(p["cka"], p["layers_a"], p["layers_b"]))
     if len(models) > 2:
         print(f"\nmodel × model CKA at {res['model_matrix']['point'][0]}:")
-        print(format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
+        print(_format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
     print(f"\nwrote {out}/cka.json, cka.csv{', cka.png' if (out / 'cka.png').exists() else ''} "
           f"({meta['elapsed_s']:.1f} s)")
 
 
-def cmd_list(args):
+def _cmd_list(args):
     wdir = Path(args.weights_dir or default_weights_dir())
     print(f"{'name':<20} {'family':<12} {'obj':<7} {'heads':>5} {'norm':<9} {'resize':<8} {'eval repr':<15} "
           f"{'present':<8} aliases")
     for name, r in REGISTRY.items():
-        present = "yes" if registry_path(name, wdir).exists() else ("manual" if FAMILIES[r["family"]].manual_download
-                                                                  else "-")
+        present = "yes" if registry_path(name, wdir).exists() else \
+            "manual" if FAMILIES[r["family"]].manual_download else "-"
         norm = "0.5/0.5" if r["mean"] == HALF_MEAN else "imagenet"
         print(f"{name:<20} {r['family']:<12} {objective(r['family']):<7} {r['num_heads']:>5} {norm:<9} "
               f"{r['interp']:<8} {r['eval_repr']:<15} {present:<8} {','.join(r['aliases'])}")
@@ -3163,11 +3267,111 @@ def cmd_list(args):
     print(f"\nweights dir: {wdir}" + (f"; other files: {', '.join(others)}" if others else ""))
 
 
-def cmd_download(args):
+def _cmd_download(args):
     for name in args.names:
         path = download(name, args.weights_dir, progress=not args.quiet)
         print(f"{resolve_name(name)}: {path}")
 
+
+def _cmd_probe(args, kind="probe"):
+    t0 = time.time()
+    models = _load_models(args)
+    train, val = _train_val(args)
+    results = {}
+    for m in models:
+        tok = _probe_tokens(m, args.tokens)
+        kw = dict(cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                  progress=not args.quiet)
+        ftr, fva = cached_extract(m, train, args.points, tok, **kw), cached_extract(m, val, args.points, tok, **kw)
+        ytr, yva = train.labels, val.labels
+        if kind == "knn":
+            res = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)), temperature=args.temperature,
+                               device=args.device)
+        elif args.method == "mlp":
+            res = mlp_probe(ftr, ytr, fva, yva, depth=args.depth, epochs=args.epochs, seed=args.seed,
+                            device=args.device)
+        else:
+            opts = dict(epochs=args.epochs) if args.method == "mae" else {}
+            res = linear_probe(ftr, ytr, fva, yva, method=args.method, seed=args.seed, device=args.device, **opts)
+        results[m.source["spec"]] = res
+    meta = dict(models=[_model_meta(m) for m in models], data=str(args.data), val=args.val or
+                f"{args.val_fraction:.0%} of data (seed {args.seed})", n_train=len(train), n_val=len(val),
+                points=args.points, tokens=args.tokens or "cls (mean without cls)", versions=_versions(),
+                elapsed_s=round(time.time() - t0, 2), command=args.command)
+    meta.update(dict(k=args.k, temperature=args.temperature) if kind == "knn" else dict(method=args.method))
+    _write_layer_results(_out_dir(args, kind), kind, results, meta)
+
+
+def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
+    write_json(out / f"{kind}.json", dict(results=results, meta=meta))
+    write_csv(out / f"{kind}.csv", ["model", "layer", "metric", "value"],
+              [[m, layer, metric, v] for m, r in results.items() for layer, per in r.items()
+               for metric, v in per.items()])
+    _plot_layer_curves({m: top1(r) for m, r in results.items()}, out / f"{kind}.png", f"{kind} top-1")
+    for m, r in results.items():
+        print(f"\n{m}: {kind} accuracy per layer")
+        w = max(len(layer) for layer in r)
+        for layer, per in r.items():
+            print(f"  {layer:>{w}}  top-1 {per['top1']:.3f}" + (f"  top-5 {per['top5']:.3f}" if "top5" in per else ""))
+    print(f"\nwrote {out}/{kind}.json, {kind}.csv" + (f", {kind}.png" if (out / f"{kind}.png").exists() else ""))
+
+
+def _cmd_knn(args):
+    _cmd_probe(args, kind="knn")
+
+
+def _cmd_finetune(args):
+    args.models = [args.model]
+    model = _load_models(args)[0]
+    train, val = _train_val(args)
+    out = _out_dir(args, "finetune")
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+                               if hasattr(args, f.name)})
+    res = finetune(model, train, config, val=val, out=out, resume=args.resume, device=args.device, dtype=args.dtype,
+                   progress=not args.quiet)
+    last = res["history"][-1] if res["history"] else {}
+    print(f"fine-tuned {args.model} for {len(res['history'])} epoch(s): val acc {last.get('val_acc')}; "
+          f"wrote {out}/checkpoint.safetensors, log.json")
+
+
+def _cmd_analysis(args):
+    t0 = time.time()
+    names = [n for n in ANALYSES if n not in (args.skip or "").split(",")] if args.cmd == "report" else [args.cmd]
+    if args.cmd != "report" and len(args.models) < ANALYSES[args.cmd].min_models:
+        raise UsageError(f"{args.cmd} needs at least {ANALYSES[args.cmd].min_models} models")
+    models = _load_models(args, head=any(ANALYSES[n].needs_heads for n in names))
+    images = load_images(args.data, args.n, args.seed, args.strict) if hasattr(args, "data") else None
+    opts = AnalysisOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnalysisOptions)
+                              if hasattr(args, f.name)}, progress=not args.quiet)
+    out = _out_dir(args, args.cmd)
+    results, sections = {}, []
+    for name, res, figures, readings in run_analyses(models, images, names, opts):
+        results[name] = dict(results=res, readings=readings)
+        sections.append((name, _render_figures(figures, out), readings))
+        for r in readings:
+            print(f"[{name}] {r}")
+    meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(getattr(args, "data", None)),
+                name=images.name if images else None, n=len(images) if images else 0, seed=opts.seed),
+                tokens=opts.tokens, estimator=opts.estimator, mae_mask_ratio=opts.mae_mask_ratio,
+                versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
+    write_json(out / f"{args.cmd}.json", dict(results, meta=meta))
+    if args.cmd == "report":
+        atomic_write(out / "report.md", render_report(sections, meta))
+    print(f"wrote {out}/{args.cmd}.json" + (", report.md" if args.cmd == "report" else "")
+          + f" ({meta['elapsed_s']:.1f} s)")
+
+
+def _render_figures(figures: dict, out: Path) -> list[str]:
+    written = []
+    for fname, (kind, payload) in figures.items():
+        plot = _plot_layer_curves(payload, out / fname, "score") if kind == "curves" else \
+            _plot_heatmaps(payload, out / fname, "CKA")
+        if plot:
+            written.append(fname)
+    return written
+
+
+# --- bench: speed on this machine, against the FLOP floor ---------------------------------------------------------
 
 def _timeit(fn, reps=1, sync=None):
     best = float("inf")
@@ -3199,14 +3403,23 @@ def bench(full: bool = False, device=None) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     out = dict(device=str(device), threads=torch.get_num_threads(), versions=_versions(),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    m = 4096 if device.type == "cuda" or full else 2048
-    a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
-    t = _timeit(lambda: a @ b, 5, sync)  # best of 5: the achievable rate
-    rate = 2 * m ** 3 / t
+    rate = _bench_matmul(4096 if device.type == "cuda" or full else 2048, device, sync)
     out["matmul_gflops"] = rate / 1e9
+    out["extraction"] = _bench_extraction(64 if device.type == "cuda" else (32 if full else 8), device, sync)
+    out["cka"] = [row for n in ((1000, 5000, 10000) if full else (1000,)) for row in _bench_cka(n, rate, device, sync)]
+    return out
+
+
+def _bench_matmul(m: int, device, sync) -> float:
+    """The achievable float32 matmul rate (FLOP/s, best of 5)."""
+    a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
+    rate = 2 * m ** 3 / _timeit(lambda: a @ b, 5, sync)
     log.info(f"matmul fp32 {m}³: {rate / 1e9:.0f} GFLOP/s")
+    return rate
+
+
+def _bench_extraction(nimg: int, device, sync) -> dict:
     vit = ViT(ViTConfig()).to(device)
-    nimg = 64 if device.type == "cuda" else (32 if full else 8)
     x = torch.randn(nimg, 3, 224, 224, device=device)
     t_plain = t_hook = float("inf")
     with torch.no_grad():
@@ -3214,48 +3427,48 @@ def bench(full: bool = False, device=None) -> dict:
         for _ in range(3):  # alternate, best of 3 each: fair under a fluctuating load
             t_plain = min(t_plain, _timeit(lambda: vit.forward_features(x), 1, sync))
             t_hook = min(t_hook, _timeit(lambda: list(iter_features(vit, [x], "blocks", "all", device)), 1, sync))
-    out["extraction"] = dict(images=nimg, plain_img_s=nimg / t_plain, hooked_img_s=nimg / t_hook,
-                             hook_overhead=t_hook / t_plain - 1)
+    out = dict(images=nimg, plain_img_s=nimg / t_plain, hooked_img_s=nimg / t_hook, hook_overhead=t_hook / t_plain - 1)
     log.info(f"ViT-B/16 forward: {nimg / t_plain:.1f} img/s plain, {nimg / t_hook:.1f} img/s with 12 block outputs "
              f"hooked ({100 * (t_hook / t_plain - 1):+.1f}%)")
     if device.type == "cuda":
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            t_bf = _timeit(lambda: vit.forward_features(x), 2, sync)
-        out["extraction"]["bf16_img_s"] = nimg / t_bf
-    del vit, x, a, b
-    rows = []
-    for n in ((1000, 5000, 10000) if full else (1000,)):
-        xs, ys = bench_features(n, device)
-        ref = None
-        if n <= 5000:  # float64 feature form of the same biased estimator, as the reference
-            xc = [v.double() - v.double().mean(0) for v in xs]
-            yc = [v.double() - v.double().mean(0) for v in ys]
-            ref = torch.tensor([[float((yb.T @ xa).square().sum() / ((xa.T @ xa).norm() * (yb.T @ yb).norm()))
-                                 for yb in yc] for xa in xc])
-            del xc, yc
-        for est in ("full", "debiased", "minibatch"):
-            if est == "minibatch":
-                def run():
-                    acc = MinibatchCKA(12, 12, device=device)
-                    for s in range(0, n - 255, 256):
-                        acc.update([v[s:s + 256] for v in xs], [v[s:s + 256] for v in ys])
-                    return acc.compute()
-            else:
-                def run():
-                    return cka_matrix(xs, ys, debiased=est == "debiased")
-            res = {}
-            t = _timeit(lambda: res.setdefault("m", run()), 1, sync)
-            flops, form = cka_flops(n, 12, 12, 768, est)
-            err = float((res["m"] - ref).abs().max()) if ref is not None and est == "full" else None
-            rows.append(dict(n=n, estimator=est, form=form, seconds=t, floor_seconds=flops / rate,
-                             x_floor=t * rate / flops, max_err_vs_float64=err))
-            log.info(f"CKA 12×12 d=768 n={n} {est:<9} ({form}): {t:.2f} s, {t * rate / flops:.2f}× the floor"
-                     + (f", max error vs float64 {err:.1e}" if err is not None else ""))
-    out["cka"] = rows
+            out["bf16_img_s"] = nimg / _timeit(lambda: vit.forward_features(x), 2, sync)
     return out
 
 
-def bench_features(n: int, device=None, seed: int = 0) -> tuple[list, list]:
+def _bench_cka(n: int, rate: float, device, sync) -> list[dict]:
+    """Each estimator's 12×12 d=768 map at n: seconds, multiple of the FLOP floor, error of the biased map
+    against a float64 computation (n ≤ 5000)."""
+    xs, ys = _bench_features(n, device)
+    ref = None
+    if n <= 5000:  # float64 feature form of the same biased estimator, as the reference
+        xc = [v.double() - v.double().mean(0) for v in xs]
+        yc = [v.double() - v.double().mean(0) for v in ys]
+        ref = torch.tensor([[float((yb.T @ xa).square().sum() / ((xa.T @ xa).norm() * (yb.T @ yb).norm()))
+                             for yb in yc] for xa in xc])
+        del xc, yc
+
+    def minibatch():
+        acc = MinibatchCKA(12, 12, device=device)
+        for s in range(0, n - 255, 256):
+            acc.update([v[s:s + 256] for v in xs], [v[s:s + 256] for v in ys])
+        return acc.compute()
+    runs = dict(full=lambda: cka_matrix(xs, ys), debiased=lambda: cka_matrix(xs, ys, debiased=True),
+                minibatch=minibatch)
+    rows = []
+    for est, run in runs.items():
+        res = {}
+        t = _timeit(lambda run=run: res.setdefault("m", run()), 1, sync)
+        flops, form = cka_flops(n, 12, 12, 768, est)
+        err = float((res["m"] - ref).abs().max()) if ref is not None and est == "full" else None
+        rows.append(dict(n=n, estimator=est, form=form, seconds=t, floor_seconds=flops / rate,
+                         x_floor=t * rate / flops, max_err_vs_float64=err))
+        log.info(f"CKA 12×12 d=768 n={n} {est:<9} ({form}): {t:.2f} s, {t * rate / flops:.2f}× the floor"
+                 + (f", max error vs float64 {err:.1e}" if err is not None else ""))
+    return rows
+
+
+def _bench_features(n: int, device=None, seed: int = 0) -> tuple[list, list]:
     """The bench's 12 + 12 layers of d = 768 features for n samples: correlated, with a shared offset."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, 768, generator=g)
@@ -3269,7 +3482,7 @@ _PEER_RUN = """
 import sys, time, torch
 sys.path.insert(0, {here!r})
 import ssl_repsim as sr
-xs, ys = sr.bench_features({n}, {device!r})
+xs, ys = sr._bench_features({n}, {device!r})
 base = sr._peak_rss()
 t = time.perf_counter()
 if {which!r} == "ssl_repsim":
@@ -3282,7 +3495,7 @@ torch.save(dict(seconds=dt, extra=max(0.0, sr._peak_rss() - base), cka=m.double(
 """
 
 
-def bench_peer(ns=(1000, 2000, 4000, 10000), device=None) -> list[dict]:
+def _bench_peer(ns=(1000, 2000, 4000, 10000), device=None) -> list[dict]:
     """Side by side with pytorch-cka (pip install pytorch-cka; its `cka_from_features`, the same unbiased HSIC
     estimator) on identical 12×12 d=768 features: time and peak extra memory of each, each in a fresh process,
     and for n ≤ 4000 each one's largest error against a float64 computation."""
@@ -3299,13 +3512,13 @@ def bench_peer(ns=(1000, 2000, 4000, 10000), device=None) -> list[dict]:
             for which in ("ssl_repsim", "pytorch-cka"):
                 out = str(Path(tmp) / f"{which}-{n}.pt")
                 code = _PEER_RUN.format(here=here, n=n, device=device, which=which, out=out)
-                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     raise UsageError(f"bench --peer: {which} at n={n} failed: {_one_line(proc.stderr)[-300:]}")
                 r = torch.load(out, weights_only=True)
                 row[f"{which}_s"], row[f"{which}_extra_gb"], row[which] = r["seconds"], r["extra"] / 2 ** 30, r["cka"]
             if n <= 4000:
-                xs, ys = bench_features(n, device)
+                xs, ys = _bench_features(n, device)
                 ref = cka_matrix([x.double() for x in xs], [y.double() for y in ys], debiased=True)
                 for which in ("ssl_repsim", "pytorch-cka"):
                     row[f"{which}_err"] = float((row[which] - ref).abs().max())
@@ -3322,17 +3535,16 @@ def _peak_rss() -> float:
     return float(r if sys.platform == "darwin" else r * 1024)
 
 
-def cmd_bench(args):
+def _cmd_bench(args):
     if args.peer:
-        rows = bench_peer(device=args.device)
+        rows = _bench_peer(device=args.device)
         print(f"{'n':>6} {'ssl_repsim s':>12} {'pytorch-cka s':>13} {'ratio':>6} {'extra GB ours/peer':>19} "
               f"{'err ours':>9} {'err peer':>9}")
         for r in rows:
-            err = lambda k: f"{r[k]:.1e}" if k in r else "-"  # noqa: E731
+            ours, peer = (f"{r[k]:.1e}" if k in r else "-" for k in ("ssl_repsim_err", "pytorch-cka_err"))
             print(f"{r['n']:>6} {r['ssl_repsim_s']:>12.2f} {r['pytorch-cka_s']:>13.2f} "
                   f"{r['ssl_repsim_s'] / r['pytorch-cka_s']:>6.2f} "
-                  f"{r['ssl_repsim_extra_gb']:>9.2f}/{r['pytorch-cka_extra_gb']:<9.2f} {err('ssl_repsim_err'):>9} "
-                  f"{err('pytorch-cka_err'):>9}")
+                  f"{r['ssl_repsim_extra_gb']:>9.2f}/{r['pytorch-cka_extra_gb']:<9.2f} {ours:>9} {peer:>9}")
         if args.out:
             write_json(Path(args.out) / "bench_peer.json", rows)
         return
@@ -3352,206 +3564,7 @@ def cmd_bench(args):
         write_json(Path(args.out) / "bench.json", res)
 
 
-def _train_val(args) -> tuple[ImageSet, ImageSet]:
-    train = load_images(args.data, args.n, args.seed, args.strict)
-    if train.labels is None:
-        raise UsageError(f"{args.data}: no labels (use class sub-folders, or a tensor file with 'labels')")
-    if args.val:
-        val = load_images(args.val, None, args.seed, args.strict)
-        if val.labels is None:
-            raise UsageError(f"{args.val}: no labels")
-        if train.classes and val.classes and train.classes != val.classes:
-            raise UsageError(f"train classes {train.classes[:5]} differ from val classes {val.classes[:5]}")
-        return train, val
-    return split_train_val(train, args.val_fraction, args.seed)
-
-
-def plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str):
-    """Accuracy (or any score) versus layer, one line per model."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, res in curves.items():
-        keys = [k for k in res if "/" not in k]
-        ax.plot(range(len(keys)), [res[k] for k in keys], marker="o", label=label)
-        ax.set_xticks(range(len(keys)), [_short(k) for k in keys], rotation=90, fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_xlabel("layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
-    write_json(out / f"{kind}.json", dict(results=results, meta=meta))
-    rows = [[m, k.split("/")[0], k.split("/")[1] if "/" in k else "top1", v] for m, r in results.items()
-            for k, v in r.items()]
-    write_csv(out / f"{kind}.csv", ["model", "layer", "metric", "value"], rows)
-    plot_layer_curves(results, out / f"{kind}.png", f"{kind} top-1")
-    for m, r in results.items():
-        print(f"\n{m}: {kind} top-1 per layer")
-        for k, v in r.items():
-            if "/" not in k:
-                extra = f"  top-5 {r[k + '/top5']:.3f}" if k + "/top5" in r else ""
-                print(f"  {_short(k):>14}  {v:.3f}{extra}")
-    print(f"\nwrote {out}/{kind}.json, {kind}.csv" + (f", {kind}.png" if (out / f"{kind}.png").exists() else ""))
-
-
-def cmd_probe(args, kind="probe"):
-    t0 = time.time()
-    models = _load_models(args)
-    train, val = _train_val(args)
-    results = {}
-    for m in models:
-        tok = _probe_tokens(m, args.tokens)
-        kw = dict(cache_dir=args.cache, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                  progress=not args.quiet)
-        ftr = cached_extract(m, train, args.points, tok, **kw)
-        fva = cached_extract(m, val, args.points, tok, **kw)
-        ytr, yva = train.labels, val.labels
-        if kind == "knn":
-            results[m.source["spec"]] = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)),
-                                                     temperature=args.temperature, device=args.device)
-        elif args.method == "mlp":
-            results[m.source["spec"]] = mlp_probe(ftr, ytr, fva, yva, depth=args.depth, epochs=args.epochs,
-                                                  seed=args.seed, device=args.device)
-        else:
-            opts = dict(epochs=args.epochs) if args.method == "mae" else {}
-            results[m.source["spec"]] = linear_probe(ftr, ytr, fva, yva, method=args.method, seed=args.seed,
-                                                     device=args.device, **opts)
-    meta = dict(models=[_model_meta(m) for m in models], data=str(args.data), val=args.val or
-                f"{args.val_fraction:.0%} of data (seed {args.seed})", n_train=len(train), n_val=len(val),
-                points=args.points, tokens=args.tokens or "cls (mean without cls)", versions=_versions(),
-                elapsed_s=round(time.time() - t0, 2), command=args.command)
-    meta.update(dict(k=args.k, temperature=args.temperature) if kind == "knn" else dict(method=args.method))
-    _write_layer_results(_out_dir(args, kind), kind, results, meta)
-
-
-def cmd_knn(args):
-    cmd_probe(args, kind="knn")
-
-
-def cmd_finetune(args):
-    if len(args.models) != 1:
-        raise UsageError("finetune takes one model")
-    model = _load_models(args)[0]
-    train, val = _train_val(args)
-    out = _out_dir(args, "finetune")
-    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
-                               if hasattr(args, f.name)})
-    res = finetune(model, train, config, val=val, out=out, resume=args.resume, device=args.device, dtype=args.dtype,
-                   progress=not args.quiet)
-    last = res["history"][-1] if res["history"] else {}
-    print(f"fine-tuned {args.models[0]} for {len(res['history'])} epoch(s): val acc {last.get('val_acc')}; "
-          f"wrote {out}/checkpoint.safetensors, log.json")
-
-
-def _add_probe_commands(sub):
-    for name, fn, text in (("probe", cmd_probe, "per-layer linear (or MLP) probes"),
-                           ("knn", cmd_knn, "per-layer weighted k-NN (DINO protocol)"),
-                           ("finetune", cmd_finetune, "fine-tune one model end to end (MAE recipe)")):
-        p = sub.add_parser(name, help=text, description=text + ". Labels come from class sub-folders or the "
-                           "tensor file's 'labels'; --val gives a validation set, else a deterministic split.")
-        p.add_argument("models", nargs="+")
-        p.add_argument("--val", default=None, help="validation data (default: --val-fraction of --data)")
-        p.add_argument("--val-fraction", type=float, default=0.2)
-        if name != "finetune":
-            p.add_argument("--points", default="blocks", help="blocks | sublayers | all | comma list")
-            p.add_argument("--tokens", default=None, choices=("flat", "cls", "mean"), help="cls (default; mean "
-                           "for models without cls), mean, flat")
-        if name == "probe":
-            p.add_argument("--method", default="lbfgs", choices=["lbfgs", "mae", "mlp"],
-                           help="lbfgs: logistic regression, weight decay chosen on held-out train data "
-                                "(default); mae: BN + LARS + cosine (MAE protocol); mlp: MLP head (--depth)")
-            p.add_argument("--depth", type=int, default=2, help="MLP probe depth (the paper: 1-4)")
-            p.add_argument("--epochs", type=int, default=90, help="epochs for --method mae/mlp")
-        if name == "knn":
-            p.add_argument("--k", type=int, default=20)
-            p.add_argument("--temperature", type=float, default=0.07)
-        if name == "finetune":
-            p.add_argument("--epochs", type=int, default=3)
-            p.add_argument("--blr", type=float, default=1e-3, help="base lr; lr = blr × effective batch / 256")
-            p.add_argument("--layer-decay", type=float, default=0.75)
-            p.add_argument("--weight-decay", type=float, default=0.05)
-            p.add_argument("--warmup-epochs", type=float, default=1)
-            p.add_argument("--drop-path", type=float, default=0.1)
-            p.add_argument("--label-smoothing", type=float, default=0.1)
-            p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (MAE: 0.8)")
-            p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (MAE: 1.0)")
-            p.add_argument("--accum-steps", type=int, default=1)
-            p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-        _common(p)
-        if name == "finetune":
-            p.set_defaults(batch_size=16)
-        p.set_defaults(fn=fn)
-
-
-def _render_figures(figures: dict, out: Path) -> list[str]:
-    written = []
-    for fname, (kind, payload) in figures.items():
-        if kind == "curves":
-            path = plot_layer_curves(payload, out / fname, "score")
-        else:
-            path = plot_heatmaps(payload, out / fname, "CKA")
-        if path:
-            written.append(fname)
-    return written
-
-
-def cmd_analysis(args):
-    t0 = time.time()
-    models = _load_models(args, head=args.cmd in ("report", "agreement"))
-    images = load_images(args.data, args.n, args.seed, args.strict)
-    names = list(ANALYSES) if args.cmd == "report" else [args.cmd]
-    if args.cmd == "report" and args.skip:
-        names = [n for n in names if n not in args.skip.split(",")]
-    out = _out_dir(args, args.cmd)
-    results, sections = {}, []
-    for name in names:
-        log.info(f"analysis: {name}")
-        res, figures, readings = ANALYSES[name](models, images, args)
-        results[name] = dict(results=res, readings=readings)
-        sections.append((name, _render_figures(figures, out), readings))
-        for r in readings:
-            print(f"[{name}] {r}")
-    meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
-                n=len(images), seed=args.seed), tokens=args.tokens, estimator=args.estimator,
-                mae_mask_ratio=args.mae_mask_ratio, versions=_versions(), elapsed_s=round(time.time() - t0, 2),
-                command=args.command)
-    kind = "report" if args.cmd == "report" else args.cmd
-    write_json(out / f"{kind}.json", dict(results, meta=meta))
-    if args.cmd == "report":
-        atomic_write(out / "report.md", render_report(sections, meta))
-    print(f"wrote {out}/{kind}.json" + (", report.md" if args.cmd == "report" else "")
-          + f" ({meta['elapsed_s']:.1f} s)")
-
-
-def _add_analysis_commands(sub):
-    helps = {"gap": "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
-             "info": "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
-             "invariance": "per-layer invariance to flip, crop, colour, grayscale, blur",
-             "attention": "mean attention distance, entropy and NMI per head and layer",
-             "spatial": "per-patch probes of position and object class on frozen patch tokens",
-             "weights": "per-module weight distance between models of one architecture (e.g. pretrained vs "
-                        "fine-tuned)",
-             "agreement": "prediction agreement of models' classification heads: joint correctness, Hamming "
-                          "distance, Cohen's kappa",
-             "report": "run every analysis and write report.md + report.json"}
-    for name, text in helps.items():
-        p = sub.add_parser(name, help=text, description=text + ".")
-        p.add_argument("models", nargs="+")
-        _cka_options(p)
-        p.add_argument("--epochs", type=int, default=50, help="epochs of the MLP probes")
-        p.add_argument("--mae-mask-ratio", type=float, default=0.0, help="attention statistics with MAE's "
-                       "random masking (the paper's author code ran pretrained MAE at 0.75); default 0")
-        p.add_argument("--attention-images", type=int, default=256, help="images for attention statistics")
-        if name == "report":
-            p.add_argument("--skip", default=None, help="comma list of analyses to leave out: "
-                           + ",".join(ANALYSES))
-        _common(p)
-        p.set_defaults(fn=cmd_analysis)
-
+# --- the parser: each subcommand declares its own options, shows their defaults and ends with examples ---------
 
 class ArgParser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2)."""
@@ -3560,89 +3573,217 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _common(p, data=True):
-    g = p.add_argument_group("models")
-    g.add_argument("--weights-dir", default=None, help="checkpoint folder (default: weights/ beside ssl_repsim.py, "
-                   "or $SSL_REPSIM_WEIGHTS)")
-    g.add_argument("--offline", action="store_true", help="never download; registered names must be present")
-    g.add_argument("--family", default=None, help="override layout detection (e.g. mae, dino, beit, dinov2)")
-    g.add_argument("--num-heads", type=int, default=None, help="attention heads, where the registry does not know")
-    if data:
-        g = p.add_argument_group("data")
-        g.add_argument("--data", default="synthetic", help="image folder (class sub-folders = labels), tensor file "
-                       "(.pt/.npy/.npz/.safetensors with images [N,3,H,W] and labels) or 'synthetic' (default)")
-        g.add_argument("--n", "--num-images", dest="n", type=int, default=None,
-                       help="number of images (a fixed subset by --seed; synthetic: default 256). Under torchrun "
-                            "write --num-images: torchrun takes --n for its own --nnodes")
-        g.add_argument("--batch-size", type=int, default=32)
-        g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own, e.g. 224)")
-        g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
-        g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="autocast dtype for the forward pass (default float32)")
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--out", default=None, help="output folder (default results/<command>-<models>-<time>/)")
-        g.add_argument("--cache", nargs="?", const=".cache/ssl_repsim", default=None, metavar="DIR",
-                       help="feature cache folder (default .cache/ssl_repsim when given without DIR): a second "
-                            "analysis of the same models, data, points and tokens costs no forward pass")
-    p.add_argument("--quiet", action="store_true", help="no progress or notices on stderr")
-    p.add_argument("--debug", action="store_true", help="full tracebacks")
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (where it has one worth showing); descriptions and examples as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
-def _cka_options(p):
-    p.add_argument("--tokens", default="flat", choices=TOKENS, help="token reduction: flat (all tokens × channels, "
-                   "the paper's; default), cls, mean (patch tokens), all, patch")
-    p.add_argument("--estimator", default=None, choices=["full", "debiased", "minibatch"],
-                   help="full = biased HSIC (Kornblith), debiased = U-statistic, minibatch = Nguyen et al. "
-                        "(memory independent of n). Default: full when features fit in 2 GiB, else minibatch")
+# flag name → (option strings, argparse keywords): the options a subcommand can declare
+FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "weights_dir": (("--weights-dir",), dict(help="checkpoint folder (default: weights/ beside ssl_repsim.py, or "
+                                                  "$SSL_REPSIM_WEIGHTS)")),
+    "offline": (("--offline",), dict(action="store_true", help="never download; registered names must be present")),
+    "family": (("--family",), dict(help="override layout detection: " + ", ".join(f for f in FAMILIES
+                                                                                   if FAMILIES[f].layouts))),
+    "num_heads": (("--num-heads",), dict(type=int, help="attention heads, where the registry does not know")),
+    "img_size": (("--img-size",), dict(type=int, help="input size (default: the model's own, e.g. 224)")),
+    "data": (("--data",), dict(default="synthetic", help="image folder (class sub-folders = labels), tensor file "
+                                                         "(.pt/.npy/.npz/.safetensors with images [N,3,H,W] and "
+                                                         "labels) or 'synthetic'")),
+    "n": (("--n", "--num-images"), dict(dest="n", type=int, help="number of images (a fixed subset by --seed; "
+                                        "synthetic: default 256). Under torchrun write --num-images: torchrun takes "
+                                        "--n for its own --nnodes")),
+    "strict": (("--strict",), dict(action="store_true", help="unreadable images are an error instead of skipped")),
+    "val": (("--val",), dict(help="validation data (default: --val-fraction of --data)")),
+    "val_fraction": (("--val-fraction",), dict(type=float, default=0.2, help="share of --data held out when no "
+                                                                             "--val is given")),
+    "batch_size": (("--batch-size",), dict(type=int, default=32, help="images per forward pass")),
+    "seed": (("--seed",), dict(type=int, default=0, help="seed of every random choice (subsets, splits, inits)")),
+    "device": (("--device",), dict(help="cpu, cuda, cuda:1 ... (default: cuda when available)")),
+    "dtype": (("--dtype",), dict(choices=["float32", "bfloat16", "float16"], help="autocast dtype for the forward "
+                                                                                 "pass (default: float32)")),
+    "cache_dir": (("--cache",), dict(dest="cache_dir", nargs="?", const=".cache/ssl_repsim", metavar="DIR",
+                                     help="feature cache folder (.cache/ssl_repsim when given without DIR): a second "
+                                          "run on the same models, data, points and tokens costs no forward pass")),
+    "out": (("--out",), dict(help="output folder (default: results/<command>-<models>-<time>/)")),
+    "points": (("--points",), dict(default="blocks", help="blocks (residual stream after each block) | sublayers "
+                                                          "(the paper's 9 per block) | all | a comma list such as "
+                                                          "blocks.0.attn,blocks.0.norm1")),
+    "quiet": (("--quiet",), dict(action="store_true", help="no progress or notices on stderr")),
+    "debug": (("--debug",), dict(action="store_true", help="full tracebacks")),
+}
+MODEL_FLAGS = ("weights_dir", "offline", "family", "num_heads", "img_size")
+DATA_FLAGS = ("data", "n", "strict")
+ALWAYS = ("quiet", "debug")
+
+
+def _add_flags(p, *names, **overrides):
+    """Add the named FLAGS to parser p (overrides: {name: {argparse keyword: value}})."""
+    for name in names:
+        strings, kw = FLAGS[name]
+        p.add_argument(*strings, **{**kw, **overrides.get(name, {})})
+
+
+def _add_dataclass_flags(p, cls, names=None):
+    """One flag per field of a dataclass whose metadata holds its help (and choices): --field-name."""
+    for f in dataclasses.fields(cls):
+        if (names is not None and f.name not in names) or "help" not in f.metadata:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(("--no-" + f.name.replace("_", "-")) if f.default else flag, dest=f.name,
+                           action="store_false" if f.default else "store_true", help=f.metadata["help"])
+        else:
+            kind = type(f.default) if f.default is not None else str
+            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                           **({"choices": f.metadata["choices"]} if "choices" in f.metadata else {}))
+
+
+def _examples(*lines) -> str:
+    return "examples:\n" + "\n".join(f"  python ssl_repsim.py {ln}" for ln in lines)
+
+
+def _subcommand(sub, name, fn, summary, description, examples):
+    p = sub.add_parser(name, help=summary, description=textwrap.fill(description, 100),
+                       epilog=_examples(*examples), formatter_class=_HelpFormatter)
+    p.set_defaults(fn=fn)
+    return p
+
+
+def _add_cka_command(sub):
+    p = _subcommand(sub, "cka", _cmd_cka, "CKA maps between every layer of two or more models",
+                    "CKA (Kornblith et al. 2019) between every layer pair of two or more models, and the model×model "
+                    "matrix at --model-point. Writes cka.json, cka.csv, cka.png.",
+                    ["cka mae dino", "cka mae.pth moco.pth.tar --data ~/imagenet/val --n 1024 --points sublayers",
+                     "cka mae dino dinov2 --estimator minibatch --model-point blocks.5"])
+    p.add_argument("models", nargs="+", help="two or more models: registered names, checkpoint files or HF folders")
+    _add_flags(p, "points")
+    _add_dataclass_flags(p, AnalysisOptions, ("tokens", "estimator"))
+    p.add_argument("--kernel", default="linear", choices=["linear", "rbf"], help="linear or RBF kernel")
+    p.add_argument("--rbf-threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median "
+                   "distance (0.2 .. 1.0 in the paper)")
+    p.add_argument("--model-point", help="point of the model×model matrix (3+ models): last (default), first, or a "
+                   "name such as blocks.5")
+    _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "batch_size", "seed", "device", "dtype", "cache_dir", "out", *ALWAYS)
+
+
+def _add_registry_commands(sub):
+    p = _subcommand(sub, "list", _cmd_list, "registered checkpoints and which are present",
+                    "Every registered checkpoint: family, objective, heads, normalisation, resize, the published "
+                    "linear-eval representation, whether it is in the weights folder, aliases.",
+                    ["list", "list --weights-dir /data/checkpoints"])
+    _add_flags(p, "weights_dir", *ALWAYS)
+    p = _subcommand(sub, "download", _cmd_download, "fetch registered checkpoints into the weights dir",
+                    "Download registered checkpoints (verified against the published digest where there is one).",
+                    ["download mae dino", "download dinov2-vitb14-reg --weights-dir /data/checkpoints"])
+    p.add_argument("names", nargs="+", help="registered names or aliases (see `list`)")
+    _add_flags(p, "weights_dir", *ALWAYS)
+    p = _subcommand(sub, "bench", _cmd_bench, "extraction and CKA speed on this machine, against the FLOP floor",
+                    "Measures the matmul rate, ViT-B/16 extraction with and without hooks, and 12×12 all-pairs CKA "
+                    "(d=768) for each estimator. Quick by default (n=1k).",
+                    ["bench", "bench --full --out results/bench", "bench --peer"])
+    p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
+    p.add_argument("--peer", action="store_true", help="debiased 12×12 maps side by side with pytorch-cka "
+                   "(pip install pytorch-cka) at n = 1k, 2k, 4k, 10k: time, memory, error vs float64")
+    _add_flags(p, "device", *ALWAYS, out={"help": "also write bench.json here"})
+
+
+def _add_probe_commands(sub):
+    for name, fn, summary, examples in (
+            ("probe", _cmd_probe, "per-layer linear (or MLP) probes",
+             ["probe dino --data train/ --val val/", "probe mae --data imagenet.npz --method mae --epochs 90",
+              "probe dinov2 --data train/ --method mlp --depth 3"]),
+            ("knn", _cmd_knn, "per-layer weighted k-NN (DINO protocol)",
+             ["knn dino --data train/ --val val/", "knn mae dino --data train/ --k 10 --tokens mean"])):
+        p = _subcommand(sub, name, fn, summary, summary[0].upper() + summary[1:] + ". Labels come from class "
+                        "sub-folders or the tensor file's 'labels'; --val gives a validation set, else a "
+                        "deterministic split.", examples)
+        p.add_argument("models", nargs="+", help="registered names, checkpoint files or HF folders")
+        _add_flags(p, "points")
+        p.add_argument("--tokens", choices=("flat", "cls", "mean"), help="token reduction (default: cls; mean for "
+                       "models without cls)")
+        if name == "probe":
+            p.add_argument("--method", default="lbfgs", choices=["lbfgs", "mae", "mlp"],
+                           help="lbfgs: logistic regression, weight decay chosen on held-out train data; mae: BN + "
+                                "LARS + cosine (MAE protocol); mlp: MLP head (--depth)")
+            p.add_argument("--depth", type=int, default=2, help="MLP probe depth (the paper: 1-4)")
+            p.add_argument("--epochs", type=int, default=90, help="epochs for --method mae/mlp")
+        else:
+            p.add_argument("--k", type=int, default=20, help="neighbours")
+            p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
+        _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "val", "val_fraction", "batch_size", "seed", "device", "dtype",
+                   "cache_dir", "out", *ALWAYS)
+
+
+def _add_finetune_command(sub):
+    p = _subcommand(sub, "finetune", _cmd_finetune, "fine-tune one model end to end (MAE recipe)",
+                    "Fine-tune one model end to end with MAE's recipe (layer-wise lr decay, warmup + cosine, drop "
+                    "path, label smoothing, optional mixup/cutmix). Writes checkpoint.safetensors (loadable by every "
+                    "command), train_state.pt (for --resume) and log.json into --out after every epoch.",
+                    ["finetune mae --data train/ --val val/ --out runs/mae-ft",
+                     "finetune mae --data train/ --val val/ --out runs/mae-ft --resume",
+                     "finetune dino --data train/ --epochs 10 --mixup 0.8 --cutmix 1.0"])
+    p.add_argument("model", help="a registered name, checkpoint file or HF folder")
+    _add_dataclass_flags(p, FinetuneConfig)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "val", "val_fraction", "device", "dtype", "out", *ALWAYS)
+
+
+_ANALYSIS_EXAMPLES = {
+    "gap": ["gap mae dino", "gap mae.pth dino.pth --data ~/imagenet/val --n 512 --estimator minibatch"],
+    "info": ["info mae dino", "info mae dino --data train/ --epochs 100"],
+    "invariance": ["invariance mae dino", "invariance dinov2 --data ~/imagenet/val --n 512"],
+    "attention": ["attention mae dino", "attention mae --mae-mask-ratio 0.75"],
+    "spatial": ["spatial mae dino", "spatial ibot --n 128"],
+    "weights": ["weights mae mae-ft", "weights dino runs/dino-ft/checkpoint.safetensors"],
+    "agreement": ["agreement mae-ft runs/dino-ft/checkpoint.safetensors --data val/",
+                  "agreement deit runs/mae-ft/checkpoint.safetensors --data val/"],
+}
+
+
+def _add_analysis_commands(sub):
+    for name, a in ANALYSES.items():
+        p = _subcommand(sub, name, _cmd_analysis, a.help, a.help[0].upper() + a.help[1:] + ".",
+                        _ANALYSIS_EXAMPLES[name])
+        p.add_argument("models", nargs="+", help=f"{a.min_models} or more models" if a.min_models > 1 else "models")
+        _add_analysis_flags(p, a.options, data=name != "weights")
+    p = _subcommand(sub, "report", _cmd_analysis, "run every analysis and write report.md + report.json",
+                    "Run every analysis (" + ", ".join(ANALYSES) + ") and write report.md with figures and "
+                    "readings, and report.json with every number.",
+                    ["report mae dino", "report mae dino dinov2 --data ~/imagenet/val --n 1024 --cache",
+                     "report mae mae-ft dino --skip attention,spatial"])
+    p.add_argument("models", nargs="+", help="models (gap, weights and agreement need at least two)")
+    _add_analysis_flags(p, sorted({o for a in ANALYSES.values() for o in a.options}), data=True)
+    p.add_argument("--skip", help="comma list of analyses to leave out: " + ",".join(ANALYSES))
+
+
+def _add_analysis_flags(p, options, data: bool):
+    own = [o for o in options if o in {f.name for f in dataclasses.fields(AnalysisOptions)} and o not in FLAGS]
+    _add_dataclass_flags(p, AnalysisOptions, own)
+    shared = [o for o in ("batch_size", "seed", "device", "dtype", "cache_dir") if o in options
+              or (o == "seed" and data)]   # data subsets are drawn by --seed
+    _add_flags(p, *MODEL_FLAGS, *(DATA_FLAGS if data else ()), *shared, "out", *ALWAYS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgParser(prog="ssl_repsim.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    epilog="Models: a registered name (see `list`), a checkpoint file in its official layout, or a "
-                          "Hugging Face directory.\nExamples:\n  python ssl_repsim.py cka mae dino\n"
-                          "  python ssl_repsim.py cka mae.pth moco.pth.tar --data ~/imagenet/val --n 1024 "
-                          "--points sublayers\n  python ssl_repsim.py probe dino --data train/ --val val/\n")
+                          "Hugging Face directory. `python ssl_repsim.py COMMAND --help` shows each command's "
+                          "options and examples.\n\n" + _examples("cka mae dino", "probe dino --data train/ --val val/",
+                                                                 "report mae dino"))
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=ArgParser)
     sub.required = True
-
-    p = sub.add_parser("cka", help="CKA maps between every layer of two or more models",
-                       description="CKA (Kornblith et al. 2019) between every layer pair of two or more models, "
-                                   "and the model×model matrix at --model-point. Writes cka.json, cka.csv, cka.png.")
-    p.add_argument("models", nargs="+", help="two or more models")
-    p.add_argument("--points", default="blocks", help="blocks (residual stream after each block; default) | "
-                   "sublayers (the paper's 9 per block) | all | comma list like blocks.0.attn,blocks.0.norm1")
-    _cka_options(p)
-    p.add_argument("--kernel", default="linear", choices=["linear", "rbf"])
-    p.add_argument("--rbf-threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median "
-                   "distance (0.2 .. 1.0 in the paper)")
-    p.add_argument("--model-point", default=None, help="point of the model×model matrix (3+ models): last "
-                   "(default), first, or a name such as blocks.5")
-    _common(p)
-    p.set_defaults(fn=cmd_cka)
-
-    p = sub.add_parser("list", help="registered checkpoints and which are present")
-    _common(p, data=False)
-    p.set_defaults(fn=cmd_list)
-
-    p = sub.add_parser("bench", help="extraction and CKA speed on this machine, against the FLOP floor",
-                       description="Measures the matmul rate, ViT-B/16 extraction with and without hooks, and "
-                                   "12×12 all-pairs CKA (d=768) for each estimator. Quick by default (n=1k).")
-    p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
-    p.add_argument("--peer", action="store_true", help="debiased 12×12 maps side by side with pytorch-cka "
-                   "(pip install pytorch-cka) at n = 1k, 2k, 4k, 10k: time, memory, error vs float64")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="also write bench.json here")
-    _common(p, data=False)
-    p.set_defaults(fn=cmd_bench)
-
-    p = sub.add_parser("download", help="fetch registered checkpoints into the weights dir")
-    p.add_argument("names", nargs="+")
-    _common(p, data=False)
-    p.set_defaults(fn=cmd_download)
+    _add_cka_command(sub)
     _add_probe_commands(sub)
+    _add_finetune_command(sub)
     _add_analysis_commands(sub)
+    _add_registry_commands(sub)
     return ap
 
 
