@@ -40,10 +40,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 __version__ = "0.1.0"
+__all__ = [  # noqa: RUF022 - in the order of the file's sections
+    "UsageError", "FAMILIES", "REGISTRY", "ViTConfig", "ViT",                        # 1-2 registry, model
+    "load_model", "save_checkpoint", "download",                                     # 3 checkpoints
+    "ImageSet", "load_images",                                                       # 4 data
+    "extract", "iter_features",                                                      # 5 extraction
+    "cka", "cka_matrix", "MinibatchCKA", "compare_models",                           # 6 similarity
+    "linear_probe", "mlp_probe", "knn_accuracy",                                     # 7 probes
+    "FinetuneConfig", "finetune",                                                    # 8 fine-tuning
+    "AnalysisOptions", "ANALYSES", "run_analyses", "gap_analysis", "info_analysis",  # 9 analyses
+    "invariance_analysis", "attention_analysis", "spatial_analysis", "weights_analysis", "agreement_analysis",
+    "main",                                                                          # 10 CLI
+]
 
 # ======================================================================================================================
 # 1. Registry & config
@@ -131,8 +143,8 @@ HF_RENAMES = (
     (r"\.intermediate\.dense\.", ".mlp.fc1."), (r"\.output\.dense\.", ".mlp.fc2."), (r"\.lambda_([12])$", r".gamma_\1"),
     (r"^pooler\.layernorm\.", "fc_norm."), (r"^layernorm\.", "norm."), (r"^classifier\.", "head."))
 TIMM_RENAMES = (   # DINOv2 and timm spellings: block chunks, ls1/ls2, SwiGLU w12/w3, reg_token
-    (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."), (r"\.ls([12])\.gamma$", r".gamma_\1"), (r"^reg_token$", "register_tokens"),
-    (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."))
+    (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."), (r"\.ls([12])\.gamma$", r".gamma_\1"),
+    (r"^reg_token$", "register_tokens"), (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."))
 
 # Rows are tried in this order (each row's layouts in turn), catch-all (fallback) layouts last.
 FAMILIES: dict[str, Family] = {
@@ -233,12 +245,14 @@ REGISTRY: dict[str, dict] = {
     "ibot-vitl16": _row("ibot", f"{IBOT}/vitl_16/checkpoint_teacher.pth", 16, rep="cls_mean"),
     "deit-vitti16": _row("deit", f"{FBAI}/deit/deit_tiny_patch16_224-a1311bcf.pth", 3, sha256="a1311bcf"),
     "deit-vits16": _row("deit", f"{FBAI}/deit/deit_small_patch16_224-cd65a155.pth", 6, sha256="cd65a155"),
-    "deit-vitb16": _row("deit", f"{FBAI}/deit/deit_base_patch16_224-b5f2ef4d.pth", 12, sha256="b5f2ef4d", aliases=("deit",)),
+    "deit-vitb16": _row("deit", f"{FBAI}/deit/deit_base_patch16_224-b5f2ef4d.pth", 12, sha256="b5f2ef4d",
+                         aliases=("deit",)),
     "deit3-vits16": _row("deit3", f"{FBAI}/deit/deit_3_small_224_1k.pth", 6),
     "deit3-vitb16": _row("deit3", f"{FBAI}/deit/deit_3_base_224_1k.pth", 12, aliases=("deit3",)),
     "deit3-vitl16": _row("deit3", f"{FBAI}/deit/deit_3_large_224_1k.pth", 16),
     "deit3-vith14": _row("deit3", f"{FBAI}/deit/deit_3_huge_224_1k_v1.pth", 16),
-    "ijepa-vith14": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.14-300e.pth.tar", 16, rep="mean_tokens", aliases=("ijepa",)),
+    "ijepa-vith14": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.14-300e.pth.tar", 16, rep="mean_tokens",
+                         aliases=("ijepa",)),
     "ijepa-vith16-448": _row("ijepa", f"{FBAI}/ijepa/IN1K-vit.h.16-448px-300e.pth.tar", 16, img=448,
                              rep="mean_tokens"),
     "ijepa-vith14-in22k": _row("ijepa", f"{FBAI}/ijepa/IN22K-vit.h.14-900e.pth.tar", 16, rep="mean_tokens"),
@@ -254,7 +268,8 @@ REGISTRY: dict[str, dict] = {
     "data2vec-vitl16": _row("data2vec", f"{FBAI}/fairseq/data2vec/data2vec_vision/large_1600/checkpoint-799.pth", 16,
                             rep="mean_tokens"),
     "dinov2-vits14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", 6, rep="cls_mean"),
-    "dinov2-vitb14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth", 12, rep="cls_mean", aliases=("dinov2",)),
+    "dinov2-vitb14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth", 12, rep="cls_mean",
+                          aliases=("dinov2",)),
     "dinov2-vitl14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth", 16, rep="cls_mean"),
     "dinov2-vitg14": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth", 24, rep="cls_mean"),
     "dinov2-vits14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth", 6,
@@ -265,7 +280,8 @@ REGISTRY: dict[str, dict] = {
                               rep="cls_mean"),
     "dinov2-vitg14-reg": _row("dinov2", f"{FBAI}/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth", 24,
                               rep="cls_mean"),
-    "cae-vitb16": _row("cae", "https://drive.google.com/drive/folders/1wwhg7nj2GQuU9uthVuQLkEEXEjx90G7g", 12, aliases=("cae",)),
+    "cae-vitb16": _row("cae", "https://drive.google.com/drive/folders/1wwhg7nj2GQuU9uthVuQLkEEXEjx90G7g", 12,
+                       aliases=("cae",)),
     "supervised-vitb16": _row("torchvision", "https://download.pytorch.org/models/vit_b_16-c867db91.pth", 12,
                               sha256="c867db91", aliases=("supervised",)),
 }
@@ -473,7 +489,7 @@ def relative_position_index(gh: int, gw: int) -> torch.Tensor:
 def relative_position_bias(table: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     """(H, N+1, N+1) bias from a BEiT table, resampled bicubically when the grid differs from the table's window
     (BEiT resamples with a geometric progression; bicubic agrees closely and is exact at the native size)."""
-    w0 = int(round(math.sqrt(table.shape[0] - 3)))  # 2W-1
+    w0 = round(math.sqrt(table.shape[0] - 3))  # 2W-1
     if (w0, w0) != (2 * gh - 1, 2 * gw - 1):
         grid = table[:-3].T.reshape(1, -1, w0, w0)
         grid = F.interpolate(grid.float(), size=(2 * gh - 1, 2 * gw - 1), mode="bicubic", align_corners=False)
@@ -486,7 +502,7 @@ def interpolate_pos_embed(grid: torch.Tensor, gh: int, gw: int, method: str = "b
     """Resample a (1, M*M, D) position grid to (1, gh*gw, D) with the arithmetic of each family's code.
     bicubic: size=(gh, gw) (MAE, DeiT, timm); offset: scale_factor=((g+0.1)/M) (DINO, DINOv2 without registers);
     antialias: size=(gh, gw) with antialias=True (DINOv2 with registers)."""
-    m = int(round(math.sqrt(grid.shape[1])))
+    m = round(math.sqrt(grid.shape[1]))
     if m * m == gh * gw and gh == gw:
         return grid
     g = grid.reshape(1, m, m, -1).permute(0, 3, 1, 2).float()
@@ -726,13 +742,14 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-        except Exception as e:
+                keys = f.keys()   # a safe_open handle is not iterable
+                return {k: f.get_tensor(k) for k in keys}, (f.metadata() or {})
+        except Exception as e:  # noqa: BLE001 - whatever safetensors raises, the file is the user's
             raise UsageError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for unsafe globals; RuntimeError / EOFError for corrupt files
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for unsafe globals; RuntimeError, EOFError ... corrupt
         msg = _one_line(e)
         if "weights_only" in msg or "Unsupported global" in msg or "Unpickl" in type(e).__name__:
             found = re.findall(r"GLOBAL ([\w.]+)", msg)
@@ -810,9 +827,9 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
                 continue
         else:
             k = k[len(prefix):]
-        if re.search(layout.drop, k) or k.endswith("relative_position_index"):
-            if not (head and re.fullmatch(r"head\.(weight|bias)", k) and v.ndim <= 2):
-                continue
+        kept_head = head and re.fullmatch(r"head\.(weight|bias)", k) and v.ndim <= 2
+        if (re.search(layout.drop, k) or k.endswith("relative_position_index")) and not kept_head:
+            continue
         out[_rename(k, FAMILIES[family].renames)] = v
     if not head:
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
@@ -1030,7 +1047,7 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
     except UsageError:
         _unlink(tmp)
         raise
-    except Exception as e:  # URLError, HTTPError, IncompleteRead, timeouts, disk full
+    except Exception as e:  # noqa: BLE001 - URLError, HTTPError, IncompleteRead, timeouts, disk full
         _unlink(tmp)
         raise UsageError(f"download of {url} failed: {_one_line(e)}") from None
     except BaseException:
@@ -1085,7 +1102,7 @@ class ImageSet:
     def __len__(self):
         return len(self.items)
 
-    def subset(self, idx) -> "ImageSet":
+    def subset(self, idx) -> ImageSet:
         idx = torch.as_tensor(idx, dtype=torch.long)
         items = self.items[idx] if isinstance(self.items, torch.Tensor) else [self.items[i] for i in idx.tolist()]
         return dataclasses.replace(self, items=items, labels=None if self.labels is None else self.labels[idx],
@@ -1099,7 +1116,7 @@ class ImageSet:
         try:
             with Image.open(self.items[i]) as im:
                 return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
             if self.strict:
                 raise UsageError(f"unreadable image {self.items[i]}: {_one_line(e)}") from None
             self.unreadable.add(i)
@@ -1123,18 +1140,19 @@ def synthetic_images(n: int = 256, size: int = 224, seed: int = 0, num_classes: 
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g)
     cx, cy, r = 0.3 + 0.4 * u(n, 1, 1), 0.3 + 0.4 * u(n, 1, 1), 0.12 + 0.16 * u(n, 1, 1)
     freq, phase = 6 + 10 * u(n, 1, 1), 2 * math.pi * u(n, 1, 1)
     dx, dy = xs - cx, ys - cy
     dist = (dx ** 2 + dy ** 2).sqrt()
     box = (dx.abs() < r) & (dy.abs() < r)
-    wave = lambda t: torch.sin(2 * math.pi * freq * t + phase) > 0  # noqa: E731
+    wave = lambda t: torch.sin(2 * math.pi * freq * t + phase) > 0
     shapes = [dist < r, box, (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2), (dist < r) & (dist > r / 2),
               ((dx.abs() < r / 3) & (dy.abs() < r)) | ((dy.abs() < r / 3) & (dx.abs() < r)),
               box & wave(ys), box & wave(xs), box & wave((xs + ys) / 2), box & (wave(xs) ^ wave(ys)),
               box & wave(xs) & wave(ys), ((xs - cx + r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2)
-              | ((xs - cx - r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2), box & ~((dx.abs() < r * 0.6) & (dy.abs() < r * 0.6))]
+              | ((xs - cx - r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2),
+              box & ~((dx.abs() < r * 0.6) & (dy.abs() < r * 0.6))]
     mask = torch.stack(shapes[:num_classes], 1)[torch.arange(n), labels]  # (n, H, W)
     fg, bg = u(n, 3, 1, 1), u(n, 3, 1, 1)
     img = torch.where(mask[:, None], fg, bg * 0.6) + 0.08 * torch.randn(n, 3, size, size, generator=g)
@@ -1173,7 +1191,7 @@ def tensor_file(path) -> ImageSet:
                 torch.load(path, map_location="cpu", weights_only=True), None)
     except UsageError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever numpy / torch raise, the file is the user's
         raise UsageError(f"{path}: unreadable tensor file ({_one_line(e)[:200]})") from None
     if isinstance(obj, torch.Tensor):
         obj = {"images": obj}
@@ -1228,7 +1246,7 @@ def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict:
     return images
 
 
-def preprocess(img: torch.Tensor, size: int, crop_pct: float = 0.875, interp: str = "bicubic",
+def resize_crop_normalize(img: torch.Tensor, size: int, crop_pct: float = 0.875, interp: str = "bicubic",
                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Resize the shorter side to size/crop_pct (antialiased), centre-crop size×size, scale to [0,1], normalise.
     img: (3,H,W) or (B,3,H,W), uint8 or float in [0,1]."""
@@ -1255,14 +1273,14 @@ def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int
     for b in range(start, stop, batch_size):
         idx = range(b, min(b + batch_size, stop))
         if isinstance(images.items, torch.Tensor):
-            x = preprocess(images.items[b:idx.stop], **kw)
+            x = resize_crop_normalize(images.items[b:idx.stop], **kw)
             keep = list(idx)
         else:
             pairs = [(i, images.image(i)) for i in idx]
             keep = [i for i, im in pairs if im is not None]
             if not keep:
                 continue
-            x = torch.stack([preprocess(im, **kw) for _, im in pairs if im is not None])
+            x = torch.stack([resize_crop_normalize(im, **kw) for _, im in pairs if im is not None])
         y = images.labels[keep] if images.labels is not None else None
         yield x, y
 
@@ -1272,7 +1290,7 @@ def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> t
     if not 0 < fraction < 1:
         raise UsageError("--val-fraction must lie in (0, 1)")
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))
-    k = max(1, int(round(len(images) * fraction)))
+    k = max(1, round(len(images) * fraction))
     if len(images) - k < 2:
         raise UsageError(f"{len(images)} images are too few to split into training and validation sets")
     return images.subset(perm[k:].sort()[0]), images.subset(perm[:k].sort()[0])
@@ -1446,7 +1464,8 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
     names = resolve_points(model, points)
     if cache_dir is None:
         return extract(model, images, names, tokens, batch_size, device, dtype, progress, group)
-    from safetensors.torch import load_file, save as st_save
+    from safetensors.torch import load_file
+    from safetensors.torch import save as st_save
     key = features_cache_key(model, images, names, tokens, dtype)
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
@@ -1711,7 +1730,8 @@ class MinibatchCKA:
         _, xs = _named(xs)
         _, ys = _named(ys)
         if len(xs) != len(self.xx) or len(ys) != len(self.yy):
-            raise UsageError(f"MinibatchCKA({len(self.xx)}, {len(self.yy)}) updated with {len(xs)} and {len(ys)} layers")
+            raise UsageError(f"MinibatchCKA({len(self.xx)}, {len(self.yy)}) updated with {len(xs)} and {len(ys)} "
+                             "layers")
         b = xs[0].shape[0]
         if b < 4 or any(v.shape[0] != b for v in xs + ys):
             raise UsageError(f"minibatch CKA needs batches of at least 4 samples, the same for every layer (got {b})")
@@ -1810,7 +1830,7 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
         return requested
     if kernel != "linear":
         return "full"
-    need = sum(feature_bytes(m, p, tokens, n) for m, p in zip(models, points_per_model))
+    need = sum(feature_bytes(m, p, tokens, n) for m, p in zip(models, points_per_model, strict=True))
     return "full" if need <= budget else "minibatch"
 
 
@@ -2030,6 +2050,12 @@ def _armijo_step(loss_grad, x, f, direction, slope, done, max_halvings: int = 30
     return t, f_new, g_new
 
 
+def _stacked_standardized(train: dict, test: dict, names: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, n, d) stacks of the named layers' train and test features, standardised on train."""
+    pairs = [standardize(train[k], test[k]) for k in names]
+    return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
+
+
 def _stack_groups(layers: dict[str, torch.Tensor]) -> dict[int, list[str]]:
     groups: dict[int, list[str]] = {}
     for k, v in layers.items():
@@ -2066,7 +2092,7 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
         step = max(1, int(2e8 // max(len(y_train) * max(C, d) * len(wds), 1)))
         for s in range(0, len(names), step):
             chunk = names[s:s + step]
-            tr, te = (torch.stack(z).to(device) for z in zip(*(standardize(train[k], test[k]) for k in chunk)))
+            tr, te = _stacked_standardized(train, test, chunk, device)
             if n_val:
                 xs = tr[:, fit_idx].repeat_interleave(len(wds), 0)
                 w, b = _fit_softmax(xs, y_train[fit_idx], C, wds.repeat(len(chunk)), max_iter)
@@ -2114,7 +2140,7 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
     C = int(max(y_train.max(), y_test.max())) + 1
     out = {}
     for d, names in _stack_groups(train).items():
-        tr, te = (torch.stack(z).to(device) for z in zip(*(standardize(train[k], test[k]) for k in names)))
+        tr, te = _stacked_standardized(train, test, names, device)
         g = torch.Generator().manual_seed(seed)
         w = (torch.randn(len(names), d, C, generator=g) * 0.01).to(device)
         b = torch.zeros(len(names), 1, C, device=device)
@@ -2315,8 +2341,8 @@ def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Genera
             if im is None:
                 continue
             if not augment:
-                xs.append(preprocess(im, size, pp.get("crop_pct", 0.875), pp.get("interp", "bicubic"), pp["mean"],
-                                     pp["std"]))
+                xs.append(resize_crop_normalize(im, size, pp.get("crop_pct", 0.875), pp.get("interp", "bicubic"),
+                                                pp["mean"], pp["std"]))
                 ys.append(int(images.labels[i]))
                 continue
             im = im.float() / 255 if not im.is_floating_point() else im.float()
@@ -2640,7 +2666,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     """One augmentation of images in [0, 1]: hflip, crop (random 50-100% area, resized back), color (brightness,
     contrast, saturation ±40%), grayscale, blur (σ = 1.5 px)."""
     if kind == "hflip":
@@ -2653,7 +2679,7 @@ def augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
         return torch.stack([random_resized_crop(im, x.shape[-1], g, scale=(0.5, 1.0), ratio=(1, 1), flip=False)
                             for im in x])
     if kind == "color":
-        f = lambda: 0.6 + 0.8 * torch.rand(len(x), 1, 1, 1, generator=g)  # noqa: E731
+        f = lambda: 0.6 + 0.8 * torch.rand(len(x), 1, 1, 1, generator=g)
         gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
         x = x * f()
         x = (x - gray.mean((2, 3), keepdim=True)) * f() + gray.mean((2, 3), keepdim=True)
@@ -2691,14 +2717,17 @@ def invariance(model: ViT, images: ImageSet, augmentations=AUGMENTATIONS, points
     for kind in augmentations:
         g = torch.Generator().manual_seed(seed)
 
-        def aug_batches():
-            for x, _ in model_batches(model, images, batch_size):
-                x01, (m, s) = _unnormalize(x, model.preprocess)
-                yield (augment(x01.clamp(0, 1), kind, g) - m) / s
-
-        feats = extract(model, aug_batches(), names, tokens, batch_size, device, dtype)
+        feats = extract(model, _augmented_batches(model, images, batch_size, kind, g), names, tokens, batch_size,
+                        device, dtype)
         out[kind] = {k: invariance_scores(base[k], feats[k], seed) for k in names}
     return out
+
+
+def _augmented_batches(model: ViT, images: ImageSet, batch_size: int, kind: str, g: torch.Generator):
+    """The model's preprocessed batches with one augmentation applied in [0, 1] pixel space."""
+    for x, _ in model_batches(model, images, batch_size):
+        x01, (m, s) = _unnormalize(x, model.preprocess)
+        yield (augment_batch(x01.clamp(0, 1), kind, g) - m) / s
 
 
 def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: float = 0.0, seed: int = 0,
@@ -2722,7 +2751,7 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
             gh, gw = x.shape[-2] // p, x.shape[-1] // p
             keep = None
             if mask_ratio > 0:
-                n_keep = max(1, int(round(gh * gw * (1 - mask_ratio))))
+                n_keep = max(1, round(gh * gw * (1 - mask_ratio)))
                 keep = torch.rand(len(x), gh * gw, generator=g).argsort(1)[:, :n_keep].sort(1).values.to(device)
             idx = keep if keep is not None else torch.arange(gh * gw, device=device).expand(len(x), -1)
             pos = torch.stack([idx // gw, idx % gw], -1).double() * p          # (B, P, 2) pixels
@@ -2760,7 +2789,7 @@ def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
     pp, size = model.preprocess, model.input_size
     C = int(images.masks.max()) + 1
     onehot = F.one_hot(images.masks.long(), C).float()                       # (n, H, W, C) in [0, 1]
-    crop = torch.stack([preprocess(onehot[..., c, None].expand(-1, -1, -1, 3).permute(0, 3, 1, 2), size,
+    crop = torch.stack([resize_crop_normalize(onehot[..., c, None].expand(-1, -1, -1, 3).permute(0, 3, 1, 2), size,
                                    pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1))[:, 0] for c in range(C)], 1)
     p = model.cfg.patch_size
     return F.avg_pool2d(crop, p).argmax(1).flatten(1)                        # (n, P)
@@ -3009,8 +3038,8 @@ def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dic
     heads = [m for m in models if m.head is not None and images.labels is not None
              and m.head.out_features > int(images.labels.max())]
     if len(heads) < 2:
-        return {}, {}, ["fewer than two models carry a classification head for these labels: nothing to compare "
-                        "(fine-tune them, or load fine-tuned checkpoints with their heads)"]
+        return {}, {}, [("fewer than two models carry a classification head for these labels: nothing to compare "
+                        "(fine-tune them, or load fine-tuned checkpoints with their heads)")]
     correct = {_spec(m): predictions_correct(m, images, opts.batch_size, opts.device, opts.dtype) for m in heads}
     out, readings = {}, []
     names = list(correct)
@@ -3077,9 +3106,9 @@ def render_report(sections, meta) -> str:
     """report.md: settings, checkpoint hashes, then per analysis its figures and a plain-language reading.
     sections: (name, figure file names, readings)."""
     lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
-             f"Data: {meta['data']['name']} ({meta['data']['n']} images, seed {meta['data']['seed']}); "
+             (f"Data: {meta['data']['name']} ({meta['data']['n']} images, seed {meta['data']['seed']}); "
              f"CKA tokens: {meta['tokens']}; MAE mask ratio: {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; "
-             f"ssl_repsim {meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.", "",
+             f"ssl_repsim {meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}."), "",
              "| model | family | objective | depth × width / patch | sha256 |", "|---|---|---|---|---|"]
     for m in meta["models"]:
         lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / "
@@ -3458,7 +3487,7 @@ def _bench_cka(n: int, rate: float, device, sync) -> list[dict]:
     rows = []
     for est, run in runs.items():
         res = {}
-        t = _timeit(lambda run=run: res.setdefault("m", run()), 1, sync)
+        t = _timeit(lambda run=run, res=res: res.setdefault("m", run()), 1, sync)
         flops, form = cka_flops(n, 12, 12, 768, est)
         err = float((res["m"] - ref).abs().max()) if ref is not None and est == "full" else None
         rows.append(dict(n=n, estimator=est, form=form, seconds=t, floor_seconds=flops / rate,
@@ -3578,7 +3607,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if action.option_strings and shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -3801,7 +3831,7 @@ def init_distributed(args) -> bool:
     dist.init_process_group("nccl" if cuda else "gloo")
     if dist.get_rank() != 0:
         args.quiet = True
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open for the life of this rank
     return True
 
 
@@ -3847,7 +3877,7 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:  # output piped into head & co.
         with contextlib.suppress(Exception):
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the process is about to exit
         return 0
     except KeyboardInterrupt:
         print("ssl_repsim: interrupted", file=sys.stderr)
