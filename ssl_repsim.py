@@ -2417,10 +2417,15 @@ class FinetuneConfig:
     augment: bool = _field(True, "random-resized crop + flip (off: resize + centre crop)")
     seed: int = _field(0, "seed of the head, the data order and every augmentation")
 
-    def check(self):
-        if self.accum_steps < 1 or self.batch_size < 1 or self.epochs < 1:
+    def with_options(self, **options) -> FinetuneConfig:
+        """A copy with these fields changed, checked."""
+        unknown = set(options) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise UsageError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
+        cfg = dataclasses.replace(self, **options)
+        if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
             raise UsageError("epochs, batch size and accum steps must be ≥ 1")
-        return self
+        return cfg
 
 
 def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, *, val: ImageSet | None = None,
@@ -2433,10 +2438,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
     train_state.pt (optimizer, epoch) and log.json ({"history": [{epoch, train_loss, val_acc, lr}], "config"});
     resume=True continues exactly from there. Every random draw comes from generators seeded by config.seed.
     Under torchrun each process takes its share of every batch and gradients are averaged (DDP)."""
-    unknown = set(hyper) - {f.name for f in dataclasses.fields(FinetuneConfig)}
-    if unknown:
-        raise UsageError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
-    cfg = dataclasses.replace(config or FinetuneConfig(), **hyper).check()
+    cfg = (config or FinetuneConfig()).with_options(**hyper)
     if train.labels is None:
         raise UsageError("fine-tuning needs labelled data (class sub-folders, or labels in the tensor file)")
     num_classes = num_classes or len(train.classes) or int(train.labels.max()) + 1
