@@ -47,7 +47,7 @@ __version__ = "0.1.0"
 __all__ = [  # noqa: RUF022 - in the order of the file's sections
     "UsageError", "FAMILIES", "REGISTRY", "ViTConfig", "ViT",                        # 1-2 registry, model
     "load_model", "save_checkpoint", "download",                                     # 3 checkpoints
-    "ImageSet", "load_images",                                                       # 4 data
+    "ImageSet", "load_images", "split_train_val",                                    # 4 data
     "extract", "iter_features",                                                      # 5 extraction
     "cka", "cka_matrix", "MinibatchCKA", "compare_models",                           # 6 similarity
     "linear_probe", "mlp_probe", "knn_accuracy",                                     # 7 probes
@@ -294,6 +294,7 @@ def resolve_name(name: str) -> str:
 
 @dataclass
 class ViTConfig:
+    """The architecture of one ViT: sizes, and each family's variant as a switch (load_model infers it)."""
     img_size: int = 224
     patch_size: int = 16
     embed_dim: int = 768
@@ -3861,6 +3862,7 @@ def _cli_logging(quiet: bool):
 
 
 def main(argv=None) -> int:
+    """The command line: `python ssl_repsim.py COMMAND ...` (argv without the program name); returns the exit code."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.command = " ".join(["ssl_repsim.py", *argv])
