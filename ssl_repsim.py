@@ -101,6 +101,7 @@ class Family:
     interp: str = "bicubic"                   # resize interpolation of its evaluation transform
     crop_pct: float = 0.875
     manual_download: bool = False             # published only behind a web page (Google Drive)
+    hf_model_types: tuple[str, ...] = ()      # Hugging Face config.json `model_type`s saved in this family's layout
 
     @property
     def preprocess(self) -> dict:
@@ -185,7 +186,8 @@ FAMILIES: dict[str, Family] = {
                                   pick="model", drop=r"^head\."),)),
     "mae": Family("REC", (Layout(lambda o: "model" in o, pick="model", drop=r"^decoder|^mask_token$"),)),
     "data2vec_hf": Family("HYB", (Layout(lambda o: _any(o, r"embeddings\.patch_embeddings\.projection\.weight$"),
-                                         drop=r"^classifier\.|mask_token|" + INDEX),), renames=HF_RENAMES),
+                                         drop=r"^classifier\.|mask_token|" + INDEX),), renames=HF_RENAMES,
+                          hf_model_types=("data2vec-vision",)),
     "torchvision": Family("SUP", (Layout(lambda o: "conv_proj.weight" in o, drop=r"^heads\.(?!head\.)"),),
                           renames=TORCHVISION_RENAMES),
     "dinov2": Family("HYB", (Layout(lambda o: "mask_token" in o and _any(o, r"^blocks\.0\.(ls1\.gamma|0\.)"),
@@ -995,8 +997,13 @@ def _hf_weights(d: Path) -> tuple[Path, dict]:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"{cfg_file}: invalid JSON ({e})") from None
-    hints = dict(family="data2vec_hf", num_heads=hf.get("num_attention_heads"),
-                 norm_eps=hf.get("layer_norm_eps", 1e-6))
+    model_type = hf.get("model_type")
+    family = next((name for name, fam in FAMILIES.items() if model_type in fam.hf_model_types), None)
+    if model_type is not None and family is None:
+        known = sorted(t for fam in FAMILIES.values() for t in fam.hf_model_types)
+        raise UsageError(f"{cfg_file}: Hugging Face model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(known)})")
+    hints = dict(family=family, num_heads=hf.get("num_attention_heads"), norm_eps=hf.get("layer_norm_eps", 1e-6))
     for fname in ("model.safetensors", "pytorch_model.bin"):
         if (d / fname).is_file():
             return d / fname, hints
