@@ -2260,7 +2260,7 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
     for name in train:
         bank = F.normalize(train[name].float(), dim=1).to(device)
         labels = y_train.to(device)
-        top1 = top5 = 0
+        hits1 = hits5 = 0
         for s in range(0, len(y_test), chunk):
             q = F.normalize(test[name][s:s + chunk].float(), dim=1).to(device)
             sim, idx = (q @ bank.T).topk(k, dim=1)
@@ -2268,9 +2268,9 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
             votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
             pred = votes.topk(min(5, C), dim=1).indices.cpu()
             yt = y_test[s:s + chunk]
-            top1 += int((pred[:, 0] == yt).sum())
-            top5 += int((pred == yt[:, None]).any(1).sum())
-        out[name] = dict(top1=top1 / len(y_test), **(dict(top5=top5 / len(y_test)) if C >= 5 else {}))
+            hits1 += int((pred[:, 0] == yt).sum())
+            hits5 += int((pred == yt[:, None]).any(1).sum())
+        out[name] = dict(top1=hits1 / len(y_test), **(dict(top5=hits5 / len(y_test)) if C >= 5 else {}))
     return out
 
 
