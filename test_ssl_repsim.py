@@ -67,7 +67,7 @@ SUBCOMMANDS = ("cka", "list", "bench", "download", "probe", "knn", "finetune", "
 # Reference math: independent float64 formulas from the papers and the official code bases; none calls ssl_repsim
 # ======================================================================================================================
 
-# --- the ViT forward pass, in our own parameter names (see make_params) ------------------------------------------
+# --- the ViT forward pass, in our own parameter names (see make_params) -----------------------------------------------
 
 @dataclasses.dataclass
 class Arch:
@@ -245,7 +245,7 @@ def interp_grid(pos_patch, m, new, recipe):
     return r.permute(0, 2, 3, 1).reshape(1, gh * gw, D)
 
 
-# --- preprocessing and the learning-rate schedule -----------------------------------------------------------------
+# --- preprocessing and the learning-rate schedule ---------------------------------------------------------------------
 
 def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IMAGENET_STD, interp="bicubic"):
     """Resize the shorter side to int(size / crop_pct) (long side keeps the aspect, here always an exact integer),
@@ -275,7 +275,7 @@ def warmup_cosine(step, total, warm, base, mn):
     return mn + (base - mn) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-# --- Grams, centring, HSIC, CKA, minibatch CKA (numpy, float64) ---------------------------------------------------
+# --- Grams, centring, HSIC, CKA, minibatch CKA (numpy, float64) -------------------------------------------------------
 
 def f64(x):
     """Tensor/array -> float64 numpy array, flattened to (n, -1)."""
@@ -417,7 +417,7 @@ def rbf_diagnosis(xs, ys, got, debiased, threshold):
     return "; ".join(lines)
 
 
-# --- weighted k-NN, attention statistics --------------------------------------------------------------------------
+# --- weighted k-NN, attention statistics ------------------------------------------------------------------------------
 
 def naive_knn(train, ytr, test, yte, k, t, num_classes):
     """DINO eval_knn.knn_classifier in float64: L2-normalise, sim = test @ train.T, top-k, weights exp(sim / T),
@@ -455,7 +455,7 @@ def naive_attention_stats(A):
 # fixtures
 # ======================================================================================================================
 
-# --- closeness and error asserts -----------------------------------------------------------------------------------
+# --- closeness and error asserts --------------------------------------------------------------------------------------
 
 def assert_near(got, exp, what="", atol=ATOL, rtol=RTOL):
     """|got - exp| <= atol + rtol * |exp| everywhere (in float64), and equal shapes."""
@@ -493,7 +493,7 @@ def assert_usage_error(p, out=None):
         assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 
-# --- tiny models ---------------------------------------------------------------------------------------------------
+# --- tiny models ------------------------------------------------------------------------------------------------------
 
 def tiny_model(seed=0, perturb=False, **over):
     """A tiny ViT (TINY_CFG, overridden by `over`), initialised from its own seed without touching the global RNG.
@@ -626,7 +626,7 @@ def rel_bias_model(table_fill):
     return m
 
 
-# --- checkpoint builders: canonical random parameters -> every official layout -------------------------------------
+# --- checkpoint builders: canonical random parameters -> every official layout ----------------------------------------
 
 def seed_of(name):
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
@@ -1304,7 +1304,7 @@ class PickleBomb:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-# --- images and data files -----------------------------------------------------------------------------------------
+# --- images and data files --------------------------------------------------------------------------------------------
 
 def noise_images(n=2, size=32, seed=0):
     """n standard-normal 'images' (already normalised); size an int (square) or (height, width)."""
@@ -1439,7 +1439,7 @@ def shard_cover(n, bs, world=2):
     return single, shards
 
 
-# --- CLI runners ----------------------------------------------------------------------------------------------------
+# --- CLI runners ------------------------------------------------------------------------------------------------------
 
 def cli(*argv):
     """sr.main in this process, with stdout / stderr (and any warning or escaping traceback) captured as text, the
@@ -1552,7 +1552,7 @@ def started(argv, log_dir):
                 proc.wait()
 
 
-# --- fixtures and their helpers: a local HTTP server for downloads, one pair of torch.distributed workers ---------
+# --- fixtures and their helpers: a local HTTP server for downloads, one pair of torch.distributed workers -------------
 
 PAYLOAD = os.urandom(50_000)
 
@@ -1693,7 +1693,7 @@ def dist_run(tmp_path_factory):
 # 1. Registry & config
 # ======================================================================================================================
 
-# --- torch.distributed: the same results under a process group of two (gloo, CPU) as in one process ----------------
+# --- torch.distributed: the same results under a process group of two (gloo, CPU) as in one process -------------------
 
 def test_distributed_compare_models_equals_single_process(dist_run):
     d = dist_run.dir
@@ -1764,14 +1764,24 @@ def test_distributed_finetune_resume(dist_run):
 # 2. Model: the ViT forward against hand math; position-table resampling; attention maps
 # ======================================================================================================================
 
-def test_blocks_match_hand_math():
-    model = tiny_model(0, perturb=True)
-    x = noise_images(5)
-    f = check_blocks_by_hand(model, x)
-    n_tok = 1 + (32 // 8) ** 2
-    assert tuple(f["blocks.0"].shape) == (5, n_tok, 32)
-    assert tuple(f["blocks.0.attn.qkv"].shape) == (5, n_tok, 96)
-    assert tuple(f["blocks.1.mlp.fc1"].shape) == (5, n_tok, 64)
+@pytest.mark.parametrize("seed,over,n", [(0, {}, 5), (5, {"layer_scale": True}, 4), (6, {"num_registers": 2}, 4)],
+                         ids=["plain", "layer_scale", "registers"])
+def test_blocks_match_hand_math(seed, over, n):
+    model = tiny_model(seed, perturb=True, **over)
+    layer_scale = over.get("layer_scale", False)
+    if layer_scale:
+        sd = state64(model)
+        for i in range(2):
+            ls = layer_scale_keys(sd, i, 32)
+            assert len(ls) == 2, f"block {i}: expected 2 layer-scale vectors, found {ls} in {sorted(sd)}"
+            assert not torch.allclose(sd[ls[0]], torch.ones(32, dtype=torch.float64))
+    x = noise_images(n, seed=seed)
+    f = check_blocks_by_hand(model, x, layer_scale=layer_scale)
+    n_tok = 1 + over.get("num_registers", 0) + (32 // 8) ** 2
+    assert tuple(f["blocks.0"].shape) == (n, n_tok, 32)
+    assert tuple(f["blocks.0.attn.qkv"].shape) == (n, n_tok, 96)
+    assert tuple(f["blocks.1.mlp.fc1"].shape) == (n, n_tok, 64)
+    assert f["norm"].shape[1] == n_tok
     with torch.no_grad():
         pooled = model(x)
     assert_near(pooled, f["norm"][:, 0], "model(x) == cls after final norm", 1e-5, 0)
@@ -1807,23 +1817,6 @@ def test_embed_matches_hand_math(extra):
         parts.append(sd["register_tokens"].reshape(1, regs, c).expand(n, regs, c))
     ref = torch.cat(parts + [tok], 1)
     assert_near(f["embed"], ref, "embed by hand", 1e-4, 0)
-
-
-def test_layer_scale_blocks_match_hand_math():
-    model = tiny_model(5, perturb=True, layer_scale=True)
-    sd = state64(model)
-    for i in range(2):
-        ls = layer_scale_keys(sd, i, 32)
-        assert len(ls) == 2, f"block {i}: expected 2 layer-scale vectors, found {ls} in {sorted(sd)}"
-        assert not torch.allclose(sd[ls[0]], torch.ones(32, dtype=torch.float64))
-    x = noise_images(4, seed=5)
-    check_blocks_by_hand(model, x, layer_scale=True)
-
-
-def test_register_blocks_match_hand_math():
-    model = tiny_model(6, perturb=True, num_registers=2)
-    f = check_blocks_by_hand(model, noise_images(4, seed=6))
-    assert f["norm"].shape[1] == 19
 
 
 # Learned tables: bicubic align_corners=False to size=(g, g) (timm/MAE/DeiT/BEiT fine-tuning). The DINO
@@ -1962,7 +1955,7 @@ def test_save_checkpoint_fresh_model_family(tmp_path):
         assert_near(m2(x), m(x).double(), "fresh roundtrip model(x)")
 
 
-# --- safety and errors ---------------------------------------------------------------------------------------------
+# --- safety and errors ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("container", ["torch_save", "raw_pickle", "nested_in_valid_checkpoint"])
 def test_malicious_pickle_is_not_executed(container, tmp_path):
@@ -2166,7 +2159,7 @@ def test_simmim_file_with_pickled_yacs_config_loads_without_yacs(tmp_path, monke
     check_model_matches_naive(m, case, noise_images(size=case.a.img))
 
 
-# --- downloads -----------------------------------------------------------------------------------------------------
+# --- downloads --------------------------------------------------------------------------------------------------------
 
 def test_download_good(server, tmp_path):
     dest = tmp_path / "dl" / "weights.pth"
@@ -2301,36 +2294,30 @@ def test_tensor_file_rejects_non_tensor_images_and_negative_labels(tmp_path):
 # 5. Extraction: token reductions, forms of input, named point sets, feature cache
 # ======================================================================================================================
 
-def test_token_reductions_exclude_cls_and_registers(tmp_path):
-    case = build("dinov2_reg4", tmp_path)
+@pytest.mark.parametrize("name", ["deit", "dinov2_reg4"])
+def test_token_reductions_exclude_cls_and_registers(name, tmp_path):
+    """all / cls / patch / mean / flat: the naive forward's tokens reduced by hand, and the 'all' tokens sliced;
+    patch and mean leave out cls and registers."""
+    case = build(name, tmp_path)
     model = sr.load_model(str(case.path), **case.kwargs)
     x = noise_images(3, case.a.img)
-    ref = naive_forward(case.P, case.a, x)["blocks.1"]
-    npre = 1 + case.a.regs
-    expect = {"all": ref, "cls": ref[:, 0], "patch": ref[:, npre:], "mean": ref[:, npre:].mean(1),
-              "flat": ref.reshape(3, -1)}
-    for tokens, exp in expect.items():
-        got = sr.extract(model, x, points=["blocks.1"], tokens=tokens, batch_size=2)["blocks.1"]
-        assert_near(got, exp, f"tokens={tokens}")
-
-
-@pytest.mark.parametrize("seed,registers,n_images", [(2, 0, 5), (6, 2, 4)], ids=["plain", "registers"])
-def test_token_reductions_slice_all_tokens(seed, registers, n_images):
-    """flat / cls / mean / patch are the 'all' tokens reshaped or sliced; mean and patch leave out cls and registers."""
-    model = tiny_model(seed, perturb=True, num_registers=registers)
-    x = noise_images(n_images, seed=seed)
+    ref = naive_forward(case.P, case.a, x)
     pts = ["blocks.0", "blocks.1", "norm"]
-    a = extract_cpu(model, x, pts, tokens="all")
-    red = {t: extract_cpu(model, x, pts, tokens=t) for t in ("flat", "cls", "mean", "patch")}
-    npre = 1 + registers
+    npre = 1 + case.a.regs
+    everything = extract_cpu(model, x, pts, tokens="all")
+
+    def reduced(t, tokens):
+        return {"all": t, "cls": t[:, 0], "patch": t[:, npre:], "mean": t[:, npre:].mean(1),
+                "flat": t.reshape(len(t), -1)}[tokens]
+
     for k in pts:
-        n, t, c = a[k].shape
-        assert t == npre + 16, a[k].shape
-        assert set(red["flat"]) >= {k}
-        assert_near(red["flat"][k], a[k].reshape(n, t * c), f"flat {k}", 1e-6, 0)
-        assert_near(red["cls"][k], a[k][:, 0], f"cls {k}", 1e-6, 0)
-        assert_near(red["mean"][k], a[k][:, npre:].mean(1), f"mean excludes cls and registers {k}", 1e-6, 0)
-        assert_near(red["patch"][k], a[k][:, npre:], f"patch {k}", 1e-6, 0)
+        assert everything[k].shape[1] == npre + case.a.grid ** 2, everything[k].shape
+    for tokens in ("all", "cls", "patch", "mean", "flat"):
+        got = extract_cpu(model, x, pts, tokens=tokens, batch_size=2)
+        assert set(got) >= set(pts), sorted(got)
+        for k in pts:
+            assert_near(got[k], reduced(ref[k], tokens), f"tokens={tokens} {k} vs naive forward")
+            assert_near(got[k], reduced(everything[k], tokens), f"tokens={tokens} {k} vs the 'all' tokens", 1e-6, 0)
 
 
 def test_extract_accepts_batches_in_every_form(tmp_path):
@@ -3062,7 +3049,7 @@ def test_identical_heads_agree_with_kappa_one(setup, tmp_path):
 # 10. CLI: in-process through sr.main, except the entry point itself and torchrun
 # ======================================================================================================================
 
-# --- cka -----------------------------------------------------------------------------------------------------------
+# --- cka --------------------------------------------------------------------------------------------------------------
 
 def test_cli_cka_official_layouts_default_heads(tmp_path):
     # D=128 -> 2 heads by the D/64 rule (the CLI is not told num_heads)
@@ -3119,7 +3106,7 @@ def test_cli_model_point_selects_the_model_matrix_point(tmp_path):
         assert abs(doc["model_matrix"]["cka"][i][j] - naive_linear_cka(feats[i], feats[j])) < 1e-6
 
 
-# --- data inputs ---------------------------------------------------------------------------------------------------
+# --- data inputs ------------------------------------------------------------------------------------------------------
 
 def test_cli_cka_image_folder_of_mixed_sizes(tmp_path):
     rng = np.random.default_rng(1)
@@ -3184,7 +3171,7 @@ def test_cli_corrupt_image_counted_once_and_strict(tmp_path):
     assert "zz_corrupt.png" in p.stderr
 
 
-# --- errors, list, help --------------------------------------------------------------------------------------------
+# --- errors, list, help -----------------------------------------------------------------------------------------------
 
 def test_cli_bad_inputs_exit_2_one_line(tmp_path):
     for k, (name, argv) in enumerate(bad_cli_inputs(tmp_path)):
@@ -3213,7 +3200,7 @@ def test_cli_list_and_help():
     assert p.returncode == 2 and len(nonblank_lines(p.stderr)) == 1 and "Traceback" not in p.stderr
 
 
-# --- probes, fine-tuning, analyses ----------------------------------------------------------------------------------
+# --- probes, fine-tuning, analyses ------------------------------------------------------------------------------------
 
 def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     xtr, ytr = colour_images(24, 32, seed=1)
@@ -3291,7 +3278,7 @@ def test_cli_report(tmp_path):
     assert wd["total"] == pytest.approx(total, rel=1e-9)
 
 
-# --- processes of their own: the entry point, torchrun ---------------------------------------------------------------
+# --- processes of their own: the entry point, torchrun ----------------------------------------------------------------
 
 def test_entry_point_cka_two_checkpoint_files(tmp_path):
     """`python ssl_repsim.py cka` in a process of its own: what a user runs."""
