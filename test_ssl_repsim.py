@@ -1531,7 +1531,7 @@ def started(argv, log_dir):
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "stdout.txt", "w+") as out, open(log_dir / "stderr.txt", "w+") as err:
-        proc = subprocess.Popen([str(a) for a in argv], cwd=str(log_dir), stdout=out, stderr=err, text=True,
+        proc = subprocess.Popen([str(a) for a in argv], cwd=str(log_dir), stdout=out, stderr=err,
                                 env=subprocess_env(), start_new_session=True)
 
         def wait(timeout=300):
