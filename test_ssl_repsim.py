@@ -2053,7 +2053,7 @@ def test_missing_file_and_unknown_name(tmp_path):
         sr.load_model(str(tmp_path / "nope.pth"))
     assert_one_line(e)
     with pytest.raises(sr.UsageError) as e:
-        sr.load_model("definitely_not_a_registered_model_name_xyz", download=False)
+        sr.load_model("definitely_not_a_registered_model_name_xyz", offline=True)
     assert_one_line(e)
 
 
@@ -2197,7 +2197,7 @@ def test_registered_name_downloads_and_loads(server, tmp_path, monkeypatch):
     wdir = register_deit_row(monkeypatch, tmp_path, "deit-tiny-test", url=server + "/deit_tiny_test.pth",
                             sha256=hashlib.sha256(data).hexdigest(), num_heads=2, img_size=case.a.img)
     with pytest.raises(sr.UsageError) as e:
-        sr.load_model("deit-tiny-test", weights_dir=wdir, download=False)
+        sr.load_model("deit-tiny-test", weights_dir=wdir, offline=True)
     assert_one_line(e)
     assert os.listdir(wdir) == []
     model = sr.load_model("deit-tiny-test", weights_dir=wdir, progress=False)
@@ -2222,24 +2222,24 @@ def test_registered_name_bad_checksum_leaves_nothing(server, tmp_path, monkeypat
 def test_preprocess_resize_short_side_then_centre_crop(h, w):
     g = torch.Generator().manual_seed(h * 100 + w)
     img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
-    got = sr.preprocess(img, 32, crop_pct=0.875)
+    got = sr.resize_crop_normalize(img, 32, crop_pct=0.875)
     # by hand: shorter side -> int(32 / 0.875) = 36, long side keeps the aspect, crop the centre 32 x 32
     exp = naive_preprocess(img, 32, crop_pct=0.875)
     assert got.shape == (3, 32, 32)
     torch.testing.assert_close(got, exp, atol=1e-5, rtol=0)
     # float input in [0, 1] and a batch give the same
-    torch.testing.assert_close(sr.preprocess(img.float() / 255, 32), got, atol=1e-6, rtol=0)
-    torch.testing.assert_close(sr.preprocess(torch.stack([img, img]), 32)[1], got, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sr.resize_crop_normalize(img.float() / 255, 32), got, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sr.resize_crop_normalize(torch.stack([img, img]), 32)[1], got, atol=1e-6, rtol=0)
 
 
 def test_preprocess_no_resize_when_already_sized():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(3, 32, 32, generator=g)
-    got = sr.preprocess(img, 32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    got = sr.resize_crop_normalize(img, 32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     torch.testing.assert_close(got, (img - 0.5) / 0.5, atol=1e-6, rtol=0)
     # crop only: a 40 x 32 image at crop_pct 1 keeps the centre rows 4..36 untouched
     img = torch.rand(3, 40, 32, generator=g)
-    got = sr.preprocess(img, 32, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+    got = sr.resize_crop_normalize(img, 32, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1))
     torch.testing.assert_close(got, img[:, 4:36], atol=1e-6, rtol=0)
 
 
@@ -2283,11 +2283,11 @@ def test_tensor_file_rejects_non_tensor_images_and_negative_labels(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"images": [1, 2, 3]}, bad)
     with pytest.raises(sr.UsageError):
-        sr.load_images(bad, quiet=True)
+        sr.load_images(bad)
     neg = tmp_path / "neg.pt"
     torch.save({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "labels": torch.tensor([0, -1])}, neg)
     with pytest.raises(sr.UsageError):
-        sr.load_images(neg, quiet=True)
+        sr.load_images(neg)
 
 
 # ======================================================================================================================
@@ -2362,8 +2362,8 @@ def test_feature_cache_distinguishes_subsets_and_reuses_identical(tmp_path):
     g = torch.Generator().manual_seed(0)
     torch.save({"images": torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g),
                 "labels": torch.arange(12) % 3}, data)
-    a = sr.load_images(data, n=6, seed=1, quiet=True)
-    b = sr.load_images(data, n=6, seed=2, quiet=True)
+    a = sr.load_images(data, n=6, seed=1)
+    b = sr.load_images(data, n=6, seed=2)
     assert not torch.equal(a.items, b.items)
     cache = tmp_path / "cache"
     fa = sr.cached_extract(m, a, "blocks", "cls", cache_dir=cache)
@@ -2593,12 +2593,13 @@ def test_linear_probe_separable_vs_noise():
     train = {"sep": xtr, "noise": torch.randn(200, 16, generator=g)}
     test = {"sep": xte, "noise": torch.randn(100, 16, generator=g)}
     res = sr.linear_probe(train, ytr, test, yte, seed=0)
-    assert {k for k in res if "/" not in k} == {"sep", "noise"}, sorted(res)
-    assert res["sep"] >= 0.97, res
-    assert abs(res["noise"] - 0.2) < 0.12, res
-    for k, v in res.items():
-        assert 0.0 <= v <= 1.0, (k, v)
-    assert res["sep/top5"] >= res["sep"]    # 5 classes: top-5 is reported
+    assert list(res) == ["sep", "noise"], res
+    assert all(set(r) == {"top1", "top5", "weight_decay"} for r in res.values()), res   # 5 classes: top-5 too
+    assert res["sep"]["top1"] >= 0.97, res
+    assert abs(res["noise"]["top1"] - 0.2) < 0.12, res
+    for r in res.values():
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0, r
+        assert r["weight_decay"] in sr.WEIGHT_DECAYS, r
 
 
 def test_linear_probe_weight_decay_option_is_honoured():
@@ -2608,19 +2609,19 @@ def test_linear_probe_weight_decay_option_is_honoured():
     xtr, ytr = blobs(60, centers, g)
     xte, yte = blobs(30, centers, g)
     res = sr.linear_probe({"f": xtr}, ytr, {"f": xte}, yte, weight_decay=0.0123, seed=0)
-    assert res["f"] >= 0.9, res
-    assert res["f/weight_decay"] == pytest.approx(0.0123), res   # the decay it used: the one asked for
+    assert res["f"]["top1"] >= 0.9, res
+    assert res["f"]["weight_decay"] == pytest.approx(0.0123), res   # the decay it used: the one asked for
+    assert "top5" not in res["f"], res                              # 3 classes: no top-5
 
 
 def test_linear_probe_top5_key_with_five_classes():
-    """API.md: {name+"/top5": ...} when >= 5 classes."""
+    """{layer: {"top1", "top5", ...}}: top-5 when there are at least 5 classes."""
     g = torch.Generator().manual_seed(25)
     centers = 6.0 * torch.randn(5, 8, generator=g)
     xtr, ytr = blobs(100, centers, g)
     xte, yte = blobs(50, centers, g)
     res = sr.linear_probe({"f": xtr}, ytr, {"f": xte}, yte, weight_decay=1e-3, seed=0)
-    assert "f/top5" in res, sorted(res)
-    assert res["f/top5"] == pytest.approx(1.0)
+    assert res["f"]["top5"] == pytest.approx(1.0), res
 
 
 def test_linear_probe_list_names():
@@ -2629,8 +2630,8 @@ def test_linear_probe_list_names():
     xtr, ytr = blobs(60, centers, g)
     xte, yte = blobs(30, centers, g)
     res = sr.linear_probe([xtr, xtr * 2.0], ytr, [xte, xte * 2.0], yte, weight_decay=1e-3, seed=0)
-    assert {k for k in res if "/" not in k} == {"0", "1"}, sorted(res)
-    assert res["0"] >= 0.9 and res["1"] >= 0.9, res
+    assert list(res) == ["0", "1"], res
+    assert res["0"]["top1"] >= 0.9 and res["1"]["top1"] >= 0.9, res
 
 
 def test_concat_features_shapes_and_contents():
@@ -2662,10 +2663,10 @@ def test_marginal_probe_finds_intermediate_layer_information():
     ftr, ytr = layers(240)
     fte, yte = layers(200)
     ctr, cte = sr.concat_features(ftr), sr.concat_features(fte)
-    res = sr.linear_probe(ctr, ytr, cte, yte, weight_decay=1e-3, device="cpu")
+    res = sr.top1(sr.linear_probe(ctr, ytr, cte, yte, weight_decay=1e-3, device="cpu"))
     assert res["blocks.2"] <= 0.45 and res["blocks.2+blocks.0"] <= 0.45, res
     assert res["blocks.2+blocks.1"] >= 0.9 and res["all"] >= 0.9, res
-    per_layer = sr.linear_probe(ftr, ytr, fte, yte, weight_decay=1e-3, device="cpu")
+    per_layer = sr.top1(sr.linear_probe(ftr, ytr, fte, yte, weight_decay=1e-3, device="cpu"))
     assert per_layer["blocks.1"] >= 0.9 and per_layer["blocks.0"] <= 0.45
 
 
@@ -2677,11 +2678,11 @@ def test_mlp_probe_separable_blobs():
     noise_tr, noise_te = torch.randn(150, 16, generator=g), torch.randn(90, 16, generator=g)
     res = sr.mlp_probe({"sep": xtr, "noise": noise_tr}, ytr, {"sep": xte, "noise": noise_te}, yte, depth=2,
                        epochs=40, lr=1e-2, batch_size=64, device="cpu")
-    assert res["sep"] >= 0.98
-    assert res["noise"] <= 0.6
+    assert res["sep"] == {"top1": res["sep"]["top1"]} and res["sep"]["top1"] >= 0.98, res
+    assert res["noise"]["top1"] <= 0.6, res
     res1 = sr.mlp_probe({"sep": xtr}, ytr, {"sep": xte}, yte, depth=1, epochs=40, lr=1e-2, batch_size=64,
                        device="cpu")
-    assert res1["sep"] >= 0.98
+    assert res1["sep"]["top1"] >= 0.98
 
 
 def test_knn_matches_dino_reference():
@@ -2698,8 +2699,9 @@ def test_knn_matches_dino_reference():
         top2 = probs.topk(2, dim=1).values
         # no near-ties: otherwise summation order could legitimately flip a prediction
         assert ((top2[:, 0] - top2[:, 1]) / top2[:, 0] > 1e-5).all()
-        assert res[name] == pytest.approx(ref, abs=1e-12), (name, res[name], ref)
-    assert 0.0 < res["blob"] <= 1.0
+        assert set(res[name]) == {"top1"}, res   # 4 classes: no top-5
+        assert res[name]["top1"] == pytest.approx(ref, abs=1e-12), (name, res[name], ref)
+    assert 0.0 < res["blob"]["top1"] <= 1.0
 
 
 def test_knn_num_classes_and_k20():
@@ -2710,7 +2712,7 @@ def test_knn_num_classes_and_k20():
     yte = torch.randint(0, 3, (40,), generator=g)
     ref, _ = naive_knn(xtr, ytr, xte, yte, 20, 0.07, 7)
     res = sr.knn_accuracy({"f": xtr}, ytr, {"f": xte}, yte, num_classes=7)
-    assert res["f"] == pytest.approx(ref, abs=1e-12)
+    assert res["f"]["top1"] == pytest.approx(ref, abs=1e-12)
 
 
 def test_knn_num_classes_smaller_than_labels_is_not_an_index_error():
@@ -2718,7 +2720,7 @@ def test_knn_num_classes_smaller_than_labels_is_not_an_index_error():
     x = torch.randn(30, 4, generator=g)
     y = torch.arange(30) % 6
     res = sr.knn_accuracy({"f": x}, y, {"f": x}, y, k=1, num_classes=2)
-    assert res["f"] == 1.0  # k=1 on the training set itself: every sample's nearest neighbour is itself
+    assert res["f"]["top1"] == 1.0  # k=1 on the training set itself: every sample's nearest neighbour is itself
 
 
 # ======================================================================================================================
@@ -2873,11 +2875,11 @@ def test_pca_probe_top_pcs_vs_random_directions():
     xtr, ytr = data(300)
     xte, yte = data(200)
     res = sr.pca_probe({"f": xtr}, ytr, {"f": xte}, yte, ks=(1, 2, 4), weight_decay=1e-4, device="cpu")
-    assert set(res) == {f"f/{t}{k}" for t in ("pc", "random") for k in (1, 2, 4)}
+    assert list(res) == ["f"] and {t: sorted(v) for t, v in res["f"].items()} == {"pc": [1, 2, 4], "random": [1, 2, 4]}
     for k in (1, 2, 4):
-        assert res[f"f/pc{k}"] >= 0.97, res
-    assert res["f/random1"] <= 0.75, res
-    assert res["f/random2"] <= 0.8, res
+        assert res["f"]["pc"][k] >= 0.97, res
+    assert res["f"]["random"][1] <= 0.75, res
+    assert res["f"]["random"][2] <= 0.8, res
 
 
 def test_invariance_scores_known_values():
@@ -3100,7 +3102,7 @@ def test_cli_model_point_selects_the_model_matrix_point(tmp_path):
     assert p.returncode == 0, p.stderr
     doc = json.loads((tmp_path / "o" / "cka.json").read_text())
     assert doc["model_matrix"]["point"] == ["blocks.0"] * 3
-    imgs = sr.load_images(data, quiet=True)
+    imgs = sr.load_images(data)
     feats = [sr.extract(sr.load_model(q), imgs, ["blocks.0"], "cls")["blocks.0"].numpy() for q in paths]
     for i, j in ((0, 1), (0, 2), (1, 2)):
         assert abs(doc["model_matrix"]["cka"][i][j] - naive_linear_cka(feats[i], feats[j])) < 1e-6
@@ -3213,23 +3215,24 @@ def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     p = cli("knn", a, *common, "--k", 5, "--out", tmp_path / "knn")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "knn" / "knn.json").read_text())["results"][str(a)]
-    assert [k for k in res if "/" not in k] == ["blocks.0", "blocks.1"]
+    assert list(res) == ["blocks.0", "blocks.1"] and all(set(r) == {"top1"} for r in res.values()), res
     # DINO weighted k-NN by hand (float64) on cls features of hand-preprocessed images
     ftr = features_by_hand(a, list(xtr), tokens="cls")
     fva = features_by_hand(a, list(xva), tokens="cls")
     for layer in ("blocks.0", "blocks.1"):
         ref, _ = naive_knn(ftr[layer], ytr, fva[layer], yva, 5, 0.07, 2)
-        assert res[layer] == pytest.approx(ref, abs=1e-12), layer
+        assert res[layer]["top1"] == pytest.approx(ref, abs=1e-12), layer
     p = cli("probe", a, *common, "--out", tmp_path / "probe")
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((tmp_path / "probe" / "probe.json").read_text())
     res = doc["results"][str(a)]
-    assert [k for k in res if "/" not in k] == ["blocks.0", "blocks.1"]
-    assert all(0 <= res[k] <= 1 for k in ("blocks.0", "blocks.1"))
-    assert res["blocks.1"] == 1.0  # colour alone separates the classes
+    assert list(res) == ["blocks.0", "blocks.1"], res
+    assert all(set(r) == {"top1", "weight_decay"} and 0 <= r["top1"] <= 1 for r in res.values()), res
+    assert res["blocks.1"]["top1"] == 1.0  # colour alone separates the classes
     assert doc["meta"]["n_train"] == 24 and doc["meta"]["n_val"] == 12
     rows = read_csv(tmp_path / "probe" / "probe.csv")
-    assert rows[0] == ["model", "layer", "metric", "value"] and len(rows) > 2
+    assert rows[0] == ["model", "layer", "metric", "value"]
+    assert {(r[1], r[2]) for r in rows[1:]} == {(la, m) for la in ("blocks.0", "blocks.1") for m in ("top1", "weight_decay")}
 
 
 def test_cli_finetune_colour_folders_then_cka(tmp_path):
