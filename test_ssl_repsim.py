@@ -1210,6 +1210,30 @@ def b_hf(d, a, drop, ft=False, fmt="bin"):
     return out, P
 
 
+def b_timm(d, a, drop):
+    """A timm VisionTransformer state dict: flat, timm's names (layer scale as ls1/ls2.gamma), a classifier head."""
+    P = make_params(a, seed_of("timm"))
+    sd = drop_key(plain_sd(P, a, ls_style="ls"), drop)
+    sd.update(sd_linear(rnd(3), "head", 10, a.D))
+    return save_obj(sd, d / "vit_tiny_patch8_timm.pth"), P
+
+
+def b_ours(d, a, drop):
+    """ssl_repsim's own layout, written here by hand: safetensors in our key names, with the architecture,
+    preprocessing and input size as JSON in the metadata (format = ssl_repsim)."""
+    from safetensors.torch import save_file
+    P = make_params(a, seed_of("ours"))
+    sd = drop_key(plain_sd(P, a), drop)
+    config = {"img_size": a.img, "patch_size": a.patch, "embed_dim": a.D, "depth": a.depth, "num_heads": a.heads,
+              "mlp_hidden": a.mlp, "cls_token": a.cls, "pos_embed": a.pos != "none",
+              "pos_cls_row": a.pos == "cls_row", "layer_scale": a.ls, "norm_eps": a.eps, "family": "ssl_repsim"}
+    meta = {"format": "ssl_repsim", "config": json.dumps(config), "input_size": json.dumps(a.img),
+            "preprocess": json.dumps({"mean": [0.5] * 3, "std": [0.5] * 3, "interp": "bicubic", "crop_pct": 1.0})}
+    path = d / "ours.safetensors"
+    save_file(sd, str(path), metadata=meta)
+    return path, P
+
+
 # name -> (builder, arch overrides, expected family)
 BEIT_PT = {"cls": True, "pos": "none", "rel": "shared", "ls": True, "qv_bias": True}
 BEIT_FT = {"cls": True, "pos": "none", "rel": "per_block", "ls": True, "qv_bias": True, "final_norm": False,
@@ -1247,6 +1271,8 @@ LAYOUTS = {
     "cae": (b_cae, {"qv_bias": True, "ls": True}, "cae"),
     "torchvision": (b_torchvision, {}, "torchvision"),
     "torchvision_legacy": (b_torchvision_legacy, {}, "torchvision"),
+    "timm": (b_timm, {"ls": True}, "timm"),
+    "ssl_repsim": (b_ours, {"ls": True}, "ssl_repsim"),
 }
 HF_LAYOUTS = {"data2vec_hf", "data2vec_hf_safetensors", "data2vec_hf_ft1k"}
 
@@ -1692,6 +1718,21 @@ def dist_run(tmp_path_factory):
 # ======================================================================================================================
 # 1. Registry & config
 # ======================================================================================================================
+
+@pytest.mark.parametrize("family", sorted(sr.FAMILIES))
+def test_every_family_has_a_layout_builder(family):
+    """Adding a row to FAMILIES means adding a builder to LAYOUTS: test_layout_loads_and_matches_naive_forward then
+    checks that family's files against the naive forward."""
+    assert family in {fam for _, _, fam in LAYOUTS.values()}, f"no builder in LAYOUTS makes a {family} file"
+
+
+def test_every_registered_checkpoint_names_a_known_family_and_unique_aliases():
+    aliases = [a for row in sr.REGISTRY.values() for a in row["aliases"]]
+    assert len(aliases) == len(set(aliases)) and not set(aliases) & set(sr.REGISTRY)
+    for name, row in sr.REGISTRY.items():
+        fam = sr.FAMILIES[row["family"]]
+        assert (row["mean"], row["std"], row["interp"]) == (tuple(fam.mean), tuple(fam.std), fam.interp), name
+
 
 # --- torch.distributed: the same results under a process group of two (gloo, CPU) as in one process -------------------
 
