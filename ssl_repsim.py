@@ -185,6 +185,9 @@ FAMILIES: dict[str, Family] = {
                                                                                            r"^decoder"),
                                   pick="model", drop=r"^head\."),)),
     "mae": Family("REC", (Layout(lambda o: "model" in o, pick="model", drop=r"^decoder|^mask_token$"),)),
+    "mae_hf": Family("REC", (Layout(lambda o: _any(o, r"^(vit\.)?embeddings\.position_embeddings$")
+                                    and not _any(o, r"lambda_1$"), drop=r"^decoder\."),),
+                     renames=((r"^vit\.", ""), *HF_RENAMES), hf_model_types=("vit_mae",)),   # transformers ViTMAE
     "data2vec_hf": Family("HYB", (Layout(lambda o: _any(o, r"embeddings\.patch_embeddings\.projection\.weight$"),
                                          drop=r"^classifier\.|mask_token|" + INDEX),), renames=HF_RENAMES,
                           hf_model_types=("data2vec-vision",)),

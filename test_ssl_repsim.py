@@ -1234,6 +1234,42 @@ def b_ours(d, a, drop):
     return path, P
 
 
+def b_hf_mae(d, a, drop):
+    """transformers ViTMAEForPreTraining.save_pretrained: the encoder under `vit.` (separate query/key/value,
+    layernorm_before/after, fixed sin-cos position_embeddings), the decoder under `decoder.`, config.json."""
+    P = make_params(a, seed_of("hf_mae"))
+    P["pos"] = sincos_table(a.D, a.grid, "mae", cls_row=True)
+    D, r = a.D, rnd(7)
+    sd = {"embeddings.cls_token": P["cls"], "embeddings.position_embeddings": P["pos"],
+          "embeddings.patch_embeddings.projection.weight": P["patch_w"],
+          "embeddings.patch_embeddings.projection.bias": P["patch_b"],
+          "layernorm.weight": P["norm_w"], "layernorm.bias": P["norm_b"]}
+    for i, b in enumerate(P["blocks"]):
+        L = f"encoder.layer.{i}."
+        for j, qkv in enumerate(("query", "key", "value")):
+            sd[f"{L}attention.attention.{qkv}.weight"] = b["qkv_w"][j * D:(j + 1) * D]
+            sd[f"{L}attention.attention.{qkv}.bias"] = b["qkv_b"][j * D:(j + 1) * D]
+        sd[L + "attention.output.dense.weight"], sd[L + "attention.output.dense.bias"] = b["proj_w"], b["proj_b"]
+        sd[L + "layernorm_before.weight"], sd[L + "layernorm_before.bias"] = b["n1w"], b["n1b"]
+        sd[L + "intermediate.dense.weight"], sd[L + "intermediate.dense.bias"] = b["fc1_w"], b["fc1_b"]
+        sd[L + "output.dense.weight"], sd[L + "output.dense.bias"] = b["fc2_w"], b["fc2_b"]
+        sd[L + "layernorm_after.weight"], sd[L + "layernorm_after.bias"] = b["n2w"], b["n2b"]
+    sd = {"vit." + k: copied(v) for k, v in sd.items()}
+    sd.update({"decoder.mask_token": r(1, 1, 16), "decoder.decoder_pos_embed": sincos_table(16, a.grid, "mae"),
+               "decoder.decoder_layers.0.attention.output.dense.weight": r(16, 16),
+               "decoder.decoder_norm.weight": r(16)})
+    sd.update(sd_linear(r, "decoder.decoder_embed", 16, D))
+    sd.update(sd_linear(r, "decoder.decoder_pred", a.patch ** 2 * 3, 16))
+    out = d / "vit-mae-tiny"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae", "hidden_size": D,
+        "num_hidden_layers": a.depth, "num_attention_heads": a.heads, "intermediate_size": a.mlp,
+        "layer_norm_eps": 1e-12, "image_size": a.img, "patch_size": a.patch, "mask_ratio": 0.75}))
+    torch.save(sd, out / "pytorch_model.bin")
+    return out, P
+
+
 # name -> (builder, arch overrides, expected family)
 BEIT_PT = {"cls": True, "pos": "none", "rel": "shared", "ls": True, "qv_bias": True}
 BEIT_FT = {"cls": True, "pos": "none", "rel": "per_block", "ls": True, "qv_bias": True, "final_norm": False,
@@ -1272,6 +1308,7 @@ LAYOUTS = {
     "torchvision": (b_torchvision, {}, "torchvision"),
     "torchvision_legacy": (b_torchvision_legacy, {}, "torchvision"),
     "timm": (b_timm, {"ls": True}, "timm"),
+    "mae_hf": (b_hf_mae, {"eps": 1e-12}, "mae_hf"),
     "ssl_repsim": (b_ours, {"ls": True}, "ssl_repsim"),
 }
 HF_LAYOUTS = {"data2vec_hf", "data2vec_hf_safetensors", "data2vec_hf_ft1k"}
