@@ -860,11 +860,16 @@ def b_mae_full(d, a, drop):
     return b_mae(d, a, drop, full=True)
 
 
-def b_mae_ft(d, a, drop):
-    P = make_params(a, seed_of("mae_ft"))
+def model_with_head(d, a, drop, name, head_seed, filename):
+    """{"model": backbone + a 10-class head}: the fine-tuned / supervised files of MAE, DeiT, DeiT III."""
+    P = make_params(a, seed_of(name))
     sd = drop_key(plain_sd(P, a), drop)
-    sd.update(sd_linear(rnd(2), "head", 10, a.D))
-    return save_obj({"model": sd}, d / "mae_finetuned_vit_tiny.pth"), P
+    sd.update(sd_linear(rnd(head_seed), "head", 10, a.D))
+    return save_obj({"model": sd}, d / filename), P
+
+
+def b_mae_ft(d, a, drop):
+    return model_with_head(d, a, drop, "mae_ft", 2, "mae_finetuned_vit_tiny.pth")
 
 
 def b_dino(d, a, drop):
@@ -957,17 +962,11 @@ def b_msn(d, a, drop):
 
 
 def b_deit(d, a, drop):
-    P = make_params(a, seed_of("deit"))
-    sd = drop_key(plain_sd(P, a), drop)
-    sd.update(sd_linear(rnd(7), "head", 10, a.D))
-    return save_obj({"model": sd}, d / "deit_small_patch16_224-cd65a155.pth"), P
+    return model_with_head(d, a, drop, "deit", 7, "deit_small_patch16_224-cd65a155.pth")
 
 
 def b_deit3(d, a, drop):
-    P = make_params(a, seed_of("deit3"))
-    sd = drop_key(plain_sd(P, a), drop)
-    sd.update(sd_linear(rnd(8), "head", 10, a.D))
-    return save_obj({"model": sd}, d / "deit_3_small_224_21k.pth"), P
+    return model_with_head(d, a, drop, "deit3", 8, "deit_3_small_224_21k.pth")
 
 
 def b_ijepa(d, a, drop):
@@ -990,22 +989,18 @@ def b_ijepa(d, a, drop):
     return save_obj(obj, d / "IN1K-vit.h.14-300e.pth.tar"), P
 
 
-def b_beit(d, a, drop):
-    P = make_params(a, seed_of("beit"))
-    r = rnd(10)
+def b_beit(d, a, drop, tag="pt22k", seed=10):
+    """BEiT pre-trained: {"model": backbone + mask_token + the visual-token lm_head}."""
+    P = make_params(a, seed_of("beit" if tag == "pt22k" else f"beit_{tag}"))
+    r = rnd(seed)
     sd = drop_key(plain_sd(P, a), drop)
     sd["mask_token"] = r(1, 1, a.D)
     sd.update(sd_linear(r, "lm_head", 8192, a.D))
-    return save_obj({"model": sd}, d / "beit_base_patch16_224_pt22k.pth"), P
+    return save_obj({"model": sd}, d / f"beit_base_patch16_224_{tag}.pth"), P
 
 
 def b_beit_pt1k(d, a, drop):
-    P = make_params(a, seed_of("beit_pt1k"))
-    r = rnd(11)
-    sd = drop_key(plain_sd(P, a), drop)
-    sd["mask_token"] = r(1, 1, a.D)
-    sd.update(sd_linear(r, "lm_head", 8192, a.D))
-    return save_obj({"model": sd}, d / "beit_base_patch16_224_pt1k_800ep.pth"), P
+    return b_beit(d, a, drop, tag="pt1k_800ep", seed=11)
 
 
 def b_beit_ft(d, a, drop):
