@@ -60,7 +60,7 @@ RTOL = 1e-5
 TINY_CFG = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64}
 SUBLAYERS = ["norm1", "attn", "attn.qkv", "attn.proj", "norm2", "mlp", "mlp.fc1", "mlp.act", "mlp.fc2"]
 SUBCOMMANDS = ("cka", "list", "bench", "download", "probe", "knn", "finetune", "gap", "info", "invariance",
-               "attention", "spatial", "weights", "report")
+               "attention", "spatial", "weights", "agreement", "report")
 
 
 # ======================================================================================================================
@@ -3273,6 +3273,36 @@ def test_cli_list_and_help():
         assert p.stderr == "", (cmd, p.stderr)
     p = cli("no-such-command")
     assert p.returncode == 2 and len(nonblank_lines(p.stderr)) == 1 and "Traceback" not in p.stderr
+
+
+# which subcommands offer which of the options that only some of them use
+OWN_OPTIONS = {"--tokens": {"cka", "probe", "knn", "gap", "report"}, "--estimator": {"cka", "gap", "report"},
+               "--mae-mask-ratio": {"attention", "report"}, "--attention-images": {"attention", "report"},
+               "--epochs": {"probe", "finetune", "info", "report"}, "--k": {"knn"}, "--method": {"probe"},
+               "--blr": {"finetune"}, "--resume": {"finetune"}, "--model-point": {"cka"}, "--skip": {"report"},
+               "--data": set(SUBCOMMANDS) - {"list", "download", "bench", "weights"}}
+
+
+def test_cli_help_shows_own_options_defaults_and_examples():
+    for cmd in SUBCOMMANDS:
+        text = cli(cmd, "--help").stdout
+        examples = text[text.index("examples:"):].splitlines()[1:]
+        assert len(examples) >= 2 and all(ln.strip().startswith(f"python ssl_repsim.py {cmd}") for ln in examples), cmd
+        for flag, owners in OWN_OPTIONS.items():
+            offered = re.search(rf"^\s+{re.escape(flag)}\b", text, re.MULTILINE) is not None
+            assert offered == (cmd in owners), (cmd, flag)
+    assert "(default: 32)" in cli("cka", "--help").stdout            # --batch-size
+    assert "(default: 0.001)" in cli("finetune", "--help").stdout     # --blr
+    p = cli("finetune", "a.pth", "b.pth")                            # one model: argparse refuses the second
+    assert p.returncode == 2 and len(nonblank_lines(p.stderr)) == 1
+
+
+def test_no_function_longer_than_fifty_lines():
+    import ast
+    tree = ast.parse((HERE / "ssl_repsim.py").read_text())
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 52]
+    assert not long, long
 
 
 # --- probes, fine-tuning, analyses ------------------------------------------------------------------------------------
