@@ -3667,6 +3667,8 @@ ALWAYS = ("quiet", "debug")
 
 def _add_flags(p, *names, **overrides):
     """Add the named FLAGS to parser p (overrides: {name: {argparse keyword: value}})."""
+    if set(overrides) - set(names):
+        raise ValueError(f"overrides for flags not added: {sorted(set(overrides) - set(names))}")
     for name in names:
         strings, kw = FLAGS[name]
         p.add_argument(*strings, **{**kw, **overrides.get(name, {})})
@@ -3733,7 +3735,7 @@ def _add_registry_commands(sub):
     p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
     p.add_argument("--peer", action="store_true", help="debiased 12×12 maps side by side with pytorch-cka "
                    "(pip install pytorch-cka) at n = 1k, 2k, 4k, 10k: time, memory, error vs float64")
-    _add_flags(p, "device", *ALWAYS, out={"help": "also write bench.json here"})
+    _add_flags(p, "device", "out", *ALWAYS, out={"help": "also write bench.json here"})
 
 
 def _add_probe_commands(sub):

@@ -3297,6 +3297,18 @@ def test_cli_help_shows_own_options_defaults_and_examples():
     assert p.returncode == 2 and len(nonblank_lines(p.stderr)) == 1
 
 
+def test_cli_bench_prints_and_writes_what_bench_measured(tmp_path, monkeypatch):
+    canned = {"device": "cpu", "threads": 2, "gpu": None, "versions": {"torch": "x"}, "matmul_gflops": 123.0,
+              "extraction": {"images": 8, "plain_img_s": 5.0, "hooked_img_s": 4.5, "hook_overhead": 0.11},
+              "cka": [{"n": 1000, "estimator": "full", "form": "gram", "seconds": 0.2, "floor_seconds": 0.1,
+                       "x_floor": 2.0, "max_err_vs_float64": 1e-6}]}
+    monkeypatch.setattr(sr, "bench", lambda full, device: canned)
+    p = cli("bench", "--out", tmp_path / "b", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "matmul fp32: 123 GFLOP/s" in p.stdout and "5.0 img/s plain" in p.stdout
+    assert json.loads((tmp_path / "b" / "bench.json").read_text()) == canned
+
+
 def test_no_function_longer_than_fifty_lines():
     import ast
     tree = ast.parse((HERE / "ssl_repsim.py").read_text())
