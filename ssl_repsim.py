@@ -386,6 +386,15 @@ def _barrier():
         dist.barrier()
 
 
+def _all_reduce_sum(x: float, group=None) -> float:
+    if not _dist_active(group):
+        return x
+    import torch.distributed as dist
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return float(t[0])
+
+
 def shard_batches(batches, group=None):
     """This process's share of a batch stream: batch i goes to rank i mod world (whole minibatches)."""
     rank, world = _rank_world(group)
@@ -1730,12 +1739,14 @@ def _u_centred_grams(xs: list[torch.Tensor]) -> torch.Tensor:
 
 class MinibatchCKA:
     """CKA = Σ_b HSIC₁(K_b, L_b) / √(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b)) (Nguyen et al. 2021), HSIC₁ the
-    unbiased estimator of Song et al. 2012; float64 sums, memory independent of n."""
+    unbiased estimator of Song et al. 2012; float64 sums, memory independent of n. Each batch's terms are kept
+    (L_a·L_b numbers a batch) so that bootstrap() can resample batches."""
 
     def __init__(self, num_a: int, num_b: int, device=None):
         kw = dict(dtype=torch.float64, device=device)
         self.xy, self.xx, self.yy = torch.zeros(num_a, num_b, **kw), torch.zeros(num_a, **kw), torch.zeros(num_b, **kw)
         self.batches = 0
+        self.terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # per batch (xy, xx, yy), on CPU
 
     def update(self, xs, ys):
         _, xs = _named(xs)
@@ -1750,17 +1761,20 @@ class MinibatchCKA:
         ga = _u_centred_grams([x.to(dev) for x in xs])
         gb = _u_centred_grams([y.to(dev) for y in ys])
         scale = 1.0 / (b * (b - 3))
-        self.xy += scale * ga @ gb.T
-        self.xx += scale * (ga * ga).sum(1)
-        self.yy += scale * (gb * gb).sum(1)
+        terms = (scale * ga @ gb.T, scale * (ga * ga).sum(1), scale * (gb * gb).sum(1))
+        for acc, t in zip((self.xy, self.xx, self.yy), terms, strict=True):
+            acc += t
+        self.terms.append(tuple(t.cpu() for t in terms))
         self.batches += 1
 
     def all_reduce(self, group=None):
-        """Sum the accumulators over a torch.distributed process group (no-op when none is initialised)."""
+        """Sum the accumulators, and gather the per-batch terms, over a torch.distributed process group (no-op
+        when none is initialised)."""
         if _dist_active(group):
             import torch.distributed as dist
             for t in (self.xy, self.xx, self.yy):
                 dist.all_reduce(t, group=group)
+            self.terms = gather_batches(self.terms, group)
         return self
 
     def compute(self, names_a=None, names_b=None) -> torch.Tensor:
@@ -1770,12 +1784,109 @@ class MinibatchCKA:
         return _cka_from_hsic(self.xy, self.xx, self.yy, names_a or [f"a{i}" for i in range(len(self.xx))],
                               names_b or [f"b{j}" for j in range(len(self.yy))])
 
+    def bootstrap(self, resamples: int = 1000, seed: int = 0) -> torch.Tensor:
+        """(resamples, L_a, L_b) maps of batches drawn with replacement (Efron & Tibshirani 1993): the sampling
+        spread of the map over batches."""
+        xy, xx, yy = (torch.stack([t[k] for t in self.terms]) for k in range(3))
+        g = torch.Generator().manual_seed(seed)
+        counts = torch.stack([torch.bincount(torch.randint(0, len(xy), (len(xy),), generator=g), minlength=len(xy))
+                              for _ in range(resamples)]).double()                     # (R, batches)
+        sxy = (counts @ xy.flatten(1)).view(resamples, *xy.shape[1:])
+        sxx, syy = counts @ xx, counts @ yy
+        with torch.no_grad():
+            return sxy / (sxx.clamp_min(0).sqrt()[:, :, None] * syy.clamp_min(0).sqrt()[:, None, :])
+
+
+def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0) -> torch.Tensor | None:
+    """(L_a, L_b, n) influence of each sample on each CKA entry, by the infinitesimal jackknife (Jaeckel 1972;
+    Efron 1982): for HSIC = ⟨K̃, L̃⟩/n² with K̃ = HKH the centring terms cancel and sample m's influence is
+    2(h_m − HSIC), h_m = (1/n) Σ_j K̃_mj L̃_mj; CKA's follows by the delta method, and SE² = Σ_m IF_m² / n². The
+    U-statistic (debiased HSIC) has the same first-order term, so this serves both estimators. None when the
+    Grams (or, for linear CKA, the d×d products) would not fit the memory budget."""
+    _, xs = _named(xs)
+    _, ys = _named(ys)
+    n = xs[0].shape[0]
+    dmax = max(v[0].numel() for v in xs + ys)
+    if len(ys) * n * n * 4 <= GRAM_BUDGET_BYTES:
+        grams = [_centred_gram32(y, kernel, rbf_threshold) for y in ys]
+        rows = lambda x: _gram_rows(_centred_gram32(x, kernel, rbf_threshold), grams)
+        self_rows = torch.stack([(g * g).mean(1).double() for g in grams])
+    elif kernel == "linear" and dmax * dmax * 4 <= GRAM_BUDGET_BYTES:
+        yc = [_centred32(y).float() for y in ys]
+        rows = lambda x: _feature_rows(_centred32(x).float(), yc)
+        self_rows = torch.stack([_feature_rows(y, [])[1] for y in yc])
+    else:
+        return None
+    C = self_rows.mean(1)
+    out = torch.empty(len(xs), len(ys), n)
+    for a, x in enumerate(xs):
+        r_ab, r_aa = rows(x)
+        A, B = r_ab.mean(1), r_aa.mean()
+        norm = (B * C).sqrt().clamp_min(1e-300)
+        cka = A / norm
+        rel_a = (r_aa - B) / B.clamp_min(1e-300)
+        rel_b = (self_rows - C[:, None]) / C.clamp_min(1e-300)[:, None]
+        out[a] = (2 * (r_ab - A[:, None]) / norm[:, None] - cka[:, None] * (rel_a + rel_b)).float()
+    return out
+
+
+def _centred_gram32(v: torch.Tensor, kernel: str, threshold: float) -> torch.Tensor:
+    if kernel == "linear":
+        c = _centred32(v).float()
+        return c @ c.T
+    return center_gram(_gram(v.reshape(v.shape[0], -1), kernel, threshold)).float()
+
+
+def _gram_rows(g: torch.Tensor, others: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row means of K̃∘L̃ for every L̃ in others (L_b, n), and of K̃∘K̃ (n,)."""
+    return torch.stack([(g * h).mean(1).double() for h in others]), (g * g).mean(1).double()
+
+
+def _feature_rows(x: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same from centred features: (1/n) Σ_j (x_m·x_j)(y_m·y_j) = x_mᵀ (XᵀY) y_m / n."""
+    n = x.shape[0]
+    r = [((x @ (x.T @ y)) * y).sum(1).double() / n for y in ys]
+    return (torch.stack(r) if r else None), ((x @ (x.T @ x)) * x).sum(1).double() / n
+
+
+@dataclass
+class Spread:
+    """The sampling spread of a CKA map: bootstrap replicates (R, L_a, L_b) of the minibatch estimator, or the
+    per-sample influence (L_a, L_b, n) of a full-batch one. se(entries) is the standard error of the mean of those
+    entries (a summary such as a matched-layer mean), so summaries get intervals too."""
+    kind: str              # "bootstrap" | "influence"
+    values: torch.Tensor
+
+    def se(self, entries=None) -> torch.Tensor | float:
+        """Per-entry (L_a, L_b) standard errors, or that of the mean of the listed (i, j) entries."""
+        if entries is None:
+            return self._se(self.values)
+        i, j = torch.tensor([e[0] for e in entries]), torch.tensor([e[1] for e in entries])
+        picked = self.values[:, i, j].mean(-1) if self.kind == "bootstrap" else self.values[i, j].mean(0)
+        return float(self._se(picked))
+
+    def _se(self, v: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bootstrap":          # the spread of the replicates (first axis)
+            return v.double().std(0)
+        return v.double().square().sum(-1).sqrt() / v.shape[-1]   # √(Σ_m IF_m²) / n (last axis)
+
+
+def normal_interval(estimate, se, level: float = 0.95):
+    """estimate ∓ z·se, z the standard normal (1 + level)/2 quantile (1.96 at 95%)."""
+    import statistics
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    return estimate - z * se, estimate + z * se
+
+
+def matched_pairs(la: int, lb: int) -> list[tuple[int, int]]:
+    """(i, j) of matched layers: the diagonal, or for rectangular maps layer i of A with the layer of B at the same
+    relative depth."""
+    return [(i, round(i * (lb - 1) / max(la - 1, 1))) for i in range(la)]
+
 
 def matched_diagonal(m: torch.Tensor) -> list[float]:
-    """CKA of matched layers: the diagonal, or for rectangular maps layer i of A with the layer of B at the same
-    relative depth."""
-    la, lb = m.shape
-    return [float(m[i, round(i * (lb - 1) / max(la - 1, 1))]) for i in range(la)]
+    """CKA of matched layers (see matched_pairs)."""
+    return [float(m[i, j]) for i, j in matched_pairs(*m.shape)]
 
 
 def diagonal_mean(m: torch.Tensor) -> float:
@@ -1783,12 +1894,14 @@ def diagonal_mean(m: torch.Tensor) -> float:
     return float(torch.tensor(matched_diagonal(m)).nanmean())
 
 
+def distance_pairs(la: int, lb: int) -> list[list[tuple[int, int]]]:
+    """For d = 0 … min(la, lb) − 1, the layer pairs (i, j) with |i − j| = d."""
+    return [[(i, j) for i in range(la) for j in range(lb) if abs(i - j) == d] for d in range(min(la, lb))]
+
+
 def cka_vs_distance(m: torch.Tensor) -> list[float]:
     """Mean CKA over layer pairs (i, j) with |i − j| = d, for d = 0 … L−1 (square maps)."""
-    L = min(m.shape)
-    i, j = torch.meshgrid(torch.arange(m.shape[0]), torch.arange(m.shape[1]), indexing="ij")
-    dist = (i - j).abs()
-    return [float(m[dist == d].nanmean()) for d in range(L)]
+    return [float(torch.stack([m[i, j] for i, j in pairs]).nanmean()) for pairs in distance_pairs(*m.shape)]
 
 
 SUBLAYER_TYPES = {"normalization": ("norm1", "norm2"), "attention": ("attn", "attn.qkv", "attn.proj"),
@@ -1812,8 +1925,12 @@ def slice_by_type(m: torch.Tensor, names_a, names_b) -> dict[str, dict]:
         if ia and ib:
             sub = m[ia][:, ib]
             out[t] = dict(layers_a=[names_a[i] for i in ia], layers_b=[names_b[j] for j in ib], cka=sub,
+                          matched=[(ia[i], ib[j]) for i, j in matched_pairs(len(ia), len(ib))],
                           diagonal_mean=diagonal_mean(sub))
     return out
+
+
+ESTIMATORS = ("auto", "biased", "debiased", "minibatch")   # and "full", the former name of "biased"
 
 
 def _check_batches(n: int, batch_size: int, estimator: str):
@@ -1835,21 +1952,29 @@ def feature_bytes(model: ViT, points, tokens: str, n: int) -> int:
 
 
 def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30, kernel="linear") -> str:
-    """full when every model's features fit the budget (or the kernel is not linear), else minibatch (memory
-    independent of n)."""
-    if requested:
+    """What a requested estimator means: biased (Kornblith et al.'s HSIC₀; "full" is its former name), debiased
+    (Song et al.'s U-statistic), minibatch (Nguyen et al.), or auto (None): always an unbiased one — debiased when
+    every model's features fit the budget (or the kernel is not linear), else minibatch, whose memory does not grow
+    with n. Both estimate the same population HSIC, so maps at any n compare; biased is never chosen unasked."""
+    requested = {None: "auto", "full": "biased"}.get(requested, requested)
+    if requested not in ESTIMATORS:
+        raise UsageError(f"unknown estimator {requested!r}: choose {', '.join(ESTIMATORS)}")
+    if requested != "auto":
         return requested
     if kernel != "linear":
-        return "full"
+        return "debiased"
     need = sum(feature_bytes(m, p, tokens, n) for m, p in zip(models, points_per_model, strict=True))
-    return "full" if need <= budget else "minibatch"
+    return "debiased" if need <= budget else "minibatch"
 
 
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
                    kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
-                   progress=False, group=None, model_point: str | None = None) -> dict:
+                   progress=False, group=None, model_point: str | None = None, ci: float = 0.95,
+                   ci_resamples: int = 1000, seed: int = 0) -> dict:
     """CKA maps of every pair of models (each extracted once) and the models×models matrix at `model_point`
-    (default: each model's last point; "last"/"first" or a point name present in every model's list).
+    (default: each model's last point; "last"/"first" or a point name present in every model's list). estimator
+    None = auto (see choose_estimator: always an unbiased one). With ci > 0 every map and summary carries a
+    `ci`-level interval: bootstrap over batches for minibatch, the infinitesimal jackknife over images otherwise.
     Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
     all-reduced, full-batch features gathered, so every estimator equals the single-process result."""
     names = [resolve_points(m, points) for m in models]
@@ -1857,43 +1982,75 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
     _check_batches(len(images), batch_size, estimator)
     if kernel != "linear" and estimator == "minibatch":
-        raise UsageError("the minibatch estimator is linear only: use --estimator full or debiased with --kernel rbf")
+        raise UsageError("the minibatch estimator is linear only: use --estimator biased or debiased with --kernel rbf")
+    if not 0 <= ci < 1:
+        raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     run = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, group=group)
     if estimator == "minibatch":
-        maps = _minibatch_maps(models, images, names, pairs, tokens, **run)
+        maps, spreads, n = _minibatch_maps(models, images, names, pairs, tokens, resamples=ci_resamples if ci else 0,
+                                           seed=seed, **run)
     else:
-        maps = _full_batch_maps(models, images, names, pairs, tokens, cache_dir=cache_dir, kernel=kernel,
-                                debiased=estimator == "debiased", rbf_threshold=rbf_threshold, **run)
+        maps, spreads, n = _full_batch_maps(models, images, names, pairs, tokens, cache_dir=cache_dir, kernel=kernel,
+                                            debiased=estimator == "debiased", rbf_threshold=rbf_threshold,
+                                            spread=ci > 0, **run)
     specs = [m.source["spec"] for m in models]
-    matrix = torch.eye(len(models), dtype=torch.float64)
+    out = dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
+               model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
+               batch_size=batch_size if estimator == "minibatch" else None, ci=ci or None,
+               interval=(None if not ci else "bootstrap over batches" if estimator == "minibatch" else
+                         "infinitesimal jackknife over images"))
+    return out
+
+
+def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
+    """CKA between every two models at their `at` points (1 on the diagonal), with intervals."""
+    matrix = torch.eye(len(specs), dtype=torch.float64)
+    se = torch.zeros_like(matrix)
     for (i, j), m in maps.items():
         matrix[i, j] = matrix[j, i] = m[at[i], at[j]]
-    return dict(pairs=[_pair_entry(specs, names, i, j, m) for (i, j), m in maps.items()],
-                model_matrix=dict(models=specs, point=[n[k] for n, k in zip(names, at, strict=True)], cka=matrix),
-                estimator=estimator)
+        if (i, j) in spreads:
+            se[i, j] = se[j, i] = spreads[(i, j)].se([(at[i], at[j])])
+    out = dict(models=specs, point=[n[k] for n, k in zip(names, at, strict=True)], cka=matrix)
+    if ci and spreads:
+        out["cka_low"], out["cka_high"] = normal_interval(matrix, se, ci)
+    return out
 
 
-def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor) -> dict:
-    """One pair's map with its summaries: matched-layer mean, CKA vs layer distance, per sub-layer type."""
+def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor, spread: Spread | None, ci: float) -> dict:
+    """One pair's map with its summaries (matched-layer mean, CKA vs layer distance, per sub-layer type), and
+    with a spread their intervals: cka_low/cka_high beside cka, [low, high] beside each summary."""
     entry = dict(a=specs[i], b=specs[j], index=[i, j], layers_a=names[i], layers_b=names[j], cka=m,
                  diagonal_mean=diagonal_mean(m))
+    summaries = {"diagonal_mean": (entry["diagonal_mean"], matched_pairs(*m.shape))}
     if m.shape[0] == m.shape[1]:
         entry["cka_vs_distance"] = cka_vs_distance(m)
     types = slice_by_type(m, names[i], names[j])
     if len(types) > 1:
         entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
+    if spread is None:
+        return entry
+    entry["cka_low"], entry["cka_high"] = normal_interval(m, spread.se(), ci)
+    ci_of = lambda est, entries: list(normal_interval(est, spread.se(entries), ci))
+    entry["diagonal_mean_ci"] = ci_of(*summaries["diagonal_mean"])
+    if "cka_vs_distance" in entry:
+        entry["cka_vs_distance_ci"] = [ci_of(v, p) for v, p in zip(entry["cka_vs_distance"],
+                                                                    distance_pairs(*m.shape), strict=True)]
+    if "by_type_diagonal_mean" in entry:
+        entry["by_type_diagonal_mean_ci"] = {t: ci_of(v["diagonal_mean"], v["matched"]) for t, v in types.items()}
     return entry
 
 
-def _minibatch_maps(models, images, names, pairs, tokens, *, batch_size, device, dtype, progress, group) -> dict:
-    """Every model's features batch by batch, accumulated into one MinibatchCKA per pair (memory independent of n)."""
+def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, batch_size, device, dtype, progress,
+                    group) -> tuple[dict, dict, int]:
+    """Every model's features batch by batch, accumulated into one MinibatchCKA per pair (memory independent of n);
+    the maps, their bootstrap spreads (resamples > 0) and the number of images used."""
     dev = torch.device(device) if device is not None else default_device()
     accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
     gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device, dtype)
             for m, pts in zip(models, names, strict=True)]
     bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
-    skipped = 0
+    skipped = used = 0
     for outs in zip(*gens, strict=True):
         feats = [f for f, _ in outs]
         b = next(iter(feats[0].values())).shape[0]
@@ -1901,28 +2058,37 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, batch_size, device,
         if b < 4:
             skipped += b
             continue
+        used += b
         for (i, j), acc in accs.items():
             acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
     bar.close()
     if skipped:
         log.warning(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA")
-    maps = {}
+    maps, spreads = {}, {}
     for (i, j), acc in accs.items():
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
             maps[(i, j)] = acc.all_reduce(group).compute(names[i], names[j])
-    return maps
+        if resamples:
+            spreads[(i, j)] = Spread("bootstrap", acc.bootstrap(resamples, seed))
+    return maps, spreads, int(_all_reduce_sum(used, group))
 
 
-def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel, debiased, rbf_threshold,
-                     batch_size, device, dtype, progress, group) -> dict:
+def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel, debiased, rbf_threshold, spread,
+                     batch_size, device, dtype, progress, group) -> tuple[dict, dict, int]:
     feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
                             dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names, strict=True)]
-    maps = {}
+    maps, spreads = {}, {}
     for i, j in pairs:
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
             maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=debiased,
                                       rbf_threshold=rbf_threshold)
-    return maps
+        influence = cka_influence(feats[i], feats[j], kernel, rbf_threshold) if spread else None
+        if influence is not None and len(maps[(i, j)].flatten()) * influence.shape[-1] * 4 <= GRAM_BUDGET_BYTES:
+            spreads[(i, j)] = Spread("influence", influence)
+        elif spread:
+            log.warning("notice: no intervals for this map: its per-image influence would not fit in memory "
+                        "(--estimator minibatch gives bootstrap intervals at any n)")
+    return maps, spreads, len(next(iter(feats[0].values())))
 
 
 @contextlib.contextmanager
@@ -2882,10 +3048,14 @@ class AnalysisOptions:
     """Settings of the analyses; each uses the fields its ANALYSES row lists."""
     tokens: str = _field("flat", "token reduction for CKA: flat (all tokens × channels, the paper's), cls, mean "
                                  "(patch tokens), all, patch", choices=TOKENS)
-    estimator: str | None = _field(None, "CKA estimator: full = biased HSIC (Kornblith), debiased = U-statistic, "
-                                         "minibatch = Nguyen et al. (memory independent of n). Default: full when "
-                                         "features fit in 2 GiB, else minibatch",
-                                   choices=("full", "debiased", "minibatch"))
+    estimator: str = _field("auto", "CKA estimator: auto = an unbiased one (debiased when the features fit in 2 "
+                                    "GiB, else minibatch); biased = Kornblith et al.'s HSIC (inflated at small n "
+                                    "for wide features; `full` is its former name); debiased = the U-statistic "
+                                    "(Song et al.); minibatch = Nguyen et al. (memory independent of n)",
+                            choices=("auto", "biased", "full", "debiased", "minibatch"))
+    ci: float = _field(0.95, "level of the intervals on every CKA number (0 = none): bootstrap over batches for "
+                             "minibatch, the infinitesimal jackknife over images otherwise")
+    ci_resamples: int = _field(1000, "bootstrap resamples of the minibatch intervals")
     epochs: int = _field(50, "epochs of the MLP probes")
     mae_mask_ratio: float = _field(0.0, "attention statistics with MAE's random masking (the paper's author code "
                                         "ran pretrained MAE at 0.75)")
@@ -2906,7 +3076,7 @@ def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, lis
     """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
     run = dict(batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir)
     res = compare_models(models, images, points="all", tokens=opts.tokens, estimator=opts.estimator,
-                         progress=opts.progress, **run)
+                         progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed, **run)
     readings, figures = [], {}
     norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
     feats = [cached_extract(m, images, pts, "mean", **run) for m, pts in zip(models, norm_pts, strict=True)]
@@ -3080,7 +3250,8 @@ class Analysis:
 ANALYSES: dict[str, Analysis] = {
     "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
                     "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
-                    ("tokens", "estimator", "batch_size", "device", "dtype", "cache_dir"), min_models=2),
+                    ("tokens", "estimator", "ci", "ci_resamples", "batch_size", "device", "dtype", "cache_dir",
+                     "seed"), min_models=2),
     "info": Analysis(info_analysis, "Information distribution",
                      "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
                      ("epochs", "batch_size", "device", "dtype", "seed", "cache_dir")),
@@ -3265,33 +3436,44 @@ def _cmd_cka(args):
     res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                          kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
-                         model_point=args.model_point)
+                         model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed)
     if images.skipped:
         log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
     out = _out_dir(args, "cka")
     meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
                 n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
-                tokens=args.tokens, estimator=res["estimator"], kernel=args.kernel,
-                rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None, batch_size=args.batch_size,
+                tokens=args.tokens, estimator=res["estimator"], n=res["n"], batch_size=args.batch_size,
+                ci=res["ci"], interval=res["interval"], kernel=args.kernel,
+                rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None,
                 device=str(args.device or default_device()), dtype=args.dtype or "float32", versions=_versions(),
                 elapsed_s=round(time.time() - t0, 2), command=args.command)
     doc = dict(res, meta=meta)
-    first = res["pairs"][0]
     if len(models) == 2:
-        doc.update(layers_a=first["layers_a"], layers_b=first["layers_b"], cka=first["cka"])
+        doc.update({k: res["pairs"][0][k] for k in ("layers_a", "layers_b", "cka", "cka_low", "cka_high")
+                    if k in res["pairs"][0]})
     write_json(out / "cka.json", doc)
-    write_csv(out / "cka.csv", ["model_a", "model_b", "layer_a", "layer_b", "cka"],
-              [[p["a"], p["b"], la, lb, float(p["cka"][i, j])] for p in res["pairs"]
+    bounds = ["cka_low", "cka_high"] if res["ci"] else []
+    write_csv(out / "cka.csv", ["model_a", "model_b", "layer_a", "layer_b", "cka", *bounds],
+              [[p["a"], p["b"], la, lb, *(float(p[k][i, j]) for k in ("cka", *bounds))] for p in res["pairs"]
                for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])])
-    _plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({res['estimator']}, {args.tokens})")
+    _plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({_estimator_words(res)}, {args.tokens})")
+    print(f"CKA estimator: {_estimator_words(res)}; tokens {args.tokens}"
+          + (f"; {res['ci']:.0%} intervals by the {res['interval']}" if res["ci"] else "; no intervals (--ci 0)"))
     for p in res["pairs"]:
-        print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}")
+        print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}"
+              + (" [{:.3f}, {:.3f}]".format(*p["diagonal_mean_ci"]) if "diagonal_mean_ci" in p else ""))
         print(_format_map(p["cka"], p["layers_a"], p["layers_b"]))
     if len(models) > 2:
         print(f"\nmodel × model CKA at {res['model_matrix']['point'][0]}:")
         print(_format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
     print(f"\nwrote {out}/cka.json, cka.csv{', cka.png' if (out / 'cka.png').exists() else ''} "
           f"({meta['elapsed_s']:.1f} s)")
+
+
+def _estimator_words(res: dict) -> str:
+    """e.g. "debiased, n=256" or "minibatch, n=1024 in batches of 32"."""
+    batches = f" in batches of {res['batch_size']}" if res["estimator"] == "minibatch" else ""
+    return f"{res['estimator']}, n={res['n']}{batches}"
 
 
 def _cmd_list(args):
@@ -3708,7 +3890,7 @@ def _add_cka_command(sub):
                      "cka mae dino dinov2 --estimator minibatch --model-point blocks.5"])
     p.add_argument("models", nargs="+", help="two or more models: registered names, checkpoint files or HF folders")
     _add_flags(p, "points")
-    _add_dataclass_flags(p, AnalysisOptions, ("tokens", "estimator"))
+    _add_dataclass_flags(p, AnalysisOptions, ("tokens", "estimator", "ci", "ci_resamples"))
     p.add_argument("--kernel", default="linear", choices=["linear", "rbf"], help="linear or RBF kernel")
     p.add_argument("--rbf-threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median "
                    "distance (0.2 .. 1.0 in the paper)")

@@ -369,9 +369,10 @@ def naive_linear_cka(x, y):
     return float(np.linalg.norm(mm(y.T, x)) ** 2 / (np.linalg.norm(mm(x.T, x)) * np.linalg.norm(mm(y.T, y))))
 
 
-def naive_cka_map(fa, fb):
-    """Linear CKA between every layer of two {layer: features} dicts."""
-    return np.array([[naive_linear_cka(fa[a], fb[b]) for b in fb] for a in fa])
+def naive_cka_map(fa, fb, debiased=False):
+    """Linear CKA (biased, or the U-statistic) between every layer of two {layer: features} dicts."""
+    cka = (lambda x, y: naive_cka(x, y, debiased=True)) if debiased else naive_linear_cka
+    return np.array([[cka(fa[a], fb[b]) for b in fb] for a in fa])
 
 
 def hsic1(k, l):
@@ -1527,8 +1528,9 @@ def features_by_hand(path, imgs, size=32, points="blocks", tokens="flat"):
     return sr.extract(m, x, points, tokens, batch_size=64, device="cpu")
 
 
-def cka_map_by_hand(pa, pb, imgs, size=32):
-    return naive_cka_map(features_by_hand(pa, imgs, size), features_by_hand(pb, imgs, size))
+def cka_map_by_hand(pa, pb, imgs, size=32, debiased=True):
+    """The map the CLI's default (auto = debiased at these sizes) must give, from hand-preprocessed features."""
+    return naive_cka_map(features_by_hand(pa, imgs, size), features_by_hand(pb, imgs, size), debiased)
 
 
 def bad_cli_inputs(tmp_path):
@@ -2654,6 +2656,96 @@ def test_compare_models_minibatch_keeps_autograd_on():
     assert enabled, "autograd is disabled after compare_models(estimator='minibatch')"
 
 
+# --- estimators and intervals --------------------------------------------------------------------------------------
+
+def correlated_features(n, g, k=3, dx=8, dy=6, noise_x=1.0, noise_y=0.7):
+    """x = z A + σ ε, y = z B + τ ε' with z ~ N(0, I_k), and their population linear CKA
+    ‖AᵀB‖²_F / (‖AᵀA + σ²I‖_F ‖BᵀB + τ²I‖_F)."""
+    A = torch.randn(k, dx, generator=torch.Generator().manual_seed(100), dtype=torch.float64)
+    B = torch.randn(k, dy, generator=torch.Generator().manual_seed(101), dtype=torch.float64)
+    z = torch.randn(n, k, generator=g, dtype=torch.float64)
+    x = z @ A + noise_x * torch.randn(n, dx, generator=g, dtype=torch.float64)
+    y = z @ B + noise_y * torch.randn(n, dy, generator=g, dtype=torch.float64)
+    sxx, syy = A.T @ A + noise_x ** 2 * torch.eye(dx, dtype=torch.float64), B.T @ B + noise_y ** 2 * torch.eye(dy,
+                                                                                                          dtype=torch.float64)
+    truth = float((A.T @ B).square().sum() / (sxx.norm() * syy.norm()))
+    return x, y, truth
+
+
+def test_influence_standard_error_matches_the_delete_one_jackknife():
+    g = torch.Generator().manual_seed(3)
+    x, y, _ = correlated_features(50, g)
+    se = float(sr.Spread("influence", sr.cka_influence([x], [y])).se()[0, 0])
+    loo = np.array([naive_linear_cka(np.delete(f64(x), i, 0), np.delete(f64(y), i, 0)) for i in range(50)])
+    jackknife = math.sqrt(49 / 50 * ((loo - loo.mean()) ** 2).sum())
+    assert se == pytest.approx(jackknife, rel=0.15), (se, jackknife)
+
+
+def test_influence_from_features_equals_influence_from_grams(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(40, 5, generator=g) for _ in range(2)]
+    ys = [xs[0] @ torch.randn(5, 3, generator=g) + torch.randn(40, 3, generator=g)]
+    grams = sr.cka_influence(xs, ys)
+    monkeypatch.setattr(sr, "GRAM_BUDGET_BYTES", 40 * 40 * 4 - 1)   # Grams no longer fit: the feature form
+    torch.testing.assert_close(sr.cka_influence(xs, ys), grams, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["debiased", "minibatch"])
+def test_intervals_cover_the_population_cka_at_the_nominal_rate(estimator):
+    """95% intervals over 100 independent samples with a known population CKA: at least 90 must cover it."""
+    covered, widths = 0, []
+    for seed in range(100):
+        x, y, truth = correlated_features(320, torch.Generator().manual_seed(seed))
+        if estimator == "debiased":
+            est = float(naive_cka(x, y, debiased=True))
+            se = float(sr.Spread("influence", sr.cka_influence([x], [y])).se()[0, 0])
+        else:
+            acc = sr.MinibatchCKA(1, 1)
+            for s in range(0, 320, 16):
+                acc.update([x[s:s + 16]], [y[s:s + 16]])
+            est = float(acc.compute()[0, 0])
+            se = float(sr.Spread("bootstrap", acc.bootstrap(300, seed)).se()[0, 0])
+        low, high = sr.normal_interval(est, se, 0.95)
+        covered += low <= truth <= high
+        widths.append(high - low)
+    assert covered >= 90, (estimator, covered)
+    assert 0.01 < np.mean(widths) < 0.5, np.mean(widths)
+
+
+def test_auto_estimator_is_always_unbiased_and_biased_only_by_name():
+    m = tiny_model(0)
+    pts = [sr.resolve_points(m, "blocks")]
+    assert sr.choose_estimator([m], pts, "flat", 64) == "debiased"
+    assert sr.choose_estimator([m], pts, "flat", 64, "auto") == "debiased"
+    assert sr.choose_estimator([m], pts, "flat", 10 ** 6, budget=1 << 20) == "minibatch"
+    assert sr.choose_estimator([m], pts, "flat", 64, kernel="rbf") == "debiased"
+    assert sr.choose_estimator([m], pts, "flat", 64, "full") == "biased"
+    assert sr.choose_estimator([m], pts, "flat", 64, "biased") == "biased"
+    with pytest.raises(sr.UsageError):
+        sr.choose_estimator([m], pts, "flat", 64, "kornblith")
+
+
+def test_cli_cka_records_an_unbiased_estimator_and_intervals_that_narrow_with_n(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    widths = {}
+    for n, points in ((32, "blocks"), (200, "blocks"), (200, "sublayers")):
+        out = tmp_path / f"o{n}{points}"
+        p = cli("cka", a, b, "--img-size", 32, "--n", n, "--points", points, "--out", out, "--quiet")
+        assert p.returncode == 0, p.stderr
+        doc = json.loads((out / "cka.json").read_text())
+        assert doc["meta"]["estimator"] in ("debiased", "minibatch") and doc["meta"]["n"] == n, doc["meta"]
+        assert f"n={n}" in p.stdout and "95% intervals" in p.stdout
+        cka, low, high = (np.array(doc[k], dtype=float) for k in ("cka", "cka_low", "cka_high"))
+        assert (low <= cka).all() and (cka <= high).all()
+        lo, hi = doc["pairs"][0]["diagonal_mean_ci"]
+        assert lo <= doc["pairs"][0]["diagonal_mean"] <= hi
+        widths[(n, points)] = float((high - low).mean())
+    assert widths[(200, "blocks")] < widths[(32, "blocks")], widths
+    p = cli("cka", a, b, "--img-size", 32, "--n", 32, "--ci", 0, "--out", tmp_path / "noci", "--quiet")
+    doc = json.loads((tmp_path / "noci" / "cka.json").read_text())
+    assert p.returncode == 0 and "cka_low" not in doc and doc["meta"]["ci"] is None
+
+
 # ======================================================================================================================
 # 7. Probes: linear probes, concatenated layers, MLP probes, weighted k-NN
 # ======================================================================================================================
@@ -3160,9 +3252,12 @@ def test_cli_cka_three_models(tmp_path):
     imgs = sr.synthetic_images(16, seed=0).items
     last = {f: features_by_hand(f, imgs)["blocks.1"] for f in (a, b, c)}
     for (i, fi), (j, fj) in [((0, a), (1, b)), ((0, a), (2, c)), ((1, b), (2, c))]:
-        assert mat[i, j] == pytest.approx(naive_linear_cka(last[fi], last[fj]), abs=2e-6)
+        assert mat[i, j] == pytest.approx(naive_cka(last[fi], last[fj], debiased=True), abs=2e-6)
     rows = read_csv(out / "cka.csv")
-    assert len(rows) - 1 == 3 * 2 * 2
+    assert len(rows) - 1 == 3 * 2 * 2 and rows[0][-2:] == ["cka_low", "cka_high"]
+    low, high = (np.array(doc["model_matrix"][k], dtype=float) for k in ("cka_low", "cka_high"))
+    off = ~np.eye(3, dtype=bool)
+    assert (low[off] < mat[off]).all() and (mat[off] < high[off]).all()
 
 
 def test_cli_model_point_selects_the_model_matrix_point(tmp_path):
