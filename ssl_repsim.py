@@ -2285,12 +2285,34 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
     return {k: out[k] for k in train}
 
 
-def accuracies(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """{"top1": ..., "top5": ...} (top-5 only with at least 5 classes)."""
-    out = dict(top1=topk_accuracy(logits, y))
-    if num_classes >= 5:
-        out["top5"] = topk_accuracy(logits, y, 5)
+def accuracies(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
+    """{"top1", "top1_ci", "top5", "top5_ci"}: accuracies with Wilson 95% intervals (top-5 only with at least 5
+    classes)."""
+    return _with_intervals(topk_accuracy(logits, y), topk_accuracy(logits, y, 5) if num_classes >= 5 else None,
+                           len(y))
+
+
+def wilson_interval(k: float, n: int, level: float = 0.95) -> list[float]:
+    """Wilson's score interval for k successes in n trials (Wilson 1927): (p̂ + z²/2n ± z√(p̂(1−p̂)/n + z²/4n²)) /
+    (1 + z²/n)."""
+    import statistics
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
+
+
+def _with_intervals(top1: float, top5: float | None, n: int) -> dict:
+    out = dict(top1=top1, top1_ci=wilson_interval(round(top1 * n), n))
+    if top5 is not None:
+        out.update(top5=top5, top5_ci=wilson_interval(round(top5 * n), n))
     return out
+
+
+def chance_level(y) -> float:
+    """The accuracy of always predicting the most frequent class (the majority-class rate)."""
+    y = torch.as_tensor(y)
+    return float(torch.bincount(y).max() / len(y))
 
 
 def top1(results: dict) -> dict[str, float]:
@@ -2307,11 +2329,11 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, min_lr: float = 0
 
 
 def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
-                     ref_batch: int = 16384, warmup_epochs: int = 10, seed: int = 0, device=None) -> dict:
-    """MAE's linear-probe protocol: BatchNorm1d(affine=False) → Linear (init std 0.01), LARS (momentum 0.9, trust
-    0.001, no weight decay), lr = blr·batch/256 with warmup + per-iteration cosine (He et al. 2022). Evaluation
-    BatchNorm statistics = training-set mean/variance, so features are standardised once. LARS steps are relative
-    to ‖w‖, so the peak lr is MAE's own, blr·ref_batch/256 = 6.4, whatever batch fits here."""
+                     warmup_epochs: int = 10, seed: int = 0, device=None) -> dict:
+    """MAE's linear-probe protocol (He et al. 2022, main_linprobe.py): BatchNorm1d(affine=False) → Linear (init
+    std 0.01), LARS (momentum 0.9, trust 0.001, no weight decay), peak lr = blr·batch/256 (MAE's rule: blr 0.1, so
+    6.4 at MAE's batch 16384 and 0.1 at batch 256) with 10 warmup epochs then a per-iteration half-cycle cosine,
+    90 epochs. Evaluation BatchNorm statistics = training-set mean/variance, so features are standardised once."""
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     device = torch.device(device) if device else default_device()
     C = int(max(y_train.max(), y_test.max())) + 1
@@ -2324,7 +2346,7 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
         mom = [torch.zeros_like(w), torch.zeros_like(b)]
         n = tr.shape[1]
         steps_per_epoch = math.ceil(n / batch_size)
-        total, lr0 = epochs * steps_per_epoch, blr * ref_batch / 256
+        total, lr0 = epochs * steps_per_epoch, blr * batch_size / 256
         for step in range(total):
             if step % steps_per_epoch == 0:
                 perm = torch.randperm(n, generator=g)
@@ -2390,7 +2412,7 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
             opt.step()
         head.eval()
         with torch.no_grad():
-            out[k] = dict(top1=topk_accuracy(head(te).cpu(), y_test))
+            out[k] = _with_intervals(topk_accuracy(head(te).cpu(), y_test), None, len(y_test))
     return out
 
 
@@ -2435,11 +2457,11 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
             sim, idx = (q @ bank.T).topk(k, dim=1)
             votes = torch.zeros(len(q), C, device=device)
             votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
-            pred = votes.topk(min(5, C), dim=1).indices.cpu()
+            pred = votes.topk(min(5, k, C), dim=1).indices.cpu()   # DINO: top-5 among the min(5, k) best
             yt = y_test[s:s + chunk]
             hits1 += int((pred[:, 0] == yt).sum())
             hits5 += int((pred == yt[:, None]).any(1).sum())
-        out[name] = dict(top1=hits1 / len(y_test), **(dict(top5=hits5 / len(y_test)) if C >= 5 else {}))
+        out[name] = _with_intervals(hits1 / len(y_test), hits5 / len(y_test) if C >= 5 else None, len(y_test))
     return out
 
 
@@ -2911,10 +2933,10 @@ def _augmented_batches(model: ViT, images: ImageSet, batch_size: int, kind: str,
 
 def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: float = 0.0, seed: int = 0,
                          device=None, max_images: int | None = None) -> dict:
-    """Per block and head: mean attention distance in pixels (Dosovitskiy et al. 2021 / Raghu et al. 2021: the
-    patch-to-patch attention, renormalised without cls and registers, weighted by grid distance × patch size),
-    attention entropy (nats, mean over queries), and Park et al. 2023's normalised mutual information between
-    queries (uniform) and keys: I(q; k) / √(H(q) H(k)). mask_ratio > 0 keeps a random sorted subset of patches
+    """Per block and head, on patch-to-patch attention renormalised without cls and registers (Park et al. 2023;
+    see attention_map_stats): mean attention distance in pixels (Dosovitskiy et al. 2021 / Raghu et al. 2021),
+    attention entropy (nats, mean over queries), and the normalised mutual information between queries (uniform)
+    and keys, I(q; k) / √(H(q) H(k)). mask_ratio > 0 keeps a random sorted subset of patches
     per image, as MAE's pre-training forward does (positions of kept patches are used for distances)."""
     device = torch.device(device) if device else default_device()
     depth, H = len(model.blocks), model.cfg.num_heads
@@ -2947,17 +2969,19 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
 
 
 def attention_map_stats(a: torch.Tensor, dist: torch.Tensor, num_prefix: int) -> dict[str, torch.Tensor]:
-    """(B, H) statistics of attention maps a (B, H, T, T) with patch distances dist (B, P, P): mean distance of
-    the renormalised patch-to-patch attention, entropy (mean over queries) and NMI = I(q; k) / √(H(q) H(k)) with
-    uniform queries."""
+    """(B, H) statistics of attention maps a (B, H, T, T) on patch-to-patch attention as Park et al. 2023 define it:
+    the P patch queries' attention over the P patch keys, cls and register rows and columns dropped, rows
+    renormalised (A). distance = Σ_k A_qk ‖pos_q − pos_k‖ (pixels, mean over queries; dist (B, P, P)); entropy =
+    mean over queries of −Σ_k A_qk log A_qk; NMI = I(q; k) / √(H(q) H(k)) with uniform queries, p(k) = mean_q A_qk,
+    H(q) = log P, I = H(k) − mean_q H(k | q)."""
     pp = a[:, :, num_prefix:, num_prefix:]
     pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-12)
-    ent = -(a * a.clamp_min(1e-12).log()).sum(-1)                   # (B, H, T)
-    pk = a.mean(-2)                                                  # p(k) with uniform queries
+    ent = -(pp * pp.clamp_min(1e-12).log()).sum(-1)                 # (B, H, P)
+    pk = pp.mean(-2)                                                 # p(k) with uniform queries
     hk = -(pk * pk.clamp_min(1e-12).log()).sum(-1)
     mi = hk - ent.mean(-1)
     return dict(distance=(pp * dist[:, None]).sum(-1).mean(-1), entropy=ent.mean(-1),
-                nmi=mi / (math.log(a.shape[-2]) * hk).clamp_min(1e-12).sqrt())
+                nmi=mi / (math.log(pp.shape[-2]) * hk).clamp_min(1e-12).sqrt())
 
 
 def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
@@ -3528,16 +3552,21 @@ def _cmd_probe(args, kind="probe"):
 
 def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
     write_json(out / f"{kind}.json", dict(results=results, meta=meta))
-    write_csv(out / f"{kind}.csv", ["model", "layer", "metric", "value"],
-              [[m, layer, metric, v] for m, r in results.items() for layer, per in r.items()
-               for metric, v in per.items()])
+    write_csv(out / f"{kind}.csv", ["model", "layer", "metric", "value", "ci_low", "ci_high"],
+              [[m, layer, metric, v, *per.get(f"{metric}_ci", ["", ""])] for m, r in results.items()
+               for layer, per in r.items() for metric, v in per.items() if not metric.endswith("_ci")])
     _plot_layer_curves({m: top1(r) for m, r in results.items()}, out / f"{kind}.png", f"{kind} top-1")
     for m, r in results.items():
         print(f"\n{m}: {kind} accuracy per layer")
         w = max(len(layer) for layer in r)
         for layer, per in r.items():
-            print(f"  {layer:>{w}}  top-1 {per['top1']:.3f}" + (f"  top-5 {per['top5']:.3f}" if "top5" in per else ""))
+            print(f"  {layer:>{w}}  top-1 {_with_ci(per, 'top1')}" + (f"  top-5 {_with_ci(per, 'top5')}"
+                                                                     if "top5" in per else ""))
     print(f"\nwrote {out}/{kind}.json, {kind}.csv" + (f", {kind}.png" if (out / f"{kind}.png").exists() else ""))
+
+
+def _with_ci(per: dict, metric: str) -> str:
+    return f"{per[metric]:.3f} [{per[metric + '_ci'][0]:.3f}, {per[metric + '_ci'][1]:.3f}]"
 
 
 def _cmd_knn(args):

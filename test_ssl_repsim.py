@@ -2759,7 +2759,7 @@ def test_linear_probe_separable_vs_noise():
     test = {"sep": xte, "noise": torch.randn(100, 16, generator=g)}
     res = sr.linear_probe(train, ytr, test, yte, seed=0)
     assert list(res) == ["sep", "noise"], res
-    assert all(set(r) == {"top1", "top5", "weight_decay"} for r in res.values()), res   # 5 classes: top-5 too
+    assert all(set(r) == {"top1", "top1_ci", "top5", "top5_ci", "weight_decay"} for r in res.values()), res  # top-5 too
     assert res["sep"]["top1"] >= 0.97, res
     assert abs(res["noise"]["top1"] - 0.2) < 0.12, res
     for r in res.values():
@@ -2843,7 +2843,7 @@ def test_mlp_probe_separable_blobs():
     noise_tr, noise_te = torch.randn(150, 16, generator=g), torch.randn(90, 16, generator=g)
     res = sr.mlp_probe({"sep": xtr, "noise": noise_tr}, ytr, {"sep": xte, "noise": noise_te}, yte, depth=2,
                        epochs=40, lr=1e-2, batch_size=64, device="cpu")
-    assert res["sep"] == {"top1": res["sep"]["top1"]} and res["sep"]["top1"] >= 0.98, res
+    assert set(res["sep"]) == {"top1", "top1_ci"} and res["sep"]["top1"] >= 0.98, res
     assert res["noise"]["top1"] <= 0.6, res
     res1 = sr.mlp_probe({"sep": xtr}, ytr, {"sep": xte}, yte, depth=1, epochs=40, lr=1e-2, batch_size=64,
                        device="cpu")
@@ -2864,7 +2864,7 @@ def test_knn_matches_dino_reference():
         top2 = probs.topk(2, dim=1).values
         # no near-ties: otherwise summation order could legitimately flip a prediction
         assert ((top2[:, 0] - top2[:, 1]) / top2[:, 0] > 1e-5).all()
-        assert set(res[name]) == {"top1"}, res   # 4 classes: no top-5
+        assert set(res[name]) == {"top1", "top1_ci"}, res   # 4 classes: no top-5
         assert res[name]["top1"] == pytest.approx(ref, abs=1e-12), (name, res[name], ref)
     assert 0.0 < res["blob"]["top1"] <= 1.0
 
@@ -2878,6 +2878,39 @@ def test_knn_num_classes_and_k20():
     ref, _ = naive_knn(xtr, ytr, xte, yte, 20, 0.07, 7)
     res = sr.knn_accuracy({"f": xtr}, ytr, {"f": xte}, yte, num_classes=7)
     assert res["f"]["top1"] == pytest.approx(ref, abs=1e-12)
+
+
+def test_knn_top5_with_k_below_5_counts_only_the_k_voted_classes():
+    g = torch.Generator().manual_seed(6)
+    xtr, ytr = torch.randn(60, 8, generator=g), torch.arange(60) % 7
+    xte, yte = torch.randn(30, 8, generator=g), torch.arange(30) % 7
+    res = sr.knn_accuracy({"f": xtr}, ytr, {"f": xte}, yte, k=1)["f"]
+    assert res["top5"] == res["top1"]                                   # DINO: top-5 among min(5, k) predictions
+    assert sr.knn_accuracy({"f": xtr}, ytr, {"f": xte}, yte, k=20)["f"]["top5"] >= res["top1"]
+
+
+def test_wilson_interval_known_values_and_chance_level():
+    assert sr.wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)    # Wilson (1927); p = 0.8, n = 10
+    assert sr.wilson_interval(0, 20) == pytest.approx([0.0, 0.1611], abs=1e-4)
+    assert sr.wilson_interval(50, 50)[1] == pytest.approx(1.0)
+    assert sr.chance_level(torch.tensor([0, 0, 1, 2, 0, 1])) == 0.5
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 2
+    res = sr.linear_probe({"f": x}, y, {"f": x[:25]}, y[:25], weight_decay=1e-3)["f"]
+    assert res["top1_ci"] == pytest.approx(sr.wilson_interval(round(res["top1"] * 25), 25))
+
+
+def test_mae_probe_protocol_lr_is_blr_times_batch_over_256(monkeypatch):
+    seen = []
+    real = sr.cosine_lr
+    monkeypatch.setattr(sr, "cosine_lr", lambda step, total, warmup, base, min_lr=0.0: seen.append((base, warmup,
+                                                                                                      total))
+                        or real(step, total, warmup, base, min_lr))
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(64, 4, generator=g), torch.arange(64) % 2
+    sr.linear_probe({"f": x}, y, {"f": x}, y, method="mae", epochs=3, batch_size=16, warmup_epochs=1, device="cpu")
+    assert {b for b, _, _ in seen} == {0.1 * 16 / 256}                # MAE: lr = blr · batch / 256, blr 0.1
+    assert {(w, t) for _, w, t in seen} == {(4, 12)}                   # 1 warmup epoch of 4 steps, 3 epochs
 
 
 def test_knn_num_classes_smaller_than_labels_is_not_an_index_error():
@@ -3104,7 +3137,7 @@ def test_attention_statistics_local_vs_global():
     mean_d = patch_mean_distance(g, p)
     assert st["distance"].shape == (2, 2)
     np.testing.assert_allclose(st["distance"].numpy(), mean_d, rtol=1e-9)
-    np.testing.assert_allclose(st["entropy"].numpy(), math.log(T), rtol=1e-6)
+    np.testing.assert_allclose(st["entropy"].numpy(), math.log(T - 1), rtol=1e-6)   # uniform over the patches
     np.testing.assert_allclose(st["nmi"].numpy(), 0.0, atol=1e-6)
 
     # local: bias +30 at relative offset (0, 0), -1e4 for every other patch offset and for patch -> cls;
@@ -3122,14 +3155,36 @@ def test_attention_statistics_local_vs_global():
     loc = rel_bias_model(fill)
     st_l = sr.attention_statistics(loc, x, batch_size=4, device="cpu")
     np.testing.assert_allclose(st_l["distance"].numpy(), 0.0, atol=1e-6)
-    A = np.zeros((T, T))
-    A[0] = 1.0 / T
-    A[np.arange(1, T), np.arange(1, T)] = 1.0
-    ent, nmi = naive_attention_stats(A)
-    np.testing.assert_allclose(st_l["entropy"].numpy(), ent, rtol=1e-5, atol=1e-6)
+    ent, nmi = naive_attention_stats(np.eye(T - 1))    # patch-to-patch attention: each patch attends to itself
+    assert (ent, nmi) == (0.0, 1.0)
+    np.testing.assert_allclose(st_l["entropy"].numpy(), ent, atol=1e-6)
     np.testing.assert_allclose(st_l["nmi"].numpy(), nmi, rtol=1e-5)
     assert float(st_l["distance"].max()) < float(st["distance"].min())
     assert float(st_l["nmi"].min()) > 0.9
+
+
+def test_attention_statistics_are_park_et_al_patch_to_patch_with_mass_on_cls():
+    """A random bias table with +4 on patch -> cls puts most attention on cls; the statistics must be those of the
+    patch-to-patch block renormalised, computed here from softmax(bias) by hand."""
+    g, p = 4, 8
+    P = g * g
+    table = torch.randn((2 * g - 1) ** 2 + 3, 2, generator=torch.Generator().manual_seed(5))
+    table[(2 * g - 1) ** 2 + 1] = 6.0                              # patch -> cls
+    model = rel_bias_model(lambda t: t.copy_(table))
+    x = torch.stack([naive_preprocess(im, 32) for im in colour_images(2, 32)[0]])
+    st = sr.attention_statistics(model, x, batch_size=2, device="cpu")
+    bias = table[beit_index(g, g)].permute(2, 0, 1).double()         # (H, T, T)
+    A = torch.softmax(bias, -1).numpy()
+    assert A[:, 1:, 0].mean() > 0.9                                  # most of each patch's attention is on cls
+    for h in range(2):
+        pp = A[h, 1:, 1:] / A[h, 1:, 1:].sum(1, keepdims=True)
+        ent, nmi = naive_attention_stats(pp)
+        rc = np.array([(i // g, i % g) for i in range(P)], dtype=np.float64) * p
+        dist = np.sqrt(((rc[:, None] - rc[None]) ** 2).sum(-1))
+        for blk in range(2):
+            assert float(st["entropy"][blk, h]) == pytest.approx(ent, rel=1e-6)
+            assert float(st["nmi"][blk, h]) == pytest.approx(nmi, rel=1e-6)
+            assert float(st["distance"][blk, h]) == pytest.approx(float((pp * dist).sum(1).mean()), rel=1e-6)
 
 
 def test_weight_distance_self_zero_and_single_perturbation():
@@ -3425,7 +3480,7 @@ def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     p = cli("knn", a, *common, "--k", 5, "--out", tmp_path / "knn")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "knn" / "knn.json").read_text())["results"][str(a)]
-    assert list(res) == ["blocks.0", "blocks.1"] and all(set(r) == {"top1"} for r in res.values()), res
+    assert list(res) == ["blocks.0", "blocks.1"] and all(set(r) == {"top1", "top1_ci"} for r in res.values()), res
     # DINO weighted k-NN by hand (float64) on cls features of hand-preprocessed images
     ftr = features_by_hand(a, list(xtr), tokens="cls")
     fva = features_by_hand(a, list(xva), tokens="cls")
@@ -3437,12 +3492,14 @@ def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     doc = json.loads((tmp_path / "probe" / "probe.json").read_text())
     res = doc["results"][str(a)]
     assert list(res) == ["blocks.0", "blocks.1"], res
-    assert all(set(r) == {"top1", "weight_decay"} and 0 <= r["top1"] <= 1 for r in res.values()), res
+    assert all(set(r) == {"top1", "top1_ci", "weight_decay"} and 0 <= r["top1"] <= 1 for r in res.values()), res
     assert res["blocks.1"]["top1"] == 1.0  # colour alone separates the classes
     assert doc["meta"]["n_train"] == 24 and doc["meta"]["n_val"] == 12
     rows = read_csv(tmp_path / "probe" / "probe.csv")
-    assert rows[0] == ["model", "layer", "metric", "value"]
+    assert rows[0] == ["model", "layer", "metric", "value", "ci_low", "ci_high"]
     assert {(r[1], r[2]) for r in rows[1:]} == {(la, m) for la in ("blocks.0", "blocks.1") for m in ("top1", "weight_decay")}
+    top1_rows = [r for r in rows[1:] if r[2] == "top1"]
+    assert all(float(r[4]) <= float(r[3]) <= float(r[5]) for r in top1_rows), top1_rows
 
 
 def test_cli_finetune_colour_folders_then_cka(tmp_path):
