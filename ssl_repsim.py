@@ -1321,7 +1321,18 @@ def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> t
 # ======================================================================================================================
 
 SUBLAYERS = ("norm1", "attn", "attn.qkv", "attn.proj", "norm2", "mlp", "mlp.fc1", "mlp.act", "mlp.fc2")
-TOKENS = ("all", "flat", "cls", "mean", "patch")
+TOKENS = ("all", "flat", "cls", "mean", "patch", "official")
+# each family's published linear-evaluation representation (REGISTRY's eval_repr), read from the last blocks
+OFFICIAL_REPRESENTATIONS = {
+    "cls_norm": "cls token after the final norm (MAE --cls_token, MoCo v3, DeiT)",
+    "cls_raw": "cls token of the last block, no final norm (MSN)",
+    "fc_norm_mean": "fc_norm of the mean patch token (MAE / BEiT fine-tuned; a LayerNorm without affine where the "
+                    "file has no fc_norm)",
+    "mean_tokens": "mean of the final patch tokens (I-JEPA, data2vec)",
+    "cls4_norm": "cls tokens of the last 4 blocks, each after the final norm, concatenated (DINO / iBOT ViT-S)",
+    "cls_mean": "cls token ‖ mean patch token, after the final norm (DINO / iBOT ViT-B, DINOv2)",
+    "block_cls_mean": "cls token ‖ mean patch token of the last block (BEiT's per-layer probe, last layer)",
+}
 
 
 def resolve_points(model: ViT, points=None) -> list[str]:
@@ -1363,6 +1374,43 @@ def reduce_tokens(t: torch.Tensor, tokens: str, num_prefix: int, has_cls: bool) 
     raise UsageError(f"unknown tokens {tokens!r}: choose from {', '.join(TOKENS)}")
 
 
+def eval_representation(model: ViT) -> str:
+    """The model's published linear-eval representation: its registry row's, else that of the registered checkpoint
+    of its family with as many heads (its width class), else cls after the final norm (mean without cls)."""
+    rows = [REGISTRY[model.source["registry"]]] if model.source.get("registry") in REGISTRY else \
+        [r for r in REGISTRY.values() if r["family"] == model.family and r["num_heads"] == model.cfg.num_heads]
+    kind = rows[0]["eval_repr"] if rows else "cls_norm"
+    return kind if model.cfg.cls_token or kind in ("mean_tokens", "fc_norm_mean") else "mean_tokens"
+
+
+def official_representation(model: ViT, kind: str, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """(B, D') representation `kind` (OFFICIAL_REPRESENTATIONS) from the last blocks' outputs (B, T, D), last one
+    last."""
+    norm, npre, last = model.norm, model.cfg.num_prefix, blocks[-1]
+    if kind == "cls_norm":
+        return norm(last)[:, 0]
+    if kind == "cls_raw":
+        return last[:, 0]
+    if kind == "fc_norm_mean":
+        m = last[:, npre:].mean(1)
+        return model.fc_norm(m) if model.fc_norm is not None else F.layer_norm(m, m.shape[-1:], eps=model.cfg.norm_eps)
+    if kind == "mean_tokens":
+        return norm(last)[:, npre:].mean(1)
+    if kind == "cls4_norm":
+        return torch.cat([norm(b)[:, 0] for b in blocks[-4:]], -1)
+    if kind == "cls_mean":
+        t = norm(last)
+        return torch.cat([t[:, 0], t[:, npre:].mean(1)], -1)
+    if kind == "block_cls_mean":
+        return torch.cat([last[:, 0], last[:, npre:].mean(1)], -1)
+    raise UsageError(f"unknown representation {kind!r}: choose from {', '.join(OFFICIAL_REPRESENTATIONS)}")
+
+
+def _point_names(model: ViT, points, tokens: str) -> list[str]:
+    """The names extract() returns: the resolved points, or the one "official" representation."""
+    return ["official"] if tokens == "official" else resolve_points(model, points)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -1374,17 +1422,20 @@ def _autocast(device: torch.device, dtype):
 
 
 def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=None, dtype=None):
-    """Yield ({point: (b, ...) float32 tensor on `device`}, labels) per batch, one forward pass each."""
+    """Yield ({point: (b, ...) float32 tensor on `device`}, labels) per batch, one forward pass each. tokens
+    "official": one point, "official", the model's published representation (eval_representation)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = _parse_dtype(dtype)
-    names = resolve_points(model, points)
+    official = eval_representation(model) if tokens == "official" else None
+    depth = len(model.blocks)
+    names = [f"blocks.{i}" for i in range(max(0, depth - 4), depth)] if official else resolve_points(model, points)
     modules = dict(model.named_modules())
     store = {}
     npre, has_cls = model.cfg.num_prefix, model.cfg.cls_token
 
     def hook(name):
         def fn(_m, _inp, out):
-            store[name] = reduce_tokens(out, tokens, npre, has_cls).float()
+            store[name] = out.float() if official else reduce_tokens(out, tokens, npre, has_cls).float()
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
@@ -1395,7 +1446,9 @@ def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=
                 store.clear()
                 with torch.no_grad(), _autocast(device, dtype):  # not held across `yield`: the caller's mode stays
                     model.forward_features(x.to(device, non_blocking=True))
-                yield {n: store[n] for n in names}, y
+                    out = {"official": official_representation(model, official, [store[n] for n in names]).float()} \
+                        if official else {n: store[n] for n in names}
+                yield out, y
     finally:
         for h in handles:
             h.remove()
@@ -1481,9 +1534,10 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
                    dtype=None, progress=False, group=None) -> dict[str, torch.Tensor]:
     """extract(), saved to / loaded from a safetensors file keyed by the checkpoint's hash, the exact images,
     points, tokens, preprocessing and dtype."""
-    names = resolve_points(model, points)
+    names = _point_names(model, points, tokens)
     if cache_dir is None:
-        return extract(model, images, names, tokens, batch_size, device, dtype, progress, group)
+        return extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
+                       progress, group)
     from safetensors.torch import load_file
     from safetensors.torch import save as st_save
     key = features_cache_key(model, images, names, tokens, dtype)
@@ -1493,7 +1547,8 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
             feats = load_file(str(path))
             if set(feats) >= set(names):
                 return {k: feats[k] for k in names}
-    feats = extract(model, images, names, tokens, batch_size, device, dtype, progress, group)
+    feats = extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
+                    progress, group)
     atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}))
     return feats
 
@@ -3531,6 +3586,10 @@ def _cmd_probe(args, kind="probe"):
         kw = dict(cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                   progress=not args.quiet)
         ftr, fva = cached_extract(m, train, args.points, tok, **kw), cached_extract(m, val, args.points, tok, **kw)
+        if tok != "official":   # the published representation beside the per-block curves
+            rep = f"official:{eval_representation(m)}"
+            ftr[rep] = cached_extract(m, train, None, "official", **kw)["official"]
+            fva[rep] = cached_extract(m, val, None, "official", **kw)["official"]
         ytr, yva = train.labels, val.labels
         if kind == "knn":
             res = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)), temperature=args.temperature,
@@ -3544,8 +3603,10 @@ def _cmd_probe(args, kind="probe"):
         results[m.source["spec"]] = res
     meta = dict(models=[_model_meta(m) for m in models], data=str(args.data), val=args.val or
                 f"{args.val_fraction:.0%} of data (seed {args.seed})", n_train=len(train), n_val=len(val),
-                points=args.points, tokens=args.tokens or "cls (mean without cls)", versions=_versions(),
-                elapsed_s=round(time.time() - t0, 2), command=args.command)
+                chance=chance_level(val.labels), intervals="Wilson 95%", points=args.points,
+                tokens={m.source["spec"]: _probe_tokens(m, args.tokens) for m in models},
+                official={m.source["spec"]: eval_representation(m) for m in models}, seed=args.seed,
+                versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
     meta.update(dict(k=args.k, temperature=args.temperature) if kind == "knn" else dict(method=args.method))
     _write_layer_results(_out_dir(args, kind), kind, results, meta)
 
@@ -3556,6 +3617,8 @@ def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
               [[m, layer, metric, v, *per.get(f"{metric}_ci", ["", ""])] for m, r in results.items()
                for layer, per in r.items() for metric, v in per.items() if not metric.endswith("_ci")])
     _plot_layer_curves({m: top1(r) for m, r in results.items()}, out / f"{kind}.png", f"{kind} top-1")
+    print(f"{kind}: {meta['n_train']} training and {meta['n_val']} validation images; chance (majority class) "
+          f"{meta['chance']:.3f}; [Wilson 95% interval]")
     for m, r in results.items():
         print(f"\n{m}: {kind} accuracy per layer")
         w = max(len(layer) for layer in r)
@@ -3961,8 +4024,9 @@ def _add_probe_commands(sub):
                         "deterministic split.", examples)
         p.add_argument("models", nargs="+", help="registered names, checkpoint files or HF folders")
         _add_flags(p, "points")
-        p.add_argument("--tokens", choices=("flat", "cls", "mean"), help="token reduction (default: cls; mean for "
-                       "models without cls)")
+        p.add_argument("--tokens", choices=("flat", "cls", "mean", "official"), help="token reduction of the per-block "
+                       "curves (default: cls; mean for models without cls); the model's published representation "
+                       "(official) is probed beside them")
         if name == "probe":
             p.add_argument("--method", default="lbfgs", choices=["lbfgs", "mae", "mlp"],
                            help="lbfgs: logistic regression, weight decay chosen on held-out train data; mae: BN + "

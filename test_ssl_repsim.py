@@ -1766,6 +1766,7 @@ def test_every_registered_checkpoint_names_a_known_family_and_unique_aliases():
     for name, row in sr.REGISTRY.items():
         fam = sr.FAMILIES[row["family"]]
         assert (row["mean"], row["std"], row["interp"]) == (tuple(fam.mean), tuple(fam.std), fam.interp), name
+        assert row["eval_repr"] in sr.OFFICIAL_REPRESENTATIONS, name
 
 
 # --- torch.distributed: the same results under a process group of two (gloo, CPU) as in one process -------------------
@@ -2449,6 +2450,48 @@ def test_feature_cache_distinguishes_subsets_and_reuses_identical(tmp_path):
     assert not all(torch.allclose(fa[k], fb[k]) for k in fa)
     again = sr.cached_extract(m, a, "blocks", "cls", cache_dir=cache)
     assert len(list(cache.glob("features-*.safetensors"))) == 2 and all(torch.equal(again[k], fa[k]) for k in fa)
+
+
+@pytest.mark.parametrize("kind", sorted(sr.OFFICIAL_REPRESENTATIONS))
+def test_official_representation_equals_the_one_built_by_hand(kind):
+    fc = kind == "fc_norm_mean"
+    model = tiny_model(1, perturb=True, depth=5, final_norm=not fc, fc_norm=fc)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    blocks = sr.extract(model, x, [f"blocks.{i}" for i in range(5)], "all", device="cpu")
+    b = [blocks[f"blocks.{i}"].double() for i in range(5)]
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    norm = (lambda t: layer_norm(t, sd["norm.weight"], sd["norm.bias"], 1e-6)) if not fc else None
+    expected = {
+        "cls_norm": lambda: norm(b[4])[:, 0],
+        "cls_raw": lambda: b[4][:, 0],
+        "fc_norm_mean": lambda: layer_norm(b[4][:, 1:].mean(1), sd["fc_norm.weight"], sd["fc_norm.bias"], 1e-6),
+        "mean_tokens": lambda: norm(b[4])[:, 1:].mean(1),
+        "cls4_norm": lambda: torch.cat([norm(t)[:, 0] for t in b[1:]], -1),
+        "cls_mean": lambda: torch.cat([norm(b[4])[:, 0], norm(b[4])[:, 1:].mean(1)], -1),
+        "block_cls_mean": lambda: torch.cat([b[4][:, 0], b[4][:, 1:].mean(1)], -1),
+    }[kind]()
+    with torch.no_grad():
+        got = sr.official_representation(model, kind, [blocks[f"blocks.{i}"] for i in range(1, 5)])
+    assert_near(got, expected, atol=1e-5, what=kind)
+
+
+def test_official_tokens_follow_the_registry_and_the_family_width(monkeypatch):
+    model = tiny_model(0)
+    model.source = {"spec": "msn-vits16", "path": None, "family": "msn", "registry": "msn-vits16"}
+    assert sr.eval_representation(model) == "cls_raw"
+    model.source, model.family = {"spec": "x.pth", "path": None}, "dino"
+    model.cfg.num_heads = 6                      # DINO ViT-S: the last 4 cls tokens
+    assert sr.eval_representation(model) == "cls4_norm"
+    model.cfg.num_heads = 12                     # DINO ViT-B: cls ‖ mean patch
+    assert sr.eval_representation(model) == "cls_mean"
+    model.family = ""
+    assert sr.eval_representation(model) == "cls_norm"
+    model.cfg.num_heads = 2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    got = sr.extract(model, x, tokens="official", device="cpu")
+    ref = sr.extract(model, x, ["norm"], "cls", device="cpu")["norm"]
+    assert list(got) == ["official"]
+    torch.testing.assert_close(got["official"], ref)
 
 
 # ======================================================================================================================
@@ -3480,24 +3523,28 @@ def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     p = cli("knn", a, *common, "--k", 5, "--out", tmp_path / "knn")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "knn" / "knn.json").read_text())["results"][str(a)]
-    assert list(res) == ["blocks.0", "blocks.1"] and all(set(r) == {"top1", "top1_ci"} for r in res.values()), res
+    assert list(res) == ["blocks.0", "blocks.1", "official:cls_norm"], res   # + the published representation
+    assert all(set(r) == {"top1", "top1_ci"} for r in res.values()), res
     # DINO weighted k-NN by hand (float64) on cls features of hand-preprocessed images
-    ftr = features_by_hand(a, list(xtr), tokens="cls")
-    fva = features_by_hand(a, list(xva), tokens="cls")
-    for layer in ("blocks.0", "blocks.1"):
+    ftr = features_by_hand(a, list(xtr), points=["blocks.0", "blocks.1", "norm"], tokens="cls")
+    fva = features_by_hand(a, list(xva), points=["blocks.0", "blocks.1", "norm"], tokens="cls")
+    ftr["official:cls_norm"], fva["official:cls_norm"] = ftr.pop("norm"), fva.pop("norm")   # cls after the norm
+    for layer in ("blocks.0", "blocks.1", "official:cls_norm"):
         ref, _ = naive_knn(ftr[layer], ytr, fva[layer], yva, 5, 0.07, 2)
         assert res[layer]["top1"] == pytest.approx(ref, abs=1e-12), layer
     p = cli("probe", a, *common, "--out", tmp_path / "probe")
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((tmp_path / "probe" / "probe.json").read_text())
     res = doc["results"][str(a)]
-    assert list(res) == ["blocks.0", "blocks.1"], res
+    assert list(res) == ["blocks.0", "blocks.1", "official:cls_norm"], res
     assert all(set(r) == {"top1", "top1_ci", "weight_decay"} and 0 <= r["top1"] <= 1 for r in res.values()), res
+    assert doc["meta"]["chance"] == 0.5 and doc["meta"]["official"] == {str(a): "cls_norm"}
     assert res["blocks.1"]["top1"] == 1.0  # colour alone separates the classes
     assert doc["meta"]["n_train"] == 24 and doc["meta"]["n_val"] == 12
     rows = read_csv(tmp_path / "probe" / "probe.csv")
     assert rows[0] == ["model", "layer", "metric", "value", "ci_low", "ci_high"]
-    assert {(r[1], r[2]) for r in rows[1:]} == {(la, m) for la in ("blocks.0", "blocks.1") for m in ("top1", "weight_decay")}
+    assert {(r[1], r[2]) for r in rows[1:]} == {(la, m) for la in ("blocks.0", "blocks.1", "official:cls_norm")
+                                                for m in ("top1", "weight_decay")}
     top1_rows = [r for r in rows[1:] if r[2] == "top1"]
     assert all(float(r[4]) <= float(r[3]) <= float(r[5]) for r in top1_rows), top1_rows
 
