@@ -206,8 +206,10 @@ FAMILIES: dict[str, Family] = {
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
 
 
-def objective(family: str) -> str:
-    return FAMILIES[family].objective if family in FAMILIES else "?"
+def objective(family: str, fine_tuned: bool = False) -> str:
+    """The family's training objective, + FT for a checkpoint fine-tuned from it (by finetune())."""
+    base = FAMILIES[family].objective if family in FAMILIES else "?"
+    return base + "+FT" if fine_tuned and not base.endswith("+FT") else base
 
 
 # --- released checkpoints: one row each ---------------------------------------------------------------------------
@@ -967,7 +969,8 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         model.preprocess = FAMILIES[family].preprocess
         model.input_size = hints.get("img_size") or cfg.img_size
     model.input_size = img_size or model.input_size
-    model.source = dict(spec=spec, path=str(path), family=model.family, registry=hints.get("registry"))
+    model.source = dict(spec=spec, path=str(path), family=model.family, registry=hints.get("registry"),
+                        fine_tuned=json.loads(meta.get("fine_tuned", "false")))
     return model
 
 
@@ -2093,6 +2096,11 @@ def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor, spread: Spread | 
                                                                     distance_pairs(*m.shape), strict=True)]
     if "by_type_diagonal_mean" in entry:
         entry["by_type_diagonal_mean_ci"] = {t: ci_of(v["diagonal_mean"], v["matched"]) for t, v in types.items()}
+        entry["by_type_first_quarter"] = {}      # matched-layer mean over the first quarter of the blocks
+        for t, v in types.items():
+            q = v["matched"][: max(1, len(v["matched"]) // 4)]
+            mean = float(torch.stack([m[i, j] for i, j in q]).mean())
+            entry["by_type_first_quarter"][t] = [mean, *ci_of(mean, q)]
     return entry
 
 
@@ -2796,7 +2804,7 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
 
 
 def _save_epoch(out: Path, model: ViT, opt, history: list, config: dict):
-    save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=len(history)))
+    save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=len(history), fine_tuned=True))
     buf = io.BytesIO()
     torch.save(dict(optimizer=opt.state_dict(), epoch=len(history) - 1, history=history), buf)
     atomic_write(out / "train_state.pt", buf.getvalue())
@@ -2948,18 +2956,22 @@ AUGMENTATIONS = ("hflip", "crop", "color", "grayscale", "blur")
 
 def invariance_scores(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
     """Mean cosine between features of each image (a) and of its augmented version (b), raw and mean-centred, and
-    normalised by a shuffled-pair baseline: (s − s_shuffled) / (1 − s_shuffled)."""
+    normalised by a shuffled-pair baseline: (s − s_shuffled) / (1 − s_shuffled); `*_normalised_ci` is the 95%
+    normal interval of s over images (baseline held fixed), mapped the same way."""
     a, b = _flat64(a), _flat64(b)
     perm = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))
     if len(a) > 1:
         perm = torch.where(perm == torch.arange(len(a)), perm.roll(1), perm)
     out = {}
     for tag, (u, v) in (("raw", (a, b)), ("centred", (a - torch.cat([a, b]).mean(0), b - torch.cat([a, b]).mean(0)))):
-        s = float(F.cosine_similarity(u, v, dim=1).mean())
-        sh = float(F.cosine_similarity(u, v[perm], dim=1).mean())
+        cos = F.cosine_similarity(u, v, dim=1)
+        s, sh = float(cos.mean()), float(F.cosine_similarity(u, v[perm], dim=1).mean())
+        se = float(cos.std() / math.sqrt(len(cos))) if len(cos) > 1 else float("nan")
+        scale = 1 / (1 - sh) if abs(1 - sh) > 1e-12 else float("nan")
         out[tag] = s
         out[f"{tag}_shuffled"] = sh
-        out[f"{tag}_normalised"] = (s - sh) / (1 - sh) if abs(1 - sh) > 1e-12 else float("nan")
+        out[f"{tag}_normalised"] = (s - sh) * scale
+        out[f"{tag}_normalised_ci"] = [(lo - sh) * scale for lo in normal_interval(s, se)]
     return out
 
 
@@ -2996,6 +3008,7 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
     device = torch.device(device) if device else default_device()
     depth, H = len(model.blocks), model.cfg.num_heads
     sums = {k: torch.zeros(depth, H, dtype=torch.float64) for k in ("distance", "entropy", "nmi")}
+    squares = {k: torch.zeros(depth, dtype=torch.float64) for k in sums}   # of each image's mean over heads
     count = 0
     g = torch.Generator().manual_seed(seed)
     batches = model_batches(model, images, batch_size) if isinstance(images, ImageSet) else \
@@ -3015,12 +3028,17 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
             for li, a in enumerate(attention_maps(model, x, keep)):
                 for k, v in attention_map_stats(a.double(), dist, npre).items():
                     sums[k][li] += v.sum(0).cpu()
+                    squares[k][li] += v.mean(1).square().sum().cpu()
             count += len(x)
             if max_images and count >= max_images:
                 break
     if count == 0:
         raise UsageError("no images for attention statistics")
-    return {k: (v / count) for k, v in sums.items()}
+    out = {k: (v / count) for k, v in sums.items()}
+    for k in sums:   # standard error over images of the per-block mean over heads
+        var = (squares[k] / count - out[k].mean(1).square()).clamp_min(0) * count / max(count - 1, 1)
+        out[f"{k}_se"] = (var / count).sqrt()
+    return out
 
 
 def attention_map_stats(a: torch.Tensor, dist: torch.Tensor, num_prefix: int) -> dict[str, torch.Tensor]:
@@ -3083,7 +3101,7 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
             tr, te = ({k: v for k, v in concat_features(f, names[-1]).items() if k != "all"} for f in (tr, te))
         res = linear_probe(tr, lab[rtr[:, 0], rtr[:, 1]], te, lab[rte[:, 0], rte[:, 1]], weight_decays=(1e-4,),
                            max_iter=100, seed=seed, device=device)
-        out[tname] = top1(res)
+        out[tname] = res
     return out
 
 
@@ -3116,7 +3134,7 @@ def prediction_agreement(correct_a, correct_b) -> dict:
     po = (both + neither) / n
     pa, pb = float(a.float().mean()), float(b.float().mean())
     pe = pa * pb + (1 - pa) * (1 - pb)
-    kappa = (po - pe) / (1 - pe) if pe < 1 else (1.0 if po == 1 else float("nan"))
+    kappa = (po - pe) / (1 - pe) if pe < 1 else float("nan")   # undefined when both are always right or wrong
     return dict(table=[[both, a_only], [b_only, neither]], hamming=1 - po, kappa=kappa, acc_a=pa, acc_b=pb)
 
 
@@ -3177,25 +3195,39 @@ def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, lis
     return res, figures, readings
 
 
+def _ci(value: float, ci) -> str:
+    """0.87 [0.84, 0.90]"""
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _apart(ci_a, ci_b) -> bool:
+    """Whether two intervals do not overlap: only then is a difference called a difference."""
+    return ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]
+
+
 def _read_gap(pair) -> str:
-    types = pair.get("by_type", {})
-    res = types.get("residual", {}).get("diagonal", [])
-    resid = res[1::2] if len(res) > 1 else res      # block outputs (attn_residual, block) alternate
-    low = next((k for k, v in enumerate(resid) if v < 0.5), None)
-    early = {t: float(np.mean(v["diagonal"][: max(1, len(v["diagonal"]) // 4)])) for t, v in types.items()
-             if t != "residual" and v["diagonal"]}
-    worst = min(early, key=early.get) if early else None
-    where = f"diverge from block {low} on (residual-stream CKA < 0.5)" if low is not None else \
-        "stay similar in the residual stream (CKA ≥ 0.5 at every block)"
-    txt = f"{pair['a']} and {pair['b']} {where}; matched-layer mean CKA {pair['diagonal_mean']:.2f}"
-    if worst:
-        txt += f"; in the first quarter of the blocks the {worst} outputs agree least (mean CKA {early[worst]:.2f})"
+    txt = f"{pair['a']} vs {pair['b']}: matched-layer mean CKA {_ci(pair['diagonal_mean'], pair['diagonal_mean_ci'])}"
+    resid = [k for k, la in enumerate(pair["layers_a"]) if re.fullmatch(r"blocks\.\d+", la)]
+    if resid:
+        matched = dict(matched_pairs(len(pair["layers_a"]), len(pair["layers_b"])))
+        high = [pair["cka_high"][i][matched[i]] for i in resid]
+        low = next((k for k, h in enumerate(high) if h < 0.5), None)
+        txt += (f"; the residual streams diverge from block {low} on (upper 95% bound of CKA < 0.5)" if low is not None
+                else "; no block where the residual streams clearly diverge (CKA < 0.5 with 95% confidence)")
+    early = {t: v for t, v in pair.get("by_type_first_quarter", {}).items() if t != "residual"}
+    if early:
+        worst = min(early, key=lambda t: early[t][0])
+        parts = ", ".join(f"{t} {_ci(v[0], v[1:])}" for t, v in early.items())
+        clear = all(_apart(early[worst][1:], v[1:]) for t, v in early.items() if t != worst)
+        txt += (f"; in the first quarter of the blocks ({parts}) the {worst} outputs agree least" if clear else
+                f"; in the first quarter of the blocks ({parts}) no sub-layer type clearly agrees least")
     return txt + "."
 
 
 def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
-    """Information distribution: per-block linear probes and k-NN, marginal-feature probes, MLP probes of depth
-    1-4 on the last block, top-k PCs vs random directions, spectrum statistics per block."""
+    """Information distribution: per-block linear probes and k-NN, the published representation, marginal-feature
+    probes, MLP probes of depth 1-4 on the last block, top-k PCs vs random directions, spectrum statistics per
+    block. Accuracies carry Wilson 95% intervals; n_val and chance are stated."""
     if images.labels is None:
         raise UsageError("info needs labelled data (class sub-folders, labels in the tensor file, or synthetic)")
     train, val = split_train_val(images, 0.25, opts.seed)
@@ -3204,23 +3236,60 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
     for m in models:
         tok = _probe_tokens(m, None)
         ftr, fva = (cached_extract(m, s, "blocks", tok, **run) for s in (train, val))
+        otr, ova = (cached_extract(m, s, None, "official", **run)["official"] for s in (train, val))
         last = list(ftr)[-1]
-        lin = top1(linear_probe(ftr, train.labels, fva, val.labels, seed=opts.seed))
-        knn = top1(knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train))))
-        marg = top1(linear_probe(concat_features(ftr, last), train.labels, concat_features(fva, last), val.labels,
-                                 seed=opts.seed))
+        lin = linear_probe({**ftr, "official": otr}, train.labels, {**fva, "official": ova}, val.labels, seed=opts.seed)
+        knn = knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train)))
+        marg = linear_probe(concat_features(ftr, last), train.labels, concat_features(fva, last), val.labels,
+                            seed=opts.seed)
         mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, depth=d,
-                                      epochs=opts.epochs, seed=opts.seed)[last]["top1"] for d in (1, 2, 3, 4)}
-        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=opts.seed)
-        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spectrum_stats(ftr),
-                             tokens=tok)
-        curves[f"{_spec(m)} linear"], curves[f"{_spec(m)} k-NN"] = lin, knn
-        best = max(lin, key=lin.get)
-        readings.append(f"{_spec(m)}: linear accuracy peaks at {best} ({lin[best]:.2f}; last block {lin[last]:.2f}); "
-                        f"adding all blocks to the last changes it by {marg['all'] - marg[last]:+.2f}; the best MLP "
-                        f"probe ({max(mlp, key=mlp.get)}) reaches {max(mlp.values()):.2f} vs linear "
-                        f"{mlp['depth1']:.2f}.")
+                                      epochs=opts.epochs, seed=opts.seed)[last] for d in (1, 2, 3, 4)}
+        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=opts.seed)[last]
+        spec = spectrum_stats(ftr)
+        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok,
+                             official=eval_representation(m), n_train=len(train), n_val=len(val),
+                             chance=chance_level(val.labels))
+        curves[f"{_spec(m)} linear"] = {k: v for k, v in top1(lin).items() if k != "official"}
+        curves[f"{_spec(m)} k-NN"] = top1(knn)
+        readings += _read_info(_spec(m), out[_spec(m)], last)
     return out, {"info.png": ("curves", curves)}, readings
+
+
+def _read_info(spec: str, r: dict, last: str) -> list[str]:
+    lin, knn, n = r["linear"], r["knn"], r["n_val"]
+    blocks = {k: v for k, v in lin.items() if k != "official"}
+    best = max(blocks, key=lambda k: blocks[k]["top1"])
+    acc = {k: _ci(v["top1"], v["top1_ci"]) for k, v in lin.items()}
+    head = f"{spec} (n_val {n}, chance {r['chance']:.2f}; {r['tokens']} tokens): "
+    lines = [head + (f"linear accuracy peaks at {best} ({acc[best]}), above the last block ({acc[last]})"
+                     if best != last and _apart(lin[best]["top1_ci"], lin[last]["top1_ci"]) else
+                     f"no clear difference between the best block ({best}, {acc[best]}) and the last ({acc[last]})")
+             + f"; the published representation ({r['official']}) reaches {acc['official']}."]
+    kbest = max(knn, key=lambda k: knn[k]["top1"])
+    lines.append(f"{spec}: k-NN (k = 20) {_ci(knn[last]['top1'], knn[last]['top1_ci'])} at the last block, best "
+                 f"{kbest} {_ci(knn[kbest]['top1'], knn[kbest]['top1_ci'])}.")
+    marg, full = r["marginal"]["all"], r["marginal"][last]
+    lines.append(f"{spec}: all blocks concatenated with the last {_ci(marg['top1'], marg['top1_ci'])} vs the last "
+                 f"alone {_ci(full['top1'], full['top1_ci'])}: "
+                 + ("a clear change." if _apart(marg["top1_ci"], full["top1_ci"]) else "no clear difference."))
+    deep = max(r["mlp"], key=lambda d: r["mlp"][d]["top1"])
+    lines.append(f"{spec}: the best MLP probe ({deep}) {_ci(r['mlp'][deep]['top1'], r['mlp'][deep]['top1_ci'])} vs "
+                 f"linear {_ci(r['mlp']['depth1']['top1'], r['mlp']['depth1']['top1_ci'])}: "
+                 + ("a clear difference." if _apart(r["mlp"][deep]["top1_ci"], r["mlp"]["depth1"]["top1_ci"])
+                    else "no clear difference."))
+    ks = sorted(set(r["pca"]["pc"]) & set(r["pca"]["random"]))
+    if ks:
+        k = max(x for x in ks if x <= 16) if min(ks) <= 16 else ks[0]
+        pc, rnd = r["pca"]["pc"][k], r["pca"]["random"][k]
+        pci, rci = wilson_interval(round(pc * n), n), wilson_interval(round(rnd * n), n)
+        lines.append(f"{spec}: the top {k} principal components of the last block {_ci(pc, pci)} vs {k} random "
+                     f"directions {_ci(rnd, rci)}: " + ("class information sits in the dominant directions."
+                                                         if pc > rnd and _apart(pci, rci) else "no clear difference."))
+    s = r["spectrum"][last]
+    lines.append(f"{spec}: last-block effective rank {s['effective_rank']:.1f}, participation ratio "
+                 f"{s['participation_ratio']:.1f}, top-PC variance share {s['top_pc_share']:.2f} (sample statistics of "
+                 f"the {r['n_train']} training images).")
+    return lines
 
 
 def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
@@ -3231,24 +3300,29 @@ def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, di
         out[_spec(m)] = inv
         for kind, per in inv.items():
             curves[f"{_spec(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
-        last = {kind: list(per.values())[-1]["centred_normalised"] for kind, per in inv.items()}
+        last = {kind: list(per.values())[-1] for kind, per in inv.items()}
         readings.append(f"{_spec(m)} at its last block (centred, baseline-normalised; 1 = invariant, 0 = like an "
-                        "unrelated image): " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()) + ".")
+                        f"unrelated image; n = {len(images)}): "
+                        + ", ".join(f"{k} {_ci(v['centred_normalised'], v['centred_normalised_ci'])}"
+                                    for k, v in last.items()) + ".")
     return out, {"invariance.png": ("curves", curves)}, readings
 
 
 def attention_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
-    """Mean attention distance, entropy and NMI per head and block."""
+    """Mean attention distance, entropy and NMI per head and block, on patch-to-patch attention (Park et al.)."""
     out, curves, readings = {}, {}, []
     for m in models:
         st = attention_statistics(m, images, batch_size=opts.batch_size, mask_ratio=opts.mae_mask_ratio,
                                   seed=opts.seed, device=opts.device, max_images=opts.attention_images)
         out[_spec(m)] = st
         curves[f"{_spec(m)} distance"] = {f"blocks.{i}": float(v) for i, v in enumerate(st["distance"].mean(1))}
-        d = st["distance"].mean(1)
-        readings.append(f"{_spec(m)}: mean attention distance {float(d[0]):.1f} px in block 0, {float(d[-1]):.1f} px "
-                        f"in the last block; NMI last block {float(st['nmi'][-1].mean()):.3f} (high = "
-                        "query-specific attention, low = all queries attend alike).")
+        d, nmi = st["distance"].mean(1), st["nmi"].mean(1)
+        ci = {k: [normal_interval(float(st[k].mean(1)[i]), float(st[f"{k}_se"][i])) for i in (0, -1)]
+              for k in ("distance", "nmi")}
+        readings.append(f"{_spec(m)}: mean attention distance {_ci(float(d[0]), ci['distance'][0])} px in block 0, "
+                        f"{_ci(float(d[-1]), ci['distance'][1])} px in the last block; NMI in the last block "
+                        f"{float(nmi[-1]):.3f} [{ci['nmi'][1][0]:.3f}, {ci['nmi'][1][1]:.3f}] (high = query-specific "
+                        "attention, low = all queries attend alike; patch-to-patch attention, mean over heads).")
     return out, {"attention.png": ("curves", curves)}, readings
 
 
@@ -3260,15 +3334,18 @@ def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
                             dtype=opts.dtype)
         out[_spec(m)] = sp
         for t, per in sp.items():
-            curves[f"{_spec(m)} {t}"] = per
-        readings.append(f"{_spec(m)}: patch-position probe {list(sp['position'].values())[-1]:.2f} at the last block"
-                        + (f", per-patch object probe {list(sp['mask'].values())[-1]:.2f}" if "mask" in sp else "")
-                        + ".")
+            curves[f"{_spec(m)} {t}"] = top1(per)
+        final = {t: per[[k for k in per if "+" not in k][-1]] for t, per in sp.items()}   # the last block alone
+        readings.append(f"{_spec(m)}: at its last block, patch-position probe "
+                        f"{_ci(final['position']['top1'], final['position']['top1_ci'])}"
+                        + (f", per-patch object probe {_ci(final['mask']['top1'], final['mask']['top1_ci'])}"
+                           if "mask" in final else "") + " (Wilson 95% over test patches).")
     return out, {"spatial.png": ("curves", curves)}, readings
 
 
 def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
-    """Per-module weight distance between every pair of models of the same architecture (e.g. PT vs FT)."""
+    """Per-module weight distance between every pair of models of the same architecture (e.g. PT vs FT). Exact: no
+    sampling, so no interval. Models of different architectures cannot be compared."""
     out, readings = {}, []
     for i, a in enumerate(models):
         for b in models[i + 1:]:
@@ -3279,8 +3356,14 @@ def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
             out[f"{_spec(a)} vs {_spec(b)}"] = wd
             qkv = {k: v for k, v in wd.items() if k.endswith("attn.qkv")}
             top = max(qkv, key=qkv.get) if qkv else None
+            fine_tuned = b.source.get("fine_tuned") and not a.source.get("fine_tuned") and a.family == b.family
             readings.append(f"{_spec(a)} → {_spec(b)}: total weight distance {wd['total']:.2f}"
-                            + (f"; the qkv projection that moved most is {top} ({qkv[top]:.2f})" if top else "") + ".")
+                            + (f"; the qkv projection that {'moved' if fine_tuned else 'differs'} most is {top} "
+                               f"({qkv[top]:.2f})" if top else "")
+                            + ("." if fine_tuned else " (caveat: not a pretrained → fine-tuned pair, so this measures "
+                                                      "two independent trainings, not what fine-tuning moved)."))
+    if not out:
+        raise UsageError("weights compares models of one architecture: no two of these share their blocks' shapes")
     return out, {}, readings
 
 
@@ -3300,8 +3383,8 @@ def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dic
     heads = [m for m in models if m.head is not None and images.labels is not None
              and m.head.out_features > int(images.labels.max())]
     if len(heads) < 2:
-        return {}, {}, [("fewer than two models carry a classification head for these labels: nothing to compare "
-                        "(fine-tune them, or load fine-tuned checkpoints with their heads)")]
+        raise UsageError("agreement needs two models with classification heads for these labels (fine-tune them, "
+                         "or load fine-tuned checkpoints with their heads)")
     correct = {_spec(m): predictions_correct(m, images, opts.batch_size, opts.device, opts.dtype) for m in heads}
     out, readings = {}, []
     names = list(correct)
@@ -3309,9 +3392,60 @@ def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dic
         for b in names[i + 1:]:
             r = prediction_agreement(correct[a], correct[b])
             out[f"{a} vs {b}"] = r
-            readings.append(f"{a} ({r['acc_a']:.2f}) vs {b} ({r['acc_b']:.2f}): Hamming distance of correctness "
-                            f"{r['hamming']:.3f}, Cohen's κ {r['kappa']:.2f}.")
+            n = sum(map(sum, r["table"]))
+            kappa = f"Cohen's κ {r['kappa']:.2f}" if math.isfinite(r["kappa"]) else \
+                "Cohen's κ undefined (each head is always right, or always wrong)"
+            readings.append(f"{a} ({_ci(r['acc_a'], wilson_interval(round(r['acc_a'] * n), n))}) vs {b} "
+                            f"({_ci(r['acc_b'], wilson_interval(round(r['acc_b'] * n), n))}) on {n} images: Hamming "
+                            f"distance of correctness {r['hamming']:.3f}, {kappa}.")
     return out, {}, readings
+
+
+def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
+    """CKA between the models' block outputs: every pair's map and the model×model matrix at the last block, with
+    intervals; with reconstruction and joint-embedding models both present, the paper's headline: mean CKA within
+    each objective and across them."""
+    res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=opts.estimator,
+                         batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir,
+                         progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed)
+    mm = res["model_matrix"]
+    readings = [f"Estimator {res['estimator']} (n = {res['n']} images"
+                + (f" in batches of {res['batch_size']}" if res["batch_size"] else "") + f"), {opts.tokens} tokens"
+                + (f"; [{res['ci']:.0%} interval: {res['interval']}]." if res["ci"] else "; no intervals (--ci 0).")]
+    for p in res["pairs"]:
+        ci = p.get("diagonal_mean_ci", [float("nan")] * 2)
+        readings.append(f"{p['a']} vs {p['b']}: matched-block mean CKA {_ci(p['diagonal_mean'], ci)}.")
+    readings += _objective_headline(models, mm) if "cka_low" in mm else []
+    figures = {"overview.png": ("heatmaps", res["pairs"])}
+    if len(models) > 2:
+        figures["model-matrix.png"] = ("heatmaps", [dict(a="models", b="models", layers_a=mm["models"],
+                                                         layers_b=mm["models"], cka=mm["cka"])])
+    return res, figures, readings
+
+
+def _objective_headline(models, mm) -> list[str]:
+    """Mean model-matrix CKA within the reconstruction models, within the joint-embedding ones, and across, each
+    with a conservative interval (the mean of its pairs' half-widths: the pairs share their images)."""
+    kind = [objective(m.family, m.source.get("fine_tuned", False)) for m in models]
+    groups = {"within REC": [], "within JE": [], "across REC and JE": []}
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            pair = {kind[i], kind[j]}
+            key = "within REC" if pair == {"REC"} else "within JE" if pair == {"JE"} else \
+                "across REC and JE" if pair == {"REC", "JE"} else None
+            if key:
+                groups[key].append((float(mm["cka"][i, j]), float(mm["cka_low"][i, j]), float(mm["cka_high"][i, j])))
+    if not groups["across REC and JE"]:
+        return []
+    stats = {k: (np.mean([v[0] for v in g]), np.mean([v[0] - v[1] for v in g]), len(g)) for k, g in groups.items() if g}
+    ci = {k: [m - h, m + h] for k, (m, h, _) in stats.items()}
+    text = "; ".join(f"{k} ({n} pair{'s' * (n > 1)}) {_ci(m, ci[k])}" for k, (m, _, n) in stats.items())
+    within = [k for k in stats if k.startswith("within")]
+    lower = within and all(_apart(ci["across REC and JE"], ci[k]) and stats["across REC and JE"][0] < stats[k][0]
+                           for k in within)
+    return [f"Objectives (model × model CKA at the last block): {text}: "
+            + ("reconstruction and joint-embedding models are clearly less similar to each other than to their own "
+               "kind." if lower else "no clear difference between within- and across-objective similarity.")]
 
 
 @dataclass(frozen=True)
@@ -3324,9 +3458,14 @@ class Analysis:
     options: tuple[str, ...] = ("batch_size", "device", "dtype", "seed")
     min_models: int = 1
     needs_heads: bool = False
+    command: bool = True          # also a subcommand of its own (the overview is report-only: `cka` does it)
 
 
 ANALYSES: dict[str, Analysis] = {
+    "overview": Analysis(overview_analysis, "CKA between the models",
+                         "CKA maps of every pair at the block outputs and the model × model matrix, by objective",
+                         ("tokens", "estimator", "ci", "ci_resamples", "batch_size", "device", "dtype", "cache_dir",
+                          "seed"), min_models=2, command=False),
     "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
                     "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
                     ("tokens", "estimator", "ci", "ci_resamples", "batch_size", "device", "dtype", "cache_dir",
@@ -3352,36 +3491,66 @@ ANALYSES: dict[str, Analysis] = {
 
 
 def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str, dict, dict, list[str]]]:
-    """(name, results, figures, readings) of each named analysis, in order; one that needs more models than given
-    is skipped with a reading that says so."""
+    """(name, results, figures, readings) of each named analysis, in order. With several names (a report), one that
+    cannot run on these models or data is skipped with a reading that says why; alone, that is a UsageError."""
     out = []
     for name in names:
         a = ANALYSES[name]
-        if len(models) < a.min_models:
-            out.append((name, {}, {}, [f"skipped: {name} needs at least {a.min_models} models"]))
-            continue
-        log.info(f"analysis: {name}")
-        out.append((name, *a.fn(models, images, opts)))
+        try:
+            if len(models) < a.min_models:
+                raise UsageError(f"{name} needs at least {a.min_models} models")
+            log.info(f"analysis: {name}")
+            out.append((name, *a.fn(models, images, opts)))
+        except UsageError as e:
+            if len(names) == 1:
+                raise
+            out.append((name, {}, {}, [f"skipped: {_one_line(e)}"]))
     return out
 
 
 def render_report(sections, meta) -> str:
-    """report.md: settings, checkpoint hashes, then per analysis its figures and a plain-language reading.
-    sections: (name, figure file names, readings)."""
+    """report.md: settings, models, caveats, then per analysis its figures and plain-language readings, every
+    number with its interval. sections: (name, figure file names, readings)."""
+    cka, probes, data = meta["cka"], meta.get("probes"), meta["data"]
     lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
-             (f"Data: {meta['data']['name']} ({meta['data']['n']} images, seed {meta['data']['seed']}); "
-             f"CKA tokens: {meta['tokens']}; MAE mask ratio: {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; "
-             f"ssl_repsim {meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}."), "",
-             "| model | family | objective | depth × width / patch | sha256 |", "|---|---|---|---|---|"]
+             f"Data: {data['name']} ({data['n']} images, seed {data['seed']}). CKA: {cka['estimator']} estimator, "
+             f"n = {cka['n']}, {cka['tokens']} tokens, " + (f"{cka['ci']:.0%} intervals by the {cka['interval']}."
+                                                            if cka.get("ci") else "no intervals.")
+             + (f" Probes: {probes['split']} (seed {probes['seed']}), n_val = {probes['n_val']}, chance "
+                f"{probes['chance']:.2f}, {probes['intervals']} intervals." if probes else "")
+             + f" MAE mask ratio {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; ssl_repsim "
+               f"{meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.",
+             "", ("Numbers are followed by their 95% interval in brackets; a difference is called one only when "
+                  "the intervals do not overlap."), "",
+             "| model | family | objective | depth × width / patch | input | preprocessing | sha256 |",
+             "|---|---|---|---|---|---|---|"]
     for m in meta["models"]:
-        lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / "
-                     f"{m['patch']} | {(m['sha256'] or '-')[:16]} |")
+        pp = m["preprocess"]
+        lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / {m['patch']} "
+                     f"| {m['input_size']} | mean {tuple(round(v, 3) for v in pp['mean'])}, {pp['interp']}, crop "
+                     f"{pp['crop_pct']} | {(m['sha256'] or '-')[:16]} |")
+    for c in _caveats(sections, meta):
+        lines += [f"> **Caveat:** {c}", ""]
     for name, figs, readings in sections:
         lines += ["", f"## {ANALYSES[name].title}", ""]
         lines += [f"- {r}" for r in readings] or ["- (nothing to compare)"]
         lines += [""] + [f"![{name}]({f})" for f in figs]
     lines += ["", "Every number is in report.json."]
     return "\n".join(lines) + "\n"
+
+
+def _caveats(sections, meta) -> list[str]:
+    out = []
+    if meta["data"].get("synthetic"):
+        out.append("the data is ssl_repsim's built-in synthetic set (procedural shapes and textures), not natural "
+                   "images: run with --data on your images before drawing conclusions about them.")
+    if meta.get("probes") and meta["probes"]["n_val"] < 100:
+        out.append(f"probes and k-NN are scored on {meta['probes']['n_val']} validation images (< 100): their "
+                   "intervals are wide.")
+    if any("not a pretrained → fine-tuned pair" in r for name, _, rs in sections if name == "weights" for r in rs):
+        out.append("the weight distances compare independently trained models, not a model with its fine-tuned "
+                   "version.")
+    return out
 
 
 # ======================================================================================================================
@@ -3465,11 +3634,15 @@ def _versions() -> dict:
 
 
 def _model_meta(model: ViT) -> dict:
+    """What a result needs to say about a model: where it came from, its family and objective, the layout it was
+    read in, its architecture, input size and preprocessing."""
     src = dict(getattr(model, "source", {}))
     path = src.get("path")
     src["sha256"] = file_sha256(path) if path and Path(path).is_file() else None
-    src.update(objective=objective(model.family), depth=model.cfg.depth, width=model.cfg.embed_dim,
-               patch=model.cfg.patch_size, input_size=model.input_size)
+    src.update(objective=objective(model.family, src.get("fine_tuned", False)), layout=model.family,
+               depth=model.cfg.depth, width=model.cfg.embed_dim, heads=model.cfg.num_heads, patch=model.cfg.patch_size,
+               registers=model.cfg.num_registers, input_size=model.input_size, preprocess=dict(model.preprocess),
+               eval_repr=eval_representation(model))
     return src
 
 
@@ -3667,14 +3840,26 @@ def _cmd_analysis(args):
         for r in readings:
             print(f"[{name}] {r}")
     meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(getattr(args, "data", None)),
-                name=images.name if images else None, n=len(images) if images else 0, seed=opts.seed),
-                tokens=opts.tokens, estimator=opts.estimator, mae_mask_ratio=opts.mae_mask_ratio,
+                name=images.name if images else None, n=len(images) if images else 0, seed=opts.seed,
+                synthetic=getattr(args, "data", None) == "synthetic"), **_analysis_settings(results, opts),
                 versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
     write_json(out / f"{args.cmd}.json", dict(results, meta=meta))
     if args.cmd == "report":
         atomic_write(out / "report.md", render_report(sections, meta))
     print(f"wrote {out}/{args.cmd}.json" + (", report.md" if args.cmd == "report" else "")
           + f" ({meta['elapsed_s']:.1f} s)")
+
+
+def _analysis_settings(results: dict, opts: AnalysisOptions) -> dict:
+    """The settings the analyses actually used: CKA estimator (as resolved), tokens, n and interval; the probes'
+    split, n_val and chance; the attention mask ratio."""
+    cka = next((results[k]["results"] for k in ("overview", "gap") if results.get(k, {}).get("results")), {})
+    info = next(iter(results.get("info", {}).get("results", {}).values()), None)
+    return dict(cka=dict(tokens=opts.tokens, estimator=cka.get("estimator", opts.estimator), n=cka.get("n"),
+                         batch_size=cka.get("batch_size"), ci=cka.get("ci"), interval=cka.get("interval")),
+                probes=dict(split="75% train / 25% validation", seed=opts.seed, n_train=info["n_train"],
+                            n_val=info["n_val"], chance=info["chance"], intervals="Wilson 95%") if info else None,
+                mae_mask_ratio=opts.mae_mask_ratio)
 
 
 def _render_figures(figures: dict, out: Path) -> list[str]:
@@ -4067,7 +4252,7 @@ _ANALYSIS_EXAMPLES = {
 
 
 def _add_analysis_commands(sub):
-    for name, a in ANALYSES.items():
+    for name, a in ((n, a) for n, a in ANALYSES.items() if a.command):
         p = _subcommand(sub, name, _cmd_analysis, a.help, a.help[0].upper() + a.help[1:] + ".",
                         _ANALYSIS_EXAMPLES[name])
         p.add_argument("models", nargs="+", help=f"{a.min_models} or more models" if a.min_models > 1 else "models")
@@ -4077,7 +4262,7 @@ def _add_analysis_commands(sub):
                     "readings, and report.json with every number.",
                     ["report mae dino", "report mae dino dinov2 --data ~/imagenet/val --n 1024 --cache",
                      "report mae mae-ft dino --skip attention,spatial"])
-    p.add_argument("models", nargs="+", help="models (gap, weights and agreement need at least two)")
+    p.add_argument("models", nargs="+", help="models (overview, gap, weights and agreement need at least two)")
     _add_analysis_flags(p, sorted({o for a in ANALYSES.values() for o in a.options}), data=True)
     p.add_argument("--skip", help="comma list of analyses to leave out: " + ",".join(ANALYSES))
 

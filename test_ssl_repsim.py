@@ -3573,8 +3573,8 @@ def test_cli_report(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     md = (out / "report.md").read_text()
     sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
-    assert len(sections) == 7, sections
-    for word in ("gap", "Information", "Invariance", "Attention", "Spatial", "Weight"):
+    assert len(sections) == 8, sections
+    for word in ("CKA between", "gap", "Information", "Invariance", "Attention", "Spatial", "Weight"):
         assert any(word.lower() in s.lower() for s in sections), (word, sections)
     figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     for f in figs:
@@ -3582,7 +3582,7 @@ def test_cli_report(tmp_path):
     if has_matplotlib():
         assert len(figs) >= 5, figs
     doc = json.loads((out / "report.json").read_text())
-    assert set(doc) >= {"gap", "info", "invariance", "attention", "spatial", "weights", "meta"}
+    assert set(doc) >= {"overview", "gap", "info", "invariance", "attention", "spatial", "weights", "meta"}
     shas = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (a, b)]
     assert [m["sha256"] for m in doc["meta"]["models"]] == shas
     for m in doc["meta"]["models"]:
@@ -3593,6 +3593,31 @@ def test_cli_report(tmp_path):
     total = math.sqrt(sum(float((sa[k].double() - sb[k].double()).square().sum()) for k in sa))
     (wd,) = doc["weights"]["results"].values()
     assert wd["total"] == pytest.approx(total, rel=1e-9)
+
+
+def test_cli_report_on_reconstruction_and_joint_embedding_files_is_honest(tmp_path):
+    """report on an MAE file (REC) and DINO and MoCo v3 files (JE) in their official layouts, default data: every
+    reading's number has its interval, n_val and chance are stated, the k-NN / rank / PC readings are there, the
+    synthetic-data and small-n_val caveats are shown, and the REC-vs-JE comparison carries intervals."""
+    files = [build(name, tmp_path / name).path for name in ("mae", "dino", "mocov3") if
+             (tmp_path / name).mkdir() is None]
+    out = tmp_path / "report"
+    p = cli("report", *files, "--num-heads", 2, "--img-size", 32, "--n", 32, "--epochs", 1, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert [m["objective"] for m in meta["models"]] == ["REC", "JE", "JE"]
+    assert meta["cka"]["estimator"] == "debiased" and meta["probes"]["n_val"] == 8
+    assert "n_val = 8" in md and "chance" in md and "built-in synthetic set" in md and "8 validation images" in md
+    objectives = next(ln for ln in md.splitlines() if "Objectives" in ln)
+    for group in ("within JE (1 pair)", "across REC and JE (2 pairs)"):
+        assert re.search(re.escape(group) + r" \d\.\d\d \[-?\d\.\d\d, \d\.\d\d\]", objectives), objectives
+    for needle in ("k-NN (k = 20)", "effective rank", "principal components", "published representation"):
+        assert needle in md, needle
+    readings = [ln for ln in md.splitlines() if ln.startswith("- ") and "weight distance" not in ln
+                and "effective rank" not in ln and "skipped" not in ln]
+    for ln in readings:   # every number quoted with its interval: a bracket follows each score
+        assert "[" in ln, ln
 
 
 # --- processes of their own: the entry point, torchrun ----------------------------------------------------------------
