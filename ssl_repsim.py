@@ -3529,6 +3529,7 @@ def render_report(sections, meta) -> str:
         lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / {m['patch']} "
                      f"| {m['input_size']} | mean {tuple(round(v, 3) for v in pp['mean'])}, {pp['interp']}, crop "
                      f"{pp['crop_pct']} | {(m['sha256'] or '-')[:16]} |")
+    lines.append("")
     for c in _caveats(sections, meta):
         lines += [f"> **Caveat:** {c}", ""]
     for name, figs, readings in sections:
@@ -3565,7 +3566,7 @@ def _new_figure(**kw):
     except ImportError:
         log.warning("notice: matplotlib is not installed, no PNG written (pip install matplotlib)")
         return None
-    return Figure(**kw)
+    return Figure(layout="constrained", **kw)
 
 
 def _save_figure(fig, path) -> Path:
