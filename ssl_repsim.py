@@ -3892,7 +3892,7 @@ def cka_flops(n: int, la: int, lb: int, d: int, estimator: str, batch: int = 256
     """FLOP floor of an all-pairs map as cka_matrix computes it: the cheaper of the Gram and feature forms for
     linear CKA (biased or debiased), the Gram form per batch for minibatch."""
     gram, feat = cka_form_flops(n, [d] * la, [d] * lb)
-    if estimator in ("full", "debiased"):
+    if estimator in ("biased", "debiased"):
         return (gram, "gram") if gram <= feat else (feat, "feature")
     return n // batch * cka_form_flops(batch, [d] * la, [d] * lb)[0], "minibatch"
 
@@ -3955,14 +3955,14 @@ def _bench_cka(n: int, rate: float, device, sync) -> list[dict]:
         for s in range(0, n - 255, 256):
             acc.update([v[s:s + 256] for v in xs], [v[s:s + 256] for v in ys])
         return acc.compute()
-    runs = dict(full=lambda: cka_matrix(xs, ys), debiased=lambda: cka_matrix(xs, ys, debiased=True),
+    runs = dict(biased=lambda: cka_matrix(xs, ys), debiased=lambda: cka_matrix(xs, ys, debiased=True),
                 minibatch=minibatch)
     rows = []
     for est, run in runs.items():
         res = {}
         t = _timeit(lambda run=run, res=res: res.setdefault("m", run()), 1, sync)
         flops, form = cka_flops(n, 12, 12, 768, est)
-        err = float((res["m"] - ref).abs().max()) if ref is not None and est == "full" else None
+        err = float((res["m"] - ref).abs().max()) if ref is not None and est == "biased" else None
         rows.append(dict(n=n, estimator=est, form=form, seconds=t, floor_seconds=flops / rate,
                          x_floor=t * rate / flops, max_err_vs_float64=err))
         log.info(f"CKA 12×12 d=768 n={n} {est:<9} ({form}): {t:.2f} s, {t * rate / flops:.2f}× the floor"
