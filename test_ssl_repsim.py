@@ -3023,6 +3023,33 @@ def test_train_batches_shards_make_the_single_process_batches(n):
         assert torch.equal(torch.cat([shards[0][k][1], shards[1][k][1]]), single[k][1])
 
 
+def test_finetuned_checkpoint_is_labelled_with_its_objective_plus_ft(tmp_path):
+    _, mae_file = tiny_pair(tmp_path)                      # the MAE layout: family mae, objective REC
+    model = sr.load_model(mae_file)
+    assert model.family == "mae" and sr.objective(model.family) == "REC"
+    sr.finetune(model, colour_set(16, seed=1), epochs=1, batch_size=8, device="cpu", out=tmp_path / "ft")
+    tuned = sr.load_model(tmp_path / "ft" / "checkpoint.safetensors")
+    assert tuned.family == "mae" and tuned.source["fine_tuned"] is True
+    out = tmp_path / "w"
+    p = cli("weights", mae_file, tmp_path / "ft" / "checkpoint.safetensors", "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((out / "weights.json").read_text())["meta"]
+    assert [m["objective"] for m in meta["models"]] == ["REC", "REC+FT"]
+    reading = json.loads((out / "weights.json").read_text())["weights"]["readings"][0]
+    assert "moved most" in reading and "caveat" not in reading      # a pretrained -> fine-tuned pair
+
+
+def test_analyses_refuse_what_they_cannot_compare(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    wide = save_tiny(tiny_model(5, embed_dim=48, num_heads=2), tmp_path / "wide.safetensors")
+    data = ["--img-size", 32, "--n", 8]
+    for argv, why in ((["gap", a, *data], "at least 2 models"), (["agreement", a, *data], "at least 2 models"),
+                      (["weights", a, wide], "one architecture"), (["agreement", a, b, *data], "classification heads")):
+        p = cli(*argv, "--quiet", "--out", tmp_path / "o")
+        assert_usage_error(p, tmp_path / "o")
+        assert why in p.stderr, (argv, p.stderr)
+
+
 def test_finetune_exact_resume_log_and_checkpoint(tmp_path):
     base = tiny_model(0, num_classes=2)
     train, val = colour_set(32, seed=1), colour_set(8, seed=2)
