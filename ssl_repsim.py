@@ -1656,6 +1656,13 @@ def _centred32(x) -> torch.Tensor:
     return x.float() - x.mean(0, dtype=torch.float64).float()
 
 
+def _unit_scaled(xc: torch.Tensor) -> torch.Tensor:
+    """xc divided by the power of two nearest its largest magnitude: exact, leaves CKA unchanged (each layer's
+    scale cancels) and keeps float32 Gram products of Grams far from overflow whatever the features' magnitude."""
+    top = float(xc.abs().max()) if xc.numel() else 0.0
+    return xc if top == 0.0 or not math.isfinite(top) else xc * 2.0 ** -math.floor(math.log2(top))
+
+
 def _feature_products(xs, ys) -> torch.Tensor:
     """‖X_aᵀ Y_b‖²_F for all pairs of centred features, products in float32 over row chunks of n, summed in float64."""
     out = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=xs[0].device)
@@ -1692,6 +1699,7 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
     if any(v.shape[0] != n for v in xs + ys):
         raise UsageError("cka_matrix: every layer must hold the same samples (same first dimension)")
     _check_n(n, debiased)
+    _check_finite(zip(na + nb, xs + ys, strict=True))
     da, db = [x[0].numel() for x in xs], [y[0].numel() for y in ys]
     gram_flops, feature_flops = cka_form_flops(n, da, db)
     if kernel == "linear" and feature_flops < gram_flops and max(da) * sum(db) * 8 <= GRAM_BUDGET_BYTES:
@@ -1699,6 +1707,13 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
     else:
         xy, xx, yy = _gram_form_hsic(xs, ys, kernel, debiased, rbf_threshold)
     return _cka_from_hsic(xy, xx, yy, na, nb)
+
+
+def _check_finite(named):
+    """A NaN or Inf feature is a user error naming the layer (bad weights or inputs), never a 'constant layer'."""
+    for name, v in named:
+        if not torch.isfinite(torch.as_tensor(v)).all():
+            raise UsageError(f"layer {name} has NaN or Inf features: check the checkpoint's weights and the images")
 
 
 def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, names_a, names_b) -> torch.Tensor:
@@ -1719,7 +1734,7 @@ def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, names_a
 def _feature_form_hsic(xs, ys, debiased: bool):
     """n²-scaled HSIC sums (all pairs, and each side's self-terms) from centred features: ‖X_cᵀY_c‖²_F, or for the
     U-statistic Song et al.'s HSIC₁ from features (for centred X, K̃1 = −a with a_i = ‖x_i‖², K̃ = K − diag K)."""
-    xc, yc = [_centred32(x) for x in xs], [_centred32(y) for y in ys]
+    xc, yc = [_unit_scaled(_centred32(x)) for x in xs], [_unit_scaled(_centred32(y)) for y in ys]
     xy = _feature_products(xc, yc)
     xx = torch.stack([_feature_products([x], [x])[0, 0] for x in xc])
     yy = torch.stack([_feature_products([y], [y])[0, 0] for y in yc])
@@ -1743,7 +1758,7 @@ def _centred_grams(vs, kernel: str, debiased: bool, threshold: float) -> torch.T
     out = torch.empty(len(vs), n * n, device=vs[0].device, dtype=dt)
     for i, v in enumerate(vs):
         if kernel == "linear":
-            xc = _centred32(v)
+            xc = _unit_scaled(_centred32(v))
             torch.mm(xc, xc.T, out=out[i].view(n, n))
             if debiased:
                 center_gram(out[i].view(n, n), True, dt, inplace=True)
@@ -1815,6 +1830,7 @@ class MinibatchCKA:
         b = xs[0].shape[0]
         if b < 4 or any(v.shape[0] != b for v in xs + ys):
             raise UsageError(f"minibatch CKA needs batches of at least 4 samples, the same for every layer (got {b})")
+        _check_finite([(f"a{i}", x) for i, x in enumerate(xs)] + [(f"b{j}", y) for j, y in enumerate(ys)])
         dev = self.xy.device
         ga = _u_centred_grams([x.to(dev) for x in xs])
         gb = _u_centred_grams([y.to(dev) for y in ys])
@@ -1870,8 +1886,8 @@ def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0) ->
         rows = lambda x: _gram_rows(_centred_gram32(x, kernel, rbf_threshold), grams)
         self_rows = torch.stack([(g * g).mean(1).double() for g in grams])
     elif kernel == "linear" and dmax * dmax * 4 <= GRAM_BUDGET_BYTES:
-        yc = [_centred32(y).float() for y in ys]
-        rows = lambda x: _feature_rows(_centred32(x).float(), yc)
+        yc = [_unit_scaled(_centred32(y).float()) for y in ys]
+        rows = lambda x: _feature_rows(_unit_scaled(_centred32(x).float()), yc)
         self_rows = torch.stack([_feature_rows(y, [])[1] for y in yc])
     else:
         return None
@@ -1890,7 +1906,7 @@ def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0) ->
 
 def _centred_gram32(v: torch.Tensor, kernel: str, threshold: float) -> torch.Tensor:
     if kernel == "linear":
-        c = _centred32(v).float()
+        c = _unit_scaled(_centred32(v).float())
         return c @ c.T
     return center_gram(_gram(v.reshape(v.shape[0], -1), kernel, threshold)).float()
 

@@ -2715,6 +2715,30 @@ def correlated_features(n, g, k=3, dx=8, dy=6, noise_x=1.0, noise_y=0.7):
     return x, y, truth
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_matrix_is_exact_for_any_finite_magnitude(debiased):
+    """Features of magnitude 1e7 at the flat width of a small ViT (37,824) overflow float32 products of Grams
+    unless each layer is rescaled first; the map must equal the float64 scalar CKA."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(48, 37824, generator=g)
+    y = x + torch.randn(48, 37824, generator=g)
+    ref = naive_cka(x.double(), y.double(), debiased=debiased)
+    for scale in (1e-6, 1.0, 1e7):
+        got = float(sr.cka_matrix([x * scale], [y * scale], debiased=debiased)[0, 0])
+        assert got == pytest.approx(ref, abs=2e-5), (scale, got, ref)
+
+
+def test_non_finite_features_are_a_one_line_error_not_a_constant_layer():
+    x = torch.randn(12, 5, generator=torch.Generator().manual_seed(1))
+    bad = x.clone()
+    bad[3, 2] = float("inf")
+    for call in (lambda: sr.cka_matrix({"blocks.0": bad}, {"blocks.1": x}),
+                 lambda: sr.MinibatchCKA(1, 1).update([x[:6]], [bad[:6]])):
+        with pytest.raises(sr.UsageError, match="NaN or Inf") as e:
+            call()
+        assert_one_line(e)
+
+
 def test_influence_standard_error_matches_the_delete_one_jackknife():
     g = torch.Generator().manual_seed(3)
     x, y, _ = correlated_features(50, g)
