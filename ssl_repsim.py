@@ -1137,13 +1137,26 @@ class ImageSet:
             return self.items[i]
         Image = _pillow()
         try:
-            with Image.open(self.items[i]) as im:
-                return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+            with warnings.catch_warnings():   # an image over Pillow's decompression-bomb limit is unreadable
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(self.items[i]) as im:
+                    return torch.from_numpy(_rgb_uint8(im)).permute(2, 0, 1)
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
             if self.strict:
                 raise UsageError(f"unreadable image {self.items[i]}: {_one_line(e)}") from None
             self.unreadable.add(i)
             return None
+
+
+def _rgb_uint8(im) -> np.ndarray:
+    """(H, W, 3) uint8 of a PIL image, upright by its EXIF orientation; 16-bit and 32-bit integer images scaled
+    from their 0..65535 range (not clipped at 255), float images from [0, 1]."""
+    from PIL import ImageOps
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64) * (255.0 if im.mode == "F" else 255.0 / 65535.0)
+        return np.repeat(np.clip(np.round(a), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.array(im.convert("RGB"), dtype=np.uint8)   # a writable copy
 
 
 def _pillow():
@@ -1238,7 +1251,10 @@ def tensor_file(path) -> ImageSet:
             raise UsageError(f"{path}: {len(y)} labels for {len(x)} images")
         if len(y) and y.min() < 0:
             raise UsageError(f"{path}: labels must be class indices ≥ 0")
-    classes = [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
+    classes = []
+    if y is not None:   # classes are the distinct labels; labels become their indices 0 … C−1
+        values, y = torch.unique(y, return_inverse=True)
+        classes = [str(int(v)) for v in values]
     return ImageSet(x, y, classes, str(path))
 
 

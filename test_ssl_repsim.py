@@ -2366,6 +2366,31 @@ def test_tensor_file_rejects_non_tensor_images_and_negative_labels(tmp_path):
         sr.load_images(neg)
 
 
+def test_sixteen_bit_png_is_scaled_not_clipped_and_exif_orientation_applied(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    ramp = (np.arange(64, dtype=np.uint16)[None, :].repeat(8, 0) * 1040)          # 0 … 65520 across the width
+    Image.fromarray(ramp).save(tmp_path / "deep.png")                             # mode I;16
+    img = sr.ImageSet([tmp_path / "deep.png"], None, [], "x").image(0)
+    assert img.dtype == torch.uint8 and img.shape == (3, 8, 64)
+    np.testing.assert_array_equal(img[0].numpy(), np.round(ramp / 257.0).astype(np.uint8))
+    arr = np.zeros((10, 20, 3), dtype=np.uint8)
+    arr[:, :5] = 255                                                                # white on the left
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6                                                                # display rotated 90° cw
+    im.save(tmp_path / "turned.png", exif=exif)
+    upright = sr.ImageSet([tmp_path / "turned.png"], None, [], "x").image(0)
+    assert upright.shape == (3, 20, 10)                                             # the display orientation
+    assert upright[0, :5].float().mean() > 200 and upright[0, -5:].float().mean() < 50   # left went to the top
+
+
+def test_tensor_file_classes_are_the_distinct_labels(tmp_path):
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    torch.save({"images": x, "labels": torch.tensor([10 ** 12, 7, 7, 10 ** 12])}, tmp_path / "big.pt")
+    images = sr.load_images(tmp_path / "big.pt")
+    assert images.classes == ["7", str(10 ** 12)] and images.labels.tolist() == [1, 0, 0, 1]
+
+
 # ======================================================================================================================
 # 5. Extraction: token reductions, forms of input, named point sets, feature cache
 # ======================================================================================================================
