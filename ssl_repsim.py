@@ -431,19 +431,31 @@ def atomic_write(path, data: bytes | str) -> Path:
     path = Path(path)
     if _rank_world()[0] != 0:  # under torchrun only rank 0 writes
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"cannot write {path}: a file stands where its folder {path.parent} should be") from None
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {_one_line(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600: give the file the user's usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(v):
@@ -916,6 +928,9 @@ def build_model(sd: dict, cfg: ViTConfig) -> ViT:
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         raise UsageError(f"{cfg.family} checkpoint: shape mismatch: {'; '.join(bad[:3])}")
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UsageError(f"{cfg.family} checkpoint: NaN or Inf in {_keys_str(broken, 3)}: the file is damaged")
     model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, assign=True)
     return model.eval()
 
@@ -1019,6 +1034,11 @@ def _hf_weights(d: Path) -> tuple[Path, dict]:
         raise UsageError(f"{cfg_file}: Hugging Face model_type {model_type!r} is not supported (supported: "
                          f"{', '.join(known)})")
     hints = dict(family=family, num_heads=hf.get("num_attention_heads"), norm_eps=hf.get("layer_norm_eps", 1e-6))
+    heads, eps = hints["num_heads"], hints["norm_eps"]
+    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
+        raise UsageError(f"{cfg_file}: num_attention_heads must be a positive integer, got {heads!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise UsageError(f"{cfg_file}: layer_norm_eps must be a small positive number, got {eps!r}")
     for fname in ("model.safetensors", "pytorch_model.bin"):
         if (d / fname).is_file():
             return d / fname, hints
@@ -1430,6 +1450,22 @@ def _point_names(model: ViT, points, tokens: str) -> list[str]:
     return ["official"] if tokens == "official" else resolve_points(model, points)
 
 
+def as_device(device) -> torch.device:
+    """torch.device(device) (default: cuda when available), or a one-line error for a name torch does not know or
+    a GPU this machine does not have."""
+    if not device:
+        return default_device()
+    if isinstance(device, torch.device):
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"device {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -1443,7 +1479,7 @@ def _autocast(device: torch.device, dtype):
 def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=None, dtype=None):
     """Yield ({point: (b, ...) float32 tensor on `device`}, labels) per batch, one forward pass each. tokens
     "official": one point, "official", the model's published representation (eval_representation)."""
-    device = torch.device(device) if device is not None else default_device()
+    device = as_device(device)
     dtype = _parse_dtype(dtype)
     official = eval_representation(model) if tokens == "official" else None
     depth = len(model.blocks)
@@ -1587,6 +1623,7 @@ def gram_linear(x: torch.Tensor) -> torch.Tensor:
 
 def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     """K_ij = exp(−‖x_i − x_j‖² / (2 t² · median_kl ‖x_k − x_l‖²)) (Kornblith et al. 2019, median over all pairs)."""
+    _check_rbf_threshold(threshold)
     x = x.double()
     sq = (x * x).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min_(0)
@@ -1595,6 +1632,11 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     lo = flat.kthvalue((m + 1) // 2).values
     med = lo if m % 2 else (lo + flat.kthvalue(m // 2 + 1).values) / 2
     return torch.exp(-d2 / (2 * threshold ** 2 * med))
+
+
+def _check_rbf_threshold(threshold):
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise UsageError(f"the RBF threshold must be a positive number, got {threshold}")
 
 
 def center_gram(k: torch.Tensor, unbiased: bool = False, dtype=torch.float64, inplace: bool = False) -> torch.Tensor:
@@ -2075,6 +2117,8 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
         raise UsageError("the minibatch estimator is linear only: use --estimator biased or debiased with --kernel rbf")
     if not 0 <= ci < 1:
         raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
+    if kernel == "rbf":
+        _check_rbf_threshold(rbf_threshold)
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     run = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, group=group)
     if estimator == "minibatch":
@@ -2140,7 +2184,7 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
                     group) -> tuple[dict, dict, int]:
     """Every model's features batch by batch, accumulated into one MinibatchCKA per pair (memory independent of n);
     the maps, their bootstrap spreads (resamples > 0) and the number of images used."""
-    dev = torch.device(device) if device is not None else default_device()
+    dev = as_device(device)
     accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
     gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device, dtype)
             for m, pts in zip(models, names, strict=True)]
@@ -2352,7 +2396,7 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
         raise UsageError(f"linear_probe: unknown option(s) {', '.join(mae_opts)} for method lbfgs")
     if weight_decay is not None:
         weight_decays = [weight_decay] if isinstance(weight_decay, (int, float)) else list(weight_decay)
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     C = int(max(y_train.max(), y_test.max())) + 1
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y_train), generator=g)
@@ -2430,7 +2474,7 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
     6.4 at MAE's batch 16384 and 0.1 at batch 256) with 10 warmup epochs then a per-iteration half-cycle cosine,
     90 epochs. Evaluation BatchNorm statistics = training-set mean/variance, so features are standardised once."""
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     C = int(max(y_train.max(), y_test.max())) + 1
     out = {}
     for d, names in _stack_groups(train).items():
@@ -2475,7 +2519,7 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
     if not 1 <= depth <= 8:
         raise UsageError("mlp_probe depth must be 1..8")
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     C = int(max(y_train.max(), y_test.max())) + 1
     out = {}
     for k in train:
@@ -2540,7 +2584,7 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     if not 1 <= k <= len(y_train):
         raise UsageError(f"k-NN: k={k} must be between 1 and the {len(y_train)} training samples")
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     C = max(num_classes or 0, int(max(y_train.max(), y_test.max())) + 1)
     out = {}
     for name in train:
@@ -2682,7 +2726,7 @@ class Classifier(nn.Module):
 
 def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> float:
     """Top-1 accuracy of the model's head on preprocessed (centre-crop) images."""
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     model.eval()
     correct = total = 0
     with torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
@@ -2736,7 +2780,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
     if train.labels is None:
         raise UsageError("fine-tuning needs labelled data (class sub-folders, or labels in the tensor file)")
     num_classes = num_classes or len(train.classes) or int(train.labels.max()) + 1
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     dtype = _parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     rank, world = _rank_world()
     if len(train) < cfg.batch_size * world:
@@ -2818,6 +2862,9 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
         x, t = mix_batch(x, y, num_classes, g, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
         with _autocast(device, dtype):
             loss = torch.sum(-t.to(device) * F.log_softmax(net(x.to(device)).float(), -1), -1).mean()
+        if not torch.isfinite(loss.detach()):
+            raise UsageError(f"training diverged: the loss is {float(loss.detach())} at step {step + 1} of epoch "
+                             f"{epoch + 1} (lower --blr)")
         (loss / cfg.accum_steps).backward()
         losses.append(float(loss.detach()))
         micro += 1
@@ -3037,7 +3084,7 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
     attention entropy (nats, mean over queries), and the normalised mutual information between queries (uniform)
     and keys, I(q; k) / √(H(q) H(k)). mask_ratio > 0 keeps a random sorted subset of patches
     per image, as MAE's pre-training forward does (positions of kept patches are used for distances)."""
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     depth, H = len(model.blocks), model.cfg.num_heads
     sums = {k: torch.zeros(depth, H, dtype=torch.float64) for k in ("distance", "entropy", "nmi")}
     squares = {k: torch.zeros(depth, dtype=torch.float64) for k in sums}   # of each image's mean over heads
@@ -3401,7 +3448,7 @@ def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
 
 def predictions_correct(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> torch.Tensor:
     """Per image, whether the model's classification head predicts its label (top-1)."""
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     out = []
     with torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
         for x, y in model_batches(model, images, batch_size):
@@ -3933,7 +3980,7 @@ def bench(full: bool = False, device=None) -> dict:
     """Extraction img/s (ViT-B/16, all block outputs hooked vs a plain forward), the matmul rate, and all-pairs
     12×12 CKA (d = 768) at several n for each estimator, as a multiple of its FLOP floor and with its error
     against a float64 computation of the same formula."""
-    device = torch.device(device) if device else default_device()
+    device = as_device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     out = dict(device=str(device), threads=torch.get_num_threads(), versions=_versions(),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
@@ -4037,7 +4084,7 @@ def _bench_peer(ns=(1000, 2000, 4000, 10000), device=None) -> list[dict]:
     import subprocess
     if importlib.util.find_spec("cka") is None:
         raise UsageError("bench --peer needs pytorch-cka: pip install pytorch-cka")
-    device = str(torch.device(device) if device else default_device())
+    device = str(as_device(device))
     here = str(Path(__file__).resolve().parent)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

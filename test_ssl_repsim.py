@@ -1550,8 +1550,20 @@ def bad_cli_inputs(tmp_path):
     torch.save({"images": x, "labels": y}, small)
     badf = tmp_path / "normalised.pt"
     torch.save({"images": (x.float() / 255 - 0.45) / 0.225, "labels": y}, badf)
+    nan_weights = tiny_model(6)
+    with torch.no_grad():
+        nan_weights.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    nanp = save_tiny(nan_weights, tmp_path / "nan.safetensors")
+    (tmp_path / "a_file").write_text("not a folder")
     common = ["--img-size", 32, "--quiet"]
     return [
+        ("device banana", ["cka", a, b, "--device", "banana", "--n", 8, *common]),
+        ("absent GPU", ["cka", a, b, "--device", "cuda:7", "--n", 8, *common]),
+        ("rbf threshold 0", ["cka", a, b, "--kernel", "rbf", "--rbf-threshold", 0, "--n", 8, *common]),
+        ("rbf threshold -1", ["cka", a, b, "--kernel", "rbf", "--rbf-threshold", -1, "--n", 8, *common]),
+        ("rbf threshold nan", ["cka", a, b, "--kernel", "rbf", "--rbf-threshold", "nan", "--n", 8, *common]),
+        ("NaN weights", ["cka", a, nanp, "--n", 8, *common]),
+        ("ci 1", ["cka", a, b, "--ci", 1, "--n", 8, *common]),
         ("unknown name offline", ["cka", "no-such-model-xyz", b, "--offline", "--n", 8, *common]),
         ("registered name offline, absent", ["cka", "mae-vitb16", b, "--offline", "--weights-dir",
                                              tmp_path / "weights_empty", "--n", 8, *common]),
@@ -3516,6 +3528,30 @@ def test_cli_corrupt_image_counted_once_and_strict(tmp_path):
 
 
 # --- errors, list, help -----------------------------------------------------------------------------------------------
+
+def test_cli_out_under_a_file_and_a_diverging_finetune_are_one_line_errors(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    p = cli("cka", a, b, "--img-size", 32, "--n", 8, "--quiet", "--out", tmp_path / "a_file" / "out")
+    assert_usage_error(p)
+    assert "a file stands where" in p.stderr
+    torch.save({"images": colour_images(16, 32)[0], "labels": torch.arange(16) % 2}, tmp_path / "d.pt")
+    p = cli("finetune", a, "--data", tmp_path / "d.pt", "--img-size", 32, "--batch-size", 4, "--epochs", 1,
+            "--blr", 1e12, "--out", tmp_path / "ft", "--quiet")
+    assert_usage_error(p)
+    assert "diverged" in p.stderr and "step" in p.stderr
+
+
+def test_hf_config_with_wrong_types_is_a_one_line_error(tmp_path):
+    case = build("data2vec_hf", tmp_path)
+    cfg = json.loads((case.path / "config.json").read_text())
+    for key, value in (("layer_norm_eps", -1), ("layer_norm_eps", "tiny"), ("num_attention_heads", "two"),
+                       ("num_attention_heads", 0)):
+        (case.path / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(sr.UsageError, match=key) as e:
+            sr.load_model(case.path)
+        assert_one_line(e)
+
 
 def test_cli_bad_inputs_exit_2_one_line(tmp_path):
     for k, (name, argv) in enumerate(bad_cli_inputs(tmp_path)):
