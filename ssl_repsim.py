@@ -151,7 +151,7 @@ TIMM_RENAMES = (   # DINOv2 and timm spellings: block chunks, ls1/ls2, SwiGLU w1
 FAMILIES: dict[str, Family] = {
     "mocov3": Family("JE", (Layout(lambda o: _any(_sub(o, "state_dict"), r"^module\.base_encoder\."),
                                    pick="state_dict", prefix="module.base_encoder.", only_prefix=True,
-                                   drop=r"^head\."),), heads={384: 12}),
+                                   drop=r"^head\."),), heads={384: 12}, interp="bilinear"),
     "ibot": Family("HYB", (Layout(lambda o: "teacher" in o and ("ibot_loss" in o
                                                                 or _any(_sub(o, "teacher"), r"last_layer2")),
                                   pick="teacher", prefix="backbone.", only_prefix=True),
@@ -161,7 +161,7 @@ FAMILIES: dict[str, Family] = {
                           Layout(lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o, fallback=True)),
                    pos_interp="offset"),
     "msn": Family("JE", (Layout(lambda o: _any(_sub(o, "target_encoder"), r"cls_token$"), pick="target_encoder",
-                                prefix="module.", drop=r"^fc\."),)),  # interpolates to (g, g)
+                                prefix="module.", drop=r"^fc\."),), interp="bilinear"),  # pos: size (g, g)
     "ijepa": Family("JE", (Layout(lambda o: "target_encoder" in o, pick="target_encoder", prefix="module."),)),
     "data2vec_ft": Family("HYB+FT", (Layout(lambda o: "module" in o, pick="module", drop=r"^head\.|" + INDEX),)),
     "simmim": Family("REC", (Layout(lambda o: _any(_sub(o, "model"),
@@ -175,9 +175,9 @@ FAMILIES: dict[str, Family] = {
                                       pick="model", drop=r"^lm_head\.|mask_token|" + INDEX),)),
     "beit_ft": Family("REC+FT", (Layout(lambda o: _any(_sub(o, "model"), r"^blocks\.0\.attn\.relative_position_bias_"
                                                        r"table") and "fc_norm.weight" in _sub(o, "model"),
-                                        pick="model", drop=r"^head\.|" + INDEX),)),
+                                        pick="model", drop=r"^head\.|" + INDEX),), mean=HALF_MEAN, std=HALF_STD),
     "beit": Family("REC", (Layout(lambda o: _any(_sub(o, "model"), r"q_bias$"), pick="model",
-                                  drop=r"^lm_head\.|^head\.|mask_token|" + INDEX),)),
+                                  drop=r"^lm_head\.|^head\.|mask_token|" + INDEX),), mean=HALF_MEAN, std=HALF_STD),
     "deit3": Family("SUP", (Layout(lambda o: _any(_sub(o, "model"), r"gamma_1$"), pick="model", drop=r"^head\."),)),
     "mae_ft": Family("REC+FT", (Layout(lambda o: "fc_norm.weight" in _sub(o, "model"), pick="model",
                                        drop=r"^head\."),)),
@@ -192,7 +192,7 @@ FAMILIES: dict[str, Family] = {
                                          drop=r"^classifier\.|mask_token|" + INDEX),), renames=HF_RENAMES,
                           hf_model_types=("data2vec-vision",)),
     "torchvision": Family("SUP", (Layout(lambda o: "conv_proj.weight" in o, drop=r"^heads\.(?!head\.)"),),
-                          renames=TORCHVISION_RENAMES),
+                          renames=TORCHVISION_RENAMES, interp="bilinear"),
     "dinov2": Family("HYB", (Layout(lambda o: "mask_token" in o and _any(o, r"^blocks\.0\.(ls1\.gamma|0\.)"),
                                     drop=r"^mask_token$"),), renames=TIMM_RENAMES, pos_interp="offset",
                      pos_interp_registers="antialias"),

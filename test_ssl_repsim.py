@@ -1772,6 +1772,21 @@ def test_every_family_has_a_layout_builder(family):
     assert family in {fam for _, _, fam in LAYOUTS.values()}, f"no builder in LAYOUTS makes a {family} file"
 
 
+# each released file's evaluation transform (its authors' code): 0.5/0.5 for BEiT, bilinear resize for MoCo v3, MSN and
+# torchvision; ImageNet statistics, bicubic, crop 0.875 for every other row
+PUBLISHED_PREPROCESSING = {"beit": ((0.5,) * 3, (0.5,) * 3, "bicubic"), "mocov3": (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bilinear"),
+                           "msn": (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bilinear"),
+                           "supervised": (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bilinear")}
+
+
+@pytest.mark.parametrize("name", sorted(sr.REGISTRY))
+def test_registered_preprocessing_is_the_published_one(name):
+    row = sr.REGISTRY[name]
+    expected = next((v for prefix, v in PUBLISHED_PREPROCESSING.items() if name.startswith(prefix)),
+                    (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bicubic"))
+    assert (tuple(row["mean"]), tuple(row["std"]), row["interp"], row["crop_pct"]) == (*expected, 0.875), name
+
+
 def test_every_registered_checkpoint_names_a_known_family_and_unique_aliases():
     aliases = [a for row in sr.REGISTRY.values() for a in row["aliases"]]
     assert len(aliases) == len(set(aliases)) and not set(aliases) & set(sr.REGISTRY)
