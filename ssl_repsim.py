@@ -388,13 +388,15 @@ def _barrier():
         dist.barrier()
 
 
-def _all_reduce_sum(x: float, group=None) -> float:
+def _all_reduce_sums(values: list[float], group=None) -> list[float]:
+    """Each value summed over the process group (a float64 tensor on the backend's device: nccl needs CUDA)."""
     if not _dist_active(group):
-        return x
+        return list(values)
     import torch.distributed as dist
-    t = torch.tensor([float(x)], dtype=torch.float64)
+    cuda = dist.get_backend(group) == "nccl"
+    t = torch.tensor(values, dtype=torch.float64, device=f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
     dist.all_reduce(t, group=group)
-    return float(t[0])
+    return t.tolist()
 
 
 def shard_batches(batches, group=None):
@@ -1519,7 +1521,7 @@ def _placed(model: nn.Module, device: torch.device, train: bool = False):
     try:
         yield model
     finally:
-        if home != device and not (device.index is None and home.type == device.type):
+        if p is not None and next(model.parameters()).device != home:
             model.to(home)
         model.train(mode)
 
@@ -1929,19 +1931,24 @@ class MinibatchCKA:
             return sxy / (sxx.clamp_min(0).sqrt()[:, :, None] * syy.clamp_min(0).sqrt()[:, None, :])
 
 
-def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0) -> torch.Tensor | None:
+def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0,
+                  debiased: bool = False) -> torch.Tensor | None:
     """(L_a, L_b, n) influence of each sample on each CKA entry, by the infinitesimal jackknife (Jaeckel 1972;
     Efron 1982): for HSIC = ⟨K̃, L̃⟩/n² with K̃ = HKH the centring terms cancel and sample m's influence is
-    2(h_m − HSIC), h_m = (1/n) Σ_j K̃_mj L̃_mj; CKA's follows by the delta method, and SE² = Σ_m IF_m² / n². The
-    U-statistic (debiased HSIC) has the same first-order term, so this serves both estimators. None when the
-    Grams (or, for linear CKA, the d×d products) would not fit the memory budget."""
+    2(h_m − HSIC), h_m = (1/n) Σ_j K̃_mj L̃_mj; CKA's follows by the delta method, and SE² = Σ_m IF_m² / n². For
+    the debiased estimator the rows come from the U-centred Grams (Székely & Rizzo), whose row means average to
+    the U-statistic, so the spread is that of the estimate reported (the biased rows are inflated exactly where the
+    two differ: wide features, small n). Where the Grams do not fit the memory budget, linear CKA's rows come from
+    the d×d products of the centred features (biased rows: n is then large enough for the two to agree); None
+    when neither fits."""
     _, xs = _named(xs)
     _, ys = _named(ys)
     n = xs[0].shape[0]
     dmax = max(v[0].numel() for v in xs + ys)
     if len(ys) * n * n * 4 <= GRAM_BUDGET_BYTES:
-        grams = [_centred_gram32(y, kernel, rbf_threshold) for y in ys]
-        rows = lambda x: _gram_rows(_centred_gram32(x, kernel, rbf_threshold), grams)
+        gram = lambda v: _centred_grams([v], kernel, debiased, rbf_threshold)[0].view(n, n)
+        grams = [gram(y) for y in ys]
+        rows = lambda x: _gram_rows(gram(x), grams)
         self_rows = torch.stack([(g * g).mean(1).double() for g in grams])
     elif kernel == "linear" and dmax * dmax * 4 <= GRAM_BUDGET_BYTES:
         yc = [_unit_scaled(_centred32(y).float()) for y in ys]
@@ -1954,19 +1961,12 @@ def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0) ->
     for a, x in enumerate(xs):
         r_ab, r_aa = rows(x)
         A, B = r_ab.mean(1), r_aa.mean()
-        norm = (B * C).sqrt().clamp_min(1e-300)
+        norm = (B * C).clamp_min(1e-300).sqrt()
         cka = A / norm
         rel_a = (r_aa - B) / B.clamp_min(1e-300)
         rel_b = (self_rows - C[:, None]) / C.clamp_min(1e-300)[:, None]
         out[a] = (2 * (r_ab - A[:, None]) / norm[:, None] - cka[:, None] * (rel_a + rel_b)).float()
     return out
-
-
-def _centred_gram32(v: torch.Tensor, kernel: str, threshold: float) -> torch.Tensor:
-    if kernel == "linear":
-        c = _unit_scaled(_centred32(v).float())
-        return c @ c.T
-    return center_gram(_gram(v.reshape(v.shape[0], -1), kernel, threshold)).float()
 
 
 def _gram_rows(g: torch.Tensor, others: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1983,11 +1983,20 @@ def _feature_rows(x: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor
 
 @dataclass
 class Spread:
-    """The sampling spread of a CKA map: bootstrap replicates (R, L_a, L_b) of the minibatch estimator, or the
-    per-sample influence (L_a, L_b, n) of a full-batch one. se(entries) is the standard error of the mean of those
-    entries (a summary such as a matched-layer mean), so summaries get intervals too."""
+    """The sampling spread of a CKA map: bootstrap replicates (R, L_a, L_b) of the minibatch estimator over its
+    `units` batches, or the per-sample influence (L_a, L_b, n) of a full-batch one. se(entries) is the standard error
+    of the mean of those entries (a summary such as a matched-layer mean), so summaries get intervals too; dof, the
+    degrees of freedom of the t quantile its intervals use (units − 1 batches; None = normal)."""
     kind: str              # "bootstrap" | "influence"
     values: torch.Tensor
+    units: int | None = None
+
+    @property
+    def dof(self) -> int | None:
+        return self.units - 1 if self.kind == "bootstrap" and self.units else None
+
+    def interval(self, estimate, entries=None, level: float = 0.95):
+        return normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level, self.dof)
 
     def se(self, entries=None) -> torch.Tensor | float:
         """Per-entry (L_a, L_b) standard errors, or that of the mean of the listed (i, j) entries."""
@@ -1998,16 +2007,36 @@ class Spread:
         return float(self._se(picked))
 
     def _se(self, v: torch.Tensor) -> torch.Tensor:
-        if self.kind == "bootstrap":          # the spread of the replicates (first axis)
-            return v.double().std(0)
+        if self.kind == "bootstrap":          # the spread of the replicates, × √(B/(B−1)) for B batches
+            if self.units is None or self.units < 3:
+                return torch.full(v.shape[1:], float("nan"), dtype=torch.float64) if v.ndim > 1 else \
+                    torch.tensor(float("nan"), dtype=torch.float64)
+            return v.double().std(0) * math.sqrt(self.units / (self.units - 1))
         return v.double().square().sum(-1).sqrt() / v.shape[-1]   # √(Σ_m IF_m²) / n (last axis)
 
 
-def normal_interval(estimate, se, level: float = 0.95):
-    """estimate ∓ z·se, z the standard normal (1 + level)/2 quantile (1.96 at 95%)."""
+def normal_interval(estimate, se, level: float = 0.95, dof: int | None = None):
+    """estimate ∓ q·se, q the (1 + level)/2 quantile of the standard normal (1.96 at 95%), or of Student's t with
+    dof degrees of freedom."""
+    q = t_quantile(0.5 + level / 2, dof)
+    return estimate - q * se, estimate + q * se
+
+
+def t_quantile(p: float, dof: int | None = None) -> float:
+    """Quantile of Student's t: exact for 1 and 2 degrees of freedom, the Cornish-Fisher series of Abramowitz &
+    Stegun 26.7.5 beyond (within 0.1% from 4), the normal's for dof None."""
     import statistics
-    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
-    return estimate - z * se, estimate + z * se
+    z = statistics.NormalDist().inv_cdf(p)
+    if dof is None:
+        return z
+    if dof == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if dof == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    v = dof
+    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3)
+            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * v ** 4))
 
 
 def matched_pairs(la: int, lb: int) -> list[tuple[int, int]]:
@@ -2069,7 +2098,7 @@ def _check_batches(n: int, batch_size: int, estimator: str):
     if estimator == "minibatch" and (batch_size < 4 or n < 4):
         raise UsageError(f"minibatch CKA needs --batch-size ≥ 4 and --n ≥ 4 (got batch {batch_size}, n {n})")
     if estimator == "debiased" and n < 4:
-        raise UsageError(f"debiased CKA needs n ≥ 4 images, got {n}")
+        raise UsageError(f"debiased CKA (what --estimator auto chooses at this size) needs n ≥ 4 images, got {n}")
     if n < 2:
         raise UsageError(f"CKA needs at least 2 images, got {n}")
 
@@ -2140,14 +2169,16 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
 def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
     """CKA between every two models at their `at` points (1 on the diagonal), with intervals."""
     matrix = torch.eye(len(specs), dtype=torch.float64)
-    se = torch.zeros_like(matrix)
+    low, high = matrix.clone(), matrix.clone()
     for (i, j), m in maps.items():
         matrix[i, j] = matrix[j, i] = m[at[i], at[j]]
-        if (i, j) in spreads:
-            se[i, j] = se[j, i] = spreads[(i, j)].se([(at[i], at[j])])
+        lo, hi = spreads[(i, j)].interval(float(m[at[i], at[j]]), [(at[i], at[j])], ci) if (i, j) in spreads else \
+            (float("nan"), float("nan"))       # no spread for this pair: no interval, never a zero-width one
+        low[i, j] = low[j, i] = lo
+        high[i, j] = high[j, i] = hi
     out = dict(models=specs, point=[n[k] for n, k in zip(names, at, strict=True)], cka=matrix)
     if ci and spreads:
-        out["cka_low"], out["cka_high"] = normal_interval(matrix, se, ci)
+        out["cka_low"], out["cka_high"] = low, high
     return out
 
 
@@ -2164,8 +2195,8 @@ def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor, spread: Spread | 
         entry["by_type_diagonal_mean"] = {t: v["diagonal_mean"] for t, v in types.items()}
     if spread is None:
         return entry
-    entry["cka_low"], entry["cka_high"] = normal_interval(m, spread.se(), ci)
-    ci_of = lambda est, entries: list(normal_interval(est, spread.se(entries), ci))
+    entry["cka_low"], entry["cka_high"] = spread.interval(m, None, ci)
+    ci_of = lambda est, entries: list(spread.interval(est, entries, ci))
     entry["diagonal_mean_ci"] = ci_of(*summaries["diagonal_mean"])
     if "cka_vs_distance" in entry:
         entry["cka_vs_distance_ci"] = [ci_of(v, p) for v, p in zip(entry["cka_vs_distance"],
@@ -2208,8 +2239,8 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
             maps[(i, j)] = acc.all_reduce(group).compute(names[i], names[j])
         if resamples:
-            spreads[(i, j)] = Spread("bootstrap", acc.bootstrap(resamples, seed))
-    return maps, spreads, int(_all_reduce_sum(used, group))
+            spreads[(i, j)] = Spread("bootstrap", acc.bootstrap(resamples, seed), units=len(acc.terms))
+    return maps, spreads, int(_all_reduce_sums([used], group)[0])
 
 
 def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel, debiased, rbf_threshold, spread,
@@ -2221,7 +2252,7 @@ def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel,
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
             maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=debiased,
                                       rbf_threshold=rbf_threshold)
-        influence = cka_influence(feats[i], feats[j], kernel, rbf_threshold) if spread else None
+        influence = cka_influence(feats[i], feats[j], kernel, rbf_threshold, debiased) if spread else None
         if influence is not None and len(maps[(i, j)].flatten()) * influence.shape[-1] * 4 <= GRAM_BUDGET_BYTES:
             spreads[(i, j)] = Spread("influence", influence)
         elif spread:
@@ -2451,7 +2482,7 @@ def _with_intervals(top1: float, top5: float | None, n: int) -> dict:
 def chance_level(y) -> float:
     """The accuracy of always predicting the most frequent class (the majority-class rate)."""
     y = torch.as_tensor(y)
-    return float(torch.bincount(y).max() / len(y))
+    return int(torch.bincount(y).max()) / len(y)
 
 
 def top1(results: dict) -> dict[str, float]:
@@ -2724,17 +2755,21 @@ class Classifier(nn.Module):
         return self.vit.head(self.vit(x))
 
 
-def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> float:
-    """Top-1 accuracy of the model's head on preprocessed (centre-crop) images."""
+def predictions_correct(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> torch.Tensor:
+    """Per image, whether the model's classification head predicts its label (top-1), on preprocessed
+    (centre-crop) images."""
     device = as_device(device)
-    model.eval()
-    correct = total = 0
-    with torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
+    out = []
+    with _placed(model, device), torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
         for x, y in model_batches(model, images, batch_size):
-            pred = model.logits(x.to(device)).argmax(-1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
+            out.append(model.logits(x.to(device)).argmax(-1).cpu() == y)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> float:
+    """Top-1 accuracy of the model's head (see predictions_correct)."""
+    correct = predictions_correct(model, images, batch_size, device, dtype)
+    return float(correct.float().mean()) if len(correct) else 0.0
 
 
 @dataclass
@@ -2848,8 +2883,9 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
     """One epoch of optimizer steps; its randomness (order, crops, mixing, drop path) is seeded by (seed, epoch),
     so a resumed run repeats it exactly. Returns the mean training loss over all processes."""
     g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    drop = torch.Generator(device).manual_seed(cfg.seed * 100003 + epoch + 7)   # one stream: blocks draw in turn
     for blk in model.blocks:
-        blk.rng = torch.Generator(device).manual_seed(cfg.seed * 100003 + epoch + 7)
+        blk.rng = drop
     rank, world = _rank_world()
     net.train()
     step, losses, micro = epoch * steps_per_epoch, [], 0
@@ -2879,7 +2915,8 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
                 break
     bar.close()
     opt.zero_grad(set_to_none=True)
-    return _mean(_all_reduce_mean(losses))
+    total, count = _all_reduce_sums([sum(losses), len(losses)])
+    return total / count if count else float("nan")
 
 
 def _save_epoch(out: Path, model: ViT, opt, history: list, config: dict):
@@ -2888,19 +2925,6 @@ def _save_epoch(out: Path, model: ViT, opt, history: list, config: dict):
     torch.save(dict(optimizer=opt.state_dict(), epoch=len(history) - 1, history=history), buf)
     atomic_write(out / "train_state.pt", buf.getvalue())
     write_json(out / "log.json", dict(history=history, config=config))
-
-
-def _mean(xs):
-    return float(sum(xs) / len(xs)) if xs else float("nan")
-
-
-def _all_reduce_mean(xs: list) -> list:
-    if not _dist_active():
-        return xs
-    import torch.distributed as dist
-    t = torch.tensor([sum(xs), len(xs)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return [float(t[0] / t[1])]
 
 
 # ======================================================================================================================
@@ -3223,7 +3247,7 @@ def prediction_agreement(correct_a, correct_b) -> dict:
 class AnalysisOptions:
     """Settings of the analyses; each uses the fields its ANALYSES row lists."""
     tokens: str = _field("flat", "token reduction for CKA: flat (all tokens × channels, the paper's), cls, mean "
-                                 "(patch tokens), all, patch", choices=TOKENS)
+                                 "(patch tokens), all, patch", choices=tuple(t for t in TOKENS if t != "official"))
     estimator: str = _field("auto", "CKA estimator: auto = an unbiased one (debiased when the features fit in 2 "
                                     "GiB, else minibatch); biased = Kornblith et al.'s HSIC (inflated at small n "
                                     "for wide features; `full` is its former name); debiased = the U-statistic "
@@ -3264,13 +3288,15 @@ def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, lis
                            for t, v in by_type.items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            unbiased = res["estimator"] != "biased"
             pair["layernorm_mean_tokens"] = dict(
-                with_affine=diagonal_mean(cka_matrix(feats[i], feats[j])),
-                without_affine=diagonal_mean(cka_matrix(raw[i], raw[j])))
+                estimator="debiased" if unbiased else "biased",
+                with_affine=diagonal_mean(cka_matrix(feats[i], feats[j], debiased=unbiased)),
+                without_affine=diagonal_mean(cka_matrix(raw[i], raw[j], debiased=unbiased)))
         figures[f"gap-{i}-{j}.png"] = ("heatmaps", [dict(a=pair["a"], b=f"{pair['b']} [{t}]", layers_a=v["layers_a"],
                                                          layers_b=v["layers_b"], cka=v["cka"])
                                                     for t, v in by_type.items()])
-        readings.append(_read_gap(pair))
+        readings.append(_read_gap(pair, opts.ci))
     return res, figures, readings
 
 
@@ -3284,15 +3310,20 @@ def _apart(ci_a, ci_b) -> bool:
     return ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]
 
 
-def _read_gap(pair) -> str:
-    txt = f"{pair['a']} vs {pair['b']}: matched-layer mean CKA {_ci(pair['diagonal_mean'], pair['diagonal_mean_ci'])}"
+def _read_gap(pair, level: float) -> str:
+    nan2 = [float("nan")] * 2
+    txt = f"{pair['a']} vs {pair['b']}: matched-layer mean CKA " \
+          f"{_ci(pair['diagonal_mean'], pair.get('diagonal_mean_ci', nan2))}"
     resid = [k for k, la in enumerate(pair["layers_a"]) if re.fullmatch(r"blocks\.\d+", la)]
+    if "cka_high" not in pair:
+        return txt + " (no intervals: nothing is called a difference)."
     if resid:
         matched = dict(matched_pairs(len(pair["layers_a"]), len(pair["layers_b"])))
         high = [pair["cka_high"][i][matched[i]] for i in resid]
         low = next((k for k, h in enumerate(high) if h < 0.5), None)
-        txt += (f"; the residual streams diverge from block {low} on (upper 95% bound of CKA < 0.5)" if low is not None
-                else "; no block where the residual streams clearly diverge (CKA < 0.5 with 95% confidence)")
+        txt += (f"; the residual streams diverge from block {low} on (upper {level:.0%} bound of CKA < 0.5)"
+                if low is not None else
+                f"; no block where the residual streams clearly diverge (CKA < 0.5 with {level:.0%} confidence)")
     early = {t: v for t, v in pair.get("by_type_first_quarter", {}).items() if t != "residual"}
     if early:
         worst = min(early, key=lambda t: early[t][0])
@@ -3318,14 +3349,15 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
         otr, ova = (cached_extract(m, s, None, "official", **run)["official"] for s in (train, val))
         last = list(ftr)[-1]
         lin = linear_probe({**ftr, "official": otr}, train.labels, {**fva, "official": ova}, val.labels, seed=opts.seed)
-        knn = knn_accuracy(ftr, train.labels, fva, val.labels, k=min(20, len(train)))
+        k = min(20, len(train))
+        knn = knn_accuracy(ftr, train.labels, fva, val.labels, k=k)
         marg = linear_probe(concat_features(ftr, last), train.labels, concat_features(fva, last), val.labels,
                             seed=opts.seed)
         mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, depth=d,
                                       epochs=opts.epochs, seed=opts.seed)[last] for d in (1, 2, 3, 4)}
         pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=opts.seed)[last]
         spec = spectrum_stats(ftr)
-        out[_spec(m)] = dict(linear=lin, knn=knn, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok,
+        out[_spec(m)] = dict(linear=lin, knn=knn, knn_k=k, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok,
                              official=eval_representation(m), n_train=len(train), n_val=len(val),
                              chance=chance_level(val.labels))
         curves[f"{_spec(m)} linear"] = {k: v for k, v in top1(lin).items() if k != "official"}
@@ -3345,8 +3377,8 @@ def _read_info(spec: str, r: dict, last: str) -> list[str]:
                      f"no clear difference between the best block ({best}, {acc[best]}) and the last ({acc[last]})")
              + f"; the published representation ({r['official']}) reaches {acc['official']}."]
     kbest = max(knn, key=lambda k: knn[k]["top1"])
-    lines.append(f"{spec}: k-NN (k = 20) {_ci(knn[last]['top1'], knn[last]['top1_ci'])} at the last block, best "
-                 f"{kbest} {_ci(knn[kbest]['top1'], knn[kbest]['top1_ci'])}.")
+    lines.append(f"{spec}: k-NN (k = {r['knn_k']}) {_ci(knn[last]['top1'], knn[last]['top1_ci'])} at the last "
+                 f"block, best {kbest} {_ci(knn[kbest]['top1'], knn[kbest]['top1_ci'])}.")
     marg, full = r["marginal"]["all"], r["marginal"][last]
     lines.append(f"{spec}: all blocks concatenated with the last {_ci(marg['top1'], marg['top1_ci'])} vs the last "
                  f"alone {_ci(full['top1'], full['top1_ci'])}: "
@@ -3422,6 +3454,13 @@ def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
     return out, {"spatial.png": ("curves", curves)}, readings
 
 
+def _pretrained_and_fine_tuned(a: ViT, b: ViT) -> bool:
+    """Whether one of the two is a fine-tuned version of the other's kind: the same objective, once with +FT (a
+    released fine-tuned file such as MAE's, or one finetune() wrote)."""
+    oa, ob = (objective(m.family, m.source.get("fine_tuned", False)) for m in (a, b))
+    return oa != ob and oa.removesuffix("+FT") == ob.removesuffix("+FT") and "?" not in oa + ob
+
+
 def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Per-module weight distance between every pair of models of the same architecture (e.g. PT vs FT). Exact: no
     sampling, so no interval. Models of different architectures cannot be compared."""
@@ -3435,25 +3474,15 @@ def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
             out[f"{_spec(a)} vs {_spec(b)}"] = wd
             qkv = {k: v for k, v in wd.items() if k.endswith("attn.qkv")}
             top = max(qkv, key=qkv.get) if qkv else None
-            fine_tuned = b.source.get("fine_tuned") and not a.source.get("fine_tuned") and a.family == b.family
-            readings.append(f"{_spec(a)} → {_spec(b)}: total weight distance {wd['total']:.2f}"
+            fine_tuned = _pretrained_and_fine_tuned(a, b)
+            readings.append(f"{_spec(a)} → {_spec(b)}: total weight distance {wd['total']:.3g}"
                             + (f"; the qkv projection that {'moved' if fine_tuned else 'differs'} most is {top} "
-                               f"({qkv[top]:.2f})" if top else "")
+                               f"({qkv[top]:.3g})" if top else "")
                             + ("." if fine_tuned else " (caveat: not a pretrained → fine-tuned pair, so this measures "
                                                       "two independent trainings, not what fine-tuning moved)."))
     if not out:
         raise UsageError("weights compares models of one architecture: no two of these share their blocks' shapes")
     return out, {}, readings
-
-
-def predictions_correct(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> torch.Tensor:
-    """Per image, whether the model's classification head predicts its label (top-1)."""
-    device = as_device(device)
-    out = []
-    with torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
-        for x, y in model_batches(model, images, batch_size):
-            out.append(model.logits(x.to(device)).argmax(-1).cpu() == y)
-    return torch.cat(out)
 
 
 def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
@@ -3590,17 +3619,18 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
 def render_report(sections, meta) -> str:
     """report.md: settings, models, caveats, then per analysis its figures and plain-language readings, every
     number with its interval. sections: (name, figure file names, readings)."""
-    cka, probes, data = meta["cka"], meta.get("probes"), meta["data"]
+    cka, probes, data = meta["cka"] or {}, meta.get("probes"), meta["data"]
     lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
-             f"Data: {data['name']} ({data['n']} images, seed {data['seed']}). CKA: {cka['estimator']} estimator, "
-             f"n = {cka['n']}, {cka['tokens']} tokens, " + (f"{cka['ci']:.0%} intervals by the {cka['interval']}."
-                                                            if cka.get("ci") else "no intervals.")
+             f"Data: {data['name']} ({data['n']} images, seed {data['seed']})."
+             + (f" CKA: {cka['estimator']} estimator, n = {cka['n']}, {cka['tokens']} tokens, "
+                + (f"{cka['ci']:.0%} intervals by the {cka['interval']}." if cka.get("ci") else "no intervals.")
+                if cka else " No CKA (fewer than two models).")
              + (f" Probes: {probes['split']} (seed {probes['seed']}), n_val = {probes['n_val']}, chance "
                 f"{probes['chance']:.2f}, {probes['intervals']} intervals." if probes else "")
              + f" MAE mask ratio {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; ssl_repsim "
                f"{meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.",
-             "", ("Numbers are followed by their 95% interval in brackets; a difference is called one only when "
-                  "the intervals do not overlap."), "",
+             "", (f"Numbers are followed by their {cka.get('ci') or 0.95:.0%} interval in brackets (probes: Wilson "
+                  "95%); a difference is called one only when the intervals do not overlap."), "",
              "| model | family | objective | depth × width / patch | input | preprocessing | sha256 |",
              "|---|---|---|---|---|---|---|"]
     for m in meta["models"]:
@@ -3860,7 +3890,8 @@ def _cmd_probe(args, kind="probe"):
                 tokens={m.source["spec"]: _probe_tokens(m, args.tokens) for m in models},
                 official={m.source["spec"]: eval_representation(m) for m in models}, seed=args.seed,
                 versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
-    meta.update(dict(k=args.k, temperature=args.temperature) if kind == "knn" else dict(method=args.method))
+    meta.update(dict(k=min(args.k, len(train)), temperature=args.temperature) if kind == "knn" else
+                dict(method=args.method))
     _write_layer_results(_out_dir(args, kind), kind, results, meta)
 
 
@@ -3905,7 +3936,10 @@ def _cmd_finetune(args):
 
 def _cmd_analysis(args):
     t0 = time.time()
-    names = [n for n in ANALYSES if n not in (args.skip or "").split(",")] if args.cmd == "report" else [args.cmd]
+    skip = [s for s in (getattr(args, "skip", None) or "").split(",") if s]
+    if set(skip) - set(ANALYSES):
+        raise UsageError(f"--skip {','.join(sorted(set(skip) - set(ANALYSES)))}: not an analysis ({', '.join(ANALYSES)})")
+    names = [n for n in ANALYSES if n not in skip] if args.cmd == "report" else [args.cmd]
     if args.cmd != "report" and len(args.models) < ANALYSES[args.cmd].min_models:
         raise UsageError(f"{args.cmd} needs at least {ANALYSES[args.cmd].min_models} models")
     models = _load_models(args, head=any(ANALYSES[n].needs_heads for n in names))
@@ -3935,8 +3969,8 @@ def _analysis_settings(results: dict, opts: AnalysisOptions) -> dict:
     split, n_val and chance; the attention mask ratio."""
     cka = next((results[k]["results"] for k in ("overview", "gap") if results.get(k, {}).get("results")), {})
     info = next(iter(results.get("info", {}).get("results", {}).values()), None)
-    return dict(cka=dict(tokens=opts.tokens, estimator=cka.get("estimator", opts.estimator), n=cka.get("n"),
-                         batch_size=cka.get("batch_size"), ci=cka.get("ci"), interval=cka.get("interval")),
+    return dict(cka=dict(tokens=opts.tokens, estimator=cka["estimator"], n=cka["n"], batch_size=cka["batch_size"],
+                         ci=cka["ci"], interval=cka["interval"]) if cka else None,
                 probes=dict(split="75% train / 25% validation", seed=opts.seed, n_train=info["n_train"],
                             n_val=info["n_val"], chance=info["chance"], intervals="Wilson 95%") if info else None,
                 mae_mask_ratio=opts.mae_mask_ratio)
