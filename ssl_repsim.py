@@ -3834,7 +3834,7 @@ def _cmd_cka(args):
 
 def _estimator_words(res: dict) -> str:
     """e.g. "debiased, n=256" or "minibatch, n=1024 in batches of 32"."""
-    batches = f" in batches of {res['batch_size']}" if res["estimator"] == "minibatch" else ""
+    batches = f" in batches of {min(res['batch_size'], res['n'])}" if res["estimator"] == "minibatch" else ""
     return f"{res['estimator']}, n={res['n']}{batches}"
 
 

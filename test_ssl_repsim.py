@@ -921,30 +921,37 @@ def b_ibot_full(d, a, drop):
     return save_obj(obj, d / "checkpoint.pth"), P
 
 
-def moco_encoder(r, pre, bb, D):
-    sd = prefixed(bb, pre)
-    hid, out = 48, 24
-    sd.update(sd_linear(r, pre + "head.0", hid, D, bias=False))
-    sd.update(sd_batchnorm(r, pre + "head.1", hid))
-    sd.update(sd_linear(r, pre + "head.3", hid, hid, bias=False))
-    sd.update(sd_batchnorm(r, pre + "head.4", hid))
-    sd.update(sd_linear(r, pre + "head.6", out, hid, bias=False))
-    sd.update(sd_batchnorm(r, pre + "head.7", out, affine=False))
+def sd_mlp(r, layers):
+    """The state dict of a projector / predictor MLP: ("fc", name, out, in, bias) and ("bn", name, n, affine)."""
+    sd = {}
+    for kind, name, *args in layers:
+        sd.update(sd_linear(r, name, *args) if kind == "fc" else sd_batchnorm(r, name, *args))
     return sd
 
 
+def moco_encoder(r, pre, bb, D):
+    sd = prefixed(bb, pre)
+    hid, out = 48, 24
+    sd.update(sd_mlp(r, [("fc", pre + "head.0", hid, D, False), ("bn", pre + "head.1", hid, True),
+                         ("fc", pre + "head.3", hid, hid, False), ("bn", pre + "head.4", hid, True),
+                         ("fc", pre + "head.6", out, hid, False), ("bn", pre + "head.7", out, False)]))
+    return sd
+
+
+def twin_params(a, name, twin, order, cls_row):
+    """Parameters of an evaluated network and of its twin (momentum / context encoder) sharing one sin-cos table."""
+    P, M = make_params(a, seed_of(name)), make_params(a, seed_of(twin))
+    P["pos"] = M["pos"] = sincos_table(a.D, a.grid, order, cls_row=cls_row)
+    return P, M
+
+
 def b_mocov3(d, a, drop):
-    P = make_params(a, seed_of("mocov3"))
-    P["pos"] = sincos_table(a.D, a.grid, "moco", cls_row=True)
-    M = make_params(a, seed_of("mocov3_momentum"))
-    M["pos"] = P["pos"]
+    P, M = twin_params(a, "mocov3", "mocov3_momentum", "moco", cls_row=True)
     r = rnd(5)
     st = moco_encoder(r, "module.base_encoder.", drop_key(plain_sd(P, a), drop), a.D)
     st.update(moco_encoder(r, "module.momentum_encoder.", plain_sd(M, a), a.D))
-    st.update(sd_linear(r, "module.predictor.0", 48, 24, bias=False))
-    st.update(sd_batchnorm(r, "module.predictor.1", 48))
-    st.update(sd_linear(r, "module.predictor.3", 24, 48, bias=False))
-    st.update(sd_batchnorm(r, "module.predictor.4", 24, affine=False))
+    st.update(sd_mlp(r, [("fc", "module.predictor.0", 48, 24, False), ("bn", "module.predictor.1", 48, True),
+                         ("fc", "module.predictor.3", 24, 48, False), ("bn", "module.predictor.4", 24, False)]))
     obj = {"epoch": 300, "arch": "vit_small", "state_dict": st, "optimizer": optimizer_state(r)}
     return save_obj(obj, d / "vit-s-300ep.pth.tar"), P
 
@@ -954,11 +961,9 @@ def b_msn(d, a, drop):
     r = rnd(6)
     sd = prefixed(drop_key(plain_sd(P, a), drop), "module.")
     hid, out = 48, 24
-    sd.update(sd_linear(r, "module.fc.fc1", hid, a.D))
-    sd.update(sd_batchnorm(r, "module.fc.bn1", hid))
-    sd.update(sd_linear(r, "module.fc.fc2", hid, hid))
-    sd.update(sd_batchnorm(r, "module.fc.bn2", hid))
-    sd.update(sd_linear(r, "module.fc.fc3", out, hid))
+    sd.update(sd_mlp(r, [("fc", "module.fc.fc1", hid, a.D, True), ("bn", "module.fc.bn1", hid, True),
+                         ("fc", "module.fc.fc2", hid, hid, True), ("bn", "module.fc.bn2", hid, True),
+                         ("fc", "module.fc.fc3", out, hid, True)]))
     return save_obj({"target_encoder": sd, "prototypes": r(100, out)}, d / "vits16_800ep.pth.tar"), P
 
 
@@ -971,10 +976,7 @@ def b_deit3(d, a, drop):
 
 
 def b_ijepa(d, a, drop):
-    P = make_params(a, seed_of("ijepa"))
-    P["pos"] = sincos_table(a.D, a.grid, "mae", cls_row=False)
-    E = make_params(a, seed_of("ijepa_context"))
-    E["pos"] = P["pos"]
+    P, E = twin_params(a, "ijepa", "ijepa_context", "mae", cls_row=False)
     r = rnd(9)
     Dp = 16
     pred = {"module.mask_token": r(1, 1, Dp)}
@@ -2541,9 +2543,11 @@ def test_official_tokens_follow_the_registry_and_the_family_width(monkeypatch):
     model.cfg.num_heads = 2
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     got = sr.extract(model, x, tokens="official", device="cpu")
-    ref = sr.extract(model, x, ["norm"], "cls", device="cpu")["norm"]
+    last = sr.extract(model, x, ["blocks.1"], "all", device="cpu")["blocks.1"].double()
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    ref = layer_norm(last, sd["norm.weight"], sd["norm.bias"], 1e-6)[:, 0]     # cls after the final norm, by hand
     assert list(got) == ["official"]
-    torch.testing.assert_close(got["official"], ref)
+    assert_near(got["official"], ref, what="official cls_norm")
 
 
 # ======================================================================================================================
