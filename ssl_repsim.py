@@ -2252,8 +2252,9 @@ def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel,
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
             maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=debiased,
                                       rbf_threshold=rbf_threshold)
-        influence = cka_influence(feats[i], feats[j], kernel, rbf_threshold, debiased) if spread else None
-        if influence is not None and len(maps[(i, j)].flatten()) * influence.shape[-1] * 4 <= GRAM_BUDGET_BYTES:
+        fits = maps[(i, j)].numel() * len(next(iter(feats[i].values()))) * 4 <= GRAM_BUDGET_BYTES
+        influence = cka_influence(feats[i], feats[j], kernel, rbf_threshold, debiased) if spread and fits else None
+        if influence is not None:
             spreads[(i, j)] = Spread("influence", influence)
         elif spread:
             log.warning("notice: no intervals for this map: its per-image influence would not fit in memory "
