@@ -1560,13 +1560,19 @@ def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: in
 
 
 def images_fingerprint(images: ImageSet) -> str:
-    """A digest of exactly which images (and labels) an ImageSet holds: file paths, or the tensor's bytes."""
+    """A digest of exactly which images (and labels) an ImageSet holds: each file's path, size and modification
+    time (an edited, replaced or newly readable file changes it), or the tensor's bytes."""
     h = hashlib.sha256()
     if isinstance(images.items, torch.Tensor):
         h.update(str((tuple(images.items.shape), images.items.dtype)).encode())
         h.update(images.items.contiguous().numpy().tobytes())
     else:
-        h.update("\n".join(map(str, images.items)).encode())
+        for p in images.items:
+            try:
+                st = os.stat(p)
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}\0missing\n".encode())
     if images.labels is not None:
         h.update(images.labels.numpy().tobytes())
     return h.hexdigest()
@@ -1595,19 +1601,48 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
     if cache_dir is None:
         return extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
                        progress, group)
-    from safetensors.torch import load_file
     from safetensors.torch import save as st_save
     key = features_cache_key(model, images, names, tokens, dtype)
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
-        with contextlib.suppress(Exception):
-            feats = load_file(str(path))
-            if set(feats) >= set(names):
-                return {k: feats[k] for k in names}
+        cached = _read_cached_features(path, names)
+        if cached is not None:
+            feats, skipped = cached
+            images.unreadable |= set(skipped)     # the skips of the run that wrote it, counted again
+            return feats
+        log.warning(f"notice: the feature cache {path.name} is damaged or incomplete: recomputing it")
+    before = set(images.unreadable)
     feats = extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
                     progress, group)
-    atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}))
+    used = len(next(iter(feats.values())))
+    meta = {"rows": str(used), "skipped": json.dumps(sorted(images.unreadable - before)),
+            "sha256": json.dumps({k: _tensor_sha256(v) for k, v in feats.items()})}
+    try:
+        atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}, metadata=meta))
+    except UsageError as e:      # a cache that cannot be written costs speed, not the run
+        log.warning(f"notice: features not cached ({_one_line(e)})")
     return feats
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _read_cached_features(path: Path, names: list[str]):
+    """({name: tensor}, skipped indices) from a cache file whose every tensor matches its recorded sha256 and row
+    count, else None: a damaged or foreign file is never reused."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sums, rows = json.loads(meta["sha256"]), int(meta["rows"])
+            feats = {k: f.get_tensor(k) for k in names}
+            skipped = json.loads(meta["skipped"])
+    except Exception:  # noqa: BLE001 - unreadable, truncated, missing names or metadata: not reusable
+        return None
+    if any(len(v) != rows or sums.get(k) != _tensor_sha256(v) for k, v in feats.items()):
+        return None
+    return feats, skipped
 
 
 # ======================================================================================================================

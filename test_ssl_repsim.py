@@ -2506,6 +2506,36 @@ def test_feature_cache_distinguishes_subsets_and_reuses_identical(tmp_path):
     assert len(list(cache.glob("features-*.safetensors"))) == 2 and all(torch.equal(again[k], fa[k]) for k in fa)
 
 
+def test_feature_cache_never_reuses_damaged_or_stale_features(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    for k in range(6):
+        write_png(tmp_path / "data" / f"{k}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    (tmp_path / "data" / "9.png").write_bytes(b"not a png")                       # unreadable: skipped
+    m, cache = tiny_model(0), tmp_path / "cache"
+    first = sr.load_images(tmp_path / "data")
+    fa = sr.cached_extract(m, first, "blocks", "cls", cache_dir=cache)
+    assert first.skipped == 1
+    again = sr.load_images(tmp_path / "data")
+    reused = sr.cached_extract(m, again, "blocks", "cls", cache_dir=cache)
+    assert again.skipped == 1 and all(torch.equal(reused[k], fa[k]) for k in fa)    # the skip is counted again
+    (path,) = cache.glob("features-*.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-8:] = b"\x00" * 8                                                        # damage the data, keep the header
+    path.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="ssl_repsim"):
+        healed = sr.cached_extract(m, sr.load_images(tmp_path / "data"), "blocks", "cls", cache_dir=cache)
+    assert "damaged" in caplog.text and all(torch.equal(healed[k], fa[k]) for k in fa)
+    # the unreadable file becomes an image: another key, so the 6-image features are not reused for 7 images
+    write_png(tmp_path / "data" / "9.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    seven = sr.cached_extract(m, sr.load_images(tmp_path / "data"), "blocks", "cls", cache_dir=cache)
+    assert len(seven["blocks.1"]) == 7 and len(list(cache.glob("features-*.safetensors"))) == 2
+    # a cache folder that cannot be written is a notice, not a failed run
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    out = sr.cached_extract(m, sr.load_images(tmp_path / "data"), "blocks", "cls", cache_dir=blocked)
+    assert len(out["blocks.1"]) == 7 and "not cached" in caplog.text
+
+
 @pytest.mark.parametrize("kind", sorted(sr.OFFICIAL_REPRESENTATIONS))
 def test_official_representation_equals_the_one_built_by_hand(kind):
     fc = kind == "fc_norm_mean"
