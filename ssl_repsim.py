@@ -790,7 +790,28 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         raise UsageError(f"{path}: corrupt or unreadable checkpoint ({msg[:200]})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{path}: holds a {type(obj).__name__}, not a state dict or a dict of state dicts")
+    _refuse_inflated(obj, path)
     return obj, {}
+
+
+def _refuse_inflated(obj, path, limit: int = 1 << 36):
+    """Refuse tensors whose storage is smaller than their shape (expand()ed, stride 0: a small file that would
+    become huge once copied) and files whose tensors add up to more than `limit` bytes (64 GiB: a ViT-g training file with its optimizer holds ~20)."""
+    total, stack = 0, [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif isinstance(o, torch.Tensor):
+            size = o.numel() * o.element_size()
+            if o.numel() and o.untyped_storage().nbytes() < size:
+                raise UsageError(f"{path}: holds a tensor of shape {tuple(o.shape)} stored in "
+                                 f"{o.untyped_storage().nbytes()} bytes (expanded): not a checkpoint to load")
+            total += size
+    if total > limit:
+        raise UsageError(f"{path}: its tensors would take {total / 2 ** 30:.0f} GiB: larger than any released ViT")
 
 
 def _one_line(e: BaseException) -> str:
@@ -873,9 +894,13 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, norm_ep
     if w is None or w.ndim != 4:
         raise UsageError(f"no ViT patch embedding found (keys: {_keys_str(sd)}): not a ViT checkpoint")
     d, patch = w.shape[0], w.shape[-1]
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    present = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = 1 + max(present, default=-1)
     if depth == 0:
         raise UsageError("no transformer blocks (blocks.N.*) in the checkpoint")
+    if len(present) != depth:   # checked before anything is built: one stray blocks.100000 key builds nothing
+        gaps = sorted(set(range(depth)) - present)
+        raise UsageError(f"blocks {gaps[0]}…{gaps[-1]} ({len(gaps)} of {depth}) are missing from the checkpoint")
     cls = "cls_token" in sd
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     grid, pos_cls_row = None, True

@@ -2221,6 +2221,18 @@ def test_inconsistent_backbone(mutation, tmp_path):
     assert_one_line(e)
 
 
+def test_stray_block_key_and_expanded_tensor_are_refused_before_anything_is_built(tmp_path):
+    sd = tiny_model(0).state_dict()
+    torch.save({**sd, "blocks.100000.norm1.weight": torch.ones(32)}, tmp_path / "stray.pth")
+    with pytest.raises(sr.UsageError, match="missing") as e:     # from infer_config: before any module is built
+        sr.load_model(tmp_path / "stray.pth", num_heads=2)
+    assert_one_line(e)
+    torch.save({**sd, "pos_embed": torch.zeros(1, 1, 32).expand(1, 17, 32)}, tmp_path / "expanded.pth")
+    with pytest.raises(sr.UsageError, match="expanded") as e:
+        sr.load_model(tmp_path / "expanded.pth", num_heads=2)
+    assert_one_line(e)
+
+
 def test_half_precision_checkpoint_is_upcast(tmp_path):
     case = build("dino", tmp_path)
     sd = torch.load(case.path, weights_only=True)
