@@ -796,7 +796,8 @@ def read_checkpoint(path) -> tuple[dict, dict]:
 
 def _refuse_inflated(obj, path, limit: int = 1 << 36):
     """Refuse tensors whose storage is smaller than their shape (expand()ed, stride 0: a small file that would
-    become huge once copied) and files whose tensors add up to more than `limit` bytes (64 GiB: a ViT-g training file with its optimizer holds ~20)."""
+    become huge once copied) and files whose tensors add up to more than `limit` bytes (64 GiB; a ViT-g training
+    file with its optimizer state holds about 20)."""
     total, stack = 0, [obj]
     while stack:
         o = stack.pop()
@@ -2882,6 +2883,8 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
     if len(train) < cfg.batch_size * world:
         raise UsageError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size * world}")
     out = Path(out) if out else None
+    identity = dict(dataclasses.asdict(cfg), model_sha256=_state_sha256(model), data_sha256=images_fingerprint(train),
+                    num_classes=num_classes, world_size=world)   # what a resume must continue with
     _attach_head(model, num_classes, torch.Generator().manual_seed(cfg.seed))
     for i, blk in enumerate(model.blocks):
         blk.drop_path = cfg.drop_path * i / max(len(model.blocks) - 1, 1)
@@ -2889,7 +2892,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
         groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
                                 betas=(0.9, 0.999))
-        history = _resume(model, opt, out) if resume and out and (out / "train_state.pt").is_file() else []
+        history = _resume(model, opt, out, identity) if resume and out and (out / "train_state.pt").is_file() else []
         net = Classifier(model)
         if world > 1:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -2906,9 +2909,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
                 log.info(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.4f}"
                          + (f", val acc {val_acc:.3f}" if val_acc is not None else ""))
                 if out:
-                    _save_epoch(out, model, opt, history, dict(dataclasses.asdict(cfg), lr=sched["base"],
-                                                               world_size=world, num_classes=num_classes,
-                                                               family=model.family))
+                    _save_epoch(out, model, opt, history, dict(identity, lr=sched["base"], family=model.family))
             _barrier()
     for blk in model.blocks:
         blk.rng = None
@@ -2926,17 +2927,41 @@ def _attach_head(model: ViT, num_classes: int, g: torch.Generator):
     model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
 
 
-def _resume(model: ViT, opt, out: Path) -> list[dict]:
-    """Weights and optimizer state of the last finished epoch in `out`; the history so far."""
-    state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+def _state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state dict: names and raw bytes."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resume(model: ViT, opt, out: Path, identity: dict) -> list[dict]:
+    """Weights and optimizer state of the last finished epoch in `out`, and the history so far — only for the run
+    that wrote them (the same starting weights, data and every hyperparameter) and only from intact files."""
+    try:
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+        recorded, epoch, history = state["identity"], state["epoch"], state["history"]
+    except Exception as e:  # noqa: BLE001 - unreadable, truncated or from another version: not resumable
+        raise UsageError(f"{out}/train_state.pt is damaged or not ours ({_one_line(e)[:120]}): remove it to start "
+                         "over") from None
+    changed = [k for k in identity if recorded.get(k) != identity[k]]
+    if changed:
+        raise UsageError(f"--resume: {out} holds a run with another {', '.join(changed)}: resume with the same model, "
+                         "data and settings, or fine-tune into another --out")
     sd, meta = read_checkpoint(out / "checkpoint.safetensors")
-    if json.loads(meta.get("epoch", "-1")) != state["epoch"] + 1:
+    if json.loads(meta.get("epoch", "-1")) != epoch + 1:
         raise UsageError(f"{out}: checkpoint.safetensors and train_state.pt are from different epochs (an "
                          "interrupted save); remove train_state.pt to start over")
-    model.load_state_dict(sd)
-    opt.load_state_dict(state["optimizer"])
-    log.info(f"resuming from {out} after epoch {state['epoch'] + 1}")
-    return state["history"]
+    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in sd.values()):
+        raise UsageError(f"{out}/checkpoint.safetensors has NaN or Inf weights: remove the folder to start over")
+    try:
+        model.load_state_dict(sd)
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"{out}: the saved state does not fit this model ({_one_line(e)[:120]})") from None
+    log.info(f"resuming from {out} after epoch {epoch + 1}")
+    return history
 
 
 def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num_classes, device, dtype, progress,
@@ -2980,12 +3005,14 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
     return total / count if count else float("nan")
 
 
-def _save_epoch(out: Path, model: ViT, opt, history: list, config: dict):
+def _save_epoch(out: Path, model: ViT, opt, history: list, record: dict):
+    """checkpoint.safetensors, train_state.pt (optimizer, epoch, and the run's identity a resume must match) and
+    log.json (history and every setting)."""
     save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=len(history), fine_tuned=True))
     buf = io.BytesIO()
-    torch.save(dict(optimizer=opt.state_dict(), epoch=len(history) - 1, history=history), buf)
+    torch.save(dict(optimizer=opt.state_dict(), epoch=len(history) - 1, history=history, identity=record), buf)
     atomic_write(out / "train_state.pt", buf.getvalue())
-    write_json(out / "log.json", dict(history=history, config=config))
+    write_json(out / "log.json", dict(history=history, config=record))
 
 
 # ======================================================================================================================
@@ -3999,7 +4026,8 @@ def _cmd_analysis(args):
     t0 = time.time()
     skip = [s for s in (getattr(args, "skip", None) or "").split(",") if s]
     if set(skip) - set(ANALYSES):
-        raise UsageError(f"--skip {','.join(sorted(set(skip) - set(ANALYSES)))}: not an analysis ({', '.join(ANALYSES)})")
+        unknown = ",".join(sorted(set(skip) - set(ANALYSES)))
+        raise UsageError(f"--skip {unknown}: not an analysis ({', '.join(ANALYSES)})")
     names = [n for n in ANALYSES if n not in skip] if args.cmd == "report" else [args.cmd]
     if args.cmd != "report" and len(args.models) < ANALYSES[args.cmd].min_models:
         raise UsageError(f"{args.cmd} needs at least {ANALYSES[args.cmd].min_models} models")

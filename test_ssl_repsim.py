@@ -3205,6 +3205,35 @@ def test_analyses_refuse_what_they_cannot_compare(tmp_path):
         assert why in p.stderr, (argv, p.stderr)
 
 
+def test_finetune_is_reproducible_and_resume_refuses_another_run(tmp_path):
+    from safetensors.torch import load_file, save_file
+    train = colour_set(16, seed=1)
+    kw = {"epochs": 1, "batch_size": 8, "device": "cpu", "seed": 4}
+    for run in ("r1", "r2"):
+        sr.finetune(tiny_model(0), train, out=tmp_path / run, **kw)
+    one, two = (load_file(str(tmp_path / r / "checkpoint.safetensors")) for r in ("r1", "r2"))
+    assert all(torch.equal(one[k], two[k]) for k in one)                 # same --seed: bit-identical
+    for why, model, data, extra in (("blr", tiny_model(0), train, {"blr": 2e-3}),
+                                    ("model_sha256", tiny_model(1), train, {}),
+                                    ("data_sha256", tiny_model(0), colour_set(16, seed=9), {})):
+        with pytest.raises(sr.UsageError, match=why) as e:
+            sr.finetune(model, data, out=tmp_path / "r1", resume=True, **kw, **extra)
+        assert_one_line(e)
+    (tmp_path / "r2" / "train_state.pt").write_bytes(b"garbage")
+    with pytest.raises(sr.UsageError, match="damaged") as e:
+        sr.finetune(tiny_model(0), train, out=tmp_path / "r2", resume=True, **kw)
+    assert_one_line(e)
+    broken = {k: v.clone() for k, v in one.items()}
+    broken["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "r1" / "checkpoint.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file(broken, str(tmp_path / "r1" / "checkpoint.safetensors"), metadata=meta)
+    with pytest.raises(sr.UsageError, match="NaN") as e:
+        sr.finetune(tiny_model(0), train, out=tmp_path / "r1", resume=True, **kw)
+    assert_one_line(e)
+
+
 def test_finetune_exact_resume_log_and_checkpoint(tmp_path):
     base = tiny_model(0, num_classes=2)
     train, val = colour_set(32, seed=1), colour_set(8, seed=2)
