@@ -1170,6 +1170,13 @@ class ImageSet:
     def skipped(self) -> int:
         return len(self.unreadable)
 
+    def readable_labels(self) -> torch.Tensor | None:
+        """The labels of the images read so far without error, in order: the rows of their features."""
+        if self.labels is None or not self.unreadable:
+            return self.labels
+        keep = torch.tensor([i not in self.unreadable for i in range(len(self))])
+        return self.labels[keep]
+
     def __len__(self):
         return len(self.items)
 
@@ -3436,18 +3443,18 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
         ftr, fva = (cached_extract(m, s, "blocks", tok, **run) for s in (train, val))
         otr, ova = (cached_extract(m, s, None, "official", **run)["official"] for s in (train, val))
         last = list(ftr)[-1]
-        lin = linear_probe({**ftr, "official": otr}, train.labels, {**fva, "official": ova}, val.labels, seed=opts.seed)
-        k = min(20, len(train))
-        knn = knn_accuracy(ftr, train.labels, fva, val.labels, k=k)
-        marg = linear_probe(concat_features(ftr, last), train.labels, concat_features(fva, last), val.labels,
-                            seed=opts.seed)
-        mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, depth=d,
+        ytr, yva = train.readable_labels(), val.readable_labels()   # unreadable images have no feature rows
+        lin = linear_probe({**ftr, "official": otr}, ytr, {**fva, "official": ova}, yva, seed=opts.seed)
+        k = min(20, len(ytr))
+        knn = knn_accuracy(ftr, ytr, fva, yva, k=k)
+        marg = linear_probe(concat_features(ftr, last), ytr, concat_features(fva, last), yva, seed=opts.seed)
+        mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, ytr, {last: fva[last]}, yva, depth=d,
                                       epochs=opts.epochs, seed=opts.seed)[last] for d in (1, 2, 3, 4)}
-        pcs = pca_probe({last: ftr[last]}, train.labels, {last: fva[last]}, val.labels, seed=opts.seed)[last]
+        pcs = pca_probe({last: ftr[last]}, ytr, {last: fva[last]}, yva, seed=opts.seed)[last]
         spec = spectrum_stats(ftr)
         out[_spec(m)] = dict(linear=lin, knn=knn, knn_k=k, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok,
-                             official=eval_representation(m), n_train=len(train), n_val=len(val),
-                             chance=chance_level(val.labels))
+                             official=eval_representation(m), n_train=len(ytr), n_val=len(yva),
+                             chance=chance_level(yva))
         curves[f"{_spec(m)} linear"] = {k: v for k, v in top1(lin).items() if k != "official"}
         curves[f"{_spec(m)} k-NN"] = top1(knn)
         readings += _read_info(_spec(m), out[_spec(m)], last)
@@ -3961,7 +3968,7 @@ def _cmd_probe(args, kind="probe"):
             rep = f"official:{eval_representation(m)}"
             ftr[rep] = cached_extract(m, train, None, "official", **kw)["official"]
             fva[rep] = cached_extract(m, val, None, "official", **kw)["official"]
-        ytr, yva = train.labels, val.labels
+        ytr, yva = train.readable_labels(), val.readable_labels()   # unreadable images have no feature rows
         if kind == "knn":
             res = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)), temperature=args.temperature,
                                device=args.device)
@@ -3973,12 +3980,13 @@ def _cmd_probe(args, kind="probe"):
             res = linear_probe(ftr, ytr, fva, yva, method=args.method, seed=args.seed, device=args.device, **opts)
         results[m.source["spec"]] = res
     meta = dict(models=[_model_meta(m) for m in models], data=str(args.data), val=args.val or
-                f"{args.val_fraction:.0%} of data (seed {args.seed})", n_train=len(train), n_val=len(val),
-                chance=chance_level(val.labels), intervals="Wilson 95%", points=args.points,
+                f"{args.val_fraction:.0%} of data (seed {args.seed})", n_train=len(train) - train.skipped,
+                n_val=len(val) - val.skipped, skipped=train.skipped + val.skipped,
+                chance=chance_level(val.readable_labels()), intervals="Wilson 95%", points=args.points,
                 tokens={m.source["spec"]: _probe_tokens(m, args.tokens) for m in models},
                 official={m.source["spec"]: eval_representation(m) for m in models}, seed=args.seed,
                 versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
-    meta.update(dict(k=min(args.k, len(train)), temperature=args.temperature) if kind == "knn" else
+    meta.update(dict(k=min(args.k, len(train) - train.skipped), temperature=args.temperature) if kind == "knn" else
                 dict(method=args.method))
     _write_layer_results(_out_dir(args, kind), kind, results, meta)
 

@@ -3747,6 +3747,22 @@ def test_no_function_longer_than_fifty_lines():
 
 # --- probes, fine-tuning, analyses ------------------------------------------------------------------------------------
 
+def test_cli_probe_and_knn_skip_an_unreadable_image_like_cka(tmp_path):
+    rng = np.random.default_rng(5)
+    for k in range(12):
+        col = (200, 40, 40) if k % 2 else (40, 40, 200)
+        arr = np.clip(np.array(col)[None, None] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+        write_png(tmp_path / "data" / ("red" if k % 2 else "blue") / f"{k}.png", arr)
+    (tmp_path / "data" / "red" / "zz.png").write_bytes(b"\x89PNG broken")
+    a, _ = tiny_pair(tmp_path)
+    for cmd in ("probe", "knn"):
+        p = cli(cmd, a, "--data", tmp_path / "data", "--img-size", 32, "--val-fraction", 0.25, "--out",
+                tmp_path / cmd, "--quiet")
+        assert p.returncode == 0, (cmd, p.stderr)
+        meta = json.loads((tmp_path / cmd / f"{cmd}.json").read_text())["meta"]
+        assert meta["skipped"] == 1 and meta["n_train"] + meta["n_val"] == 12, meta
+
+
 def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     xtr, ytr = colour_images(24, 32, seed=1)
     xva, yva = colour_images(12, 32, seed=2)
