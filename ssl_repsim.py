@@ -31,6 +31,7 @@ import re
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 import warnings
@@ -1001,7 +1002,13 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         if v is not None and v < 1:
             raise UsageError(f"{what} must be ≥ 1, got {v}")
     path, hints = _locate_checkpoint(spec, weights_dir, offline, progress)
-    obj, meta = read_checkpoint(path)
+    try:
+        obj, meta = read_checkpoint(path)
+    except UsageError as e:
+        if hints.get("registry"):
+            raise UsageError(f"{_one_line(e)} (re-download it: rm {path} && python ssl_repsim.py download "
+                             f"{hints['registry']})") from None
+        raise
     if meta.get("format") == "ssl_repsim":  # our own files carry their config, preprocessing and input size
         model = _build_own(obj, meta, head)
     else:
@@ -1027,6 +1034,7 @@ def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) ->
                 raise UsageError(f"{name} is not in {path.parent} (offline): run `python ssl_repsim.py download "
                                  f"{name}` or put the file at {path}")
             download(name, weights_dir, progress=progress)
+        _verify_recorded(name, path)
         return path, dict(registry=name, family=row["family"], num_heads=row["num_heads"], img_size=row["img_size"])
     if Path(spec).is_dir():
         return _hf_weights(Path(spec))
@@ -1085,30 +1093,35 @@ def save_checkpoint(model: ViT, path, extra: dict | None = None) -> Path:
     return atomic_write(path, st_save(tensors, metadata=meta))
 
 
+STALL_SECONDS = 60           # a download with no byte for this long, or slower than ...
+MIN_BYTES_PER_SECOND = 4096  # ... this over a whole STALL_SECONDS window, is abandoned
+
+
 def download_file(url: str, dest, sha256: str | None = None, md5: str | None = None, progress: bool = False) -> Path:
-    """Stream `url` into a temp file beside `dest`, verify length and digest (a published prefix is enough),
-    then rename into place. On any failure nothing is left behind."""
+    """Stream `url` into a temp file beside `dest`, verify it, then rename into place: the size must match
+    Content-Length (without one, the bytes must be a whole zip, safetensors or pickle container), the digest must
+    match where known (a published prefix is enough), a web page is never a checkpoint, and a stalled or crawling
+    transfer is abandoned. On any failure, or SIGINT/SIGTERM, nothing is left behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    h256, h5, done = hashlib.sha256(), hashlib.md5(), 0
     try:
         with os.fdopen(fd, "wb") as f:
             req = urllib.request.Request(url, headers={"User-Agent": f"ssl_repsim/{__version__}"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
+            with urllib.request.urlopen(req, timeout=STALL_SECONDS) as resp:
+                if resp.headers.get("Content-Type", "").startswith("text/html"):
+                    raise UsageError(f"download of {url} returned a web page, not a checkpoint (a login or error "
+                                     "page?)")
                 total = int(resp.headers.get("Content-Length") or 0)
-                bar = Progress(total or None, f"download {dest.name}", enabled=progress, unit="B")
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    h256.update(chunk)
-                    h5.update(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-                bar.close()
+                done, h256, h5 = _receive(resp, f, url, Progress(total or None, f"download {dest.name}",
+                                                                 enabled=progress, unit="B"))
             if total and done != total:
                 raise UsageError(f"download of {url} interrupted: {done} of {total} bytes")
             f.flush()
             os.fsync(f.fileno())
+        if not total and not _whole_container(tmp):
+            raise UsageError(f"download of {url} is incomplete or not a checkpoint ({done} bytes, no Content-Length, "
+                             "not a whole zip / safetensors / pickle file)")
         if sha256 and not h256.hexdigest().startswith(sha256.lower()):
             raise UsageError(f"checksum mismatch for {url}: sha256 {h256.hexdigest()[:16]}…, expected {sha256}")
         if md5 and not h5.hexdigest().startswith(md5.lower()):
@@ -1126,13 +1139,34 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
         raise
 
 
+def _receive(resp, f, url: str, bar: Progress):
+    """Copy the response body into f as it arrives, hashing it; abandon a transfer that brings fewer than
+    MIN_BYTES_PER_SECOND over a STALL_SECONDS window. Returns (bytes, sha256, md5)."""
+    h256, h5, done = hashlib.sha256(), hashlib.md5(), 0
+    window_start, window_bytes = time.monotonic(), 0
+    while chunk := resp.read1(1 << 20):
+        f.write(chunk)
+        h256.update(chunk)
+        h5.update(chunk)
+        done += len(chunk)
+        window_bytes += len(chunk)
+        bar.update(len(chunk))
+        if time.monotonic() - window_start >= STALL_SECONDS:
+            if window_bytes < MIN_BYTES_PER_SECOND * STALL_SECONDS:
+                raise UsageError(f"download of {url} abandoned: {window_bytes} bytes in the last {STALL_SECONDS} s")
+            window_start, window_bytes = time.monotonic(), 0
+    bar.close()
+    return done, h256, h5
+
+
 def _unlink(p):
     with contextlib.suppress(OSError):
         os.unlink(p)
 
 
 def download(name: str, weights_dir=None, progress: bool = True) -> Path:
-    """Fetch a registered checkpoint into the weights dir (verified where a digest is published)."""
+    """Fetch a registered checkpoint into the weights dir (verified where a digest is published) and record its
+    sha256 in the dir's SHA256SUMS, against which later loads check it; leftovers of killed downloads are swept."""
     name = resolve_name(name)
     if name not in REGISTRY:
         raise UsageError(f"unknown model {name!r} (see `python ssl_repsim.py list`)")
@@ -1141,7 +1175,50 @@ def download(name: str, weights_dir=None, progress: bool = True) -> Path:
         return dest
     if FAMILIES[row["family"]].manual_download:
         raise UsageError(f"{name} is published only on a web page ({row['url']}): download it by hand to {dest}")
-    return download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
+    for stale in dest.parent.glob(f".{dest.name}.*.part"):
+        _unlink(stale)
+    download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
+    sums = _recorded_sums(dest.parent)
+    sums[dest.name] = file_sha256(dest)
+    atomic_write(dest.parent / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
+    return dest
+
+
+def _recorded_sums(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of a weights folder's SHA256SUMS (sha256sum's format)."""
+    path = Path(folder) / "SHA256SUMS"
+    if not path.is_file():
+        return {}
+    return {ln.split(None, 1)[1].strip(): ln.split(None, 1)[0] for ln in path.read_text().splitlines()
+            if len(ln.split(None, 1)) == 2}
+
+
+def _verify_recorded(name: str, path: Path):
+    """A registered file whose sha256 differs from the one recorded when it was downloaded is a one-line error."""
+    expected = _recorded_sums(path.parent).get(path.name)
+    if expected and file_sha256(path) != expected:
+        raise UsageError(f"{path} changed since it was downloaded (sha256 differs from SHA256SUMS): re-download "
+                         f"it with `rm {path} && python ssl_repsim.py download {name}`")
+
+
+def _whole_container(path) -> bool:
+    """Whether a file is a whole zip (torch.save), safetensors or protocol-2+ pickle (legacy torch) container."""
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size >= 8 and head[:2] == b"PK":
+            return zipfile.is_zipfile(path)
+        if size >= 8 and 0 < int.from_bytes(head, "little") <= size - 8:   # safetensors: header length, JSON
+            f.seek(8)
+            header = f.read(int.from_bytes(head, "little"))
+            with contextlib.suppress(ValueError):
+                meta = json.loads(header)
+                return all(isinstance(v, dict) and "data_offsets" in v for k, v in meta.items() if k != "__metadata__")
+            return False
+        f.seek(size - 1)
+        return head[:1] == b"\x80" and f.read(1) == b"."                   # pickle: PROTO ... STOP
 
 
 
@@ -4544,6 +4621,23 @@ def _cli_logging(quiet: bool):
         log.propagate = propagate
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a job scheduler's kill) unwinds like Ctrl-C, so partial downloads and temp files are removed."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     """The command line: `python ssl_repsim.py COMMAND ...` (argv without the program name); returns the exit code."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -4554,7 +4648,7 @@ def main(argv=None) -> int:
     distributed = False
     try:
         distributed = init_distributed(args)
-        with _cli_logging(args.quiet):
+        with _cli_logging(args.quiet), _terminate_as_interrupt():
             args.fn(args)
         return 0
     except UsageError as e:

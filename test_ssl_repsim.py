@@ -1631,9 +1631,18 @@ def started(argv, log_dir):
 PAYLOAD = os.urandom(50_000)
 
 
+def torch_saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+ZIP_PAYLOAD = torch_saved({"w": torch.arange(5000.0)})   # a whole torch.save zip
+
+
 class DownloadHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    files: ClassVar[dict[str, bytes]] = {"/good.bin": PAYLOAD}     # tests may add more (monkeypatch.setitem)
+    files: ClassVar[dict[str, bytes]] = {"/good.bin": PAYLOAD, "/zip.bin": ZIP_PAYLOAD}   # tests may add more
 
     def log_message(self, *args):
         pass
@@ -1646,6 +1655,30 @@ class DownloadHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif self.path in ("/no_length_cut.bin", "/no_length_whole.bin"):   # no Content-Length: read to EOF
+            body = self.files["/zip.bin"]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.wfile.write(body if self.path.endswith("whole.bin") else body[: len(body) // 2])
+            self.close_connection = True
+        elif self.path == "/login.html":                                     # an error page with status 200
+            body = b"<html><body>please sign in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/drip.bin":                                       # one byte every 0.3 s, for ever
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(200):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            self.close_connection = True
         elif self.path == "/short.bin":
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
@@ -2307,6 +2340,43 @@ def test_download_failures_leave_nothing(server, case, tmp_path):
     assert os.listdir(d) == [], f"left behind: {os.listdir(d)}"
 
 
+@pytest.mark.parametrize("case", ["no_length_cut", "login_page", "drip"])
+def test_download_refuses_truncated_pages_and_drips(server, case, tmp_path, monkeypatch):
+    monkeypatch.setattr(sr, "STALL_SECONDS", 1)           # the drip brings ~3 bytes/s: far below the floor
+    d = tmp_path / "dl"
+    d.mkdir()
+    url = {"no_length_cut": "/no_length_cut.bin", "login_page": "/login.html", "drip": "/drip.bin"}[case]
+    t = time.monotonic()
+    with pytest.raises(sr.UsageError, match="incomplete|web page|abandoned") as e:
+        sr.download_file(server + url, d / "w.pth")
+    assert_one_line(e)
+    assert os.listdir(d) == []
+    if case == "drip":
+        assert time.monotonic() - t < 30
+    sr.download_file(server + "/no_length_whole.bin", d / "w.pth")   # a whole zip without Content-Length is fine
+    assert (d / "w.pth").read_bytes() == DownloadHandler.files["/zip.bin"]
+
+
+def test_sigterm_during_a_download_leaves_no_temp_file(server, tmp_path):
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(HERE)!r}); import ssl_repsim as sr\n"
+                      f"sr.REGISTRY['drip'] = dict(sr.REGISTRY['deit-vitb16'], url={server + '/drip.bin'!r}, "
+                      "sha256=None, aliases=())\n"
+                      "sys.exit(sr.main(['download', 'drip']))\n")
+    proc = subprocess.Popen([sys.executable, script], env={**os.environ, "SSL_REPSIM_WEIGHTS": str(wdir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not list(wdir.glob(".*.part")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(wdir.glob(".*.part")), "the download did not start"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert os.listdir(wdir) == []
+
+
 def test_registered_name_downloads_and_loads(server, tmp_path, monkeypatch):
     case = build("deit", tmp_path)
     data = case.path.read_bytes()
@@ -2319,8 +2389,13 @@ def test_registered_name_downloads_and_loads(server, tmp_path, monkeypatch):
     assert os.listdir(wdir) == []
     model = sr.load_model("deit-tiny-test", weights_dir=wdir, progress=False)
     assert model.family == "deit"
-    assert len(os.listdir(wdir)) == 1
+    assert sorted(os.listdir(wdir)) == ["SHA256SUMS", "deit-tiny-test.pth"]
+    assert (wdir / "SHA256SUMS").read_text() == f"{hashlib.sha256(data).hexdigest()}  deit-tiny-test.pth\n"
     check_model_matches_naive(model, case, noise_images(size=case.a.img))
+    (wdir / "deit-tiny-test.pth").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))   # the file changes afterwards
+    with pytest.raises(sr.UsageError, match="changed since it was downloaded") as e:
+        sr.load_model("deit-tiny-test", weights_dir=wdir, offline=True)
+    assert_one_line(e)
 
 
 def test_registered_name_bad_checksum_leaves_nothing(server, tmp_path, monkeypatch):
