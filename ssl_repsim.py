@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -778,12 +779,17 @@ def read_checkpoint(path) -> tuple[dict, dict]:
                 return {k: f.get_tensor(k) for k in keys}, (f.metadata() or {})
         except Exception as e:  # noqa: BLE001 - whatever safetensors raises, the file is the user's
             raise UsageError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not (head[:2] == b"PK" or head[:1] == b"\x80"):   # neither torch.save's zip nor a pickle
+        raise UsageError(f"{path}: not a checkpoint (neither a PyTorch file nor safetensors; starts {head[:8]!r})")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch's notes on legacy files: the one line below says what matters
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError for unsafe globals; RuntimeError, EOFError ... corrupt
         msg = _one_line(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "Unpickl" in type(e).__name__:
+        if "Unsupported global" in msg or "GLOBAL " in msg:
             found = re.findall(r"GLOBAL ([\w.]+)", msg)
             raise UsageError(f"{path}: refused to unpickle {found[0] if found else 'an object'} — the file would run "
                              "code on load; re-save its state dict with torch.save(state_dict) or as safetensors"
@@ -1103,8 +1109,11 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
     match where known (a published prefix is enough), a web page is never a checkpoint, and a stalled or crawling
     transfer is abandoned. On any failure, or SIGINT/SIGTERM, nothing is left behind."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise UsageError(f"cannot download into {dest.parent}: {_one_line(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             req = urllib.request.Request(url, headers={"User-Agent": f"ssl_repsim/{__version__}"})
@@ -1372,6 +1381,8 @@ def tensor_file(path) -> ImageSet:
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
         raise UsageError(f"{path}: images must be [N,3,H,W] with N > 0, got {tuple(x.shape)}")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise UsageError(f"{path}: images hold NaN or Inf pixels")
     if x.is_floating_point() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
         raise UsageError(f"{path}: float images must lie in [0, 1] (unnormalised); got [{x.min():.3g}, {x.max():.3g}]")
     if not x.is_floating_point() and x.dtype != torch.uint8:
@@ -2197,7 +2208,7 @@ def matched_diagonal(m: torch.Tensor) -> list[float]:
 
 def diagonal_mean(m: torch.Tensor) -> float:
     """Mean CKA of matched layers (see matched_diagonal)."""
-    return float(torch.tensor(matched_diagonal(m)).nanmean())
+    return float(torch.tensor(matched_diagonal(m)).mean())   # a NaN entry (a constant layer) shows, not hidden
 
 
 def distance_pairs(la: int, lb: int) -> list[list[tuple[int, int]]]:
@@ -2207,7 +2218,7 @@ def distance_pairs(la: int, lb: int) -> list[list[tuple[int, int]]]:
 
 def cka_vs_distance(m: torch.Tensor) -> list[float]:
     """Mean CKA over layer pairs (i, j) with |i − j| = d, for d = 0 … L−1 (square maps)."""
-    return [float(torch.stack([m[i, j] for i, j in pairs]).nanmean()) for pairs in distance_pairs(*m.shape)]
+    return [float(torch.stack([m[i, j] for i, j in pairs]).mean()) for pairs in distance_pairs(*m.shape)]
 
 
 SUBLAYER_TYPES = {"normalization": ("norm1", "norm2"), "attention": ("attn", "attn.qkv", "attn.proj"),
@@ -3973,24 +3984,25 @@ def _cmd_cka(args):
                          model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed)
     if images.skipped:
         log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
-    out = _out_dir(args, "cka")
-    meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
-                n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
-                tokens=args.tokens, estimator=res["estimator"], n=res["n"], batch_size=args.batch_size,
-                ci=res["ci"], interval=res["interval"], kernel=args.kernel,
-                rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None,
-                device=str(args.device or default_device()), dtype=args.dtype or "float32", versions=_versions(),
-                elapsed_s=round(time.time() - t0, 2), command=args.command)
-    doc = dict(res, meta=meta)
-    if len(models) == 2:
-        doc.update({k: res["pairs"][0][k] for k in ("layers_a", "layers_b", "cka", "cka_low", "cka_high")
-                    if k in res["pairs"][0]})
-    write_json(out / "cka.json", doc)
-    bounds = ["cka_low", "cka_high"] if res["ci"] else []
-    write_csv(out / "cka.csv", ["model_a", "model_b", "layer_a", "layer_b", "cka", *bounds],
-              [[p["a"], p["b"], la, lb, *(float(p[k][i, j]) for k in ("cka", *bounds))] for p in res["pairs"]
-               for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])])
-    _plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({_estimator_words(res)}, {args.tokens})")
+    final = _out_dir(args, "cka")
+    with _staged_results(final) as out:
+        meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
+                    n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
+                    tokens=args.tokens, estimator=res["estimator"], n=res["n"], batch_size=args.batch_size,
+                    ci=res["ci"], interval=res["interval"], kernel=args.kernel,
+                    rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None,
+                    device=str(args.device or default_device()), dtype=args.dtype or "float32", versions=_versions(),
+                    elapsed_s=round(time.time() - t0, 2), command=args.command)
+        doc = dict(res, meta=meta)
+        if len(models) == 2:
+            doc.update({k: res["pairs"][0][k] for k in ("layers_a", "layers_b", "cka", "cka_low", "cka_high")
+                        if k in res["pairs"][0]})
+        write_json(out / "cka.json", doc)
+        bounds = ["cka_low", "cka_high"] if res["ci"] else []
+        write_csv(out / "cka.csv", ["model_a", "model_b", "layer_a", "layer_b", "cka", *bounds],
+                  [[p["a"], p["b"], la, lb, *(float(p[k][i, j]) for k in ("cka", *bounds))] for p in res["pairs"]
+                   for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])])
+        _plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({_estimator_words(res)}, {args.tokens})")
     print(f"CKA estimator: {_estimator_words(res)}; tokens {args.tokens}"
           + (f"; {res['ci']:.0%} intervals by the {res['interval']}" if res["ci"] else "; no intervals (--ci 0)"))
     for p in res["pairs"]:
@@ -4000,7 +4012,7 @@ def _cmd_cka(args):
     if len(models) > 2:
         print(f"\nmodel × model CKA at {res['model_matrix']['point'][0]}:")
         print(_format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
-    print(f"\nwrote {out}/cka.json, cka.csv{', cka.png' if (out / 'cka.png').exists() else ''} "
+    print(f"\nwrote {final}/cka.json, cka.csv{', cka.png' if (final / 'cka.png').exists() else ''} "
           f"({meta['elapsed_s']:.1f} s)")
 
 
@@ -4065,7 +4077,10 @@ def _cmd_probe(args, kind="probe"):
                 versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
     meta.update(dict(k=min(args.k, len(train) - train.skipped), temperature=args.temperature) if kind == "knn" else
                 dict(method=args.method))
-    _write_layer_results(_out_dir(args, kind), kind, results, meta)
+    final = _out_dir(args, kind)
+    with _staged_results(final) as out:
+        _write_layer_results(out, kind, results, meta)
+    print(f"\nwrote {final}/{kind}.json, {kind}.csv" + (f", {kind}.png" if (final / f"{kind}.png").exists() else ""))
 
 
 def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
@@ -4082,7 +4097,6 @@ def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
         for layer, per in r.items():
             print(f"  {layer:>{w}}  top-1 {_with_ci(per, 'top1')}" + (f"  top-5 {_with_ci(per, 'top5')}"
                                                                      if "top5" in per else ""))
-    print(f"\nwrote {out}/{kind}.json, {kind}.csv" + (f", {kind}.png" if (out / f"{kind}.png").exists() else ""))
 
 
 def _with_ci(per: dict, metric: str) -> str:
@@ -4120,21 +4134,22 @@ def _cmd_analysis(args):
     images = load_images(args.data, args.n, args.seed, args.strict) if hasattr(args, "data") else None
     opts = AnalysisOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnalysisOptions)
                               if hasattr(args, f.name)}, progress=not args.quiet)
-    out = _out_dir(args, args.cmd)
-    results, sections = {}, []
-    for name, res, figures, readings in run_analyses(models, images, names, opts):
-        results[name] = dict(results=res, readings=readings)
-        sections.append((name, _render_figures(figures, out), readings))
-        for r in readings:
-            print(f"[{name}] {r}")
-    meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(getattr(args, "data", None)),
-                name=images.name if images else None, n=len(images) if images else 0, seed=opts.seed,
-                synthetic=getattr(args, "data", None) == "synthetic"), **_analysis_settings(results, opts),
-                versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
-    write_json(out / f"{args.cmd}.json", dict(results, meta=meta))
-    if args.cmd == "report":
-        atomic_write(out / "report.md", render_report(sections, meta))
-    print(f"wrote {out}/{args.cmd}.json" + (", report.md" if args.cmd == "report" else "")
+    final = _out_dir(args, args.cmd)
+    with _staged_results(final) as out:
+        results, sections = {}, []
+        for name, res, figures, readings in run_analyses(models, images, names, opts):
+            results[name] = dict(results=res, readings=readings)
+            sections.append((name, _render_figures(figures, out), readings))
+            for r in readings:
+                print(f"[{name}] {r}")
+        meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(getattr(args, "data", None)),
+                    name=images.name if images else None, n=len(images) if images else 0, seed=opts.seed,
+                    synthetic=getattr(args, "data", None) == "synthetic"), **_analysis_settings(results, opts),
+                    versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
+        write_json(out / f"{args.cmd}.json", dict(results, meta=meta))
+        if args.cmd == "report":
+            atomic_write(out / "report.md", render_report(sections, meta))
+    print(f"wrote {final}/{args.cmd}.json" + (", report.md" if args.cmd == "report" else "")
           + f" ({meta['elapsed_s']:.1f} s)")
 
 
@@ -4148,6 +4163,36 @@ def _analysis_settings(results: dict, opts: AnalysisOptions) -> dict:
                 probes=dict(split="75% train / 25% validation", seed=opts.seed, n_train=info["n_train"],
                             n_val=info["n_val"], chance=info["chance"], intervals="Wilson 95%") if info else None,
                 mae_mask_ratio=opts.mae_mask_ratio)
+
+
+@contextlib.contextmanager
+def _staged_results(final: Path):
+    """The folder a command writes its results into: a temp folder beside `final`, renamed to it (or, when `final`
+    already exists, its files moved in one by one) once the command succeeds, removed if it fails: a result folder
+    is complete or absent. Under torchrun only rank 0 writes, so the others get `final` itself (they write nothing)."""
+    final = Path(final)
+    if _rank_world()[0] != 0:
+        yield final
+        return
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+        os.chmod(stage, 0o777 & ~_umask())
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"cannot write {final}: a file stands where its folder {final.parent} should be") from None
+    except OSError as e:
+        raise UsageError(f"cannot write {final}: {_one_line(e)}") from None
+    try:
+        yield stage
+        if final.exists() and not final.is_dir():
+            raise UsageError(f"cannot write {final}: it is a file, not a folder")
+        if not final.exists():
+            os.replace(stage, final)
+        else:
+            for f in stage.iterdir():
+                os.replace(f, final / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _render_figures(figures: dict, out: Path) -> list[str]:

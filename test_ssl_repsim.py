@@ -3946,6 +3946,46 @@ def test_cli_report_on_reconstruction_and_joint_embedding_files_is_honest(tmp_pa
         assert "[" in ln, ln
 
 
+# --- hostile inputs: each gives a correct result or one line and exit 2, within 4 GiB -------------------------------------
+
+def under_4_gib(*argv, cwd):
+    """`python ssl_repsim.py ARGV` in a process whose address space is capped at 4 GiB (RLIMIT_AS)."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    return subprocess.run([sys.executable, TOOL, *map(str, argv)], cwd=cwd, preexec_fn=cap, capture_output=True,
+                          text=True, timeout=120, env=subprocess_env())
+
+
+def test_hostile_files_are_one_line_errors_within_4_gib(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    sd = tiny_model(0).state_dict()
+    torch.save({**sd, "blocks.100000.norm1.weight": torch.ones(32)}, tmp_path / "stray_block.pth")
+    torch.save({**sd, "blocks.0.mlp.fc1.weight": torch.zeros(1, 1).expand(64, 32)}, tmp_path / "expanded.pth")
+    n = 40_000_000                                        # bytes on disk as one stride-0 tensor: 5 GB once copied
+    torch.save({**sd, "pos_embed": torch.zeros(1, 1, 1).expand(1, n, 32)}, tmp_path / "inflated.pth")
+    torch.save({"images": torch.zeros(6, 3, 32, 32, dtype=torch.uint8),
+                "labels": torch.tensor([10 ** 12, 0, 5, 10 ** 12, 0, 5])}, tmp_path / "huge_labels.pt")
+    images = torch.rand(6, 3, 32, 32)
+    images[2, 1, 3, 3] = float("nan")
+    torch.save({"images": images}, tmp_path / "nan_pixel.pt")
+    write_png(tmp_path / "picture.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    (tmp_path / "picture.png").rename(tmp_path / "png_renamed.pth")
+    cases = [(("cka", tmp_path / f, b, "--num-heads", 2), why) for f, why in (
+        ("stray_block.pth", "missing"), ("expanded.pth", "expanded"), ("inflated.pth", "expanded"),
+        ("png_renamed.pth", "not a checkpoint"))]
+    cases += [(("cka", a, b, "--data", tmp_path / "nan_pixel.pt"), "NaN")]
+    for argv, why in cases:
+        p = under_4_gib(*argv, "--img-size", 32, "--quiet", "--out", tmp_path / "o", cwd=tmp_path)
+        assert_usage_error(p, tmp_path / "o")
+        assert why in p.stderr, (argv, p.stderr)
+    p = under_4_gib("cka", a, b, "--data", tmp_path / "huge_labels.pt", "--img-size", 32, "--quiet", "--out",
+                    tmp_path / "ok", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr                   # labels 10**12: three classes, not a 10**12-entry list
+    assert not (tmp_path / "o").exists()
+
+
 # --- processes of their own: the entry point, torchrun ----------------------------------------------------------------
 
 def test_entry_point_cka_two_checkpoint_files(tmp_path):
