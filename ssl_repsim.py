@@ -1135,6 +1135,7 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
             raise UsageError(f"checksum mismatch for {url}: sha256 {h256.hexdigest()[:16]}…, expected {sha256}")
         if md5 and not h5.hexdigest().startswith(md5.lower()):
             raise UsageError(f"checksum mismatch for {url}: md5 {h5.hexdigest()[:12]}…, expected {md5}")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
         return dest
     except UsageError:
@@ -3044,6 +3045,9 @@ def _resume(model: ViT, opt, out: Path, identity: dict) -> list[dict]:
     if changed:
         raise UsageError(f"--resume: {out} holds a run with another {', '.join(changed)}: resume with the same model, "
                          "data and settings, or fine-tune into another --out")
+    if file_sha256(out / "checkpoint.safetensors") != state.get("checkpoint_sha256"):
+        raise UsageError(f"{out}/checkpoint.safetensors is not the file train_state.pt recorded (damaged, replaced or "
+                         "from an interrupted save): remove the folder to start over")
     sd, meta = read_checkpoint(out / "checkpoint.safetensors")
     if json.loads(meta.get("epoch", "-1")) != epoch + 1:
         raise UsageError(f"{out}: checkpoint.safetensors and train_state.pt are from different epochs (an "
@@ -3105,7 +3109,8 @@ def _save_epoch(out: Path, model: ViT, opt, history: list, record: dict):
     log.json (history and every setting)."""
     save_checkpoint(model, out / "checkpoint.safetensors", extra=dict(epoch=len(history), fine_tuned=True))
     buf = io.BytesIO()
-    torch.save(dict(optimizer=opt.state_dict(), epoch=len(history) - 1, history=history, identity=record), buf)
+    torch.save(dict(optimizer=opt.state_dict(), epoch=len(history) - 1, history=history, identity=record,
+                    checkpoint_sha256=file_sha256(out / "checkpoint.safetensors")), buf)
     atomic_write(out / "train_state.pt", buf.getvalue())
     write_json(out / "log.json", dict(history=history, config=record))
 
