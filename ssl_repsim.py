@@ -794,6 +794,9 @@ def read_checkpoint(path) -> tuple[dict, dict]:
             raise UsageError(f"{path}: refused to unpickle {found[0] if found else 'an object'} — the file would run "
                              "code on load; re-save its state dict with torch.save(state_dict) or as safetensors"
                              ) from None
+        if "Weights only load failed" in msg:
+            raise UsageError(f"{path}: a pickle that torch.load cannot read as data (a raw pickle rather than "
+                             "torch.save? re-save it with torch.save or as safetensors)") from None
         raise UsageError(f"{path}: corrupt or unreadable checkpoint ({msg[:200]})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{path}: holds a {type(obj).__name__}, not a state dict or a dict of state dicts")
@@ -1737,7 +1740,10 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
     feats = extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
                     progress, group)
     used = len(next(iter(feats.values())))
-    meta = {"rows": str(used), "skipped": json.dumps(sorted(images.unreadable - before)),
+    skipped = images.unreadable - before
+    ids = [i if isinstance(images.items, torch.Tensor) else str(images.items[i]) for i in range(len(images))
+           if i not in skipped]   # the rows' images: index in the tensor file, or path
+    meta = {"rows": str(used), "skipped": json.dumps(sorted(skipped)), "sample_ids": json.dumps(ids),
             "sha256": json.dumps({k: _tensor_sha256(v) for k, v in feats.items()})}
     try:
         atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}, metadata=meta))
@@ -1758,6 +1764,8 @@ def _read_cached_features(path: Path, names: list[str]):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             sums, rows = json.loads(meta["sha256"]), int(meta["rows"])
+            if len(json.loads(meta["sample_ids"])) != rows:
+                return None
             feats = {k: f.get_tensor(k) for k in names}
             skipped = json.loads(meta["skipped"])
     except Exception:  # noqa: BLE001 - unreadable, truncated, missing names or metadata: not reusable
@@ -3946,6 +3954,8 @@ def _model_meta(model: ViT) -> dict:
 
 def _out_dir(args, kind: str) -> Path:
     if args.out:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out} is a file: give a folder")
         return Path(args.out)
     tag = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(m)).stem)[:24] for m in args.models)
     return Path("results") / f"{kind}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1558,8 +1558,11 @@ def bad_cli_inputs(tmp_path):
         nan_weights.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
     nanp = save_tiny(nan_weights, tmp_path / "nan.safetensors")
     (tmp_path / "a_file").write_text("not a folder")
+    with open(tmp_path / "raw.pth", "wb") as f:
+        pickle.dump({"w": torch.zeros(3)}, f)                                      # pickle.dump, not torch.save
     common = ["--img-size", 32, "--quiet"]
     return [
+        ("raw pickle", ["cka", a, tmp_path / "raw.pth", "--n", 8, *common]),
         ("device banana", ["cka", a, b, "--device", "banana", "--n", 8, *common]),
         ("absent GPU", ["cka", a, b, "--device", "cuda:7", "--n", 8, *common]),
         ("rbf threshold 0", ["cka", a, b, "--kernel", "rbf", "--rbf-threshold", 0, "--n", 8, *common]),
@@ -3748,6 +3751,9 @@ def test_cli_out_under_a_file_and_a_diverging_finetune_are_one_line_errors(tmp_p
     p = cli("cka", a, b, "--img-size", 32, "--n", 8, "--quiet", "--out", tmp_path / "a_file" / "out")
     assert_usage_error(p)
     assert "a file stands where" in p.stderr
+    p = cli("cka", a, b, "--img-size", 32, "--n", 8, "--quiet", "--out", tmp_path / "a_file")
+    assert_usage_error(p)
+    assert "is a file" in p.stderr and (tmp_path / "a_file").read_text() == "x"
     torch.save({"images": colour_images(16, 32)[0], "labels": torch.arange(16) % 2}, tmp_path / "d.pt")
     p = cli("finetune", a, "--data", tmp_path / "d.pt", "--img-size", 32, "--batch-size", 4, "--epochs", 1,
             "--blr", 1e12, "--out", tmp_path / "ft", "--quiet")
