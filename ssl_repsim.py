@@ -771,12 +771,16 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):   # by name, or by content
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = f.keys()   # a safe_open handle is not iterable
-                return {k: f.get_tensor(k) for k in keys}, (f.metadata() or {})
+                meta = f.metadata() or {}
+                meta = json.loads(meta["ssl_repsim"]) if "ssl_repsim" in meta else meta
+                return {k: f.get_tensor(k) for k in keys}, meta
         except Exception as e:  # noqa: BLE001 - whatever safetensors raises, the file is the user's
             raise UsageError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
     with open(path, "rb") as f:
@@ -1054,13 +1058,24 @@ def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) ->
 
 
 def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
-    cfg = ViTConfig(**json.loads(meta["config"]))
+    try:
+        fields = json.loads(meta["config"])
+        cfg = ViTConfig(**fields)
+        blocks = {int(m.group(1)) for k in obj if (m := re.match(r"blocks\.(\d+)\.", k))}
+        size = json.loads(meta.get("input_size", "null")) or cfg.img_size
+        ok = (blocks == set(range(cfg.depth)) and isinstance(size, int) and 0 < size <= 8192
+              and isinstance(cfg.patch_size, int) and size % cfg.patch_size == 0 and 0 < cfg.norm_eps < 1)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"ssl_repsim checkpoint with unreadable metadata ({_one_line(e)[:120]})") from None
+    if not ok:
+        raise UsageError(f"ssl_repsim checkpoint whose metadata does not describe its weights (depth {cfg.depth}, "
+                         f"input {size}, patch {cfg.patch_size}, eps {cfg.norm_eps})")
     if not head:
         cfg.num_classes = 0
         obj = {k: v for k, v in obj.items() if not k.startswith("head.")}
     model = build_model(obj, cfg)
     model.preprocess = json.loads(meta.get("preprocess", "null")) or model.preprocess
-    model.input_size = json.loads(meta.get("input_size", "null")) or model.input_size
+    model.input_size = size
     return model
 
 
@@ -1099,7 +1114,9 @@ def save_checkpoint(model: ViT, path, extra: dict | None = None) -> Path:
             "input_size": json.dumps(getattr(model, "input_size", cfg.img_size))}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    return atomic_write(path, st_save(tensors, metadata=meta))
+    # one metadata entry, its keys sorted: safetensors orders several entries at random, so equal models would
+    # otherwise give files that differ byte-wise
+    return atomic_write(path, st_save(tensors, metadata={"ssl_repsim": json.dumps(meta, sort_keys=True)}))
 
 
 STALL_SECONDS = 60           # a download with no byte for this long, or slower than ...
@@ -1393,7 +1410,11 @@ def tensor_file(path) -> ImageSet:
         raise UsageError(f"{path}: images must be uint8 or float, got {x.dtype}")
     y = obj.get("labels")
     if y is not None:
-        y = torch.as_tensor(y).long().flatten()
+        y = torch.as_tensor(y)
+        if y.is_floating_point() or y.is_complex() or y.ndim != 1:
+            raise UsageError(f"{path}: labels must be a 1-D tensor of integer class indices, got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        y = y.long()
         if len(y) != len(x):
             raise UsageError(f"{path}: {len(y)} labels for {len(x)} images")
         if len(y) and y.min() < 0:
@@ -1732,9 +1753,7 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
     if path.is_file():
         cached = _read_cached_features(path, names)
         if cached is not None:
-            feats, skipped = cached
-            images.unreadable |= set(skipped)     # the skips of the run that wrote it, counted again
-            return feats
+            return cached[0]
         log.warning(f"notice: the feature cache {path.name} is damaged or incomplete: recomputing it")
     before = set(images.unreadable)
     feats = extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
@@ -1745,6 +1764,8 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
            if i not in skipped]   # the rows' images: index in the tensor file, or path
     meta = {"rows": str(used), "skipped": json.dumps(sorted(skipped)), "sample_ids": json.dumps(ids),
             "sha256": json.dumps({k: _tensor_sha256(v) for k, v in feats.items()})}
+    if images.unreadable:   # rows depend on which files read this time: keep every model of a run on one set
+        return feats
     try:
         atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}, metadata=meta))
     except UsageError as e:      # a cache that cannot be written costs speed, not the run
@@ -1770,7 +1791,7 @@ def _read_cached_features(path: Path, names: list[str]):
             skipped = json.loads(meta["skipped"])
     except Exception:  # noqa: BLE001 - unreadable, truncated, missing names or metadata: not reusable
         return None
-    if any(len(v) != rows or sums.get(k) != _tensor_sha256(v) for k, v in feats.items()):
+    if skipped or any(len(v) != rows or sums.get(k) != _tensor_sha256(v) for k, v in feats.items()):
         return None
     return feats, skipped
 

@@ -2518,6 +2518,30 @@ def test_sixteen_bit_png_is_scaled_not_clipped_and_exif_orientation_applied(tmp_
     assert upright[0, :5].float().mean() > 200 and upright[0, -5:].float().mean() < 50   # left went to the top
 
 
+def test_float_or_2d_labels_and_a_renamed_safetensors_file(tmp_path):
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    for bad in (torch.tensor([0.5, 1.7, 0.0, 1.0]), torch.zeros(2, 2, dtype=torch.long)):
+        torch.save({"images": x, "labels": bad}, tmp_path / "bad.pt")
+        with pytest.raises(sr.UsageError, match="labels must be") as e:
+            sr.load_images(tmp_path / "bad.pt")
+        assert_one_line(e)
+    sr.save_checkpoint(tiny_model(0), tmp_path / "ours.safetensors")
+    (tmp_path / "ours.safetensors").rename(tmp_path / "ours.pth")
+    assert sr.load_model(tmp_path / "ours.pth").family == "ssl_repsim"      # read by content, not by name
+
+
+def test_our_own_metadata_is_checked_against_the_weights(tmp_path):
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in tiny_model(0).state_dict().items()}
+    cfg = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64}
+    for bad in ({"config": json.dumps({**cfg, "depth": 100000})}, {"config": "[1, 2]"},
+                {"config": json.dumps(cfg), "input_size": "1000000"}, {"config": json.dumps({**cfg, "norm_eps": -1})}):
+        save_file(sd, str(tmp_path / "m.safetensors"), metadata={"format": "ssl_repsim", **bad})
+        with pytest.raises(sr.UsageError, match="metadata") as e:
+            sr.load_model(tmp_path / "m.safetensors")
+        assert_one_line(e)
+
+
 def test_tensor_file_classes_are_the_distinct_labels(tmp_path):
     x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     torch.save({"images": x, "labels": torch.tensor([10 ** 12, 7, 7, 10 ** 12])}, tmp_path / "big.pt")
@@ -2615,14 +2639,10 @@ def test_feature_cache_never_reuses_damaged_or_stale_features(tmp_path, caplog):
     rng = np.random.default_rng(3)
     for k in range(6):
         write_png(tmp_path / "data" / f"{k}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    (tmp_path / "data" / "9.png").write_bytes(b"not a png")                       # unreadable: skipped
     m, cache = tiny_model(0), tmp_path / "cache"
-    first = sr.load_images(tmp_path / "data")
-    fa = sr.cached_extract(m, first, "blocks", "cls", cache_dir=cache)
-    assert first.skipped == 1
-    again = sr.load_images(tmp_path / "data")
-    reused = sr.cached_extract(m, again, "blocks", "cls", cache_dir=cache)
-    assert again.skipped == 1 and all(torch.equal(reused[k], fa[k]) for k in fa)    # the skip is counted again
+    fa = sr.cached_extract(m, sr.load_images(tmp_path / "data"), "blocks", "cls", cache_dir=cache)
+    reused = sr.cached_extract(m, sr.load_images(tmp_path / "data"), "blocks", "cls", cache_dir=cache)
+    assert all(torch.equal(reused[k], fa[k]) for k in fa)
     (path,) = cache.glob("features-*.safetensors")
     raw = bytearray(path.read_bytes())
     raw[-8:] = b"\x00" * 8                                                        # damage the data, keep the header
@@ -2630,6 +2650,11 @@ def test_feature_cache_never_reuses_damaged_or_stale_features(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ssl_repsim"):
         healed = sr.cached_extract(m, sr.load_images(tmp_path / "data"), "blocks", "cls", cache_dir=cache)
     assert "damaged" in caplog.text and all(torch.equal(healed[k], fa[k]) for k in fa)
+    # a run that skips an unreadable image caches nothing: another run may read other files, and rows would not align
+    (tmp_path / "data" / "9.png").write_bytes(b"not a png")
+    skipping = sr.load_images(tmp_path / "data")
+    assert len(sr.cached_extract(m, skipping, "blocks", "cls", cache_dir=cache)["blocks.1"]) == 6
+    assert skipping.skipped == 1 and len(list(cache.glob("features-*.safetensors"))) == 1
     # the unreadable file becomes an image: another key, so the 6-image features are not reused for 7 images
     write_png(tmp_path / "data" / "9.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     seven = sr.cached_extract(m, sr.load_images(tmp_path / "data"), "blocks", "cls", cache_dir=cache)
@@ -3306,6 +3331,8 @@ def test_finetune_is_reproducible_and_resume_refuses_another_run(tmp_path):
         sr.finetune(tiny_model(0), train, out=tmp_path / run, **kw)
     one, two = (load_file(str(tmp_path / r / "checkpoint.safetensors")) for r in ("r1", "r2"))
     assert all(torch.equal(one[k], two[k]) for k in one)                 # same --seed: bit-identical
+    assert (tmp_path / "r1" / "checkpoint.safetensors").read_bytes() == \
+        (tmp_path / "r2" / "checkpoint.safetensors").read_bytes()          # ... down to the file's bytes
     for why, model, data, extra in (("blr", tiny_model(0), train, {"blr": 2e-3}),
                                     ("model_sha256", tiny_model(1), train, {}),
                                     ("data_sha256", tiny_model(0), colour_set(16, seed=9), {})):
