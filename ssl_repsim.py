@@ -1148,9 +1148,9 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
                 raise UsageError(f"download of {url} interrupted: {done} of {total} bytes")
             f.flush()
             os.fsync(f.fileno())
-        if not total and not _whole_container(tmp):
-            raise UsageError(f"download of {url} is incomplete or not a checkpoint ({done} bytes, no Content-Length, "
-                             "not a whole zip / safetensors / pickle file)")
+        if not _whole_container(tmp):
+            raise UsageError(f"download of {url} is incomplete or not a checkpoint ({done} bytes: not a whole zip / "
+                             "safetensors / pickle file)")
         if sha256 and not h256.hexdigest().startswith(sha256.lower()):
             raise UsageError(f"checksum mismatch for {url}: sha256 {h256.hexdigest()[:16]}…, expected {sha256}")
         if md5 and not h5.hexdigest().startswith(md5.lower()):
@@ -1243,9 +1243,10 @@ def _whole_container(path) -> bool:
         if size >= 8 and 0 < int.from_bytes(head, "little") <= size - 8:   # safetensors: header length, JSON
             f.seek(8)
             header = f.read(int.from_bytes(head, "little"))
-            with contextlib.suppress(ValueError):
-                meta = json.loads(header)
-                return all(isinstance(v, dict) and "data_offsets" in v for k, v in meta.items() if k != "__metadata__")
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                meta = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+                end = max((v["data_offsets"][1] for v in meta.values()), default=0)
+                return size == 8 + len(header) + end          # every tensor's bytes are there, nothing after
             return False
         f.seek(size - 1)
         return head[:1] == b"\x80" and f.read(1) == b"."                   # pickle: PROTO ... STOP
@@ -1311,12 +1312,13 @@ class ImageSet:
 
 
 def _rgb_uint8(im) -> np.ndarray:
-    """(H, W, 3) uint8 of a PIL image, upright by its EXIF orientation; 16-bit and 32-bit integer images scaled
-    from their 0..65535 range (not clipped at 255), float images from [0, 1]."""
+    """(H, W, 3) uint8 of a PIL image, upright by its EXIF orientation; 16-bit images (and 32-bit integer ones with
+    values above 255) scaled from their 0..65535 range, not clipped at 255; float images from [0, 1]."""
     from PIL import ImageOps
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64) * (255.0 if im.mode == "F" else 255.0 / 65535.0)
+        a = np.asarray(im, dtype=np.float64)
+        a = a * (255.0 if im.mode == "F" else 1.0 if im.mode == "I" and a.max() <= 255 else 255.0 / 65535.0)
         return np.repeat(np.clip(np.round(a), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
     return np.array(im.convert("RGB"), dtype=np.uint8)   # a writable copy
 

@@ -1632,7 +1632,13 @@ def started(argv, log_dir):
 
 # --- fixtures and their helpers: a local HTTP server for downloads, one pair of torch.distributed workers -------------
 
-PAYLOAD = os.urandom(50_000)
+def _random_torch_file(n: int) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.from_numpy(np.frombuffer(os.urandom(4 * n), dtype=np.float32).copy())}, buf)
+    return buf.getvalue()
+
+
+PAYLOAD = _random_torch_file(12_500)   # ~50 kB, a whole torch.save file (downloads must be whole containers)
 
 
 def torch_saved(obj) -> bytes:
@@ -2342,6 +2348,21 @@ def test_download_failures_leave_nothing(server, case, tmp_path):
         sr.download_file(server + url, dest, sha256=sha)
     assert_one_line(e)
     assert os.listdir(d) == [], f"left behind: {os.listdir(d)}"
+
+
+def test_download_refuses_a_page_under_another_content_type_and_half_a_safetensors_file(server, tmp_path,
+                                                                                         monkeypatch):
+    from safetensors.torch import save
+    st = save({"w": torch.arange(1000.0)})
+    monkeypatch.setitem(DownloadHandler.files, "/page.bin", b"<html>sign in</html>" * 50)
+    monkeypatch.setitem(DownloadHandler.files, "/half.safetensors", st[: len(st) // 2])
+    monkeypatch.setitem(DownloadHandler.files, "/whole.safetensors", st)
+    for url in ("/page.bin", "/half.safetensors"):
+        with pytest.raises(sr.UsageError, match="not a whole") as e:
+            sr.download_file(server + url, tmp_path / "w.bin")
+        assert_one_line(e)
+        assert not (tmp_path / "w.bin").exists()
+    assert sr.download_file(server + "/whole.safetensors", tmp_path / "w.bin").read_bytes() == st
 
 
 @pytest.mark.parametrize("case", ["no_length_cut", "login_page", "drip"])
