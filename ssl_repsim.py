@@ -1747,7 +1747,7 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
     points, tokens, preprocessing and dtype."""
     names = _point_names(model, points, tokens)
     if cache_dir is None:
-        return extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
+        return extract(model, images, points if tokens != "official" else None, tokens, batch_size, device, dtype,
                        progress, group)
     from safetensors.torch import save as st_save
     key = features_cache_key(model, images, names, tokens, dtype)
@@ -1755,19 +1755,15 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
     if path.is_file():
         cached = _read_cached_features(path, names)
         if cached is not None:
-            return cached[0]
+            return cached
         log.warning(f"notice: the feature cache {path.name} is damaged or incomplete: recomputing it")
-    before = set(images.unreadable)
-    feats = extract(model, images, names if tokens != "official" else None, tokens, batch_size, device, dtype,
+    feats = extract(model, images, points if tokens != "official" else None, tokens, batch_size, device, dtype,
                     progress, group)
-    used = len(next(iter(feats.values())))
-    skipped = images.unreadable - before
-    ids = [i if isinstance(images.items, torch.Tensor) else str(images.items[i]) for i in range(len(images))
-           if i not in skipped]   # the rows' images: index in the tensor file, or path
-    meta = {"rows": str(used), "skipped": json.dumps(sorted(skipped)), "sample_ids": json.dumps(ids),
-            "sha256": json.dumps({k: _tensor_sha256(v) for k, v in feats.items()})}
     if images.unreadable:   # rows depend on which files read this time: keep every model of a run on one set
         return feats
+    ids = list(range(len(images))) if isinstance(images.items, torch.Tensor) else [str(p) for p in images.items]
+    meta = {"rows": str(len(ids)), "sample_ids": json.dumps(ids),   # the rows' images: tensor index, or path
+            "sha256": json.dumps({k: _tensor_sha256(v) for k, v in feats.items()})}
     try:
         atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}, metadata=meta))
     except UsageError as e:      # a cache that cannot be written costs speed, not the run
@@ -1779,9 +1775,9 @@ def _tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-def _read_cached_features(path: Path, names: list[str]):
-    """({name: tensor}, skipped indices) from a cache file whose every tensor matches its recorded sha256 and row
-    count, else None: a damaged or foreign file is never reused."""
+def _read_cached_features(path: Path, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """{name: tensor} from a cache file whose every tensor matches its recorded sha256 and row count, else None: a
+    damaged or foreign file is never reused."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -1790,12 +1786,11 @@ def _read_cached_features(path: Path, names: list[str]):
             if len(json.loads(meta["sample_ids"])) != rows:
                 return None
             feats = {k: f.get_tensor(k) for k in names}
-            skipped = json.loads(meta["skipped"])
     except Exception:  # noqa: BLE001 - unreadable, truncated, missing names or metadata: not reusable
         return None
-    if skipped or any(len(v) != rows or sums.get(k) != _tensor_sha256(v) for k, v in feats.items()):
+    if any(len(v) != rows or sums.get(k) != _tensor_sha256(v) for k, v in feats.items()):
         return None
-    return feats, skipped
+    return feats
 
 
 # ======================================================================================================================
@@ -2141,7 +2136,7 @@ def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0,
     elif kernel == "linear" and dmax * dmax * 4 <= GRAM_BUDGET_BYTES:
         yc = [_unit_scaled(_centred32(y).float()) for y in ys]
         rows = lambda x: _feature_rows(_unit_scaled(_centred32(x).float()), yc)
-        self_rows = torch.stack([_feature_rows(y, [])[1] for y in yc])
+        self_rows = torch.stack([_feature_self_rows(y) for y in yc])
     else:
         return None
     C = self_rows.mean(1)
@@ -2163,10 +2158,17 @@ def _gram_rows(g: torch.Tensor, others: list[torch.Tensor]) -> tuple[torch.Tenso
 
 
 def _feature_rows(x: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same from centred features: (1/n) Σ_j (x_m·x_j)(y_m·y_j) = x_mᵀ (XᵀY) y_m / n."""
-    n = x.shape[0]
-    r = [((x @ (x.T @ y)) * y).sum(1).double() / n for y in ys]
-    return (torch.stack(r) if r else None), ((x @ (x.T @ x)) * x).sum(1).double() / n
+    """Gram-free row means for linear CKA: (1/n) Σ_j (x_m·x_j)(y_m·y_j) = x_mᵀ (XᵀY) y_m / n for every y (L_b, n),
+    and x's own (n,)."""
+    return torch.stack([_cross_rows(x, y) for y in ys]), _feature_self_rows(x)
+
+
+def _cross_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((x @ (x.T @ y)) * y).sum(1).double() / x.shape[0]
+
+
+def _feature_self_rows(x: torch.Tensor) -> torch.Tensor:
+    return _cross_rows(x, x)
 
 
 @dataclass
