@@ -310,23 +310,38 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_hidden: int = 3072
-    swiglu: bool = False          # DINOv2 ViT-g: out = fc2(SiLU(x1) * x2), [x1, x2] = fc1(x)
-    cls_token: bool = True        # I-JEPA has none
-    num_registers: int = 0        # DINOv2 *_reg4
-    pos_embed: bool = True        # BEiT / SimMIM / data2vec pretrained use relative bias only
-    pos_cls_row: bool = True      # DeiT III: pos_embed covers patches only, cls unpositioned
+    swiglu: bool = False          # DINOv2 ViT-g, EVA-02, DINOv3 H+: out = fc2(SiLU(x1) * x2), [x1, x2] = fc1(x)
+    act: str = "gelu"             # the MLP's activation: gelu | gelu_tanh (SigLIP) | quick_gelu (OpenAI CLIP)
+    mlp_norm: bool = False        # EVA-02: a LayerNorm over the hidden units before fc2
+    cls_token: bool = True        # I-JEPA, SigLIP have none
+    dist_token: bool = False      # DeiT distilled: [cls, dist, patches]
+    num_registers: int = 0        # DINOv2 *_reg4, DINOv3 storage tokens: [cls, registers, patches]
+    patch_bias: bool = True       # CLIP's patch projection has no bias
+    pos_embed: bool = True        # BEiT / SimMIM / data2vec pretrained use relative bias only; DINOv3 rotary only
+    pos_cls_row: bool = True      # DeiT III, SigLIP: pos_embed covers patches only, cls unpositioned
     rel_pos: str | None = None    # None | "shared" (one table for all blocks) | "per_block"
+    rope: str | None = None       # 2-D rotary embedding of q, k over patch tokens: None | "eva02" | "dinov3"
+    rope_theta: float = 10000.0   # its base (EVA-02 10000, DINOv3 100)
+    rope_grid: int = 0            # EVA-02: the patch grid its frequencies refer to (timm ref_feat_shape)
+    norm_pre: bool = False        # CLIP: a LayerNorm over the tokens entering block 0 (ln_pre)
     layer_scale: bool = False     # gamma_1 / gamma_2
     norm_eps: float = 1e-6
     final_norm: bool = True       # MAE / BEiT fine-tuned: no token-level norm ...
     fc_norm: bool = False         # ... but fc_norm over the mean of patch tokens
+    cls_norm: bool = False        # DINOv3 untied norms: prefix tokens get their own final norm
+    attn_pool: int = 0            # SigLIP: hidden width of a multihead attention-pool (MAP) head giving the pooled output
+    proj_dim: int = 0             # CLIP: the output projection (kept, not applied: see ViT.project)
     pos_interp: str = "bicubic"   # "bicubic" | "offset" (DINO, DINOv2: +0.1) | "antialias" (DINOv2 registers)
     num_classes: int = 0
     family: str = ""
 
     @property
     def num_prefix(self) -> int:
-        return int(self.cls_token) + self.num_registers
+        return int(self.cls_token) + int(self.dist_token) + self.num_registers
+
+    @property
+    def pos_prefix_rows(self) -> int:   # prefix tokens whose position rows precede the grid in pos_embed
+        return (int(self.cls_token) + int(self.dist_token)) * int(self.pos_cls_row)
 
 
 log = logging.getLogger("ssl_repsim")   # notices and announcements; the CLI prints them on stderr as they happen
@@ -549,10 +564,10 @@ def interpolate_pos_embed(grid: torch.Tensor, gh: int, gw: int, method: str = "b
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, dim: int):
+    def __init__(self, patch: int, dim: int, bias: bool = True):
         super().__init__()
         self.patch = patch
-        self.proj = nn.Conv2d(3, dim, patch, patch)
+        self.proj = nn.Conv2d(3, dim, patch, patch, bias=bias)
 
     def forward(self, x):
         if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
@@ -560,8 +575,49 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), patches row-major
 
 
+# --- 2-D rotary position embeddings (Su et al. 2021; Heo et al. 2024): one angle per (patch, channel) ---------------
+
+def rope_angles_eva02(gh: int, gw: int, head_dim: int, theta: float, ref: int) -> torch.Tensor:
+    """EVA-02 (timm RotaryEmbeddingCat, in_pixels=False): bands ω_k = θ^(−k/K), K = head_dim/4, at positions
+    index·ref/grid per axis; angles [rows·ω, cols·ω], each repeated for its channel pair (2i, 2i+1)."""
+    k = head_dim // 4
+    omega = theta ** -(torch.arange(k, dtype=torch.float64) / k)
+    r = torch.arange(gh, dtype=torch.float64) * ((ref or gh) / gh)
+    c = torch.arange(gw, dtype=torch.float64) * ((ref or gw) / gw)
+    r, c = torch.meshgrid(r, c, indexing="ij")
+    return torch.cat([r.reshape(-1, 1) * omega, c.reshape(-1, 1) * omega], 1).repeat_interleave(2, -1)
+
+
+def rope_angles_dinov3(gh: int, gw: int, head_dim: int, theta: float, ref: int) -> torch.Tensor:
+    """DINOv3 (Siméoni et al. 2025): periods p_k = θ^(k/K), K = head_dim/4, at patch centres scaled to [−1, 1] per
+    axis; angles 2π·[rows/p, cols/p], the whole row repeated for the two halves of the head."""
+    k = head_dim // 4
+    period = theta ** (torch.arange(k, dtype=torch.float64) / k)
+    r = (torch.arange(gh, dtype=torch.float64) + 0.5) / gh * 2 - 1
+    c = (torch.arange(gw, dtype=torch.float64) + 0.5) / gw * 2 - 1
+    r, c = torch.meshgrid(r, c, indexing="ij")
+    return 2 * math.pi * torch.cat([r.reshape(-1, 1) / period, c.reshape(-1, 1) / period], 1).tile(2)
+
+
+# variant -> (angles, rotation): "pairs" rotates channels (2i, 2i+1), "halves" channels (i, i + head_dim/2)
+ROPE_VARIANTS = {"eva02": (rope_angles_eva02, "pairs"), "dinov3": (rope_angles_dinov3, "halves")}
+
+
+def apply_rope(x: torch.Tensor, rope, num_prefix: int) -> torch.Tensor:
+    """x·cos θ + rot(x)·sin θ on the patch tokens of x (B, H, T, head_dim); prefix tokens pass unchanged."""
+    cos, sin, style = rope
+    pre, t = x[..., :num_prefix, :], x[..., num_prefix:, :]
+    if style == "pairs":
+        rot = torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+    else:
+        t1, t2 = t.chunk(2, -1)
+        rot = torch.cat([-t2, t1], -1)
+    return torch.cat([pre, t * cos.to(t.dtype) + rot * sin.to(t.dtype)], -2)
+
+
 class Attention(nn.Module):
-    """softmax(q kᵀ / √d_h + B_rel) v over H heads (Vaswani et al. 2017), qkv rows [q; k; v]."""
+    """softmax(q kᵀ / √d_h + B_rel) v over H heads (Vaswani et al. 2017), qkv rows [q; k; v]; q, k rotated by the
+    2-D rotary embedding where the family has one."""
 
     def __init__(self, dim: int, heads: int, table_rows: int | None = None):
         super().__init__()
@@ -572,9 +628,12 @@ class Attention(nn.Module):
         self.keep_attn = False   # set by attention_maps(): compute softmax explicitly and keep it in .attn_map
         self.attn_map = None
 
-    def forward(self, x, bias=None, grid=None):
+    def forward(self, x, bias=None, grid=None, rope=None):
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            npre = T - rope[0].shape[0]
+            q, k = apply_rope(q, rope, npre), apply_rope(k, rope, npre)
         if self.relative_position_bias_table is not None:
             bias = relative_position_bias(self.relative_position_bias_table, *grid)
         if bias is not None:
@@ -595,17 +654,29 @@ class SwiGLUAct(nn.Module):
         return F.silu(x1) * x2
 
 
-class Mlp(nn.Module):
-    """fc2(act(fc1(x))): exact GELU, or SwiGLU where fc1 holds both halves (DINOv2 w12/w3)."""
+class QuickGELU(nn.Module):
+    """x·σ(1.702x), OpenAI CLIP's approximation of GELU."""
 
-    def __init__(self, dim: int, hidden: int, swiglu: bool):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "quick_gelu": QuickGELU}
+
+
+class Mlp(nn.Module):
+    """fc2(norm(act(fc1(x)))): GELU (exact, tanh or quick), or SwiGLU where fc1 holds both halves (DINOv2 w12/w3);
+    norm is EVA-02's LayerNorm over the hidden units, an identity elsewhere."""
+
+    def __init__(self, dim: int, hidden: int, swiglu: bool = False, act: str = "gelu", norm_eps: float | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden)
-        self.act = SwiGLUAct() if swiglu else nn.GELU()
+        self.act = SwiGLUAct() if swiglu else ACTIVATIONS[act]()
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps) if norm_eps else nn.Identity()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
 class Block(nn.Module):
@@ -618,13 +689,13 @@ class Block(nn.Module):
         self.attn = Attention(d, cfg.num_heads, table_rows)
         self.attn_residual = nn.Identity()
         self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.mlp = Mlp(d, cfg.mlp_hidden, cfg.swiglu)
+        self.mlp = Mlp(d, cfg.mlp_hidden, cfg.swiglu, cfg.act, cfg.norm_eps if cfg.mlp_norm else None)
         self.gamma_1 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
         self.gamma_2 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
         self.drop_path, self.rng = 0.0, None   # stochastic-depth rate and its generator (set by finetune)
 
-    def forward(self, x, bias=None, grid=None):
-        a = self.attn(self.norm1(x), bias, grid)
+    def forward(self, x, bias=None, grid=None, rope=None):
+        a = self.attn(self.norm1(x), bias, grid, rope)
         a = a * self.gamma_1 if self.gamma_1 is not None else a
         x = self.attn_residual(x + stochastic_depth(a, self.drop_path, self.training, self.rng))
         m = self.mlp(self.norm2(x))
@@ -638,25 +709,49 @@ class SharedRelPos(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, heads))
 
 
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (MAP; Zhai et al. 2022, SigLIP): a learned query attends over all final tokens,
+    then o + mlp(norm(o)) is the pooled output."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d, self.heads = cfg.embed_dim, cfg.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, d))
+        self.q, self.kv, self.proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.mlp = Mlp(d, cfg.attn_pool, act=cfg.act)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.heads, D // self.heads).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, T, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        o = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D))
+        return (o + self.mlp(self.norm(o)))[:, 0]
+
+
 class ViT(nn.Module):
-    """Plain pre-norm ViT (Dosovitskiy et al. 2021) with every released SSL variant as a config switch."""
+    """Plain pre-norm ViT (Dosovitskiy et al. 2021) with every released variant as a config switch."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg, self.family = cfg, cfg.family
         d, g = cfg.embed_dim, cfg.img_size // cfg.patch_size
         rows = (2 * g - 1) ** 2 + 3
-        self.patch_embed = PatchEmbed(cfg.patch_size, d)
+        self.patch_embed = PatchEmbed(cfg.patch_size, d, cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.cls_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.dist_token else None
         self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_registers, d)) if cfg.num_registers else None
-        n_pos = g * g + int(cfg.cls_token and cfg.pos_cls_row)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d)) if cfg.pos_embed else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, g * g + cfg.pos_prefix_rows, d)) if cfg.pos_embed else None
         self.rel_pos_bias = SharedRelPos(rows, cfg.num_heads) if cfg.rel_pos == "shared" else None
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
         self.embed = nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, rows if cfg.rel_pos == "per_block" else None)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.cls_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.cls_norm else None
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.fc_norm else None
+        self.attn_pool = AttentionPool(cfg) if cfg.attn_pool else None
+        self.proj = nn.Parameter(torch.zeros(d, cfg.proj_dim)) if cfg.proj_dim else None
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
         # what load_model fills in from the registry / file; defaults for a model built in code
         self.input_size, self.source = cfg.img_size, dict(spec=cfg.family or "ViT", path=None, family=cfg.family)
@@ -669,7 +764,8 @@ class ViT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        for p in (self.cls_token, self.register_tokens, self.pos_embed):
+        latent = self.attn_pool.latent if self.attn_pool is not None else None
+        for p in (self.cls_token, self.dist_token, self.register_tokens, self.pos_embed, latent):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
@@ -677,48 +773,71 @@ class ViT(nn.Module):
         pos = self.pos_embed
         if pos is None:
             return None
-        cls_row = int(self.cfg.cls_token and self.cfg.pos_cls_row)
-        grid = interpolate_pos_embed(pos[:, cls_row:], gh, gw, self.cfg.pos_interp)
-        return torch.cat([pos[:, :cls_row], grid], 1) if cls_row else grid
+        pre = self.cfg.pos_prefix_rows
+        grid = interpolate_pos_embed(pos[:, pre:], gh, gw, self.cfg.pos_interp)
+        return torch.cat([pos[:, :pre], grid], 1) if pre else grid
+
+    def rotary(self, gh: int, gw: int, device) -> tuple | None:
+        """(cos, sin, rotation style) of the family's rotary embedding on a gh×gw patch grid, or None."""
+        if self.cfg.rope is None:
+            return None
+        angles_of, style = ROPE_VARIANTS[self.cfg.rope]
+        angles = angles_of(gh, gw, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta, self.cfg.rope_grid)
+        return angles.cos().float().to(device), angles.sin().float().to(device), style
 
     def tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None):
-        """Tokens entering block 0 in the order [cls, registers, patches], and the patch grid. `keep` (B, K) keeps
-        only those patches (MAE-style masking, after position embeddings are added)."""
+        """Tokens entering block 0 in the order [cls, dist, registers, patches], and the patch grid. `keep` (B, K)
+        keeps only those patches (MAE-style masking, after position embeddings are added)."""
         gh, gw = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
         x = self.patch_embed(x)
         pos = self.position_embedding(gh, gw)
-        cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
-        if pos is not None and cls is not None and self.cfg.pos_cls_row:
-            x = torch.cat([cls, x], 1) + pos
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if pos is not None and self.cfg.pos_prefix_rows:
+            x = torch.cat([*prefix, x], 1) + pos
         else:
             x = x + pos if pos is not None else x
-            x = torch.cat([cls, x], 1) if cls is not None else x
+            x = torch.cat([*prefix, x], 1)
         if self.register_tokens is not None:
-            c = int(self.cfg.cls_token)
+            c = len(prefix)
             x = torch.cat([x[:, :c], self.register_tokens.expand(x.shape[0], -1, -1), x[:, c:]], 1)
         if keep is not None:
-            if self.cfg.rel_pos:
-                raise UsageError("masking is not defined for models with relative position bias")
+            if self.cfg.rel_pos or self.cfg.rope:
+                raise UsageError("masking is not defined for models with relative position bias or rotary "
+                                 "embeddings")
             k = self.cfg.num_prefix
             x = torch.cat([x[:, :k], x[:, k:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))], 1)
-        return self.embed(x), (gh, gw)
+        return self.embed(self.norm_pre(x)), (gh, gw)
 
     def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens after the final norm (the last block's output where the checkpoint has no `norm`)."""
         x, grid = self.tokens(x, keep)
         bias = relative_position_bias(self.rel_pos_bias.relative_position_bias_table, *grid) \
             if self.rel_pos_bias is not None else None
+        rope = self.rotary(*grid, x.device)
         for blk in self.blocks:
-            x = blk(x, bias, grid)
+            x = blk(x, bias, grid, rope)
+        if self.cls_norm is not None:
+            npre = self.cfg.num_prefix
+            return torch.cat([self.cls_norm(x[:, :npre]), self.norm(x[:, npre:])], 1)
         return self.norm(x)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """The family's pooled representation from final tokens."""
+        if self.attn_pool is not None:
+            return self.attn_pool(tokens)
         if self.fc_norm is not None:
             return self.fc_norm(tokens[:, self.cfg.num_prefix:].mean(1))
         if not self.cfg.cls_token:
             return tokens.mean(1)
+        if self.cfg.dist_token:
+            return (tokens[:, 0] + tokens[:, 1]) / 2   # DeiT distilled: the mean of its two heads' inputs
         return tokens[:, 0]
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """CLIP's joint image-text embedding: the pooled output times the released projection."""
+        if self.proj is None:
+            raise UsageError("this model has no output projection")
+        return pooled @ self.proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x))
