@@ -34,6 +34,8 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable
@@ -79,22 +81,29 @@ BEIT = "https://github.com/addf400/files/releases/download/v1.0"
 
 @dataclass(frozen=True)
 class Layout:
-    """How one released file layout maps to our ViT: which sub-dict, which prefix, which keys are not the backbone."""
+    """How one released file layout maps to our ViT: which sub-dict, which prefix, which keys are not the backbone,
+    and the layout's key names → ours."""
     match: Callable[[dict], bool]  # predicate on the file's top-level dict (never raises)
     pick: str | None = None       # sub-dict holding the evaluated network (teacher, target_encoder, ...)
     prefix: str | None = None     # prefix of backbone keys; None = whatever precedes patch_embed.proj.weight
     only_prefix: bool = False     # keys without the prefix belong to other networks: ignore them
+    strip: str = r"$^"            # regex of class prefixes removed before `drop` (vit., dinov2., vision_model., ...)
     drop: str = r"$^"             # regex of keys that are not the backbone (heads, decoders, predictors, ...)
+    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement), in order; () = the family's
     fallback: bool = False        # a catch-all: tried only after every other family's layouts
+    named_only: bool = False      # the keys cannot tell this family: used only when the family is known
 
 
 @dataclass(frozen=True)
 class Family:
-    """A family of checkpoints: its training objective, how its files are recognised and renamed, the position
-    interpolation and head counts its code uses, its preprocessing, and whether its files download."""
-    objective: str                            # REC(onstruction) | JE (joint-embedding) | HYB (both) | SUP | ?; +FT
+    """A family of checkpoints: its training objective, how its files are recognised and renamed, the architecture
+    variant its code implies, position interpolation and head counts, its preprocessing, and where its files come
+    from. A file is read with the first layout (of any family) that matches; the family named by the user, the
+    registry, config.json or timm's architecture labels it."""
+    objective: str                            # REC(onstruction) | JE (joint-embedding) | HYB (both) | SUP | LANG | ?
     layouts: tuple[Layout, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()  # its foreign key names → ours (regex, replacement), in order
+    arch: dict = dataclasses.field(default_factory=dict)   # ViTConfig fields its code fixes (rope, eps, act, ...)
     pos_interp: str = "bicubic"               # see interpolate_pos_embed
     pos_interp_registers: str | None = None   # ... when the file has register tokens (default: pos_interp)
     heads: dict = dataclasses.field(default_factory=dict)   # width → heads where it departs from HEADS_BY_WIDTH
@@ -102,12 +111,15 @@ class Family:
     std: tuple = IMAGENET_STD
     interp: str = "bicubic"                   # resize interpolation of its evaluation transform
     crop_pct: float = 0.875
+    crop_mode: str = "center"                 # center: shorter side to size/crop_pct | squash: both sides
     manual_download: bool = False             # published only behind a web page (Google Drive)
-    hf_model_types: tuple[str, ...] = ()      # Hugging Face config.json `model_type`s saved in this family's layout
+    hf_model_types: tuple[str, ...] = ()      # Hugging Face config.json `model_type`s of this family
+    teacher: str = ""                         # the network whose features its objective regresses (EVA-02: CLIP)
 
     @property
     def preprocess(self) -> dict:
-        return dict(mean=tuple(self.mean), std=tuple(self.std), interp=self.interp, crop_pct=self.crop_pct)
+        return dict(mean=tuple(self.mean), std=tuple(self.std), interp=self.interp, crop_pct=self.crop_pct,
+                    crop_mode=self.crop_mode)
 
 
 def _is_state_dict(obj) -> bool:
@@ -128,6 +140,7 @@ def _lm_head_is_square(sd: dict) -> bool:
 
 
 INDEX = r"relative_position_index$"
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 TORCHVISION_RENAMES = (
     (r"^conv_proj\.", "patch_embed.proj."), (r"^class_token$", "cls_token"),
     (r"^encoder\.pos_embedding$", "pos_embed"), (r"^encoder\.ln\.", "norm."),
@@ -135,19 +148,59 @@ TORCHVISION_RENAMES = (
     (r"\.self_attention\.in_proj_weight$", ".attn.qkv.weight"), (r"\.self_attention\.in_proj_bias$", ".attn.qkv.bias"),
     (r"\.self_attention\.out_proj\.", ".attn.proj."), (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),
     (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."), (r"^heads\.head\.", "head."))
-HF_RENAMES = (
+HF_RENAMES = (   # transformers ViT, DeiT, ViTMAE, DINOv2, BEiT, data2vec-vision (BERT-style names)
     (r"^(data2vec_vision|beit)\.", ""), (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.distillation_token$", "dist_token"), (r"^embeddings\.register_tokens$", "register_tokens"),
     (r"^embeddings\.position_embeddings$", "pos_embed"),
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     (r"^encoder\.relative_position_bias\.", "rel_pos_bias."), (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
     (r"\.attention\.attention\.relative_position_bias\.", ".attn."),
-    (r"\.attention\.attention\.(query|key|value)\.", r".attn.\1."), (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.attention\.attention\.(q|k|v)\w*\.", r".attn.\1."), (r"\.attention\.output\.dense\.", ".attn.proj."),
     (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
     (r"\.intermediate\.dense\.", ".mlp.fc1."), (r"\.output\.dense\.", ".mlp.fc2."), (r"\.lambda_([12])$", r".gamma_\1"),
+    (r"\.layer_scale([12])\.lambda1$", r".gamma_\1"), (r"\.mlp\.weights_in\.", ".mlp.fc1."),
+    (r"\.mlp\.weights_out\.", ".mlp.fc2."),
     (r"^pooler\.layernorm\.", "fc_norm."), (r"^layernorm\.", "norm."), (r"^classifier\.", "head."))
+HF_CLIP_RENAMES = (   # transformers CLIP and SigLIP vision towers
+    (r"^embeddings\.class_embedding$", "cls_token"), (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^embeddings\.position_embedding\.weight$", "pos_embed"), (r"^pre_layrnorm\.", "norm_pre."),
+    (r"^encoder\.layers\.(\d+)\.", r"blocks.\1."), (r"\.self_attn\.(q|k|v)_proj\.", r".attn.\1."),
+    (r"\.self_attn\.out_proj\.", ".attn.proj."), (r"\.layer_norm([12])\.", r".norm\1."),
+    (r"^post_layernorm\.", "norm."), (r"^visual_projection\.weight$", "proj.weight"),
+    (r"^head\.probe$", "attn_pool.latent"), (r"^head\.attention\.in_proj_", "attn_pool.in_proj_"),
+    (r"^head\.attention\.out_proj\.", "attn_pool.proj."), (r"^head\.layernorm\.", "attn_pool.norm."),
+    (r"^head\.mlp\.", "attn_pool.mlp."))
+HF_DINOV3_RENAMES = (   # transformers DINOv3ViTModel
+    (r"^embeddings\.(cls_token|register_tokens)$", r"\1"), (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+    (r"^layer\.(\d+)\.", r"blocks.\1."), (r"\.attention\.(q|k|v)_proj\.", r".attn.\1."),
+    (r"\.attention\.o_proj\.", ".attn.proj."), (r"\.layer_scale([12])\.lambda1$", r".gamma_\1"),
+    (r"\.mlp\.gate_proj\.", ".mlp.fc1_g."), (r"\.mlp\.up_proj\.", ".mlp.fc1_x."), (r"\.mlp\.down_proj\.", ".mlp.fc2."))
 TIMM_RENAMES = (   # DINOv2 and timm spellings: block chunks, ls1/ls2, SwiGLU w12/w3, reg_token
     (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."), (r"\.ls([12])\.gamma$", r".gamma_\1"),
     (r"^reg_token$", "register_tokens"), (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."))
+TIMM_EVA_RENAMES = (   # timm Eva (EVA-02, DINOv3): separate q/k/v, SwiGLU fc1_g/fc1_x, reg_token
+    *TIMM_RENAMES, (r"\.attn\.(q|k|v)_proj\.", r".attn.\1."))
+DINOV3_RENAMES = (   # the official DINOv3 release: storage tokens, SwiGLU w1/w2/w3, untied cls norm
+    *TIMM_RENAMES, (r"^storage_tokens$", "register_tokens"), (r"\.mlp\.w1\.", ".mlp.fc1_g."),
+    (r"\.mlp\.w2\.", ".mlp.fc1_x."))
+OPENCLIP_RENAMES = (   # open_clip and OpenAI CLIP visual towers
+    (r"^conv1\.", "patch_embed.proj."), (r"^class_embedding$", "cls_token"), (r"^positional_embedding$", "pos_embed"),
+    (r"^ln_pre\.", "norm_pre."), (r"^transformer\.resblocks\.(\d+)\.", r"blocks.\1."), (r"\.ln_([12])\.", r".norm\1."),
+    (r"\.attn\.in_proj_(weight|bias)$", r".attn.qkv.\1"), (r"\.attn\.out_proj\.", ".attn.proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."), (r"^ln_post\.", "norm."))
+HF_CLASS_PREFIX = r"^(vit|deit|dinov2|beit|data2vec_vision|vision_model)\."
+HF_NOT_BACKBONE = (r"^(decoder\.|pooler\.dense\.|lm_head\.|cls_classifier\.|distillation_classifier\.|"
+                   r"embeddings\.mask_token|text_model\.|text_projection|logit_)|" + INDEX)
+
+# the layouts several families share: the family comes from config.json, timm's architecture or the user
+HF_LAYOUT = Layout(lambda o: _any(o, r"(^|\.)embeddings\.patch_embeddings\.projection\.weight$"),
+                   strip=HF_CLASS_PREFIX, drop=HF_NOT_BACKBONE, renames=HF_RENAMES)
+HF_CLIP_LAYOUT = Layout(lambda o: _any(o, r"(^|\.)embeddings\.patch_embedding\.weight$"), strip=HF_CLASS_PREFIX,
+                        drop=HF_NOT_BACKBONE, renames=HF_CLIP_RENAMES)
+TIMM_EVA_LAYOUT = Layout(lambda o: _is_state_dict(o) and _any(o, r"^blocks\.0\.(attn\.[qkv]_proj|mlp\.fc1_g)\."),
+                         drop=r"^head\.|rope|^mask_token$", renames=TIMM_EVA_RENAMES, named_only=True)
+FLAT_LAYOUT = Layout(lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o,
+                     drop=r"^(head|head_dist|mask_token)(\.|$)", renames=TIMM_RENAMES, named_only=True)
 
 # Rows are tried in this order (each row's layouts in turn), catch-all (fallback) layouts last.
 FAMILIES: dict[str, Family] = {
@@ -160,8 +213,7 @@ FAMILIES: dict[str, Family] = {
                            Layout(lambda o: "state_dict" in o, pick="state_dict", drop=r"^head\.|^masked_embed")),
                    pos_interp="offset"),
     "dino": Family("JE", (Layout(lambda o: "teacher" in o, pick="teacher", prefix="backbone.", only_prefix=True),
-                          Layout(lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o, fallback=True)),
-                   pos_interp="offset"),
+                          FLAT_LAYOUT), pos_interp="offset"),   # the flat release file: only when named
     "msn": Family("JE", (Layout(lambda o: _any(_sub(o, "target_encoder"), r"cls_token$"), pick="target_encoder",
                                 prefix="module.", drop=r"^fc\."),), interp="bilinear"),  # pos: size (g, g)
     "ijepa": Family("JE", (Layout(lambda o: "target_encoder" in o, pick="target_encoder", prefix="module."),)),
@@ -179,30 +231,54 @@ FAMILIES: dict[str, Family] = {
                                                        r"table") and "fc_norm.weight" in _sub(o, "model"),
                                         pick="model", drop=r"^head\.|" + INDEX),), mean=HALF_MEAN, std=HALF_STD),
     "beit": Family("REC", (Layout(lambda o: _any(_sub(o, "model"), r"q_bias$"), pick="model",
-                                  drop=r"^lm_head\.|^head\.|mask_token|" + INDEX),), mean=HALF_MEAN, std=HALF_STD),
+                                  drop=r"^lm_head\.|^head\.|mask_token|" + INDEX),), mean=HALF_MEAN, std=HALF_STD,
+                   hf_model_types=("beit",)),
     "deit3": Family("SUP", (Layout(lambda o: _any(_sub(o, "model"), r"gamma_1$"), pick="model", drop=r"^head\."),)),
     "mae_ft": Family("REC+FT", (Layout(lambda o: "fc_norm.weight" in _sub(o, "model"), pick="model",
                                        drop=r"^head\."),)),
     "deit": Family("SUP", (Layout(lambda o: "head.weight" in _sub(o, "model") and not _any(_sub(o, "model"),
                                                                                            r"^decoder"),
-                                  pick="model", drop=r"^head\."),)),
+                                  pick="model", drop=r"^head(_dist)?\."),
+                           Layout(lambda o: _is_state_dict(o) and "dist_token" in o and "patch_embed.proj.weight" in o,
+                                  drop=r"^head(_dist)?\.", renames=TIMM_RENAMES)), hf_model_types=("deit",)),
     "mae": Family("REC", (Layout(lambda o: "model" in o, pick="model", drop=r"^decoder|^mask_token$"),)),
-    "mae_hf": Family("REC", (Layout(lambda o: _any(o, r"^(vit\.)?embeddings\.position_embeddings$")
-                                    and not _any(o, r"lambda_1$"), drop=r"^decoder\."),),
-                     renames=((r"^vit\.", ""), *HF_RENAMES), hf_model_types=("vit_mae",)),   # transformers ViTMAE
-    "data2vec_hf": Family("HYB", (Layout(lambda o: _any(o, r"embeddings\.patch_embeddings\.projection\.weight$"),
-                                         drop=r"^classifier\.|mask_token|" + INDEX),), renames=HF_RENAMES,
-                          hf_model_types=("data2vec-vision",)),
+    "mae_hf": Family("REC", hf_model_types=("vit_mae",)),           # transformers ViTMAE
+    "data2vec_hf": Family("HYB", hf_model_types=("data2vec-vision",)),
     "torchvision": Family("SUP", (Layout(lambda o: "conv_proj.weight" in o, drop=r"^heads\.(?!head\.)"),),
                           renames=TORCHVISION_RENAMES, interp="bilinear"),
-    "dinov2": Family("HYB", (Layout(lambda o: "mask_token" in o and _any(o, r"^blocks\.0\.(ls1\.gamma|0\.)"),
-                                    drop=r"^mask_token$"),), renames=TIMM_RENAMES, pos_interp="offset",
-                     pos_interp_registers="antialias"),
-    "timm": Family("?", (Layout(lambda o: _is_state_dict(o) and _any(o, r"^(head\.weight|fc_norm\.|reg_token|"
-                                                                      r"blocks\.0\.ls1\.)"), drop=r"^head\."),),
-                   renames=TIMM_RENAMES),
+    "dinov2": Family("HYB", (Layout(lambda o: "mask_token" in o and _any(o, r"^blocks\.0\.(ls1\.gamma|0\.)")
+                                    and "storage_tokens" not in o, drop=r"^mask_token$"),),
+                     renames=TIMM_RENAMES, pos_interp="offset", pos_interp_registers="antialias",
+                     hf_model_types=("dinov2", "dinov2_with_registers")),
+    "dinov3": Family("JE", (Layout(lambda o: _is_state_dict(o) and ("storage_tokens" in o or "rope_embed.periods" in o),
+                                   drop=r"^(mask_token|rope_embed\.|local_cls_norm\.)", renames=DINOV3_RENAMES),
+                            Layout(lambda o: _any(o, r"^(\w+\.)?embeddings\.patch_embeddings\.weight$")
+                                   and _any(o, r"^(\w+\.)?layer\.0\."), strip=r"^dinov3\w*\.",
+                                   drop=r"^embeddings\.mask_token$|rope", renames=HF_DINOV3_RENAMES)),
+                     arch=dict(rope="dinov3", rope_theta=100.0, norm_eps=1e-5), hf_model_types=("dinov3_vit",)),
+    "eva02": Family("REC", (TIMM_EVA_LAYOUT,), arch=dict(rope="eva02", rope_theta=10000.0, rope_grid=16),
+                    pos_interp="antialias",
+                    mean=OPENAI_MEAN, std=OPENAI_STD, crop_pct=0.9, teacher="EVA-CLIP"),
+    "clip": Family("LANG", (HF_CLIP_LAYOUT,
+                            Layout(lambda o: "visual.conv1.weight" in o, prefix="visual.", only_prefix=True,
+                                   drop=r"^attn_pool", renames=OPENCLIP_RENAMES),      # open_clip / OpenAI CLIP
+                            Layout(lambda o: "conv1.weight" in o and _any(o, r"^transformer\.resblocks\.0\."),
+                                   drop=r"^attn_pool", renames=OPENCLIP_RENAMES)),     # ... their visual tower
+                   arch=dict(act=None, norm_eps=1e-5), mean=OPENAI_MEAN, std=OPENAI_STD, crop_pct=1.0,
+                   hf_model_types=("clip", "clip_vision_model")),   # act=None: the file's config must say
+    "siglip": Family("LANG", (HF_CLIP_LAYOUT,), arch=dict(act="gelu_tanh"), mean=HALF_MEAN, std=HALF_STD,
+                     crop_pct=1.0, crop_mode="squash", hf_model_types=("siglip", "siglip_vision_model")),
+    "vit": Family("?", (HF_LAYOUT,), hf_model_types=("vit",)),   # transformers ViT: any training, say --family
+    "unknown": Family("?", (dataclasses.replace(FLAT_LAYOUT, named_only=False, fallback=True),), renames=TIMM_RENAMES),
     "ssl_repsim": Family("?"),   # our own safetensors files: the config travels in the metadata
 }
+# timm architecture names (`arch.tag` in a timm hub folder's config.json) → family, first match
+TIMM_FAMILIES = ((r"^eva02_", "eva02"), (r"dinov3", "dinov3"), (r"dinov2", "dinov2"), (r"siglip", "siglip"),
+                 (r"clip", "clip"), (r"\.mae$", "mae"), (r"^deit3_", "deit3"), (r"^deit_", "deit"),
+                 (r"\.dino$", "dino"))
+# timm size names → heads (timm's own model definitions), for hub folders whose config.json omits model_args
+TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "huge_plus": 20, "so400m": 16,
+              "giant": 16, "gigantic": 16, "7b": 32}
 
 # Heads are not recoverable from weights: by width, unless the registry, the family or num_heads= says otherwise.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
@@ -311,7 +387,7 @@ class ViTConfig:
     num_heads: int = 12
     mlp_hidden: int = 3072
     swiglu: bool = False          # DINOv2 ViT-g, EVA-02, DINOv3 H+: out = fc2(SiLU(x1) * x2), [x1, x2] = fc1(x)
-    act: str = "gelu"             # the MLP's activation: gelu | gelu_tanh (SigLIP) | quick_gelu (OpenAI CLIP)
+    act: str = "gelu"             # the MLP's activation: gelu | gelu_tanh (SigLIP) | quick_gelu (OpenAI CLIP) | silu
     mlp_norm: bool = False        # EVA-02: a LayerNorm over the hidden units before fc2
     cls_token: bool = True        # I-JEPA, SigLIP have none
     dist_token: bool = False      # DeiT distilled: [cls, dist, patches]
@@ -331,6 +407,7 @@ class ViTConfig:
     cls_norm: bool = False        # DINOv3 untied norms: prefix tokens get their own final norm
     attn_pool: int = 0            # SigLIP: hidden width of a multihead attention-pool (MAP) head giving the pooled output
     proj_dim: int = 0             # CLIP: the output projection (kept, not applied: see ViT.project)
+    pool: str = ""                # "" = by the switches above (MAP, fc_norm, cls, mean) | "avg": mean patch token
     pos_interp: str = "bicubic"   # "bicubic" | "offset" (DINO, DINOv2: +0.1) | "antialias" (DINOv2 registers)
     num_classes: int = 0
     family: str = ""
@@ -661,7 +738,8 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "quick_gelu": QuickGELU}
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "quick_gelu": QuickGELU,
+               "silu": nn.SiLU}
 
 
 class Mlp(nn.Module):
@@ -755,7 +833,8 @@ class ViT(nn.Module):
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
         # what load_model fills in from the registry / file; defaults for a model built in code
         self.input_size, self.source = cfg.img_size, dict(spec=cfg.family or "ViT", path=None, family=cfg.family)
-        self.preprocess = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bicubic", crop_pct=0.875)
+        self.preprocess = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bicubic", crop_pct=0.875,
+                               crop_mode="center")
         self._init_weights()
         self.eval()
 
@@ -827,6 +906,8 @@ class ViT(nn.Module):
             return self.attn_pool(tokens)
         if self.fc_norm is not None:
             return self.fc_norm(tokens[:, self.cfg.num_prefix:].mean(1))
+        if self.cfg.pool == "avg" or not self.cfg.cls_token:
+            return tokens[:, self.cfg.num_prefix:].mean(1)
         if not self.cfg.cls_token:
             return tokens.mean(1)
         if self.cfg.dist_token:
@@ -890,6 +971,8 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
+    if path.name.endswith(".index.json"):
+        return _read_shards(path), {}
     with open(path, "rb") as f:
         head = f.read(9)
     if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):   # by name, or by content
@@ -927,6 +1010,28 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     return obj, {}
 
 
+def _read_shards(index: Path) -> dict:
+    """The state dict of a sharded checkpoint: every shard its index's weight_map names (each read safely), each
+    tensor from the shard the index assigns it to."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"{index}: no weight_map")
+    shards = sorted(set(weight_map.values()))
+    bad = [sh for sh in shards if not isinstance(sh, str) or "/" in sh or not (index.parent / sh).is_file()]
+    if bad:
+        raise UsageError(f"{index}: shard {bad[0]!r} is missing beside it")
+    out = {}
+    for shard in shards:
+        obj, _ = read_checkpoint(index.parent / shard)
+        for k, v in obj.items():
+            if weight_map.get(k) == shard:
+                out[k] = v
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise UsageError(f"{index}: {len(missing)} tensors missing from their shards ({_keys_str(missing, 3)})")
+    return out
+
+
 def _refuse_inflated(obj, path, limit: int = 1 << 36):
     """Refuse tensors whose storage is smaller than their shape (expand()ed, stride 0: a small file that would
     become huge once copied) and files whose tensors add up to more than `limit` bytes (64 GiB; a ViT-g training
@@ -959,35 +1064,86 @@ def _rename(key: str, renames) -> str:
 
 
 def _fuse_qkv(sd: dict) -> dict:
-    """q/v-only biases (BEiT family: bias = [q_bias; 0; v_bias]) and separate q/k/v projections (Hugging Face) →
-    one qkv Linear."""
+    """Separate q/k/v projections (transformers, timm Eva) and q/v-only biases (BEiT family, timm Eva: bias =
+    [q_bias; 0; v_bias]) → one qkv Linear; DINOv3's masked k bias applied; an attention pool's packed in_proj → q, kv."""
     out = dict(sd)
-    for q_key in [k for k in sd if k.endswith((".attn.q_bias", ".attn.query.weight"))]:
-        base = q_key.rsplit(".", 2)[0] if "query" in q_key else q_key.rsplit(".", 1)[0]
-        if q_key.endswith("query.weight"):
-            out[f"{base}.qkv.weight"] = torch.cat([out.pop(f"{base}.{n}.weight") for n in ("query", "key", "value")])
-            q, v = out.pop(f"{base}.query.bias", None), out.pop(f"{base}.value.bias", None)
-            out.pop(f"{base}.key.bias", None)
-        else:
-            q, v = out.pop(f"{base}.q_bias"), out.pop(f"{base}.v_bias", None)
-        if q is not None and v is not None:
+    for q_key in [k for k in sd if k.endswith(".attn.q.weight")]:
+        base = q_key[: -len(".q.weight")]
+        w = [out.pop(f"{base}.{n}.weight") for n in "qkv"]
+        out[f"{base}.qkv.weight"] = torch.cat(w)
+        biases = [out.pop(f"{base}.{n}.bias", None) for n in "qkv"]
+        if any(b is not None for b in biases):
+            out[f"{base}.qkv.bias"] = torch.cat([b if b is not None else torch.zeros(len(x))
+                                                  for b, x in zip(biases, w, strict=True)])
+    for q_key in [k for k in sd if k.endswith(".attn.q_bias")]:
+        base = q_key.rsplit(".", 1)[0]
+        q, v = out.pop(f"{base}.q_bias"), out.pop(f"{base}.v_bias", None)
+        if v is not None:
             out[f"{base}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    for m_key in [k for k in sd if k.endswith(".attn.qkv.bias_mask")]:
+        bias_key = m_key[: -len("_mask")]
+        mask = out.pop(m_key)
+        if bias_key in out:
+            out[bias_key] = out[bias_key] * mask.nan_to_num(0.0)   # the official forward: bias · mask
+    if "attn_pool.in_proj_weight" in out:
+        w, b = out.pop("attn_pool.in_proj_weight"), out.pop("attn_pool.in_proj_bias")
+        d = w.shape[1]
+        out.update({"attn_pool.q.weight": w[:d], "attn_pool.q.bias": b[:d], "attn_pool.kv.weight": w[d:],
+                    "attn_pool.kv.bias": b[d:]})
     for w_key in [k for k in out if k.endswith(".attn.qkv.weight")]:
         out.setdefault(w_key[:-6] + "bias", torch.zeros(out[w_key].shape[0]))
     return out
 
 
-def detect_layout(obj: dict, family: str | None = None) -> tuple[str, Layout]:
-    """(family, layout) of the first row of FAMILIES whose layout predicate holds, catch-alls last (or of the
-    given family)."""
+def _fuse_mlp(sd: dict) -> dict:
+    """A SwiGLU's separate gate and value projections (timm fc1_g/fc1_x, DINOv3 w1/w2, transformers gate/up) → one
+    fc1 holding [gate; value]; a lone value projection (transformers up_proj) is fc1."""
+    out = dict(sd)
+    for x_key in [k for k in sd if re.search(r"\.mlp\.fc1_x\.(weight|bias)$", k)]:
+        g = out.pop(x_key.replace("fc1_x", "fc1_g"), None)
+        x = out.pop(x_key)
+        out[x_key.replace("fc1_x", "fc1")] = torch.cat([g, x]) if g is not None else x
+    return out
+
+
+def _token_shapes(sd: dict) -> dict:
+    """CLIP-style flat tokens and tables → our (1, n, D) shapes; transformers' projection Linear → proj (D, E)."""
+    out = dict(sd)
+    for k in ("cls_token", "dist_token", "register_tokens", "pos_embed"):
+        if k in out and out[k].ndim in (1, 2):
+            out[k] = out[k].reshape(1, -1, out[k].shape[-1])
+    if "proj.weight" in out:
+        out["proj"] = out.pop("proj.weight").T
+    return out
+
+
+# keys whose meaning depends on the family: a flat file holding them is not read as family `unknown`
+AMBIGUOUS_KEYS = (
+    (r"^blocks\.0\.(attn\.[qkv]_proj|mlp\.fc1_g)\.", ("timm Eva keys: whether and how the model rotates its tokens "
+                                                   "(EVA-02, DINOv3) is not in the file; pass --family eva02 or "
+                                                   "dinov3, or load its timm hub folder")),
+    (r"^attn_pool\.", ("an attention-pool head: its activation is not in the file; pass --family siglip, or load its "
+                       "timm hub folder")),
+    (r"^norm_pre\.", ("a CLIP-style pre-norm: its activation is not in the file; pass --family clip --act "
+                      "gelu|quick_gelu, or load its hub folder")))
+
+
+def detect_layout(obj: dict, family: str | None = None) -> tuple[str, Layout, str]:
+    """(family, layout, the family row that owns the layout): the named family's layouts first, then every row's
+    layouts that keys can tell, in table order, catch-alls last. A named family labels whatever layout matched."""
     if family is not None and family not in FAMILIES:
         raise UsageError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    rows = [(name, lay) for name, fam in FAMILIES.items() for lay in fam.layouts if family in (None, name)]
-    for name, layout in sorted(rows, key=lambda row: row[1].fallback):   # stable: table order within each pass
+    rows = [(name, lay) for name, fam in FAMILIES.items() for lay in fam.layouts]
+    named = [row for row in rows if row[0] == family]
+    general = sorted((row for row in rows if not row[1].named_only), key=lambda row: row[1].fallback)  # stable
+    for owner, layout in named + general:
         if layout.match(obj):
-            return name, layout
-    if family is not None:
-        raise UsageError(f"the file does not look like a {family} checkpoint (top-level keys: {_keys_str(obj)})")
+            label = family or owner
+            if label == "unknown":
+                for pattern, why in AMBIGUOUS_KEYS:
+                    if _any(obj, pattern):
+                        raise UsageError(f"a flat state dict with {why}")
+            return label, layout, owner
     raise UsageError(f"unknown checkpoint layout (top-level keys: {_keys_str(obj)}); pass family= / --family")
 
 
@@ -997,8 +1153,8 @@ def _keys_str(d, n=6) -> str:
 
 
 def convert_state_dict(obj: dict, family: str | None = None, head: bool = False) -> tuple[dict, str]:
-    """The backbone state dict in our key names, and the family whose layout it came in."""
-    family, layout = detect_layout(obj, family)
+    """The backbone state dict in our key names, and the family that labels it."""
+    family, layout, owner = detect_layout(obj, family)
     sd = obj[layout.pick] if layout.pick else obj
     if not _is_state_dict(sd):
         raise UsageError(f"{family} layout: {layout.pick or 'the file'} is not a state dict")
@@ -1006,6 +1162,7 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
     if prefix is None:  # whatever precedes the patch embedding ("" for flat files, "module.backbone." ...)
         anchors = [k for k in sd if k.endswith("patch_embed.proj.weight")]
         prefix = min(anchors, key=len)[: -len("patch_embed.proj.weight")] if anchors else ""
+    renames = layout.renames or FAMILIES[owner].renames
     out = {}
     for k, v in sd.items():
         if prefix and not k.startswith(prefix):
@@ -1013,17 +1170,19 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
                 continue
         else:
             k = k[len(prefix):]
-        kept_head = head and re.fullmatch(r"head\.(weight|bias)", k) and v.ndim <= 2
+        k = re.sub(layout.strip, "", k)
+        kept_head = head and re.fullmatch(r"(head|classifier)\.(weight|bias)", k) and v.ndim <= 2
         if (re.search(layout.drop, k) or k.endswith("relative_position_index")) and not kept_head:
             continue
-        out[_rename(k, FAMILIES[family].renames)] = v
+        out[_rename(k, renames)] = v
     if not head:
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    return _fuse_qkv(out), family
+    return _token_shapes(_fuse_mlp(_fuse_qkv(out))), family
 
 
-def infer_config(sd: dict, family: str, *, num_heads: int | None = None, norm_eps: float = 1e-6) -> ViTConfig:
-    """Architecture from the shapes of a converted state dict (heads, which weights cannot tell, from the tables)."""
+def infer_config(sd: dict, family: str, *, num_heads: int | None = None, **arch) -> ViTConfig:
+    """Architecture from the shapes of a converted state dict; what weights cannot tell (heads, activation, eps,
+    rotary variant) from `arch` (the file's config), else the family's row, else the tables — never a guess."""
     w = sd.get("patch_embed.proj.weight")
     if w is None or w.ndim != 4:
         raise UsageError(f"no ViT patch embedding found (keys: {_keys_str(sd)}): not a ViT checkpoint")
@@ -1035,17 +1194,20 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, norm_ep
     if len(present) != depth:   # checked before anything is built: one stray blocks.100000 key builds nothing
         gaps = sorted(set(range(depth)) - present)
         raise UsageError(f"blocks {gaps[0]}…{gaps[-1]} ({len(gaps)} of {depth}) are missing from the checkpoint")
-    cls = "cls_token" in sd
+    fam = FAMILIES[family]
+    arch = {**fam.arch, **{k: v for k, v in arch.items() if v is not None}}
+    cls, dist = "cls_token" in sd, "dist_token" in sd
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     grid, pos_cls_row = None, True
     if "pos_embed" in sd:
-        rows = sd["pos_embed"].shape[1]
-        if cls and _is_square(rows - 1):
-            grid = math.isqrt(rows - 1)
+        rows, pre = sd["pos_embed"].shape[1], int(cls) + int(dist)
+        if pre and _is_square(rows - pre):
+            grid = math.isqrt(rows - pre)
         elif _is_square(rows):
             grid, pos_cls_row = math.isqrt(rows), False
         else:
-            raise UsageError(f"pos_embed has {rows} rows: neither a square grid nor a square grid plus a cls row")
+            raise UsageError(f"pos_embed has {rows} rows: neither a square grid nor a square grid plus {pre} prefix "
+                             "rows")
     rel_pos, table = None, None
     if "rel_pos_bias.relative_position_bias_table" in sd:
         rel_pos, table = "shared", sd["rel_pos_bias.relative_position_bias_table"]
@@ -1053,22 +1215,38 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, norm_ep
         rel_pos, table = "per_block", sd["blocks.0.attn.relative_position_bias_table"]
     if grid is None and table is not None:
         grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
+    if grid is None and not arch.get("rope"):
+        raise UsageError(f"{family} checkpoint without any position information (no pos_embed, no relative "
+                         "position table): a rotary-embedding model? pass --family eva02 or dinov3, or load its hub "
+                         "folder")
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
     if fc1 is None or fc2 is None:
         raise UsageError("blocks.0.mlp.fc1/fc2 weights missing: not a ViT checkpoint of a known layout")
-    fam = FAMILIES[family]
-    heads = num_heads or fam.heads.get(d) or HEADS_BY_WIDTH.get(d) or max(d // 64, 1)
-    if d % heads:
-        raise UsageError(f"num_heads={heads} does not divide the width {d}")
-    if table is not None and table.shape[1] != heads:
-        heads = table.shape[1]  # the relative-position table has one column per head
+    heads = table.shape[1] if table is not None else num_heads or fam.heads.get(d) or HEADS_BY_WIDTH.get(d)
+    if heads is None:
+        raise UsageError(f"width {d}: its number of attention heads is not in the file, and no config or registry "
+                         "row gives it: pass --num-heads / num_heads=")
+    if d % heads or (arch.get("rope") and (d // heads) % 4):
+        raise UsageError(f"num_heads={heads} does not fit the width {d}")
+    if arch.get("act", "gelu") is None:
+        raise UsageError(f"{family} checkpoint: its MLP activation is not in the file (OpenAI CLIP weights use "
+                         "QuickGELU, open_clip's own GELU): pass --act quick_gelu or --act gelu")
     interp = (fam.pos_interp_registers or fam.pos_interp) if regs else fam.pos_interp
-    return ViTConfig(img_size=(grid or 14) * patch, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
-                     mlp_hidden=fc2.shape[1], swiglu=fc1.shape[0] == 2 * fc2.shape[1], cls_token=cls,
-                     num_registers=regs, pos_embed="pos_embed" in sd, pos_cls_row=pos_cls_row, rel_pos=rel_pos,
-                     layer_scale="blocks.0.gamma_1" in sd, norm_eps=norm_eps, final_norm="norm.weight" in sd,
-                     fc_norm="fc_norm.weight" in sd, pos_interp=interp,
-                     num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0, family=family)
+    pool = sd.get("attn_pool.mlp.fc1.weight")
+    img = grid * patch if grid else 224 if 224 % patch == 0 else 14 * patch   # rotary-only: the common 224
+    return ViTConfig(img_size=img, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
+                     mlp_hidden=fc2.shape[1], swiglu=fc1.shape[0] == 2 * fc2.shape[1],
+                     mlp_norm="blocks.0.mlp.norm.weight" in sd, cls_token=cls, dist_token=dist, num_registers=regs,
+                     patch_bias="patch_embed.proj.bias" in sd, pos_embed="pos_embed" in sd, pos_cls_row=pos_cls_row,
+                     rel_pos=rel_pos, norm_pre="norm_pre.weight" in sd, layer_scale="blocks.0.gamma_1" in sd,
+                     final_norm="norm.weight" in sd, fc_norm="fc_norm.weight" in sd, cls_norm="cls_norm.weight" in sd,
+                     attn_pool=pool.shape[0] if pool is not None else 0,
+                     proj_dim=sd["proj"].shape[1] if "proj" in sd else 0,
+                     num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0, family=family,
+                     **{"pos_interp": interp, **{k: v for k, v in arch.items() if k in VIT_HINTS}})
+
+
+VIT_HINTS = ("act", "norm_eps", "rope", "rope_theta", "rope_grid", "pool", "pos_interp")   # config fields a file's config may set
 
 
 def _is_square(n: int) -> bool:
@@ -1124,20 +1302,24 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
 
 
 def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bool = False,
-               num_heads: int | None = None, img_size: int | None = None, head: bool = False,
-               progress: bool = True) -> ViT:
-    """A ViT from a registered name, a checkpoint file or a Hugging Face directory (config.json + weights):
-    locate the file, read it safely, detect its layout, convert its keys, infer the architecture, build.
-    The layout is detected from the keys unless `family` is given; `head=True` keeps a linear classifier."""
+               num_heads: int | None = None, img_size: int | None = None, act: str | None = None,
+               head: bool = False, progress: bool = True) -> ViT:
+    """A ViT from a registered name, a checkpoint file, a model folder (transformers, timm or open_clip: config and
+    weights) or a hub spec (org/name[@rev], hf:org/name, timm/<arch>.<tag>, a bare timm <arch>.<tag>; read from the
+    Hugging Face cache, else downloaded into it): locate, read safely, detect the layout, convert its keys, infer
+    the architecture, build. `family` overrides what the keys and config files say; `head=True` keeps a linear
+    classifier; num_heads / act give what neither the file nor its config holds."""
     spec = str(spec)
     for what, v in (("num_heads", num_heads), ("img_size", img_size)):
         if v is not None and v < 1:
             raise UsageError(f"{what} must be ≥ 1, got {v}")
+    if act is not None and act not in ACTIVATIONS:
+        raise UsageError(f"act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
     path, hints = _locate_checkpoint(spec, weights_dir, offline, progress)
     try:
         obj, meta = read_checkpoint(path)
     except UsageError as e:
-        if hints.get("registry"):
+        if hints.get("registry") and not hints.get("hub"):
             raise UsageError(f"{_one_line(e)} (re-download it: rm {path} && python ssl_repsim.py download "
                              f"{hints['registry']})") from None
         raise
@@ -1145,35 +1327,44 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         model = _build_own(obj, meta, head)
     else:
         sd, family = convert_state_dict(obj, family or hints.get("family"), head)
-        cfg = infer_config(sd, family, num_heads=num_heads or hints.get("num_heads"),
-                           norm_eps=hints.get("norm_eps", 1e-6))
+        arch = {**hints.get("arch", {}), **({"act": act} if act else {})}
+        cfg = infer_config(sd, family, num_heads=num_heads or hints.get("num_heads"), **arch)
         model = build_model(sd, cfg)
-        model.preprocess = FAMILIES[family].preprocess
+        model.preprocess = {**FAMILIES[family].preprocess, **hints.get("preprocess", {})}
         model.input_size = hints.get("img_size") or cfg.img_size
     model.input_size = img_size or model.input_size
     model.source = dict(spec=spec, path=str(path), family=model.family, registry=hints.get("registry"),
-                        fine_tuned=json.loads(meta.get("fine_tuned", "false")))
+                        hub=hints.get("hub"), fine_tuned=json.loads(meta.get("fine_tuned", "false")))
     return model
 
 
 def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) -> tuple[Path, dict]:
-    """The file a spec names, and what is known about it before reading (registry row, HF config)."""
+    """The file a spec names, and what is known about it before reading (registry row, config files)."""
     name = resolve_name(spec)
     if name in REGISTRY and not Path(spec).exists():
-        row, path = REGISTRY[name], registry_path(name, weights_dir)
+        row = REGISTRY[name]
+        known = dict(registry=name, family=row["family"], num_heads=row["num_heads"], img_size=row["img_size"],
+                     preprocess={k: row[k] for k in ("mean", "std", "interp", "crop_pct", "crop_mode")})
+        if row["url"].startswith("hf:"):
+            path, hints = _model_folder(hub_snapshot(*hub_spec(row["url"]), offline=offline, progress=progress))
+            return path, {**known, **hints, "family": row["family"], "registry": name,
+                          "preprocess": {**known["preprocess"], **hints.get("preprocess", {})}}
+        path = registry_path(name, weights_dir)
         if not path.exists():
             if offline:
                 raise UsageError(f"{name} is not in {path.parent} (offline): run `python ssl_repsim.py download "
                                  f"{name}` or put the file at {path}")
             download(name, weights_dir, progress=progress)
         _verify_recorded(name, path)
-        return path, dict(registry=name, family=row["family"], num_heads=row["num_heads"], img_size=row["img_size"])
+        return path, known
     if Path(spec).is_dir():
-        return _hf_weights(Path(spec))
+        return _model_folder(Path(spec))
     if Path(spec).is_file():
         return Path(spec), {}
-    raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), "
-                     "a checkpoint file or a Hugging Face model directory")
+    if (repo := hub_spec(spec)) is not None and not Path(spec).exists():
+        return _model_folder(hub_snapshot(*repo, offline=offline, progress=progress))
+    raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), a "
+                     "checkpoint file, a model folder or a hub id (org/name, timm/<arch>.<tag>)")
 
 
 def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
@@ -1198,30 +1389,141 @@ def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
     return model
 
 
-def _hf_weights(d: Path) -> tuple[Path, dict]:
-    cfg_file = d / "config.json"
-    if not cfg_file.is_file():
-        raise UsageError(f"{d}: a model directory needs config.json (Hugging Face layout)")
+# --- model folders: transformers (config.json with model_type), timm (config.json with architecture), open_clip ----
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "open_clip_model.safetensors", "open_clip_pytorch_model.bin")   # the first present is read
+CONFIG_FILES = ("config.json", "preprocessor_config.json", "open_clip_config.json")
+# transformers' config-class defaults, which save_pretrained may leave out of config.json
+HF_DEFAULTS = {"vit": dict(layer_norm_eps=1e-12, hidden_act="gelu", num_attention_heads=12, image_size=224),
+               "dinov2": dict(layer_norm_eps=1e-6, hidden_act="gelu", num_attention_heads=12, image_size=224),
+               "clip_vision_model": dict(layer_norm_eps=1e-5, hidden_act="quick_gelu", num_attention_heads=12,
+                                         image_size=224),
+               "siglip_vision_model": dict(layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                                           num_attention_heads=12, image_size=224),
+               "dinov3_vit": dict(layer_norm_eps=1e-5, hidden_act="gelu", num_attention_heads=12, image_size=224,
+                                  rope_theta=100.0)}
+HF_DEFAULTS.update({t: HF_DEFAULTS["vit"] for t in ("vit_mae", "deit", "beit", "data2vec-vision")})
+HF_DEFAULTS.update({"dinov2_with_registers": HF_DEFAULTS["dinov2"], "clip": HF_DEFAULTS["clip_vision_model"],
+                    "siglip": HF_DEFAULTS["siglip_vision_model"]})
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                  "silu": "silu"}
+HF_FINE_TUNED = {"BeitForImageClassification": "beit_ft"}   # architectures whose backbone was fine-tuned
+PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+
+
+def _read_json(path: Path) -> dict:
     try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{cfg_file}: invalid JSON ({e})") from None
-    model_type = hf.get("model_type")
-    family = next((name for name, fam in FAMILIES.items() if model_type in fam.hf_model_types), None)
-    if model_type is not None and family is None:
-        known = sorted(t for fam in FAMILIES.values() for t in fam.hf_model_types)
-        raise UsageError(f"{cfg_file}: Hugging Face model_type {model_type!r} is not supported (supported: "
-                         f"{', '.join(known)})")
-    hints = dict(family=family, num_heads=hf.get("num_attention_heads"), norm_eps=hf.get("layer_norm_eps", 1e-6))
-    heads, eps = hints["num_heads"], hints["norm_eps"]
-    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
-        raise UsageError(f"{cfg_file}: num_attention_heads must be a positive integer, got {heads!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
-        raise UsageError(f"{cfg_file}: layer_norm_eps must be a small positive number, got {eps!r}")
-    for fname in ("model.safetensors", "pytorch_model.bin"):
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: unreadable JSON ({_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return obj
+
+
+def _model_folder(d: Path) -> tuple[Path, dict]:
+    """A model folder's weights file and what its config files say (family, heads, eps, activation, input size,
+    preprocessing)."""
+    cfg = _read_json(d / "config.json") if (d / "config.json").is_file() else None
+    if cfg is not None and "architecture" in cfg:
+        hints = _timm_hints(cfg, d / "config.json")
+    elif cfg is not None:
+        hints = _transformers_hints(cfg, d / "config.json")
+        if (d / "preprocessor_config.json").is_file():
+            hints.update(_hf_preprocess(_read_json(d / "preprocessor_config.json"), d / "preprocessor_config.json"))
+    elif (d / "open_clip_config.json").is_file():
+        hints = _open_clip_hints(_read_json(d / "open_clip_config.json"))
+    else:
+        raise UsageError(f"{d}: a model folder needs config.json (transformers, timm) or open_clip_config.json")
+    for fname in WEIGHT_FILES:
         if (d / fname).is_file():
             return d / fname, hints
-    raise UsageError(f"{d}: no model.safetensors or pytorch_model.bin beside config.json")
+    raise UsageError(f"{d}: no weights beside its config ({', '.join(WEIGHT_FILES)})")
+
+
+def _positive(value, what: str, where, kind=int):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (kind is int and
+                                                                                         value != int(value)):
+        raise UsageError(f"{where}: {what} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+    return kind(value)
+
+
+def _transformers_hints(hf: dict, where: Path) -> dict:
+    model_type = hf.get("model_type")
+    fam = HF_FINE_TUNED.get((hf.get("architectures") or [None])[0]) or next(
+        (name for name, f in FAMILIES.items() if model_type in f.hf_model_types), None)
+    if fam is None:
+        known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
+        raise UsageError(f"{where}: transformers model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(known)})")
+    vision = hf.get("vision_config") if model_type in ("clip", "siglip") else hf   # whole CLIP/SigLIP: its tower
+    c = {**HF_DEFAULTS.get(model_type, {}), **(vision or {})}
+    if c.get("hidden_act") not in HF_ACTIVATIONS:
+        raise UsageError(f"{where}: hidden_act {c.get('hidden_act')!r} is not supported ({', '.join(HF_ACTIVATIONS)})")
+    eps = _positive(c.get("layer_norm_eps"), "layer_norm_eps", where, float)
+    if eps is not None and eps >= 1:
+        raise UsageError(f"{where}: layer_norm_eps must be a small positive number, got {eps!r}")
+    arch = dict(norm_eps=eps, act=HF_ACTIVATIONS[c["hidden_act"]],
+                rope_theta=_positive(c.get("rope_theta"), "rope_theta", where, float) if fam == "dinov3" else None)
+    return dict(family=fam, num_heads=_positive(c.get("num_attention_heads"), "num_attention_heads", where),
+                img_size=_positive(c.get("image_size"), "image_size", where), arch=arch)
+
+
+def _side(v) -> int | None:
+    return v if isinstance(v, int) else (v or {}).get("shortest_edge") or (v or {}).get("height")
+
+
+def _hf_preprocess(pp: dict, where: Path) -> dict:
+    """preprocessor_config.json → our transform: resize (shorter side, or both sides), centre crop, mean/std."""
+    size, crop = pp.get("size"), pp.get("crop_size")
+    resize, cropped = _side(size), _side(crop) if pp.get("do_center_crop", crop is not None) else None
+    if resize is None or pp.get("resample", 3) not in PIL_RESAMPLE:
+        raise UsageError(f"{where}: a resize size and resample 2 (bilinear) or 3 (bicubic) are needed, got size "
+                         f"{size!r}, resample {pp.get('resample')!r}")
+    squash = isinstance(size, dict) and "height" in size
+    out = dict(mean=tuple(pp.get("image_mean", IMAGENET_MEAN)), std=tuple(pp.get("image_std", IMAGENET_STD)),
+               interp=PIL_RESAMPLE[pp.get("resample", 3)], crop_pct=(cropped or resize) / resize,
+               crop_mode="squash" if squash else "center")
+    return dict(preprocess=out, img_size=cropped or resize)
+
+
+def _timm_hints(cfg: dict, where: Path) -> dict:
+    arch, pc, margs = cfg["architecture"], cfg.get("pretrained_cfg") or {}, cfg.get("model_args") or {}
+    name = f"{arch}.{pc['tag']}" if pc.get("tag") else arch
+    fam = next((f for pattern, f in TIMM_FAMILIES if re.search(pattern, name)), "unknown")
+    size = re.search(r"_(tiny|small|base|large|huge_plus|huge|so400m|giant|gigantic|7b)_", f"_{arch}_")
+    heads = margs.get("num_heads") or (TIMM_HEADS[size.group(1)] if size else None)
+    act = "quick_gelu" if "quickgelu" in arch else margs.get("act_layer", "gelu")   # timm's default: exact GELU
+    if act not in ACTIVATIONS:
+        raise UsageError(f"{where}: timm act_layer {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    arch_hints = dict(pool="avg" if cfg.get("global_pool", margs.get("global_pool")) == "avg" else None, act=act,
+                      pos_interp="antialias")   # timm resamples position tables bicubic with antialias
+    if fam == "eva02" and margs.get("ref_feat_shape"):
+        arch_hints["rope_grid"] = int(np.ravel(margs["ref_feat_shape"])[0])
+    if pc.get("crop_mode", "center") not in ("center", "squash") or pc.get("interpolation", "bicubic") not in (
+            "bicubic", "bilinear"):
+        raise UsageError(f"{where}: timm crop_mode {pc.get('crop_mode')!r} / interpolation "
+                         f"{pc.get('interpolation')!r} are not supported")
+    pre = {k: v for k, v in dict(mean=pc.get("mean") and tuple(pc["mean"]), std=pc.get("std") and tuple(pc["std"]),
+                                 interp=pc.get("interpolation"), crop_pct=pc.get("crop_pct"),
+                                 crop_mode=pc.get("crop_mode")).items() if v is not None}
+    img = pc.get("input_size", [None])[-1] or np.ravel(margs.get("img_size", [0]))[0] or None
+    return dict(family=fam, num_heads=_positive(heads, "num_heads", where), img_size=img, arch=arch_hints,
+                preprocess=pre)
+
+
+def _open_clip_hints(oc: dict) -> dict:
+    mc = oc.get("model_cfg") or {}
+    vc, pp = mc.get("vision_cfg") or {}, oc.get("preprocess_cfg") or {}
+    heads = vc.get("width", 768) // vc.get("head_width", 64)
+    pre = dict(mean=tuple(pp.get("mean", OPENAI_MEAN)), std=tuple(pp.get("std", OPENAI_STD)),
+               interp=pp.get("interpolation", "bicubic"), crop_pct=1.0,
+               crop_mode="squash" if pp.get("resize_mode") == "squash" else "center")
+    return dict(family="clip", num_heads=heads, img_size=vc.get("image_size", 224),
+                arch=dict(act="quick_gelu" if mc.get("quick_gelu") else "gelu"), preprocess=pre)
 
 
 def save_checkpoint(model: ViT, path, extra: dict | None = None) -> Path:
@@ -1242,11 +1544,14 @@ STALL_SECONDS = 60           # a download with no byte for this long, or slower 
 MIN_BYTES_PER_SECOND = 4096  # ... this over a whole STALL_SECONDS window, is abandoned
 
 
-def download_file(url: str, dest, sha256: str | None = None, md5: str | None = None, progress: bool = False) -> Path:
+def download_file(url: str, dest, sha256: str | None = None, md5: str | None = None, progress: bool = False, *,
+                  headers: dict | None = None, size: int | None = None, container: bool = True,
+                  git_sha1: str | None = None) -> Path:
     """Stream `url` into a temp file beside `dest`, verify it, then rename into place: the size must match
-    Content-Length (without one, the bytes must be a whole zip, safetensors or pickle container), the digest must
-    match where known (a published prefix is enough), a web page is never a checkpoint, and a stalled or crawling
-    transfer is abandoned. On any failure, or SIGINT/SIGTERM, nothing is left behind."""
+    Content-Length and `size` where given, a checkpoint (`container`) must be a whole zip, safetensors or pickle
+    container, the digest must match where known (a published prefix is enough; `git_sha1` for the Hub's regular
+    files), a web page is never a checkpoint, and a stalled or crawling transfer is abandoned. On any failure, or
+    SIGINT/SIGTERM, nothing is left behind."""
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -1255,7 +1560,7 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
         raise UsageError(f"cannot download into {dest.parent}: {_one_line(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            req = urllib.request.Request(url, headers={"User-Agent": f"ssl_repsim/{__version__}"})
+            req = urllib.request.Request(url, headers={"User-Agent": f"ssl_repsim/{__version__}", **(headers or {})})
             with urllib.request.urlopen(req, timeout=STALL_SECONDS) as resp:
                 if resp.headers.get("Content-Type", "").startswith("text/html"):
                     raise UsageError(f"download of {url} returned a web page, not a checkpoint (a login or error "
@@ -1267,7 +1572,11 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
                 raise UsageError(f"download of {url} interrupted: {done} of {total} bytes")
             f.flush()
             os.fsync(f.fileno())
-        if not _whole_container(tmp):
+        if size is not None and done != size:
+            raise UsageError(f"download of {url}: {done} bytes where the Hub announced {size}")
+        if git_sha1 and _git_blob_sha1(tmp) != git_sha1:
+            raise UsageError(f"checksum mismatch for {url}: git blob sha1 differs from the Hub's {git_sha1[:12]}…")
+        if container and not _whole_container(tmp):
             raise UsageError(f"download of {url} is incomplete or not a checkpoint ({done} bytes: not a whole zip / "
                              "safetensors / pickle file)")
         if sha256 and not h256.hexdigest().startswith(sha256.lower()):
@@ -1370,6 +1679,176 @@ def _whole_container(path) -> bool:
         f.seek(size - 1)
         return head[:1] == b"\x80" and f.read(1) == b"."                   # pickle: PROTO ... STOP
 
+
+
+
+def _git_blob_sha1(path) -> str:
+    """The git blob id of a file (sha1 of "blob <size>\0" + bytes): the Hub's ETag of a regular file."""
+    data = Path(path).read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+# --- the Hugging Face hub: its cache layout and resolve protocol, spoken without huggingface_hub --------------------
+
+HUB_ENDPOINT = "https://huggingface.co"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".safetensors", ".npz", ".npy", ".ckpt", ".json")
+TIMM_NAME = r"[a-z][a-z0-9]*(_[a-z0-9]+)+\.[a-z0-9_]+"   # <arch>.<tag>, as timm publishes under timm/
+
+
+def hub_spec(spec: str) -> tuple[str, str] | None:
+    """(repo id, revision) of hf:org/name, hf-hub:org/name, org/name[@revision] or a bare timm <arch>.<tag>
+    (→ timm/<arch>.<tag>); None when the spec is none of these."""
+    s, explicit = spec, spec.startswith(("hf:", "hf-hub:"))
+    s = s.split(":", 1)[1] if explicit else s
+    s, _, rev = s.partition("@")
+    if not explicit and s.lower().endswith(CHECKPOINT_SUFFIXES):
+        return None
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", s) and ".." not in s:
+        return s, rev or "main"
+    if re.fullmatch(TIMM_NAME, s):
+        return f"timm/{s}", rev or "main"
+    return None
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline(offline: bool = False) -> bool:
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return offline or any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def hub_snapshot(repo: str, revision: str = "main", *, offline: bool = False, progress: bool = True) -> Path:
+    """The snapshot folder of a hub repo at a revision: from the cache when it is complete there, else downloaded
+    into the cache (config files, then the weights) exactly as huggingface_hub lays it out, so transformers and
+    timm share it. HF_HUB_OFFLINE=1 or offline=True never touch the network."""
+    root = hub_cache_dir() / f"models--{repo.replace('/', '--')}"
+    cached = _cached_snapshot(root, revision)
+    if cached is not None:
+        return cached
+    if hub_offline(offline):
+        raise UsageError(f"{repo}@{revision} is not in the Hugging Face cache {root} and the hub is offline "
+                         "(HF_HUB_OFFLINE / --offline)")
+    return _download_snapshot(repo, revision, root, progress)
+
+
+def _cached_snapshot(root: Path, revision: str) -> Path | None:
+    commit = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    ref = root / "refs" / revision
+    if commit is None and ref.is_file():
+        commit = ref.read_text().strip()
+    snap = root / "snapshots" / (commit or "-")
+    if commit is None or not snap.is_dir() or not any((snap / c).is_file() for c in ("config.json",
+                                                                                     "open_clip_config.json")):
+        return None
+    for fname in WEIGHT_FILES:
+        if (snap / fname).is_file():
+            if fname.endswith(".index.json"):
+                shards = set((_read_json(snap / fname).get("weight_map") or {}).values())
+                if not all(isinstance(sh, str) and (snap / sh).is_file() for sh in shards):
+                    return None
+            return snap
+    return None
+
+
+def _hub_headers(url: str) -> dict:
+    """HF_TOKEN as a bearer token, sent to the endpoint's own host only (never to a CDN elsewhere)."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
+    same = urllib.parse.urlsplit(url).netloc == endpoint.netloc
+    return {"Authorization": f"Bearer {token}"} if token and same else {}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None   # a HEAD reads the file's metadata from the redirect itself
+
+
+def _hub_head(repo: str, revision: str, fname: str) -> dict | None:
+    """What the Hub says about one file (commit, etag, size, whether it is an LFS file, where to GET it), or None
+    when the repo has no such file (404 EntryNotFound)."""
+    endpoint = (os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/")
+    url = f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{fname}"
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": f"ssl_repsim/{__version__}",
+                                                              "Accept-Encoding": "identity", **_hub_headers(url)})
+    try:
+        resp = urllib.request.build_opener(_NoRedirect).open(req, timeout=STALL_SECONDS)
+        status, h = resp.status, resp.headers
+    except urllib.error.HTTPError as e:
+        status, h = e.code, e.headers
+    except Exception as e:  # noqa: BLE001 - URLError, timeouts, refused connections
+        raise UsageError(f"cannot reach the Hugging Face hub at {endpoint} for {repo}: {_one_line(e)} (set "
+                         "HF_HUB_OFFLINE=1 to use the cache only)") from None
+    code = h.get("X-Error-Code", "")
+    if status == 404 and code == "EntryNotFound":
+        return None
+    if status in (401, 403):
+        raise UsageError(f"{repo}: the hub refused access ({status} {code or 'unauthorized'}): a gated or private "
+                         "repository (accept its licence on the hub, then set HF_TOKEN), or no such repository")
+    if status == 404:
+        raise UsageError(f"{repo}@{revision}: {code or 'not found'} on the hub")
+    if status not in (200, 301, 302, 303, 307, 308):
+        raise UsageError(f"{repo}/{fname}: the hub answered {status}")
+    etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
+    commit = h.get("X-Repo-Commit", "")
+    if not re.fullmatch(r"[0-9a-f]{40}", commit) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag):
+        raise UsageError(f"{repo}/{fname}: the hub's answer lacks a commit or an etag (HF_ENDPOINT a mirror that "
+                         "does not speak the resolve protocol?)")
+    location = urllib.parse.urljoin(url, h["Location"]) if status != 200 and h.get("Location") else url
+    size = h.get("X-Linked-Size") or h.get("Content-Length")
+    return dict(commit=commit, etag=etag, lfs="X-Linked-Etag" in h, size=int(size) if size else None, url=location)
+
+
+def _download_snapshot(repo: str, revision: str, root: Path, progress: bool) -> Path:
+    """Config files (each optional), then the first weights file the repo holds (and an index's shards), into
+    blobs/<etag> linked from snapshots/<commit>/<name>; refs/<revision> written last."""
+    found, commit = {}, revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    for fname in (*CONFIG_FILES, *WEIGHT_FILES):
+        if fname in WEIGHT_FILES and any(f in WEIGHT_FILES for f in found):
+            break
+        meta = _hub_head(repo, commit or revision, fname)
+        if meta is not None:
+            found[fname], commit = meta, meta["commit"]
+    if not any(f in found for f in ("config.json", "open_clip_config.json")) or not set(found) & set(WEIGHT_FILES):
+        raise UsageError(f"{repo}@{revision}: neither a transformers/timm/open_clip config nor weights "
+                         f"({', '.join(WEIGHT_FILES)}) on the hub")
+    snap = root / "snapshots" / commit
+    for fname, meta in list(found.items()):
+        _hub_fetch(root, snap, fname, meta, progress)
+        if fname.endswith(".index.json"):
+            for shard in sorted(set((_read_json(snap / fname).get("weight_map") or {}).values())):
+                if not isinstance(shard, str) or not re.fullmatch(r"[\w.-]+", shard):
+                    raise UsageError(f"{repo}/{fname}: bad shard name {shard!r}")
+                _hub_fetch(root, snap, shard, _hub_head(repo, commit, shard) or {}, progress)
+    if revision != commit:
+        atomic_write(root / "refs" / revision, commit)
+    return snap
+
+
+def _hub_fetch(root: Path, snap: Path, fname: str, meta: dict, progress: bool):
+    """blobs/<etag> (verified: sha256 for LFS files, git sha1 for regular ones; size as announced), linked from the
+    snapshot the way huggingface_hub links it."""
+    if not meta:
+        raise UsageError(f"{snap.name[:12]}: {fname} is named by the index but absent on the hub")
+    blob = root / "blobs" / meta["etag"]
+    if not blob.is_file():
+        download_file(meta["url"], blob, sha256=meta["etag"] if meta["lfs"] else None, progress=progress,
+                      headers=_hub_headers(meta["url"]), size=meta["size"],
+                      container=meta["lfs"] and not fname.endswith(".json"),
+                      git_sha1=None if meta["lfs"] else meta["etag"])
+    link = snap / fname
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    try:
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    except OSError:   # no symlinks here (Windows without developer mode): a copy, as huggingface_hub does
+        shutil.copyfile(blob, link)
 
 
 # ======================================================================================================================
@@ -1575,14 +2054,17 @@ def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict:
 
 
 def resize_crop_normalize(img: torch.Tensor, size: int, crop_pct: float = 0.875, interp: str = "bicubic",
-               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """Resize the shorter side to size/crop_pct (antialiased), centre-crop size×size, scale to [0,1], normalise.
-    img: (3,H,W) or (B,3,H,W), uint8 or float in [0,1]."""
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_mode: str = "center") -> torch.Tensor:
+    """Resize the shorter side (crop_mode center) or both sides (squash) to size/crop_pct (antialiased), centre-crop
+    size×size, scale to [0,1], normalise. img: (3,H,W) or (B,3,H,W), uint8 or float in [0,1]."""
     x = img.unsqueeze(0) if img.ndim == 3 else img
     x = x.float() / 255 if not x.is_floating_point() else x.float()
     h, w = x.shape[-2:]
     short = int(size / crop_pct)
-    nh, nw = (short, max(short, int(w * short / h))) if h <= w else (max(short, int(h * short / w)), short)
+    if crop_mode == "squash":
+        nh, nw = short, short
+    else:
+        nh, nw = (short, max(short, int(w * short / h))) if h <= w else (max(short, int(h * short / w)), short)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
@@ -1596,7 +2078,8 @@ def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int
     """Yield (x, y) batches preprocessed for `model` (its registry's resize, crop, mean and std; its input size)."""
     pp, size = getattr(model, "preprocess", {}), getattr(model, "input_size", model.cfg.img_size)
     kw = dict(size=size, crop_pct=pp.get("crop_pct", 0.875), interp=pp.get("interp", "bicubic"),
-              mean=pp.get("mean", IMAGENET_MEAN), std=pp.get("std", IMAGENET_STD))
+              mean=pp.get("mean", IMAGENET_MEAN), std=pp.get("std", IMAGENET_STD),
+              crop_mode=pp.get("crop_mode", "center"))
     stop = len(images) if stop is None else stop
     for b in range(start, stop, batch_size):
         idx = range(b, min(b + batch_size, stop))
@@ -3021,7 +3504,7 @@ def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Genera
                 continue
             if not augment:
                 xs.append(resize_crop_normalize(im, size, pp.get("crop_pct", 0.875), pp.get("interp", "bicubic"),
-                                                pp["mean"], pp["std"]))
+                                                pp["mean"], pp["std"], pp.get("crop_mode", "center")))
                 ys.append(int(images.labels[i]))
                 continue
             im = im.float() / 255 if not im.is_floating_point() else im.float()
@@ -3509,7 +3992,8 @@ def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
     C = int(images.masks.max()) + 1
     onehot = F.one_hot(images.masks.long(), C).float()                       # (n, H, W, C) in [0, 1]
     crop = torch.stack([resize_crop_normalize(onehot[..., c, None].expand(-1, -1, -1, 3).permute(0, 3, 1, 2), size,
-                                   pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1))[:, 0] for c in range(C)], 1)
+                                   pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1), pp.get("crop_mode", "center"))[:, 0]
+                        for c in range(C)], 1)
     p = model.cfg.patch_size
     return F.avg_pool2d(crop, p).argmax(1).flatten(1)                        # (n, P)
 
