@@ -202,6 +202,8 @@ TIMM_EVA_LAYOUT = Layout(lambda o: _is_state_dict(o) and _any(o, r"^blocks\.0\.(
 FLAT_LAYOUT = Layout(lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o,
                      drop=r"^(head|head_dist|mask_token)(\.|$)", renames=TIMM_RENAMES, named_only=True)
 
+SHARED_LAYOUTS = (HF_LAYOUT, HF_CLIP_LAYOUT, TIMM_EVA_LAYOUT, FLAT_LAYOUT)
+
 # Rows are tried in this order (each row's layouts in turn), catch-all (fallback) layouts last.
 FAMILIES: dict[str, Family] = {
     "mocov3": Family("JE", (Layout(lambda o: _any(_sub(o, "state_dict"), r"^module\.base_encoder\."),
@@ -264,7 +266,7 @@ FAMILIES: dict[str, Family] = {
                                    drop=r"^attn_pool", renames=OPENCLIP_RENAMES),      # open_clip / OpenAI CLIP
                             Layout(lambda o: "conv1.weight" in o and _any(o, r"^transformer\.resblocks\.0\."),
                                    drop=r"^attn_pool", renames=OPENCLIP_RENAMES)),     # ... their visual tower
-                   arch=dict(act=None, norm_eps=1e-5), mean=OPENAI_MEAN, std=OPENAI_STD, crop_pct=1.0,
+                   arch=dict(act=None, norm_eps=1e-5, norm_pre=True, patch_bias=False), mean=OPENAI_MEAN, std=OPENAI_STD, crop_pct=1.0,
                    hf_model_types=("clip", "clip_vision_model")),   # act=None: the file's config must say
     "siglip": Family("LANG", (HF_CLIP_LAYOUT,), arch=dict(act="gelu_tanh"), mean=HALF_MEAN, std=HALF_STD,
                      crop_pct=1.0, crop_mode="squash", hf_model_types=("siglip", "siglip_vision_model")),
@@ -292,9 +294,10 @@ def objective(family: str, fine_tuned: bool = False) -> str:
 
 # --- released checkpoints: one row each ---------------------------------------------------------------------------
 
-def _row(family, url, heads, *, img=224, sha256=None, md5=None, rep="cls_norm", aliases=()):
-    return dict(family=family, url=url, num_heads=heads, **FAMILIES[family].preprocess, img_size=img, sha256=sha256,
-                md5=md5, eval_repr=rep, aliases=tuple(aliases))
+def _row(family, url, heads, *, img=224, sha256=None, md5=None, rep="cls_norm", aliases=(), crop=None):
+    pre = {**FAMILIES[family].preprocess, **({"crop_pct": crop} if crop else {})}
+    return dict(family=family, url=url, num_heads=heads, **pre, img_size=img, sha256=sha256, md5=md5, eval_repr=rep,
+                aliases=tuple(aliases))
 
 
 # One row per released checkpoint. rep = official linear-eval representation: cls_norm (cls after final norm),
@@ -369,8 +372,32 @@ REGISTRY: dict[str, dict] = {
                        aliases=("cae",)),
     "supervised-vitb16": _row("torchvision", "https://download.pytorch.org/models/vit_b_16-c867db91.pth", 12,
                               sha256="c867db91", aliases=("supervised",)),
+    # the Hugging Face hub (transformers folders) and timm (timm/<arch>.<tag>): read from / into the HF cache
+    "facebook/dinov2-base": _row("dinov2", "hf:facebook/dinov2-base", 12, rep="cls_mean", aliases=("dinov2-hf",)),
+    "facebook/dino-vitb16": _row("dino", "hf:facebook/dino-vitb16", 12, rep="cls_mean", aliases=("dino-hf",)),
+    "facebook/vit-mae-base": _row("mae_hf", "hf:facebook/vit-mae-base", 12, aliases=("mae-hf",)),
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": _row("dinov3", "hf:facebook/dinov3-vitb16-pretrain-lvd1689m", 12,
+                                                     aliases=("dinov3", "dinov3-vitb16")),
+    "openai/clip-vit-base-patch16": _row("clip", "hf:openai/clip-vit-base-patch16", 12, rep="pooled",
+                                         aliases=("clip", "clip-vitb16")),
+    "google/siglip-base-patch16-224": _row("siglip", "hf:google/siglip-base-patch16-224", 12, rep="pooled",
+                                           aliases=("siglip", "siglip-vitb16")),
+    "google/siglip-so400m-patch14-384": _row("siglip", "hf:google/siglip-so400m-patch14-384", 16, img=384,
+                                             rep="pooled", aliases=("siglip-so400m",)),
+    "timm/vit_base_patch14_dinov2.lvd142m": _row("dinov2", "hf:timm/vit_base_patch14_dinov2.lvd142m", 12, img=518,
+                                                 rep="cls_mean", crop=1.0),
+    "timm/vit_base_patch16_dinov3.lvd1689m": _row("dinov3", "hf:timm/vit_base_patch16_dinov3.lvd1689m", 12, img=256,
+                                                  crop=1.0),
+    "timm/eva02_base_patch14_224.mim_in22k": _row("eva02", "hf:timm/eva02_base_patch14_224.mim_in22k", 12,
+                                                  rep="pooled", aliases=("eva02", "eva02-vitb14")),
+    "timm/vit_base_patch16_clip_224.openai": _row("clip", "hf:timm/vit_base_patch16_clip_224.openai", 12,
+                                                  rep="pooled", crop=0.9),
+    "timm/vit_base_patch16_siglip_224.webli": _row("siglip", "hf:timm/vit_base_patch16_siglip_224.webli", 12,
+                                                   rep="pooled", crop=0.9),
+    "timm/vit_base_patch16_224.mae": _row("mae", "hf:timm/vit_base_patch16_224.mae", 12, crop=0.9),
 }
-ALIASES = {a: name for name, row in REGISTRY.items() for a in row["aliases"]}
+ALIASES_OF_TIMM = {name.removeprefix("timm/"): name for name in REGISTRY if name.startswith("timm/")}
+ALIASES = {**ALIASES_OF_TIMM, **{a: name for name, row in REGISTRY.items() for a in row["aliases"]}}
 
 
 def resolve_name(name: str) -> str:
@@ -895,6 +922,10 @@ class ViT(nn.Module):
         rope = self.rotary(*grid, x.device)
         for blk in self.blocks:
             x = blk(x, bias, grid, rope)
+        return self.final_norm(x)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm over all tokens (prefix tokens through their own norm where the family unties them)."""
         if self.cls_norm is not None:
             npre = self.cfg.num_prefix
             return torch.cat([self.cls_norm(x[:, :npre]), self.norm(x[:, npre:])], 1)
@@ -1129,14 +1160,17 @@ AMBIGUOUS_KEYS = (
 
 
 def detect_layout(obj: dict, family: str | None = None) -> tuple[str, Layout, str]:
-    """(family, layout, the family row that owns the layout): the named family's layouts first, then every row's
-    layouts that keys can tell, in table order, catch-alls last. A named family labels whatever layout matched."""
+    """(family, layout, the family row that owns the layout). A named family: its own layouts, then the shared
+    formats (transformers, timm, flat), and it labels whichever matched; otherwise every layout that keys can tell,
+    in table order, catch-alls last."""
     if family is not None and family not in FAMILIES:
         raise UsageError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     rows = [(name, lay) for name, fam in FAMILIES.items() for lay in fam.layouts]
-    named = [row for row in rows if row[0] == family]
-    general = sorted((row for row in rows if not row[1].named_only), key=lambda row: row[1].fallback)  # stable
-    for owner, layout in named + general:
+    if family is not None:   # its own layouts, then the formats any family is saved in (transformers, timm, flat)
+        candidates = [row for row in rows if row[0] == family] + [row for row in rows if row[1] in SHARED_LAYOUTS]
+    else:
+        candidates = sorted((row for row in rows if not row[1].named_only), key=lambda row: row[1].fallback)
+    for owner, layout in candidates:
         if layout.match(obj):
             label = family or owner
             if label == "unknown":
@@ -1198,23 +1232,7 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, **arch)
     arch = {**fam.arch, **{k: v for k, v in arch.items() if v is not None}}
     cls, dist = "cls_token" in sd, "dist_token" in sd
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    grid, pos_cls_row = None, True
-    if "pos_embed" in sd:
-        rows, pre = sd["pos_embed"].shape[1], int(cls) + int(dist)
-        if pre and _is_square(rows - pre):
-            grid = math.isqrt(rows - pre)
-        elif _is_square(rows):
-            grid, pos_cls_row = math.isqrt(rows), False
-        else:
-            raise UsageError(f"pos_embed has {rows} rows: neither a square grid nor a square grid plus {pre} prefix "
-                             "rows")
-    rel_pos, table = None, None
-    if "rel_pos_bias.relative_position_bias_table" in sd:
-        rel_pos, table = "shared", sd["rel_pos_bias.relative_position_bias_table"]
-    elif "blocks.0.attn.relative_position_bias_table" in sd:
-        rel_pos, table = "per_block", sd["blocks.0.attn.relative_position_bias_table"]
-    if grid is None and table is not None:
-        grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
+    grid, pos_cls_row, rel_pos, table = _position_tables(sd, int(cls) + int(dist))
     if grid is None and not arch.get("rope"):
         raise UsageError(f"{family} checkpoint without any position information (no pos_embed, no relative "
                          "position table): a rotary-embedding model? pass --family eva02 or dinov3, or load its hub "
@@ -1237,13 +1255,36 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, **arch)
     return ViTConfig(img_size=img, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
                      mlp_hidden=fc2.shape[1], swiglu=fc1.shape[0] == 2 * fc2.shape[1],
                      mlp_norm="blocks.0.mlp.norm.weight" in sd, cls_token=cls, dist_token=dist, num_registers=regs,
-                     patch_bias="patch_embed.proj.bias" in sd, pos_embed="pos_embed" in sd, pos_cls_row=pos_cls_row,
-                     rel_pos=rel_pos, norm_pre="norm_pre.weight" in sd, layer_scale="blocks.0.gamma_1" in sd,
+                     patch_bias=arch.get("patch_bias", True), pos_embed="pos_embed" in sd, pos_cls_row=pos_cls_row,
+                     rel_pos=rel_pos, norm_pre=arch.get("norm_pre", False), layer_scale="blocks.0.gamma_1" in sd,
                      final_norm="norm.weight" in sd, fc_norm="fc_norm.weight" in sd, cls_norm="cls_norm.weight" in sd,
                      attn_pool=pool.shape[0] if pool is not None else 0,
                      proj_dim=sd["proj"].shape[1] if "proj" in sd else 0,
                      num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0, family=family,
                      **{"pos_interp": interp, **{k: v for k, v in arch.items() if k in VIT_HINTS}})
+
+
+def _position_tables(sd: dict, prefix: int) -> tuple[int | None, bool, str | None, torch.Tensor | None]:
+    """(stored patch grid, whether pos_embed has prefix rows, relative-position kind, its table) of a converted
+    state dict."""
+    grid, pos_cls_row = None, True
+    if "pos_embed" in sd:
+        rows = sd["pos_embed"].shape[1]
+        if prefix and _is_square(rows - prefix):
+            grid = math.isqrt(rows - prefix)
+        elif _is_square(rows):
+            grid, pos_cls_row = math.isqrt(rows), False
+        else:
+            raise UsageError(f"pos_embed has {rows} rows: neither a square grid nor a square grid plus {prefix} "
+                             "prefix rows")
+    rel_pos, table = None, None
+    if "rel_pos_bias.relative_position_bias_table" in sd:
+        rel_pos, table = "shared", sd["rel_pos_bias.relative_position_bias_table"]
+    elif "blocks.0.attn.relative_position_bias_table" in sd:
+        rel_pos, table = "per_block", sd["blocks.0.attn.relative_position_bias_table"]
+    if grid is None and table is not None:
+        grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
+    return grid, pos_cls_row, rel_pos, table
 
 
 VIT_HINTS = ("act", "norm_eps", "rope", "rope_theta", "rope_grid", "pool", "pos_interp")   # config fields a file's config may set
@@ -1624,8 +1665,12 @@ def _unlink(p):
 
 def download(name: str, weights_dir=None, progress: bool = True) -> Path:
     """Fetch a registered checkpoint into the weights dir (verified where a digest is published) and record its
-    sha256 in the dir's SHA256SUMS, against which later loads check it; leftovers of killed downloads are swept."""
+    sha256 in the dir's SHA256SUMS, against which later loads check it; leftovers of killed downloads are swept.
+    Hub models (registered or any hub id) go to the Hugging Face cache; their snapshot folder is returned."""
     name = resolve_name(name)
+    repo = hub_spec(REGISTRY[name]["url"] if name in REGISTRY else name)
+    if repo is not None and (name not in REGISTRY or REGISTRY[name]["url"].startswith("hf:")):
+        return hub_snapshot(*repo, progress=progress)   # hub models live in the Hugging Face cache
     if name not in REGISTRY:
         raise UsageError(f"unknown model {name!r} (see `python ssl_repsim.py list`)")
     row, dest = REGISTRY[name], registry_path(name, weights_dir)
@@ -2123,6 +2168,7 @@ OFFICIAL_REPRESENTATIONS = {
     "cls4_norm": "cls tokens of the last 4 blocks, each after the final norm, concatenated (DINO / iBOT ViT-S)",
     "cls_mean": "cls token ‖ mean patch token, after the final norm (DINO / iBOT ViT-B, DINOv2)",
     "block_cls_mean": "cls token ‖ mean patch token of the last block (BEiT's per-layer probe, last layer)",
+    "pooled": "the model's own pooled output (CLIP's normed cls, SigLIP's attention pool, EVA-02's fc_norm mean)",
 }
 
 
@@ -2171,7 +2217,7 @@ def eval_representation(model: ViT) -> str:
     rows = [REGISTRY[model.source["registry"]]] if model.source.get("registry") in REGISTRY else \
         [r for r in REGISTRY.values() if r["family"] == model.family and r["num_heads"] == model.cfg.num_heads]
     kind = rows[0]["eval_repr"] if rows else "cls_norm"
-    return kind if model.cfg.cls_token or kind in ("mean_tokens", "fc_norm_mean") else "mean_tokens"
+    return kind if model.cfg.cls_token or kind in ("mean_tokens", "fc_norm_mean", "pooled") else "mean_tokens"
 
 
 def official_representation(model: ViT, kind: str, blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -2194,6 +2240,8 @@ def official_representation(model: ViT, kind: str, blocks: list[torch.Tensor]) -
         return torch.cat([t[:, 0], t[:, npre:].mean(1)], -1)
     if kind == "block_cls_mean":
         return torch.cat([last[:, 0], last[:, npre:].mean(1)], -1)
+    if kind == "pooled":
+        return model.pool(model.final_norm(last))
     raise UsageError(f"unknown representation {kind!r}: choose from {', '.join(OFFICIAL_REPRESENTATIONS)}")
 
 
@@ -4591,7 +4639,8 @@ def _out_dir(args, kind: str) -> Path:
 
 def _load_models(args, head: bool = False) -> list[ViT]:
     models = [load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
-                         num_heads=args.num_heads, img_size=args.img_size, progress=not args.quiet, head=head)
+                         num_heads=args.num_heads, img_size=args.img_size, act=args.act, progress=not args.quiet,
+                         head=head)
               for spec in args.models]
     for spec, m in zip(args.models, models, strict=True):
         log.info(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
@@ -4667,17 +4716,24 @@ def _estimator_words(res: dict) -> str:
 
 def _cmd_list(args):
     wdir = Path(args.weights_dir or default_weights_dir())
-    print(f"{'name':<20} {'family':<12} {'obj':<7} {'heads':>5} {'norm':<9} {'resize':<8} {'eval repr':<15} "
+    w = max(map(len, REGISTRY)) + 1
+    print(f"{'name':<{w}} {'family':<12} {'obj':<7} {'heads':>5} {'norm':<9} {'resize':<8} {'eval repr':<15} "
           f"{'present':<8} aliases")
     for name, r in REGISTRY.items():
-        present = "yes" if registry_path(name, wdir).exists() else \
-            "manual" if FAMILIES[r["family"]].manual_download else "-"
-        norm = "0.5/0.5" if r["mean"] == HALF_MEAN else "imagenet"
-        print(f"{name:<20} {r['family']:<12} {objective(r['family']):<7} {r['num_heads']:>5} {norm:<9} "
+        if r["url"].startswith("hf:"):
+            repo = hub_spec(r["url"])
+            present = "cache" if _cached_snapshot(hub_cache_dir() / f"models--{repo[0].replace('/', '--')}",
+                                                  repo[1]) else "hub"
+        else:
+            present = "yes" if registry_path(name, wdir).exists() else \
+                "manual" if FAMILIES[r["family"]].manual_download else "-"
+        norm = {HALF_MEAN: "0.5/0.5", OPENAI_MEAN: "openai"}.get(r["mean"], "imagenet")
+        print(f"{name:<{w}} {r['family']:<12} {objective(r['family']):<7} {r['num_heads']:>5} {norm:<9} "
               f"{r['interp']:<8} {r['eval_repr']:<15} {present:<8} {','.join(r['aliases'])}")
-    others = sorted(p.name for p in wdir.glob("*") if p.is_file() and p.name != "README.md"
+    others = sorted(p.name for p in wdir.glob("*") if p.is_file() and p.name not in ("README.md", "SHA256SUMS")
                     and not any(p == registry_path(n, wdir) for n in REGISTRY))
-    print(f"\nweights dir: {wdir}" + (f"; other files: {', '.join(others)}" if others else ""))
+    print(f"\nweights dir: {wdir}" + (f"; other files: {', '.join(others)}" if others else "")
+          + f"\nHugging Face cache: {hub_cache_dir()} (hub ids and timm names: present = cache | hub)")
 
 
 def _cmd_download(args):
@@ -5065,10 +5121,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "weights_dir": (("--weights-dir",), dict(help="checkpoint folder (default: weights/ beside ssl_repsim.py, or "
                                                   "$SSL_REPSIM_WEIGHTS)")),
-    "offline": (("--offline",), dict(action="store_true", help="never download; registered names must be present")),
+    "offline": (("--offline",), dict(action="store_true", help="never download: registered names must be in the "
+                                                             "weights dir, hub ids in the Hugging Face cache (as "
+                                                             "HF_HUB_OFFLINE=1)")),
     "family": (("--family",), dict(help="override layout detection: " + ", ".join(f for f in FAMILIES
                                                                                    if FAMILIES[f].layouts))),
-    "num_heads": (("--num-heads",), dict(type=int, help="attention heads, where the registry does not know")),
+    "num_heads": (("--num-heads",), dict(type=int, help="attention heads, where neither the file's config nor the "
+                                                        "registry says")),
+    "act": (("--act",), dict(choices=list(ACTIVATIONS), help="MLP activation, where the file's config does not say "
+                                                             "(open_clip state dicts: gelu, or quick_gelu for OpenAI "
+                                                             "weights)")),
     "img_size": (("--img-size",), dict(type=int, help="input size (default: the model's own, e.g. 224)")),
     "data": (("--data",), dict(default="synthetic", help="image folder (class sub-folders = labels), tensor file "
                                                          "(.pt/.npy/.npz/.safetensors with images [N,3,H,W] and "
@@ -5095,7 +5157,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "quiet": (("--quiet",), dict(action="store_true", help="no progress or notices on stderr")),
     "debug": (("--debug",), dict(action="store_true", help="full tracebacks")),
 }
-MODEL_FLAGS = ("weights_dir", "offline", "family", "num_heads", "img_size")
+MODEL_FLAGS = ("weights_dir", "offline", "family", "num_heads", "act", "img_size")
 DATA_FLAGS = ("data", "n", "strict")
 ALWAYS = ("quiet", "debug")
 

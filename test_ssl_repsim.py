@@ -1306,11 +1306,12 @@ LAYOUTS = {
     "cae": (b_cae, {"qv_bias": True, "ls": True}, "cae"),
     "torchvision": (b_torchvision, {}, "torchvision"),
     "torchvision_legacy": (b_torchvision_legacy, {}, "torchvision"),
-    "timm": (b_timm, {"ls": True}, "timm"),
+    "timm": (b_timm, {"ls": True}, "unknown"),   # a flat timm file: its training cannot be told
     "mae_hf": (b_hf_mae, {"eps": 1e-12}, "mae_hf"),
     "ssl_repsim": (b_ours, {"ls": True}, "ssl_repsim"),
 }
 HF_LAYOUTS = {"data2vec_hf", "data2vec_hf_safetensors", "data2vec_hf_ft1k"}
+NAMED_ONLY = {"dino", "dino_safetensors"}
 
 
 def build(name, d: Path, drop=None, **arch_over):
@@ -1318,6 +1319,8 @@ def build(name, d: Path, drop=None, **arch_over):
     a = Arch(**{**over, **arch_over})
     path, P = builder(d, a, drop)
     kwargs = {} if name in HF_LAYOUTS else {"num_heads": a.heads}
+    if name in NAMED_ONLY:   # flat files whose family the keys cannot tell: named, as the registry names them
+        kwargs["family"] = family
     return Case(Path(path), P, a, family, kwargs)
 
 
@@ -1525,7 +1528,7 @@ def cli(*argv):
 
 def features_by_hand(path, imgs, size=32, points="blocks", tokens="flat"):
     """Features of a checkpoint on images preprocessed by naive_preprocess (hand-written, not sr.preprocess)."""
-    m = sr.load_model(path, img_size=size)
+    m = sr.load_model(path, img_size=size, num_heads=2)
     x = torch.stack([naive_preprocess(im, size, m.preprocess["crop_pct"], m.preprocess["mean"],
                                        m.preprocess["std"], m.preprocess["interp"]) for im in imgs])
     return sr.extract(m, x, points, tokens, batch_size=64, device="cpu")
@@ -1747,7 +1750,7 @@ def dist_worker(rank, tmp):
                             timeout=datetime.timedelta(seconds=180))
     try:
         a, b, h = tmp / "a.safetensors", tmp / "b.pth", tmp / "head.safetensors"
-        ma, mb = sr.load_model(a, img_size=32), sr.load_model(b, img_size=32)
+        ma, mb = sr.load_model(a, img_size=32, num_heads=2), sr.load_model(b, img_size=32, num_heads=2)
         images = sr.synthetic_images(26, size=40, seed=3)     # batches of 8: 8, 8, 8, 2
         res = {}
         for est in ("minibatch", "full"):
@@ -1817,19 +1820,29 @@ def test_every_family_has_a_layout_builder(family):
     assert family in {fam for _, _, fam in LAYOUTS.values()}, f"no builder in LAYOUTS makes a {family} file"
 
 
-# each released file's evaluation transform (its authors' code): 0.5/0.5 for BEiT, bilinear resize for MoCo v3, MSN and
-# torchvision; ImageNet statistics, bicubic, crop 0.875 for every other row
-PUBLISHED_PREPROCESSING = {"beit": ((0.5,) * 3, (0.5,) * 3, "bicubic"), "mocov3": (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bilinear"),
-                           "msn": (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bilinear"),
-                           "supervised": (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bilinear")}
+# each released file's evaluation transform (its authors' code; for hub rows the library's own config files):
+# 0.5/0.5 for BEiT, bilinear resize for MoCo v3, MSN and torchvision; CLIP's statistics for CLIP and EVA-02, 0.5/0.5
+# for SigLIP; ImageNet statistics, bicubic, crop 0.875 for every other row
+OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGENET = (sr.IMAGENET_MEAN, sr.IMAGENET_STD)
+PUBLISHED_PREPROCESSING = {
+    "beit": ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.875), "mocov3": (*IMAGENET, "bilinear", 0.875),
+    "msn": (*IMAGENET, "bilinear", 0.875), "supervised": (*IMAGENET, "bilinear", 0.875),
+    "openai/clip": (*OPENAI, "bicubic", 1.0),                       # CLIPImageProcessor: shortest 224, crop 224
+    "google/siglip": ((0.5,) * 3, (0.5,) * 3, "bicubic", 1.0),      # SiglipImageProcessor: 224x224, no crop
+    "timm/vit_base_patch16_clip": (*OPENAI, "bicubic", 0.9),        # timm pretrained_cfg
+    "timm/vit_base_patch16_siglip": ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.9),
+    "timm/eva02": (*OPENAI, "bicubic", 0.9), "timm/vit_base_patch16_224.mae": (*IMAGENET, "bicubic", 0.9),
+    "timm/vit_base_patch14_dinov2": (*IMAGENET, "bicubic", 1.0), "timm/vit_base_patch16_dinov3": (*IMAGENET, "bicubic", 1.0),
+}
 
 
 @pytest.mark.parametrize("name", sorted(sr.REGISTRY))
 def test_registered_preprocessing_is_the_published_one(name):
     row = sr.REGISTRY[name]
     expected = next((v for prefix, v in PUBLISHED_PREPROCESSING.items() if name.startswith(prefix)),
-                    (sr.IMAGENET_MEAN, sr.IMAGENET_STD, "bicubic"))
-    assert (tuple(row["mean"]), tuple(row["std"]), row["interp"], row["crop_pct"]) == (*expected, 0.875), name
+                    (*IMAGENET, "bicubic", 0.875))
+    assert (tuple(row["mean"]), tuple(row["std"]), row["interp"], row["crop_pct"]) == expected, name
 
 
 def test_every_registered_checkpoint_names_a_known_family_and_unique_aliases():
@@ -1845,7 +1858,7 @@ def test_every_registered_checkpoint_names_a_known_family_and_unique_aliases():
 
 def test_distributed_compare_models_equals_single_process(dist_run):
     d = dist_run.dir
-    ma, mb = sr.load_model(d / "a.safetensors", img_size=32), sr.load_model(d / "b.pth", img_size=32)
+    ma, mb = sr.load_model(d / "a.safetensors", img_size=32), sr.load_model(d / "b.pth", img_size=32, num_heads=2)
     images = sr.synthetic_images(26, size=40, seed=3)
     for est in ("minibatch", "full"):
         with grad_mode_kept():
@@ -2054,7 +2067,6 @@ def test_load_model_accepts_path_object(tmp_path):
 
 
 @pytest.mark.parametrize("name,D,depth,expected_heads", [
-    ("dino", 128, 1, 2),            # D/64
     ("dino", 384, 1, 6),            # ViT-S
     ("mocov3", 384, 1, 12),         # MoCo v3 ViT-S: 12 heads
     ("mae", 1280, 1, 16),           # ViT-H: 16 heads
@@ -2066,7 +2078,7 @@ def test_default_num_heads(name, D, depth, expected_heads, tmp_path):
     if name.startswith("dinov2"):
         over.update(patch=14)
     case = build(name, tmp_path, **over)
-    model = sr.load_model(str(case.path))  # no num_heads
+    model = sr.load_model(str(case.path), family=case.kwargs.get("family"))  # no num_heads
     assert model.family == case.family
     x = noise_images(size=case.a.img)
     ref = naive_forward(case.P, case.a, x)
@@ -2704,6 +2716,8 @@ def test_official_representation_equals_the_one_built_by_hand(kind):
         "cls4_norm": lambda: torch.cat([norm(t)[:, 0] for t in b[1:]], -1),
         "cls_mean": lambda: torch.cat([norm(b[4])[:, 0], norm(b[4])[:, 1:].mean(1)], -1),
         "block_cls_mean": lambda: torch.cat([b[4][:, 0], b[4][:, 1:].mean(1)], -1),
+        "pooled": lambda: (layer_norm(b[4][:, 1:].mean(1), sd["fc_norm.weight"], sd["fc_norm.bias"], 1e-6) if fc
+                           else norm(b[4])[:, 0]),   # the model's own pool: fc_norm of the mean, else the cls
     }[kind]()
     with torch.no_grad():
         got = sr.official_representation(model, kind, [blocks[f"blocks.{i}"] for i in range(1, 5)])
@@ -3051,7 +3065,7 @@ def test_cli_cka_records_an_unbiased_estimator_and_intervals_that_narrow_with_n(
     widths = {}
     for n, points in ((32, "blocks"), (200, "blocks"), (200, "sublayers")):
         out = tmp_path / f"o{n}{points}"
-        p = cli("cka", a, b, "--img-size", 32, "--n", n, "--points", points, "--out", out, "--quiet")
+        p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", n, "--points", points, "--out", out, "--quiet")
         assert p.returncode == 0, p.stderr
         doc = json.loads((out / "cka.json").read_text())
         assert doc["meta"]["estimator"] in ("debiased", "minibatch") and doc["meta"]["n"] == n, doc["meta"]
@@ -3062,7 +3076,7 @@ def test_cli_cka_records_an_unbiased_estimator_and_intervals_that_narrow_with_n(
         assert lo <= doc["pairs"][0]["diagonal_mean"] <= hi
         widths[(n, points)] = float((high - low).mean())
     assert widths[(200, "blocks")] < widths[(32, "blocks")], widths
-    p = cli("cka", a, b, "--img-size", 32, "--n", 32, "--ci", 0, "--out", tmp_path / "noci", "--quiet")
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 32, "--ci", 0, "--out", tmp_path / "noci", "--quiet")
     doc = json.loads((tmp_path / "noci" / "cka.json").read_text())
     assert p.returncode == 0 and "cka_low" not in doc and doc["meta"]["ci"] is None
 
@@ -3303,13 +3317,14 @@ def test_train_batches_shards_make_the_single_process_batches(n):
 
 def test_finetuned_checkpoint_is_labelled_with_its_objective_plus_ft(tmp_path):
     _, mae_file = tiny_pair(tmp_path)                      # the MAE layout: family mae, objective REC
-    model = sr.load_model(mae_file)
+    model = sr.load_model(mae_file, num_heads=2)
     assert model.family == "mae" and sr.objective(model.family) == "REC"
     sr.finetune(model, colour_set(16, seed=1), epochs=1, batch_size=8, device="cpu", out=tmp_path / "ft")
     tuned = sr.load_model(tmp_path / "ft" / "checkpoint.safetensors")
     assert tuned.family == "mae" and tuned.source["fine_tuned"] is True
     out = tmp_path / "w"
-    p = cli("weights", mae_file, tmp_path / "ft" / "checkpoint.safetensors", "--out", out, "--quiet")
+    p = cli("weights", mae_file, tmp_path / "ft" / "checkpoint.safetensors", "--num-heads", 2, "--out", out,
+            "--quiet")
     assert p.returncode == 0, p.stderr
     meta = json.loads((out / "weights.json").read_text())["meta"]
     assert [m["objective"] for m in meta["models"]] == ["REC", "REC+FT"]
@@ -3336,9 +3351,9 @@ def test_report_and_gap_without_intervals_and_a_released_fine_tuned_pair(tmp_pat
 def test_analyses_refuse_what_they_cannot_compare(tmp_path):
     a, b = tiny_pair(tmp_path)
     wide = save_tiny(tiny_model(5, embed_dim=48, num_heads=2), tmp_path / "wide.safetensors")
-    data = ["--img-size", 32, "--n", 8]
+    data = ["--img-size", 32, "--n", 8, "--num-heads", 2]
     for argv, why in ((["gap", a, *data], "at least 2 models"), (["agreement", a, *data], "at least 2 models"),
-                      (["weights", a, wide], "one architecture"), (["agreement", a, b, *data], "classification heads")):
+                      (["weights", a, wide, "--num-heads", 2], "one architecture"), (["agreement", a, b, *data], "classification heads")):
         p = cli(*argv, "--quiet", "--out", tmp_path / "o")
         assert_usage_error(p, tmp_path / "o")
         assert why in p.stderr, (argv, p.stderr)
@@ -3650,7 +3665,7 @@ def test_identical_heads_agree_with_kappa_one(setup, tmp_path):
         g = torch.Generator().manual_seed(1)
         imgs, labels = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(20) % 3
         torch.save({"images": imgs, "labels": labels}, data)
-        p = cli("agreement", p1, p2, "--data", data, "--img-size", 32, "--out", tmp_path / "o", "--quiet")
+        p = cli("agreement", p1, p2, "--data", data, "--num-heads", 2, "--img-size", 32, "--out", tmp_path / "o", "--quiet")
         assert p.returncode == 0, p.stderr
         doc = json.loads((tmp_path / "o" / "agreement.json").read_text())
         (r,) = doc["agreement"]["results"].values()
@@ -3673,7 +3688,7 @@ def test_cli_cka_official_layouts_default_heads(tmp_path):
     a = build("dino", tmp_path, D=128, mlp=128)
     b = build("mae", tmp_path, D=128, mlp=128)
     out = tmp_path / "out"
-    p = cli("cka", a.path, b.path, "--n", 16, "--batch-size", 8, "--out", out, "--quiet", "--img-size", 32)
+    p = cli("cka", a.path, b.path, "--n", 16, "--batch-size", 8, "--out", out, "--quiet", "--num-heads", 2, "--img-size", 32)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "cka.json").read_text())
     for k in ("layers_a", "layers_b", "cka"):
@@ -3689,7 +3704,7 @@ def test_cli_cka_three_models(tmp_path):
     a, b = tiny_pair(tmp_path)
     c = save_tiny(tiny_model(3), tmp_path / "c.safetensors")
     out = tmp_path / "out"
-    p = cli("cka", a, b, c, "--img-size", 32, "--n", 16, "--batch-size", 8, "--out", out, "--quiet")
+    p = cli("cka", a, b, c, "--num-heads", 2, "--img-size", 32, "--n", 16, "--batch-size", 8, "--out", out, "--quiet")
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "cka.json").read_text())
     assert len(doc["pairs"]) == 3
@@ -3715,13 +3730,13 @@ def test_cli_model_point_selects_the_model_matrix_point(tmp_path):
     data = tmp_path / "d.pt"
     g = torch.Generator().manual_seed(4)
     torch.save({"images": torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)}, data)
-    p = cli("cka", *paths, "--data", data, "--img-size", 32, "--model-point", "blocks.0", "--estimator", "full",
+    p = cli("cka", *paths, "--data", data, "--num-heads", 2, "--img-size", 32, "--model-point", "blocks.0", "--estimator", "full",
             "--tokens", "cls", "--out", tmp_path / "o", "--quiet")
     assert p.returncode == 0, p.stderr
     doc = json.loads((tmp_path / "o" / "cka.json").read_text())
     assert doc["model_matrix"]["point"] == ["blocks.0"] * 3
     imgs = sr.load_images(data)
-    feats = [sr.extract(sr.load_model(q), imgs, ["blocks.0"], "cls")["blocks.0"].numpy() for q in paths]
+    feats = [sr.extract(sr.load_model(q, num_heads=2), imgs, ["blocks.0"], "cls")["blocks.0"].numpy() for q in paths]
     for i, j in ((0, 1), (0, 2), (1, 2)):
         assert abs(doc["model_matrix"]["cka"][i][j] - naive_linear_cka(feats[i], feats[j])) < 1e-6
 
@@ -3738,7 +3753,7 @@ def test_cli_cka_image_folder_of_mixed_sizes(tmp_path):
         imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
     a, b = tiny_pair(tmp_path)
     out = tmp_path / "out"
-    p = cli("cka", a, b, "--data", tmp_path / "data", "--img-size", 32, "--batch-size", 5, "--out", out, "--quiet")
+    p = cli("cka", a, b, "--data", tmp_path / "data", "--num-heads", 2, "--img-size", 32, "--batch-size", 5, "--out", out, "--quiet")
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "cka.json").read_text())
     assert doc["meta"]["data"]["n"] == len(imgs) and doc["meta"]["data"]["skipped"] == 0
@@ -3755,7 +3770,7 @@ def test_cli_cka_tensor_files_every_format(tmp_path):
     for fmt in (".pt", ".npy", ".npz", ".safetensors"):
         f = write_tensor_file(tmp_path / f"data{fmt}", x, y)
         out = tmp_path / f"out{fmt}"
-        p = cli("cka", a, b, "--data", f, "--img-size", 32, "--batch-size", 8, "--out", out, "--quiet")
+        p = cli("cka", a, b, "--data", f, "--num-heads", 2, "--img-size", 32, "--batch-size", 8, "--out", out, "--quiet")
         assert p.returncode == 0, (fmt, p.stderr[-3000:])
         doc = json.loads((out / "cka.json").read_text())
         assert doc["meta"]["data"]["n"] == 14
@@ -3764,7 +3779,7 @@ def test_cli_cka_tensor_files_every_format(tmp_path):
     # float images in [0, 1] are the same images as uint8 / 255; channels-last is accepted
     f = tmp_path / "float_nhwc.pt"
     torch.save({"images": (x.float() / 255).permute(0, 2, 3, 1).contiguous(), "labels": y}, f)
-    p = cli("cka", a, b, "--data", f, "--img-size", 32, "--batch-size", 8, "--out", tmp_path / "outf", "--quiet")
+    p = cli("cka", a, b, "--data", f, "--num-heads", 2, "--img-size", 32, "--batch-size", 8, "--out", tmp_path / "outf", "--quiet")
     assert p.returncode == 0, p.stderr[-3000:]
     np.testing.assert_allclose(np.array(json.loads((tmp_path / "outf" / "cka.json").read_text())["cka"]), ref,
                                atol=2e-6)
@@ -3774,7 +3789,7 @@ def test_cli_corrupt_image_counted_once_and_strict(tmp_path):
     good = folder_with_corrupt_image(tmp_path / "data")
     a, b = tiny_pair(tmp_path)
     out = tmp_path / "out"
-    p = cli("cka", a, b, "--data", tmp_path / "data", "--img-size", 32, "--batch-size", 4, "--out", out)
+    p = cli("cka", a, b, "--data", tmp_path / "data", "--num-heads", 2, "--img-size", 32, "--batch-size", 4, "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
     notices = [ln for ln in nonblank_lines(p.stderr) if "skipped" in ln]
     assert len(notices) == 1 and re.search(r"\b1 unreadable image", notices[0]), p.stderr
@@ -3785,7 +3800,7 @@ def test_cli_corrupt_image_counted_once_and_strict(tmp_path):
     # the map is computed on the 10 readable images
     np.testing.assert_allclose(np.array(doc["cka"]), cka_map_by_hand(a, b, good), atol=2e-6)
     out2 = tmp_path / "out_strict"
-    p = cli("cka", a, b, "--data", tmp_path / "data", "--img-size", 32, "--batch-size", 4, "--out", out2, "--quiet",
+    p = cli("cka", a, b, "--data", tmp_path / "data", "--num-heads", 2, "--img-size", 32, "--batch-size", 4, "--out", out2, "--quiet",
             "--strict")
     assert_usage_error(p, out2)
     assert "zz_corrupt.png" in p.stderr
@@ -3796,14 +3811,14 @@ def test_cli_corrupt_image_counted_once_and_strict(tmp_path):
 def test_cli_out_under_a_file_and_a_diverging_finetune_are_one_line_errors(tmp_path):
     a, b = tiny_pair(tmp_path)
     (tmp_path / "a_file").write_text("x")
-    p = cli("cka", a, b, "--img-size", 32, "--n", 8, "--quiet", "--out", tmp_path / "a_file" / "out")
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 8, "--quiet", "--out", tmp_path / "a_file" / "out")
     assert_usage_error(p)
     assert "a file stands where" in p.stderr
-    p = cli("cka", a, b, "--img-size", 32, "--n", 8, "--quiet", "--out", tmp_path / "a_file")
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 8, "--quiet", "--out", tmp_path / "a_file")
     assert_usage_error(p)
     assert "is a file" in p.stderr and (tmp_path / "a_file").read_text() == "x"
     torch.save({"images": colour_images(16, 32)[0], "labels": torch.arange(16) % 2}, tmp_path / "d.pt")
-    p = cli("finetune", a, "--data", tmp_path / "d.pt", "--img-size", 32, "--batch-size", 4, "--epochs", 1,
+    p = cli("finetune", a, "--data", tmp_path / "d.pt", "--num-heads", 2, "--img-size", 32, "--batch-size", 4, "--epochs", 1,
             "--blr", 1e12, "--out", tmp_path / "ft", "--quiet")
     assert_usage_error(p)
     assert "diverged" in p.stderr and "step" in p.stderr
@@ -3900,7 +3915,7 @@ def test_cli_probe_and_knn_skip_an_unreadable_image_like_cka(tmp_path):
     (tmp_path / "data" / "red" / "zz.png").write_bytes(b"\x89PNG broken")
     a, _ = tiny_pair(tmp_path)
     for cmd in ("probe", "knn"):
-        p = cli(cmd, a, "--data", tmp_path / "data", "--img-size", 32, "--val-fraction", 0.25, "--out",
+        p = cli(cmd, a, "--data", tmp_path / "data", "--num-heads", 2, "--img-size", 32, "--val-fraction", 0.25, "--out",
                 tmp_path / cmd, "--quiet")
         assert p.returncode == 0, (cmd, p.stderr)
         meta = json.loads((tmp_path / cmd / f"{cmd}.json").read_text())["meta"]
@@ -3964,7 +3979,7 @@ def test_cli_finetune_colour_folders_then_cka(tmp_path):
 def test_cli_report(tmp_path):
     a, b = tiny_pair(tmp_path)
     out = tmp_path / "report"
-    p = cli("report", a, b, "--img-size", 32, "--n", 24, "--batch-size", 16, "--out", out, "--quiet", "--epochs", 1)
+    p = cli("report", a, b, "--num-heads", 2, "--img-size", 32, "--n", 24, "--batch-size", 16, "--out", out, "--quiet", "--epochs", 1)
     assert p.returncode == 0, p.stderr[-3000:]
     md = (out / "report.md").read_text()
     sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
@@ -3983,8 +3998,8 @@ def test_cli_report(tmp_path):
     for m in doc["meta"]["models"]:
         assert m["sha256"][:16] in md
     # the weight distance in the report equals the norm of the difference of the two files' weights
-    sa = sr.load_model(a, img_size=32).state_dict()
-    sb = sr.load_model(b, img_size=32).state_dict()
+    sa = sr.load_model(a, img_size=32, num_heads=2).state_dict()
+    sb = sr.load_model(b, img_size=32, num_heads=2).state_dict()
     total = math.sqrt(sum(float((sa[k].double() - sb[k].double()).square().sum()) for k in sa))
     (wd,) = doc["weights"]["results"].values()
     assert wd["total"] == pytest.approx(total, rel=1e-9)
@@ -3994,7 +4009,7 @@ def test_cli_report_on_reconstruction_and_joint_embedding_files_is_honest(tmp_pa
     """report on an MAE file (REC) and DINO and MoCo v3 files (JE) in their official layouts, default data: every
     reading's number has its interval, n_val and chance are stated, the k-NN / rank / PC readings are there, the
     synthetic-data and small-n_val caveats are shown, and the REC-vs-JE comparison carries intervals."""
-    files = [build(name, tmp_path / name).path for name in ("mae", "dino", "mocov3") if
+    files = [build(name, tmp_path / name).path for name in ("mae", "dino_full", "mocov3") if
              (tmp_path / name).mkdir() is None]
     out = tmp_path / "report"
     p = cli("report", *files, "--num-heads", 2, "--img-size", 32, "--n", 32, "--epochs", 1, "--out", out, "--quiet")
@@ -4046,10 +4061,10 @@ def test_hostile_files_are_one_line_errors_within_4_gib(tmp_path):
         ("png_renamed.pth", "not a checkpoint"))]
     cases += [(("cka", a, b, "--data", tmp_path / "nan_pixel.pt"), "NaN")]
     for argv, why in cases:
-        p = under_4_gib(*argv, "--img-size", 32, "--quiet", "--out", tmp_path / "o", cwd=tmp_path)
+        p = under_4_gib(*argv, "--num-heads", 2, "--img-size", 32, "--quiet", "--out", tmp_path / "o", cwd=tmp_path)
         assert_usage_error(p, tmp_path / "o")
         assert why in p.stderr, (argv, p.stderr)
-    p = under_4_gib("cka", a, b, "--data", tmp_path / "huge_labels.pt", "--img-size", 32, "--quiet", "--out",
+    p = under_4_gib("cka", a, b, "--data", tmp_path / "huge_labels.pt", "--num-heads", 2, "--img-size", 32, "--quiet", "--out",
                     tmp_path / "ok", cwd=tmp_path)
     assert p.returncode == 0, p.stderr                   # labels 10**12: three classes, not a 10**12-entry list
     assert not (tmp_path / "o").exists()
@@ -4061,7 +4076,7 @@ def test_entry_point_cka_two_checkpoint_files(tmp_path):
     """`python ssl_repsim.py cka` in a process of its own: what a user runs."""
     a, b = tiny_pair(tmp_path)
     out = tmp_path / "cka_basic"
-    with started([sys.executable, TOOL, "cka", a, b, "--img-size", 32, "--n", 24, "--batch-size", 8, "--out", out,
+    with started([sys.executable, TOOL, "cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 24, "--batch-size", 8, "--out", out,
                   "--quiet"], tmp_path / "job") as job:
         # meanwhile: the map against numpy CKA of features of the same 24 synthetic images, preprocessed by hand
         ref = cka_map_by_hand(a, b, sr.synthetic_images(24, seed=0).items)
@@ -4090,11 +4105,11 @@ def test_entry_point_cka_two_checkpoint_files(tmp_path):
 def test_torchrun_cka_equals_single_process(tmp_path):
     a, b = tiny_pair(tmp_path)
     with started([*torchrun_argv(), "--standalone", "--nproc_per_node", 2, TOOL, "cka", a, b, "--device", "cpu",
-                  "--img-size", 32, "--num-images", 24, "--batch-size", 8, "--out", tmp_path / "torchrun"],
+                  "--num-heads", 2, "--img-size", 32, "--num-images", 24, "--batch-size", 8, "--out", tmp_path / "torchrun"],
                  tmp_path / "job") as job:
         # meanwhile: the same command line in one process
-        p = cli("cka", a, b, "--device", "cpu", "--img-size", 32, "--num-images", 24, "--batch-size", 8,
-                "--out", tmp_path / "single", "--quiet")
+        p = cli("cka", a, b, "--device", "cpu", "--num-heads", 2, "--img-size", 32, "--num-images", 24,
+                "--batch-size", 8, "--out", tmp_path / "single", "--quiet")
         dist_p = job()
     assert dist_p.returncode == 0, dist_p.stderr[-3000:]
     assert p.returncode == 0, p.stderr[-3000:]
