@@ -88,6 +88,15 @@ class Arch:
     fc_norm: bool = False
     qv_bias: bool = False       # q/v-only bias (k bias is zero)
     eps: float = 1e-6
+    rope: str = None            # None | "eva02" | "dinov3": 2-D rotary embedding of q, k (patch tokens only)
+    rope_theta: float = 10000.0
+    rope_ref: int = 0           # EVA-02: the grid its positions are scaled to (0 = the grid itself)
+    norm_pre: bool = False      # CLIP ln_pre
+    patch_bias: bool = True
+    act: str = "gelu"           # gelu | quick_gelu | gelu_tanh
+    mlp_norm: bool = False      # EVA-02: LayerNorm over the hidden units
+    dist: bool = False          # DeiT distillation token
+    map_head: bool = False      # SigLIP attention-pool head
 
     @property
     def img(self):
@@ -144,6 +153,30 @@ def gelu_erf(x):
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2.0)))
 
 
+ACTS = {"gelu": gelu_erf, "quick_gelu": lambda x: x / (1 + torch.exp(-1.702 * x)),   # OpenAI CLIP
+        "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))}
+
+
+def rope_rotate(t, a: "Arch", gh, gw):
+    """Rotate q or k (B, H, N, hd) of the patch tokens as complex numbers: EVA-02 pairs channels (2j, 2j+1), the
+    first hd/4 pairs turning with the row, the rest with the column, by pos·θ^(−j/K) with pos = index·ref/grid;
+    DINOv3 pairs channel i with i + hd/2 and turns it by 2π·c/θ^(j/K), c the patch centre scaled to [−1, 1]."""
+    hd = t.shape[-1]
+    K = hd // 4
+    rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)
+    cols = torch.arange(gw, dtype=torch.float64).repeat(gh)
+    j = torch.arange(K, dtype=torch.float64)
+    if a.rope == "eva02":
+        rows, cols = rows * (a.rope_ref or gh) / gh, cols * (a.rope_ref or gw) / gw
+        ang = torch.cat([rows[:, None] * a.rope_theta ** (-j / K), cols[:, None] * a.rope_theta ** (-j / K)], 1)
+        z = torch.complex(t[..., 0::2], t[..., 1::2]) * torch.polar(torch.ones_like(ang), ang)
+        return torch.stack([z.real, z.imag], -1).reshape(t.shape)
+    rows, cols = (rows + 0.5) / gh * 2 - 1, (cols + 0.5) / gw * 2 - 1
+    ang = 2 * math.pi * torch.cat([rows[:, None] / a.rope_theta ** (j / K), cols[:, None] / a.rope_theta ** (j / K)], 1)
+    z = torch.complex(t[..., : hd // 2], t[..., hd // 2:]) * torch.polar(torch.ones_like(ang), ang)
+    return torch.cat([z.real, z.imag], -1)
+
+
 def softmax(x):
     e = torch.exp(x - x.max(-1, keepdim=True).values)
     return e / e.sum(-1, keepdim=True)
@@ -160,7 +193,7 @@ def patchify(x, p):
     return x.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), 3 * p * p)
 
 
-def naive_block(t, b, a: Arch, index=None):
+def naive_block(t, b, a: Arch, index=None, grid=None):
     """One pre-norm block (timm Block): t + g1 * proj(attn(norm1(t))), then + g2 * mlp(norm2(.)); attention logits
     plus the relative position bias table gathered by `index` when a.rel. Returns (output, intermediates)."""
     B, T, D = t.shape
@@ -169,6 +202,10 @@ def naive_block(t, b, a: Arch, index=None):
     h = layer_norm(t, b["n1w"], b["n1b"], a.eps)
     qkv = affine(h, b["qkv_w"], b["qkv_b"])
     q, k, v = qkv.reshape(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+    if a.rope:
+        npre = T - grid[0] * grid[1]
+        q = torch.cat([q[:, :, :npre], rope_rotate(q[:, :, npre:], a, *grid)], 2)
+        k = torch.cat([k[:, :, :npre], rope_rotate(k[:, :, npre:], a, *grid)], 2)
     logits = (q * hd ** -0.5) @ k.transpose(-1, -2)
     if a.rel:
         logits = logits + b["rel"].double()[index].permute(2, 0, 1)
@@ -181,11 +218,13 @@ def naive_block(t, b, a: Arch, index=None):
         fc1 = affine(h2, b["w12_w"], b["w12_b"])
         x1, x2 = fc1.chunk(2, dim=-1)
         act = x1 * torch.sigmoid(x1) * x2
-        m = affine(act, b["w3_w"], b["w3_b"])
+        hidden = layer_norm(act, b["mnw"], b["mnb"], a.eps) if a.mlp_norm else act
+        m = affine(hidden, b["w3_w"], b["w3_b"])
     else:
         fc1 = affine(h2, b["fc1_w"], b["fc1_b"])
-        act = gelu_erf(fc1)
-        m = affine(act, b["fc2_w"], b["fc2_b"])
+        act = ACTS[a.act](fc1)
+        hidden = layer_norm(act, b["mnw"], b["mnb"], a.eps) if a.mlp_norm else act
+        m = affine(hidden, b["fc2_w"], b["fc2_b"])
     t2 = t1 + (b["g2"].double() * m if a.ls else m)
     inter = {"norm1": h, "attn.qkv": qkv, "attn": o, "attn.proj": o, "attn_residual": t1, "norm2": h2,
              "mlp.fc1": fc1, "mlp.act": act, "mlp.fc2": m, "mlp": m}
@@ -198,33 +237,53 @@ def naive_forward(P, a: Arch, x, pos=None):
     B, _, Hh, Ww = x.shape
     p, D = a.patch, a.D
     gh, gw = Hh // p, Ww // p
-    t = affine(patchify(x, p), P["patch_w"].reshape(D, -1), P["patch_b"])
+    t = affine(patchify(x, p), P["patch_w"].reshape(D, -1), P["patch_b"] if a.patch_bias else None)
     pos = (P.get("pos") if pos is None else pos)
     if a.pos == "no_cls_row":
         t = t + pos.double()
-    if a.cls:
-        t = torch.cat([P["cls"].double().expand(B, -1, -1), t], 1)
+    prefix = [P[k].double().expand(B, -1, -1) for k in ("cls", "dist") if k in P]
+    t = torch.cat([*prefix, t], 1)
     if a.pos == "cls_row":
         t = t + pos.double()
     if a.regs:
-        t = torch.cat([t[:, :1], P["reg"].double().expand(B, -1, -1), t[:, 1:]], 1)
+        c = len(prefix)
+        t = torch.cat([t[:, :c], P["reg"].double().expand(B, -1, -1), t[:, c:]], 1)
+    if a.norm_pre:
+        t = layer_norm(t, P["pre_w"], P["pre_b"], a.eps)
     out = {"embed": t}
     index = beit_index(gh, gw) if a.rel else None
     for i, b in enumerate(P["blocks"]):
-        t, inter = naive_block(t, b, a, index)
+        t, inter = naive_block(t, b, a, index, (gh, gw))
         out[f"blocks.{i}"] = t
         for k, v in inter.items():
             out[f"blocks.{i}.{k}"] = v
     final = layer_norm(t, P["norm_w"], P["norm_b"], a.eps) if a.final_norm else t
     out["norm"] = final
-    npre = int(a.cls) + a.regs
-    if a.fc_norm:
+    npre = int(a.cls) + int(a.dist) + a.regs
+    if a.map_head:
+        out["pooled"] = naive_map_head(final, P["map"], a)
+    elif a.fc_norm:
         out["pooled"] = layer_norm(final[:, npre:].mean(1), P["fcn_w"], P["fcn_b"], a.eps)
     elif not a.cls:
         out["pooled"] = final.mean(1)
+    elif a.dist:
+        out["pooled"] = (final[:, 0] + final[:, 1]) / 2
     else:
         out["pooled"] = final[:, 0]
     return out
+
+
+def naive_map_head(t, m, a: Arch):
+    """SigLIP's pooling: one learned query attends over the tokens (H heads), out-projected, then o + mlp(LN(o))."""
+    B, T, D = t.shape
+    H, hd = a.heads, D // a.heads
+    q = affine(m["latent"].double().reshape(1, D), m["q_w"], m["q_b"]).reshape(1, H, hd)
+    kv = affine(t, m["kv_w"], m["kv_b"])
+    k, v = kv[..., :D].reshape(B, T, H, hd), kv[..., D:].reshape(B, T, H, hd)
+    att = softmax(torch.einsum("hd,bthd->bht", q[0], k) * hd ** -0.5)
+    o = affine(torch.einsum("bht,bthd->bhd", att, v).reshape(B, D), m["proj_w"], m["proj_b"])
+    h = ACTS[a.act](affine(layer_norm(o, m["n_w"], m["n_b"], a.eps), m["fc1_w"], m["fc1_b"]))
+    return o + affine(h, m["fc2_w"], m["fc2_b"])
 
 
 def interp_grid(pos_patch, m, new, recipe):
@@ -671,6 +730,9 @@ def make_params(a: Arch, seed: int):
         else:
             b.update(fc1_w=rn(a.mlp, D, s=1 / math.sqrt(D)), fc1_b=rn(a.mlp, s=0.1),
                      fc2_w=rn(D, a.mlp, s=0.6 / math.sqrt(a.mlp)), fc2_b=rn(D, s=0.1))
+        if a.mlp_norm:
+            h = a.swiglu_hidden if a.swiglu else a.mlp
+            b["mnw"], b["mnb"] = 1 + rn(h, s=0.2), rn(h, s=0.1)
         if a.ls:
             b["g1"] = 0.3 + 0.6 * ru(D)
             b["g2"] = 0.3 + 0.6 * ru(D)
@@ -684,6 +746,17 @@ def make_params(a: Arch, seed: int):
         P["norm_w"], P["norm_b"] = 1 + rn(D, s=0.2), rn(D, s=0.1)
     if a.fc_norm:
         P["fcn_w"], P["fcn_b"] = 1 + rn(D, s=0.2), rn(D, s=0.1)
+    if a.dist:
+        P["dist"] = rn(1, 1, D, s=0.3)
+        P["pos"] = rn(1, N + 2, D, s=0.3)
+    if a.norm_pre:
+        P["pre_w"], P["pre_b"] = 1 + rn(D, s=0.2), rn(D, s=0.1)
+    if a.map_head:
+        P["map"] = {"latent": rn(1, 1, D, s=0.5), "q_w": rn(D, D, s=1 / math.sqrt(D)), "q_b": rn(D, s=0.1),
+                    "kv_w": rn(2 * D, D, s=1 / math.sqrt(D)), "kv_b": rn(2 * D, s=0.1),
+                    "proj_w": rn(D, D, s=1 / math.sqrt(D)), "proj_b": rn(D, s=0.1), "n_w": 1 + rn(D, s=0.2),
+                    "n_b": rn(D, s=0.1), "fc1_w": rn(a.mlp, D, s=1 / math.sqrt(D)), "fc1_b": rn(a.mlp, s=0.1),
+                    "fc2_w": rn(D, a.mlp, s=0.6 / math.sqrt(a.mlp)), "fc2_b": rn(D, s=0.1)}
     return P
 
 
@@ -1269,10 +1342,286 @@ def b_hf_mae(d, a, drop):
     return out, P
 
 
+def write_folder(d, name, config, sd, fmt="safetensors", files=None):
+    """A model folder as save_pretrained / timm push_to_hub write it: config.json, weights, optional extra files."""
+    from safetensors.torch import save_file
+    out = d / name
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for fname, obj in (files or {}).items():
+        (out / fname).write_text(json.dumps(obj))
+    sd = {k: copied(v) for k, v in sd.items()}
+    if fmt == "safetensors":
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(sd, out / "pytorch_model.bin")
+    return out
+
+
+def split_qkv(sd, pre, b, D, names=("q", "k", "v"), key_bias=True):
+    for j, n in enumerate(names):
+        sd[f"{pre}{n}.weight"] = b["qkv_w"][j * D:(j + 1) * D]
+        if j != 1 or key_bias:
+            sd[f"{pre}{n}.bias"] = b["qkv_b"][j * D:(j + 1) * D]
+
+
+def hf_bert_sd(P, a, style):
+    """transformers ViT / DeiT / DINOv2 names (encoder.layer.N.attention.attention.query ...)."""
+    D = a.D
+    sd = {"embeddings.cls_token": P["cls"], "embeddings.position_embeddings": P["pos"],
+          "embeddings.patch_embeddings.projection.weight": P["patch_w"],
+          "embeddings.patch_embeddings.projection.bias": P["patch_b"],
+          "layernorm.weight": P["norm_w"], "layernorm.bias": P["norm_b"]}
+    if a.dist:
+        sd["embeddings.distillation_token"] = P["dist"]
+    if style == "dinov2":
+        sd["embeddings.mask_token"] = rnd(3)(1, D)
+        if a.regs:
+            sd["embeddings.register_tokens"] = P["reg"]
+    for i, b in enumerate(P["blocks"]):
+        L = f"encoder.layer.{i}."
+        split_qkv(sd, L + "attention.attention.", b, D, ("query", "key", "value"))
+        sd[L + "attention.output.dense.weight"], sd[L + "attention.output.dense.bias"] = b["proj_w"], b["proj_b"]
+        n1, n2 = ("norm1", "norm2") if style == "dinov2" else ("layernorm_before", "layernorm_after")
+        sd[L + n1 + ".weight"], sd[L + n1 + ".bias"] = b["n1w"], b["n1b"]
+        sd[L + n2 + ".weight"], sd[L + n2 + ".bias"] = b["n2w"], b["n2b"]
+        if style == "dinov2":
+            sd[L + "layer_scale1.lambda1"], sd[L + "layer_scale2.lambda1"] = b["g1"], b["g2"]
+            fc1, fc2 = ("mlp.weights_in", "mlp.weights_out") if a.swiglu else ("mlp.fc1", "mlp.fc2")
+        else:
+            fc1, fc2 = "intermediate.dense", "output.dense"
+        w1, w2 = ("w12", "w3") if a.swiglu else ("fc1", "fc2")
+        sd[f"{L}{fc1}.weight"], sd[f"{L}{fc1}.bias"] = b[w1 + "_w"], b[w1 + "_b"]
+        sd[f"{L}{fc2}.weight"], sd[f"{L}{fc2}.bias"] = b[w2 + "_w"], b[w2 + "_b"]
+    return sd
+
+
+def hf_config_of(a, model_type, arch, **extra):
+    return {"architectures": [arch], "model_type": model_type, "hidden_size": a.D, "num_hidden_layers": a.depth,
+            "num_attention_heads": a.heads, "intermediate_size": a.mlp, "image_size": a.img,
+            "patch_size": a.patch, "layer_norm_eps": a.eps, **extra}
+
+
+def b_hf_vit(d, a, drop):
+    """transformers ViTModel (pooler on): the pooler's dense layer is not the backbone; key.bias is."""
+    P = make_params(a, seed_of("hf_vit"))
+    sd = drop_key(hf_bert_sd(P, a, "vit"), drop)
+    sd.update(sd_linear(rnd(4), "pooler.dense", a.D, a.D))
+    cfg = hf_config_of(a, "vit", "ViTModel", hidden_act="gelu")
+    pre = {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2, "image_mean": [0.5] * 3,
+           "image_std": [0.5] * 3}
+    return write_folder(d, "vit-tiny", cfg, sd, files={"preprocessor_config.json": pre}), P
+
+
+def b_hf_deit_distilled(d, a, drop):
+    """transformers DeiTForImageClassificationWithTeacher: prefix deit., a distillation token, two classifiers."""
+    P = make_params(a, seed_of("hf_deit"))
+    sd = prefixed(drop_key(hf_bert_sd(P, a, "deit"), drop), "deit.")
+    sd.update(sd_linear(rnd(5), "cls_classifier", 5, a.D))
+    sd.update(sd_linear(rnd(6), "distillation_classifier", 5, a.D))
+    return write_folder(d, "deit-distilled", hf_config_of(a, "deit", "DeiTForImageClassificationWithTeacher"), sd,
+                        fmt="bin"), P
+
+
+def b_hf_dinov2(d, a, drop):
+    """transformers Dinov2WithRegistersModel / Dinov2ForImageClassification (prefix dinov2., a classifier on
+    cls ‖ mean patch) with SwiGLU (weights_in/weights_out)."""
+    P = make_params(a, seed_of(f"hf_dinov2{a.regs}{a.swiglu}"))
+    sd = prefixed(drop_key(hf_bert_sd(P, a, "dinov2"), drop), "dinov2.")
+    sd.update(sd_linear(rnd(7), "classifier", 5, 2 * a.D))
+    mt = "dinov2_with_registers" if a.regs else "dinov2"
+    cfg = hf_config_of(a, mt, "Dinov2ForImageClassification", use_swiglu_ffn=a.swiglu, num_register_tokens=a.regs)
+    return write_folder(d, "dinov2-tiny", cfg, sd), P
+
+
+def clip_tower_sd(P, a, siglip=False):
+    """transformers CLIPVisionModel / SiglipVisionModel names."""
+    D = a.D
+    sd = {"embeddings.patch_embedding.weight": P["patch_w"], "embeddings.position_embedding.weight": P["pos"][0],
+          "post_layernorm.weight": P["norm_w"], "post_layernorm.bias": P["norm_b"]}
+    if siglip:
+        m = P["map"]
+        sd.update({"embeddings.patch_embedding.bias": P["patch_b"], "head.probe": m["latent"],
+                   "head.attention.in_proj_weight": torch.cat([m["q_w"], m["kv_w"]]),
+                   "head.attention.in_proj_bias": torch.cat([m["q_b"], m["kv_b"]]),
+                   "head.attention.out_proj.weight": m["proj_w"], "head.attention.out_proj.bias": m["proj_b"],
+                   "head.layernorm.weight": m["n_w"], "head.layernorm.bias": m["n_b"],
+                   "head.mlp.fc1.weight": m["fc1_w"], "head.mlp.fc1.bias": m["fc1_b"],
+                   "head.mlp.fc2.weight": m["fc2_w"], "head.mlp.fc2.bias": m["fc2_b"]})
+    else:
+        sd.update({"embeddings.class_embedding": P["cls"].reshape(D), "pre_layrnorm.weight": P["pre_w"],
+                   "pre_layrnorm.bias": P["pre_b"]})
+    for i, b in enumerate(P["blocks"]):
+        L = f"encoder.layers.{i}."
+        split_qkv(sd, L + "self_attn.", b, D, ("q_proj", "k_proj", "v_proj"))
+        sd[L + "self_attn.out_proj.weight"], sd[L + "self_attn.out_proj.bias"] = b["proj_w"], b["proj_b"]
+        sd[L + "layer_norm1.weight"], sd[L + "layer_norm1.bias"] = b["n1w"], b["n1b"]
+        sd[L + "layer_norm2.weight"], sd[L + "layer_norm2.bias"] = b["n2w"], b["n2b"]
+        sd[L + "mlp.fc1.weight"], sd[L + "mlp.fc1.bias"] = b["fc1_w"], b["fc1_b"]
+        sd[L + "mlp.fc2.weight"], sd[L + "mlp.fc2.bias"] = b["fc2_w"], b["fc2_b"]
+    return sd
+
+
+CLIP_PREPROCESSOR = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "resample": 3,
+                     "size": {"shortest_edge": 224}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                     "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def b_hf_clip(d, a, drop):
+    """transformers CLIPVisionModelWithProjection: vision_model.* and visual_projection (kept as proj)."""
+    P = make_params(a, seed_of("hf_clip"))
+    sd = prefixed(drop_key(clip_tower_sd(P, a), drop), "vision_model.")
+    P["visual_projection"] = rnd(8)(6, a.D)
+    sd["visual_projection.weight"] = P["visual_projection"]
+    cfg = hf_config_of(a, "clip_vision_model", "CLIPVisionModelWithProjection", hidden_act="quick_gelu",
+                       projection_dim=6)
+    return write_folder(d, "clip-tiny", cfg, sd, files={"preprocessor_config.json": CLIP_PREPROCESSOR}), P
+
+
+def b_hf_siglip(d, a, drop):
+    """transformers SiglipVisionModel: no cls token, patch-only positions, an attention-pool head, tanh GELU."""
+    P = make_params(a, seed_of("hf_siglip"))
+    sd = drop_key(clip_tower_sd(P, a, siglip=True), drop)
+    cfg = hf_config_of(a, "siglip_vision_model", "SiglipVisionModel", hidden_act="gelu_pytorch_tanh")
+    pre = {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 3, "image_mean": [0.5] * 3,
+           "image_std": [0.5] * 3}
+    return write_folder(d, "siglip-tiny", cfg, sd, files={"preprocessor_config.json": pre}), P
+
+
+def b_openclip(d, a, drop):
+    """An open_clip CLIP state dict: visual.* (conv1, class_embedding, ln_pre, transformer.resblocks, ln_post,
+    proj) beside the text tower's keys."""
+    P = make_params(a, seed_of("openclip"))
+    D, r = a.D, rnd(9)
+    sd = {"conv1.weight": P["patch_w"], "class_embedding": P["cls"].reshape(D), "positional_embedding": P["pos"][0],
+          "ln_pre.weight": P["pre_w"], "ln_pre.bias": P["pre_b"], "ln_post.weight": P["norm_w"],
+          "ln_post.bias": P["norm_b"], "proj": r(D, 6)}
+    for i, b in enumerate(P["blocks"]):
+        L = f"transformer.resblocks.{i}."
+        sd.update({L + "ln_1.weight": b["n1w"], L + "ln_1.bias": b["n1b"], L + "attn.in_proj_weight": b["qkv_w"],
+                   L + "attn.in_proj_bias": b["qkv_b"], L + "attn.out_proj.weight": b["proj_w"],
+                   L + "attn.out_proj.bias": b["proj_b"], L + "ln_2.weight": b["n2w"], L + "ln_2.bias": b["n2b"],
+                   L + "mlp.c_fc.weight": b["fc1_w"], L + "mlp.c_fc.bias": b["fc1_b"],
+                   L + "mlp.c_proj.weight": b["fc2_w"], L + "mlp.c_proj.bias": b["fc2_b"]})
+    sd = prefixed(drop_key(sd, drop), "visual.")
+    sd.update({"positional_embedding": r(8, 16), "token_embedding.weight": r(50, 16), "ln_final.weight": r(16),
+               "text_projection": r(16, 6), "logit_scale": torch.tensor(4.6),
+               "transformer.resblocks.0.attn.in_proj_weight": r(48, 16)})
+    P["proj"] = sd["visual.proj"]
+    return save_obj({k: copied(v) for k, v in sd.items()}, d / "open_clip_pytorch_model.bin"), P
+
+
+def dinov3_blocks(sd, P, a, pre, official):
+    D = a.D
+    for i, b in enumerate(P["blocks"]):
+        L = f"{pre}{i}."
+        sd[L + "norm1.weight"], sd[L + "norm1.bias"] = b["n1w"], b["n1b"]
+        sd[L + "norm2.weight"], sd[L + "norm2.bias"] = b["n2w"], b["n2b"]
+        if official:   # fused qkv with a k bias the mask removes
+            bias = b["qkv_b"].clone()
+            bias[D:2 * D] = rnd(i + 30)(D) * 10
+            sd.update({L + "attn.qkv.weight": b["qkv_w"], L + "attn.qkv.bias": bias,
+                       L + "attn.qkv.bias_mask": torch.cat([torch.ones(D), torch.zeros(D), torch.ones(D)]),
+                       L + "attn.proj.weight": b["proj_w"], L + "attn.proj.bias": b["proj_b"],
+                       L + "ls1.gamma": b["g1"], L + "ls2.gamma": b["g2"]})
+            names = ("mlp.w1", "mlp.w2", "mlp.w3") if a.swiglu else ("mlp.fc1", None, "mlp.fc2")
+        else:
+            split_qkv(sd, L + "attention.", b, D, ("q_proj", "k_proj", "v_proj"), key_bias=False)
+            sd.update({L + "attention.o_proj.weight": b["proj_w"], L + "attention.o_proj.bias": b["proj_b"],
+                       L + "layer_scale1.lambda1": b["g1"], L + "layer_scale2.lambda1": b["g2"]})
+            names = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if a.swiglu else ("mlp.up_proj", None,
+                                                                                         "mlp.down_proj")
+        if a.swiglu:
+            h = a.swiglu_hidden
+            for n, w, bb in ((names[0], b["w12_w"][:h], b["w12_b"][:h]), (names[1], b["w12_w"][h:], b["w12_b"][h:]),
+                             (names[2], b["w3_w"], b["w3_b"])):
+                sd[L + n + ".weight"], sd[L + n + ".bias"] = w, bb
+        else:
+            sd[L + names[0] + ".weight"], sd[L + names[0] + ".bias"] = b["fc1_w"], b["fc1_b"]
+            sd[L + names[2] + ".weight"], sd[L + names[2] + ".bias"] = b["fc2_w"], b["fc2_b"]
+
+
+def b_dinov3(d, a, drop):
+    """The official DINOv3 release: storage tokens, rope periods, a masked k bias, ls1/ls2, SwiGLU w1/w2/w3."""
+    P = make_params(a, seed_of(f"dinov3{a.swiglu}"))
+    k = (a.D // a.heads) // 4
+    sd = {"cls_token": P["cls"], "storage_tokens": P["reg"], "mask_token": rnd(10)(1, a.D),
+          "patch_embed.proj.weight": P["patch_w"], "patch_embed.proj.bias": P["patch_b"],
+          "rope_embed.periods": 100.0 ** (torch.arange(k) / k), "norm.weight": P["norm_w"], "norm.bias": P["norm_b"],
+          "local_cls_norm.weight": rnd(11)(a.D), "local_cls_norm.bias": rnd(12)(a.D)}
+    dinov3_blocks(sd, P, a, "blocks.", official=True)
+    sd = drop_key(sd, drop)
+    return save_obj({k: copied(v) for k, v in sd.items()}, d / "dinov3_vits16_pretrain_lvd1689m.pth"), P
+
+
+def b_hf_dinov3(d, a, drop):
+    """transformers DINOv3ViTModel: layer.N.attention.{q,k,v,o}_proj (no k bias), layer_scale lambdas, rope."""
+    P = make_params(a, seed_of(f"hf_dinov3{a.swiglu}"))
+    sd = {"embeddings.cls_token": P["cls"], "embeddings.register_tokens": P["reg"],
+          "embeddings.mask_token": rnd(13)(1, 1, a.D), "embeddings.patch_embeddings.weight": P["patch_w"],
+          "embeddings.patch_embeddings.bias": P["patch_b"], "norm.weight": P["norm_w"], "norm.bias": P["norm_b"]}
+    dinov3_blocks(sd, P, a, "layer.", official=False)
+    cfg = hf_config_of(a, "dinov3_vit", "DINOv3ViTModel", hidden_act="silu" if a.swiglu else "gelu",
+                       rope_theta=a.rope_theta, num_register_tokens=a.regs, use_gated_mlp=a.swiglu)
+    return write_folder(d, "dinov3-tiny", cfg, drop_key(sd, drop)), P
+
+
+def timm_eva_sd(P, a):
+    """timm Eva names (EVA-02): q/k/v projections (no k bias), SwiGLU fc1_g/fc1_x, the MLP's norm, fc_norm."""
+    D, h = a.D, a.swiglu_hidden
+    sd = {"cls_token": P["cls"], "pos_embed": P["pos"], "patch_embed.proj.weight": P["patch_w"],
+          "patch_embed.proj.bias": P["patch_b"], "fc_norm.weight": P["fcn_w"], "fc_norm.bias": P["fcn_b"]}
+    for i, b in enumerate(P["blocks"]):
+        L = f"blocks.{i}."
+        split_qkv(sd, L + "attn.", b, D, ("q_proj", "k_proj", "v_proj"), key_bias=False)
+        sd.update({L + "norm1.weight": b["n1w"], L + "norm1.bias": b["n1b"], L + "norm2.weight": b["n2w"],
+                   L + "norm2.bias": b["n2b"], L + "attn.proj.weight": b["proj_w"], L + "attn.proj.bias": b["proj_b"],
+                   L + "mlp.fc1_g.weight": b["w12_w"][:h], L + "mlp.fc1_g.bias": b["w12_b"][:h],
+                   L + "mlp.fc1_x.weight": b["w12_w"][h:], L + "mlp.fc1_x.bias": b["w12_b"][h:],
+                   L + "mlp.norm.weight": b["mnw"], L + "mlp.norm.bias": b["mnb"],
+                   L + "mlp.fc2.weight": b["w3_w"], L + "mlp.fc2.bias": b["w3_b"]})
+    return sd
+
+
+def b_timm_eva02(d, a, drop):
+    P = make_params(a, seed_of("timm_eva02"))
+    from safetensors.torch import save_file
+    path = d / "eva02_tiny.safetensors"
+    save_file({k: copied(v) for k, v in drop_key(timm_eva_sd(P, a), drop).items()}, str(path))
+    return path, P
+
+
+TIMM_EVA02_CFG = {"tag": "mim_in22k", "input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.9,
+                  "crop_mode": "center", "mean": [0.48145466, 0.4578275, 0.40821073],
+                  "std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def b_timm_eva02_hub(d, a, drop):
+    """A timm hub folder (push_to_hub): config.json names the architecture and its pretrained_cfg."""
+    P = make_params(a, seed_of("timm_eva02_hub"))
+    cfg = {"architecture": "eva02_tiny_patch14_224", "num_classes": 0, "num_features": a.D, "global_pool": "avg",
+           "model_args": {"img_size": [a.img, a.img], "patch_size": a.patch, "embed_dim": a.D, "depth": a.depth,
+                          "num_heads": a.heads}, "pretrained_cfg": TIMM_EVA02_CFG}
+    return write_folder(d, "eva02_tiny_patch14_224.mim_in22k", cfg, drop_key(timm_eva_sd(P, a), drop)), P
+
+
+def b_timm_deit_distilled(d, a, drop):
+    """timm's distilled DeiT: flat, dist_token, head and head_dist."""
+    P = make_params(a, seed_of("timm_distilled"))
+    sd = drop_key(plain_sd(P, a), drop)
+    sd["dist_token"] = copied(P["dist"])
+    sd.update(sd_linear(rnd(14), "head", 10, a.D))
+    sd.update(sd_linear(rnd(15), "head_dist", 10, a.D))
+    return save_obj(sd, d / "deit_tiny_distilled.pth"), P
+
+
 # name -> (builder, arch overrides, expected family)
 BEIT_PT = {"cls": True, "pos": "none", "rel": "shared", "ls": True, "qv_bias": True}
 BEIT_FT = {"cls": True, "pos": "none", "rel": "per_block", "ls": True, "qv_bias": True, "final_norm": False,
            "fc_norm": True}
+DINOV3 = {"pos": "none", "regs": 4, "ls": True, "qv_bias": True, "rope": "dinov3", "rope_theta": 100.0, "eps": 1e-5}
+EVA02 = {"swiglu": True, "mlp_norm": True, "qv_bias": True, "rope": "eva02", "rope_ref": 16, "final_norm": False,
+         "fc_norm": True}
 LAYOUTS = {
     "mae": (b_mae, {}, "mae"),
     "mae_full": (b_mae_full, {}, "mae"),
@@ -1309,9 +1658,26 @@ LAYOUTS = {
     "timm": (b_timm, {"ls": True}, "unknown"),   # a flat timm file: its training cannot be told
     "mae_hf": (b_hf_mae, {"eps": 1e-12}, "mae_hf"),
     "ssl_repsim": (b_ours, {"ls": True}, "ssl_repsim"),
+    "hf_vit": (b_hf_vit, {"eps": 1e-5, "heads": 4}, "vit"),
+    "hf_deit_distilled": (b_hf_deit_distilled, {"eps": 1e-5, "heads": 4, "dist": True}, "deit"),
+    "hf_dinov2_reg_swiglu": (b_hf_dinov2, {"eps": 1e-5, "heads": 4, "regs": 4, "ls": True, "swiglu": True}, "dinov2"),
+    "hf_clip": (b_hf_clip, {"eps": 1e-4, "heads": 4, "norm_pre": True, "patch_bias": False, "act": "quick_gelu"},
+                "clip"),
+    "hf_siglip": (b_hf_siglip, {"eps": 1e-4, "heads": 4, "cls": False, "pos": "no_cls_row", "act": "gelu_tanh",
+                                "map_head": True}, "siglip"),
+    "openclip": (b_openclip, {"eps": 1e-5, "norm_pre": True, "patch_bias": False}, "clip"),
+    "dinov3": (b_dinov3, DINOV3, "dinov3"),
+    "dinov3_swiglu": (b_dinov3, dict(DINOV3, swiglu=True), "dinov3"),
+    "hf_dinov3": (b_hf_dinov3, dict(DINOV3, eps=1e-4, heads=4), "dinov3"),
+    "hf_dinov3_gated": (b_hf_dinov3, dict(DINOV3, eps=1e-4, heads=4, swiglu=True), "dinov3"),
+    "timm_eva02": (b_timm_eva02, EVA02, "eva02"),
+    "timm_eva02_hub": (b_timm_eva02_hub, dict(EVA02, heads=4), "eva02"),
+    "timm_deit_distilled": (b_timm_deit_distilled, {"dist": True}, "deit"),
 }
-HF_LAYOUTS = {"data2vec_hf", "data2vec_hf_safetensors", "data2vec_hf_ft1k"}
-NAMED_ONLY = {"dino", "dino_safetensors"}
+HF_LAYOUTS = {"data2vec_hf", "data2vec_hf_safetensors", "data2vec_hf_ft1k", "hf_vit", "hf_deit_distilled",
+              "hf_dinov2_reg_swiglu", "hf_clip", "hf_siglip", "hf_dinov3", "hf_dinov3_gated", "timm_eva02_hub"}
+NAMED_ONLY = {"dino", "dino_safetensors", "timm_eva02"}   # flat files the keys cannot tell: named, as the registry does
+NEEDS_ACT = {"openclip": "gelu"}                          # open_clip state dicts do not say their activation
 
 
 def build(name, d: Path, drop=None, **arch_over):
@@ -1321,6 +1687,8 @@ def build(name, d: Path, drop=None, **arch_over):
     kwargs = {} if name in HF_LAYOUTS else {"num_heads": a.heads}
     if name in NAMED_ONLY:   # flat files whose family the keys cannot tell: named, as the registry names them
         kwargs["family"] = family
+    if name in NEEDS_ACT:
+        kwargs["act"] = NEEDS_ACT[name]
     return Case(Path(path), P, a, family, kwargs)
 
 
