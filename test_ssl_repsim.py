@@ -2085,6 +2085,111 @@ def server():
     srv.server_close()
 
 
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """The Hugging Face hub's resolve protocol, as huggingface_hub expects it: regular files answer 200 with their
+    git sha1 as ETag; LFS files (weights) answer 302 to a CDN on another origin with X-Linked-Etag (sha256) and
+    X-Linked-Size; every answer carries X-Repo-Commit; missing files 404 EntryNotFound, unknown repos 401."""
+    protocol_version = "HTTP/1.1"
+    repos: ClassVar[dict] = {}        # repo id -> {"commit": sha, "files": {name: bytes}, "gated": bool}
+    cdn: ClassVar[str] = ""           # base URL of the CDN server
+    seen: ClassVar[list] = []         # (server, method, path, Authorization) of every request
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, status, headers, body=b""):
+        self.send_response(status)
+        for k, v in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        self.seen.append(("hub", self.command, self.path, self.headers.get("Authorization")))
+        m = re.fullmatch(r"/([\w.-]+/[\w.-]+)/resolve/([^/]+)/(.+)", self.path)
+        repo = self.repos.get(m.group(1)) if m else None
+        if repo is None or (repo.get("gated") and self.headers.get("Authorization") != "Bearer secret"):
+            return self._answer(401, {"X-Error-Code": "GatedRepo" if repo else "RepositoryNotFound"})
+        rev, fname, commit = m.group(2), m.group(3), repo["commit"]
+        if rev not in ("main", commit):
+            return self._answer(404, {"X-Error-Code": "RevisionNotFound"})
+        if fname not in repo["files"]:
+            return self._answer(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
+        body = repo["files"][fname]
+        if fname.endswith((".safetensors", ".bin")):
+            sha = hashlib.sha256(body).hexdigest()
+            return self._answer(302, {"Location": f"{self.cdn}/cdn/{sha}", "X-Repo-Commit": commit,
+                                      "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(body)),
+                                      "ETag": '"not-the-blob-name"'})
+        self._answer(200, {"ETag": f'"{git_blob_sha1(body)}"', "X-Repo-Commit": commit,
+                           "Content-Type": "application/json"}, body)
+
+
+class CdnHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    corrupt: ClassVar[set] = set()    # sha256s served with one byte changed (same length)
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        HubHandler.seen.append(("cdn", "GET", self.path, self.headers.get("Authorization")))
+        sha = self.path.rsplit("/", 1)[-1]
+        body = next((b for r in HubHandler.repos.values() for b in r["files"].values()
+                     if hashlib.sha256(b).hexdigest() == sha), None)
+        if body is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if sha in self.corrupt:
+            body = body[:-20] + bytes([body[-20] ^ 1]) + body[-19:]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve(handler):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A hub and a CDN on two origins, HF_ENDPOINT at the hub, an empty HF cache; yields the handler class."""
+    hub_srv, hub_url = serve(HubHandler)
+    cdn_srv, cdn_url = serve(CdnHandler)
+    HubHandler.repos, HubHandler.cdn, HubHandler.seen, CdnHandler.corrupt = {}, cdn_url, [], set()
+    monkeypatch.setenv("HF_ENDPOINT", hub_url + "/")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(v, raising=False)
+    yield HubHandler
+    for srv in (hub_srv, cdn_srv):
+        srv.shutdown()
+        srv.server_close()
+
+
+def publish(hub, repo_id, folder: Path, commit=None, **flags):
+    """Put a model folder's files on the fake hub under repo_id."""
+    files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
+    hub.repos[repo_id] = {"commit": commit, "files": files, **flags}
+    return commit
+
+
 def register_deit_row(monkeypatch, tmp_path, name, **over):
     """Register a DeiT-family row under `name` (URL etc. overridden) and return an empty weights dir."""
     row = dict(next(r for r in sr.REGISTRY.values() if r["family"] == "deit"), md5=None, **over)
@@ -2824,6 +2929,159 @@ def test_registered_name_bad_checksum_leaves_nothing(server, tmp_path, monkeypat
     assert_one_line(e)
     assert os.listdir(wdir) == []
 
+
+
+# --- the Hugging Face hub: specs, cache layout, resolve protocol ------------------------------------------------------
+
+@pytest.mark.parametrize("spec,expected", [
+    ("facebook/dinov2-base", ("facebook/dinov2-base", "main")), ("hf:org/m@v1.0", ("org/m", "v1.0")),
+    ("hf-hub:org/m", ("org/m", "main")), ("timm/eva02_base_patch14_224.mim_in22k", ("timm/eva02_base_patch14_224.mim_in22k", "main")),
+    ("vit_base_patch14_dinov2.lvd142m", ("timm/vit_base_patch14_dinov2.lvd142m", "main")),
+    ("weights/mae.pth", None), ("mae.pth", None), ("model.safetensors", None), ("../x/y", None), ("plain", None)])
+def test_hub_spec(spec, expected):
+    assert sr.hub_spec(spec) == expected
+
+
+def test_hub_cache_dir_follows_huggingface_hub(monkeypatch, tmp_path):
+    for v in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sr.hub_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert sr.hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert sr.hub_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "c"))
+    assert sr.hub_cache_dir() == tmp_path / "c"
+
+
+def cache_layout(root: Path, repo: str, commit: str, names):
+    """Assert huggingface_hub's layout: refs/main → commit, snapshot entries symlinked to ../../blobs/<etag>, the
+    etag being the sha256 of LFS files and the git sha1 of the others."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    assert (base / "refs" / "main").read_text() == commit
+    for name in names:
+        link = base / "snapshots" / commit / name
+        assert link.is_symlink(), name
+        target = os.readlink(link)
+        assert target.startswith("../../blobs/"), target
+        data = link.read_bytes()
+        etag = target.rsplit("/", 1)[1]
+        expected = hashlib.sha256(data).hexdigest() if name.endswith((".safetensors", ".bin")) else git_blob_sha1(data)
+        assert etag == expected, name
+
+
+def test_cli_cka_downloads_hub_models_into_the_hf_cache_then_runs_offline(hub, tmp_path, monkeypatch):
+    """`cka org/a timm/b`: a transformers folder and a timm hub folder, fetched through the resolve protocol into
+    the HF cache layout; the rerun under HF_HUB_OFFLINE=1 makes no request; results equal the local folders'."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = build("hf_dinov2_reg_swiglu", tmp_path / "a"), build("timm_eva02_hub", tmp_path / "b")
+    ca, cb = publish(hub, "org/a", a.path), publish(hub, "timm/b.tag", b.path)
+    out = tmp_path / "o1"
+    p = cli("cka", "org/a", "timm/b.tag", "--img-size", 32, "--n", 16, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    cache = tmp_path / "hf-cache"
+    cache_layout(cache, "org/a", ca, ["config.json", "model.safetensors"])
+    cache_layout(cache, "timm/b.tag", cb, ["config.json", "model.safetensors"])
+    assert not list(cache.rglob("*.part")) and not list(cache.rglob("*.incomplete"))
+    assert any(path.endswith("/preprocessor_config.json") for _, _, path, _ in hub.seen)   # asked, 404 EntryNotFound
+    hub.seen.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p2 = cli("cka", "org/a", "timm/b.tag", "--img-size", 32, "--n", 16, "--out", tmp_path / "o2", "--quiet")
+    assert p2.returncode == 0 and hub.seen == [], (p2.stderr, hub.seen)
+    local = cli("cka", a.path, b.path, "--img-size", 32, "--n", 16, "--out", tmp_path / "o3", "--quiet")
+    maps = [json.loads((tmp_path / o / "cka.json").read_text())["cka"] for o in ("o1", "o2", "o3")]
+    assert local.returncode == 0 and maps[0] == maps[1] == maps[2]
+    fams = [m["family"] for m in json.loads((out / "cka.json").read_text())["meta"]["models"]]
+    assert fams == ["dinov2", "eva02"]
+
+
+def test_hub_offline_without_cache_and_unknown_repos_are_one_line_errors(hub, tmp_path, monkeypatch):
+    p = cli("cka", "org/missing", "org/missing", "--img-size", 32, "--n", 8, "--out", tmp_path / "o", "--quiet")
+    assert_usage_error(p, tmp_path / "o")
+    assert "org/missing" in p.stderr and "HF_TOKEN" in p.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.seen.clear()
+    p = cli("cka", "org/a", "org/b", "--img-size", 32, "--n", 8, "--out", tmp_path / "o", "--quiet")
+    assert_usage_error(p, tmp_path / "o")
+    assert "offline" in p.stderr and hub.seen == []
+
+
+def test_hub_download_that_fails_its_sha256_leaves_nothing(hub, tmp_path):
+    case = build("hf_siglip", tmp_path)
+    publish(hub, "org/s", case.path)
+    sha = hashlib.sha256((case.path / "model.safetensors").read_bytes()).hexdigest()
+    CdnHandler.corrupt.add(sha)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model("org/s", progress=False)
+    assert_one_line(e)
+    assert "checksum" in str(e.value)
+    base = tmp_path / "hf-cache" / "models--org--s"
+    assert not (base / "refs" / "main").exists() and not (base / "blobs" / sha).exists()
+    assert not [p for p in base.rglob("*") if ".part" in p.name or "model.safetensors" in p.name]
+    CdnHandler.corrupt.clear()
+    assert sr.load_model("org/s", progress=False).family == "siglip"     # a clean retry works
+
+
+def test_hub_token_goes_to_the_hub_only_and_a_gated_repo_says_so(hub, tmp_path, monkeypatch):
+    case = build("hf_dinov3", tmp_path)
+    publish(hub, "facebook/dinov3-tiny", case.path, gated=True)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model("facebook/dinov3-tiny", progress=False)
+    assert_one_line(e)
+    assert "HF_TOKEN" in str(e.value) and "gated" in str(e.value)
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    model = sr.load_model("facebook/dinov3-tiny", progress=False)
+    assert model.family == "dinov3" and model.cfg.rope == "dinov3"
+    assert {auth for srv, _, _, auth in hub.seen if srv == "hub"} >= {"Bearer secret"}
+    assert {auth for srv, _, _, auth in hub.seen if srv == "cdn"} == {None}      # never sent to the CDN
+
+
+def test_hub_sharded_weights_download_and_load(hub, tmp_path):
+    case = build("hf_clip", tmp_path)
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(case.path / "model.safetensors"))
+    (case.path / "model.safetensors").unlink()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(case.path / name))
+    (case.path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    local = sr.load_model(case.path)
+    check_model_matches_naive(local, case, noise_images(size=case.a.img))
+    publish(hub, "org/sharded", case.path)
+    remote = sr.load_model("org/sharded", progress=False)
+    assert all(torch.equal(v, remote.state_dict()[k]) for k, v in local.state_dict().items())
+    (case.path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(case.path)
+    assert_one_line(e)
+    assert "model-00002-of-00002.safetensors" in str(e.value)
+
+
+def test_prefilled_hf_cache_loads_without_a_server(tmp_path, monkeypatch):
+    """A cache written by huggingface_hub (refs/main, snapshots/<commit>/ links into blobs/) needs no network."""
+    case = build("hf_vit", tmp_path)
+    root = tmp_path / "cache" / "models--google--vit-tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "blobs").mkdir()
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in case.path.iterdir():
+        data = f.read_bytes()
+        etag = hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors" else git_blob_sha1(data)
+        (root / "blobs" / etag).write_bytes(data)
+        (snap / f.name).symlink_to(f"../../blobs/{etag}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")     # nothing listens there
+    model = sr.load_model("google/vit-tiny", progress=False)
+    assert model.family == "vit" and sr.objective(model.family) == "?"
+    check_model_matches_naive(model, case, noise_images(size=case.a.img))
+    assert sr.load_model(f"google/vit-tiny@{commit}", progress=False).family == "vit"
 
 # ======================================================================================================================
 # 4. Data: preprocessing, the synthetic set, tensor files
