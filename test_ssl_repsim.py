@@ -2931,6 +2931,120 @@ def test_registered_name_bad_checksum_leaves_nothing(server, tmp_path, monkeypat
 
 
 
+
+# --- the 2026 zoo: what each file declares, and what it cannot tell -------------------------------------------------
+
+def test_flat_files_whose_training_cannot_be_told_are_family_unknown(tmp_path):
+    """A plain flat state dict (a DINO release file, a timm MAE file) is family unknown, objective ?, never dino;
+    named, it takes the family and its position interpolation."""
+    case = build("dino", tmp_path)
+    model = sr.load_model(case.path, num_heads=2)
+    assert model.family == "unknown" and sr.objective(model.family) == "?"
+    named = sr.load_model(case.path, family="dino", num_heads=2)
+    assert named.family == "dino" and named.cfg.pos_interp == "offset" and sr.objective("dino") == "JE"
+
+
+@pytest.mark.parametrize("name,edit,why", [
+    ("timm_eva02", None, "rotates its tokens"),                                   # timm Eva keys without a config
+    ("timm", lambda sd: sd.update({"attn_pool.latent": torch.zeros(1, 1, 32)}), "attention-pool"),
+    ("timm", lambda sd: sd.update({"norm_pre.weight": torch.ones(32), "norm_pre.bias": torch.zeros(32)}), "pre-norm"),
+    ("timm", lambda sd: sd.pop("pos_embed"), "position information"),
+])
+def test_flat_files_that_would_load_wrong_are_refused(name, edit, why, tmp_path):
+    case = build(name, tmp_path)
+    sd, _ = sr.read_checkpoint(case.path)
+    if edit:
+        edit(sd)
+    path = tmp_path / "edited.pth"
+    torch.save(sd, path)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(path, num_heads=2)
+    assert_one_line(e)
+    assert why in str(e.value) and "--family" in str(e.value)
+
+
+def test_a_width_without_a_known_head_count_asks_for_num_heads(tmp_path):
+    case = build("mae", tmp_path, D=40, heads=2)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(case.path)
+    assert_one_line(e)
+    assert "--num-heads" in str(e.value)
+    check_model_matches_naive(sr.load_model(case.path, num_heads=2), case, noise_images(size=case.a.img))
+
+
+def test_open_clip_state_dict_needs_its_activation(tmp_path):
+    case = build("openclip", tmp_path)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(case.path, num_heads=2)
+    assert_one_line(e)
+    assert "--act" in str(e.value) and "QuickGELU" in str(e.value)
+    p = cli("cka", case.path, case.path, "--num-heads", 2, "--img-size", 32, "--n", 8, "--out", tmp_path / "o",
+            "--quiet")
+    assert_usage_error(p, tmp_path / "o")
+    for act in ("gelu", "quick_gelu"):
+        model = sr.load_model(case.path, num_heads=2, act=act)
+        x = noise_images(size=case.a.img)
+        ref = naive_forward(case.P, dataclasses.replace(case.a, act=act), x)
+        with torch.no_grad():
+            pooled = model(x)
+            assert_near(pooled, ref["pooled"], act)
+            assert_near(model.project(pooled), ref["pooled"] @ case.P["proj"].double(), "proj")
+    assert sr.objective(model.family) == "LANG"
+
+
+def test_clip_projection_is_kept_and_applied_by_project(tmp_path):
+    case = build("hf_clip", tmp_path)
+    model = sr.load_model(case.path)
+    x = noise_images(size=case.a.img)
+    ref = naive_forward(case.P, case.a, x)
+    with torch.no_grad():
+        assert_near(model.project(model(x)), ref["pooled"] @ case.P["visual_projection"].double().T, "image_embeds")
+    (tmp_path / "v").mkdir()
+    with pytest.raises(sr.UsageError):
+        sr.load_model(build("hf_vit", tmp_path / "v").path).project(x)      # no projection: said, not faked
+
+
+@pytest.mark.parametrize("name,expected,size", [
+    ("hf_clip", dict(mean=OPENAI[0], std=OPENAI[1], interp="bicubic", crop_pct=1.0, crop_mode="center"), 224),
+    ("hf_siglip", dict(mean=(0.5,) * 3, std=(0.5,) * 3, interp="bicubic", crop_pct=1.0, crop_mode="squash"), 224),
+    ("hf_vit", dict(mean=(0.5,) * 3, std=(0.5,) * 3, interp="bilinear", crop_pct=1.0, crop_mode="squash"), 224),
+    ("timm_eva02_hub", dict(mean=OPENAI[0], std=OPENAI[1], interp="bicubic", crop_pct=0.9, crop_mode="center"), 32),
+])
+def test_preprocessing_declared_by_the_files_is_used(name, expected, size, tmp_path):
+    model = sr.load_model(build(name, tmp_path).path)
+    got = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in model.preprocess.items()}
+    assert got == {k: tuple(v) if isinstance(v, tuple) else v for k, v in expected.items()}
+    assert model.input_size == size
+
+
+def test_squash_resize_matches_hand_math():
+    """squash (SigLIP, HF ViT): both sides to size/crop_pct, whatever the aspect, then the centre crop."""
+    img = (torch.rand(3, 40, 64, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    got = sr.resize_crop_normalize(img, 16, 0.8, "bilinear", (0.5,) * 3, (0.5,) * 3, crop_mode="squash")
+    x = F.interpolate(img.float()[None] / 255, size=(20, 20), mode="bilinear", align_corners=False, antialias=True)
+    expected = (x[0, :, 2:18, 2:18] - 0.5) / 0.5
+    assert_near(got, expected, "squash")
+
+
+@pytest.mark.parametrize("name,hw", [("dinov3", (6, 4)), ("hf_dinov3_gated", (3, 5)), ("timm_eva02", (6, 4)),
+                                     ("timm_eva02_hub", (2, 3))])
+def test_rotary_models_at_other_grids_match_naive(name, hw, tmp_path):
+    """Rotary angles depend on the grid (EVA-02: index·ref/grid; DINOv3: centres in [−1, 1]); EVA-02's absolute
+    table is resampled bicubic with antialias, as timm does."""
+    case = build(name, tmp_path)
+    model = sr.load_model(case.path, **case.kwargs)
+    x = noise_images(size=case.a.patch)[:, :, :1, :1].expand(-1, -1, case.a.patch * hw[0], case.a.patch * hw[1])
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    pos = None
+    if case.a.pos == "cls_row":
+        grid = interp_grid(case.P["pos"][:, 1:], case.a.grid, hw, "dinov2_reg")
+        pos = torch.cat([case.P["pos"][:, :1], grid], 1)
+    ref = naive_forward(case.P, case.a, x, pos=pos)
+    with torch.no_grad():
+        assert_near(model.forward_features(x), ref["norm"], name)
+        assert_near(model(x), ref["pooled"], name)
+
+
 # --- the Hugging Face hub: specs, cache layout, resolve protocol ------------------------------------------------------
 
 @pytest.mark.parametrize("spec,expected", [
