@@ -4403,29 +4403,35 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
     return res, figures, readings
 
 
+OBJECTIVE_ORDER = ("REC", "JE", "HYB", "LANG", "SUP")   # how reports name objective pairs ("across REC and JE")
+
+
 def _objective_headline(models, mm) -> list[str]:
-    """Mean model-matrix CKA within the reconstruction models, within the joint-embedding ones, and across, each
-    with a conservative interval (the mean of its pairs' half-widths: the pairs share their images)."""
+    """Mean model-matrix CKA within each objective and across each pair of objectives (fine-tuned models apart),
+    each with a conservative interval (the mean of its pairs' half-widths: the pairs share their images)."""
     kind = [objective(m.family, m.source.get("fine_tuned", False)) for m in models]
-    groups = {"within REC": [], "within JE": [], "across REC and JE": []}
+    rank = {k: (OBJECTIVE_ORDER.index(k) if k in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER), k) for k in kind}
+    groups: dict[str, list] = {}
     for i in range(len(models)):
         for j in range(i + 1, len(models)):
-            pair = {kind[i], kind[j]}
-            key = "within REC" if pair == {"REC"} else "within JE" if pair == {"JE"} else \
-                "across REC and JE" if pair == {"REC", "JE"} else None
-            if key:
-                groups[key].append((float(mm["cka"][i, j]), float(mm["cka_low"][i, j]), float(mm["cka_high"][i, j])))
-    if not groups["across REC and JE"]:
+            a, b = sorted((kind[i], kind[j]), key=rank.get)
+            key = f"within {a}" if a == b else f"across {a} and {b}"
+            groups.setdefault(key, []).append((float(mm["cka"][i, j]), float(mm["cka_low"][i, j]),
+                                               float(mm["cka_high"][i, j])))
+    if len(set(kind)) < 2:
         return []
-    stats = {k: (np.mean([v[0] for v in g]), np.mean([v[0] - v[1] for v in g]), len(g)) for k, g in groups.items() if g}
+    stats = {k: (np.mean([v[0] for v in g]), np.mean([v[0] - v[1] for v in g]), len(g)) for k, g in groups.items()}
     ci = {k: [m - h, m + h] for k, (m, h, _) in stats.items()}
     text = "; ".join(f"{k} ({n} pair{'s' * (n > 1)}) {_ci(m, ci[k])}" for k, (m, _, n) in stats.items())
-    within = [k for k in stats if k.startswith("within")]
-    lower = within and all(_apart(ci["across REC and JE"], ci[k]) and stats["across REC and JE"][0] < stats[k][0]
-                           for k in within)
-    return [f"Objectives (model × model CKA at the last block): {text}: "
-            + ("reconstruction and joint-embedding models are clearly less similar to each other than to their own "
-               "kind." if lower else "no clear difference between within- and across-objective similarity.")]
+    lines = [f"Objectives (model × model CKA at the last block): {text}."]
+    within = [k for k in ("within REC", "within JE") if k in stats]
+    if "across REC and JE" in stats and within:
+        lower = all(_apart(ci["across REC and JE"], ci[k]) and stats["across REC and JE"][0] < stats[k][0]
+                    for k in within)
+        lines.append("Reconstruction and joint-embedding models are clearly less similar to each other than to their "
+                     "own kind." if lower else "No clear difference between within- and across-objective similarity "
+                     "of the reconstruction and joint-embedding models.")
+    return [" ".join(lines)]
 
 
 @dataclass(frozen=True)
@@ -4624,7 +4630,8 @@ def _model_meta(model: ViT) -> dict:
     src.update(objective=objective(model.family, src.get("fine_tuned", False)), layout=model.family,
                depth=model.cfg.depth, width=model.cfg.embed_dim, heads=model.cfg.num_heads, patch=model.cfg.patch_size,
                registers=model.cfg.num_registers, input_size=model.input_size, preprocess=dict(model.preprocess),
-               eval_repr=eval_representation(model))
+               eval_repr=eval_representation(model),
+               teacher=FAMILIES[model.family].teacher or None if model.family in FAMILIES else None)
     return src
 
 

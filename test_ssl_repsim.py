@@ -3045,6 +3045,20 @@ def test_rotary_models_at_other_grids_match_naive(name, hw, tmp_path):
         assert_near(model(x), ref["pooled"], name)
 
 
+
+def test_reports_group_models_by_objective_language_supervised_included():
+    """The overview's objective headline: within each objective and across each pair, in the order REC, JE, HYB,
+    LANG, SUP; the mean of the pairs' CKA with the mean half-width as interval."""
+    fams = ["mae", "dino", "clip", "siglip"]
+    models = [types.SimpleNamespace(family=f, source={}) for f in fams]
+    c = torch.tensor([[1.0, 0.2, 0.3, 0.4], [0.2, 1.0, 0.6, 0.5], [0.3, 0.6, 1.0, 0.9], [0.4, 0.5, 0.9, 1.0]])
+    mm = {"cka": c, "cka_low": c - 0.05, "cka_high": c + 0.05}
+    line = sr._objective_headline(models, mm)[0]
+    assert "within LANG (1 pair) 0.90 [0.85, 0.95]" in line, line
+    assert "across REC and JE (1 pair) 0.20" in line and "across REC and LANG (2 pairs) 0.35" in line, line
+    assert "across JE and LANG (2 pairs) 0.55" in line, line
+
+
 # --- the Hugging Face hub: specs, cache layout, resolve protocol ------------------------------------------------------
 
 @pytest.mark.parametrize("spec,expected", [
