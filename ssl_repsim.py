@@ -1834,7 +1834,8 @@ def _hub_head(repo: str, revision: str, fname: str) -> dict | None:
         return None
     if status in (401, 403):
         raise UsageError(f"{repo}: the hub refused access ({status} {code or 'unauthorized'}): a gated or private "
-                         "repository (accept its licence on the hub, then set HF_TOKEN), or no such repository")
+                         "repository (accept its licence on the hub, then set HF_TOKEN), or no such repository (nor "
+                         "a local file or folder of that name)")
     if status == 404:
         raise UsageError(f"{repo}@{revision}: {code or 'not found'} on the hub")
     if status not in (200, 301, 302, 303, 307, 308):
