@@ -3485,12 +3485,13 @@ def _probe_tokens(model: ViT, tokens: str | None) -> str:
 # 8. Fine-tuning: layer-wise lr decay, warmup + cosine, augmentation in torch ops, checkpoint and exact resume
 # ======================================================================================================================
 
-NO_WEIGHT_DECAY = {"pos_embed", "cls_token", "register_tokens"}   # and every *relative_position_bias_table
+NO_WEIGHT_DECAY = {"pos_embed", "cls_token", "dist_token", "register_tokens"}   # relative tables decay, as in BEiT
 
 
 def layer_id(name: str, depth: int) -> int:
-    """MAE util/lr_decay.py: 0 for the embeddings, i+1 for blocks.i, depth+1 for the final norms and the head."""
-    if name.split(".")[0] in ("cls_token", "pos_embed", "register_tokens", "patch_embed", "rel_pos_bias"):
+    """MAE util/lr_decay.py: 0 for the embeddings, i+1 for blocks.i, depth+1 for the final norms and the head;
+    BEiT's shared relative position bias at depth+1, as BEiT's optim_factory assigns it (get_num_layer_for_vit)."""
+    if name.split(".")[0] in ("cls_token", "dist_token", "pos_embed", "register_tokens", "patch_embed"):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
@@ -3499,15 +3500,15 @@ def layer_id(name: str, depth: int) -> int:
 
 def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75) -> list[dict]:
     """AdamW groups with lr_scale = layer_decay^(depth+1 − layer_id); no weight decay on 1-D parameters,
-    pos_embed, cls_token and registers (He et al. 2022, MAE fine-tuning recipe)."""
+    pos_embed, cls / dist tokens and registers (MAE's lr_decay.py; BEiT's optim_factory, whose relative-position
+    tables decay)."""
     depth = len(model.blocks)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth)
-        wd = 0.0 if p.ndim == 1 or name in NO_WEIGHT_DECAY or name.endswith("relative_position_bias_table") \
-            else weight_decay
+        wd = 0.0 if p.ndim == 1 or name in NO_WEIGHT_DECAY else weight_decay
         g = groups.setdefault((lid, wd), dict(params=[], names=[], weight_decay=wd, layer_id=lid,
                                               lr_scale=layer_decay ** (depth + 1 - lid)))
         g["params"].append(p)
@@ -3536,13 +3537,270 @@ def random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator, scale=
     return out.flip(-1) if flip and float(torch.rand(1, generator=g)) < 0.5 else out
 
 
+# --- RandAugment (Cubuk et al. 2020) as timm's rand-mM-mstdS-incI, and RandomErasing (Zhong et al. 2020) -------
+# Ops act on batches of 8-bit images held as float (B, 3, H, W) in [0, 255], one argument per image, and return
+# 8-bit values as PIL would (blends truncated, lookups exact); geometric ops sample bicubically (PIL's a = −1
+# kernel, as the recipes ask timm for) or bilinearly at pixel centres, filling with the mean colour.
+
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.blend: degenerate + factor·(x − degenerate) in single precision, truncated to 8 bits."""
+    d, f = degenerate.float(), _per_image(factor.float())
+    return (d + f * (x.float() - d)).trunc().clamp(0, 255).to(x.dtype)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """PIL's "L": (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16 (ITU-R 601-2)."""
+    return torch.floor((x[:, :1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:] * 7471 + 32768) / 65536)
+
+
+def aug_auto_contrast(x, _):
+    """Each channel stretched to [0, 255] as PIL's lookup table: ⌊v·s − lo·s⌋, s = 255 / (hi − lo); a constant
+    channel is left alone."""
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    scale = torch.full_like(lo, 255.0) / (hi - lo).clamp_min(1)   # a true division (255 / t multiplies by 1 / t)
+    return torch.where(hi > lo, (x * scale + (-lo * scale)).trunc().clamp(0, 255), x)
+
+
+def aug_equalize(x, _):
+    """PIL's ImageOps.equalize per channel: step = (N − count of the last used level) // 255,
+    lut[v] = (step // 2 + #pixels below v) // step; a channel with one level (or step 0) is left alone."""
+    B, C, H, W = x.shape
+    v = x.long().view(B * C, H * W)
+    hist = torch.zeros(B * C, 256, dtype=torch.long).scatter_add_(1, v, torch.ones_like(v))
+    last = hist.gather(1, (255 - hist.flip(1).ne(0).long().argmax(1, keepdim=True)))   # count of the top level
+    step = (H * W - last) // 255
+    below = hist.cumsum(1) - hist
+    lut = ((step // 2 + below) // step.clamp_min(1)).clamp(0, 255)
+    out = lut.gather(1, v).view(B, C, H, W).to(x.dtype)
+    return torch.where(step.view(B, C, 1, 1) > 0, out, x)
+
+
+def aug_invert(x, _):
+    return 255 - x
+
+
+def _affine(x: torch.Tensor, m: torch.Tensor, fill, modes) -> torch.Tensor:
+    """Sample x at m·(output pixel centre) (m (B, 2, 3) maps output to input pixel coordinates, PIL's AFFINE
+    convention), edge pixels repeated for the interpolation; where the point falls outside the image, the fill
+    colour (as PIL); rounded to 8 bits."""
+    H, W = x.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=x.dtype) + 0.5, torch.arange(W, dtype=x.dtype) + 0.5, indexing="ij")
+    src = torch.einsum("bij,hwj->bhwi", m.to(x.dtype), torch.stack([xs, ys, torch.ones_like(xs)], -1))
+    grid = torch.stack([src[..., 0] / W * 2 - 1, src[..., 1] / H * 2 - 1], -1)
+    inside = ((src[..., 0] >= 0) & (src[..., 0] < W) & (src[..., 1] >= 0) & (src[..., 1] < H)).to(x.dtype)[:, None]
+    out = torch.empty_like(x)
+    for mode in set(modes):
+        i = torch.tensor([k for k, md in enumerate(modes) if md == mode])
+        out[i] = F.grid_sample(x[i], grid[i], mode="bilinear", padding_mode="border", align_corners=False) \
+            if mode == "bilinear" else _bicubic_pil(x[i], src[i])
+    out = out * inside + torch.tensor(fill, dtype=x.dtype).view(1, 3, 1, 1) * (1 - inside)
+    return out.round().clamp(0, 255)
+
+
+def _cubic(t: torch.Tensor, a: float = -1.0) -> torch.Tensor:
+    """Keys' cubic convolution kernel with a = −1, as PIL's geometric transforms use (torch's bicubic: −0.75)."""
+    t = t.abs()
+    return torch.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, torch.zeros_like(t)))
+
+
+def _bicubic_pil(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) sampled bicubically (PIL's kernel, edge pixels repeated) at src (B, h, w, 2) pixel
+    coordinates whose pixel centres are at i + 0.5."""
+    B, C, H, W = x.shape
+    u, v = src[..., 0] - 0.5, src[..., 1] - 0.5
+    x0, y0 = u.floor(), v.floor()
+    out = torch.zeros(B, C, *src.shape[1:3], dtype=x.dtype)
+    flat = x.reshape(B, C, H * W)
+    for dy in range(-1, 3):
+        wy = _cubic(v - (y0 + dy))
+        yi = (y0 + dy).clamp(0, H - 1).long()
+        for dx in range(-1, 3):
+            xi = (x0 + dx).clamp(0, W - 1).long()
+            idx = (yi * W + xi).view(B, 1, -1).expand(-1, C, -1)
+            out += (wy * _cubic(u - (x0 + dx)))[:, None] * flat.gather(2, idx).view(out.shape)
+    return out
+
+
+def _matrices(B, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> torch.Tensor:
+    """(B, 2, 3) affine matrices [[a, b, c], [d, e, f]], each entry a number or one per image."""
+    entries = [torch.as_tensor(t, dtype=torch.float64).expand(B) for t in (a, b, c, d, e, f)]
+    return torch.stack(entries, -1).view(B, 2, 3)
+
+
+def aug_rotate(x, degrees, fill=(0, 0, 0), modes=None):
+    """PIL's rotate: counter-clockwise by `degrees` about the image centre."""
+    B, _, H, W = x.shape
+    t = torch.as_tensor(degrees, dtype=torch.float64) * math.pi / 180
+    cx, cy = W / 2, H / 2
+    cos, sin = t.cos(), t.sin()
+    m = _matrices(B, cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
+    return _affine(x, m, fill, modes or ["bilinear"] * B)
+
+
+def aug_shear_x(x, factor, fill=(0, 0, 0), modes=None):
+    return _affine(x, _matrices(len(x), b=factor), fill, modes or ["bilinear"] * len(x))
+
+
+def aug_shear_y(x, factor, fill=(0, 0, 0), modes=None):
+    return _affine(x, _matrices(len(x), d=factor), fill, modes or ["bilinear"] * len(x))
+
+
+def aug_translate_x(x, pct, fill=(0, 0, 0), modes=None):
+    return _affine(x, _matrices(len(x), c=torch.as_tensor(pct) * x.shape[-1]), fill, modes or ["bilinear"] * len(x))
+
+
+def aug_translate_y(x, pct, fill=(0, 0, 0), modes=None):
+    return _affine(x, _matrices(len(x), f=torch.as_tensor(pct) * x.shape[-2]), fill, modes or ["bilinear"] * len(x))
+
+
+def aug_posterize(x, bits):
+    """Keep the top `bits` bits of every value."""
+    q = _per_image(2.0 ** (8 - torch.as_tensor(bits, dtype=x.dtype).clamp(0, 8)))
+    return (x / q).floor() * q
+
+
+def aug_solarize(x, threshold):
+    return torch.where(x < _per_image(torch.as_tensor(threshold, dtype=x.dtype)), x, 255 - x)
+
+
+def aug_solarize_add(x, add, threshold=128):
+    return torch.where(x < threshold, (x + _per_image(torch.as_tensor(add, dtype=x.dtype))).clamp(max=255), x)
+
+
+def aug_color(x, factor):
+    return _blend(_luma(x).expand_as(x), x, torch.as_tensor(factor, dtype=x.dtype))
+
+
+def aug_contrast(x, factor):
+    """Blend with the grey image at the rounded mean of the luma histogram."""
+    mean = torch.floor(_luma(x).mean((1, 2, 3), keepdim=True) + 0.5)
+    return _blend(mean.expand_as(x), x, torch.as_tensor(factor, dtype=x.dtype))
+
+
+def aug_brightness(x, factor):
+    return _blend(torch.zeros_like(x), x, torch.as_tensor(factor, dtype=x.dtype))
+
+
+def aug_sharpness(x, factor):
+    """Blend with PIL's SMOOTH filter (⌊Σ [[1,1,1],[1,5,1],[1,1,1]]·v / 13 + ½⌋) inside, the border unchanged."""
+    k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=torch.float64).expand(3, 1, 3, 3)
+    smooth = x.clone()
+    total = F.conv2d(x.double(), k, groups=3)                                    # an exact integer
+    smooth[..., 1:-1, 1:-1] = torch.div(2 * total + 13, 26, rounding_mode="floor").clamp(0, 255).to(x.dtype)
+    return _blend(smooth, x, torch.as_tensor(factor, dtype=x.dtype))
+
+
+def _signed(v):
+    return lambda m, sign: sign * v(m)
+
+
+# timm's _RAND_INCREASING_TRANSFORMS: name -> (op, argument of magnitude m ∈ [0, 10] and a random sign, geometric)
+RAND_AUGMENT_OPS = {
+    "AutoContrast": (aug_auto_contrast, None, False), "Equalize": (aug_equalize, None, False),
+    "Invert": (aug_invert, None, False),
+    "Rotate": (aug_rotate, _signed(lambda m: m / 10 * 30), True),
+    "PosterizeIncreasing": (aug_posterize, lambda m, s: 4 - int(m / 10 * 4), False),
+    "SolarizeIncreasing": (aug_solarize, lambda m, s: 256 - int(m / 10 * 256), False),
+    "SolarizeAdd": (aug_solarize_add, lambda m, s: int(m / 10 * 110), False),
+    "ColorIncreasing": (aug_color, lambda m, s: 1 + s * m / 10 * 0.9, False),
+    "ContrastIncreasing": (aug_contrast, lambda m, s: 1 + s * m / 10 * 0.9, False),
+    "BrightnessIncreasing": (aug_brightness, lambda m, s: 1 + s * m / 10 * 0.9, False),
+    "SharpnessIncreasing": (aug_sharpness, lambda m, s: 1 + s * m / 10 * 0.9, False),
+    "ShearX": (aug_shear_x, _signed(lambda m: m / 10 * 0.3), True),
+    "ShearY": (aug_shear_y, _signed(lambda m: m / 10 * 0.3), True),
+    "TranslateXRel": (aug_translate_x, _signed(lambda m: m / 10 * 0.45), True),
+    "TranslateYRel": (aug_translate_y, _signed(lambda m: m / 10 * 0.45), True),
+}
+
+
+def parse_rand_augment(spec: str) -> dict:
+    """timm's config string rand-m9-mstd0.5-inc1 (also n2, p0.5, mmax10) → its settings; "" or "none" → {}."""
+    if spec in ("", "none", None):
+        return {}
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise UsageError(f"--rand-augment {spec!r}: expected timm's rand-m<M>[-mstd<S>][-n<N>][-inc1] form")
+    cfg = dict(magnitude=9.0, std=0.0, num_ops=2, prob=0.5, magnitude_max=10.0, increasing=False,
+               interpolation="bicubic")   # MAE, BEiT and DeiT pass interpolation="bicubic" to timm
+    keys = {"mstd": "std", "mmax": "magnitude_max", "m": "magnitude", "n": "num_ops", "p": "prob", "inc": "increasing"}
+    for part in parts[1:]:
+        key = next((k for k in keys if part.startswith(k) and part[len(k):].replace(".", "", 1).isdigit()), None)
+        if key is None:
+            raise UsageError(f"--rand-augment {spec!r}: unknown part {part!r}")
+        cfg[keys[key]] = float(part[len(key):])
+    if not cfg["increasing"]:
+        raise UsageError(f"--rand-augment {spec!r}: only the increasing ops (inc1), as MAE, BEiT and DeiT use them")
+    cfg["num_ops"] = int(cfg["num_ops"])
+    return cfg
+
+
+def rand_augment_draws(n: int, cfg: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One layer of RandAugment's random choices for n images: the op (uniform, with replacement across layers),
+    whether it applies (probability prob), its magnitude m + N(0, std) clipped to [0, magnitude_max], its sign
+    (±1 with probability 1/2), as timm draws them."""
+    return dict(op=torch.randint(0, len(RAND_AUGMENT_OPS), (n,), generator=g),
+                apply=torch.rand(n, generator=g) < cfg["prob"],
+                magnitude=(cfg["magnitude"] + cfg["std"] * torch.randn(n, generator=g)).clamp(0, cfg["magnitude_max"]),
+                sign=torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0))
+
+
+def rand_augment(x: torch.Tensor, cfg: dict, g: torch.Generator, fill=(124, 116, 104)) -> torch.Tensor:
+    """timm's RandAugment (cfg from parse_rand_augment): num_ops layers of rand_augment_draws, each image through
+    its drawn op. x: (B, 3, H, W) 8-bit values as float; fill: the mean colour, 0–255."""
+    if not cfg:
+        return x
+    names, x = list(RAND_AUGMENT_OPS), x.clone()
+    for _ in range(cfg["num_ops"]):
+        d = rand_augment_draws(len(x), cfg, g)
+        for k, name in enumerate(names):
+            idx = torch.nonzero(d["apply"] & (d["op"] == k)).flatten()
+            if not len(idx):
+                continue
+            op, arg, geometric = RAND_AUGMENT_OPS[name]
+            args = torch.tensor([arg(float(d["magnitude"][i]), float(d["sign"][i])) for i in idx]) if arg else None
+            kw = dict(fill=fill, modes=[cfg["interpolation"]] * len(idx)) if geometric else {}
+            x[idx] = op(x[idx], args, **kw)
+    return x
+
+
+def random_erasing(x: torch.Tensor, g: torch.Generator, prob: float = 0.25, area=(0.02, 1 / 3),
+                   aspect=(0.3, 1 / 0.3), attempts: int = 10) -> torch.Tensor:
+    """timm's RandomErasing in pixel mode, per image of a normalised batch: with probability prob, one rectangle of
+    area fraction U(area) and log-uniform aspect (h/w) in `aspect` (10 tries to fit) is replaced by N(0, 1) noise."""
+    if prob <= 0:
+        return x
+    x = x.clone()
+    _, C, H, W = x.shape
+    for i in range(len(x)):
+        if float(torch.rand(1, generator=g)) >= prob:
+            continue
+        for _ in range(attempts):
+            target = H * W * (area[0] + (area[1] - area[0]) * float(torch.rand(1, generator=g)))
+            u = float(torch.rand(1, generator=g))
+            r = math.exp(math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * u)
+            h, w = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+            if w < W and h < H:
+                top = int(torch.randint(0, H - h + 1, (1,), generator=g))
+                left = int(torch.randint(0, W - w + 1, (1,), generator=g))
+                x[i, :, top:top + h, left:left + w] = torch.randn((C, h, w), generator=g, dtype=x.dtype)
+                break
+    return x
+
+
 def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Generator, shard=(0, 1),
-                  augment: bool = True):
-    """Shuffled training batches, augmented by random-resized crop + flip (else resized and centre-cropped), with
-    the model's normalisation; with shard=(rank, world) each process takes every world-th batch of one shared
-    permutation, so world processes of batch b see what one process of batch world·b sees."""
+                  augment: bool = True, rand_augment: str = "", reprob: float = 0.0):
+    """Shuffled training batches as timm's ImageNet training transform: random-resized crop + flip (else resized
+    and centre-cropped), RandAugment on the 8-bit crops (`rand_augment`, timm's config string), the model's
+    normalisation, RandomErasing (`reprob`). With shard=(rank, world) each process takes every world-th batch of
+    one shared permutation, so world processes of batch b see what one process of batch world·b sees."""
     pp, size = model.preprocess, model.input_size
     mean, std = torch.tensor(pp["mean"]).view(3, 1, 1), torch.tensor(pp["std"]).view(3, 1, 1)
+    ra, fill = parse_rand_augment(rand_augment), tuple(round(255 * m) for m in pp["mean"])
     perm = torch.randperm(len(images), generator=g)
     rank, world = shard
     for b in range(rank, len(perm) // (batch_size * world) * world, world):  # whole groups of world batches
@@ -3551,16 +3809,25 @@ def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Genera
             im = images.image(i)
             if im is None:
                 continue
+            ys.append(int(images.labels[i]))
             if not augment:
                 xs.append(resize_crop_normalize(im, size, pp.get("crop_pct", 0.875), pp.get("interp", "bicubic"),
                                                 pp["mean"], pp["std"], pp.get("crop_mode", "center")))
-                ys.append(int(images.labels[i]))
                 continue
             im = im.float() / 255 if not im.is_floating_point() else im.float()
-            xs.append((random_resized_crop(im, size, g, interp=pp.get("interp", "bicubic")).clamp(0, 1) - mean) / std)
-            ys.append(int(images.labels[i]))
-        if xs:
-            yield torch.stack(xs), torch.tensor(ys)
+            xs.append(random_resized_crop(im, size, g, interp=pp.get("interp", "bicubic")).clamp(0, 1))
+        if not xs:
+            continue
+        x = torch.stack(xs)
+        if augment:
+            x = rand_augment_batch(x, ra, g, fill) if ra else x
+            x = random_erasing((x - mean) / std, g, reprob)
+        yield x, torch.tensor(ys)
+
+
+def rand_augment_batch(x: torch.Tensor, ra: dict, g: torch.Generator, fill) -> torch.Tensor:
+    """RandAugment on [0, 1] crops, through 8-bit values as timm applies it to PIL images."""
+    return rand_augment((x * 255).round(), ra, g, fill) / 255
 
 
 def mix_batch(x, y, num_classes, g, mixup=0.0, cutmix=0.0, smoothing=0.0):
@@ -3626,11 +3893,18 @@ class FinetuneConfig:
     min_lr: float = _field(1e-6, "lr at the end of the cosine")
     drop_path: float = _field(0.1, "stochastic depth of the last block (linear in depth)")
     label_smoothing: float = _field(0.1, "label smoothing")
-    mixup: float = _field(0.0, "mixup alpha (MAE: 0.8; 0 = off)")
-    cutmix: float = _field(0.0, "cutmix alpha (MAE: 1.0; 0 = off)")
+    mixup: float = _field(0.0, "mixup alpha (0 = off)")
+    cutmix: float = _field(0.0, "cutmix alpha (0 = off)")
     accum_steps: int = _field(1, "gradient accumulation steps")
-    augment: bool = _field(True, "random-resized crop + flip (off: resize + centre crop)")
+    effective_batch: int = _field(0, "batch × accum × processes to reach (sets accum_steps; 0 = as given)")
+    augment: bool = _field(True, "random-resized crop + flip (off: resize + centre crop, and no RandAugment or "
+                                 "erasing)")
+    rand_augment: str = _field("", "RandAugment, timm's config string (MAE, BEiT, DeiT: rand-m9-mstd0.5-inc1; '' = "
+                                   "off)")
+    reprob: float = _field(0.0, "RandomErasing probability, pixel mode (MAE, BEiT, DeiT: 0.25)")
+    global_pool: bool = _field(False, "classify fc_norm(mean patch token) (MAE's global pool) instead of the cls token")
     seed: int = _field(0, "seed of the head, the data order and every augmentation")
+    recipe: str = "quick"          # the preset these values started from (recorded in log.json)
 
     def with_options(self, **options) -> FinetuneConfig:
         """A copy with these fields changed, checked."""
@@ -3638,33 +3912,68 @@ class FinetuneConfig:
         if unknown:
             raise UsageError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
         cfg = dataclasses.replace(self, **options)
-        if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
-            raise UsageError("epochs, batch size and accum steps must be ≥ 1")
+        if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs < 1 or cfg.effective_batch < 0:
+            raise UsageError("epochs, batch size and accum steps must be ≥ 1 (effective batch ≥ 0)")
+        if not 0 <= cfg.reprob <= 1:
+            raise UsageError(f"--reprob must lie in [0, 1], got {cfg.reprob}")
+        parse_rand_augment(cfg.rand_augment)
         return cfg
 
 
+# Published fine-tuning recipes, as FinetuneConfig values (lr = blr × effective batch / 256 throughout).
+_TIMM_AUG = dict(rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+RECIPES: dict[str, dict] = {
+    "quick": {},   # FinetuneConfig's defaults: a CPU-sized run, no RandAugment (colour stays learnable)
+    # MAE FINETUNE.md (ViT-B / L / H rows; batch 32 per GPU × 32 GPUs) and main_finetune.py defaults
+    "mae": dict(_TIMM_AUG, batch_size=32, effective_batch=1024, weight_decay=0.05, warmup_epochs=5, min_lr=1e-6,
+                global_pool=True, by_width={768: dict(epochs=100, blr=5e-4, layer_decay=0.65, drop_path=0.1),
+                                            1024: dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
+                                            1280: dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3)}),
+    # BEiT README, fine-tuning BEiT-base on ImageNet-1k: lr 4e-3 at batch 1024 (not rescaled), i.e. blr 1e-3
+    "beit": dict(_TIMM_AUG, batch_size=128, effective_batch=1024, epochs=100, blr=1e-3, layer_decay=0.65,
+                 weight_decay=0.05, drop_path=0.1, warmup_epochs=20, min_lr=1e-6, global_pool=True),
+    # DeiT main.py defaults for DeiT-B (lr 5e-4 per 512 images = blr 2.5e-4; no layer decay)
+    "deit": dict(_TIMM_AUG, batch_size=64, effective_batch=1024, epochs=300, blr=2.5e-4, layer_decay=1.0,
+                 weight_decay=0.05, drop_path=0.1, warmup_epochs=5, min_lr=1e-5),
+}
+
+
+def finetune_recipe(name: str, model: ViT | None = None) -> FinetuneConfig:
+    """The FinetuneConfig of a published recipe (RECIPES), its rows chosen by the model's width (ViT-B otherwise)."""
+    if name not in RECIPES:
+        raise UsageError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    values = dict(RECIPES[name])
+    rows = values.pop("by_width", {})
+    if rows:
+        width = model.cfg.embed_dim if model is not None else 768
+        if width not in rows:
+            log.info(f"recipe {name}: no row for width {width}; using the ViT-B row")
+        values.update(rows.get(width, rows[768]))
+    return FinetuneConfig(recipe=name, **values)
+
+
 def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, *, val: ImageSet | None = None,
-             num_classes: int | None = None, out=None, resume: bool = False, device=None, dtype=None,
-             progress: bool = False, stop_after_steps: int | None = None, **hyper) -> dict:
+             num_classes: int | None = None, out=None, resume: bool = False, overwrite: bool = False, device=None,
+             dtype=None, progress: bool = False, stop_after_steps: int | None = None, **hyper) -> dict:
     """Fine-tune end to end with MAE's recipe: AdamW with layer-wise lr decay, lr = blr·(effective batch)/256,
     linear warmup then half-cycle cosine per iteration, drop path, label smoothing, optional mixup/cutmix;
-    random-resized crop + flip in torch ops; bf16 autocast on CUDA. Hyperparameters: `config`, or its fields as
-    keywords. After every epoch `out` receives checkpoint.safetensors (reloadable by load_model, head included),
-    train_state.pt (optimizer, epoch) and log.json ({"history": [{epoch, train_loss, val_acc, lr}], "config"});
-    resume=True continues exactly from there. Every random draw comes from generators seeded by config.seed.
-    Under torchrun each process takes its share of every batch and gradients are averaged (DDP)."""
-    cfg = (config or FinetuneConfig()).with_options(**hyper)
-    if train.labels is None:
-        raise UsageError("fine-tuning needs labelled data (class sub-folders, or labels in the tensor file)")
+    random-resized crop + flip, RandAugment and RandomErasing in torch ops; bf16 autocast on CUDA. Hyperparameters:
+    `config` (finetune_recipe(name, model) for a published one), or its fields as keywords. After every epoch `out`
+    receives checkpoint.safetensors (reloadable by load_model, head and pooling included), train_state.pt
+    (optimizer, epoch, the run's identity) and log.json ({"history": [{epoch, train_loss, val_acc, lr}], "config":
+    every resolved value and the recipe}); resume=True continues exactly from there, and an `out` that already
+    holds a run is refused unless resume or overwrite. Every random draw comes from generators seeded by
+    config.seed. Under torchrun each process takes its share of every batch and gradients are averaged (DDP)."""
+    cfg = _checked_run(config or FinetuneConfig(), hyper, train, out, resume, overwrite)
     num_classes = num_classes or len(train.classes) or int(train.labels.max()) + 1
     device = as_device(device)
     dtype = _parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else None)
     rank, world = _rank_world()
-    if len(train) < cfg.batch_size * world:
-        raise UsageError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size * world}")
     out = Path(out) if out else None
     identity = dict(dataclasses.asdict(cfg), model_sha256=_state_sha256(model), data_sha256=images_fingerprint(train),
                     num_classes=num_classes, world_size=world)   # what a resume must continue with
+    if cfg.global_pool:
+        _use_global_pool(model)
     _attach_head(model, num_classes, torch.Generator().manual_seed(cfg.seed))
     for i, blk in enumerate(model.blocks):
         blk.drop_path = cfg.drop_path * i / max(len(model.blocks) - 1, 1)
@@ -3694,6 +4003,37 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
     for blk in model.blocks:
         blk.rng = None
     return dict(history=history, checkpoint=str(out / "checkpoint.safetensors") if out else None)
+
+
+FINETUNE_FILES = ("checkpoint.safetensors", "train_state.pt", "log.json")   # what finetune() writes into `out`
+
+
+def _checked_run(cfg: FinetuneConfig, hyper: dict, train: ImageSet, out, resume: bool, overwrite: bool):
+    """The run's config (keywords applied; accum_steps from effective_batch), once the data and `out` allow it."""
+    cfg = cfg.with_options(**hyper)
+    if out and not resume and not overwrite and any((Path(out) / f).exists() for f in FINETUNE_FILES):
+        raise UsageError(f"{out} already holds a fine-tuning run: --resume to continue it, --overwrite to replace "
+                         "it, or another --out")
+    if train.labels is None:
+        raise UsageError("fine-tuning needs labelled data (class sub-folders, or labels in the tensor file)")
+    world = _rank_world()[1]
+    if cfg.effective_batch:
+        cfg = dataclasses.replace(cfg, accum_steps=max(1, round(cfg.effective_batch / (cfg.batch_size * world))))
+    if len(train) < cfg.batch_size * world * cfg.accum_steps:
+        raise UsageError(f"{len(train)} training images are fewer than one optimizer step's "
+                         f"{cfg.batch_size * world * cfg.accum_steps} (batch × accum × processes; lower "
+                         "--effective-batch or --batch-size)")
+    return cfg
+
+
+def _use_global_pool(model: ViT):
+    """MAE's global pooling (models_vit.py): the final norm removed, a fresh fc_norm (weight 1, bias 0) over the
+    mean patch token feeds the head; the checkpoint then loads as MAE's released fine-tuned files do."""
+    if model.fc_norm is not None:
+        return
+    d, dev = model.cfg.embed_dim, model.patch_embed.proj.weight.device
+    model.norm, model.fc_norm = nn.Identity(), nn.LayerNorm(d, eps=model.cfg.norm_eps).to(dev)
+    model.cfg = dataclasses.replace(model.cfg, final_norm=False, fc_norm=True, pool="")
 
 
 def _attach_head(model: ViT, num_classes: int, g: torch.Generator):
@@ -3759,7 +4099,8 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
     net.train()
     step, losses, micro = epoch * steps_per_epoch, [], 0
     bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, unit="step")
-    for x, y in train_batches(model, train, cfg.batch_size, g, (rank, world), cfg.augment):
+    for x, y in train_batches(model, train, cfg.batch_size, g, (rank, world), cfg.augment, cfg.rand_augment,
+                              cfg.reprob):
         if micro == 0:
             lr = cosine_lr(step, sched["total"], sched["warmup"], sched["base"], sched["min_lr"])
             for grp in opt.param_groups:
@@ -4817,15 +5158,19 @@ def _cmd_knn(args):
 def _cmd_finetune(args):
     args.models = [args.model]
     model = _load_models(args)[0]
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+                if getattr(args, f.name, None) is not None}
+    config = finetune_recipe(args.recipe, model).with_options(**explicit)
+    args.seed = config.seed
     train, val = _train_val(args)
     out = _out_dir(args, "finetune")
-    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
-                               if hasattr(args, f.name)})
-    res = finetune(model, train, config, val=val, out=out, resume=args.resume, device=args.device, dtype=args.dtype,
-                   progress=not args.quiet)
+    log.info(f"recipe {args.recipe}" + (f" with {', '.join(f'{k}={v}' for k, v in explicit.items())}" if explicit
+                                        else ""))
+    res = finetune(model, train, config, val=val, out=out, resume=args.resume, overwrite=args.overwrite,
+                   device=args.device, dtype=args.dtype, progress=not args.quiet)
     last = res["history"][-1] if res["history"] else {}
-    print(f"fine-tuned {args.model} for {len(res['history'])} epoch(s): val acc {last.get('val_acc')}; "
-          f"wrote {out}/checkpoint.safetensors, log.json")
+    print(f"fine-tuned {args.model} with recipe {args.recipe} for {len(res['history'])} epoch(s): val acc "
+          f"{last.get('val_acc')}; wrote {out}/checkpoint.safetensors, train_state.pt, log.json")
 
 
 def _cmd_analysis(args):
@@ -5179,18 +5524,29 @@ def _add_flags(p, *names, **overrides):
         p.add_argument(*strings, **{**kw, **overrides.get(name, {})})
 
 
-def _add_dataclass_flags(p, cls, names=None):
-    """One flag per field of a dataclass whose metadata holds its help (and choices): --field-name."""
+def _add_dataclass_flags(p, cls, names=None, presets: dict | None = None):
+    """One flag per field of a dataclass whose metadata holds its help (and choices): --field-name. With
+    `presets` ({name: {field: value}}), flags default to None (unset: the chosen preset's value) and their help
+    lists each preset's value."""
     for f in dataclasses.fields(cls):
         if (names is not None and f.name not in names) or "help" not in f.metadata:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if presets is not None:
+            values = {k: v.get(f.name, f.default) for k, v in presets.items()}
+            if len(set(map(repr, values.values()))) > 1:
+                text += " [" + "; ".join(f"{k}: {v!r}" for k, v in values.items()) + "]"
+            kind = type(f.default)
+            if isinstance(f.default, bool):
+                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            else:
+                p.add_argument(flag, type=kind, default=None, help=text + " (default: the recipe's)")
+        elif isinstance(f.default, bool):
             p.add_argument(("--no-" + f.name.replace("_", "-")) if f.default else flag, dest=f.name,
-                           action="store_false" if f.default else "store_true", help=f.metadata["help"])
+                           action="store_false" if f.default else "store_true", help=text)
         else:
             kind = type(f.default) if f.default is not None else str
-            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+            p.add_argument(flag, type=kind, default=f.default, help=text,
                            **({"choices": f.metadata["choices"]} if "choices" in f.metadata else {}))
 
 
@@ -5272,16 +5628,24 @@ def _add_probe_commands(sub):
 
 
 def _add_finetune_command(sub):
-    p = _subcommand(sub, "finetune", _cmd_finetune, "fine-tune one model end to end (MAE recipe)",
-                    "Fine-tune one model end to end with MAE's recipe (layer-wise lr decay, warmup + cosine, drop "
-                    "path, label smoothing, optional mixup/cutmix). Writes checkpoint.safetensors (loadable by every "
-                    "command), train_state.pt (for --resume) and log.json into --out after every epoch.",
-                    ["finetune mae --data train/ --val val/ --out runs/mae-ft",
-                     "finetune mae --data train/ --val val/ --out runs/mae-ft --resume",
+    presets = {name: {**finetune_recipe(name).__dict__} for name in RECIPES}
+    p = _subcommand(sub, "finetune", _cmd_finetune, "fine-tune one model end to end (published recipes)",
+                    "Fine-tune one model end to end (MAE's loop: layer-wise lr decay, warmup + half-cycle cosine, "
+                    "drop path, label smoothing, mixup/cutmix, RandAugment, RandomErasing) with a published recipe: "
+                    "--recipe mae (MAE FINETUNE.md; ViT-B/L/H rows by width), beit (BEiT-base, ImageNet-1k), deit "
+                    "(DeiT-B), or quick (a CPU-sized run, the default). Flags override the recipe's values; "
+                    "log.json records the recipe and every resolved value. Writes into --out after every epoch: "
+                    "checkpoint.safetensors (weights, head, pooling; loadable by every command), train_state.pt "
+                    "(optimizer and the run's identity, for --resume) and log.json (history and settings). An --out "
+                    "holding a run is refused unless --resume or --overwrite.",
+                    ["finetune mae --recipe mae --data train/ --val val/ --out runs/mae-ft",
+                     "finetune mae --recipe mae --data train/ --val val/ --out runs/mae-ft --resume",
                      "finetune dino --data train/ --epochs 10 --mixup 0.8 --cutmix 1.0"])
-    p.add_argument("model", help="a registered name, checkpoint file or HF folder")
-    _add_dataclass_flags(p, FinetuneConfig)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("model", help="a registered name, checkpoint file, model folder or hub id")
+    p.add_argument("--recipe", choices=list(RECIPES), default="quick", help="published hyperparameters to start from")
+    _add_dataclass_flags(p, FinetuneConfig, presets=presets)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "val", "val_fraction", "device", "dtype", "out", *ALWAYS)
 
 

@@ -4044,6 +4044,259 @@ def test_param_groups_layer_decay_and_no_weight_decay():
     assert seen["blocks.1.norm1.weight"][1] == 0.0 and seen["head.bias"][1] == 0.0
 
 
+# --- RandAugment and RandomErasing: each op against its formula written out pixel by pixel ---------------------------
+
+def luma(px):
+    r, g, b = (int(v) for v in px)
+    return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16     # PIL's "L" conversion
+
+
+def blend_px(deg, v, f):
+    """PIL's ImagingBlend: in1 + alpha·(in2 − in1) in C floats (single precision), truncated, clipped."""
+    return min(255, max(0, int(np.float32(deg) + np.float32(f) * np.float32(int(v) - int(deg)))))
+
+
+def sample(img, xs, ys, fill, kind):
+    """img (H, W, 3) ints at continuous pixel coordinates (centres at i + 0.5): the fill colour outside the image,
+    else bilinear or cubic (a = −1) interpolation with the edge pixels repeated."""
+    H, W, _ = img.shape
+    if not (0 <= xs < W and 0 <= ys < H):
+        return list(fill)
+    u, v = xs - 0.5, ys - 0.5
+    x0, y0 = math.floor(u), math.floor(v)
+    if kind == "bilinear":
+        taps = [(0, 1 - (u - x0)), (1, u - x0)], [(0, 1 - (v - y0)), (1, v - y0)]
+    else:
+        def w(t):
+            t = abs(t)
+            return (t - 2) * t * t + 1 if t <= 1 else (-t + 5) * t * t - 8 * t + 4 if t < 2 else 0.0
+        taps = [(k, w(u - x0 - k)) for k in (-1, 0, 1, 2)], [(k, w(v - y0 - k)) for k in (-1, 0, 1, 2)]
+    out = [0.0, 0.0, 0.0]
+    for dy, wy in taps[1]:
+        for dx, wx in taps[0]:
+            px = img[min(max(y0 + dy, 0), H - 1), min(max(x0 + dx, 0), W - 1)]
+            for c in range(3):
+                out[c] += wy * wx * float(px[c])
+    return out
+
+
+def affine_by_hand(img, m, fill, kind="bilinear"):
+    """Output pixel (x, y) takes the input at (a·x' + b·y' + c, d·x' + e·y' + f), x' = x + 0.5 (PIL's AFFINE)."""
+    a, b, c, d, e, f = m
+    H, W, _ = img.shape
+    out = np.zeros_like(img)
+    for y in range(H):
+        for x in range(W):
+            val = sample(img, a * (x + .5) + b * (y + .5) + c, d * (x + .5) + e * (y + .5) + f, fill, kind)
+            out[y, x] = [min(255, max(0, round(t))) for t in val]
+    return out
+
+
+def rotation_by_hand(img, deg):
+    """PIL's rotate: counter-clockwise about the centre, i.e. output → input by the clockwise rotation."""
+    H, W, _ = img.shape
+    t = math.radians(deg)
+    cx, cy = W / 2, H / 2
+    return (math.cos(t), -math.sin(t), cx - math.cos(t) * cx + math.sin(t) * cy,
+            math.sin(t), math.cos(t), cy - math.sin(t) * cx - math.cos(t) * cy)
+
+
+def equalize_by_hand(ch):
+    h = [int((ch == v).sum()) for v in range(256)]
+    used = [c for c in h if c]
+    if len(used) <= 1:
+        return ch.copy()
+    step = (sum(used) - used[-1]) // 255
+    if step == 0:
+        return ch.copy()
+    lut, n = [], step // 2
+    for v in range(256):
+        lut.append(min(255, n // step))
+        n += h[v]
+    return np.array([[lut[v] for v in row] for row in ch])
+
+
+def ops_by_hand(img, name, arg, fill):
+    """Each of timm's 15 increasing RandAugment ops written from its definition (PIL's ImageOps / ImageEnhance)."""
+    H, W, _ = img.shape
+    px = lambda fn: np.array([[fn(img[y, x], y, x) for x in range(W)] for y in range(H)])
+    if name == "AutoContrast":
+        lo, hi = img.min((0, 1)), img.max((0, 1))          # PIL: lut[v] = int(v·scale + offset), offset = −lo·scale
+        return px(lambda p, y, x: [min(255, max(0, int(p[c] * (255.0 / (hi[c] - lo[c])) - lo[c] * (255.0 / (hi[c] - lo[c])))))
+                                   if hi[c] > lo[c] else p[c] for c in range(3)])
+    if name == "Equalize":
+        return np.stack([equalize_by_hand(img[..., c]) for c in range(3)], -1)
+    if name == "Invert":
+        return 255 - img
+    if name == "PosterizeIncreasing":
+        return img & (0xFF << (8 - arg)) & 0xFF
+    if name == "SolarizeIncreasing":
+        return np.where(img < arg, img, 255 - img)
+    if name == "SolarizeAdd":
+        return np.where(img < 128, np.minimum(img + arg, 255), img)
+    if name == "ColorIncreasing":
+        return px(lambda p, y, x: [blend_px(luma(p), p[c], arg) for c in range(3)])
+    if name == "ContrastIncreasing":
+        mean = int(sum(luma(img[y, x]) for y in range(H) for x in range(W)) / (H * W) + 0.5)
+        return px(lambda p, y, x: [blend_px(mean, p[c], arg) for c in range(3)])
+    if name == "BrightnessIncreasing":
+        return px(lambda p, y, x: [blend_px(0, p[c], arg) for c in range(3)])
+    if name == "SharpnessIncreasing":
+        def smooth(p, y, x):
+            if y in (0, H - 1) or x in (0, W - 1):
+                return list(p)
+            win = img[y - 1:y + 2, x - 1:x + 2].astype(float)
+            return [math.floor((win[..., c].sum() + 4 * win[1, 1, c]) / 13 + 0.5) for c in range(3)]
+        deg = px(smooth)
+        return px(lambda p, y, x: [blend_px(deg[y, x, c], p[c], arg) for c in range(3)])
+    m = {"Rotate": rotation_by_hand(img, arg), "ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
+         "TranslateXRel": (1, 0, arg * W, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, arg * H)}[name]
+    return affine_by_hand(img, m, fill, "bicubic")
+
+
+OP_ARGS = {"AutoContrast": None, "Equalize": None, "Invert": None, "Rotate": 17.0, "PosterizeIncreasing": 2,
+           "SolarizeIncreasing": 120, "SolarizeAdd": 60, "ColorIncreasing": 1.6, "ContrastIncreasing": 0.45,
+           "BrightnessIncreasing": 1.4, "SharpnessIncreasing": 1.7, "ShearX": 0.21, "ShearY": -0.18,
+           "TranslateXRel": 0.3, "TranslateYRel": -0.25}
+
+
+def test_rand_augment_table_is_timms_fifteen_increasing_ops():
+    assert set(sr.RAND_AUGMENT_OPS) == set(OP_ARGS)
+    # magnitude → argument (timm's level functions) at m = 9, sign + / −
+    args = {name: arg(9.0, -1.0) for name, (_, arg, _) in sr.RAND_AUGMENT_OPS.items() if arg}
+    assert args == pytest.approx({"Rotate": -27.0, "PosterizeIncreasing": 1, "SolarizeIncreasing": 26,
+                                  "SolarizeAdd": 99, "ColorIncreasing": 0.19, "ContrastIncreasing": 0.19,
+                                  "BrightnessIncreasing": 0.19, "SharpnessIncreasing": 0.19, "ShearX": -0.27,
+                                  "ShearY": -0.27, "TranslateXRel": -0.405, "TranslateYRel": -0.405})
+
+
+@pytest.mark.parametrize("name", sorted(OP_ARGS))
+def test_rand_augment_op_equals_its_formula(name):
+    rng = np.random.default_rng(5)
+    imgs = [rng.integers(0, 256, (9, 11, 3)), (rng.integers(0, 256, (9, 11, 3)) // 5 + 70)]
+    fill = (124, 116, 104)
+    op, _, geometric = sr.RAND_AUGMENT_OPS[name]
+    arg = OP_ARGS[name]
+    for img in imgs:
+        x = torch.tensor(img, dtype=torch.float64).permute(2, 0, 1)[None]
+        kw = dict(fill=fill, modes=["bicubic"]) if geometric else {}
+        got = op(x, torch.tensor([arg]) if arg is not None else None, **kw)[0].permute(1, 2, 0).numpy()
+        expected = ops_by_hand(img, name, arg, fill)
+        assert np.abs(got - expected).max() <= (1 if geometric else 0), name   # resampling: one grey level
+
+
+def test_rand_augment_draws_follow_timms_distribution():
+    """Ops uniform over 15 with replacement, each applied with p = 0.5, magnitude N(9, 0.5²) clipped to [0, 10],
+    signs ±1 equally (seeded statistics over 40 000 draws)."""
+    cfg = sr.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    assert cfg == dict(magnitude=9.0, std=0.5, num_ops=2, prob=0.5, magnitude_max=10.0, increasing=1.0,
+                       interpolation="bicubic")
+    n = 40000
+    d = sr.rand_augment_draws(n, cfg, torch.Generator().manual_seed(1))
+    counts = torch.bincount(d["op"], minlength=15).double()
+    assert ((counts - n / 15).abs() < 5 * math.sqrt(n / 15)).all(), counts
+    assert abs(d["apply"].double().mean() - 0.5) < 0.01 and abs((d["sign"] > 0).double().mean() - 0.5) < 0.01
+    m = d["magnitude"].double()
+    tail = 0.5 * (1 - math.erf(2 / math.sqrt(2)))                 # P(N(9, 0.5²) > 10) = 1 − Φ(2)
+    above = 0.5 * math.exp(-2) / math.sqrt(2 * math.pi) - 1.0 * tail  # E[(X − 10)+] = σφ(2) − (10 − 9)(1 − Φ(2))
+    assert m.max() <= 10 and m.min() >= 0 and abs(float((m == 10).double().mean()) - tail) < 0.004
+    assert abs(float(m.mean()) - (9.0 - above)) < 0.01 and abs(float(m.std()) - 0.49) < 0.02, float(m.std())
+    with pytest.raises(sr.UsageError):
+        sr.parse_rand_augment("rand-m9-mstd0.5")        # only the increasing variants
+
+
+def test_random_erasing_erases_the_documented_area_and_aspect():
+    g = torch.Generator().manual_seed(3)
+    x = torch.full((400, 3, 40, 50), 7.0)
+    out = sr.random_erasing(x, g, prob=0.25)
+    changed = (out != 7.0).any(1)                       # (n, H, W): the erased rectangle
+    erased = changed.flatten(1).any(1)
+    assert abs(float(erased.double().mean()) - 0.25) < 0.07
+    for mask in changed[erased]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert int(mask.sum()) == h * w                 # one rectangle, every pixel N(0, 1) noise
+        assert 0.02 * 2000 - 2 * (h + w) <= h * w <= 2000 / 3 + 2 * (h + w), (h, w)
+        assert 0.3 - 0.2 <= h / w <= 1 / 0.3 + 0.6, (h, w)
+    noise = out[erased][changed[erased][:, None].expand(-1, 3, -1, -1)]
+    assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1) < 0.05
+
+
+# MAE FINETUNE.md, transcribed: ViT-B/L/H (effective batch 1024 = 32 per GPU × 32; warmup 5; mixup 0.8, cutmix 1.0,
+# reprob 0.25, smoothing 0.1, rand-m9-mstd0.5-inc1, weight decay 0.05, global pool)
+MAE_ROWS = {768: (100, 5e-4, 0.65, 0.1), 1024: (50, 1e-3, 0.75, 0.2), 1280: (50, 1e-3, 0.75, 0.3)}
+
+
+@pytest.mark.parametrize("width", sorted(MAE_ROWS))
+def test_mae_recipe_is_finetune_md(width):
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(embed_dim=width))
+    cfg = sr.finetune_recipe("mae", model)
+    epochs, blr, ld, dp = MAE_ROWS[width]
+    assert (cfg.epochs, cfg.blr, cfg.layer_decay, cfg.drop_path) == (epochs, blr, ld, dp)
+    assert (cfg.batch_size, cfg.effective_batch, cfg.warmup_epochs, cfg.weight_decay, cfg.min_lr) == (32, 1024, 5, 0.05,
+                                                                                                     1e-6)
+    assert (cfg.mixup, cfg.cutmix, cfg.reprob, cfg.label_smoothing) == (0.8, 1.0, 0.25, 0.1)
+    assert cfg.rand_augment == "rand-m9-mstd0.5-inc1" and cfg.global_pool and cfg.recipe == "mae"
+
+
+def test_beit_shared_relative_bias_gets_the_top_layers_rate_and_decays():
+    m = tiny_model(0, rel_pos="shared", pos_embed=False, num_classes=3)
+    groups = sr.param_groups_lrd(m, weight_decay=0.05, layer_decay=0.65)
+    where = {n: g for g in groups for n in g["names"]}
+    top = where["head.weight"]["lr_scale"]
+    assert where["rel_pos_bias.relative_position_bias_table"]["lr_scale"] == top == 1.0
+    assert where["rel_pos_bias.relative_position_bias_table"]["weight_decay"] == 0.05   # BEiT decays it
+    assert where["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.65 ** 3)
+
+
+def test_finetune_refuses_an_out_holding_a_run_and_global_pool_loads_like_mae_ft(tmp_path):
+    model = tiny_model(1)
+    data = colour_set(16, seed=2)
+    kw = dict(epochs=1, batch_size=8, device="cpu", out=tmp_path / "ft", global_pool=True)
+    sr.finetune(model, data, **kw)
+    with pytest.raises(sr.UsageError) as e:
+        sr.finetune(tiny_model(1), data, **kw)
+    assert_one_line(e)
+    assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
+    sr.finetune(tiny_model(1), data, overwrite=True, **kw)
+    tuned = sr.load_model(tmp_path / "ft" / "checkpoint.safetensors", head=True)
+    assert tuned.fc_norm is not None and isinstance(tuned.norm, torch.nn.Identity)
+    x = noise_images(2, 32)
+    with torch.no_grad():
+        t = tuned.forward_features(x)
+        assert_near(tuned(x), F.layer_norm(t[:, 1:].mean(1), (32,), tuned.fc_norm.weight, tuned.fc_norm.bias, 1e-6),
+                    "fc_norm of the mean patch token")
+
+
+def test_cli_finetune_mae_recipe_runs_and_records_every_value(tmp_path):
+    p16 = save_tiny(tiny_model(2, patch_size=16), tmp_path / "p16.safetensors")
+    train, val = colour_folders(tmp_path / "d")
+    out = tmp_path / "mae-ft"
+    p = cli("finetune", p16, "--recipe", "mae", "--epochs", 1, "--batch-size", 4, "--effective-batch", 8,
+            "--img-size", 64, "--data", train, "--val", val, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = json.loads((out / "log.json").read_text())["config"]
+    expected = dataclasses.asdict(sr.finetune_recipe("mae"))
+    expected.update(epochs=1, batch_size=4, effective_batch=8, accum_steps=2)
+    assert {k: cfg[k] for k in expected} == expected
+    p2 = cli("finetune", p16, "--recipe", "mae", "--epochs", 1, "--batch-size", 4, "--img-size", 64, "--data", train,
+             "--out", out, "--quiet")
+    assert_usage_error(p2)
+
+
+def test_finetune_with_rand_augment_and_erasing_is_bit_reproducible(tmp_path):
+    data = colour_set(16, seed=4)
+    kw = dict(epochs=1, batch_size=8, device="cpu", rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8,
+              cutmix=1.0)
+    digests = []
+    for run in ("a", "b"):
+        sr.finetune(tiny_model(3), data, out=tmp_path / run, **kw)
+        digests.append(hashlib.sha256((tmp_path / run / "checkpoint.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    sr.finetune(tiny_model(3), data, out=tmp_path / "c", **dict(kw, seed=1))
+    assert hashlib.sha256((tmp_path / "c" / "checkpoint.safetensors").read_bytes()).hexdigest() != digests[0]
+
+
 def test_cosine_lr_values():
     base, mn, warm, total = 0.1, 1e-3, 10, 110
     assert sr.cosine_lr(0, total, warm, base, mn) == pytest.approx(0.0, abs=1e-15)
@@ -4633,7 +4886,8 @@ def test_cli_help_shows_own_options_defaults_and_examples():
             offered = re.search(rf"^\s+{re.escape(flag)}\b", text, re.MULTILINE) is not None
             assert offered == (cmd in owners), (cmd, flag)
     assert "(default: 32)" in cli("cka", "--help").stdout            # --batch-size
-    assert "(default: 0.001)" in cli("finetune", "--help").stdout     # --blr
+    ft_help = " ".join(cli("finetune", "--help").stdout.split())
+    assert "[quick: 0.001; mae: 0.0005; beit: 0.001; deit: 0.00025]" in ft_help and "(default: quick)" in ft_help
     p = cli("finetune", "a.pth", "b.pth")                            # one model: argparse refuses the second
     assert p.returncode == 2 and len(nonblank_lines(p.stderr)) == 1
 
@@ -4716,8 +4970,8 @@ def test_cli_probe_and_knn_on_tensor_files(tmp_path):
 def test_cli_finetune_colour_folders_then_cka(tmp_path):
     p16 = save_tiny(tiny_model(2, patch_size=16), tmp_path / "p16.safetensors")
     train, val = colour_folders(tmp_path / "ftdata")
-    ft = cli("finetune", p16, "--data", train, "--val", val, "--epochs", 3, "--batch-size", 16, "--img-size", 96,
-             "--out", tmp_path / "ft")
+    ft = cli("finetune", p16, "--recipe", "quick", "--data", train, "--val", val, "--epochs", 3, "--batch-size", 16,
+             "--img-size", 96, "--out", tmp_path / "ft")
     assert ft.returncode == 0, ft.stderr[-3000:]
     log = json.loads((tmp_path / "ft" / "log.json").read_text())
     assert [h["epoch"] for h in log["history"]] == [1, 2, 3]
