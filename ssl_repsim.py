@@ -275,12 +275,17 @@ FAMILIES: dict[str, Family] = {
     "ssl_repsim": Family("?"),   # our own safetensors files: the config travels in the metadata
 }
 # timm architecture names (`arch.tag` in a timm hub folder's config.json) → family, first match
-TIMM_FAMILIES = ((r"^eva02_", "eva02"), (r"dinov3", "dinov3"), (r"dinov2", "dinov2"), (r"siglip", "siglip"),
-                 (r"clip", "clip"), (r"\.mae$", "mae"), (r"^deit3_", "deit3"), (r"^deit_", "deit"),
-                 (r"\.dino$", "dino"))
-# timm size names → heads (timm's own model definitions), for hub folders whose config.json omits model_args
-TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "huge_plus": 20, "so400m": 16,
-              "giant": 16, "gigantic": 16, "7b": 32}
+TIMM_FAMILIES = ((r"^eva02_(tiny|small|base|large)_patch14_(224|336|448)\.", "eva02"),   # not the post-norm CLIP
+                 (r"dinov3", "dinov3"), (r"dinov2", "dinov2"), (r"siglip", "siglip"), (r"clip", "clip"),
+                 (r"\.mae$", "mae"), (r"^deit3_", "deit3"), (r"^deit_", "deit"), (r"\.dino$", "dino"))
+TIMM_FINE_TUNED = r"\.\w*(_ft_|^ft_|_in1k$|in22k_in1k)"   # tags of weights fine-tuned after pretraining
+# timm size names → heads (timm 1.0 model definitions), for hub folders whose config.json omits model_args; other
+# names (giant, medium, betwixt, xsmall, ...) differ between families: their heads must be given
+TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "huge_plus": 20, "so400m": 16}
+# timm architectures whose model function sets the activation (timm 1.0.31 vision_transformer.py); others: exact GELU
+TIMM_ACTIVATIONS = ((r"quickgelu", "quick_gelu"),
+                    ((r"^vit_(base_patch32_siglip_(gap_)?256|large_patch16_siglip_(gap_)?512|so400m_patch16_siglip|"
+                      r"giantopt_patch16_siglip)"), "gelu_tanh"))
 
 # Heads are not recoverable from weights: by width, unless the registry, the family or num_heads= says otherwise.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
@@ -1047,16 +1052,20 @@ def _read_shards(index: Path) -> dict:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise UsageError(f"{index}: no weight_map")
+    if not all(isinstance(sh, str) for sh in weight_map.values()):
+        raise UsageError(f"{index}: weight_map values must be shard file names")
     shards = sorted(set(weight_map.values()))
-    bad = [sh for sh in shards if not isinstance(sh, str) or "/" in sh or not (index.parent / sh).is_file()]
+    bad = [sh for sh in shards if "/" in sh or sh in (".", "..") or sh.endswith(".json")
+           or not (index.parent / sh).is_file()]
     if bad:
-        raise UsageError(f"{index}: shard {bad[0]!r} is missing beside it")
+        raise UsageError(f"{index}: shard {bad[0]!r} is not a weights file beside it")
     out = {}
     for shard in shards:
         obj, _ = read_checkpoint(index.parent / shard)
-        for k, v in obj.items():
-            if weight_map.get(k) == shard:
-                out[k] = v
+        clash = set(obj) & set(out)
+        if clash:
+            raise UsageError(f"{index}: {_keys_str(sorted(clash), 2)} stored in two shards")
+        out.update(obj)
     missing = sorted(set(weight_map) - set(out))
     if missing:
         raise UsageError(f"{index}: {len(missing)} tensors missing from their shards ({_keys_str(missing, 3)})")
@@ -1100,17 +1109,24 @@ def _fuse_qkv(sd: dict) -> dict:
     out = dict(sd)
     for q_key in [k for k in sd if k.endswith(".attn.q.weight")]:
         base = q_key[: -len(".q.weight")]
+        if not all(f"{base}.{n}.weight" in out for n in "kv"):
+            raise UsageError(f"{base}: a query projection without its key and value projections")
         w = [out.pop(f"{base}.{n}.weight") for n in "qkv"]
         out[f"{base}.qkv.weight"] = torch.cat(w)
-        biases = [out.pop(f"{base}.{n}.bias", None) for n in "qkv"]
-        if any(b is not None for b in biases):
-            out[f"{base}.qkv.bias"] = torch.cat([b if b is not None else torch.zeros(len(x))
-                                                  for b, x in zip(biases, w, strict=True)])
-    for q_key in [k for k in sd if k.endswith(".attn.q_bias")]:
+        q, k, v = (out.pop(f"{base}.{n}.bias", None) for n in "qkv")
+        if (q is None) != (v is None):
+            raise UsageError(f"{base}: a {'value' if q is None else 'query'} bias without the "
+                             f"{'query' if q is None else 'value'} one: the file is incomplete")
+        if q is not None:
+            out[f"{base}.qkv.bias"] = torch.cat([q, k if k is not None else torch.zeros_like(q), v])
+    for q_key in [k for k in sd if k.endswith((".attn.q_bias", ".attn.v_bias"))]:
         base = q_key.rsplit(".", 1)[0]
-        q, v = out.pop(f"{base}.q_bias"), out.pop(f"{base}.v_bias", None)
-        if v is not None:
-            out[f"{base}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        q, v = out.pop(f"{base}.q_bias", None), out.pop(f"{base}.v_bias", None)
+        if q is None and v is None:
+            continue
+        if q is None or v is None:
+            raise UsageError(f"{base}: q_bias and v_bias come in pairs; one is missing")
+        out[f"{base}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
     for m_key in [k for k in sd if k.endswith(".attn.qkv.bias_mask")]:
         bias_key = m_key[: -len("_mask")]
         mask = out.pop(m_key)
@@ -1214,7 +1230,8 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
     return _token_shapes(_fuse_mlp(_fuse_qkv(out))), family
 
 
-def infer_config(sd: dict, family: str, *, num_heads: int | None = None, **arch) -> ViTConfig:
+def infer_config(sd: dict, family: str, *, num_heads: int | None = None, width_table: bool = True,
+                 **arch) -> ViTConfig:
     """Architecture from the shapes of a converted state dict; what weights cannot tell (heads, activation, eps,
     rotary variant) from `arch` (the file's config), else the family's row, else the tables — never a guess."""
     w = sd.get("patch_embed.proj.weight")
@@ -1240,7 +1257,8 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, **arch)
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
     if fc1 is None or fc2 is None:
         raise UsageError("blocks.0.mlp.fc1/fc2 weights missing: not a ViT checkpoint of a known layout")
-    heads = table.shape[1] if table is not None else num_heads or fam.heads.get(d) or HEADS_BY_WIDTH.get(d)
+    heads = table.shape[1] if table is not None else num_heads or fam.heads.get(d) or (
+        HEADS_BY_WIDTH.get(d) if width_table else None)
     if heads is None:
         raise UsageError(f"width {d}: its number of attention heads is not in the file, and no config or registry "
                          "row gives it: pass --num-heads / num_heads=")
@@ -1369,13 +1387,15 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
     else:
         sd, family = convert_state_dict(obj, family or hints.get("family"), head)
         arch = {**hints.get("arch", {}), **({"act": act} if act else {})}
-        cfg = infer_config(sd, family, num_heads=num_heads or hints.get("num_heads"), **arch)
+        cfg = infer_config(sd, family, num_heads=num_heads or hints.get("num_heads"),
+                           width_table=hints.get("width_table", True), **arch)
         model = build_model(sd, cfg)
         model.preprocess = {**FAMILIES[family].preprocess, **hints.get("preprocess", {})}
         model.input_size = hints.get("img_size") or cfg.img_size
     model.input_size = img_size or model.input_size
     model.source = dict(spec=spec, path=str(path), family=model.family, registry=hints.get("registry"),
-                        hub=hints.get("hub"), fine_tuned=json.loads(meta.get("fine_tuned", "false")))
+                        hub=hints.get("hub"),
+                        fine_tuned=json.loads(meta.get("fine_tuned", "false")) or hints.get("fine_tuned", False))
     return model
 
 
@@ -1450,6 +1470,7 @@ HF_DEFAULTS.update({"dinov2_with_registers": HF_DEFAULTS["dinov2"], "clip": HF_D
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                   "silu": "silu"}
 HF_FINE_TUNED = {"BeitForImageClassification": "beit_ft"}   # architectures whose backbone was fine-tuned
+HF_POS_INTERP = {"dinov2": "bicubic"}   # transformers resizes DINOv2's table to size=(h, w), without DINO's offset
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
@@ -1474,7 +1495,7 @@ def _model_folder(d: Path) -> tuple[Path, dict]:
         if (d / "preprocessor_config.json").is_file():
             hints.update(_hf_preprocess(_read_json(d / "preprocessor_config.json"), d / "preprocessor_config.json"))
     elif (d / "open_clip_config.json").is_file():
-        hints = _open_clip_hints(_read_json(d / "open_clip_config.json"))
+        hints = _open_clip_hints(_read_json(d / "open_clip_config.json"), d / "open_clip_config.json")
     else:
         raise UsageError(f"{d}: a model folder needs config.json (transformers, timm) or open_clip_config.json")
     for fname in WEIGHT_FILES:
@@ -1492,78 +1513,164 @@ def _positive(value, what: str, where, kind=int):
     return kind(value)
 
 
+def _three(value, what: str, where, positive=False) -> tuple | None:
+    """An RGB triple of numbers (mean, std)."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+        for v in value)
+    if not ok:
+        raise UsageError(f"{where}: {what} must be 3 {'positive ' if positive else ''}numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _dict(value, what: str, where) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _text(value, what: str, where) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{where}: {what} must be a string, got {value!r}")
+    return value
+
+
 def _transformers_hints(hf: dict, where: Path) -> dict:
-    model_type = hf.get("model_type")
-    fam = HF_FINE_TUNED.get((hf.get("architectures") or [None])[0]) or next(
+    model_type = _text(hf.get("model_type"), "model_type", where)
+    archs = hf.get("architectures") or [None]
+    if not isinstance(archs, list) or not all(a is None or isinstance(a, str) for a in archs):
+        raise UsageError(f"{where}: architectures must be a list of class names, got {archs!r}")
+    fam = HF_FINE_TUNED.get(archs[0]) or next(
         (name for name, f in FAMILIES.items() if model_type in f.hf_model_types), None)
     if fam is None:
         known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
         raise UsageError(f"{where}: transformers model_type {model_type!r} is not supported (supported: "
                          f"{', '.join(known)})")
-    vision = hf.get("vision_config") if model_type in ("clip", "siglip") else hf   # whole CLIP/SigLIP: its tower
-    c = {**HF_DEFAULTS.get(model_type, {}), **(vision or {})}
-    if c.get("hidden_act") not in HF_ACTIVATIONS:
-        raise UsageError(f"{where}: hidden_act {c.get('hidden_act')!r} is not supported ({', '.join(HF_ACTIVATIONS)})")
+    vision = _dict(hf.get("vision_config"), "vision_config", where) if model_type in ("clip", "siglip") else hf
+    c = {**HF_DEFAULTS.get(model_type, {}), **vision}
+    act = c.get("hidden_act")
+    if not isinstance(act, str) or act not in HF_ACTIVATIONS:
+        raise UsageError(f"{where}: hidden_act {act!r} is not supported ({', '.join(HF_ACTIVATIONS)})")
     eps = _positive(c.get("layer_norm_eps"), "layer_norm_eps", where, float)
     if eps is not None and eps >= 1:
         raise UsageError(f"{where}: layer_norm_eps must be a small positive number, got {eps!r}")
-    arch = dict(norm_eps=eps, act=HF_ACTIVATIONS[c["hidden_act"]],
+    arch = dict(norm_eps=eps, act=HF_ACTIVATIONS[act], pos_interp=HF_POS_INTERP.get(model_type),
                 rope_theta=_positive(c.get("rope_theta"), "rope_theta", where, float) if fam == "dinov3" else None)
     return dict(family=fam, num_heads=_positive(c.get("num_attention_heads"), "num_attention_heads", where),
                 img_size=_positive(c.get("image_size"), "image_size", where), arch=arch)
 
 
-def _side(v) -> int | None:
-    return v if isinstance(v, int) else (v or {}).get("shortest_edge") or (v or {}).get("height")
+def _side(v, what: str, where) -> int | None:
+    """A size of preprocessor_config.json: an int, or {"shortest_edge": n}, or a square {"height": n, "width": n}."""
+    if v is None or isinstance(v, int) and not isinstance(v, bool):
+        return _positive(v, what, where)
+    if isinstance(v, dict) and ("shortest_edge" in v or "height" in v):
+        if "height" in v and v.get("width", v["height"]) != v["height"]:
+            raise UsageError(f"{where}: {what} {v} is not square; only square inputs are supported")
+        return _positive(v.get("shortest_edge", v.get("height")), what, where)
+    raise UsageError(f"{where}: {what} must be a positive integer or {{shortest_edge | height, width}}, got {v!r}")
 
 
 def _hf_preprocess(pp: dict, where: Path) -> dict:
-    """preprocessor_config.json → our transform: resize (shorter side, or both sides), centre crop, mean/std."""
+    """preprocessor_config.json → our transform: resize (shorter side, or both sides), centre crop, mean/std;
+    settings we do not implement are refused rather than ignored."""
     size, crop = pp.get("size"), pp.get("crop_size")
-    resize, cropped = _side(size), _side(crop) if pp.get("do_center_crop", crop is not None) else None
-    if resize is None or pp.get("resample", 3) not in PIL_RESAMPLE:
+    resize = _side(size, "size", where)
+    cropped = _side(crop, "crop_size", where) if pp.get("do_center_crop", crop is not None) else None
+    if pp.get("do_resize", True) is not True or pp.get("do_normalize", True) is not True or \
+            abs(float(pp.get("rescale_factor", 1 / 255)) * 255 - 1) > 1e-6:
+        raise UsageError(f"{where}: only resize + rescale by 1/255 + normalise is supported (do_resize, "
+                         "do_normalize, rescale_factor)")
+    resample = pp.get("resample", 3)
+    if resize is None or not isinstance(resample, int) or isinstance(resample, bool) or resample not in PIL_RESAMPLE:
         raise UsageError(f"{where}: a resize size and resample 2 (bilinear) or 3 (bicubic) are needed, got size "
-                         f"{size!r}, resample {pp.get('resample')!r}")
-    squash = isinstance(size, dict) and "height" in size
-    out = dict(mean=tuple(pp.get("image_mean", IMAGENET_MEAN)), std=tuple(pp.get("image_std", IMAGENET_STD)),
-               interp=PIL_RESAMPLE[pp.get("resample", 3)], crop_pct=(cropped or resize) / resize,
-               crop_mode="squash" if squash else "center")
+                         f"{size!r}, resample {resample!r}")
+    if cropped and cropped > resize:
+        raise UsageError(f"{where}: crop_size {cropped} exceeds the resize {resize}")
+    out = dict(mean=_three(pp.get("image_mean"), "image_mean", where) or IMAGENET_MEAN,
+               std=_three(pp.get("image_std"), "image_std", where, positive=True) or IMAGENET_STD,
+               interp=PIL_RESAMPLE[resample], crop_pct=(cropped or resize) / resize,
+               crop_mode="squash" if isinstance(size, dict) and "height" in size else "center")
     return dict(preprocess=out, img_size=cropped or resize)
 
 
 def _timm_hints(cfg: dict, where: Path) -> dict:
-    arch, pc, margs = cfg["architecture"], cfg.get("pretrained_cfg") or {}, cfg.get("model_args") or {}
-    name = f"{arch}.{pc['tag']}" if pc.get("tag") else arch
+    arch = cfg["architecture"]
+    pc, margs = _dict(cfg.get("pretrained_cfg"), "pretrained_cfg", where), _dict(cfg.get("model_args"), "model_args",
+                                                                                 where)
+    if not isinstance(arch, str) or not arch:
+        raise UsageError(f"{where}: architecture must be a timm model name, got {arch!r}")
+    tag = _text(pc.get("tag"), "pretrained_cfg.tag", where)
+    name = f"{arch}.{tag}" if tag else arch
     fam = next((f for pattern, f in TIMM_FAMILIES if re.search(pattern, name)), "unknown")
-    size = re.search(r"_(tiny|small|base|large|huge_plus|huge|so400m|giant|gigantic|7b)_", f"_{arch}_")
-    heads = margs.get("num_heads") or (TIMM_HEADS[size.group(1)] if size else None)
-    act = "quick_gelu" if "quickgelu" in arch else margs.get("act_layer", "gelu")   # timm's default: exact GELU
+    size = re.search(r"_(tiny|small|base|large|huge_plus|huge|so400m)_", f"_{arch}_")
+    heads = _positive(margs.get("num_heads"), "model_args.num_heads", where) or (TIMM_HEADS[size.group(1)] if size
+                                                                                   else None)
+    act = next((a for pattern, a in TIMM_ACTIVATIONS if re.search(pattern, arch)), None) or \
+        _text(margs.get("act_layer"), "model_args.act_layer", where) or "gelu"
     if act not in ACTIVATIONS:
         raise UsageError(f"{where}: timm act_layer {act!r} is not supported ({', '.join(ACTIVATIONS)})")
     arch_hints = dict(pool="avg" if cfg.get("global_pool", margs.get("global_pool")) == "avg" else None, act=act,
                       pos_interp="antialias")   # timm resamples position tables bicubic with antialias
-    if fam == "eva02" and margs.get("ref_feat_shape"):
-        arch_hints["rope_grid"] = int(np.ravel(margs["ref_feat_shape"])[0])
-    if pc.get("crop_mode", "center") not in ("center", "squash") or pc.get("interpolation", "bicubic") not in (
-            "bicubic", "bilinear"):
-        raise UsageError(f"{where}: timm crop_mode {pc.get('crop_mode')!r} / interpolation "
-                         f"{pc.get('interpolation')!r} are not supported")
-    pre = {k: v for k, v in dict(mean=pc.get("mean") and tuple(pc["mean"]), std=pc.get("std") and tuple(pc["std"]),
-                                 interp=pc.get("interpolation"), crop_pct=pc.get("crop_pct"),
-                                 crop_mode=pc.get("crop_mode")).items() if v is not None}
-    img = pc.get("input_size", [None])[-1] or np.ravel(margs.get("img_size", [0]))[0] or None
-    return dict(family=fam, num_heads=_positive(heads, "num_heads", where), img_size=img, arch=arch_hints,
-                preprocess=pre)
+    if fam == "eva02" and margs.get("ref_feat_shape") is not None:
+        ref = margs["ref_feat_shape"]
+        ref = [ref, ref] if isinstance(ref, int) else ref
+        if not isinstance(ref, list) or len(ref) != 2 or ref[0] != ref[1]:
+            raise UsageError(f"{where}: model_args.ref_feat_shape must be a square grid, got {ref!r}")
+        arch_hints["rope_grid"] = _positive(ref[0], "model_args.ref_feat_shape", where)
+    return dict(family=fam, num_heads=heads, width_table=heads is not None, img_size=_timm_input_size(pc, where),
+                arch=arch_hints, preprocess=_timm_preprocess(pc, where),
+                fine_tuned=bool(tag and re.search(TIMM_FINE_TUNED, "." + tag)))
 
 
-def _open_clip_hints(oc: dict) -> dict:
-    mc = oc.get("model_cfg") or {}
-    vc, pp = mc.get("vision_cfg") or {}, oc.get("preprocess_cfg") or {}
-    heads = vc.get("width", 768) // vc.get("head_width", 64)
-    pre = dict(mean=tuple(pp.get("mean", OPENAI_MEAN)), std=tuple(pp.get("std", OPENAI_STD)),
+def _timm_input_size(pc: dict, where) -> int | None:
+    size = pc.get("input_size")
+    if size is None:
+        return None
+    if not (isinstance(size, list) and len(size) == 3 and size[1] == size[2]):
+        raise UsageError(f"{where}: pretrained_cfg.input_size must be [3, n, n], got {size!r}")
+    return _positive(size[2], "pretrained_cfg.input_size", where)
+
+
+def _timm_preprocess(pc: dict, where) -> dict:
+    mode, interp = pc.get("crop_mode", "center"), pc.get("interpolation", "bicubic")
+    if mode not in ("center", "squash") or interp not in ("bicubic", "bilinear"):
+        raise UsageError(f"{where}: timm crop_mode {mode!r} / interpolation {interp!r} are not supported")
+    crop = _positive(pc.get("crop_pct"), "pretrained_cfg.crop_pct", where, float)
+    if crop is not None and crop > 1:
+        raise UsageError(f"{where}: pretrained_cfg.crop_pct must lie in (0, 1], got {crop}")
+    pre = dict(mean=_three(pc.get("mean"), "pretrained_cfg.mean", where),
+               std=_three(pc.get("std"), "pretrained_cfg.std", where, positive=True), interp=interp, crop_pct=crop,
+               crop_mode=mode)
+    return {k: v for k, v in pre.items() if v is not None}
+
+
+def _open_clip_hints(oc: dict, where: Path) -> dict:
+    mc = _dict(oc.get("model_cfg"), "model_cfg", where)
+    vc, pp = _dict(mc.get("vision_cfg"), "model_cfg.vision_cfg", where), _dict(oc.get("preprocess_cfg"),
+                                                                              "preprocess_cfg", where)
+    width = _positive(vc.get("width", 768), "vision_cfg.width", where)
+    head_width = _positive(vc.get("head_width", 64), "vision_cfg.head_width", where)
+    if width % head_width:
+        raise UsageError(f"{where}: vision_cfg.width {width} is not a multiple of head_width {head_width}")
+    unsupported = [k for k, ok in (("attentional_pool", not vc.get("attentional_pool")),
+                                   ("pool_type", vc.get("pool_type", "tok") == "tok"),
+                                   ("act_kwargs", not mc.get("act_kwargs")), ("norm_kwargs", not mc.get("norm_kwargs")),
+                                   ("resize_mode", pp.get("resize_mode", "shortest") in ("shortest", "squash")),
+                                   ("interpolation", pp.get("interpolation", "bicubic") in ("bicubic", "bilinear")))
+                   if not ok]
+    if unsupported:
+        raise UsageError(f"{where}: open_clip settings not supported: {', '.join(unsupported)}")
+    pre = dict(mean=_three(pp.get("mean"), "preprocess_cfg.mean", where) or OPENAI_MEAN,
+               std=_three(pp.get("std"), "preprocess_cfg.std", where, positive=True) or OPENAI_STD,
                interp=pp.get("interpolation", "bicubic"), crop_pct=1.0,
                crop_mode="squash" if pp.get("resize_mode") == "squash" else "center")
-    return dict(family="clip", num_heads=heads, img_size=vc.get("image_size", 224),
+    return dict(family="clip", num_heads=width // head_width,
+                img_size=_positive(vc.get("image_size", 224), "vision_cfg.image_size", where),
                 arch=dict(act="quick_gelu" if mc.get("quick_gelu") else "gelu"), preprocess=pre)
 
 
@@ -1602,7 +1709,7 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
     try:
         with os.fdopen(fd, "wb") as f:
             req = urllib.request.Request(url, headers={"User-Agent": f"ssl_repsim/{__version__}", **(headers or {})})
-            with urllib.request.urlopen(req, timeout=STALL_SECONDS) as resp:
+            with urllib.request.build_opener(_KeepAuthOnHost).open(req, timeout=STALL_SECONDS) as resp:
                 if resp.headers.get("Content-Type", "").startswith("text/html"):
                     raise UsageError(f"download of {url} returned a web page, not a checkpoint (a login or error "
                                      "page?)")
@@ -1636,6 +1743,18 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
     except BaseException:
         _unlink(tmp)
         raise
+
+
+class _KeepAuthOnHost(urllib.request.HTTPRedirectHandler):
+    """Redirects followed, the Authorization header dropped when one leads to another host (a CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            for k in [k for k in new.headers if k.lower() == "authorization"]:
+                del new.headers[k]
+            new.unredirected_hdrs.pop("Authorization", None)
+        return new
 
 
 def _receive(resp, f, url: str, bar: Progress):
@@ -1748,7 +1867,10 @@ def hub_spec(spec: str) -> tuple[str, str] | None:
     s, _, rev = s.partition("@")
     if not explicit and s.lower().endswith(CHECKPOINT_SUFFIXES):
         return None
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", s) and ".." not in s:
+    if rev and (not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", rev) or ".." in rev.split("/")):
+        raise UsageError(f"{spec!r}: not a valid revision {rev!r} (a branch, tag or commit)")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", s) and ".." not in s and "--" not in s \
+            and not s.endswith("."):
         return s, rev or "main"
     if re.fullmatch(TIMM_NAME, s):
         return f"timm/{s}", rev or "main"
@@ -1773,40 +1895,71 @@ def hub_snapshot(repo: str, revision: str = "main", *, offline: bool = False, pr
     into the cache (config files, then the weights) exactly as huggingface_hub lays it out, so transformers and
     timm share it. HF_HUB_OFFLINE=1 or offline=True never touch the network."""
     root = hub_cache_dir() / f"models--{repo.replace('/', '--')}"
-    cached = _cached_snapshot(root, revision)
+    cached = _cached_snapshot(root, revision, offline=hub_offline(offline))
     if cached is not None:
         return cached
     if hub_offline(offline):
         raise UsageError(f"{repo}@{revision} is not in the Hugging Face cache {root} and the hub is offline "
                          "(HF_HUB_OFFLINE / --offline)")
-    return _download_snapshot(repo, revision, root, progress)
+    try:
+        return _download_snapshot(repo, revision, root, progress)
+    except UsageError as e:
+        usable = _cached_snapshot(root, revision, offline=True) if "cannot reach" in str(e) else None
+        if usable is None:
+            raise
+        log.info(f"{repo}: the hub is unreachable; using the cached snapshot {usable.name[:12]}")
+        return usable
 
 
-def _cached_snapshot(root: Path, revision: str) -> Path | None:
+def _cached_snapshot(root: Path, revision: str, offline: bool = True) -> Path | None:
+    """The cached snapshot of a revision when it holds a config and whole weights, and (online) every config file
+    a download would fetch, present or recorded absent in .no_exist — whoever filled the cache (transformers fetches
+    no preprocessor_config.json, open_clip no config.json), the model is read from the same files."""
     commit = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
     ref = root / "refs" / revision
     if commit is None and ref.is_file():
         commit = ref.read_text().strip()
-    snap = root / "snapshots" / (commit or "-")
-    if commit is None or not snap.is_dir() or not any((snap / c).is_file() for c in ("config.json",
-                                                                                     "open_clip_config.json")):
+    if commit is None or not re.fullmatch(r"[0-9a-f]{40}", commit):
         return None
-    for fname in WEIGHT_FILES:
-        if (snap / fname).is_file():
-            if fname.endswith(".index.json"):
-                shards = set((_read_json(snap / fname).get("weight_map") or {}).values())
-                if not all(isinstance(sh, str) and (snap / sh).is_file() for sh in shards):
-                    return None
-            return snap
-    return None
+    snap = root / "snapshots" / commit
+    if not any((snap / c).is_file() for c in ("config.json", "open_clip_config.json")):
+        return None
+    weights = next((snap / f for f in WEIGHT_FILES if (snap / f).is_file()), None)
+    if weights is None or weights.name.endswith(".index.json") and not all(
+            (snap / str(sh)).is_file() for sh in (_read_json(weights).get("weight_map") or {}).values()):
+        return None
+    unknown = [c for c in _configs_read_with(snap) if not (snap / c).is_file()
+               and not (root / ".no_exist" / commit / c).exists()]
+    if unknown and not offline:
+        return None
+    if unknown:
+        log.info(f"{root.name}: {', '.join(unknown)} not in the cache (offline): read without it")
+    return snap
+
+
+def _configs_read_with(snap: Path) -> list[str]:
+    """The other config files that change how a snapshot is read: a transformers config.json is read with
+    preprocessor_config.json; an open_clip_config.json only where no (timm) config.json exists."""
+    if not (snap / "config.json").is_file():
+        return ["config.json"]
+    return [] if "architecture" in _read_json(snap / "config.json") else ["preprocessor_config.json"]
 
 
 def _hub_headers(url: str) -> dict:
     """HF_TOKEN as a bearer token, sent to the endpoint's own host only (never to a CDN elsewhere)."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or _stored_token()
     endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
     same = urllib.parse.urlsplit(url).netloc == endpoint.netloc
     return {"Authorization": f"Bearer {token}"} if token and same else {}
+
+
+def _stored_token() -> str | None:
+    """The token `hf auth login` stores: HF_TOKEN_PATH, else $HF_HOME/token."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    path = Path(os.environ.get("HF_TOKEN_PATH") or Path(home) / "token").expanduser()
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return path.read_text().strip() or None
+    return None
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -1819,16 +1972,13 @@ def _hub_head(repo: str, revision: str, fname: str) -> dict | None:
     when the repo has no such file (404 EntryNotFound)."""
     endpoint = (os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/")
     url = f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{fname}"
-    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": f"ssl_repsim/{__version__}",
-                                                              "Accept-Encoding": "identity", **_hub_headers(url)})
-    try:
-        resp = urllib.request.build_opener(_NoRedirect).open(req, timeout=STALL_SECONDS)
-        status, h = resp.status, resp.headers
-    except urllib.error.HTTPError as e:
-        status, h = e.code, e.headers
-    except Exception as e:  # noqa: BLE001 - URLError, timeouts, refused connections
-        raise UsageError(f"cannot reach the Hugging Face hub at {endpoint} for {repo}: {_one_line(e)} (set "
-                         "HF_HUB_OFFLINE=1 to use the cache only)") from None
+    for _ in range(4):   # a renamed repo redirects on the same host, without LFS headers: follow it
+        status, h = _head(url, endpoint, repo)
+        location = urllib.parse.urljoin(url, h.get("Location", ""))
+        same_host = urllib.parse.urlsplit(location).netloc == urllib.parse.urlsplit(url).netloc
+        if status not in (301, 302, 307, 308) or "X-Linked-Etag" in h or not same_host or location == url:
+            break
+        url = location
     code = h.get("X-Error-Code", "")
     if status == 404 and code == "EntryNotFound":
         return None
@@ -1847,28 +1997,50 @@ def _hub_head(repo: str, revision: str, fname: str) -> dict | None:
                          "does not speak the resolve protocol?)")
     location = urllib.parse.urljoin(url, h["Location"]) if status != 200 and h.get("Location") else url
     size = h.get("X-Linked-Size") or h.get("Content-Length")
+    if size is not None and not size.strip().isdigit():
+        raise UsageError(f"{repo}/{fname}: the hub announced a size of {size!r}")
     return dict(commit=commit, etag=etag, lfs="X-Linked-Etag" in h, size=int(size) if size else None, url=location)
+
+
+def _head(url: str, endpoint: str, repo: str):
+    """(status, headers) of a HEAD that does not follow redirects."""
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": f"ssl_repsim/{__version__}",
+                                                              "Accept-Encoding": "identity", **_hub_headers(url)})
+    try:
+        resp = urllib.request.build_opener(_NoRedirect).open(req, timeout=STALL_SECONDS)
+        return resp.status, resp.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+    except Exception as e:  # noqa: BLE001 - URLError, timeouts, refused connections
+        raise UsageError(f"cannot reach the Hugging Face hub at {endpoint} for {repo}: {_one_line(e)} (set "
+                         "HF_HUB_OFFLINE=1 to use the cache only)") from None
 
 
 def _download_snapshot(repo: str, revision: str, root: Path, progress: bool) -> Path:
     """Config files (each optional), then the first weights file the repo holds (and an index's shards), into
     blobs/<etag> linked from snapshots/<commit>/<name>; refs/<revision> written last."""
     found, commit = {}, revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    absent = []
     for fname in (*CONFIG_FILES, *WEIGHT_FILES):
         if fname in WEIGHT_FILES and any(f in WEIGHT_FILES for f in found):
             break
         meta = _hub_head(repo, commit or revision, fname)
         if meta is not None:
             found[fname], commit = meta, meta["commit"]
+        elif fname in CONFIG_FILES:
+            absent.append(fname)
     if not any(f in found for f in ("config.json", "open_clip_config.json")) or not set(found) & set(WEIGHT_FILES):
         raise UsageError(f"{repo}@{revision}: neither a transformers/timm/open_clip config nor weights "
                          f"({', '.join(WEIGHT_FILES)}) on the hub")
     snap = root / "snapshots" / commit
+    for fname in absent:   # as huggingface_hub records a file the repo does not have
+        (root / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
+        (root / ".no_exist" / commit / fname).touch()
     for fname, meta in list(found.items()):
         _hub_fetch(root, snap, fname, meta, progress)
         if fname.endswith(".index.json"):
-            for shard in sorted(set((_read_json(snap / fname).get("weight_map") or {}).values())):
-                if not isinstance(shard, str) or not re.fullmatch(r"[\w.-]+", shard):
+            for shard in sorted(set(map(str, (_read_json(snap / fname).get("weight_map") or {}).values()))):
+                if not re.fullmatch(r"[\w.-]+", shard) or shard in (".", "..") or shard.endswith(".json"):
                     raise UsageError(f"{repo}/{fname}: bad shard name {shard!r}")
                 _hub_fetch(root, snap, shard, _hub_head(repo, commit, shard) or {}, progress)
     if revision != commit:

@@ -2124,6 +2124,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if fname not in repo["files"]:
             return self._answer(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
         body = repo["files"][fname]
+        if self.command == "GET" and repo.get("cdn_configs"):       # a mirror that serves every GET from storage
+            return self._answer(302, {"Location": f"{self.cdn}/raw/{git_blob_sha1(body)}", "X-Repo-Commit": commit})
         if fname.endswith((".safetensors", ".bin")):
             sha = hashlib.sha256(body).hexdigest()
             return self._answer(302, {"Location": f"{self.cdn}/cdn/{sha}", "X-Repo-Commit": commit,
@@ -2144,7 +2146,7 @@ class CdnHandler(http.server.BaseHTTPRequestHandler):
         HubHandler.seen.append(("cdn", "GET", self.path, self.headers.get("Authorization")))
         sha = self.path.rsplit("/", 1)[-1]
         body = next((b for r in HubHandler.repos.values() for b in r["files"].values()
-                     if hashlib.sha256(b).hexdigest() == sha), None)
+                     if sha in (hashlib.sha256(b).hexdigest(), git_blob_sha1(b))), None)
         if body is None:
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -3187,6 +3189,166 @@ def test_hub_sharded_weights_download_and_load(hub, tmp_path):
         sr.load_model(case.path)
     assert_one_line(e)
     assert "model-00002-of-00002.safetensors" in str(e.value)
+
+
+def test_hub_token_is_dropped_when_a_download_redirects_to_another_host(hub, tmp_path, monkeypatch):
+    case = build("hf_siglip", tmp_path)
+    publish(hub, "org/mirror", case.path, cdn_configs=True)
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    assert sr.load_model("org/mirror", progress=False).family == "siglip"
+    cdn = [auth for srv, _, _, auth in hub.seen if srv == "cdn"]
+    assert cdn and set(cdn) == {None}, hub.seen
+
+
+def test_hub_token_file_of_hf_auth_login_is_used(hub, tmp_path, monkeypatch):
+    case = build("hf_dinov3", tmp_path)
+    publish(hub, "facebook/gated", case.path, gated=True)
+    (tmp_path / "hf-home").mkdir()
+    (tmp_path / "hf-home" / "token").write_text("secret\n")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    assert sr.load_model("facebook/gated", progress=False).family == "dinov3"
+
+
+def test_hub_cache_filled_by_another_library_is_completed_online_and_used_offline(hub, tmp_path, monkeypatch):
+    """transformers' AutoModel fetches config.json and weights only: online the preprocessor config is fetched
+    (or recorded absent in .no_exist, as huggingface_hub does), offline the snapshot is read without it."""
+    case = build("hf_clip", tmp_path)
+    commit = publish(hub, "org/clip", case.path)
+    sr.load_model("org/clip", progress=False)
+    base = tmp_path / "hf-cache" / "models--org--clip"
+    assert (base / ".no_exist" / commit / "open_clip_config.json").exists()
+    (base / "snapshots" / commit / "preprocessor_config.json").unlink()    # as if transformers had filled it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sr.load_model("org/clip", progress=False).input_size == 32      # config.json's image_size: noticed
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    model = sr.load_model("org/clip", progress=False)
+    assert model.input_size == 224 and (base / "snapshots" / commit / "preprocessor_config.json").exists()
+
+
+@pytest.mark.parametrize("spec", ["org/m@../../../../tmp/x", "org/m@/abs", "hf:org/m@a/../../b"])
+def test_hub_revisions_cannot_leave_the_cache(spec, hub, tmp_path):
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(spec, progress=False)
+    assert_one_line(e)
+    assert not list(tmp_path.rglob("x"))
+
+
+def test_hub_repo_ids_as_huggingface_hub_accepts_them():
+    assert sr.hub_spec("a--b/c") is None and sr.hub_spec("a/b--c") is None and sr.hub_spec("a/..") is None
+
+
+def test_missing_query_or_value_bias_is_an_error_not_a_zero(tmp_path):
+    from safetensors.torch import load_file, save_file
+    case = build("hf_vit", tmp_path)
+    sd = load_file(str(case.path / "model.safetensors"))
+    del sd["encoder.layer.0.attention.attention.query.bias"]
+    save_file(sd, str(case.path / "model.safetensors"))
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(case.path)
+    assert_one_line(e)
+    assert "bias" in str(e.value)
+    (tmp_path / "b").mkdir()
+    beit, _ = sr.read_checkpoint(build("beit", tmp_path / "b").path)
+    del beit["model"]["blocks.0.attn.v_bias"]
+    torch.save(beit, tmp_path / "beit.pth")
+    with pytest.raises(sr.UsageError):
+        sr.load_model(tmp_path / "beit.pth", num_heads=2)
+
+
+def test_hf_dinov2_resamples_positions_as_transformers_does(tmp_path):
+    case = build("hf_dinov2_reg_swiglu", tmp_path, regs=0)
+    model = sr.load_model(case.path)
+    assert model.cfg.pos_interp == "bicubic"            # size=(h, w), no DINO offset
+    x = noise_images(size=case.a.patch * 6)
+    pos = torch.cat([case.P["pos"][:, :1], interp_grid(case.P["pos"][:, 1:], case.a.grid, 6, "plain")], 1)
+    with torch.no_grad():
+        assert_near(model.forward_features(x), naive_forward(case.P, case.a, x, pos=pos)["norm"], "dinov2 at 6x6")
+
+
+def timm_folder(tmp_path, arch, tag="x", **margs):
+    case = build("timm_eva02_hub", tmp_path)
+    cfg = json.loads((case.path / "config.json").read_text())
+    cfg["architecture"], cfg["pretrained_cfg"]["tag"], cfg["model_args"] = arch, tag, margs
+    (case.path / "config.json").write_text(json.dumps(cfg))
+    return case
+
+
+def test_timm_facts_come_from_tables_not_guesses(tmp_path):
+    where = tmp_path / "config.json"
+    hints = sr._timm_hints({"architecture": "vit_so400m_patch16_siglip_256", "pretrained_cfg": {"tag": "webli"}},
+                           where)
+    assert hints["arch"]["act"] == "gelu_tanh" and hints["num_heads"] == 16 and hints["family"] == "siglip"
+    assert sr._timm_hints({"architecture": "vit_base_patch16_siglip_224"}, where)["arch"]["act"] == "gelu"
+    assert sr._timm_hints({"architecture": "vit_base_patch16_clip_quickgelu_224"}, where)["arch"]["act"] == "quick_gelu"
+    ft = sr._timm_hints({"architecture": "eva02_base_patch14_448", "pretrained_cfg": {"tag": "mim_in22k_ft_in22k_in1k"}},
+                        where)
+    assert ft["family"] == "eva02" and ft["fine_tuned"]
+    case = timm_folder(tmp_path, "vit_giant_patch14_dinov2")           # 'giant' means 16 or 24 heads in timm
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(case.path)
+    assert "--num-heads" in str(e.value)
+    (tmp_path / "b").mkdir()
+    enormous = timm_folder(tmp_path / "b", "eva02_enormous_patch14_clip_224")   # post-norm, no rotary: refused
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(enormous.path, num_heads=4)
+    assert_one_line(e)
+
+
+def bad_config(folder: Path, name: str, edit):
+    cfg = json.loads((folder / name).read_text())
+    edit(cfg)
+    (folder / name).write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("layout,fname,edit", [
+    ("hf_vit", "config.json", lambda c: c.update(architectures={"a": 1})),
+    ("hf_vit", "config.json", lambda c: c.update(hidden_act=["gelu"])),
+    ("hf_vit", "config.json", lambda c: c.update(num_attention_heads="4")),
+    ("hf_clip", "config.json", lambda c: c.update(model_type="clip", vision_config=[1])),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(image_mean=5)),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(size="224")),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(size=0)),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(size={"height": 224, "width": 448})),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(image_std=[0.5, 0.0, 0.5])),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(do_normalize=False)),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(resample=[3])),
+    ("hf_clip", "preprocessor_config.json", lambda c: c.update(crop_size=400)),
+    ("timm_eva02_hub", "config.json", lambda c: c.update(pretrained_cfg=[1])),
+    ("timm_eva02_hub", "config.json", lambda c: c.update(architecture=7)),
+    ("timm_eva02_hub", "config.json", lambda c: c["pretrained_cfg"].update(input_size=224)),
+    ("timm_eva02_hub", "config.json", lambda c: c["pretrained_cfg"].update(mean=5)),
+    ("timm_eva02_hub", "config.json", lambda c: c["pretrained_cfg"].update(crop_pct=-1)),
+    ("timm_eva02_hub", "config.json", lambda c: c["model_args"].update(ref_feat_shape="ab")),
+    ("timm_eva02_hub", "config.json", lambda c: c["model_args"].update(act_layer=["gelu"])),
+])
+def test_bad_config_values_are_one_line_errors(layout, fname, edit, tmp_path):
+    case = build(layout, tmp_path)
+    bad_config(case.path, fname, edit)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model(case.path)
+    assert_one_line(e)
+
+
+def test_bad_open_clip_configs_and_shard_indexes_are_one_line_errors(tmp_path):
+    d = tmp_path / "oc"
+    d.mkdir()
+    torch.save({"x": torch.zeros(1)}, d / "open_clip_pytorch_model.bin")
+    for oc in ({"model_cfg": {"vision_cfg": {"width": "192"}}}, {"model_cfg": {"vision_cfg": {"head_width": 0}}},
+               {"model_cfg": {"vision_cfg": [1]}}, {"preprocess_cfg": {"mean": 5}},
+               {"model_cfg": {"vision_cfg": {"attentional_pool": True}}},
+               {"preprocess_cfg": {"interpolation": "lanczos"}}):
+        (d / "open_clip_config.json").write_text(json.dumps(oc))
+        with pytest.raises(sr.UsageError) as e:
+            sr.load_model(d)
+        assert_one_line(e)
+    h = tmp_path / "sh"
+    h.mkdir()
+    (h / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    for wm in ({"a": ["x"]}, {"a": "model.safetensors.index.json"}, {"a": ".."}, {"a": 3, "b": "x"}):
+        (h / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+        with pytest.raises(sr.UsageError) as e:
+            sr.load_model(h)
+        assert_one_line(e)
 
 
 def test_prefilled_hf_cache_loads_without_a_server(tmp_path, monkeypatch):
