@@ -55,7 +55,7 @@ __all__ = [  # noqa: RUF022 - in the order of the file's sections
     "extract", "iter_features",                                                      # 5 extraction
     "cka", "cka_matrix", "MinibatchCKA", "compare_models",                           # 6 similarity
     "linear_probe", "mlp_probe", "knn_accuracy",                                     # 7 probes
-    "FinetuneConfig", "finetune",                                                    # 8 fine-tuning
+    "FinetuneConfig", "finetune_recipe", "finetune",                                 # 8 fine-tuning
     "AnalysisOptions", "ANALYSES", "run_analyses", "gap_analysis", "info_analysis",  # 9 analyses
     "invariance_analysis", "attention_analysis", "spatial_analysis", "weights_analysis", "agreement_analysis",
     "main",                                                                          # 10 CLI
