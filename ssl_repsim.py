@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -2089,6 +2090,7 @@ class ImageSet:
     masks: torch.Tensor | None = None   # (N, H, W) long: 0 background, 1 + class where the object is
     strict: bool = False
     unreadable: set = dataclasses.field(default_factory=set)
+    workers: int = 0                   # decoding processes (0: in this process)
 
     @property
     def skipped(self) -> int:
@@ -2114,17 +2116,69 @@ class ImageSet:
         """Image i as a uint8 or float tensor (3, H, W); None if unreadable (counted, or an error when strict)."""
         if isinstance(self.items, torch.Tensor):
             return self.items[i]
+        _, im, err = _Decoder(self.items)[i]
+        return self._kept(i, im, err)
+
+    def _kept(self, i: int, im, err):
+        """The image, or None for an unreadable one (recorded; an error under strict)."""
+        if err is not None:
+            if self.strict:
+                raise UsageError(f"unreadable image {self.items[i]}: {err}")
+            self.unreadable.add(i)
+        return im
+
+    def decoded(self, batch_size: int, start: int = 0, stop: int | None = None, target: int | None = None,
+                interp: str = "bicubic", group=None):
+        """Batches (indices, images) of items[start:stop] — this process's whole batches under torch.distributed —
+        each image decoded once, by `workers` processes with prefetch: JPEG draft mode and a Pillow resize down to
+        the shorter side `target` where it is larger (the largest size any model of the run needs). Unreadable
+        images are left out of every batch (recorded, or an error under strict)."""
+        stop = len(self) if stop is None else stop
+        rank, world = _rank_world(group)
+        batches = [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)][rank::world]
+        if isinstance(self.items, torch.Tensor):
+            for idx in batches:
+                yield idx, self.items[idx[0]:idx[-1] + 1]
+            return
+        loader = torch.utils.data.DataLoader(_Decoder(self.items, target, interp), batch_sampler=batches,
+                                             num_workers=self.workers, collate_fn=list,
+                                             prefetch_factor=4 if self.workers else None)
+        for batch in loader:
+            kept = [(i, self._kept(i, im, err)) for i, im, err in batch]
+            kept = [(i, im) for i, im in kept if im is not None]
+            if kept:
+                yield [i for i, _ in kept], [im for _, im in kept]
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Image i of a list of files as (i, uint8 (3, H, W) upright RGB, None), or (i, None, the error): an image
+    Pillow refuses, or one over its decompression-bomb limit, is unreadable. With `target`, JPEGs at least 8× larger
+    are decoded in draft mode (DCT scaling, both sides kept ≥ 4·target) and images resized in Pillow so their
+    shorter side is target (antialiased, `interp`)."""
+
+    def __init__(self, paths, target: int | None = None, interp: str = "bicubic"):
+        self.paths, self.target, self.interp = paths, target, interp
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
         Image = _pillow()
         try:
-            with warnings.catch_warnings():   # an image over Pillow's decompression-bomb limit is unreadable
+            with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(self.items[i]) as im:
-                    return torch.from_numpy(_rgb_uint8(im)).permute(2, 0, 1)
+                with Image.open(self.paths[i]) as im:
+                    if self.target and im.format == "JPEG" and min(im.size) >= 8 * self.target:
+                        im.draft("RGB", (4 * self.target, 4 * self.target))   # keeps ≥ 4×: the resize hides it
+                    a = _rgb_uint8(im)
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
-            if self.strict:
-                raise UsageError(f"unreadable image {self.items[i]}: {_one_line(e)}") from None
-            self.unreadable.add(i)
-            return None
+            return i, None, _one_line(e)
+        h, w = a.shape[:2]
+        t = self.target
+        if t and min(h, w) > t:   # the sizes resize_crop_normalize computes, so it has nothing left to resize
+            size = (max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w)))
+            a = np.asarray(Image.fromarray(a).resize(size, PIL_FILTERS[self.interp]))
+        return i, torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), None
 
 
 def _rgb_uint8(im) -> np.ndarray:
@@ -2245,11 +2299,14 @@ def tensor_file(path) -> ImageSet:
 
 
 def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict: bool = False,
-                synthetic_n: int = 256) -> ImageSet:
-    """An ImageSet from `synthetic`, an image folder or a tensor file; `n` draws a fixed subset by `seed`."""
+                synthetic_n: int = 256, workers: int = 0) -> ImageSet:
+    """An ImageSet from `synthetic`, an image folder or a tensor file; `n` draws a fixed subset by `seed`;
+    `workers` processes decode image files."""
     source = str(source)
     if n is not None and n < 1:
         raise UsageError(f"--n must be ≥ 1, got {n}")
+    if workers < 0:
+        raise UsageError(f"--workers must be ≥ 0, got {workers}")
     if source == "synthetic":
         images = synthetic_images(n or synthetic_n, seed=seed)
         log.info(f"data: built-in synthetic set, {len(images)} images of {len(images.classes)} classes "
@@ -2263,7 +2320,7 @@ def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict:
                          f"({', '.join(sorted(TENSOR_SUFFIXES))}) or 'synthetic'")
     else:
         raise UsageError(f"data not found: {source}")
-    images.strict = strict
+    images.strict, images.workers = strict, workers
     if n is not None and source != "synthetic":
         if n > len(images):
             raise UsageError(f"--n {n} exceeds the {len(images)} images in {source}")
@@ -2292,26 +2349,52 @@ def resize_crop_normalize(img: torch.Tensor, size: int, crop_pct: float = 0.875,
     return x if img.ndim == 4 else x[0]
 
 
-def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None):
-    """Yield (x, y) batches preprocessed for `model` (its registry's resize, crop, mean and std; its input size)."""
+PIL_FILTERS = {"bicubic": 3, "bilinear": 2}   # Pillow's resampling codes
+
+
+def preprocess_kw(model: ViT) -> dict:
+    """resize_crop_normalize's arguments for a model: its registry's resize, crop, mean and std; its input size."""
     pp, size = getattr(model, "preprocess", {}), getattr(model, "input_size", model.cfg.img_size)
-    kw = dict(size=size, crop_pct=pp.get("crop_pct", 0.875), interp=pp.get("interp", "bicubic"),
-              mean=pp.get("mean", IMAGENET_MEAN), std=pp.get("std", IMAGENET_STD),
-              crop_mode=pp.get("crop_mode", "center"))
-    stop = len(images) if stop is None else stop
-    for b in range(start, stop, batch_size):
-        idx = range(b, min(b + batch_size, stop))
-        if isinstance(images.items, torch.Tensor):
-            x = resize_crop_normalize(images.items[b:idx.stop], **kw)
-            keep = list(idx)
-        else:
-            pairs = [(i, images.image(i)) for i in idx]
-            keep = [i for i, im in pairs if im is not None]
-            if not keep:
-                continue
-            x = torch.stack([resize_crop_normalize(im, **kw) for _, im in pairs if im is not None])
-        y = images.labels[keep] if images.labels is not None else None
+    return dict(size=size, crop_pct=pp.get("crop_pct", 0.875), interp=pp.get("interp", "bicubic"),
+                mean=pp.get("mean", IMAGENET_MEAN), std=pp.get("std", IMAGENET_STD),
+                crop_mode=pp.get("crop_mode", "center"))
+
+
+def _decode_target(models) -> tuple[int, str]:
+    """The largest shorter side any of the models resizes to, and that model's interpolation."""
+    kws = [preprocess_kw(m) for m in models]
+    k = max(kws, key=lambda kw: int(kw["size"] / kw["crop_pct"]))
+    return int(k["size"] / k["crop_pct"]), k["interp"]
+
+
+def _preprocessed(images: ImageSet, idx, ims, kw) -> torch.Tensor:
+    if isinstance(ims, torch.Tensor):
+        return resize_crop_normalize(ims, **kw)
+    return torch.stack([resize_crop_normalize(im, **kw) for im in ims])
+
+
+def shared_batches(models, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None,
+                   group=None):
+    """Per decoded batch, [(x, y) for each model]: every image decoded once for all models, then resized, cropped
+    and normalised as each model's registry row says (this process's batches under torch.distributed)."""
+    target, interp = _decode_target(models)
+    kws = [preprocess_kw(m) for m in models]
+    for idx, ims in images.decoded(batch_size, start, stop, target, interp, group):
+        y = images.labels[idx] if images.labels is not None else None
+        yield [(_preprocessed(images, idx, ims, kw), y) for kw in kws]
+
+
+def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None,
+                  group=None):
+    """Yield (x, y) batches preprocessed for `model` (its registry's resize, crop, mean and std; its input size);
+    under torch.distributed only this process's batches."""
+    for (x, y), in shared_batches([model], images, batch_size, start, stop, group):
         yield x, y
+
+
+def per_model(streams, n: int) -> list:
+    """n iterators over one stream of per-model lists: the i-th yields each list's i-th item (consumed in step)."""
+    return [(b[i] for b in s) for i, s in enumerate(itertools.tee(streams, n))]
 
 
 def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
@@ -2513,8 +2596,8 @@ def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: in
     images: a preprocessed tensor (n,3,H,W), an ImageSet (preprocessed per model), or an iterable of batches.
     Under torch.distributed each process extracts whole batches i ≡ rank (mod world) and all gather them."""
     if isinstance(images, ImageSet):
-        batches, total = model_batches(model, images, batch_size), len(images)
-    elif isinstance(images, torch.Tensor):
+        return extract_many([model], images, [points], tokens, batch_size, device, dtype, progress, group)[0]
+    if isinstance(images, torch.Tensor):
         batches, total = images.split(batch_size), len(images)
     else:
         batches, total = images, None
@@ -2528,6 +2611,31 @@ def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: in
     if not parts:
         raise UsageError("no images to extract features from")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def extract_many(models, images: ImageSet, points_list, tokens: str = "all", batch_size: int = 64, device=None,
+                 dtype=None, progress: bool = False, group=None) -> list[dict[str, torch.Tensor]]:
+    """extract() for several models in one pass over the images: each image is decoded once and fed, preprocessed
+    for each, to every model."""
+    streams = per_model(shared_batches(models, images, batch_size, group=group), len(models))
+    gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, points_list,
+                                                                                    strict=True)]
+    parts = [[] for _ in models]
+    rank, world = _rank_world(group)
+    bar = Progress(len(images), "extract" + (f" ({len(models)} models)" if len(models) > 1 else ""),
+                   enabled=progress and rank == 0, unit="img")
+    for outs in zip(*gens, strict=True):
+        for k, (feats, _) in enumerate(outs):
+            parts[k].append({key: v.cpu() for key, v in feats.items()})
+        bar.update(len(next(iter(outs[0][0].values()))) * world)
+    bar.close()
+    out = []
+    for p in parts:
+        p = gather_batches(p, group)
+        if not p:
+            raise UsageError("no images to extract features from")
+        out.append({k: torch.cat([b[k] for b in p]) for k in p[0]})
+    return out
 
 
 def images_fingerprint(images: ImageSet) -> str:
@@ -2568,22 +2676,45 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
                    dtype=None, progress=False, group=None) -> dict[str, torch.Tensor]:
     """extract(), saved to / loaded from a safetensors file keyed by the checkpoint's hash, the exact images,
     points, tokens, preprocessing and dtype."""
-    names = _point_names(model, points, tokens)
-    if cache_dir is None:
-        return extract(model, images, points if tokens != "official" else None, tokens, batch_size, device, dtype,
-                       progress, group)
-    from safetensors.torch import save as st_save
-    key = features_cache_key(model, images, names, tokens, dtype)
-    path = Path(cache_dir) / f"features-{key}.safetensors"
-    if path.is_file():
-        cached = _read_cached_features(path, names)
-        if cached is not None:
-            return cached
+    return cached_extract_many([model], images, [points], tokens, cache_dir=cache_dir, batch_size=batch_size,
+                               device=device, dtype=dtype, progress=progress, group=group)[0]
+
+
+def cached_extract_many(models, images: ImageSet, points_list, tokens, *, cache_dir=None, batch_size=64, device=None,
+                        dtype=None, progress=False, group=None) -> list[dict[str, torch.Tensor]]:
+    """cached_extract for several models: the ones the cache holds are read, the others extracted in one pass
+    (each image decoded once) and cached."""
+    points_list = [pts if tokens != "official" else None for pts in points_list]
+    out = [_cache_lookup(m, images, pts, tokens, cache_dir, dtype) if cache_dir else None
+           for m, pts in zip(models, points_list, strict=True)]
+    todo = [k for k, f in enumerate(out) if f is None]
+    if todo:
+        feats = extract_many([models[k] for k in todo], images, [points_list[k] for k in todo], tokens, batch_size,
+                             device, dtype, progress, group)
+        for k, f in zip(todo, feats, strict=True):
+            out[k] = f
+            if cache_dir and not images.unreadable:   # rows depend on which files read: one set for every model
+                _cache_store(_cache_path(models[k], images, points_list[k], tokens, cache_dir, dtype), images, f)
+    return out
+
+
+def _cache_path(model: ViT, images: ImageSet, points, tokens, cache_dir, dtype) -> Path:
+    key = features_cache_key(model, images, _point_names(model, points, tokens), tokens, dtype)
+    return Path(cache_dir) / f"features-{key}.safetensors"
+
+
+def _cache_lookup(model: ViT, images: ImageSet, points, tokens, cache_dir, dtype):
+    path = _cache_path(model, images, points, tokens, cache_dir, dtype)
+    if not path.is_file():
+        return None
+    cached = _read_cached_features(path, _point_names(model, points, tokens))
+    if cached is None:
         log.warning(f"notice: the feature cache {path.name} is damaged or incomplete: recomputing it")
-    feats = extract(model, images, points if tokens != "official" else None, tokens, batch_size, device, dtype,
-                    progress, group)
-    if images.unreadable:   # rows depend on which files read this time: keep every model of a run on one set
-        return feats
+    return cached
+
+
+def _cache_store(path: Path, images: ImageSet, feats: dict):
+    from safetensors.torch import save as st_save
     ids = list(range(len(images))) if isinstance(images.items, torch.Tensor) else [str(p) for p in images.items]
     meta = {"rows": str(len(ids)), "sample_ids": json.dumps(ids),   # the rows' images: tensor index, or path
             "sha256": json.dumps({k: _tensor_sha256(v) for k, v in feats.items()})}
@@ -2591,7 +2722,6 @@ def cached_extract(model: ViT, images: ImageSet, points, tokens, *, cache_dir=No
         atomic_write(path, st_save({k: v.contiguous() for k, v in feats.items()}, metadata=meta))
     except UsageError as e:      # a cache that cannot be written costs speed, not the run
         log.warning(f"notice: features not cached ({_one_line(e)})")
-    return feats
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
@@ -3230,8 +3360,8 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
     the maps, their bootstrap spreads (resamples > 0) and the number of images used."""
     dev = as_device(device)
     accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
-    gens = [iter_features(m, shard_batches(model_batches(m, images, batch_size), group), pts, tokens, device, dtype)
-            for m, pts in zip(models, names, strict=True)]
+    streams = per_model(shared_batches(models, images, batch_size, group=group), len(models))
+    gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, names, strict=True)]
     bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
     skipped = used = 0
     for outs in zip(*gens, strict=True):
@@ -3258,8 +3388,8 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
 
 def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel, debiased, rbf_threshold, spread,
                      batch_size, device, dtype, progress, group) -> tuple[dict, dict, int]:
-    feats = [cached_extract(m, images, pts, tokens, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                            dtype=dtype, progress=progress, group=group) for m, pts in zip(models, names, strict=True)]
+    feats = cached_extract_many(models, images, names, tokens, cache_dir=cache_dir, batch_size=batch_size,
+                                device=device, dtype=dtype, progress=progress, group=group)
     maps, spreads = {}, {}
     for i, j in pairs:
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
@@ -5170,11 +5300,11 @@ def _load_models(args, head: bool = False) -> list[ViT]:
 
 
 def _train_val(args) -> tuple[ImageSet, ImageSet]:
-    train = load_images(args.data, args.n, args.seed, args.strict)
+    train = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
     if train.labels is None:
         raise UsageError(f"{args.data}: no labels (use class sub-folders, or a tensor file with 'labels')")
     if args.val:
-        val = load_images(args.val, None, args.seed, args.strict)
+        val = load_images(args.val, None, args.seed, args.strict, workers=args.workers)
         if val.labels is None:
             raise UsageError(f"{args.val}: no labels")
         if train.classes and val.classes and train.classes != val.classes:
@@ -5190,7 +5320,7 @@ def _cmd_cka(args):
         raise UsageError("cka needs at least two models")
     t0 = time.time()
     models = _load_models(args)
-    images = load_images(args.data, args.n, args.seed, args.strict)
+    images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
     res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                          kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
@@ -5355,7 +5485,7 @@ def _cmd_analysis(args):
     if args.cmd != "report" and len(args.models) < ANALYSES[args.cmd].min_models:
         raise UsageError(f"{args.cmd} needs at least {ANALYSES[args.cmd].min_models} models")
     models = _load_models(args, head=any(ANALYSES[n].needs_heads for n in names))
-    images = load_images(args.data, args.n, args.seed, args.strict) if hasattr(args, "data") else None
+    images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers) if hasattr(args, "data") else None
     opts = AnalysisOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnalysisOptions)
                               if hasattr(args, f.name)}, progress=not args.quiet)
     final = _out_dir(args, args.cmd)
@@ -5664,6 +5794,8 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
                                         "synthetic: default 256). Under torchrun write --num-images: torchrun takes "
                                         "--n for its own --nnodes")),
     "strict": (("--strict",), dict(action="store_true", help="unreadable images are an error instead of skipped")),
+    "workers": (("--workers",), dict(type=int, default=min(8, os.cpu_count() or 1),
+                                     help="image-decoding processes, with prefetch (0 = in this process)")),
     "val": (("--val",), dict(help="validation data (default: --val-fraction of --data)")),
     "val_fraction": (("--val-fraction",), dict(type=float, default=0.2, help="share of --data held out when no "
                                                                              "--val is given")),
@@ -5683,7 +5815,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "debug": (("--debug",), dict(action="store_true", help="full tracebacks")),
 }
 MODEL_FLAGS = ("weights_dir", "offline", "family", "num_heads", "act", "img_size")
-DATA_FLAGS = ("data", "n", "strict")
+DATA_FLAGS = ("data", "n", "strict", "workers")
 ALWAYS = ("quiet", "debug")
 
 

@@ -307,9 +307,11 @@ def interp_grid(pos_patch, m, new, recipe):
 
 # --- preprocessing and the learning-rate schedule ---------------------------------------------------------------------
 
-def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IMAGENET_STD, interp="bicubic"):
+def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IMAGENET_STD, interp="bicubic",
+                     pil=False):
     """Resize the shorter side to int(size / crop_pct) (long side keeps the aspect, here always an exact integer),
-    centre-crop size x size, normalise. img (3, H, W) uint8 or float in [0, 1]."""
+    centre-crop size x size, normalise. img (3, H, W) uint8 or float in [0, 1]. pil: a shrinking resize done by
+    Pillow on the 8-bit image (Image.resize, antialiased), as the decoding workers do."""
     x = img.double() / 255 if img.dtype == torch.uint8 else img.double()
     h, w = x.shape[-2:]
     s = int(size / crop_pct)
@@ -320,7 +322,11 @@ def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IM
     assert float(nh).is_integer() and float(nw).is_integer(), "choose sizes with an exact aspect"
     nh, nw = int(nh), int(nw)
     x = x.float()[None]
-    if (nh, nw) != (h, w):
+    if pil and min(h, w) > s:
+        from PIL import Image
+        small = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((nw, nh), {"bicubic": 3, "bilinear": 2}[interp])
+        x = torch.from_numpy(np.asarray(small)).permute(2, 0, 1).float()[None] / 255
+    elif (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
     t, l = (nh - size) // 2, (nw - size) // 2
     x = x[0, :, t:t + size, l:l + size]
@@ -1894,17 +1900,18 @@ def cli(*argv):
     return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=text)
 
 
-def features_by_hand(path, imgs, size=32, points="blocks", tokens="flat"):
+def features_by_hand(path, imgs, size=32, points="blocks", tokens="flat", pil=False):
     """Features of a checkpoint on images preprocessed by naive_preprocess (hand-written, not sr.preprocess)."""
     m = sr.load_model(path, img_size=size, num_heads=2)
     x = torch.stack([naive_preprocess(im, size, m.preprocess["crop_pct"], m.preprocess["mean"],
-                                       m.preprocess["std"], m.preprocess["interp"]) for im in imgs])
+                                       m.preprocess["std"], m.preprocess["interp"], pil) for im in imgs])
     return sr.extract(m, x, points, tokens, batch_size=64, device="cpu")
 
 
-def cka_map_by_hand(pa, pb, imgs, size=32, debiased=True):
+def cka_map_by_hand(pa, pb, imgs, size=32, debiased=True, pil=False):
     """The map the CLI's default (auto = debiased at these sizes) must give, from hand-preprocessed features."""
-    return naive_cka_map(features_by_hand(pa, imgs, size), features_by_hand(pb, imgs, size), debiased)
+    return naive_cka_map(features_by_hand(pa, imgs, size, pil=pil), features_by_hand(pb, imgs, size, pil=pil),
+                         debiased)
 
 
 def bad_cli_inputs(tmp_path):
@@ -4926,7 +4933,7 @@ def test_cli_cka_image_folder_of_mixed_sizes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "cka.json").read_text())
     assert doc["meta"]["data"]["n"] == len(imgs) and doc["meta"]["data"]["skipped"] == 0
-    np.testing.assert_allclose(np.array(doc["cka"]), cka_map_by_hand(a, b, imgs), atol=2e-6)
+    np.testing.assert_allclose(np.array(doc["cka"]), cka_map_by_hand(a, b, imgs, pil=True), atol=2e-6)
 
 
 def test_cli_cka_tensor_files_every_format(tmp_path):
@@ -4967,7 +4974,7 @@ def test_cli_corrupt_image_counted_once_and_strict(tmp_path):
     assert doc["meta"]["data"]["skipped"] == 1, doc["meta"]["data"]
     assert doc["meta"]["data"]["n"] == len(good), doc["meta"]["data"]
     # the map is computed on the 10 readable images
-    np.testing.assert_allclose(np.array(doc["cka"]), cka_map_by_hand(a, b, good), atol=2e-6)
+    np.testing.assert_allclose(np.array(doc["cka"]), cka_map_by_hand(a, b, good, pil=True), atol=2e-6)
     out2 = tmp_path / "out_strict"
     p = cli("cka", a, b, "--data", tmp_path / "data", "--num-heads", 2, "--img-size", 32, "--batch-size", 4, "--out", out2, "--quiet",
             "--strict")
