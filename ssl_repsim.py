@@ -2177,8 +2177,8 @@ class _Decoder(torch.utils.data.Dataset):
         t = self.target
         if t and min(h, w) > t:   # the sizes resize_crop_normalize computes, so it has nothing left to resize
             size = (max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w)))
-            a = np.asarray(Image.fromarray(a).resize(size, PIL_FILTERS[self.interp]))
-        return i, torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), None
+            a = np.array(Image.fromarray(a).resize(size, PIL_FILTERS[self.interp]))   # a writable copy
+        return i, torch.from_numpy(a).permute(2, 0, 1), None
 
 
 def _rgb_uint8(im) -> np.ndarray:
@@ -3841,8 +3841,8 @@ def random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator, scale=
 
 # --- RandAugment (Cubuk et al. 2020) as timm's rand-mM-mstdS-incI, and RandomErasing (Zhong et al. 2020) -------
 # Ops act on batches of 8-bit images held as float (B, 3, H, W) in [0, 255], one argument per image, and return
-# 8-bit values as PIL would (blends truncated, lookups exact); geometric ops sample bicubically (PIL's a = −1
-# kernel, as the recipes ask timm for) or bilinearly at pixel centres, filling with the mean colour.
+# 8-bit values as PIL would (blends in single precision, truncated; lookups exact); geometric ops sample bicubically
+# (PIL's a = −1 kernel, as the recipes ask timm for) or bilinearly at pixel centres, filling with the mean colour.
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
@@ -3862,9 +3862,10 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 def aug_auto_contrast(x, _):
     """Each channel stretched to [0, 255] as PIL's lookup table: ⌊v·s − lo·s⌋, s = 255 / (hi − lo); a constant
     channel is left alone."""
+    dtype, x = x.dtype, x.double()   # PIL builds its table in Python floats
     lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
     scale = torch.full_like(lo, 255.0) / (hi - lo).clamp_min(1)   # a true division (255 / t multiplies by 1 / t)
-    return torch.where(hi > lo, (x * scale + (-lo * scale)).trunc().clamp(0, 255), x)
+    return torch.where(hi > lo, (x * scale + (-lo * scale)).trunc().clamp(0, 255), x).to(dtype)
 
 
 def aug_equalize(x, _):
@@ -3888,7 +3889,8 @@ def aug_invert(x, _):
 def _affine(x: torch.Tensor, m: torch.Tensor, fill, modes) -> torch.Tensor:
     """Sample x at m·(output pixel centre) (m (B, 2, 3) maps output to input pixel coordinates, PIL's AFFINE
     convention), edge pixels repeated for the interpolation; where the point falls outside the image, the fill
-    colour (as PIL); rounded to 8 bits."""
+    colour (as PIL); in double precision, truncated to 8 bits."""
+    dtype, x = x.dtype, x.double()
     H, W = x.shape[-2:]
     ys, xs = torch.meshgrid(torch.arange(H, dtype=x.dtype) + 0.5, torch.arange(W, dtype=x.dtype) + 0.5, indexing="ij")
     src = torch.einsum("bij,hwj->bhwi", m.to(x.dtype), torch.stack([xs, ys, torch.ones_like(xs)], -1))
@@ -3900,7 +3902,7 @@ def _affine(x: torch.Tensor, m: torch.Tensor, fill, modes) -> torch.Tensor:
         out[i] = F.grid_sample(x[i], grid[i], mode="bilinear", padding_mode="border", align_corners=False) \
             if mode == "bilinear" else _bicubic_pil(x[i], src[i])
     out = out * inside + torch.tensor(fill, dtype=x.dtype).view(1, 3, 1, 1) * (1 - inside)
-    return out.round().clamp(0, 255)
+    return out.clamp(0, 255).trunc().to(dtype)   # PIL truncates its 8-bit results
 
 
 def _cubic(t: torch.Tensor, a: float = -1.0) -> torch.Tensor:
@@ -4027,7 +4029,7 @@ def parse_rand_augment(spec: str) -> dict:
     parts = spec.split("-")
     if parts[0] != "rand":
         raise UsageError(f"--rand-augment {spec!r}: expected timm's rand-m<M>[-mstd<S>][-n<N>][-inc1] form")
-    cfg = dict(magnitude=9.0, std=0.0, num_ops=2, prob=0.5, magnitude_max=10.0, increasing=False,
+    cfg = dict(magnitude=10.0, std=0.0, num_ops=2, prob=0.5, magnitude_max=10.0, increasing=False,
                interpolation="bicubic")   # MAE, BEiT and DeiT pass interpolation="bicubic" to timm
     keys = {"mstd": "std", "mmax": "magnitude_max", "m": "magnitude", "n": "num_ops", "p": "prob", "inc": "increasing"}
     for part in parts[1:]:
@@ -4037,6 +4039,8 @@ def parse_rand_augment(spec: str) -> dict:
         cfg[keys[key]] = float(part[len(key):])
     if not cfg["increasing"]:
         raise UsageError(f"--rand-augment {spec!r}: only the increasing ops (inc1), as MAE, BEiT and DeiT use them")
+    if not 0 <= cfg["magnitude"] <= cfg["magnitude_max"] <= 10:
+        raise UsageError(f"--rand-augment {spec!r}: magnitudes lie in [0, 10] (mmax ≤ 10)")
     cfg["num_ops"] = int(cfg["num_ops"])
     return cfg
 
@@ -4047,7 +4051,8 @@ def rand_augment_draws(n: int, cfg: dict, g: torch.Generator) -> dict[str, torch
     (±1 with probability 1/2), as timm draws them."""
     return dict(op=torch.randint(0, len(RAND_AUGMENT_OPS), (n,), generator=g),
                 apply=torch.rand(n, generator=g) < cfg["prob"],
-                magnitude=(cfg["magnitude"] + cfg["std"] * torch.randn(n, generator=g)).clamp(0, cfg["magnitude_max"]),
+                magnitude=(cfg["magnitude"] * torch.rand(n, generator=g) if cfg["std"] > 100 else   # timm: uniform
+                           cfg["magnitude"] + cfg["std"] * torch.randn(n, generator=g)).clamp(0, cfg["magnitude_max"]),
                 sign=torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0))
 
 
@@ -4095,11 +4100,13 @@ def random_erasing(x: torch.Tensor, g: torch.Generator, prob: float = 0.25, area
 
 
 def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Generator, shard=(0, 1),
-                  augment: bool = True, rand_augment: str = "", reprob: float = 0.0):
+                  augment: bool = True, rand_augment: str = "", reprob: float = 0.0, aug: torch.Generator | None = None):
     """Shuffled training batches as timm's ImageNet training transform: random-resized crop + flip (else resized
     and centre-cropped), RandAugment on the 8-bit crops (`rand_augment`, timm's config string), the model's
     normalisation, RandomErasing (`reprob`). With shard=(rank, world) each process takes every world-th batch of
-    one shared permutation, so world processes of batch b see what one process of batch world·b sees."""
+    one shared permutation (g), so world processes of batch b see the images one process of batch world·b sees;
+    the augmentations draw from `aug` (default g), each process its own."""
+    aug = aug or g
     pp, size = model.preprocess, model.input_size
     mean, std = torch.tensor(pp["mean"]).view(3, 1, 1), torch.tensor(pp["std"]).view(3, 1, 1)
     ra, fill = parse_rand_augment(rand_augment), tuple(round(255 * m) for m in pp["mean"])
@@ -4117,13 +4124,13 @@ def train_batches(model: ViT, images: ImageSet, batch_size: int, g: torch.Genera
                                                 pp["mean"], pp["std"], pp.get("crop_mode", "center")))
                 continue
             im = im.float() / 255 if not im.is_floating_point() else im.float()
-            xs.append(random_resized_crop(im, size, g, interp=pp.get("interp", "bicubic")).clamp(0, 1))
+            xs.append(random_resized_crop(im, size, aug, interp=pp.get("interp", "bicubic")).clamp(0, 1))
         if not xs:
             continue
         x = torch.stack(xs)
         if augment:
-            x = rand_augment_batch(x, ra, g, fill) if ra else x
-            x = random_erasing((x - mean) / std, g, reprob)
+            x = rand_augment_batch(x, ra, aug, fill) if ra else x
+            x = random_erasing((x - mean) / std, aug, reprob)
         yield x, torch.tensor(ys)
 
 
@@ -4205,6 +4212,8 @@ class FinetuneConfig:
                                    "off)")
     reprob: float = _field(0.0, "RandomErasing probability, pixel mode (MAE, BEiT, DeiT: 0.25)")
     global_pool: bool = _field(False, "classify fc_norm(mean patch token) (MAE's global pool) instead of the cls token")
+    untie_rel_pos: bool = _field(False, "copy a shared relative-position bias into every block, as BEiT's fine-tuning "
+                                        "does (else it trains shared, at the top layer's rate)")
     seed: int = _field(0, "seed of the head, the data order and every augmentation")
     recipe: str = "quick"          # the preset these values started from (recorded in log.json)
 
@@ -4233,7 +4242,8 @@ RECIPES: dict[str, dict] = {
                                             1280: dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3)}),
     # BEiT README, fine-tuning BEiT-base on ImageNet-1k: lr 4e-3 at batch 1024 (not rescaled), i.e. blr 1e-3
     "beit": dict(_TIMM_AUG, batch_size=128, effective_batch=1024, epochs=100, blr=1e-3, layer_decay=0.65,
-                 weight_decay=0.05, drop_path=0.1, warmup_epochs=20, min_lr=1e-6, global_pool=True),
+                 weight_decay=0.05, drop_path=0.1, warmup_epochs=20, min_lr=1e-6, global_pool=True,
+                 untie_rel_pos=True),
     # DeiT main.py defaults for DeiT-B (lr 5e-4 per 512 images = blr 2.5e-4; no layer decay)
     "deit": dict(_TIMM_AUG, batch_size=64, effective_batch=1024, epochs=300, blr=2.5e-4, layer_decay=1.0,
                  weight_decay=0.05, drop_path=0.1, warmup_epochs=5, min_lr=1e-5),
@@ -4274,16 +4284,14 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
     out = Path(out) if out else None
     identity = dict(dataclasses.asdict(cfg), model_sha256=_state_sha256(model), data_sha256=images_fingerprint(train),
                     num_classes=num_classes, world_size=world)   # what a resume must continue with
-    if cfg.global_pool:
-        _use_global_pool(model)
-    _attach_head(model, num_classes, torch.Generator().manual_seed(cfg.seed))
-    for i, blk in enumerate(model.blocks):
-        blk.drop_path = cfg.drop_path * i / max(len(model.blocks) - 1, 1)
+    _prepare_for_finetuning(model, cfg, num_classes)
     with _placed(model, device, train=True):
         groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
                                 betas=(0.9, 0.999))
-        history = _resume(model, opt, out, identity) if resume and out and (out / "train_state.pt").is_file() else []
+        if resume and not (out / "train_state.pt").is_file():
+            log.info(f"--resume: {out} holds no finished epoch yet: starting the run")
+        history = _resume(model, opt, out, identity) if resume and (out / "train_state.pt").is_file() else []
         net = Classifier(model)
         if world > 1:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -4311,11 +4319,19 @@ FINETUNE_FILES = ("checkpoint.safetensors", "train_state.pt", "log.json")   # wh
 
 
 def _checked_run(cfg: FinetuneConfig, hyper: dict, train: ImageSet, out, resume: bool, overwrite: bool):
-    """The run's config (keywords applied; accum_steps from effective_batch), once the data and `out` allow it."""
+    """The run's config (keywords applied; accum_steps from effective_batch unless given), once the data and `out`
+    allow it; an overwritten run's files are removed first."""
+    if "accum_steps" in hyper and "effective_batch" not in hyper:
+        hyper = dict(hyper, effective_batch=0)   # an explicit accumulation replaces the recipe's effective batch
     cfg = cfg.with_options(**hyper)
-    if out and not resume and not overwrite and any((Path(out) / f).exists() for f in FINETUNE_FILES):
-        raise UsageError(f"{out} already holds a fine-tuning run: --resume to continue it, --overwrite to replace "
-                         "it, or another --out")
+    if resume and not out:
+        raise UsageError("--resume needs the --out of the run to continue")
+    if out and not resume and any((Path(out) / f).exists() for f in FINETUNE_FILES):
+        if not overwrite:
+            raise UsageError(f"{out} already holds a fine-tuning run: --resume to continue it, --overwrite to replace "
+                             "it, or another --out")
+        for f in FINETUNE_FILES:
+            _unlink(Path(out) / f)
     if train.labels is None:
         raise UsageError("fine-tuning needs labelled data (class sub-folders, or labels in the tensor file)")
     world = _rank_world()[1]
@@ -4333,9 +4349,34 @@ def _use_global_pool(model: ViT):
     mean patch token feeds the head; the checkpoint then loads as MAE's released fine-tuned files do."""
     if model.fc_norm is not None:
         return
+    if model.attn_pool is not None:
+        raise UsageError("global pooling would bypass this model's attention-pool head: --no-global-pool")
     d, dev = model.cfg.embed_dim, model.patch_embed.proj.weight.device
     model.norm, model.fc_norm = nn.Identity(), nn.LayerNorm(d, eps=model.cfg.norm_eps).to(dev)
     model.cfg = dataclasses.replace(model.cfg, final_norm=False, fc_norm=True, pool="")
+
+
+def _prepare_for_finetuning(model: ViT, cfg: FinetuneConfig, num_classes: int):
+    """The recipe's pooling and relative bias, a head, stochastic depth linear in depth."""
+    if cfg.global_pool:
+        _use_global_pool(model)
+    if cfg.untie_rel_pos:
+        _untie_relative_bias(model)
+    _attach_head(model, num_classes, torch.Generator().manual_seed(cfg.seed))
+    for i, blk in enumerate(model.blocks):
+        blk.drop_path = cfg.drop_path * i / max(len(model.blocks) - 1, 1)
+
+
+def _untie_relative_bias(model: ViT):
+    """BEiT's fine-tuning (rel_pos_bias without the shared one): the shared table copied into every block, each then
+    trained at its block's rate."""
+    if model.rel_pos_bias is None:
+        return
+    table = model.rel_pos_bias.relative_position_bias_table.detach()
+    for blk in model.blocks:
+        blk.attn.relative_position_bias_table = nn.Parameter(table.clone())
+    model.rel_pos_bias = None
+    model.cfg = dataclasses.replace(model.cfg, rel_pos="per_block")
 
 
 def _attach_head(model: ViT, num_classes: int, g: torch.Generator):
@@ -4393,16 +4434,17 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
                  stop_after_steps) -> float:
     """One epoch of optimizer steps; its randomness (order, crops, mixing, drop path) is seeded by (seed, epoch),
     so a resumed run repeats it exactly. Returns the mean training loss over all processes."""
-    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-    drop = torch.Generator(device).manual_seed(cfg.seed * 100003 + epoch + 7)   # one stream: blocks draw in turn
+    rank, world = _rank_world()
+    order = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)          # the data order all processes share
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 1_000_003 * (rank + 1))   # this process's draws
+    drop = torch.Generator(device).manual_seed(cfg.seed * 100003 + epoch + 7 + 1_000_003 * rank)
     for blk in model.blocks:
         blk.rng = drop
-    rank, world = _rank_world()
     net.train()
     step, losses, micro = epoch * steps_per_epoch, [], 0
     bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, unit="step")
-    for x, y in train_batches(model, train, cfg.batch_size, g, (rank, world), cfg.augment, cfg.rand_augment,
-                              cfg.reprob):
+    for x, y in train_batches(model, train, cfg.batch_size, order, (rank, world), cfg.augment, cfg.rand_augment,
+                              cfg.reprob, g):
         if micro == 0:
             lr = cosine_lr(step, sched["total"], sched["warmup"], sched["base"], sched["min_lr"])
             for grp in opt.param_groups:

@@ -325,7 +325,7 @@ def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IM
     if pil and min(h, w) > s:
         from PIL import Image
         small = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((nw, nh), {"bicubic": 3, "bilinear": 2}[interp])
-        x = torch.from_numpy(np.asarray(small)).permute(2, 0, 1).float()[None] / 255
+        x = torch.from_numpy(np.array(small)).permute(2, 0, 1).float()[None] / 255
     elif (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
     t, l = (nh - size) // 2, (nw - size) // 2
@@ -4257,7 +4257,7 @@ def affine_by_hand(img, m, fill, kind="bilinear"):
     for y in range(H):
         for x in range(W):
             val = sample(img, a * (x + .5) + b * (y + .5) + c, d * (x + .5) + e * (y + .5) + f, fill, kind)
-            out[y, x] = [min(255, max(0, round(t))) for t in val]
+            out[y, x] = [int(min(255, max(0, t))) for t in val]          # PIL truncates
     return out
 
 
@@ -4351,7 +4351,12 @@ def test_rand_augment_op_equals_its_formula(name):
         kw = dict(fill=fill, modes=["bicubic"]) if geometric else {}
         got = op(x, torch.tensor([arg]) if arg is not None else None, **kw)[0].permute(1, 2, 0).numpy()
         expected = ops_by_hand(img, name, arg, fill)
-        assert np.abs(got - expected).max() <= (1 if geometric else 0), name   # resampling: one grey level
+        assert np.abs(got - expected).max() <= (1 if geometric else 0), name   # resampling: one grey level ...
+        assert (got != expected).mean() <= (0.01 if geometric else 0), name    # ... at a value in a hundred at most
+    x = torch.tensor(imgs[0], dtype=torch.float32).permute(2, 0, 1)[None]     # the pipeline's float32 gives the same
+    kw = dict(fill=fill, modes=["bicubic"]) if geometric else {}
+    got32 = op(x, torch.tensor([arg]) if arg is not None else None, **kw)[0].permute(1, 2, 0).numpy()
+    assert (got32 != ops_by_hand(imgs[0], name, arg, fill)).mean() <= (0.01 if geometric else 0), name
 
 
 def test_rand_augment_draws_follow_timms_distribution():
@@ -4372,6 +4377,9 @@ def test_rand_augment_draws_follow_timms_distribution():
     assert abs(float(m.mean()) - (9.0 - above)) < 0.01 and abs(float(m.std()) - 0.49) < 0.02, float(m.std())
     with pytest.raises(sr.UsageError):
         sr.parse_rand_augment("rand-m9-mstd0.5")        # only the increasing variants
+    with pytest.raises(sr.UsageError):
+        sr.parse_rand_augment("rand-m9-inc1-mmax15")    # timm clamps its levels for magnitudes up to 10 only
+    assert sr.parse_rand_augment("rand-inc1")["magnitude"] == 10.0   # timm's default magnitude
 
 
 def test_random_erasing_erases_the_documented_area_and_aspect():
@@ -4416,6 +4424,31 @@ def test_beit_shared_relative_bias_gets_the_top_layers_rate_and_decays():
     assert where["rel_pos_bias.relative_position_bias_table"]["lr_scale"] == top == 1.0
     assert where["rel_pos_bias.relative_position_bias_table"]["weight_decay"] == 0.05   # BEiT decays it
     assert where["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.65 ** 3)
+
+
+def test_beit_recipe_unties_the_shared_bias_into_every_block_as_beit_does():
+    m = tiny_model(0, rel_pos="shared", pos_embed=False, layer_scale=True, perturb=True)
+    x = noise_images(2, 32)
+    with torch.no_grad():
+        before = m.forward_features(x)
+    sr._untie_relative_bias(m)
+    with torch.no_grad():
+        assert_near(m.forward_features(x), before, "the same function, per-block tables")
+    groups = {n: g for g in sr.param_groups_lrd(m, 0.05, 0.65) for n in g["names"]}
+    assert groups["blocks.0.attn.relative_position_bias_table"]["lr_scale"] == pytest.approx(0.65 ** 2)
+    assert sr.finetune_recipe("beit").untie_rel_pos and not sr.finetune_recipe("mae").untie_rel_pos
+
+
+def test_finetune_options_that_would_silently_do_something_else_are_refused(tmp_path):
+    data = colour_set(16, seed=2)
+    with pytest.raises(sr.UsageError):
+        sr.finetune(tiny_model(1, attn_pool=64), data, epochs=1, batch_size=8, global_pool=True)
+    with pytest.raises(sr.UsageError) as e:
+        sr.finetune(tiny_model(1), data, epochs=1, batch_size=8, resume=True)
+    assert "--out" in str(e.value)
+    cfg = sr.finetune_recipe("mae").with_options(epochs=1, batch_size=4)
+    res = sr.finetune(tiny_model(1), data, cfg, accum_steps=2, out=tmp_path / "acc", device="cpu")
+    assert json.loads((tmp_path / "acc" / "log.json").read_text())["config"]["accum_steps"] == 2, res
 
 
 def test_finetune_refuses_an_out_holding_a_run_and_global_pool_loads_like_mae_ft(tmp_path):
