@@ -2128,11 +2128,12 @@ class ImageSet:
         return im
 
     def decoded(self, batch_size: int, start: int = 0, stop: int | None = None, target: int | None = None,
-                interp: str = "bicubic", group=None):
+                interp: str = "bicubic", group=None, square: bool = False):
         """Batches (indices, images) of items[start:stop] — this process's whole batches under torch.distributed —
         each image decoded once, by `workers` processes with prefetch: JPEG draft mode and a Pillow resize down to
-        the shorter side `target` where it is larger (the largest size any model of the run needs). Unreadable
-        images are left out of every batch (recorded, or an error under strict)."""
+        the shorter side `target` where it is larger (the largest size any model of the run needs); `square`: to
+        exactly that side and centre-cropped, so a batch is one uint8 tensor. Unreadable images are left out of
+        every batch (recorded, or an error under strict)."""
         stop = len(self) if stop is None else stop
         rank, world = _rank_world(group)
         batches = [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)][rank::world]
@@ -2140,14 +2141,29 @@ class ImageSet:
             for idx in batches:
                 yield idx, self.items[idx[0]:idx[-1] + 1]
             return
-        loader = torch.utils.data.DataLoader(_Decoder(self.items, target, interp), batch_sampler=batches,
-                                             num_workers=self.workers, collate_fn=list,
+        loader = torch.utils.data.DataLoader(_Decoder(self.items, target, interp, square), batch_sampler=batches,
+                                             num_workers=self.workers, collate_fn=_collated,
                                              prefetch_factor=4 if self.workers else None)
-        for batch in loader:
-            kept = [(i, self._kept(i, im, err)) for i, im, err in batch]
-            kept = [(i, im) for i, im in kept if im is not None]
-            if kept:
-                yield [i for i, _ in kept], [im for _, im in kept]
+        with _threads_beside(self.workers):
+            for idx, ims, errors in loader:
+                for i, err in errors:
+                    self._kept(i, None, err)
+                bad = {i for i, _ in errors}
+                if len(bad) < len(idx):
+                    yield [i for i in idx if i not in bad], ims
+
+
+@contextlib.contextmanager
+def _threads_beside(workers: int):
+    """While `workers` decoding processes run, this process's intra-op threads take the cores left (at least one),
+    rather than oversubscribing them; restored afterwards."""
+    before = torch.get_num_threads()
+    if workers:
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Decoder(torch.utils.data.Dataset):
@@ -2156,8 +2172,8 @@ class _Decoder(torch.utils.data.Dataset):
     are decoded in draft mode (DCT scaling, both sides kept ≥ 4·target) and images resized in Pillow so their
     shorter side is target (antialiased, `interp`)."""
 
-    def __init__(self, paths, target: int | None = None, interp: str = "bicubic"):
-        self.paths, self.target, self.interp = paths, target, interp
+    def __init__(self, paths, target: int | None = None, interp: str = "bicubic", square: bool = False):
+        self.paths, self.target, self.interp, self.square = paths, target, interp, square
 
     def __len__(self):
         return len(self.paths)
@@ -2170,15 +2186,36 @@ class _Decoder(torch.utils.data.Dataset):
                 with Image.open(self.paths[i]) as im:
                     if self.target and im.format == "JPEG" and min(im.size) >= 8 * self.target:
                         im.draft("RGB", (4 * self.target, 4 * self.target))   # keeps ≥ 4×: the resize hides it
-                    a = _rgb_uint8(im)
+                    a = self._resized(im, Image)
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
             return i, None, _one_line(e)
-        h, w = a.shape[:2]
         t = self.target
-        if t and min(h, w) > t:   # the sizes resize_crop_normalize computes, so it has nothing left to resize
-            size = (max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w)))
-            a = np.array(Image.fromarray(a).resize(size, PIL_FILTERS[self.interp]))   # a writable copy
+        if t and self.square:   # the centre t × t: every model's centre crop lies inside it
+            top, left = (a.shape[0] - t) // 2, (a.shape[1] - t) // 2
+            a = np.ascontiguousarray(a[top:top + t, left:left + t])
         return i, torch.from_numpy(a).permute(2, 0, 1), None
+
+
+    def _resized(self, im, Image) -> np.ndarray:
+        """(H, W, 3) uint8, upright, resized in Pillow to the shorter side target (the sizes resize_crop_normalize
+        computes, so it has nothing left to resize) where larger, or always for square batches."""
+        from PIL import ImageOps
+        t = self.target
+        im = ImageOps.exif_transpose(im)
+        if im.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr", "LA", "PA", "1"):   # 16-bit, float: scaled
+            im = Image.fromarray(_rgb_uint8(im))
+        w, h = im.size
+        if t and (min(h, w) > t or self.square and min(h, w) != t):
+            im = im.convert("RGB").resize((max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w))),
+                                          PIL_FILTERS[self.interp])
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def _collated(batch: list):
+    """(indices, images stacked into one uint8 tensor when they share a size, else a list, errors) of a batch."""
+    ims = [im for _, im, _ in batch if im is not None]
+    same = ims and all(im.shape == ims[0].shape for im in ims)
+    return [i for i, _, _ in batch], torch.stack(ims) if same else ims, [(i, e) for i, im, e in batch if im is None]
 
 
 def _rgb_uint8(im) -> np.ndarray:
@@ -2333,19 +2370,22 @@ def resize_crop_normalize(img: torch.Tensor, size: int, crop_pct: float = 0.875,
     """Resize the shorter side (crop_mode center) or both sides (squash) to size/crop_pct (antialiased), centre-crop
     size×size, scale to [0,1], normalise. img: (3,H,W) or (B,3,H,W), uint8 or float in [0,1]."""
     x = img.unsqueeze(0) if img.ndim == 3 else img
-    x = x.float() / 255 if not x.is_floating_point() else x.float()
     h, w = x.shape[-2:]
     short = int(size / crop_pct)
     if crop_mode == "squash":
         nh, nw = short, short
     else:
         nh, nw = (short, max(short, int(w * short / h))) if h <= w else (max(short, int(h * short / w)), short)
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top:top + size, left:left + size]
+    if (nh, nw) != (h, w):
+        x = x.float() / 255 if not x.is_floating_point() else x.float()
+        x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
+        x = x[..., top:top + size, left:left + size]
+    else:   # nothing to resize: crop first, convert only what is kept
+        x = x[..., top:top + size, left:left + size]
+        x = x.float().div_(255) if not x.is_floating_point() else x.float()
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    x = (x - m) / s
+    x = (x - m).div_(s)
     return x if img.ndim == 4 else x[0]
 
 
@@ -2379,9 +2419,14 @@ def shared_batches(models, images: ImageSet, batch_size: int = 64, start: int = 
     and normalised as each model's registry row says (this process's batches under torch.distributed)."""
     target, interp = _decode_target(models)
     kws = [preprocess_kw(m) for m in models]
-    for idx, ims in images.decoded(batch_size, start, stop, target, interp, group):
+    square = all(kw["crop_mode"] == "center" for kw in kws)   # squash needs the whole image
+    for idx, ims in images.decoded(batch_size, start, stop, target, interp, group, square):
         y = images.labels[idx] if images.labels is not None else None
-        yield [(_preprocessed(images, idx, ims, kw), y) for kw in kws]
+        done = {}   # models preprocessed alike share one tensor
+        for kw in kws:
+            if repr(kw) not in done:
+                done[repr(kw)] = _preprocessed(images, idx, ims, kw)
+        yield [(done[repr(kw)], y) for kw in kws]
 
 
 def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None,
@@ -5640,6 +5685,62 @@ def bench(full: bool = False, device=None) -> dict:
     return out
 
 
+class _PlainDecode(torch.utils.data.Dataset):
+    """The baseline bench_data measures against: open, convert to RGB and resize the shorter side in Pillow."""
+
+    def __init__(self, paths, target):
+        self.paths, self.target = paths, target
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            t = self.target
+            size = (max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w)))
+            return torch.from_numpy(np.array(im.resize(size, Image.BICUBIC)))
+
+
+def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None) -> dict:
+    """Where the time of a CKA run on real images goes, on this machine: a plain DataLoader that decodes and
+    resizes each image once with Pillow (`images.workers` workers, the floor of any decoding pipeline), our decoding,
+    each model's forward pass on decoded batches, and the whole `cka` (compare_models) run, as seconds and img/s."""
+    if isinstance(images.items, torch.Tensor):
+        raise UsageError("bench --data needs an image folder (decoding is what it measures)")
+    device = as_device(device)
+    models = models or [ViT(ViTConfig(embed_dim=32, depth=1, num_heads=1, mlp_hidden=64, family="tiny"))
+                        for _ in range(2)]
+    target, interp = _decode_target(models)
+    n, out = len(images), dict(n=len(images), workers=images.workers, device=str(device), target_side=target)
+    t0 = time.perf_counter()
+    for _ in torch.utils.data.DataLoader(_PlainDecode(images.items, target), batch_size=batch_size,
+                                         num_workers=images.workers, collate_fn=list):
+        pass
+    out["baseline_decode_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decoded = list(images.decoded(batch_size, target=target, interp=interp, square=True))
+    out["decode_s"] = time.perf_counter() - t0
+    out["models"] = []
+    for m in models:
+        kw = preprocess_kw(m)
+        with _placed(m, device), torch.no_grad():
+            t0 = time.perf_counter()
+            for idx, ims in decoded:
+                m.forward_features(_preprocessed(images, idx, ims, kw).to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        out["models"].append(dict(spec=m.source.get("spec"), forward_img_s=n / (time.perf_counter() - t0)))
+    t0 = time.perf_counter()
+    compare_models(models, images, batch_size=batch_size, device=device, ci=0)
+    out["cka_s"] = time.perf_counter() - t0
+    out.update(baseline_img_s=n / out["baseline_decode_s"], decode_img_s=n / out["decode_s"],
+               cka_img_s=n / out["cka_s"], cka_over_baseline=out["cka_s"] / out["baseline_decode_s"])
+    return out
+
+
 def _bench_matmul(m: int, device, sync) -> float:
     """The achievable float32 matmul rate (FLOP/s, best of 5)."""
     a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
@@ -5766,6 +5867,22 @@ def _peak_rss() -> float:
 
 
 def _cmd_bench(args):
+    if args.data is not None:
+        images = load_images(args.data, args.n, 0, False, workers=args.workers)
+        models = _load_models(args) if args.models else None
+        r = bench_data(images, models, args.batch_size, args.device)
+        print(f"bench --data {args.data}: {r['n']} images, {r['workers']} decoding worker(s), shorter side "
+              f"{r['target_side']} px, {r['device']}")
+        print(f"  a plain DataLoader (decode + Pillow resize once): {r['baseline_decode_s']:.2f} s, "
+              f"{r['baseline_img_s']:.0f} img/s")
+        print(f"  ssl_repsim decoding:                              {r['decode_s']:.2f} s, {r['decode_img_s']:.0f} img/s")
+        for m in r["models"]:
+            print(f"  forward {m['spec']}: {m['forward_img_s']:.0f} img/s (decoded images in memory)")
+        print(f"  cka of the {len(r['models'])} models end to end: {r['cka_s']:.2f} s, {r['cka_img_s']:.0f} img/s = "
+              f"{r['cka_over_baseline']:.2f}× the plain DataLoader's decode time")
+        if args.out:
+            write_json(Path(args.out) / "bench_data.json", r)
+        return
     if args.peer:
         rows = _bench_peer(device=args.device)
         print(f"{'n':>6} {'ssl_repsim s':>12} {'pytorch-cka s':>13} {'ratio':>6} {'extra GB ours/peer':>19} "
@@ -5938,8 +6055,14 @@ def _add_registry_commands(sub):
     p = _subcommand(sub, "bench", _cmd_bench, "extraction and CKA speed on this machine, against the FLOP floor",
                     "Measures the matmul rate, ViT-B/16 extraction with and without hooks, and 12×12 all-pairs CKA "
                     "(d=768) for each estimator. Quick by default (n=1k).",
-                    ["bench", "bench --full --out results/bench", "bench --peer"])
+                    ["bench", "bench --full --out results/bench", "bench --data ~/imagenet/val --n 2000 --models mae dino",
+                     "bench --peer"])
     p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
+    p.add_argument("--data", help="an image folder: time decoding against a plain DataLoader, each model's forward "
+                                  "pass and the whole cka run")
+    p.add_argument("--models", nargs="*", default=[], help="with --data: the models to run (default: two tiny "
+                                                          "random ViTs, so that decoding dominates)")
+    _add_flags(p, "n", "workers", "batch_size", "weights_dir", "offline", "family", "num_heads", "act", "img_size")
     p.add_argument("--peer", action="store_true", help="debiased 12×12 maps side by side with pytorch-cka "
                    "(pip install pytorch-cka) at n = 1k, 2k, 4k, 10k: time, memory, error vs float64")
     _add_flags(p, "device", "out", *ALWAYS, out={"help": "also write bench.json here"})

@@ -310,8 +310,8 @@ def interp_grid(pos_patch, m, new, recipe):
 def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IMAGENET_STD, interp="bicubic",
                      pil=False):
     """Resize the shorter side to int(size / crop_pct) (long side keeps the aspect, here always an exact integer),
-    centre-crop size x size, normalise. img (3, H, W) uint8 or float in [0, 1]. pil: a shrinking resize done by
-    Pillow on the 8-bit image (Image.resize, antialiased), as the decoding workers do."""
+    centre-crop size x size, normalise. img (3, H, W) uint8 or float in [0, 1]. pil: the resize done by Pillow on
+    the 8-bit image (Image.resize, antialiased), as the decoding workers do."""
     x = img.double() / 255 if img.dtype == torch.uint8 else img.double()
     h, w = x.shape[-2:]
     s = int(size / crop_pct)
@@ -322,7 +322,7 @@ def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IM
     assert float(nh).is_integer() and float(nw).is_integer(), "choose sizes with an exact aspect"
     nh, nw = int(nh), int(nw)
     x = x.float()[None]
-    if pil and min(h, w) > s:
+    if pil and (nh, nw) != (h, w):
         from PIL import Image
         small = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((nw, nh), {"bicubic": 3, "bilinear": 2}[interp])
         x = torch.from_numpy(np.array(small)).permute(2, 0, 1).float()[None] / 255
@@ -5076,7 +5076,8 @@ OWN_OPTIONS = {"--tokens": {"cka", "probe", "knn", "gap", "report"}, "--estimato
                "--mae-mask-ratio": {"attention", "report"}, "--attention-images": {"attention", "report"},
                "--epochs": {"probe", "finetune", "info", "report"}, "--k": {"knn"}, "--method": {"probe"},
                "--blr": {"finetune"}, "--resume": {"finetune"}, "--model-point": {"cka"}, "--skip": {"report"},
-               "--data": set(SUBCOMMANDS) - {"list", "download", "bench", "weights"}}
+               "--data": set(SUBCOMMANDS) - {"list", "download", "weights"},
+               "--workers": set(SUBCOMMANDS) - {"list", "download", "weights"}}
 
 
 def test_cli_help_shows_own_options_defaults_and_examples():
