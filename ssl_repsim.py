@@ -2116,8 +2116,8 @@ class ImageSet:
         """Image i as a uint8 or float tensor (3, H, W); None if unreadable (counted, or an error when strict)."""
         if isinstance(self.items, torch.Tensor):
             return self.items[i]
-        _, im, err = _Decoder(self.items)[i]
-        return self._kept(i, im, err)
+        _, ims, err = _Decoder(self.items)[i]
+        return self._kept(i, ims[0] if ims else None, err)
 
     def _kept(self, i: int, im, err):
         """The image, or None for an unreadable one (recorded; an error under strict)."""
@@ -2127,30 +2127,30 @@ class ImageSet:
             self.unreadable.add(i)
         return im
 
-    def decoded(self, batch_size: int, start: int = 0, stop: int | None = None, target: int | None = None,
-                interp: str = "bicubic", group=None, square: bool = False):
-        """Batches (indices, images) of items[start:stop] — this process's whole batches under torch.distributed —
-        each image decoded once, by `workers` processes with prefetch: JPEG draft mode and a Pillow resize down to
-        the shorter side `target` where it is larger (the largest size any model of the run needs); `square`: to
-        exactly that side and centre-cropped, so a batch is one uint8 tensor. Unreadable images are left out of
-        every batch (recorded, or an error under strict)."""
+    def decoded(self, batch_size: int, start: int = 0, stop: int | None = None, targets=(), group=None):
+        """Batches (indices, [images per target]) of items[start:stop] — this process's whole batches under
+        torch.distributed — each image decoded once, by `workers` processes with prefetch, then resized in Pillow
+        to every target (side, interp, crop_mode) the models of the run need: the shorter side to `side` and the
+        centre side × side kept (center), or both sides to `side` (squash), stacked into one uint8 tensor per
+        target. No target: the decoded images themselves (a list). Unreadable images are left out of every batch
+        (recorded, or an error under strict)."""
         stop = len(self) if stop is None else stop
         rank, world = _rank_world(group)
         batches = [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)][rank::world]
         if isinstance(self.items, torch.Tensor):
             for idx in batches:
-                yield idx, self.items[idx[0]:idx[-1] + 1]
+                yield idx, [self.items[idx[0]:idx[-1] + 1]] * max(len(targets), 1)
             return
-        loader = torch.utils.data.DataLoader(_Decoder(self.items, target, interp, square), batch_sampler=batches,
+        loader = torch.utils.data.DataLoader(_Decoder(self.items, tuple(targets)), batch_sampler=batches,
                                              num_workers=self.workers, collate_fn=_collated,
                                              prefetch_factor=4 if self.workers else None)
         with _threads_beside(self.workers):
-            for idx, ims, errors in loader:
+            for idx, per_target, errors in loader:
                 for i, err in errors:
                     self._kept(i, None, err)
                 bad = {i for i, _ in errors}
                 if len(bad) < len(idx):
-                    yield [i for i in idx if i not in bad], ims
+                    yield [i for i in idx if i not in bad], per_target
 
 
 @contextlib.contextmanager
@@ -2167,55 +2167,58 @@ def _threads_beside(workers: int):
 
 
 class _Decoder(torch.utils.data.Dataset):
-    """Image i of a list of files as (i, uint8 (3, H, W) upright RGB, None), or (i, None, the error): an image
-    Pillow refuses, or one over its decompression-bomb limit, is unreadable. With `target`, JPEGs at least 8× larger
-    are decoded in draft mode (DCT scaling, both sides kept ≥ 4·target) and images resized in Pillow so their
-    shorter side is target (antialiased, `interp`)."""
+    """Image i of a list of files as (i, [uint8 (3, H, W) upright RGB per target], None), or (i, None, the error):
+    an image Pillow refuses, or one over its decompression-bomb limit, is unreadable. Each target (side, interp,
+    crop_mode) is one Pillow resize (antialiased) of the decoded image; JPEGs at least 8× the largest side are
+    decoded in draft mode (DCT scaling, both sides kept ≥ 4 × that side, where the resize hides it)."""
 
-    def __init__(self, paths, target: int | None = None, interp: str = "bicubic", square: bool = False):
-        self.paths, self.target, self.interp, self.square = paths, target, interp, square
+    def __init__(self, paths, targets=()):
+        self.paths, self.targets = paths, targets
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         Image = _pillow()
+        from PIL import ImageOps
+        largest = max((t[0] for t in self.targets), default=0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(self.paths[i]) as im:
-                    if self.target and im.format == "JPEG" and min(im.size) >= 8 * self.target:
-                        im.draft("RGB", (4 * self.target, 4 * self.target))   # keeps ≥ 4×: the resize hides it
-                    a = self._resized(im, Image)
+                    if largest and im.format == "JPEG" and min(im.size) >= 8 * largest:
+                        im.draft("RGB", (4 * largest, 4 * largest))
+                    im = ImageOps.exif_transpose(im)
+                    im = Image.fromarray(_rgb_uint8(im)) if im.mode in ("I", "F") or im.mode.startswith("I;16") \
+                        else im.convert("RGB")   # 16-bit and float images scaled to 8 bits, not clipped
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
             return i, None, _one_line(e)
-        t = self.target
-        if t and self.square:   # the centre t × t: every model's centre crop lies inside it
-            top, left = (a.shape[0] - t) // 2, (a.shape[1] - t) // 2
-            a = np.ascontiguousarray(a[top:top + t, left:left + t])
-        return i, torch.from_numpy(a).permute(2, 0, 1), None
+        if not self.targets:
+            return i, [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)], None
+        return i, [self._fitted(im, *t) for t in self.targets], None
 
-
-    def _resized(self, im, Image) -> np.ndarray:
-        """(H, W, 3) uint8, upright, resized in Pillow to the shorter side target (the sizes resize_crop_normalize
-        computes, so it has nothing left to resize) where larger, or always for square batches."""
-        from PIL import ImageOps
-        t = self.target
-        im = ImageOps.exif_transpose(im)
-        if im.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr", "LA", "PA", "1"):   # 16-bit, float: scaled
-            im = Image.fromarray(_rgb_uint8(im))
+    @staticmethod
+    def _fitted(im, side: int, interp: str, mode: str) -> torch.Tensor:
+        """side × side: both sides resized (squash), or the shorter side resized with the sizes resize_crop_normalize
+        computes and the centre kept, inside which every centre crop of that model lies."""
         w, h = im.size
-        if t and (min(h, w) > t or self.square and min(h, w) != t):
-            im = im.convert("RGB").resize((max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w))),
-                                          PIL_FILTERS[self.interp])
-        return np.array(im.convert("RGB"), dtype=np.uint8)
+        if mode == "squash":
+            size = (side, side)
+        else:
+            size = (max(side, int(w * side / h)), side) if h <= w else (side, max(side, int(h * side / w)))
+        a = np.array(im.resize(size, PIL_FILTERS[interp]) if size != (w, h) else im, dtype=np.uint8)
+        top, left = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
+        return torch.from_numpy(np.ascontiguousarray(a[top:top + side, left:left + side])).permute(2, 0, 1)
 
 
 def _collated(batch: list):
-    """(indices, images stacked into one uint8 tensor when they share a size, else a list, errors) of a batch."""
-    ims = [im for _, im, _ in batch if im is not None]
-    same = ims and all(im.shape == ims[0].shape for im in ims)
-    return [i for i, _, _ in batch], torch.stack(ims) if same else ims, [(i, e) for i, im, e in batch if im is None]
+    """(indices, per target the batch's images stacked into one uint8 tensor (a list when sizes differ), errors)."""
+    kept = [ims for _, ims, _ in batch if ims is not None]
+    per_target = []
+    for k in range(len(kept[0]) if kept else 0):
+        ims = [x[k] for x in kept]
+        per_target.append(torch.stack(ims) if all(im.shape == ims[0].shape for im in ims) else ims)
+    return [i for i, _, _ in batch], per_target, [(i, e) for i, ims, e in batch if ims is None]
 
 
 def _rgb_uint8(im) -> np.ndarray:
@@ -2400,14 +2403,12 @@ def preprocess_kw(model: ViT) -> dict:
                 crop_mode=pp.get("crop_mode", "center"))
 
 
-def _decode_target(models) -> tuple[int, str]:
-    """The largest shorter side any of the models resizes to, and that model's interpolation."""
-    kws = [preprocess_kw(m) for m in models]
-    k = max(kws, key=lambda kw: int(kw["size"] / kw["crop_pct"]))
-    return int(k["size"] / k["crop_pct"]), k["interp"]
+def _decode_target(kw: dict) -> tuple[int, str, str]:
+    """The Pillow resize a model's preprocessing starts with: (side, interpolation, crop mode)."""
+    return int(kw["size"] / kw["crop_pct"]), kw["interp"], kw["crop_mode"]
 
 
-def _preprocessed(images: ImageSet, idx, ims, kw) -> torch.Tensor:
+def _preprocessed(ims, kw) -> torch.Tensor:
     if isinstance(ims, torch.Tensor):
         return resize_crop_normalize(ims, **kw)
     return torch.stack([resize_crop_normalize(im, **kw) for im in ims])
@@ -2415,17 +2416,16 @@ def _preprocessed(images: ImageSet, idx, ims, kw) -> torch.Tensor:
 
 def shared_batches(models, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None,
                    group=None):
-    """Per decoded batch, [(x, y) for each model]: every image decoded once for all models, then resized, cropped
-    and normalised as each model's registry row says (this process's batches under torch.distributed)."""
-    target, interp = _decode_target(models)
+    """Per decoded batch, [(x, y) for each model]: every image decoded once for all models and resized in Pillow
+    once per distinct preprocessing, then cropped and normalised as each model's registry row says (models
+    preprocessed alike share one tensor; this process's batches under torch.distributed)."""
     kws = [preprocess_kw(m) for m in models]
-    square = all(kw["crop_mode"] == "center" for kw in kws)   # squash needs the whole image
-    for idx, ims in images.decoded(batch_size, start, stop, target, interp, group, square):
+    keys = list(dict.fromkeys(repr(kw) for kw in kws))
+    of_key = {repr(kw): kw for kw in kws}
+    targets = [_decode_target(of_key[k]) for k in keys]
+    for idx, per_target in images.decoded(batch_size, start, stop, targets, group):
         y = images.labels[idx] if images.labels is not None else None
-        done = {}   # models preprocessed alike share one tensor
-        for kw in kws:
-            if repr(kw) not in done:
-                done[repr(kw)] = _preprocessed(images, idx, ims, kw)
+        done = {k: _preprocessed(ims, of_key[k]) for k, ims in zip(keys, per_target, strict=True)}
         yield [(done[repr(kw)], y) for kw in kws]
 
 
@@ -5713,7 +5713,8 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
     device = as_device(device)
     models = models or [ViT(ViTConfig(embed_dim=32, depth=1, num_heads=1, mlp_hidden=64, family="tiny"))
                         for _ in range(2)]
-    target, interp = _decode_target(models)
+    kws = [preprocess_kw(m) for m in models]
+    target = max(_decode_target(kw)[0] for kw in kws)
     n, out = len(images), dict(n=len(images), workers=images.workers, device=str(device), target_side=target)
     t0 = time.perf_counter()
     for _ in torch.utils.data.DataLoader(_PlainDecode(images.items, target), batch_size=batch_size,
@@ -5721,15 +5722,14 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
         pass
     out["baseline_decode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    decoded = list(images.decoded(batch_size, target=target, interp=interp, square=True))
+    decoded = list(images.decoded(batch_size, targets=[_decode_target(kw) for kw in kws]))
     out["decode_s"] = time.perf_counter() - t0
     out["models"] = []
-    for m in models:
-        kw = preprocess_kw(m)
+    for k, (m, kw) in enumerate(zip(models, kws, strict=True)):
         with _placed(m, device), torch.no_grad():
             t0 = time.perf_counter()
-            for idx, ims in decoded:
-                m.forward_features(_preprocessed(images, idx, ims, kw).to(device))
+            for _, per_target in decoded:
+                m.forward_features(_preprocessed(per_target[k], kw).to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         out["models"].append(dict(spec=m.source.get("spec"), forward_img_s=n / (time.perf_counter() - t0)))

@@ -3505,6 +3505,88 @@ def test_tensor_file_classes_are_the_distinct_labels(tmp_path):
     assert images.classes == ["7", str(10 ** 12)] and images.labels.tolist() == [1, 0, 0, 1]
 
 
+# --- decoding once for every model: workers, Pillow resizing, unreadable images ---------------------------------------
+
+def jpeg_folder(root, n=12, seed=7):
+    """Photos-like JPEGs of several sizes (smooth colour fields with noise), in two class folders."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        h, w = [(90, 120), (120, 90), (100, 100), (75, 150)][k % 4]
+        base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        arr = np.clip(np.asarray(base).astype(int) + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        path = root / ("x" if k % 2 else "y") / f"{k:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path, quality=92)
+        out.append(path)
+    return out
+
+
+def two_tiny_models():
+    a, b = tiny_model(0, perturb=True), tiny_model(1, perturb=True, img_size=48)
+    b.preprocess = dict(b.preprocess, crop_pct=1.0, interp="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+    return a, b
+
+
+def test_worker_processes_give_the_features_of_in_process_decoding(tmp_path):
+    jpeg_folder(tmp_path / "d")
+    models = two_tiny_models()
+    feats = {}
+    for workers in (0, 2):
+        images = sr.load_images(tmp_path / "d", workers=workers)
+        feats[workers] = sr.extract_many(list(models), images, [None, None], "flat", batch_size=5, device="cpu")
+    for a, b in zip(feats[0], feats[2], strict=True):
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_image_is_opened_once_for_all_models(tmp_path, monkeypatch):
+    from PIL import Image
+    jpeg_folder(tmp_path / "d")
+    opened = []
+    real = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real(fp, *a, **k))
+    images = sr.load_images(tmp_path / "d")            # workers=0: every open happens here, where it is counted
+    res = sr.compare_models(list(two_tiny_models()), images, estimator="debiased", batch_size=5, ci=0)
+    assert sorted(opened) == sorted(map(str, images.items)) and res["n"] == 12
+
+
+def test_an_unreadable_image_is_dropped_for_every_model(tmp_path):
+    good = folder_with_corrupt_image(tmp_path / "d")
+    images = sr.load_images(tmp_path / "d", workers=2)
+    fa, fb = sr.extract_many(list(two_tiny_models()), images, [None, None], "cls", batch_size=4, device="cpu")
+    assert images.skipped == 1 and len(fa["blocks.0"]) == len(fb["blocks.0"]) == len(good)
+    with pytest.raises(sr.UsageError) as e:
+        strict = sr.load_images(tmp_path / "d", strict=True, workers=2)
+        sr.extract_many(list(two_tiny_models()), strict, [None, None], "cls", batch_size=4, device="cpu")
+    assert "zz_corrupt.png" in str(e.value)
+
+
+def test_pillow_resizing_stays_within_one_grey_level_of_the_torch_reference(tmp_path):
+    """Decoded and resized by Pillow in the workers (to the largest size any model needs), then cropped and
+    normalised per model: against naive_preprocess (torch's antialiased resize from the full image)."""
+    paths = jpeg_folder(tmp_path / "d", n=4)
+    images = sr.load_images(tmp_path / "d", workers=0)
+    models = two_tiny_models()
+    batches = list(sr.shared_batches(list(models), images, batch_size=4))
+    from PIL import Image
+    for k, m in enumerate(models):
+        pp = m.preprocess
+        x = batches[0][k][0]
+        for row, path in enumerate(sorted(paths)):
+            img = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+            ref = naive_preprocess(img, m.input_size, pp["crop_pct"], pp["mean"], pp["std"], pp["interp"])
+            levels = ((x[row] - ref) * torch.tensor(pp["std"]).view(3, 1, 1) * 255).abs()
+            assert levels.max() <= 1.5 and (levels > 1).double().mean() < 1e-3, (k, row, float(levels.max()))
+
+
+def test_bench_data_reports_each_stage(tmp_path):
+    jpeg_folder(tmp_path / "d")
+    r = sr.bench_data(sr.load_images(tmp_path / "d", workers=0), list(two_tiny_models()), batch_size=4)
+    assert r["n"] == 12 and r["target_side"] == 48 and len(r["models"]) == 2
+    assert all(r[k] > 0 for k in ("baseline_decode_s", "decode_s", "cka_s", "cka_over_baseline"))
+
+
 # ======================================================================================================================
 # 5. Extraction: token reductions, forms of input, named point sets, feature cache
 # ======================================================================================================================
