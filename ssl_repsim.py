@@ -2130,10 +2130,9 @@ class ImageSet:
     def decoded(self, batch_size: int, start: int = 0, stop: int | None = None, targets=(), group=None):
         """Batches (indices, [images per target]) of items[start:stop] — this process's whole batches under
         torch.distributed — each image decoded once, by `workers` processes with prefetch, then resized in Pillow
-        to every target (side, interp, crop_mode) the models of the run need: the shorter side to `side` and the
-        centre side × side kept (center), or both sides to `side` (squash), stacked into one uint8 tensor per
-        target. No target: the decoded images themselves (a list). Unreadable images are left out of every batch
-        (recorded, or an error under strict)."""
+        and cropped for every target (side, interp, crop_mode, crop) the models of the run need (_Decoder._fitted),
+        stacked into one uint8 tensor per target. No target: the decoded images themselves (a list). Unreadable
+        images are left out of every batch (recorded, or an error under strict)."""
         stop = len(self) if stop is None else stop
         rank, world = _rank_world(group)
         batches = [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)][rank::world]
@@ -2169,7 +2168,8 @@ def _threads_beside(workers: int):
 class _Decoder(torch.utils.data.Dataset):
     """Image i of a list of files as (i, [uint8 (3, H, W) upright RGB per target], None), or (i, None, the error):
     an image Pillow refuses, or one over its decompression-bomb limit, is unreadable. Each target (side, interp,
-    crop_mode) is one Pillow resize (antialiased) of the decoded image; JPEGs at least 8× the largest side are
+    crop_mode, crop) is one Pillow resize (antialiased) of the decoded image and a crop; JPEGs at least 8× the largest
+    side are
     decoded in draft mode (DCT scaling, both sides kept ≥ 4 × that side, where the resize hides it)."""
 
     def __init__(self, paths, targets=()):
@@ -2198,17 +2198,17 @@ class _Decoder(torch.utils.data.Dataset):
         return i, [self._fitted(im, *t) for t in self.targets], None
 
     @staticmethod
-    def _fitted(im, side: int, interp: str, mode: str) -> torch.Tensor:
-        """side × side: both sides resized (squash), or the shorter side resized with the sizes resize_crop_normalize
-        computes and the centre kept, inside which every centre crop of that model lies."""
+    def _fitted(im, side: int, interp: str, mode: str, crop: int) -> torch.Tensor:
+        """The model's input before normalisation: both sides resized to `side` (squash), or the shorter side with
+        the sizes resize_crop_normalize computes; then its centre crop × crop, as resize_crop_normalize places it."""
         w, h = im.size
         if mode == "squash":
             size = (side, side)
         else:
             size = (max(side, int(w * side / h)), side) if h <= w else (side, max(side, int(h * side / w)))
         a = np.array(im.resize(size, PIL_FILTERS[interp]) if size != (w, h) else im, dtype=np.uint8)
-        top, left = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
-        return torch.from_numpy(np.ascontiguousarray(a[top:top + side, left:left + side])).permute(2, 0, 1)
+        top, left = (a.shape[0] - crop) // 2, (a.shape[1] - crop) // 2
+        return torch.from_numpy(np.ascontiguousarray(a[top:top + crop, left:left + crop])).permute(2, 0, 1)
 
 
 def _collated(batch: list):
@@ -2403,12 +2403,18 @@ def preprocess_kw(model: ViT) -> dict:
                 crop_mode=pp.get("crop_mode", "center"))
 
 
-def _decode_target(kw: dict) -> tuple[int, str, str]:
-    """The Pillow resize a model's preprocessing starts with: (side, interpolation, crop mode)."""
-    return int(kw["size"] / kw["crop_pct"]), kw["interp"], kw["crop_mode"]
+def _decode_target(kw: dict) -> tuple[int, str, str, int]:
+    """The Pillow resize and crop a model's preprocessing starts with: (side, interpolation, crop mode, crop)."""
+    return int(kw["size"] / kw["crop_pct"]), kw["interp"], kw["crop_mode"], kw["size"]
 
 
-def _preprocessed(ims, kw) -> torch.Tensor:
+def _preprocessed(ims, kw, fitted: bool = False) -> torch.Tensor:
+    """Model input from raw images (resized, cropped, normalised), or from images the decoder fitted already
+    (normalised only)."""
+    if fitted:
+        m, s = torch.tensor(kw["mean"]).view(1, 3, 1, 1), torch.tensor(kw["std"]).view(1, 3, 1, 1)
+        x = ims if isinstance(ims, torch.Tensor) else torch.stack(ims)
+        return (x.float().div_(255) - m).div_(s)
     if isinstance(ims, torch.Tensor):
         return resize_crop_normalize(ims, **kw)
     return torch.stack([resize_crop_normalize(im, **kw) for im in ims])
@@ -2425,7 +2431,8 @@ def shared_batches(models, images: ImageSet, batch_size: int = 64, start: int = 
     targets = [_decode_target(of_key[k]) for k in keys]
     for idx, per_target in images.decoded(batch_size, start, stop, targets, group):
         y = images.labels[idx] if images.labels is not None else None
-        done = {k: _preprocessed(ims, of_key[k]) for k, ims in zip(keys, per_target, strict=True)}
+        fitted = not isinstance(images.items, torch.Tensor)   # files: the decoder resized and cropped them
+        done = {k: _preprocessed(ims, of_key[k], fitted) for k, ims in zip(keys, per_target, strict=True)}
         yield [(done[repr(kw)], y) for kw in kws]
 
 
@@ -5729,7 +5736,7 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
         with _placed(m, device), torch.no_grad():
             t0 = time.perf_counter()
             for _, per_target in decoded:
-                m.forward_features(_preprocessed(per_target[k], kw).to(device))
+                m.forward_features(_preprocessed(per_target[k], kw, fitted=True).to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         out["models"].append(dict(spec=m.source.get("spec"), forward_img_s=n / (time.perf_counter() - t0)))
