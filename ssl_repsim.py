@@ -3517,26 +3517,33 @@ def standardize(train: torch.Tensor, *others):
 
 
 def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.Tensor, max_iter: int = 500,
-                 history: int = 10, tol: float = 1e-4):
+                 history: int = 10, tol: float = 1e-4, gram: int = 0):
     """Multinomial logistic regression for a stack of independent problems xs (P, n, d) with L2 penalties wd (P,):
     minimise CE(x_p W_p + b_p, y) + wd_p ‖W_p‖² for every p at once by L-BFGS (Nocedal & Wright 2006, alg. 7.4)
     whose two-loop recursion, curvature pairs and Armijo backtracking are all per problem, so the batch converges
-    as P separate solvers would."""
+    as P separate solvers would. gram = d: xs holds the scaled Grams K = X Xᵀ / d (P, n, n) of d-dimensional
+    features and the problem is solved in the dual variables A, W = Xᵀ A / d (the minimiser lies in the span of
+    the samples; ‖W‖² = tr(AᵀKA) / d): the same problem in n·C unknowns instead of d·C, on entries of order one;
+    returns (A, b), logits = K(test, train) A + b."""
     P, n, d = xs.shape
     C = num_classes
     target = y.to(xs.device).repeat(P)
-    wd = wd.to(xs.device, xs.dtype)
+    wd = wd.to(xs.device, xs.dtype) / (gram or 1)
+    dual, K, m = bool(gram), xs, d
+    tol = tol / math.sqrt(gram) if gram else tol   # ∂/∂A = X ∂/∂W / d, of norm ‖∂/∂W‖ / √d: the primal's criterion
 
     def loss_grad(x):
         x = x.detach().requires_grad_(True)
-        w, b = x[:, :d * C].view(P, d, C), x[:, d * C:].view(P, 1, C)
+        a, b = x[:, :m * C].view(P, m, C), x[:, m * C:].view(P, 1, C)
         with torch.enable_grad():
-            ce = F.cross_entropy(torch.baddbmm(b, xs, w).reshape(P * n, C), target, reduction="none").view(P, n)
-            losses = ce.mean(1) + wd * w.square().sum((1, 2))
+            logits = torch.baddbmm(b, K if dual else xs, a)
+            ce = F.cross_entropy(logits.reshape(P * n, C), target, reduction="none").view(P, n)
+            penalty = (a * torch.bmm(K, a)).sum((1, 2)) if dual else a.square().sum((1, 2))   # ‖W‖² = tr(AᵀKA)
+            losses = ce.mean(1) + wd * penalty
             (g,) = torch.autograd.grad(losses.sum(), x)
         return losses.detach(), g
 
-    x = torch.zeros(P, d * C + C, device=xs.device, dtype=xs.dtype)
+    x = torch.zeros(P, m * C + C, device=xs.device, dtype=xs.dtype)
     f, g = loss_grad(x)
     pairs = []   # the last `history` curvature pairs (s, y, 1/sᵀy) of every problem
     for _ in range(max_iter):
@@ -3550,7 +3557,7 @@ def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.
         sy = _dot(s, yv)
         pairs.append((s, yv, torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), torch.zeros_like(sy))))
         del pairs[:-history]
-    return x[:, :d * C].view(P, d, C), x[:, d * C:].view(P, 1, C)
+    return x[:, :m * C].view(P, m, C), x[:, m * C:].view(P, 1, C)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -3608,12 +3615,13 @@ def _stack_groups(layers: dict[str, torch.Tensor]) -> dict[int, list[str]]:
 
 def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_decays=WEIGHT_DECAYS,
                  val_fraction: float = 0.2, max_iter: int = 500, seed: int = 0, device=None, method: str = "lbfgs",
-                 **mae_opts) -> dict:
+                 progress: bool = False, dual: bool | None = None, **mae_opts) -> dict:
     """{layer: {"top1", "top5" (with ≥ 5 classes), "weight_decay"}}: test accuracy of one linear classifier per layer.
     Features are standardised on the training set; the L2 weight decay is chosen per layer on a held-out part of
     the training set (never on test), then the classifier is refit on the whole training set; `weight_decay`
-    fixes it (a float) or gives the grid (a list). method="mae" runs MAE's protocol instead (affine-free
-    BatchNorm, LARS, warmup + cosine; see mae_linear_probe)."""
+    fixes it (a float) or gives the grid (a list). Where d > n (or dual=True) each problem is solved in its dual
+    on the n × n Gram: the same classifiers, at a cost that does not grow with d. method="mae" runs MAE's protocol
+    instead (affine-free BatchNorm, LARS, warmup + cosine; see mae_linear_probe)."""
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     if method == "mae":
         return mae_linear_probe(train, y_train, test, y_test, seed=seed, device=device, **mae_opts)
@@ -3631,24 +3639,45 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
     wds = torch.tensor(weight_decays, dtype=torch.float64)
     out = {}
-    for d, names in _stack_groups(train).items():
+    groups = _stack_groups(train)
+    unknowns = sum(len(v) * min(d, len(y_train)) for d, v in groups.items()) * C * (len(wds) + 1)
+    bar = Progress(len(train), "linear probe", enabled=progress and unknowns > 1e7, unit="layer")
+    if unknowns > 1e7:
+        log.info(f"linear probe: {len(train)} layers × {len(wds)} weight decays, n = {len(y_train)}, "
+                 f"{unknowns:.1e} unknowns in all (d > n: solved in the dual)")
+    for d, names in groups.items():
         step = max(1, int(2e8 // max(len(y_train) * max(C, d) * len(wds), 1)))
         for s in range(0, len(names), step):
             chunk = names[s:s + step]
             tr, te = _stacked_standardized(train, test, chunk, device)
+            rows, against = _probe_inputs(tr, te, d > len(fit_idx) if dual is None else dual)   # Grams if d > n
+            dual = d if rows is not tr else 0
             if n_val:
-                xs = tr[:, fit_idx].repeat_interleave(len(wds), 0)
-                w, b = _fit_softmax(xs, y_train[fit_idx], C, wds.repeat(len(chunk)), max_iter)
-                logits = torch.baddbmm(b, tr[:, val_idx].repeat_interleave(len(wds), 0), w)
+                fit = rows[:, fit_idx][:, :, fit_idx] if dual else rows[:, fit_idx]
+                w, b = _fit_softmax(fit.repeat_interleave(len(wds), 0), y_train[fit_idx], C, wds.repeat(len(chunk)),
+                                    max_iter, gram=dual)
+                held = rows[:, val_idx][:, :, fit_idx] if dual else rows[:, val_idx]
+                logits = torch.baddbmm(b, held.repeat_interleave(len(wds), 0), w)
                 acc = (logits.argmax(-1).cpu() == y_train[val_idx]).float().mean(1).view(len(chunk), len(wds))
                 best = wds[acc.argmax(1)]  # first (smallest) decay among the best on held-out data
             else:
                 best = wds[:1].repeat(len(chunk))
-            w, b = _fit_softmax(tr, y_train, C, best, max_iter)
-            logits = torch.baddbmm(b, te, w).cpu()
+            w, b = _fit_softmax(rows, y_train, C, best, max_iter, gram=dual)
+            logits = torch.baddbmm(b, against, w).cpu()
             for i, k in enumerate(chunk):
                 out[k] = dict(accuracies(logits[i], y_test, C), weight_decay=float(best[i]))
+            bar.update(len(chunk))
+    bar.close()
     return {k: out[k] for k in train}
+
+
+def _probe_inputs(tr: torch.Tensor, te: torch.Tensor, dual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the classifier is fitted on, what it is applied to): the features, or where d > n the Grams
+    tr trᵀ / d and te trᵀ / d, on which the dual problem is solved (see _fit_softmax)."""
+    if not dual:
+        return tr, te
+    d = tr.shape[-1]
+    return torch.bmm(tr, tr.transpose(1, 2)) / d, torch.bmm(te, tr.transpose(1, 2)) / d
 
 
 def accuracies(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:

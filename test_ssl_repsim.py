@@ -4090,6 +4090,28 @@ def test_cli_cka_records_an_unbiased_estimator_and_intervals_that_narrow_with_n(
 # 7. Probes: linear probes, concatenated layers, MLP probes, weighted k-NN
 # ======================================================================================================================
 
+def test_linear_probe_in_the_dual_equals_the_primal_where_d_exceeds_n():
+    """d > n: the probe solves for A with W = Xᵀ A / d on the scaled Gram: the same regularised optimum as the
+    primal problem in W — the same W and predictions once both converge, and the probe's dual at its default
+    tolerance within one test sample of that optimum."""
+    g = torch.Generator().manual_seed(11)
+    n, d, C = 40, 600, 4
+    centers = 0.15 * torch.randn(C, d, generator=g)
+    y, yt = torch.arange(n) % C, torch.arange(300) % C
+    x, xt = sr.standardize(centers[y] + torch.randn(n, d, generator=g), centers[yt] + torch.randn(300, d, generator=g))
+    xs, ts = x.double()[None].contiguous(), xt.double()[None].contiguous()
+    k, kt = xs @ xs.transpose(1, 2) / d, ts @ xs.transpose(1, 2) / d
+    for decay in (1e-4, 1e-2):
+        wd = torch.tensor([decay], dtype=torch.float64)
+        w, b = sr._fit_softmax(xs, y, C, wd, max_iter=20000, tol=1e-9)
+        a, b2 = sr._fit_softmax(k, y, C, wd, max_iter=20000, tol=1e-9, gram=d)
+        assert (xs.transpose(1, 2) @ a / d - w).norm() / w.norm() < 1e-5 and (b2 - b).abs().max() < 1e-4
+        optimum = int((torch.baddbmm(b, ts, w).argmax(-1) == yt).sum())
+        assert int((torch.baddbmm(b2, kt, a).argmax(-1) == yt).sum()) == optimum
+        probe = sr.linear_probe({"f": x}, y, {"f": xt}, yt, weight_decay=decay)    # d > n: the dual path
+        assert abs(probe["f"]["top1"] * 300 - optimum) <= 1 + 1e-4, (decay, probe, optimum)
+
+
 def test_linear_probe_separable_vs_noise():
     g = torch.Generator().manual_seed(20)
     centers = 6.0 * torch.randn(5, 16, generator=g)
