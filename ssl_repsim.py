@@ -3651,24 +3651,28 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
             chunk = names[s:s + step]
             tr, te = _stacked_standardized(train, test, chunk, device)
             rows, against = _probe_inputs(tr, te, d > len(fit_idx) if dual is None else dual)   # Grams if d > n
-            dual = d if rows is not tr else 0
-            if n_val:
-                fit = rows[:, fit_idx][:, :, fit_idx] if dual else rows[:, fit_idx]
-                w, b = _fit_softmax(fit.repeat_interleave(len(wds), 0), y_train[fit_idx], C, wds.repeat(len(chunk)),
-                                    max_iter, gram=dual)
-                held = rows[:, val_idx][:, :, fit_idx] if dual else rows[:, val_idx]
-                logits = torch.baddbmm(b, held.repeat_interleave(len(wds), 0), w)
-                acc = (logits.argmax(-1).cpu() == y_train[val_idx]).float().mean(1).view(len(chunk), len(wds))
-                best = wds[acc.argmax(1)]  # first (smallest) decay among the best on held-out data
-            else:
-                best = wds[:1].repeat(len(chunk))
-            w, b = _fit_softmax(rows, y_train, C, best, max_iter, gram=dual)
+            gram = d if rows is not tr else 0
+            best = _chosen_decays(rows, y_train, fit_idx, val_idx, C, wds, max_iter, gram) if n_val else \
+                wds[:1].repeat(len(chunk))
+            w, b = _fit_softmax(rows, y_train, C, best, max_iter, gram=gram)
             logits = torch.baddbmm(b, against, w).cpu()
             for i, k in enumerate(chunk):
                 out[k] = dict(accuracies(logits[i], y_test, C), weight_decay=float(best[i]))
             bar.update(len(chunk))
     bar.close()
     return {k: out[k] for k in train}
+
+
+def _chosen_decays(rows, y, fit_idx, val_idx, C, wds, max_iter, gram) -> torch.Tensor:
+    """Per problem, the weight decay whose classifier (fitted on fit_idx) is most accurate on val_idx; the first
+    (smallest) among ties."""
+    P = len(rows)
+    fit = rows[:, fit_idx][:, :, fit_idx] if gram else rows[:, fit_idx]
+    w, b = _fit_softmax(fit.repeat_interleave(len(wds), 0), y[fit_idx], C, wds.repeat(P), max_iter, gram=gram)
+    held = rows[:, val_idx][:, :, fit_idx] if gram else rows[:, val_idx]
+    logits = torch.baddbmm(b, held.repeat_interleave(len(wds), 0), w)
+    acc = (logits.argmax(-1).cpu() == y[val_idx]).float().mean(1).view(P, len(wds))
+    return wds[acc.argmax(1)]
 
 
 def _probe_inputs(tr: torch.Tensor, te: torch.Tensor, dual: bool) -> tuple[torch.Tensor, torch.Tensor]:
