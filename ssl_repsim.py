@@ -2690,6 +2690,109 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
     return out
 
 
+def sample_ids(images: ImageSet) -> list[str]:
+    """Stable ids of the images that were read: paths relative to the folder, or row indices of tensor data."""
+    keep = [i for i in range(len(images)) if i not in images.unreadable]
+    if isinstance(images.items, torch.Tensor):
+        return [str(i) for i in keep]
+    root = Path(images.name)
+    return [str(Path(images.items[i]).relative_to(root)) if root.is_dir() and Path(images.items[i]).is_relative_to(root)
+            else str(images.items[i]) for i in keep]
+
+
+FEATURES_FORMAT = "ssl_repsim-features"
+
+
+def save_features(path, feats: dict, ids: list[str], labels=None, meta: dict | None = None) -> Path:
+    """A feature file: safetensors of {point: (n, d)} (and `labels`), the sample ids, point order and `meta` in its
+    metadata; written whole or not at all."""
+    from safetensors.torch import save as st_save
+    tensors = {k: v.detach().float().contiguous() for k, v in feats.items()}
+    if labels is not None:
+        tensors["labels"] = torch.as_tensor(labels).long().contiguous()
+    doc = dict(format=FEATURES_FORMAT, sample_ids=list(ids), points=list(feats), meta=meta or {}, version=__version__)
+    return atomic_write(path, st_save(tensors, metadata={"ssl_repsim": json.dumps(doc, default=_jsonable)}))
+
+
+def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
+    """({point: (n, d)}, sample ids, metadata) of a feature file: ours, or any .safetensors / .npz / .pt holding
+    {point: (n, d)} and `sample_ids` (strings or integers); one line for anything else."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+        meta = {}
+    elif path.suffix == ".safetensors" or path.suffix in (".pt", ".pth"):
+        raw, meta = read_checkpoint(path)
+        meta = json.loads(meta["ssl_repsim"]) if isinstance(meta.get("ssl_repsim"), str) else meta
+    else:
+        raise UsageError(f"{path}: feature files are .safetensors, .npz or .pt")
+    ids = meta.get("sample_ids", raw.pop("sample_ids", None)) if isinstance(meta, dict) else raw.pop("sample_ids", None)
+    raw.pop("sample_ids", None)
+    raw.pop("labels", None)
+    if ids is None:
+        raise UsageError(f"{path}: a feature file needs sample_ids (one per row) beside its {{point: (n, d)}} arrays")
+    ids = [str(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    order = meta.get("points") if isinstance(meta.get("points"), list) else list(raw)
+    feats = {}
+    for k in order:
+        v = raw.get(k)
+        v = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        if not isinstance(v, torch.Tensor) or v.ndim != 2 or len(v) != len(ids) or not v.is_floating_point():
+            raise UsageError(f"{path}: {k!r} is not an (n, d) float array with one row per sample id ({len(ids)})")
+        feats[k] = v.float()
+    if not feats or len(set(ids)) != len(ids):
+        raise UsageError(f"{path}: {'no feature arrays' if not feats else 'repeated sample ids'}")
+    return feats, ids, meta.get("meta", {}) if isinstance(meta.get("meta"), dict) else {}
+
+
+def is_feature_file(spec) -> bool:
+    """Whether a model argument names a feature file rather than a checkpoint: an .npz, ours, or a safetensors /
+    torch file holding sample_ids."""
+    path = Path(str(spec))
+    if not path.is_file() or path.suffix not in (".npz", ".safetensors", ".pt", ".pth"):
+        return False
+    if path.suffix == ".npz":
+        return True
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with contextlib.suppress(Exception), safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return FEATURES_FORMAT in meta.get("ssl_repsim", "") or "sample_ids" in meta or \
+                "sample_ids" in f.keys()  # noqa: SIM118 - a safe_open handle has keys(), not __contains__
+        return False
+    obj, _ = read_checkpoint(path)
+    return "sample_ids" in obj
+
+
+def aligned_features(sets: list[tuple[str, dict, list[str]]], align: bool) -> tuple[list[dict], list[str]]:
+    """The feature sets on one list of samples: identical ids in identical order, or with align=True the ids
+    they share, in the first set's order; a one-line error naming the first mismatch otherwise."""
+    (name0, _, ids0), *rest = sets
+    if not align:
+        for name, _, ids in rest:
+            if ids != ids0:
+                k = next((i for i, (a, b) in enumerate(zip(ids0, ids, strict=False)) if a != b),
+                         min(len(ids0), len(ids)))
+                first = f"row {k}: {ids0[k] if k < len(ids0) else '(none)'!r} vs {ids[k] if k < len(ids) else '(none)'!r}"
+                raise UsageError(f"{name0} and {name} hold different samples ({len(ids0)} vs {len(ids)} rows; first "
+                                 f"difference at {first}): pass --align to match them by id")
+        return [f for _, f, _ in sets], ids0
+    common = set(ids0).intersection(*(set(ids) for _, _, ids in rest))
+    keep = [i for i in ids0 if i in common]
+    if len(keep) < 4:
+        raise UsageError(f"--align: only {len(keep)} sample ids are common to all inputs")
+    dropped = sum(len(ids) for _, _, ids in sets) - len(keep) * len(sets)
+    if dropped:
+        log.warning(f"notice: --align: {dropped} row(s) whose id is not in every input left out; {len(keep)} kept")
+    out = []
+    for _, f, ids in sets:
+        where = {i: r for r, i in enumerate(ids)}
+        rows = torch.tensor([where[i] for i in keep])
+        out.append({k: v[rows] for k, v in f.items()})
+    return out, keep
+
+
 def images_fingerprint(images: ImageSet) -> str:
     """A digest of exactly which images (and labels) an ImageSet holds: each file's path, size and modification
     time (an edited, replaced or newly readable file changes it), or the tensor's bytes."""
@@ -3361,6 +3464,27 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     return out
 
 
+def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=None, kernel="linear",
+                     rbf_threshold=1.0, model_point: str | None = None, ci: float = 0.95) -> dict:
+    """compare_models() for features already extracted (each a {point: (n, d)} dict on the same samples in the same
+    order, see aligned_features): the debiased estimator unless `estimator` = "biased"."""
+    estimator = {None: "debiased", "auto": "debiased", "full": "biased"}.get(estimator, estimator)
+    if estimator not in ("biased", "debiased"):
+        raise UsageError(f"features in memory: --estimator biased or debiased (auto = debiased), not {estimator}")
+    if not 0 <= ci < 1:
+        raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
+    names = [list(f) for f in feature_sets]
+    n = len(next(iter(feature_sets[0].values())))
+    _check_n(n, estimator == "debiased")
+    pairs = [(i, j) for i in range(len(specs)) for j in range(i + 1, len(specs))]
+    maps, spreads, n = _maps_of_features(feature_sets, specs, pairs, kernel, estimator == "debiased", rbf_threshold,
+                                         ci > 0)
+    at = [_point_index(nm, model_point) for nm in names]
+    return dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
+                model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
+                batch_size=None, ci=ci or None, interval="infinitesimal jackknife over images" if ci else None)
+
+
 def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
     """CKA between every two models at their `at` points (1 on the diagonal), with intervals."""
     matrix = torch.eye(len(specs), dtype=torch.float64)
@@ -3442,9 +3566,14 @@ def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel,
                      batch_size, device, dtype, progress, group) -> tuple[dict, dict, int]:
     feats = cached_extract_many(models, images, names, tokens, cache_dir=cache_dir, batch_size=batch_size,
                                 device=device, dtype=dtype, progress=progress, group=group)
+    return _maps_of_features(feats, [m.source["spec"] for m in models], pairs, kernel, debiased, rbf_threshold,
+                             spread)
+
+
+def _maps_of_features(feats, specs, pairs, kernel, debiased, rbf_threshold, spread) -> tuple[dict, dict, int]:
     maps, spreads = {}, {}
     for i, j in pairs:
-        with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
+        with _logged_warnings(f"{specs[i]} vs {specs[j]}: "):
             maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=debiased,
                                       rbf_threshold=rbf_threshold)
         fits = maps[(i, j)].numel() * len(next(iter(feats[i].values()))) * 4 <= GRAM_BUDGET_BYTES
@@ -5446,25 +5575,31 @@ def _cmd_cka(args):
     if len(args.models) < 2:
         raise UsageError("cka needs at least two models")
     t0 = time.time()
-    models = _load_models(args)
-    images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
-    res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
-                         kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
-                         device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
-                         model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed)
-    if images.skipped:
-        log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
+    if any(is_feature_file(spec) for spec in args.models):
+        res, models_meta, data_meta = _cka_of_feature_files(args)
+        n_models = len(args.models)
+    else:
+        models = _load_models(args)
+        images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
+        res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
+                             kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
+                             device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
+                             model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed)
+        if images.skipped:
+            log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
+        models_meta, n_models = [_model_meta(m) for m in models], len(models)
+        data_meta = dict(source=str(args.data), name=images.name, n=len(images) - images.skipped,
+                         skipped=images.skipped, seed=args.seed)
     final = _out_dir(args, "cka")
     with _staged_results(final) as out:
-        meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(args.data), name=images.name,
-                    n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
+        meta = dict(models=models_meta, data=data_meta, points=args.points,
                     tokens=args.tokens, estimator=res["estimator"], n=res["n"], batch_size=args.batch_size,
                     ci=res["ci"], interval=res["interval"], kernel=args.kernel,
                     rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None,
                     device=str(args.device or default_device()), dtype=args.dtype or "float32", versions=_versions(),
                     elapsed_s=round(time.time() - t0, 2), command=args.command)
         doc = dict(res, meta=meta)
-        if len(models) == 2:
+        if n_models == 2:
             doc.update({k: res["pairs"][0][k] for k in ("layers_a", "layers_b", "cka", "cka_low", "cka_high")
                         if k in res["pairs"][0]})
         write_json(out / "cka.json", doc)
@@ -5479,11 +5614,61 @@ def _cmd_cka(args):
         print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}"
               + (" [{:.3f}, {:.3f}]".format(*p["diagonal_mean_ci"]) if "diagonal_mean_ci" in p else ""))
         print(_format_map(p["cka"], p["layers_a"], p["layers_b"]))
-    if len(models) > 2:
+    if n_models > 2:
         print(f"\nmodel × model CKA at {res['model_matrix']['point'][0]}:")
         print(_format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
     print(f"\nwrote {final}/cka.json, cka.csv{', cka.png' if (final / 'cka.png').exists() else ''} "
           f"({meta['elapsed_s']:.1f} s)")
+
+
+def _cka_of_feature_files(args) -> tuple[dict, list, dict]:
+    """cka where some arguments are feature files (see `extract`): the models among them are extracted on --data,
+    every input is checked to hold the same samples in the same order (or aligned by id, --align), then compared."""
+    sets, metas, data = [], [], None
+    for spec in args.models:
+        if is_feature_file(spec):
+            feats, ids, meta = read_features(spec)
+            metas.append(dict(meta.get("model", {}), spec=str(spec), features=str(spec)))
+        else:
+            if data is None:
+                data = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
+            model = load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
+                               num_heads=args.num_heads, img_size=args.img_size, act=args.act, progress=not args.quiet)
+            feats = extract(model, data, args.points, args.tokens, args.batch_size, args.device, args.dtype,
+                            progress=not args.quiet)
+            ids, meta = sample_ids(data), _model_meta(model)
+            metas.append(meta)
+        sets.append((str(spec), feats, ids))
+    feats, ids = aligned_features(sets, args.align)
+    res = compare_features(feats, [str(s) for s in args.models], estimator=args.estimator, kernel=args.kernel,
+                           rbf_threshold=args.rbf_threshold, model_point=args.model_point, ci=args.ci)
+    return res, metas, dict(source="feature files" if data is None else str(args.data), n=len(ids), aligned=args.align)
+
+
+def _cmd_extract(args):
+    model = _load_models(_with_models(args))[0]
+    images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
+    feats = extract(model, images, args.points, args.tokens, args.batch_size, args.device, args.dtype,
+                    progress=not args.quiet)
+    if images.skipped:
+        log.warning(f"notice: {images.skipped} unreadable image(s) skipped and left out (--strict makes this an error)")
+    out = Path(args.out or f"features-{_safe_name(args.model)}.safetensors")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out}: extract writes a .safetensors feature file")
+    meta = dict(model=_model_meta(model), data=dict(source=str(args.data), name=images.name,
+                n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
+                tokens=args.tokens, dtype=args.dtype or "float32", versions=_versions(), command=args.command)
+    save_features(out, feats, sample_ids(images), images.readable_labels(), meta)
+    print(f"wrote {out}: {len(feats)} point(s) × {len(sample_ids(images))} samples ({args.tokens} tokens)")
+
+
+def _with_models(args):
+    args.models = [args.model]
+    return args
+
+
+def _safe_name(spec: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", Path(str(spec)).name)[:60]
 
 
 def _estimator_words(res: dict) -> str:
@@ -6078,7 +6263,22 @@ def _add_cka_command(sub):
                    "distance (0.2 .. 1.0 in the paper)")
     p.add_argument("--model-point", help="point of the model×model matrix (3+ models): last (default), first, or a "
                    "name such as blocks.5")
+    p.add_argument("--align", action="store_true", help="feature files: match their rows by sample id (default: "
+                                                         "they must hold the same ids in the same order)")
     _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "batch_size", "seed", "device", "dtype", "cache_dir", "out", *ALWAYS)
+    p = _subcommand(sub, "extract", _cmd_extract, "features of one model at named points, to a file",
+                    "Extract one model's features at --points (with --tokens) on --data into a safetensors feature "
+                    "file: {point: (n, d)}, the labels, the sample ids (paths relative to the folder, or row "
+                    "indices) and the metadata cka records. cka takes feature files in place of models (ours, or "
+                    "any .safetensors / .npz / .pt holding {point: (n, d)} and sample_ids).",
+                    ["extract mae --data ~/imagenet/val --n 1024 --points sublayers --out mae.safetensors",
+                     ("extract dino --data val/ --tokens cls --out dino.safetensors && "
+                      "python ssl_repsim.py cka mae.safetensors dino.safetensors")])
+    p.add_argument("model", help="a registered name, checkpoint file, model folder or hub id")
+    _add_flags(p, "points")
+    _add_dataclass_flags(p, AnalysisOptions, ("tokens",))
+    _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "batch_size", "seed", "device", "dtype", *ALWAYS)
+    p.add_argument("--out", help="the feature file to write (.safetensors; default features-<model>.safetensors)")
 
 
 def _add_registry_commands(sub):

@@ -60,7 +60,7 @@ ATOL = 1e-5
 RTOL = 1e-5
 TINY_CFG = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64}
 SUBLAYERS = ["norm1", "attn", "attn.qkv", "attn.proj", "norm2", "mlp", "mlp.fc1", "mlp.act", "mlp.fc2"]
-SUBCOMMANDS = ("cka", "list", "bench", "download", "probe", "knn", "finetune", "gap", "info", "invariance",
+SUBCOMMANDS = ("cka", "extract", "list", "bench", "download", "probe", "knn", "finetune", "gap", "info", "invariance",
                "attention", "spatial", "weights", "agreement", "report")
 
 
@@ -5054,6 +5054,49 @@ def test_cli_model_point_selects_the_model_matrix_point(tmp_path):
         assert abs(doc["model_matrix"]["cka"][i][j] - naive_linear_cka(feats[i], feats[j])) < 1e-6
 
 
+# --- feature files: extract once, compare anywhere ---------------------------------------------------------------------
+
+def test_extract_then_cka_of_feature_files_reproduces_the_cka_of_the_models(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    common = ["--num-heads", 2, "--img-size", 32, "--n", 40, "--quiet"]
+    for m, f in ((a, "fa.safetensors"), (b, "fb.safetensors")):
+        assert cli("extract", m, *common, "--points", "sublayers", "--out", tmp_path / f).returncode == 0
+    direct = cli("cka", a, b, *common, "--points", "sublayers", "--out", tmp_path / "direct")
+    files = cli("cka", tmp_path / "fa.safetensors", tmp_path / "fb.safetensors", "--quiet", "--out", tmp_path / "files")
+    mixed = cli("cka", tmp_path / "fa.safetensors", b, *common, "--points", "sublayers", "--out", tmp_path / "mixed")
+    docs = [json.loads((tmp_path / o / "cka.json").read_text()) for o in ("direct", "files", "mixed")]
+    assert all(p.returncode == 0 for p in (direct, files, mixed)), (files.stderr, mixed.stderr)
+    for doc in docs[1:]:
+        np.testing.assert_allclose(np.array(doc["cka"]), np.array(docs[0]["cka"]), atol=1e-6)
+        np.testing.assert_allclose(np.array(doc["cka_low"]), np.array(docs[0]["cka_low"]), atol=1e-6)
+    feats, ids, meta = sr.read_features(tmp_path / "fa.safetensors")
+    assert ids == [str(i) for i in range(40)] and len(feats) == 18 and meta["model"]["family"] == "ssl_repsim"
+
+
+def test_feature_files_must_hold_the_same_samples_or_be_aligned(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 8, generator=g)
+    ids = [f"img/{i:03d}.jpg" for i in range(30)]
+    sr.save_features(tmp_path / "a.safetensors", {"p": x, "q": x ** 2}, ids)
+    perm = torch.randperm(30, generator=g)
+    y = x @ torch.randn(8, 8, generator=g) + 0.3 * torch.randn(30, 8, generator=g)
+    np.savez(tmp_path / "b.npz", p=y[perm].numpy(), sample_ids=np.array(ids)[perm.numpy()])   # another order
+    p = cli("cka", tmp_path / "a.safetensors", tmp_path / "b.npz", "--quiet", "--out", tmp_path / "o")
+    assert_usage_error(p, tmp_path / "o")
+    assert "row 0" in p.stderr and "--align" in p.stderr
+    p = cli("cka", tmp_path / "a.safetensors", tmp_path / "b.npz", "--align", "--quiet", "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    got = np.array(json.loads((tmp_path / "o" / "cka.json").read_text())["cka"])
+    np.testing.assert_allclose(got, naive_cka_map({"p": x, "q": x ** 2}, {"p": y}, debiased=True), atol=1e-6)
+    torch.save({"p": y[:20], "sample_ids": ids[:20]}, tmp_path / "short.pt")        # fewer rows: aligned on 20
+    p = cli("cka", tmp_path / "a.safetensors", tmp_path / "short.pt", "--quiet", "--out", tmp_path / "o2")
+    assert_usage_error(p, tmp_path / "o2")
+    np.savez(tmp_path / "bad.npz", p=y.numpy())                                      # no ids: refused
+    p = cli("cka", tmp_path / "a.safetensors", tmp_path / "bad.npz", "--quiet", "--out", tmp_path / "o3")
+    assert_usage_error(p, tmp_path / "o3")
+    assert "sample_ids" in p.stderr
+
+
 # --- data inputs ------------------------------------------------------------------------------------------------------
 
 def test_cli_cka_image_folder_of_mixed_sizes(tmp_path):
@@ -5176,7 +5219,7 @@ def test_cli_list_and_help():
 
 
 # which subcommands offer which of the options that only some of them use
-OWN_OPTIONS = {"--tokens": {"cka", "probe", "knn", "gap", "report"}, "--estimator": {"cka", "gap", "report"},
+OWN_OPTIONS = {"--tokens": {"cka", "extract", "probe", "knn", "gap", "report"}, "--estimator": {"cka", "gap", "report"},
                "--mae-mask-ratio": {"attention", "report"}, "--attention-images": {"attention", "report"},
                "--epochs": {"probe", "finetune", "info", "report"}, "--k": {"knn"}, "--method": {"probe"},
                "--blr": {"finetune"}, "--resume": {"finetune"}, "--model-point": {"cka"}, "--skip": {"report"},
