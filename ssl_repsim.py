@@ -2607,6 +2607,8 @@ def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=
             for batch in batches:
                 x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
                 store.clear()
+                if device.type == "cuda" and x.device.type == "cpu":
+                    x = x.pin_memory()   # page-locked: the copy below overlaps with the GPU's work
                 with torch.no_grad(), _autocast(device, dtype):  # not held across `yield`: the caller's mode stays
                     model.forward_features(x.to(device, non_blocking=True))
                     out = {"official": official_representation(model, official, [store[n] for n in names]).float()} \
@@ -2906,7 +2908,7 @@ def _read_cached_features(path: Path, names: list[str]) -> dict[str, torch.Tenso
 # ======================================================================================================================
 
 GRAM_BUDGET_BYTES = 4 << 30   # Grams held at once by cka_matrix; beyond it the map is computed in groups
-CHUNK = 1 << 22               # elements per float32 product before accumulating in float64
+CHUNK = 1 << 18               # elements per float32 product before accumulating in float64 (error ≈ √len · ε)
 
 
 def gram_linear(x: torch.Tensor) -> torch.Tensor:
@@ -3183,8 +3185,15 @@ class MinibatchCKA:
             raise UsageError(f"minibatch CKA needs batches of at least 4 samples, the same for every layer (got {b})")
         _check_finite([(f"a{i}", x) for i, x in enumerate(xs)] + [(f"b{j}", y) for j, y in enumerate(ys)])
         dev = self.xy.device
-        ga = _u_centred_grams([x.to(dev) for x in xs])
-        gb = _u_centred_grams([y.to(dev) for y in ys])
+        self.update_grams(_u_centred_grams([x.to(dev) for x in xs]), _u_centred_grams([y.to(dev) for y in ys]))
+
+    def update_grams(self, ga: torch.Tensor, gb: torch.Tensor):
+        """update() from the batch's U-centred Grams (_u_centred_grams), computed once per model and batch
+        when several pairs share them."""
+        if len(ga) != len(self.xx) or len(gb) != len(self.yy):
+            raise UsageError(f"MinibatchCKA({len(self.xx)}, {len(self.yy)}) updated with {len(ga)} and {len(gb)} "
+                             "layers")
+        b = math.isqrt(ga.shape[1])
         scale = 1.0 / (b * (b - 3))
         terms = (scale * ga @ gb.T, scale * (ga * ga).sum(1), scale * (gb * gb).sum(1))
         for acc, t in zip((self.xy, self.xx, self.yy), terms, strict=True):
@@ -3548,8 +3557,11 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
             skipped += b
             continue
         used += b
+        for k, f in enumerate(feats):
+            _check_finite([(f"{models[k].source['spec']} {p}", f[p]) for p in names[k]])
+        grams = [_u_centred_grams([f[p].to(dev) for p in nm]) for f, nm in zip(feats, names, strict=True)]  # once
         for (i, j), acc in accs.items():
-            acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
+            acc.update_grams(grams[i], grams[j])
     bar.close()
     if skipped:
         log.warning(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA")
