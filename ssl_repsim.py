@@ -2203,12 +2203,17 @@ class _Decoder(torch.utils.data.Dataset):
         the sizes resize_crop_normalize computes; then its centre crop × crop, as resize_crop_normalize places it."""
         w, h = im.size
         if mode == "squash":
-            size = (side, side)
+            nw, nh = side, side
         else:
-            size = (max(side, int(w * side / h)), side) if h <= w else (side, max(side, int(h * side / w)))
-        a = np.array(im.resize(size, PIL_FILTERS[interp]) if size != (w, h) else im, dtype=np.uint8)
-        top, left = (a.shape[0] - crop) // 2, (a.shape[1] - crop) // 2
-        return torch.from_numpy(np.ascontiguousarray(a[top:top + crop, left:left + crop])).permute(2, 0, 1)
+            nw, nh = (max(side, int(w * side / h)), side) if h <= w else (side, max(side, int(h * side / w)))
+        top, left = (nh - crop) // 2, (nw - crop) // 2
+        if (nw, nh) == (w, h):
+            a = np.array(im, dtype=np.uint8)[top:top + crop, left:left + crop]
+        else:   # only the kept crop is resampled: Pillow maps it through the same scale and filter support
+            sx, sy = w / nw, h / nh
+            a = np.array(im.resize((crop, crop), PIL_FILTERS[interp],
+                                   box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)), dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
 
 
 def _collated(batch: list):
