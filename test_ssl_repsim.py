@@ -322,10 +322,14 @@ def naive_preprocess(img, size, crop_pct=0.875, mean=sr.IMAGENET_MEAN, std=sr.IM
     assert float(nh).is_integer() and float(nw).is_integer(), "choose sizes with an exact aspect"
     nh, nw = int(nh), int(nw)
     x = x.float()[None]
-    if pil and (nh, nw) != (h, w):
+    if pil and (nh, nw) != (h, w):   # Pillow resamples the kept crop only: its source box at the same scale
         from PIL import Image
-        small = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((nw, nh), {"bicubic": 3, "bilinear": 2}[interp])
+        t, l = (nh - size) // 2, (nw - size) // 2
+        sy, sx = h / nh, w / nw
+        small = Image.fromarray(img.permute(1, 2, 0).numpy()).resize(
+            (size, size), {"bicubic": 3, "bilinear": 2}[interp], box=(l * sx, t * sy, (l + size) * sx, (t + size) * sy))
         x = torch.from_numpy(np.array(small)).permute(2, 0, 1).float()[None] / 255
+        return (x[0] - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     elif (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode=interp, align_corners=False, antialias=True)
     t, l = (nh - size) // 2, (nw - size) // 2
