@@ -53,8 +53,8 @@ __all__ = [  # noqa: RUF022 - in the order of the file's sections
     "UsageError", "FAMILIES", "REGISTRY", "ViTConfig", "ViT",                        # 1-2 registry, model
     "load_model", "save_checkpoint", "download",                                     # 3 checkpoints
     "ImageSet", "load_images", "split_train_val",                                    # 4 data
-    "extract", "iter_features",                                                      # 5 extraction
-    "cka", "cka_matrix", "MinibatchCKA", "compare_models",                           # 6 similarity
+    "extract", "extract_many", "iter_features", "save_features", "read_features",    # 5 extraction
+    "cka", "cka_matrix", "MinibatchCKA", "compare_models", "compare_features",       # 6 similarity
     "linear_probe", "mlp_probe", "knn_accuracy",                                     # 7 probes
     "FinetuneConfig", "finetune_recipe", "finetune",                                 # 8 fine-tuning
     "AnalysisOptions", "ANALYSES", "run_analyses", "gap_analysis", "info_analysis",  # 9 analyses
