@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"   # part of every feature-cache key: new preprocessing, new keys
 __all__ = [  # noqa: RUF022 - in the order of the file's sections
     "UsageError", "FAMILIES", "REGISTRY", "ViTConfig", "ViT",                        # 1-2 registry, model
     "load_model", "save_checkpoint", "download",                                     # 3 checkpoints
@@ -2091,6 +2091,7 @@ class ImageSet:
     strict: bool = False
     unreadable: set = dataclasses.field(default_factory=set)
     workers: int = 0                   # decoding processes (0: in this process)
+    rows: list | None = None           # each item's row in the source (tensor data); None = 0, 1, ...
 
     @property
     def skipped(self) -> int:
@@ -2109,8 +2110,9 @@ class ImageSet:
     def subset(self, idx) -> ImageSet:
         idx = torch.as_tensor(idx, dtype=torch.long)
         items = self.items[idx] if isinstance(self.items, torch.Tensor) else [self.items[i] for i in idx.tolist()]
+        rows = [(self.rows or range(len(self)))[i] for i in idx.tolist()]
         return dataclasses.replace(self, items=items, labels=None if self.labels is None else self.labels[idx],
-                                   masks=None if self.masks is None else self.masks[idx], unreadable=set())
+                                   masks=None if self.masks is None else self.masks[idx], unreadable=set(), rows=rows)
 
     def image(self, i: int) -> torch.Tensor | None:
         """Image i as a uint8 or float tensor (3, H, W); None if unreadable (counted, or an error when strict)."""
@@ -2152,17 +2154,27 @@ class ImageSet:
                     yield [i for i in idx if i not in bad], per_target
 
 
+_DECODING = {"passes": 0, "threads": 0}   # decoding passes running in this process, and its thread count before
+
+
 @contextlib.contextmanager
 def _threads_beside(workers: int):
-    """While `workers` decoding processes run, this process's intra-op threads take the cores left (at least one),
-    rather than oversubscribing them; restored afterwards."""
-    before = torch.get_num_threads()
-    if workers:
-        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    """While `workers` decoding processes run, this process's intra-op threads take the cores left to it (at least
+    one) rather than oversubscribing them; the count it had is restored when the last such pass ends."""
+    if not workers:
+        yield
+        return
+    if _DECODING["passes"] == 0:
+        _DECODING["threads"] = torch.get_num_threads()
+    _DECODING["passes"] += 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(_DECODING["threads"], cores - workers)))
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        _DECODING["passes"] -= 1
+        if _DECODING["passes"] == 0:
+            torch.set_num_threads(_DECODING["threads"])
 
 
 class _Decoder(torch.utils.data.Dataset):
@@ -2688,6 +2700,11 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
             parts[k].append({key: v.cpu() for key, v in feats.items()})
         bar.update(len(next(iter(outs[0][0].values()))) * world)
     bar.close()
+    if _dist_active(group):   # every process learns which images the others could not read
+        import torch.distributed as dist
+        sets = [None] * world
+        dist.all_gather_object(sets, sorted(images.unreadable), group=group)
+        images.unreadable.update(i for st in sets for i in st)
     out = []
     for p in parts:
         p = gather_batches(p, group)
@@ -2698,10 +2715,12 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
 
 
 def sample_ids(images: ImageSet) -> list[str]:
-    """Stable ids of the images that were read: paths relative to the folder, or row indices of tensor data."""
+    """Stable ids of the images that were read: paths relative to the folder, or source#row for tensor data (the
+    file, or the synthetic set with its size and seed, and the row there)."""
     keep = [i for i in range(len(images)) if i not in images.unreadable]
     if isinstance(images.items, torch.Tensor):
-        return [str(i) for i in keep]
+        rows = images.rows or range(len(images))
+        return [f"{Path(images.name).name}#{rows[i]}" for i in keep]
     root = Path(images.name)
     return [str(Path(images.items[i]).relative_to(root)) if root.is_dir() and Path(images.items[i]).is_relative_to(root)
             else str(images.items[i]) for i in keep]
@@ -2714,6 +2733,10 @@ def save_features(path, feats: dict, ids: list[str], labels=None, meta: dict | N
     """A feature file: safetensors of {point: (n, d)} (and `labels`), the sample ids, point order and `meta` in its
     metadata; written whole or not at all."""
     from safetensors.torch import save as st_save
+    bad = [k for k, v in feats.items() if v.ndim != 2 or len(v) != len(ids)]
+    if bad:
+        raise UsageError(f"features {bad[0]!r}: {tuple(feats[bad[0]].shape)} is not one row of (n, d) per sample id "
+                         f"({len(ids)})")
     tensors = {k: v.detach().float().contiguous() for k, v in feats.items()}
     if labels is not None:
         tensors["labels"] = torch.as_tensor(labels).long().contiguous()
@@ -2726,21 +2749,23 @@ def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     {point: (n, d)} and `sample_ids` (strings or integers); one line for anything else."""
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            raw = {k: z[k] for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                raw = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 - a damaged archive, or object arrays (which would need pickle)
+            raise UsageError(f"{path}: not a readable .npz of plain arrays ({_one_line(e)[:120]})") from None
         meta = {}
     elif path.suffix == ".safetensors" or path.suffix in (".pt", ".pth"):
         raw, meta = read_checkpoint(path)
         meta = json.loads(meta["ssl_repsim"]) if isinstance(meta.get("ssl_repsim"), str) else meta
     else:
         raise UsageError(f"{path}: feature files are .safetensors, .npz or .pt")
-    ids = meta.get("sample_ids", raw.pop("sample_ids", None)) if isinstance(meta, dict) else raw.pop("sample_ids", None)
-    raw.pop("sample_ids", None)
-    raw.pop("labels", None)
-    if ids is None:
-        raise UsageError(f"{path}: a feature file needs sample_ids (one per row) beside its {{point: (n, d)}} arrays")
-    ids = [str(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-    order = meta.get("points") if isinstance(meta.get("points"), list) else list(raw)
+    ids = meta.get("sample_ids") if isinstance(meta, dict) and "sample_ids" in meta else raw.get("sample_ids")
+    for k in ("sample_ids", "labels"):
+        raw.pop(k, None)
+    ids = _ids_list(ids, path)
+    order = meta.get("points") if isinstance(meta.get("points"), list) else [k for k, v in raw.items()
+                                                                             if _floating(v)]
     feats = {}
     for k in order:
         v = raw.get(k)
@@ -2751,6 +2776,21 @@ def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     if not feats or len(set(ids)) != len(ids):
         raise UsageError(f"{path}: {'no feature arrays' if not feats else 'repeated sample ids'}")
     return feats, ids, meta.get("meta", {}) if isinstance(meta.get("meta"), dict) else {}
+
+
+def _floating(v) -> bool:
+    return v.is_floating_point() if isinstance(v, torch.Tensor) else isinstance(v, np.ndarray) and v.dtype.kind == "f"
+
+
+def _ids_list(ids, path) -> list[str]:
+    """Sample ids as text: a list, an array of strings / bytes / integers, or a JSON list in metadata."""
+    if isinstance(ids, str):
+        with contextlib.suppress(ValueError):
+            ids = json.loads(ids)
+    if ids is None or isinstance(ids, str):
+        raise UsageError(f"{path}: a feature file needs sample_ids (one per row) beside its {{point: (n, d)}} arrays")
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 
 def is_feature_file(spec) -> bool:
@@ -3198,7 +3238,10 @@ class MinibatchCKA:
         if len(ga) != len(self.xx) or len(gb) != len(self.yy):
             raise UsageError(f"MinibatchCKA({len(self.xx)}, {len(self.yy)}) updated with {len(ga)} and {len(gb)} "
                              "layers")
-        b = math.isqrt(ga.shape[1])
+        b = math.isqrt(ga.shape[1]) if ga.ndim == 2 else 0
+        if b < 4 or b * b != ga.shape[1] or gb.shape != (len(gb), b * b):
+            raise UsageError(f"update_grams takes flattened (layers, b²) U-centred Grams of one batch of ≥ 4 samples, "
+                             f"got {tuple(ga.shape)} and {tuple(gb.shape)}")
         scale = 1.0 / (b * (b - 3))
         terms = (scale * ga @ gb.T, scale * (ga * ga).sum(1), scale * (gb * gb).sum(1))
         for acc, t in zip((self.xy, self.xx, self.yy), terms, strict=True):
@@ -3562,6 +3605,10 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
             skipped += b
             continue
         used += b
+        if sum(map(len, names)) * b * b * 8 > GRAM_BUDGET_BYTES:   # too many to hold: pair by pair
+            for (i, j), acc in accs.items():
+                acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
+            continue
         for k, f in enumerate(feats):
             _check_finite([(f"{models[k].source['spec']} {p}", f[p]) for p in names[k]])
         grams = [_u_centred_grams([f[p].to(dev) for p in nm]) for f, nm in zip(feats, names, strict=True)]  # once
@@ -3569,7 +3616,8 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
             acc.update_grams(grams[i], grams[j])
     bar.close()
     if skipped:
-        log.warning(f"notice: the last batch of {skipped} image(s) is below 4 and was left out of minibatch CKA")
+        log.warning(f"notice: {skipped} image(s) in batches below 4 (after unreadable ones) were left out of "
+                    "minibatch CKA")
     maps, spreads = {}, {}
     for (i, j), acc in accs.items():
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
@@ -3766,7 +3814,9 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
     Features are standardised on the training set; the L2 weight decay is chosen per layer on a held-out part of
     the training set (never on test), then the classifier is refit on the whole training set; `weight_decay`
     fixes it (a float) or gives the grid (a list). Where d > n (or dual=True) each problem is solved in its dual
-    on the n × n Gram: the same classifiers, at a cost that does not grow with d. method="mae" runs MAE's protocol
+    on the n × n Gram: the same problem, at a cost that does not grow with d (the same classifier once converged;
+    on nearly separable data at tiny weight decays neither solver converges in max_iter, and the two stop at
+    different points). method="mae" runs MAE's protocol
     instead (affine-free BatchNorm, LARS, warmup + cosine; see mae_linear_probe)."""
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     if method == "mae":
@@ -3790,7 +3840,8 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
     bar = Progress(len(train), "linear probe", enabled=progress and unknowns > 1e7, unit="layer")
     if unknowns > 1e7:
         log.info(f"linear probe: {len(train)} layers × {len(wds)} weight decays, n = {len(y_train)}, "
-                 f"{unknowns:.1e} unknowns in all (d > n: solved in the dual)")
+                 f"{unknowns:.1e} unknowns in all" + (" (layers wider than n solved in the dual)"
+                                                       if dual is not False and max(groups) > len(fit_idx) else ""))
     for d, names in groups.items():
         step = max(1, int(2e8 // max(len(y_train) * max(C, d) * len(wds), 1)))
         for s in range(0, len(names), step):
@@ -5645,7 +5696,8 @@ def _cka_of_feature_files(args) -> tuple[dict, list, dict]:
     for spec in args.models:
         if is_feature_file(spec):
             feats, ids, meta = read_features(spec)
-            metas.append(dict(meta.get("model", {}), spec=str(spec), features=str(spec)))
+            metas.append(dict(meta.get("model", {}), spec=str(spec), features=str(spec), tokens=meta.get("tokens"),
+                              points=meta.get("points")))
         else:
             if data is None:
                 data = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
@@ -5653,9 +5705,12 @@ def _cka_of_feature_files(args) -> tuple[dict, list, dict]:
                                num_heads=args.num_heads, img_size=args.img_size, act=args.act, progress=not args.quiet)
             feats = extract(model, data, args.points, args.tokens, args.batch_size, args.device, args.dtype,
                             progress=not args.quiet)
-            ids, meta = sample_ids(data), _model_meta(model)
-            metas.append(meta)
+            ids = sample_ids(data)
+            metas.append(dict(_model_meta(model), tokens=args.tokens, points=args.points))
         sets.append((str(spec), feats, ids))
+    settings = {(m.get("tokens", args.tokens), str(m.get("points", args.points))) for m in metas}
+    if len(settings) > 1:
+        log.warning(f"notice: the inputs hold features of different settings (tokens, points): {sorted(settings)}")
     feats, ids = aligned_features(sets, args.align)
     res = compare_features(feats, [str(s) for s in args.models], estimator=args.estimator, kernel=args.kernel,
                            rbf_threshold=args.rbf_threshold, model_point=args.model_point, ci=args.ci)
@@ -5663,15 +5718,18 @@ def _cka_of_feature_files(args) -> tuple[dict, list, dict]:
 
 
 def _cmd_extract(args):
+    out = Path(args.out or f"features-{_safe_name(args.model)}.safetensors")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out}: extract writes a .safetensors feature file")
+    if args.tokens in ("all", "patch"):
+        raise UsageError(f"--tokens {args.tokens} keeps a token axis; feature files hold (n, d): use flat (the same "
+                         "numbers, flattened), cls, mean or official")
     model = _load_models(_with_models(args))[0]
     images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
     feats = extract(model, images, args.points, args.tokens, args.batch_size, args.device, args.dtype,
                     progress=not args.quiet)
     if images.skipped:
         log.warning(f"notice: {images.skipped} unreadable image(s) skipped and left out (--strict makes this an error)")
-    out = Path(args.out or f"features-{_safe_name(args.model)}.safetensors")
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out {out}: extract writes a .safetensors feature file")
     meta = dict(model=_model_meta(model), data=dict(source=str(args.data), name=images.name,
                 n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
                 tokens=args.tokens, dtype=args.dtype or "float32", versions=_versions(), command=args.command)
@@ -5938,12 +5996,15 @@ class _PlainDecode(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        with Image.open(self.paths[i]) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            t = self.target
-            size = (max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w)))
-            return torch.from_numpy(np.array(im.resize(size, Image.BICUBIC)))
+        try:
+            with Image.open(self.paths[i]) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                t = self.target
+                size = (max(t, int(w * t / h)), t) if h <= w else (t, max(t, int(h * t / w)))
+                return torch.from_numpy(np.array(im.resize(size, Image.BICUBIC)))
+        except Exception:  # noqa: BLE001 - an unreadable image costs the baseline nothing
+            return None
 
 
 def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None) -> dict:
@@ -5963,18 +6024,26 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
                                          num_workers=images.workers, collate_fn=list):
         pass
     out["baseline_decode_s"] = time.perf_counter() - t0
+    keys = list(dict.fromkeys(repr(kw) for kw in kws))   # one target per distinct preprocessing, as cka decodes
     t0 = time.perf_counter()
-    decoded = list(images.decoded(batch_size, targets=[_decode_target(kw) for kw in kws]))
+    kept = []
+    for _, per_target in images.decoded(batch_size, targets=[_decode_target(kw) for kw in {repr(k): k for k in
+                                                                                           kws}.values()]):
+        if len(kept) < 8:   # a few batches for the forward passes; memory stays bounded
+            kept.append(per_target)
     out["decode_s"] = time.perf_counter() - t0
     out["models"] = []
-    for k, (m, kw) in enumerate(zip(models, kws, strict=True)):
+    for m, kw in zip(models, kws, strict=True):
         with _placed(m, device), torch.no_grad():
             t0 = time.perf_counter()
-            for _, per_target in decoded:
-                m.forward_features(_preprocessed(per_target[k], kw, fitted=True).to(device))
+            done = 0
+            for per_target in kept:
+                x = _preprocessed(per_target[keys.index(repr(kw))], kw, fitted=True).to(device)
+                m.forward_features(x)
+                done += len(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        out["models"].append(dict(spec=m.source.get("spec"), forward_img_s=n / (time.perf_counter() - t0)))
+        out["models"].append(dict(spec=m.source.get("spec"), forward_img_s=done / (time.perf_counter() - t0)))
     t0 = time.perf_counter()
     compare_models(models, images, batch_size=batch_size, device=device, ci=0)
     out["cka_s"] = time.perf_counter() - t0
@@ -6195,7 +6264,8 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
                                         "synthetic: default 256). Under torchrun write --num-images: torchrun takes "
                                         "--n for its own --nnodes")),
     "strict": (("--strict",), dict(action="store_true", help="unreadable images are an error instead of skipped")),
-    "workers": (("--workers",), dict(type=int, default=min(8, os.cpu_count() or 1),
+    "workers": (("--workers",), dict(type=int, default=min(8, len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else os.cpu_count() or 1),
                                      help="image-decoding processes, with prefetch (0 = in this process)")),
     "val": (("--val",), dict(help="validation data (default: --val-fraction of --data)")),
     "val_fraction": (("--val-fraction",), dict(type=float, default=0.2, help="share of --data held out when no "

@@ -5104,7 +5104,55 @@ def test_extract_then_cka_of_feature_files_reproduces_the_cka_of_the_models(tmp_
         np.testing.assert_allclose(np.array(doc["cka"]), np.array(docs[0]["cka"]), atol=1e-6)
         np.testing.assert_allclose(np.array(doc["cka_low"]), np.array(docs[0]["cka_low"]), atol=1e-6)
     feats, ids, meta = sr.read_features(tmp_path / "fa.safetensors")
-    assert ids == [str(i) for i in range(40)] and len(feats) == 18 and meta["model"]["family"] == "ssl_repsim"
+    assert ids == [f"synthetic(n=40,seed=0)#{i}" for i in range(40)] and len(feats) == 18
+    assert meta["model"]["family"] == "ssl_repsim" and meta["tokens"] == "flat"
+
+
+def test_feature_file_ids_name_their_source_rows_and_odd_files_are_one_line_errors(tmp_path):
+    """Ids of tensor data are file#row of the source, so subsets drawn with other seeds never pass for the same
+    images; extract refuses outputs with a token axis; odd feature files are one-line errors or read right."""
+    a, _ = tiny_pair(tmp_path)
+    write_tensor_file(tmp_path / "t.pt", torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8),
+                      torch.arange(30) % 3)
+    for seed in (0, 1):
+        p = cli("extract", a, "--data", tmp_path / "t.pt", "--n", 12, "--seed", seed, "--tokens", "cls", "--quiet",
+                "--out", tmp_path / f"s{seed}.safetensors")
+        assert p.returncode == 0, p.stderr
+    ids0, ids1 = (sr.read_features(tmp_path / f"s{k}.safetensors")[1] for k in (0, 1))
+    assert ids0[0].startswith("t.pt#") and ids0 != ids1
+    p = cli("cka", tmp_path / "s0.safetensors", tmp_path / "s1.safetensors", "--quiet", "--out", tmp_path / "o")
+    assert_usage_error(p, tmp_path / "o")
+    p = cli("extract", a, "--tokens", "all", "--n", 8, "--quiet", "--out", tmp_path / "all.safetensors")
+    assert_usage_error(p) and not (tmp_path / "all.safetensors").exists()
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    np.savez(tmp_path / "bytes.npz", p=x, sample_ids=np.array([b"a", b"b", b"c", b"d", b"e", b"f"]),
+             paths=np.array(["x"] * 6))
+    assert sr.read_features(tmp_path / "bytes.npz")[1] == list("abcdef")
+    from safetensors.torch import save_file
+    save_file({"p": torch.from_numpy(x)}, str(tmp_path / "json.safetensors"), metadata={"sample_ids": json.dumps(list("abcdef"))})
+    assert sr.is_feature_file(tmp_path / "json.safetensors") and sr.read_features(tmp_path / "json.safetensors")[1] == list("abcdef")
+    np.savez(tmp_path / "obj.npz", p=x, sample_ids=np.array(list("abcdef"), dtype=object))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not an archive")
+    for bad in ("obj.npz", "broken.npz"):
+        with pytest.raises(sr.UsageError) as e:
+            sr.read_features(tmp_path / bad)
+        assert_one_line(e)
+
+
+def test_decoding_passes_restore_the_thread_count_and_update_grams_checks_its_input(tmp_path):
+    jpeg_folder(tmp_path / "d")
+    images = sr.load_images(tmp_path / "d", workers=1)
+    before = torch.get_num_threads()
+    m = tiny_model(0)
+    g1, g2 = sr.model_batches(m, images, 4), sr.model_batches(m, images, 4)
+    next(g1), next(g2)
+    list(g1), list(g2)                                              # interleaved, then finished
+    assert torch.get_num_threads() == before
+    acc = sr.MinibatchCKA(1, 1)
+    with pytest.raises(sr.UsageError):
+        acc.update_grams(torch.zeros(1, 9), torch.zeros(1, 9))      # b = 3: no U-statistic
+    with pytest.raises(sr.UsageError):
+        acc.update_grams(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))  # not flattened
 
 
 def test_feature_files_must_hold_the_same_samples_or_be_aligned(tmp_path):
