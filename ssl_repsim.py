@@ -6045,7 +6045,7 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
                 torch.cuda.synchronize(device)
         out["models"].append(dict(spec=m.source.get("spec"), forward_img_s=done / (time.perf_counter() - t0)))
     t0 = time.perf_counter()
-    compare_models(models, images, batch_size=batch_size, device=device, ci=0)
+    compare_models(models, images, batch_size=batch_size, device=device)   # as `cka` runs: intervals included
     out["cka_s"] = time.perf_counter() - t0
     out.update(baseline_img_s=n / out["baseline_decode_s"], decode_img_s=n / out["decode_s"],
                cka_img_s=n / out["cka_s"], cka_over_baseline=out["cka_s"] / out["baseline_decode_s"])
