@@ -2428,10 +2428,10 @@ def _decode_target(kw: dict) -> tuple[int, str, str, int]:
 def _preprocessed(ims, kw, fitted: bool = False) -> torch.Tensor:
     """Model input from raw images (resized, cropped, normalised), or from images the decoder fitted already
     (normalised only)."""
-    if fitted:
+    if fitted:   # (v / 255 − mean) / std as one scale and one shift, in place on the converted batch
         m, s = torch.tensor(kw["mean"]).view(1, 3, 1, 1), torch.tensor(kw["std"]).view(1, 3, 1, 1)
         x = ims if isinstance(ims, torch.Tensor) else torch.stack(ims)
-        return (x.float().div_(255) - m).div_(s)
+        return x.float().mul_(1 / (255 * s)).sub_(m / s)
     if isinstance(ims, torch.Tensor):
         return resize_crop_normalize(ims, **kw)
     return torch.stack([resize_crop_normalize(im, **kw) for im in ims])
