@@ -3348,7 +3348,7 @@ class Spread:
 
     @property
     def dof(self) -> int | None:
-        return self.units - 1 if self.kind == "bootstrap" and self.units else None
+        return self.units - 1 if self.kind == "bootstrap" and self.units and self.units >= 3 else None
 
     def interval(self, estimate, entries=None, level: float = 0.95):
         return normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level, self.dof)
@@ -3503,6 +3503,10 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
         raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
     if kernel == "rbf":
         _check_rbf_threshold(rbf_threshold)
+    if estimator == "minibatch" and ci and -(-len(images) // batch_size) < 3:
+        log.warning(f"notice: no intervals: the bootstrap over batches needs at least 3 batches, and {len(images)} "
+                    f"images at --batch-size {batch_size} make {-(-len(images) // batch_size)} (lower --batch-size)")
+        ci = 0
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     run = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, group=group)
     if estimator == "minibatch":

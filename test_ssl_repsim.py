@@ -4110,6 +4110,15 @@ def test_minibatch_maps_compute_each_models_grams_once_per_batch(monkeypatch):
         assert_near(pair["cka"], acc.compute(), "shared Grams", atol=1e-10)
 
 
+def test_minibatch_with_fewer_than_three_batches_says_it_has_no_intervals(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 12, "--estimator", "minibatch", "--batch-size", 8,
+            "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    assert "needs at least 3 batches" in p.stderr and "nan" not in p.stdout
+    assert json.loads((tmp_path / "o" / "cka.json").read_text())["meta"]["ci"] is None
+
+
 def test_debiased_maps_are_within_1e5_of_float64_on_correlated_features():
     """12 × 12 layers of d = 768 correlated features with an offset (the bench's), n = 1500: float32 products
     summed in float64 in short runs keep the debiased and biased maps within 1e-5 of float64."""
