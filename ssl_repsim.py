@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """ssl_repsim: how the training objective shapes self-supervised Vision Transformers.
 
-Load any released self-supervised ViT (MAE, BEiT, SimMIM, data2vec, DINO, DINOv2, iBOT, MoCo v3, MSN, I-JEPA, CAE,
-supervised DeiT / torchvision as baselines) into one plain ViT, extract what every layer and sub-layer computes, and
-compare models: CKA maps across all layer pairs, per-layer linear probes and k-NN, fine-tuning, and the analyses of
-"Objectives Matter" (Shekhar et al. 2023).
+Load any released self-supervised ViT (MAE, BEiT, SimMIM, data2vec, DINO, DINOv2, DINOv3, iBOT, MoCo v3, MSN, I-JEPA,
+CAE, EVA-02; CLIP and SigLIP as language-supervised and DeiT / torchvision as supervised baselines), from its release
+file, a transformers / timm / open_clip folder or a Hugging Face hub id, into one plain ViT, extract what every layer
+and sub-layer computes, and compare models: CKA maps across all layer pairs, per-layer linear probes and k-NN,
+fine-tuning with the published recipes, and the analyses of "Objectives Matter" (Shekhar et al. 2023).
 
     python ssl_repsim.py cka mae dino            # CKA map of two registered checkpoints on built-in synthetic data
     python ssl_repsim.py --help                  # every subcommand
