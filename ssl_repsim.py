@@ -946,8 +946,6 @@ class ViT(nn.Module):
             return self.fc_norm(tokens[:, self.cfg.num_prefix:].mean(1))
         if self.cfg.pool == "avg" or not self.cfg.cls_token:
             return tokens[:, self.cfg.num_prefix:].mean(1)
-        if not self.cfg.cls_token:
-            return tokens.mean(1)
         if self.cfg.dist_token:
             return (tokens[:, 0] + tokens[:, 1]) / 2   # DeiT distilled: the mean of its two heads' inputs
         return tokens[:, 0]
@@ -1887,6 +1885,11 @@ def hub_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def hub_repo_dir(repo: str) -> Path:
+    """A repo's folder in the cache: models--<org>--<name>."""
+    return hub_cache_dir() / f"models--{repo.replace('/', '--')}"
+
+
 def hub_offline(offline: bool = False) -> bool:
     flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return offline or any(f in ("1", "true", "yes", "on") for f in flags)
@@ -1896,7 +1899,7 @@ def hub_snapshot(repo: str, revision: str = "main", *, offline: bool = False, pr
     """The snapshot folder of a hub repo at a revision: from the cache when it is complete there, else downloaded
     into the cache (config files, then the weights) exactly as huggingface_hub lays it out, so transformers and
     timm share it. HF_HUB_OFFLINE=1 or offline=True never touch the network."""
-    root = hub_cache_dir() / f"models--{repo.replace('/', '--')}"
+    root = hub_repo_dir(repo)
     cached = _cached_snapshot(root, revision, offline=hub_offline(offline))
     if cached is not None:
         return cached
@@ -2438,15 +2441,19 @@ def _preprocessed(ims, kw, fitted: bool = False) -> torch.Tensor:
     return torch.stack([resize_crop_normalize(im, **kw) for im in ims])
 
 
+def _distinct_preprocessing(kws: list[dict]) -> tuple[list[str], dict, list]:
+    """(the distinct preprocessings' keys in first-seen order, key → settings, the decoder's target for each)."""
+    of_key = {repr(kw): kw for kw in kws}
+    return list(of_key), of_key, [_decode_target(kw) for kw in of_key.values()]
+
+
 def shared_batches(models, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None,
                    group=None):
     """Per decoded batch, [(x, y) for each model]: every image decoded once for all models and resized in Pillow
     once per distinct preprocessing, then cropped and normalised as each model's registry row says (models
     preprocessed alike share one tensor; this process's batches under torch.distributed)."""
     kws = [preprocess_kw(m) for m in models]
-    keys = list(dict.fromkeys(repr(kw) for kw in kws))
-    of_key = {repr(kw): kw for kw in kws}
-    targets = [_decode_target(of_key[k]) for k in keys]
+    keys, of_key, targets = _distinct_preprocessing(kws)
     for idx, per_target in images.decoded(batch_size, start, stop, targets, group):
         y = images.labels[idx] if images.labels is not None else None
         fitted = not isinstance(images.items, torch.Tensor)   # files: the decoder resized and cropped them
@@ -5648,8 +5655,9 @@ def _cmd_cka(args):
     if len(args.models) < 2:
         raise UsageError("cka needs at least two models")
     t0 = time.time()
-    if any(is_feature_file(spec) for spec in args.models):
-        res, models_meta, data_meta = _cka_of_feature_files(args)
+    files = [is_feature_file(spec) for spec in args.models]
+    if any(files):
+        res, models_meta, data_meta = _cka_of_feature_files(args, files)
         n_models = len(args.models)
     else:
         models = _load_models(args)
@@ -5694,24 +5702,26 @@ def _cmd_cka(args):
           f"({meta['elapsed_s']:.1f} s)")
 
 
-def _cka_of_feature_files(args) -> tuple[dict, list, dict]:
-    """cka where some arguments are feature files (see `extract`): the models among them are extracted on --data,
-    every input is checked to hold the same samples in the same order (or aligned by id, --align), then compared."""
-    sets, metas, data = [], [], None
-    for spec in args.models:
-        if is_feature_file(spec):
+def _cka_of_feature_files(args, files: list[bool]) -> tuple[dict, list, dict]:
+    """cka where some arguments are feature files (files[i]; see `extract`): the models among them are extracted on
+    --data in one pass, every input is checked to hold the same samples in the same order (or aligned by id,
+    --align), then compared."""
+    specs = args.models
+    models = _load_models(argparse.Namespace(**{**vars(args), "models": [
+        s for s, f in zip(specs, files, strict=True) if not f]})) if not all(files) else []
+    data = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers) if models else None
+    extracted = iter(extract_many(models, data, [args.points] * len(models), args.tokens, args.batch_size,
+                                  args.device, args.dtype, progress=not args.quiet) if models else [])
+    models_left = iter(models)
+    sets, metas = [], []
+    for spec, is_file in zip(specs, files, strict=True):
+        if is_file:
             feats, ids, meta = read_features(spec)
             metas.append(dict(meta.get("model", {}), spec=str(spec), features=str(spec), tokens=meta.get("tokens"),
                               points=meta.get("points")))
         else:
-            if data is None:
-                data = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
-            model = load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
-                               num_heads=args.num_heads, img_size=args.img_size, act=args.act, progress=not args.quiet)
-            feats = extract(model, data, args.points, args.tokens, args.batch_size, args.device, args.dtype,
-                            progress=not args.quiet)
-            ids = sample_ids(data)
-            metas.append(dict(_model_meta(model), tokens=args.tokens, points=args.points))
+            feats, ids = next(extracted), sample_ids(data)
+            metas.append(dict(_model_meta(next(models_left)), tokens=args.tokens, points=args.points))
         sets.append((str(spec), feats, ids))
     settings = {(m.get("tokens", args.tokens), str(m.get("points", args.points))) for m in metas}
     if len(settings) > 1:
@@ -5729,7 +5739,8 @@ def _cmd_extract(args):
     if args.tokens in ("all", "patch"):
         raise UsageError(f"--tokens {args.tokens} keeps a token axis; feature files hold (n, d): use flat (the same "
                          "numbers, flattened), cls, mean or official")
-    model = _load_models(_with_models(args))[0]
+    args.models = [args.model]
+    model = _load_models(args)[0]
     images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
     feats = extract(model, images, args.points, args.tokens, args.batch_size, args.device, args.dtype,
                     progress=not args.quiet)
@@ -5740,11 +5751,6 @@ def _cmd_extract(args):
                 tokens=args.tokens, dtype=args.dtype or "float32", versions=_versions(), command=args.command)
     save_features(out, feats, sample_ids(images), images.readable_labels(), meta)
     print(f"wrote {out}: {len(feats)} point(s) × {len(sample_ids(images))} samples ({args.tokens} tokens)")
-
-
-def _with_models(args):
-    args.models = [args.model]
-    return args
 
 
 def _safe_name(spec: str) -> str:
@@ -5765,8 +5771,7 @@ def _cmd_list(args):
     for name, r in REGISTRY.items():
         if r["url"].startswith("hf:"):
             repo = hub_spec(r["url"])
-            present = "cache" if _cached_snapshot(hub_cache_dir() / f"models--{repo[0].replace('/', '--')}",
-                                                  repo[1]) else "hub"
+            present = "cache" if _cached_snapshot(hub_repo_dir(repo[0]), repo[1]) else "hub"
         else:
             present = "yes" if registry_path(name, wdir).exists() else \
                 "manual" if FAMILIES[r["family"]].manual_download else "-"
@@ -6029,11 +6034,10 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
                                          num_workers=images.workers, collate_fn=list):
         pass
     out["baseline_decode_s"] = time.perf_counter() - t0
-    keys = list(dict.fromkeys(repr(kw) for kw in kws))   # one target per distinct preprocessing, as cka decodes
+    keys, _, targets = _distinct_preprocessing(kws)   # one target per distinct preprocessing, as cka decodes
     t0 = time.perf_counter()
     kept = []
-    for _, per_target in images.decoded(batch_size, targets=[_decode_target(kw) for kw in {repr(k): k for k in
-                                                                                           kws}.values()]):
+    for _, per_target in images.decoded(batch_size, targets=targets):
         if len(kept) < 8:   # a few batches for the forward passes; memory stays bounded
             kept.append(per_target)
     out["decode_s"] = time.perf_counter() - t0
