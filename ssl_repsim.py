@@ -2774,6 +2774,9 @@ def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     ids = _ids_list(ids, path)
     order = meta.get("points") if isinstance(meta.get("points"), list) else [k for k, v in raw.items()
                                                                              if _floating(v)]
+    ignored = sorted(set(raw) - set(order))
+    if ignored:
+        log.info(f"{path.name}: {', '.join(ignored)} read as other data, not features (not floating point)")
     feats = {}
     for k in order:
         v = raw.get(k)
@@ -5749,8 +5752,9 @@ def _cmd_extract(args):
     meta = dict(model=_model_meta(model), data=dict(source=str(args.data), name=images.name,
                 n=len(images) - images.skipped, skipped=images.skipped, seed=args.seed), points=args.points,
                 tokens=args.tokens, dtype=args.dtype or "float32", versions=_versions(), command=args.command)
-    save_features(out, feats, sample_ids(images), images.readable_labels(), meta)
-    print(f"wrote {out}: {len(feats)} point(s) × {len(sample_ids(images))} samples ({args.tokens} tokens)")
+    ids = sample_ids(images)
+    save_features(out, feats, ids, images.readable_labels(), meta)
+    print(f"wrote {out}: {len(feats)} point(s) × {len(ids)} samples ({args.tokens} tokens)")
 
 
 def _safe_name(spec: str) -> str:
