@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
@@ -535,18 +536,20 @@ def shard_batches(batches, group=None):
             yield b
 
 
-def gather_batches(parts: list, group=None) -> list:
-    """The batch-ordered list of every rank's per-batch results (rank r holds batches r, r+world, ...)."""
+def gather_batches(parts: list, group=None, keys: list | None = None) -> list:
+    """Every rank's per-batch results in batch order: by `keys` (each part's first image index), so a rank that lost
+    whole batches to unreadable images shifts nothing; without keys, rank r holding batches r, r + world, ..."""
     if not _dist_active(group):
         return parts
     import torch.distributed as dist
     world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    keys = list(keys) if keys is not None else [i * world + rank for i in range(len(parts))]
+    if len(keys) != len(parts):
+        raise ValueError(f"gather_batches: {len(keys)} keys for {len(parts)} parts")
     everything = [None] * world
-    dist.all_gather_object(everything, parts, group=group)
-    out = []
-    for i in range(max(len(p) for p in everything)):
-        out += [p[i] for p in everything if i < len(p)]
-    return out
+    dist.all_gather_object(everything, list(zip(keys, parts, strict=True)), group=group)
+    return [p for _, p in sorted((kp for e in everything for kp in e), key=operator.itemgetter(0))]
 
 
 def _field(default, help: str, **meta):
@@ -2449,29 +2452,34 @@ def _distinct_preprocessing(kws: list[dict]) -> tuple[list[str], dict, list]:
 
 def shared_batches(models, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None,
                    group=None):
-    """Per decoded batch, [(x, y) for each model]: every image decoded once for all models and resized in Pillow
-    once per distinct preprocessing, then cropped and normalised as each model's registry row says (models
-    preprocessed alike share one tensor; this process's batches under torch.distributed)."""
+    """Per decoded batch, (its image indices, [(x, y) for each model]): every image decoded once for all models and
+    resized in Pillow once per distinct preprocessing, then cropped and normalised as each model's registry row says
+    (models preprocessed alike share one tensor; this process's batches under torch.distributed)."""
     kws = [preprocess_kw(m) for m in models]
     keys, of_key, targets = _distinct_preprocessing(kws)
     for idx, per_target in images.decoded(batch_size, start, stop, targets, group):
         y = images.labels[idx] if images.labels is not None else None
         fitted = not isinstance(images.items, torch.Tensor)   # files: the decoder resized and cropped them
         done = {k: _preprocessed(ims, of_key[k], fitted) for k, ims in zip(keys, per_target, strict=True)}
-        yield [(done[repr(kw)], y) for kw in kws]
+        yield idx, [(done[repr(kw)], y) for kw in kws]
 
 
 def model_batches(model: ViT, images: ImageSet, batch_size: int = 64, start: int = 0, stop: int | None = None,
                   group=None):
     """Yield (x, y) batches preprocessed for `model` (its registry's resize, crop, mean and std; its input size);
     under torch.distributed only this process's batches."""
-    for (x, y), in shared_batches([model], images, batch_size, start, stop, group):
+    for _, ((x, y),) in shared_batches([model], images, batch_size, start, stop, group):
         yield x, y
+
+
+def batch_order(n: int, seed: int) -> torch.Tensor:
+    """The order in which an estimator that consumes batches reads n images: a permutation drawn from `seed`."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def per_model(streams, n: int) -> list:
     """n iterators over one stream of per-model lists: the i-th yields each list's i-th item (consumed in step)."""
-    return [(b[i] for b in s) for i, s in enumerate(itertools.tee(streams, n))]
+    return [map(operator.itemgetter(i), s) for i, s in enumerate(itertools.tee(streams, n))]   # i bound now
 
 
 def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
@@ -2696,7 +2704,13 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
                  dtype=None, progress: bool = False, group=None) -> list[dict[str, torch.Tensor]]:
     """extract() for several models in one pass over the images: each image is decoded once and fed, preprocessed
     for each, to every model."""
-    streams = per_model(shared_batches(models, images, batch_size, group=group), len(models))
+    firsts = []   # each batch's first image index: the rows are gathered in that order
+
+    def batches():
+        for idx, per in shared_batches(models, images, batch_size, group=group):
+            firsts.append(idx[0])
+            yield per
+    streams = per_model(batches(), len(models))
     gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, points_list,
                                                                                     strict=True)]
     parts = [[] for _ in models]
@@ -2715,7 +2729,7 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
         images.unreadable.update(i for st in sets for i in st)
     out = []
     for p in parts:
-        p = gather_batches(p, group)
+        p = gather_batches(p, group, firsts)
         if not p:
             raise UsageError("no images to extract features from")
         out.append({k: torch.cat([b[k] for b in p]) for k in p[0]})
@@ -3531,6 +3545,7 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     out = dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
                model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
                batch_size=batch_size if estimator == "minibatch" else None, ci=ci or None,
+               batch_order=f"random (seed {seed})" if estimator == "minibatch" else None,
                interval=(None if not ci else "bootstrap over batches" if estimator == "minibatch" else
                          "infinitesimal jackknife over images"))
     return out
@@ -3605,10 +3620,14 @@ def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor, spread: Spread | 
 def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, batch_size, device, dtype, progress,
                     group) -> tuple[dict, dict, int]:
     """Every model's features batch by batch, accumulated into one MinibatchCKA per pair (memory independent of n);
-    the maps, their bootstrap spreads (resamples > 0) and the number of images used."""
+    the maps, their bootstrap spreads (resamples > 0) and the number of images used. The images are read in a
+    random order drawn from `seed` (Nguyen et al.'s estimator needs i.i.d. batches, never a folder's class order);
+    under torch.distributed every process draws the same order and takes its whole batches of it."""
     dev = as_device(device)
+    order = batch_order(len(images), seed)
+    images, source = images.subset(order), images
     accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
-    streams = per_model(shared_batches(models, images, batch_size, group=group), len(models))
+    streams = per_model((per for _, per in shared_batches(models, images, batch_size, group=group)), len(models))
     gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, names, strict=True)]
     bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
     skipped = used = 0
@@ -3630,6 +3649,7 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
         for (i, j), acc in accs.items():
             acc.update_grams(grams[i], grams[j])
     bar.close()
+    source.unreadable.update(int(order[i]) for i in images.unreadable)
     if skipped:
         log.warning(f"notice: {skipped} image(s) in batches below 4 (after unreadable ones) were left out of "
                     "minibatch CKA")
@@ -5678,7 +5698,7 @@ def _cmd_cka(args):
     with _staged_results(final) as out:
         meta = dict(models=models_meta, data=data_meta, points=args.points,
                     tokens=args.tokens, estimator=res["estimator"], n=res["n"], batch_size=args.batch_size,
-                    ci=res["ci"], interval=res["interval"], kernel=args.kernel,
+                    batch_order=res.get("batch_order"), ci=res["ci"], interval=res["interval"], kernel=args.kernel,
                     rbf_threshold=args.rbf_threshold if args.kernel == "rbf" else None,
                     device=str(args.device or default_device()), dtype=args.dtype or "float32", versions=_versions(),
                     elapsed_s=round(time.time() - t0, 2), command=args.command)

@@ -4102,11 +4102,13 @@ def test_minibatch_maps_compute_each_models_grams_once_per_batch(monkeypatch):
     assert len(calls) == 3 * 3                                     # 3 batches × 3 models
     monkeypatch.setattr(sr, "_u_centred_grams", real)
     feats = [sr.extract(m, images, tokens="cls", batch_size=8) for m in models]
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))   # the documented order: seed 0
+    assert res["batch_order"] == "random (seed 0)"
     for pair in res["pairs"]:
         i, j = (int(s[len("tiny"):]) for s in (pair["a"], pair["b"]))
         acc = sr.MinibatchCKA(len(feats[i]), len(feats[j]))
         for s in range(0, 24, 8):
-            acc.update([v[s:s + 8] for v in feats[i].values()], [v[s:s + 8] for v in feats[j].values()])
+            acc.update([v[order[s:s + 8]] for v in feats[i].values()], [v[order[s:s + 8]] for v in feats[j].values()])
         assert_near(pair["cka"], acc.compute(), "shared Grams", atol=1e-10)
 
 
