@@ -1905,7 +1905,7 @@ def hub_snapshot(repo: str, revision: str = "main", *, offline: bool = False, pr
     root = hub_repo_dir(repo)
     cached = _cached_snapshot(root, revision, offline=hub_offline(offline))
     if cached is not None:
-        return cached
+        return _verified_snapshot(root, cached)
     if hub_offline(offline):
         raise UsageError(f"{repo}@{revision} is not in the Hugging Face cache {root} and the hub is offline "
                          "(HF_HUB_OFFLINE / --offline)")
@@ -1916,7 +1916,7 @@ def hub_snapshot(repo: str, revision: str = "main", *, offline: bool = False, pr
         if usable is None:
             raise
         log.info(f"{repo}: the hub is unreachable; using the cached snapshot {usable.name[:12]}")
-        return usable
+        return _verified_snapshot(root, usable)
 
 
 def _cached_snapshot(root: Path, revision: str, offline: bool = True) -> Path | None:
@@ -1942,6 +1942,32 @@ def _cached_snapshot(root: Path, revision: str, offline: bool = True) -> Path | 
         return None
     if unknown:
         log.info(f"{root.name}: {', '.join(unknown)} not in the cache (offline): read without it")
+    return snap
+
+
+def _verified_snapshot(root: Path, snap: Path) -> Path:
+    """The snapshot, once every file the loader reads from it (configs, the weights, an index's shards) is checked
+    against its blob's name: sha256 for LFS blobs, the git blob sha1 for regular ones. A blob overwritten in place, or
+    a link into another blob, is refused rather than loaded (a copied file, where links are not possible, is read as
+    it is)."""
+    weights = next((f for f in WEIGHT_FILES if (snap / f).is_file()), None)
+    files = [f for f in CONFIG_FILES if (snap / f).is_file()] + ([weights] if weights else [])
+    if weights and weights.endswith(".index.json"):
+        files += sorted(set(map(str, (_read_json(snap / weights).get("weight_map") or {}).values())))
+    blobs = (root / "blobs").resolve()
+    for f in files:
+        link = snap / f
+        if not link.is_symlink():
+            continue
+        blob = link.resolve()
+        if blob.parent != blobs:
+            raise UsageError(f"{link}: the cache links outside its blobs folder ({blob}): delete {root} and download "
+                             "again")
+        name = blob.name
+        digest = file_sha256(blob) if len(name) == 64 else _git_blob_sha1(blob) if len(name) == 40 else None
+        if digest != name:
+            raise UsageError(f"{link}: the cached blob {name[:12]}… holds other bytes ({(digest or '?')[:12]}…): "
+                             f"delete {blob} and download again")
     return snap
 
 
@@ -2884,18 +2910,21 @@ def images_fingerprint(images: ImageSet) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """The sha256 of the weights the model computes with (names, dtypes, shapes and bytes): whatever files they were
+    read from, however converted."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def features_cache_key(model: ViT, images: ImageSet, points, tokens: str, dtype=None) -> str:
-    """Checkpoint (file hash, or the weights of an in-memory model), images, points, tokens, preprocessing, dtype."""
-    path = model.source.get("path")
-    if path and Path(path).is_file():
-        weights = file_sha256(path)
-    else:
-        h = hashlib.sha256()
-        for v in model.state_dict().values():
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        weights = h.hexdigest()
-    key = json.dumps([weights, images_fingerprint(images), list(points), tokens, model.input_size,
-                      model.preprocess, str(dtype), __version__], default=str)
+    """The model as it computes (its weights and its resolved ViTConfig: heads, activation, family switches), the
+    images, points, tokens, preprocessing and dtype: a changed architecture or file never reuses features."""
+    key = json.dumps([weights_sha256(model), dataclasses.asdict(model.cfg), images_fingerprint(images), list(points),
+                      tokens, model.input_size, model.preprocess, str(dtype), __version__], default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -2952,7 +2981,7 @@ def _cache_store(path: Path, images: ImageSet, feats: dict):
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _read_cached_features(path: Path, names: list[str]) -> dict[str, torch.Tensor] | None:

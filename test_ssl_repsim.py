@@ -3236,6 +3236,40 @@ def test_hub_cache_filled_by_another_library_is_completed_online_and_used_offlin
     assert model.input_size == 224 and (base / "snapshots" / commit / "preprocessor_config.json").exists()
 
 
+def test_hub_cached_blobs_are_checked_against_their_names_before_use(hub, tmp_path, monkeypatch):
+    """Issue 19 item 5: a cached weights blob overwritten in place (another model's bytes), or a snapshot link into
+    another repo's blob, is refused in one line offline; the untouched cache loads the published weights."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = build("hf_dinov2_reg_swiglu", tmp_path / "a"), build("hf_vit", tmp_path / "b")
+    ca, cb = publish(hub, "org/a", a.path), publish(hub, "org/b", b.path)
+    want = sr.load_model(a.path).state_dict()
+    sr.load_model("org/a", progress=False)
+    sr.load_model("org/b", progress=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    got = sr.load_model("org/a", progress=False).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    cache = tmp_path / "hf-cache"
+    link_a = cache / "models--org--a" / "snapshots" / ca / "model.safetensors"
+    link_b = cache / "models--org--b" / "snapshots" / cb / "model.safetensors"
+    blob_a = link_a.resolve()
+    original = blob_a.read_bytes()
+    other = bytearray(original)
+    other[-1] ^= 0xFF                                  # one byte of the weights changed in place
+    blob_a.write_bytes(bytes(other))
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model("org/a", progress=False)
+    assert_one_line(e)
+    assert "holds other bytes" in str(e.value)
+    blob_a.write_bytes(original)
+    link_a.unlink()
+    link_a.symlink_to(os.path.relpath(link_b.resolve(), link_a.parent))   # a link into another repo's blob
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model("org/a", progress=False)
+    assert_one_line(e)
+    assert "outside its blobs folder" in str(e.value)
+
+
 @pytest.mark.parametrize("spec", ["org/m@../../../../tmp/x", "org/m@/abs", "hf:org/m@a/../../b"])
 def test_hub_revisions_cannot_leave_the_cache(spec, hub, tmp_path):
     with pytest.raises(sr.UsageError) as e:
