@@ -191,7 +191,7 @@ OPENCLIP_RENAMES = (   # open_clip and OpenAI CLIP visual towers
     (r"^ln_pre\.", "norm_pre."), (r"^transformer\.resblocks\.(\d+)\.", r"blocks.\1."), (r"\.ln_([12])\.", r".norm\1."),
     (r"\.attn\.in_proj_(weight|bias)$", r".attn.qkv.\1"), (r"\.attn\.out_proj\.", ".attn.proj."),
     (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."), (r"^ln_post\.", "norm."))
-HF_CLASS_PREFIX = r"^(vit|deit|dinov2|beit|data2vec_vision|vision_model)\."
+HF_CLASS_PREFIX = r"^(vit|deit|dinov2|beit|data2vec_vision|ijepa|vision_model)\."
 HF_NOT_BACKBONE = (r"^(decoder\.|pooler\.dense\.|lm_head\.|cls_classifier\.|distillation_classifier\.|"
                    r"embeddings\.mask_token|text_model\.|text_projection|logit_)|" + INDEX)
 
@@ -220,8 +220,10 @@ FAMILIES: dict[str, Family] = {
     "dino": Family("JE", (Layout(lambda o: "teacher" in o, pick="teacher", prefix="backbone.", only_prefix=True),
                           FLAT_LAYOUT), pos_interp="offset"),   # the flat release file: only when named
     "msn": Family("JE", (Layout(lambda o: _any(_sub(o, "target_encoder"), r"cls_token$"), pick="target_encoder",
-                                prefix="module.", drop=r"^fc\."),), interp="bilinear"),  # pos: size (g, g)
-    "ijepa": Family("JE", (Layout(lambda o: "target_encoder" in o, pick="target_encoder", prefix="module."),)),
+                                prefix="module.", drop=r"^fc\."),), interp="bilinear",   # pos: size (g, g)
+                 hf_model_types=("vit_msn",)),
+    "ijepa": Family("JE", (Layout(lambda o: "target_encoder" in o, pick="target_encoder", prefix="module."),),
+                    hf_model_types=("ijepa",)),
     "data2vec_ft": Family("HYB+FT", (Layout(lambda o: "module" in o, pick="module", drop=r"^head\.|" + INDEX),)),
     "simmim": Family("REC", (Layout(lambda o: _any(_sub(o, "model"),
                                                    r"^encoder\.(rel_pos_bias|blocks\.0\.attn\.relative_pos)"),
@@ -384,6 +386,9 @@ REGISTRY: dict[str, dict] = {
     "facebook/dinov2-base": _row("dinov2", "hf:facebook/dinov2-base", 12, rep="cls_mean", aliases=("dinov2-hf",)),
     "facebook/dino-vitb16": _row("dino", "hf:facebook/dino-vitb16", 12, rep="cls_mean", aliases=("dino-hf",)),
     "facebook/vit-mae-base": _row("mae_hf", "hf:facebook/vit-mae-base", 12, aliases=("mae-hf",)),
+    "facebook/vit-msn-base": _row("msn", "hf:facebook/vit-msn-base", 12, rep="cls_raw", aliases=("msn-hf",)),
+    "facebook/ijepa_vith14_1k": _row("ijepa", "hf:facebook/ijepa_vith14_1k", 16, rep="mean_tokens",
+                                     aliases=("ijepa-hf",)),
     "facebook/dinov3-vitb16-pretrain-lvd1689m": _row("dinov3", "hf:facebook/dinov3-vitb16-pretrain-lvd1689m", 12,
                                                      aliases=("dinov3", "dinov3-vitb16")),
     "openai/clip-vit-base-patch16": _row("clip", "hf:openai/clip-vit-base-patch16", 12, rep="pooled",
@@ -410,6 +415,27 @@ ALIASES = {**ALIASES_OF_TIMM, **{a: name for name, row in REGISTRY.items() for a
 
 def resolve_name(name: str) -> str:
     return ALIASES.get(name, name)
+
+
+def split_family(spec: str) -> tuple[str | None, str]:
+    """`FAMILY:SPEC` (e.g. dino:weights/my_dino.pth) → (FAMILY, SPEC) where FAMILY is a known family (so hf: and
+    timm/ keep their meaning); any other spec → (None, spec)."""
+    fam, sep, rest = spec.partition(":")
+    return (fam, rest) if sep and rest and fam in FAMILIES and fam not in ("unknown", "ssl_repsim") else (None, spec)
+
+
+# a release file's name → its registry row, where the name is one release's only (iBOT's checkpoint_teacher.pth is not)
+_RELEASE_FILES = collections.Counter(row["url"].rsplit("/", 1)[-1] for row in REGISTRY.values())
+RELEASE_FILES = {row["url"].rsplit("/", 1)[-1]: name for name, row in REGISTRY.items()
+                 if not row["url"].startswith("hf:") and _RELEASE_FILES[row["url"].rsplit("/", 1)[-1]] == 1}
+SIZE_WIDTHS = {"ti": 192, "s": 384, "b": 768, "l": 1024, "h": 1280}   # the width a row name's vit<size> implies
+
+
+def row_fits(name: str, width: int) -> bool:
+    """Whether a registry row's head count (and input size) fit a checkpoint of this width: the width its name
+    implies (vits → 384, vitb → 768, ...), else one the heads divide."""
+    m = re.search(r"vit(ti|s|b|l|h)\d", name)
+    return width % REGISTRY[name]["num_heads"] == 0 and (m is None or SIZE_WIDTHS[m.group(1)] == width)
 
 
 @dataclass
@@ -1168,8 +1194,18 @@ def _token_shapes(sd: dict) -> dict:
 
 
 # keys whose meaning depends on the family: a flat file holding them is not read as family `unknown`
+def _rotary_keys(o: dict) -> bool:
+    """timm Eva keys (separate q/k/v, split GLU), or EVA-02 tiny/small/base's: q/v biases beside a fused GLU fc1 of
+    twice fc2's input, and no relative position table (BEiT has one; DINOv2-g's fused SwiGLU has no q bias)."""
+    fc1, fc2 = o.get("blocks.0.mlp.fc1.weight"), o.get("blocks.0.mlp.fc2.weight")
+    glu = isinstance(fc1, torch.Tensor) and isinstance(fc2, torch.Tensor) and fc1.ndim == fc2.ndim == 2 \
+        and fc1.shape[0] == 2 * fc2.shape[1]
+    return _any(o, r"^blocks\.0\.(attn\.[qkv]_proj|mlp\.fc1_g)\.") or (
+        glu and "blocks.0.attn.q_bias" in o and not _any(o, r"relative_position|rel_pos_bias"))
+
+
 AMBIGUOUS_KEYS = (
-    (r"^blocks\.0\.(attn\.[qkv]_proj|mlp\.fc1_g)\.", ("timm Eva keys: whether and how the model rotates its tokens "
+    (_rotary_keys, ("timm Eva keys: whether and how the model rotates its tokens "
                                                    "(EVA-02, DINOv3) is not in the file; pass --family eva02 or "
                                                    "dinov3, or load its timm hub folder")),
     (r"^attn_pool\.", ("an attention-pool head: its activation is not in the file; pass --family siglip, or load its "
@@ -1194,7 +1230,7 @@ def detect_layout(obj: dict, family: str | None = None) -> tuple[str, Layout, st
             label = family or owner
             if label == "unknown":
                 for pattern, why in AMBIGUOUS_KEYS:
-                    if _any(obj, pattern):
+                    if pattern(obj) if callable(pattern) else _any(obj, pattern):
                         raise UsageError(f"a flat state dict with {why}")
             return label, layout, owner
     raise UsageError(f"unknown checkpoint layout (top-level keys: {_keys_str(obj)}); pass family= / --family")
@@ -1371,7 +1407,8 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
     Hugging Face cache, else downloaded into it): locate, read safely, detect the layout, convert its keys, infer
     the architecture, build. `family` overrides what the keys and config files say; `head=True` keeps a linear
     classifier; num_heads / act give what neither the file nor its config holds."""
-    spec = str(spec)
+    prefixed, spec = split_family(str(spec))
+    family, given = prefixed or family, str(spec if prefixed is None else f"{prefixed}:{spec}")
     for what, v in (("num_heads", num_heads), ("img_size", img_size)):
         if v is not None and v < 1:
             raise UsageError(f"{what} must be ≥ 1, got {v}")
@@ -1389,6 +1426,7 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         model = _build_own(obj, meta, head)
     else:
         sd, family = convert_state_dict(obj, family or hints.get("family"), head)
+        hints = _row_hints_that_fit(hints, sd, spec)
         arch = {**hints.get("arch", {}), **({"act": act} if act else {})}
         cfg = infer_config(sd, family, num_heads=num_heads or hints.get("num_heads"),
                            width_table=hints.get("width_table", True), **arch)
@@ -1396,7 +1434,7 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         model.preprocess = {**FAMILIES[family].preprocess, **hints.get("preprocess", {})}
         model.input_size = hints.get("img_size") or cfg.img_size
     model.input_size = img_size or model.input_size
-    model.source = dict(spec=spec, path=str(path), family=model.family, registry=hints.get("registry"),
+    model.source = dict(spec=given, path=str(path), family=model.family, registry=hints.get("registry"),
                         hub=hints.get("hub"),
                         fine_tuned=json.loads(meta.get("fine_tuned", "false")) or hints.get("fine_tuned", False))
     return model
@@ -1407,8 +1445,7 @@ def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) ->
     name = resolve_name(spec)
     if name in REGISTRY and not Path(spec).exists():
         row = REGISTRY[name]
-        known = dict(registry=name, family=row["family"], num_heads=row["num_heads"], img_size=row["img_size"],
-                     preprocess={k: row[k] for k in ("mean", "std", "interp", "crop_pct", "crop_mode")})
+        known = _row_hints(name)
         if row["url"].startswith("hf:"):
             path, hints = _model_folder(hub_snapshot(*hub_spec(row["url"]), offline=offline, progress=progress))
             return path, {**known, **hints, "family": row["family"], "registry": name,
@@ -1424,11 +1461,48 @@ def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) ->
     if Path(spec).is_dir():
         return _model_folder(Path(spec))
     if Path(spec).is_file():
-        return Path(spec), {}
+        return Path(spec), _release_hints(Path(spec))
     if (repo := hub_spec(spec)) is not None and not Path(spec).exists():
         return _model_folder(hub_snapshot(*repo, offline=offline, progress=progress))
     raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), a "
                      "checkpoint file, a model folder or a hub id (org/name, timm/<arch>.<tag>)")
+
+
+def _row_hints(name: str) -> dict:
+    row = REGISTRY[name]
+    return dict(registry=name, family=row["family"], num_heads=row["num_heads"], img_size=row["img_size"],
+                preprocess={k: row[k] for k in ("mean", "std", "interp", "crop_pct", "crop_mode")})
+
+
+def _release_hints(path: Path) -> dict:
+    """What a file passed by path is, when it is a release: its name is a registry row's release file name (or the
+    row's own name, as `download` saves it), else its sha256 starts with a row's published digest."""
+    name = RELEASE_FILES.get(path.name) or next((r for r in REGISTRY if path.name in (
+        registry_path(r, path.parent).name,)), None)
+    how = f"its file name {path.name}"
+    if name is None:
+        published = {r: row["sha256"] for r, row in REGISTRY.items() if row.get("sha256")}
+        if published and path.suffix.lower() in (".pth", ".pt", ".tar", ".bin", ".safetensors"):
+            digest = file_sha256(path)
+            name = next((r for r, d in published.items() if digest.startswith(d)), None)
+            how = f"its sha256 {digest[:12]}…"
+    if name is None:
+        return {}
+    log.info(f"notice: {path} is read as the release {name} (family {REGISTRY[name]['family']}), by {how}; "
+             f"prefix it with FAMILY: to say otherwise")
+    return {**_row_hints(name), "recognised": True}
+
+
+def _row_hints_that_fit(hints: dict, sd: dict, spec: str) -> dict:
+    """A registry row's head count and input size apply only to a file of the width the row implies; otherwise they
+    are dropped, with a notice, and the width table (or --num-heads) decides."""
+    w = sd.get("patch_embed.proj.weight")
+    name = hints.get("registry")
+    if name not in REGISTRY or w is None or w.ndim != 4 or row_fits(name, w.shape[0]):
+        return hints
+    log.warning(f"notice: {spec} has width {w.shape[0]}, not {name}'s: its family {hints.get('family')} is kept, its "
+                f"{REGISTRY[name]['num_heads']} heads and {REGISTRY[name]['img_size']}px input are not")
+    return {k: v for k, v in hints.items() if k not in ("num_heads", "img_size")}
 
 
 def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
@@ -1467,7 +1541,8 @@ HF_DEFAULTS = {"vit": dict(layer_norm_eps=1e-12, hidden_act="gelu", num_attentio
                                            num_attention_heads=12, image_size=224),
                "dinov3_vit": dict(layer_norm_eps=1e-5, hidden_act="gelu", num_attention_heads=12, image_size=224,
                                   rope_theta=100.0)}
-HF_DEFAULTS.update({t: HF_DEFAULTS["vit"] for t in ("vit_mae", "deit", "beit", "data2vec-vision")})
+HF_DEFAULTS.update({t: HF_DEFAULTS["vit"] for t in ("vit_mae", "deit", "beit", "data2vec-vision", "ijepa")})
+HF_DEFAULTS["vit_msn"] = {**HF_DEFAULTS["vit"], "layer_norm_eps": 1e-6}   # ViTMSNConfig's default
 HF_DEFAULTS.update({"dinov2_with_registers": HF_DEFAULTS["dinov2"], "clip": HF_DEFAULTS["clip_vision_model"],
                     "siglip": HF_DEFAULTS["siglip_vision_model"]})
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",

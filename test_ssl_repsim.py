@@ -29,6 +29,7 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import pickle
@@ -1423,6 +1424,23 @@ def b_hf_vit(d, a, drop):
     return write_folder(d, "vit-tiny", cfg, sd, files={"preprocessor_config.json": pre}), P
 
 
+def b_hf_vit_msn(d, a, drop):
+    """transformers ViTMSNModel (facebook/vit-msn-*): ViT names, no pooler; config.json without layer_norm_eps, as
+    save_pretrained leaves ViTMSNConfig's default (1e-6) out."""
+    P = make_params(a, seed_of("hf_vit_msn"))
+    cfg = hf_config_of(a, "vit_msn", "ViTMSNModel", hidden_act="gelu")
+    del cfg["layer_norm_eps"]
+    return write_folder(d, "vit-msn-tiny", cfg, drop_key(hf_bert_sd(P, a, "vit"), drop)), P
+
+
+def b_hf_ijepa(d, a, drop):
+    """transformers IJepaModel (facebook/ijepa_*): ViT names without a cls token, positions of the patches only."""
+    P = make_params(a, seed_of("hf_ijepa"))
+    sd = {k: v for k, v in hf_bert_sd({**P, "cls": None}, a, "vit").items() if k != "embeddings.cls_token"}
+    cfg = hf_config_of(a, "ijepa", "IJepaModel", hidden_act="gelu")
+    return write_folder(d, "ijepa-tiny", cfg, drop_key(sd, drop)), P
+
+
 def b_hf_deit_distilled(d, a, drop):
     """transformers DeiTForImageClassificationWithTeacher: prefix deit., a distillation token, two classifiers."""
     P = make_params(a, seed_of("hf_deit"))
@@ -1601,6 +1619,17 @@ def b_timm_eva02(d, a, drop):
     return path, P
 
 
+def b_timm_eva02_fused(d, a, drop):
+    """timm eva02_tiny/small/base (MIM) state dict: a fused qkv weight with q_bias / v_bias, a fused GLU fc1 (gate
+    first, twice fc2's input), no MLP norm, no rotary buffers: the keys cannot tell that it rotates its tokens."""
+    P = make_params(a, seed_of("timm_eva02_fused"))
+    sd = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v
+          for k, v in plain_sd(P, a).items()}
+    path = d / "eva02_small_flat.pth"
+    torch.save(drop_key(sd, drop), path)
+    return path, P
+
+
 TIMM_EVA02_CFG = {"tag": "mim_in22k", "input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.9,
                   "crop_mode": "center", "mean": [0.48145466, 0.4578275, 0.40821073],
                   "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -1681,12 +1710,16 @@ LAYOUTS = {
     "hf_dinov3": (b_hf_dinov3, dict(DINOV3, eps=1e-4, heads=4), "dinov3"),
     "hf_dinov3_gated": (b_hf_dinov3, dict(DINOV3, eps=1e-4, heads=4, swiglu=True), "dinov3"),
     "timm_eva02": (b_timm_eva02, EVA02, "eva02"),
+    "timm_eva02_fused": (b_timm_eva02_fused, dict(EVA02, mlp_norm=False), "eva02"),
+    "hf_vit_msn": (b_hf_vit_msn, {"heads": 4}, "msn"),
+    "hf_ijepa": (b_hf_ijepa, {"eps": 1e-5, "heads": 4, "cls": False, "pos": "no_cls_row"}, "ijepa"),
     "timm_eva02_hub": (b_timm_eva02_hub, dict(EVA02, heads=4), "eva02"),
     "timm_deit_distilled": (b_timm_deit_distilled, {"dist": True}, "deit"),
 }
 HF_LAYOUTS = {"data2vec_hf", "data2vec_hf_safetensors", "data2vec_hf_ft1k", "hf_vit", "hf_deit_distilled",
-              "hf_dinov2_reg_swiglu", "hf_clip", "hf_siglip", "hf_dinov3", "hf_dinov3_gated", "timm_eva02_hub"}
-NAMED_ONLY = {"dino", "dino_safetensors", "timm_eva02"}   # flat files the keys cannot tell: named, as the registry does
+              "hf_dinov2_reg_swiglu", "hf_clip", "hf_siglip", "hf_dinov3", "hf_dinov3_gated", "timm_eva02_hub",
+              "hf_vit_msn", "hf_ijepa"}
+NAMED_ONLY = {"dino", "dino_safetensors", "timm_eva02", "timm_eva02_fused"}   # flat files the keys cannot tell: named, as the registry does
 NEEDS_ACT = {"openclip": "gelu"}                          # open_clip state dicts do not say their activation
 
 
@@ -2951,14 +2984,41 @@ def test_flat_files_whose_training_cannot_be_told_are_family_unknown(tmp_path):
     """A plain flat state dict (a DINO release file, a timm MAE file) is family unknown, objective ?, never dino;
     named, it takes the family and its position interpolation."""
     case = build("dino", tmp_path)
-    model = sr.load_model(case.path, num_heads=2)
+    plain = tmp_path / "my_weights.pth"                  # a name no release has: only the keys speak
+    shutil.copy(case.path, plain)
+    model = sr.load_model(plain, num_heads=2)
     assert model.family == "unknown" and sr.objective(model.family) == "?"
-    named = sr.load_model(case.path, family="dino", num_heads=2)
+    named = sr.load_model(plain, family="dino", num_heads=2)
     assert named.family == "dino" and named.cfg.pos_interp == "offset" and sr.objective("dino") == "JE"
+    prefixed = sr.load_model(f"dino:{plain}", num_heads=2)   # FAMILY:SPEC names one model's family
+    assert prefixed.family == "dino" and prefixed.source["spec"] == f"dino:{plain}"
+
+
+def test_release_files_by_path_take_their_rows_family_and_heads_only_where_they_fit(tmp_path, caplog):
+    """Issue 19 item 8: a file named as released (dino_vitbase16_pretrain.pth) is the row's family; the row's 12
+    heads do not apply to a tiny stand-in of another width (notice), the width table and --num-heads do."""
+    case = build("dino", tmp_path)
+    release = tmp_path / "dino_vitbase16_pretrain.pth"
+    shutil.copy(case.path, release)
+    with caplog.at_level(logging.INFO, logger="ssl_repsim"):
+        model = sr.load_model(release, num_heads=2)
+    assert model.family == "dino" and sr.objective(model.family) == "JE" and model.cfg.num_heads == 2
+    assert model.source["registry"] == "dino-vitb16"
+    assert "by its file name" in caplog.text and "not dino-vitb16's" in caplog.text
+    assert model.input_size == case.a.patch * case.a.grid, "the row's 224 px does not fit a 32 px position table"
+    sd, _ = sr.read_checkpoint(case.path)
+    digest = tmp_path / "renamed.pth"                  # no release name: a published sha256 prefix decides
+    torch.save(sd, digest)
+    prefix = hashlib.sha256(digest.read_bytes()).hexdigest()[:8]
+    row = dict(sr.REGISTRY["dino-vitb16"], sha256=prefix)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sr.REGISTRY, "dino-test", row)
+        assert sr.load_model(digest, num_heads=2).family == "dino"
 
 
 @pytest.mark.parametrize("name,edit,why", [
     ("timm_eva02", None, "rotates its tokens"),                                   # timm Eva keys without a config
+    ("timm_eva02_fused", None, "eva02 or dinov3"),    # issue 19 item 7: fused qkv + q/v bias + fused GLU fc1
     ("timm", lambda sd: sd.update({"attn_pool.latent": torch.zeros(1, 1, 32)}), "attention-pool"),
     ("timm", lambda sd: sd.update({"norm_pre.weight": torch.ones(32), "norm_pre.bias": torch.zeros(32)}), "pre-norm"),
     ("timm", lambda sd: sd.pop("pos_embed"), "position information"),
