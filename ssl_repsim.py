@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -579,8 +580,36 @@ def gather_batches(parts: list, group=None, keys: list | None = None) -> list:
 
 
 def _field(default, help: str, **meta):
-    """A dataclass field whose help (and choices) the CLI turns into a flag."""
+    """A dataclass field whose help (and choices, and range: (low, high, bounds)) the CLI turns into a flag."""
+    if "range" in meta:
+        help += f" (range {_range_text(*meta['range'])})"
     return dataclasses.field(default=default, metadata=dict(help=help, **meta))
+
+
+SEED_RANGE = (0, 2**63 - 1)   # torch.Generator().manual_seed's
+
+
+def _range_text(lo, hi, bounds="[]") -> str:
+    return f"{'(-∞' if lo is None else bounds[0] + str(lo)}, {'∞)' if hi is None else str(hi) + bounds[1]}"
+
+
+def in_range(name: str, value, lo=None, hi=None, bounds: str = "[]"):
+    """`value` when it is a finite number within (lo, hi) with the given bounds ("[]", "[)", "(]", "()"), else a
+    one-line UsageError naming the parameter and its meaningful range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (lo is None or (value > lo if bounds[0] == "(" else value >= lo)) \
+        and (hi is None or (value < hi if bounds[1] == ")" else value <= hi))
+    if not ok:
+        raise UsageError(f"{name} must lie in {_range_text(lo, hi, bounds)}, got {value!r}")
+    return value
+
+
+def check_ranges(obj):
+    """Every field of a dataclass instance that declares a range, checked (in_range)."""
+    for f in dataclasses.fields(obj):
+        if "range" in f.metadata and getattr(obj, f.name) is not None:
+            in_range(f.name, getattr(obj, f.name), *f.metadata["range"])
+    return obj
 
 
 # --- output files: written whole or not at all -------------------------------------------------------------
@@ -1351,6 +1380,9 @@ def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def build_model(sd: dict, cfg: ViTConfig) -> ViT:
     """A ViT holding exactly these weights; missing or unexpected keys and wrong shapes are user errors. The
     skeleton is built without memory (meta device) and takes the file's tensors as its parameters."""
@@ -1365,7 +1397,11 @@ def build_model(sd: dict, cfg: ViTConfig) -> ViT:
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         raise UsageError(f"{cfg.family} checkpoint: shape mismatch: {'; '.join(bad[:3])}")
-    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    odd = [f"{k} ({v.dtype})" for k, v in sd.items() if v.dtype not in WEIGHT_DTYPES]
+    if odd:   # an int8 / bool / complex / float8 tensor cast to float32 would compute with other numbers
+        raise UsageError(f"{cfg.family} checkpoint: weights must be float16, bfloat16, float32 or float64, not "
+                         f"{_keys_str(odd, 3)} (a quantised or damaged file)")
+    broken = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if broken:
         raise UsageError(f"{cfg.family} checkpoint: NaN or Inf in {_keys_str(broken, 3)}: the file is damaged")
     model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, assign=True)
@@ -1434,6 +1470,7 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         model.preprocess = {**FAMILIES[family].preprocess, **hints.get("preprocess", {})}
         model.input_size = hints.get("img_size") or cfg.img_size
     model.input_size = img_size or model.input_size
+    _check_preprocess(model.preprocess, given)
     model.source = dict(spec=given, path=str(path), family=model.family, registry=hints.get("registry"),
                         hub=hints.get("hub"),
                         fine_tuned=json.loads(meta.get("fine_tuned", "false")) or hints.get("fine_tuned", False))
@@ -1466,6 +1503,19 @@ def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) ->
         return _model_folder(hub_snapshot(*repo, offline=offline, progress=progress))
     raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), a "
                      "checkpoint file, a model folder or a hub id (org/name, timm/<arch>.<tag>)")
+
+
+def _check_preprocess(pp: dict, where: str):
+    """Normalisation and crop a model can be fed with: finite, std in [0.01, 10], |mean| ≤ 10, crop_pct in
+    [0.1, 2] (a std of 1e-300 passes a positivity check and turns every input into Inf)."""
+    mean, std, crop = pp.get("mean", IMAGENET_MEAN), pp.get("std", IMAGENET_STD), pp.get("crop_pct", 0.875)
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (len(mean) == len(std) == 3 and all(num(v) and abs(v) <= 10 for v in mean)
+            and all(num(v) and 0.01 <= v <= 10 for v in std)):
+        raise UsageError(f"{where}: normalisation mean {list(mean)} / std {list(std)} out of range (3 finite values "
+                         "each; std in [0.01, 10], |mean| ≤ 10)")
+    if not (num(crop) and 0.1 <= crop <= 2):
+        raise UsageError(f"{where}: crop_pct {crop!r} out of range [0.1, 2]")
 
 
 def _row_hints(name: str) -> dict:
@@ -2396,10 +2446,26 @@ def synthetic_images(n: int = 256, size: int = 224, seed: int = 0, num_classes: 
     return ImageSet(img, labels, list(SYNTHETIC_CLASSES[:num_classes]), f"synthetic(n={n},seed={seed})", masks)
 
 
+def _files_under(root: Path) -> list[Path]:
+    """Every file under root, following links to folders (a class folder may be a link) but never into one already
+    visited (a link loop, or a folder linked twice, is read once)."""
+    seen, files = set(), []
+    for top, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        files += [Path(top) / n for n in names]
+    return files
+
+
 def image_folder(root) -> ImageSet:
-    """Every image under root, searched recursively; first-level sub-folders are classes (ImageFolder style)."""
+    """Every image under root, searched recursively (linked folders followed); first-level sub-folders are classes
+    (ImageFolder style)."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     tops = [p.relative_to(root).parts for p in files]
@@ -2778,6 +2844,13 @@ def _parse_dtype(dtype):
     return table[dtype]
 
 
+def _check_finite(named):
+    """A NaN or Inf feature is a user error naming the layer (bad weights or inputs), never a 'constant layer'."""
+    for name, v in named:
+        if not torch.isfinite(torch.as_tensor(v)).all():
+            raise UsageError(f"layer {name} has NaN or Inf features: check the checkpoint's weights and the images")
+
+
 def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: int = 64, device=None, dtype=None,
             progress: bool = False, group=None) -> dict[str, torch.Tensor]:
     """Features at every requested point for all images, concatenated on the CPU (float32).
@@ -2798,7 +2871,9 @@ def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: in
     parts = gather_batches(parts, group)
     if not parts:
         raise UsageError("no images to extract features from")
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    _check_finite((f"{model.source.get('spec', 'model')} {k}", v) for k, v in out.items())
+    return out
 
 
 def extract_many(models, images: ImageSet, points_list, tokens: str = "all", batch_size: int = 64, device=None,
@@ -2834,19 +2909,23 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
         if not p:
             raise UsageError("no images to extract features from")
         out.append({k: torch.cat([b[k] for b in p]) for k in p[0]})
+    for m, f in zip(models, out, strict=True):   # no command writes, probes or compares NaN features
+        _check_finite((f"{m.source.get('spec', 'model')} {k}", v) for k, v in f.items())
     return out
 
 
 def sample_ids(images: ImageSet) -> list[str]:
-    """Stable ids of the images that were read: paths relative to the folder, or source#row for tensor data (the
+    """Stable ids of the images that were read: the folder's name and the path within it (train/x/a.jpg and
+    val/x/a.jpg are two images, the same folder elsewhere on disk the same ones), or source#row for tensor data (the
     file, or the synthetic set with its size and seed, and the row there)."""
     keep = [i for i in range(len(images)) if i not in images.unreadable]
     if isinstance(images.items, torch.Tensor):
         rows = images.rows or range(len(images))
         return [f"{Path(images.name).name}#{rows[i]}" for i in keep]
     root = Path(images.name)
-    return [str(Path(images.items[i]).relative_to(root)) if root.is_dir() and Path(images.items[i]).is_relative_to(root)
-            else str(images.items[i]) for i in keep]
+    top = root.resolve().name
+    return [f"{top}/{Path(images.items[i]).relative_to(root).as_posix()}" if root.is_dir()
+            and Path(images.items[i]).is_relative_to(root) else str(images.items[i]) for i in keep]
 
 
 FEATURES_FORMAT = "ssl_repsim-features"
@@ -2985,20 +3064,20 @@ def images_fingerprint(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """The sha256 of the weights the model computes with (names, dtypes, shapes and bytes): whatever files they were
-    read from, however converted."""
+def _state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names and raw bytes): the weights it computes with, whatever files they
+    were read from, however converted."""
     h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def features_cache_key(model: ViT, images: ImageSet, points, tokens: str, dtype=None) -> str:
     """The model as it computes (its weights and its resolved ViTConfig: heads, activation, family switches), the
     images, points, tokens, preprocessing and dtype: a changed architecture or file never reuses features."""
-    key = json.dumps([weights_sha256(model), dataclasses.asdict(model.cfg), images_fingerprint(images), list(points),
+    key = json.dumps([_state_sha256(model), dataclasses.asdict(model.cfg), images_fingerprint(images), list(points),
                       tokens, model.input_size, model.preprocess, str(dtype), __version__], default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -3234,13 +3313,6 @@ def cka_matrix(xs, ys, kernel: str = "linear", debiased: bool = False, rbf_thres
     else:
         xy, xx, yy = _gram_form_hsic(xs, ys, kernel, debiased, rbf_threshold)
     return _cka_from_hsic(xy, xx, yy, na, nb)
-
-
-def _check_finite(named):
-    """A NaN or Inf feature is a user error naming the layer (bad weights or inputs), never a 'constant layer'."""
-    for name, v in named:
-        if not torch.isfinite(torch.as_tensor(v)).all():
-            raise UsageError(f"layer {name} has NaN or Inf features: check the checkpoint's weights and the images")
 
 
 def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, names_a, names_b) -> torch.Tensor:
@@ -3480,7 +3552,11 @@ class Spread:
         return self.units - 1 if self.kind == "bootstrap" and self.units and self.units >= 3 else None
 
     def interval(self, estimate, entries=None, level: float = 0.95):
-        return normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level, self.dof)
+        """The normal (or t) interval, kept within CKA's range [0, 1] (a bound past it is set to it)."""
+        lo, hi = normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level, self.dof)
+        if isinstance(lo, torch.Tensor):
+            return lo.clamp(0, 1), hi.clamp(0, 1)
+        return min(max(lo, 0.0), 1.0), min(max(hi, 0.0), 1.0)
 
     def se(self, entries=None) -> torch.Tensor | float:
         """Per-entry (L_a, L_b) standard errors, or that of the mean of the listed (i, j) entries."""
@@ -3650,8 +3726,8 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
                model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
                batch_size=batch_size if estimator == "minibatch" else None, ci=ci or None,
                batch_order=f"random (seed {seed})" if estimator == "minibatch" else None,
-               interval=(None if not ci else "bootstrap over batches" if estimator == "minibatch" else
-                         "infinitesimal jackknife over images"))
+               interval=(None if not ci else ("bootstrap over batches" if estimator == "minibatch" else
+                                              "infinitesimal jackknife over images") + ", within [0, 1]"))
     return out
 
 
@@ -3673,7 +3749,8 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
     at = [_point_index(nm, model_point) for nm in names]
     return dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
                 model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
-                batch_size=None, ci=ci or None, interval="infinitesimal jackknife over images" if ci else None)
+                batch_size=None, ci=ci or None,
+                interval="infinitesimal jackknife over images, within [0, 1]" if ci else None)
 
 
 def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
@@ -3836,6 +3913,7 @@ def _check_probe_inputs(train, y_train, test, y_test):
                              f"{len(y_train)}/{len(y_test)} labels")
     if len(y_train) < 2 or y_train.unique().numel() < 2:
         raise UsageError("probe: the training set needs at least two classes")
+    _check_finite([(f"{k} (train)", v) for k, v in train.items()] + [(f"{k} (test)", v) for k, v in test.items()])
     return train, y_train, test, y_test
 
 
@@ -4069,6 +4147,7 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
     std 0.01), LARS (momentum 0.9, trust 0.001, no weight decay), peak lr = blr·batch/256 (MAE's rule: blr 0.1, so
     6.4 at MAE's batch 16384 and 0.1 at batch 256) with 10 warmup epochs then a per-iteration half-cycle cosine,
     90 epochs. Evaluation BatchNorm statistics = training-set mean/variance, so features are standardised once."""
+    in_range("epochs", epochs, 1, 100000)
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     device = as_device(device)
     C = int(max(y_train.max(), y_test.max())) + 1
@@ -4114,6 +4193,7 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
     AdamW and a cosine schedule on standardised features; depth 1 is a linear head. Returns top-1 per layer."""
     if not 1 <= depth <= 8:
         raise UsageError("mlp_probe depth must be 1..8")
+    in_range("epochs", epochs, 1, 100000)
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     device = as_device(device)
     C = int(max(y_train.max(), y_test.max())) + 1
@@ -4177,6 +4257,7 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
                  num_classes: int | None = None, chunk: int = 512, device=None) -> dict:
     """Weighted k-NN of DINO (Caron et al. 2021, eval_knn.py) per layer: L2-normalised features, cosine
     similarity, the k nearest training samples vote for their class with weight exp(sim / T)."""
+    in_range("temperature", temperature, 0, 100, "(]")
     train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
     if not 1 <= k <= len(y_train):
         raise UsageError(f"k-NN: k={k} must be between 1 and the {len(y_train)} training samples")
@@ -4614,28 +4695,28 @@ def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dt
 @dataclass
 class FinetuneConfig:
     """finetune()'s hyperparameters (MAE's recipe, He et al. 2022; the defaults are a quick CPU-sized run)."""
-    epochs: int = _field(3, "training epochs")
-    batch_size: int = _field(16, "images per step and process")
-    blr: float = _field(1e-3, "base learning rate: lr = blr × effective batch / 256")
-    layer_decay: float = _field(0.75, "layer-wise lr decay: block i gets layer_decay^(depth + 1 − (i + 1))")
-    weight_decay: float = _field(0.05, "AdamW weight decay (none on norms, biases, position and cls tokens)")
-    warmup_epochs: float = _field(1.0, "linear warmup, then half-cycle cosine")
-    min_lr: float = _field(1e-6, "lr at the end of the cosine")
-    drop_path: float = _field(0.1, "stochastic depth of the last block (linear in depth)")
-    label_smoothing: float = _field(0.1, "label smoothing")
-    mixup: float = _field(0.0, "mixup alpha (0 = off)")
-    cutmix: float = _field(0.0, "cutmix alpha (0 = off)")
-    accum_steps: int = _field(1, "gradient accumulation steps")
-    effective_batch: int = _field(0, "batch × accum × processes to reach (sets accum_steps; 0 = as given)")
+    epochs: int = _field(3, "training epochs", range=(1, None))
+    batch_size: int = _field(16, "images per step and process", range=(1, 65536))
+    blr: float = _field(1e-3, "base learning rate: lr = blr × effective batch / 256", range=(0, None, "(]"))
+    layer_decay: float = _field(0.75, "layer-wise lr decay: block i gets layer_decay^(depth + 1 − (i + 1))", range=(0, 1, "(]"))
+    weight_decay: float = _field(0.05, "AdamW weight decay (none on norms, biases, position and cls tokens)", range=(0, 10))
+    warmup_epochs: float = _field(1.0, "linear warmup, then half-cycle cosine", range=(0, None))
+    min_lr: float = _field(1e-6, "lr at the end of the cosine", range=(0, 10))
+    drop_path: float = _field(0.1, "stochastic depth of the last block (linear in depth)", range=(0, 1, "[)"))
+    label_smoothing: float = _field(0.1, "label smoothing", range=(0, 1, "[)"))
+    mixup: float = _field(0.0, "mixup alpha (0 = off)", range=(0, 100))
+    cutmix: float = _field(0.0, "cutmix alpha (0 = off)", range=(0, 100))
+    accum_steps: int = _field(1, "gradient accumulation steps", range=(1, 100000))
+    effective_batch: int = _field(0, "batch × accum × processes to reach (sets accum_steps; 0 = as given)", range=(0, None))
     augment: bool = _field(True, "random-resized crop + flip (off: resize + centre crop, and no RandAugment or "
                                  "erasing)")
     rand_augment: str = _field("", "RandAugment, timm's config string (MAE, BEiT, DeiT: rand-m9-mstd0.5-inc1; '' = "
                                    "off)")
-    reprob: float = _field(0.0, "RandomErasing probability, pixel mode (MAE, BEiT, DeiT: 0.25)")
+    reprob: float = _field(0.0, "RandomErasing probability, pixel mode (MAE, BEiT, DeiT: 0.25)", range=(0, 1))
     global_pool: bool = _field(False, "classify fc_norm(mean patch token) (MAE's global pool) instead of the cls token")
     untie_rel_pos: bool = _field(False, "copy a shared relative-position bias into every block, as BEiT's fine-tuning "
                                         "does (else it trains shared, at the top layer's rate)")
-    seed: int = _field(0, "seed of the head, the data order and every augmentation")
+    seed: int = _field(0, "seed of the head, the data order and every augmentation", range=SEED_RANGE)
     recipe: str = "quick"          # the preset these values started from (recorded in log.json)
 
     def with_options(self, **options) -> FinetuneConfig:
@@ -4643,7 +4724,7 @@ class FinetuneConfig:
         unknown = set(options) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise UsageError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
-        cfg = dataclasses.replace(self, **options)
+        cfg = check_ranges(dataclasses.replace(self, **options))
         if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs < 1 or cfg.effective_batch < 0:
             raise UsageError("epochs, batch size and accum steps must be ≥ 1 (effective batch ≥ 0)")
         if not 0 <= cfg.reprob <= 1:
@@ -4698,6 +4779,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
     holds a run is refused unless resume or overwrite. Every random draw comes from generators seeded by
     config.seed. Under torchrun each process takes its share of every batch and gradients are averaged (DDP)."""
     cfg = _checked_run(config or FinetuneConfig(), hyper, train, out, resume, overwrite)
+    model = copy.deepcopy(model)   # the caller's model stays the pretrained one; the fine-tuned one is returned
     num_classes = num_classes or len(train.classes) or int(train.labels.max()) + 1
     device = as_device(device)
     dtype = _parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else None)
@@ -4733,7 +4815,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
             _barrier()
     for blk in model.blocks:
         blk.rng = None
-    return dict(history=history, checkpoint=str(out / "checkpoint.safetensors") if out else None)
+    return dict(history=history, checkpoint=str(out / "checkpoint.safetensors") if out else None, model=model)
 
 
 FINETUNE_FILES = ("checkpoint.safetensors", "train_state.pt", "log.json")   # what finetune() writes into `out`
@@ -4809,15 +4891,6 @@ def _attach_head(model: ViT, num_classes: int, g: torch.Generator):
             head.bias.zero_()
         model.head = head.to(model.patch_embed.proj.weight.device)
     model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
-
-
-def _state_sha256(model: nn.Module) -> str:
-    """sha256 of a model's state dict: names and raw bytes."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _resume(model: ViT, opt, out: Path, identity: dict) -> list[dict]:
@@ -5086,6 +5159,11 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
     attention entropy (nats, mean over queries), and the normalised mutual information between queries (uniform)
     and keys, I(q; k) / √(H(q) H(k)). mask_ratio > 0 keeps a random sorted subset of patches
     per image, as MAE's pre-training forward does (positions of kept patches are used for distances)."""
+    in_range("mask_ratio", mask_ratio, 0, 1, "[)")
+    patches = (model.input_size // model.cfg.patch_size) ** 2
+    if mask_ratio and round(patches * (1 - mask_ratio)) < 2:
+        raise UsageError(f"mask_ratio {mask_ratio} keeps {round(patches * (1 - mask_ratio))} of {patches} patches: "
+                         "attention statistics need at least 2")
     device = as_device(device)
     depth, H = len(model.blocks), model.cfg.num_heads
     sums = {k: torch.zeros(depth, H, dtype=torch.float64) for k in ("distance", "entropy", "nmi")}
@@ -5233,18 +5311,22 @@ class AnalysisOptions:
                                     "(Song et al.); minibatch = Nguyen et al. (memory independent of n)",
                             choices=("auto", "biased", "full", "debiased", "minibatch"))
     ci: float = _field(0.95, "level of the intervals on every CKA number (0 = none): bootstrap over batches for "
-                             "minibatch, the infinitesimal jackknife over images otherwise")
-    ci_resamples: int = _field(1000, "bootstrap resamples of the minibatch intervals")
-    epochs: int = _field(50, "epochs of the MLP probes")
+                             "minibatch, the infinitesimal jackknife over images otherwise", range=(0, 1, "[)"))
+    ci_resamples: int = _field(1000, "bootstrap resamples of the minibatch intervals", range=(10, 1000000))
+    epochs: int = _field(50, "epochs of the MLP probes", range=(1, 100000))
     mae_mask_ratio: float = _field(0.0, "attention statistics with MAE's random masking (the paper's author code "
-                                        "ran pretrained MAE at 0.75)")
-    attention_images: int = _field(256, "images for attention statistics")
+                                        "ran pretrained MAE at 0.75)", range=(0, 1, "[)"))
+    attention_images: int = _field(256, "images for attention statistics", range=(1, None))
     batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
     cache_dir: str | None = None     # feature cache folder
     seed: int = 0
     progress: bool = False
+
+    def __post_init__(self):
+        check_ranges(self)
+        in_range("batch_size", self.batch_size, 1, 65536)
 
 
 def _spec(m: ViT) -> str:
@@ -5417,8 +5499,14 @@ def attention_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dic
 
 
 def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
-    """Per-patch probes of grid position and object class on frozen patch tokens."""
+    """Per-patch probes of grid position and object class on frozen patch tokens (object class only where the data
+    has per-pixel masks: the built-in synthetic set; said otherwise)."""
     out, curves, readings = {}, {}, []
+    if images.masks is None:
+        log.warning("notice: spatial: no per-pixel object masks in this data (only the synthetic set has them): the "
+                    "object-class probe is left out, the position probe runs")
+        readings.append("No object-class probe: the data has no per-pixel masks (only the built-in synthetic set "
+                        "does); the patch-position probe alone was run.")
     for m in models:
         sp = spatial_probes(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
                             dtype=opts.dtype)
@@ -5467,8 +5555,12 @@ def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
 def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Prediction agreement between every two models whose heads classify the data's labels (fine-tuned or
     linear-probed checkpoints): joint correctness table, Hamming distance, Cohen's κ."""
-    heads = [m for m in models if m.head is not None and images.labels is not None
-             and m.head.out_features > int(images.labels.max())]
+    classes = (len(images.classes) or int(images.labels.max()) + 1) if images.labels is not None else 0
+    heads = [m for m in models if m.head is not None and m.head.out_features == classes]
+    for m in models:   # a 1000-class head scored on 8 classes is not an agreement between classifiers of these labels
+        if m.head is not None and m not in heads:
+            log.warning(f"notice: agreement leaves out {_spec(m)}: its head has {m.head.out_features} classes, the "
+                        f"data {classes}")
     if len(heads) < 2:
         raise UsageError("agreement needs two models with classification heads for these labels (fine-tune them, "
                          "or load fine-tuned checkpoints with their heads)")
@@ -5744,8 +5836,7 @@ def _model_meta(model: ViT) -> dict:
 
 def _out_dir(args, kind: str) -> Path:
     if args.out:
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise UsageError(f"--out {args.out} is a file: give a folder")
+        _check_replaceable(Path(args.out))
         return Path(args.out)
     tag = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(m)).stem)[:24] for m in args.models)
     return Path("results") / f"{kind}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -6046,10 +6137,12 @@ def _analysis_settings(results: dict, opts: AnalysisOptions) -> dict:
 
 @contextlib.contextmanager
 def _staged_results(final: Path):
-    """The folder a command writes its results into: a temp folder beside `final`, renamed to it (or, when `final`
-    already exists, its files moved in one by one) once the command succeeds, removed if it fails: a result folder
-    is complete or absent. Under torchrun only rank 0 writes, so the others get `final` itself (they write nothing)."""
+    """The folder a command writes its results into: a temp folder beside `final`, renamed to it once the command
+    succeeds (an earlier result there replaced whole, never mixed with the new files), removed if it fails: a result
+    folder is complete or absent. Under torchrun only rank 0 writes, so the others get `final` itself (they write
+    nothing)."""
     final = Path(final)
+    _check_replaceable(final)
     if _rank_world()[0] != 0:
         yield final
         return
@@ -6063,15 +6156,30 @@ def _staged_results(final: Path):
         raise UsageError(f"cannot write {final}: {_one_line(e)}") from None
     try:
         yield stage
-        if final.exists() and not final.is_dir():
-            raise UsageError(f"cannot write {final}: it is a file, not a folder")
-        if not final.exists():
-            os.replace(stage, final)
-        else:
-            for f in stage.iterdir():
-                os.replace(f, final / f.name)
+        (stage / RESULTS_MARK).write_text(f"ssl_repsim {__version__}\n")
+        _check_replaceable(final)
+        old = None
+        if final.exists():   # the earlier result steps aside, the new one takes its name, then the old is removed
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, old / final.name)
+        os.replace(stage, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+RESULTS_MARK = ".ssl_repsim-results"   # in every result folder: what a later run into the same --out may replace
+
+
+def _check_replaceable(final: Path):
+    """A result folder may be written where nothing is, into an empty folder, or over an earlier result (marked):
+    never over a folder of other files (`--out .` would delete them)."""
+    if final.exists() and not final.is_dir():
+        raise UsageError(f"cannot write {final}: it is a file, not a folder")
+    if final.is_dir() and not (final / RESULTS_MARK).is_file() and any(final.iterdir()):
+        raise UsageError(f"--out {final} holds files that are not an ssl_repsim result: give a new or empty folder "
+                         "(an earlier result there is replaced whole)")
 
 
 def _render_figures(figures: dict, out: Path) -> list[str]:
@@ -6368,6 +6476,23 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _ranged(kind, lo=None, hi=None, bounds: str = "[]"):
+    """An argparse type: a `kind` number within the range, else a one-line error before any work."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        try:
+            return in_range("value", value, lo, hi, bounds)
+        except UsageError:
+            raise argparse.ArgumentTypeError(f"must lie in {_range_text(lo, hi, bounds)}, got {text}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Each option's default after its help (where it has one worth showing); descriptions and examples as written."""
 
@@ -6388,16 +6513,17 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
                                                              "HF_HUB_OFFLINE=1)")),
     "family": (("--family",), dict(help="override layout detection: " + ", ".join(f for f in FAMILIES
                                                                                    if FAMILIES[f].layouts))),
-    "num_heads": (("--num-heads",), dict(type=int, help="attention heads, where neither the file's config nor the "
+    "num_heads": (("--num-heads",), dict(type=_ranged(int, 1, 1024), help="attention heads, where neither the file's config nor the "
                                                         "registry says")),
     "act": (("--act",), dict(choices=list(ACTIVATIONS), help="MLP activation, where the file's config does not say "
                                                              "(open_clip state dicts: gelu, or quick_gelu for OpenAI "
                                                              "weights)")),
-    "img_size": (("--img-size",), dict(type=int, help="input size (default: the model's own, e.g. 224)")),
+    "img_size": (("--img-size",), dict(type=_ranged(int, 1, 4096), help="input size, 1–4096 (default: the "
+                                                                          "model's own, e.g. 224)")),
     "data": (("--data",), dict(default="synthetic", help="image folder (class sub-folders = labels), tensor file "
                                                          "(.pt/.npy/.npz/.safetensors with images [N,3,H,W] and "
                                                          "labels) or 'synthetic'")),
-    "n": (("--n", "--num-images"), dict(dest="n", type=int, help="number of images (a fixed subset by --seed; "
+    "n": (("--n", "--num-images"), dict(dest="n", type=_ranged(int, 1), help="number of images (a fixed subset by --seed; "
                                         "synthetic: default 256). Under torchrun write --num-images: torchrun takes "
                                         "--n for its own --nnodes")),
     "strict": (("--strict",), dict(action="store_true", help="unreadable images are an error instead of skipped")),
@@ -6405,10 +6531,11 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
         os, "sched_getaffinity") else os.cpu_count() or 1),
                                      help="image-decoding processes, with prefetch (0 = in this process)")),
     "val": (("--val",), dict(help="validation data (default: --val-fraction of --data)")),
-    "val_fraction": (("--val-fraction",), dict(type=float, default=0.2, help="share of --data held out when no "
+    "val_fraction": (("--val-fraction",), dict(type=_ranged(float, 0, 1, "()"), default=0.2, help="share of --data held out when no "
                                                                              "--val is given")),
-    "batch_size": (("--batch-size",), dict(type=int, default=32, help="images per forward pass")),
-    "seed": (("--seed",), dict(type=int, default=0, help="seed of every random choice (subsets, splits, inits)")),
+    "batch_size": (("--batch-size",), dict(type=_ranged(int, 1, 65536), default=32, help="images per forward pass")),
+    "seed": (("--seed",), dict(type=_ranged(int, *SEED_RANGE), default=0, help="seed of every random choice (subsets, "
+                                                                               "splits, inits), 0 – 2⁶³−1")),
     "device": (("--device",), dict(help="cpu, cuda, cuda:1 ... (default: cuda when available)")),
     "dtype": (("--dtype",), dict(choices=["float32", "bfloat16", "float16"], help="autocast dtype for the forward "
                                                                                  "pass (default: float32)")),
@@ -6452,12 +6579,14 @@ def _add_dataclass_flags(p, cls, names=None, presets: dict | None = None):
             if isinstance(f.default, bool):
                 p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
+                kind = _ranged(kind, *f.metadata["range"]) if "range" in f.metadata else kind
                 p.add_argument(flag, type=kind, default=None, help=text + " (default: the recipe's)")
         elif isinstance(f.default, bool):
             p.add_argument(("--no-" + f.name.replace("_", "-")) if f.default else flag, dest=f.name,
                            action="store_false" if f.default else "store_true", help=text)
         else:
             kind = type(f.default) if f.default is not None else str
+            kind = _ranged(kind, *f.metadata["range"]) if "range" in f.metadata else kind
             p.add_argument(flag, type=kind, default=f.default, help=text,
                            **({"choices": f.metadata["choices"]} if "choices" in f.metadata else {}))
 
@@ -6551,11 +6680,12 @@ def _add_probe_commands(sub):
             p.add_argument("--method", default="lbfgs", choices=["lbfgs", "mae", "mlp"],
                            help="lbfgs: logistic regression, weight decay chosen on held-out train data; mae: BN + "
                                 "LARS + cosine (MAE protocol); mlp: MLP head (--depth)")
-            p.add_argument("--depth", type=int, default=2, help="MLP probe depth (the paper: 1-4)")
-            p.add_argument("--epochs", type=int, default=90, help="epochs for --method mae/mlp")
+            p.add_argument("--depth", type=_ranged(int, 1, 16), default=2, help="MLP probe depth (the paper: 1-4)")
+            p.add_argument("--epochs", type=_ranged(int, 1, 100000), default=90, help="epochs for --method mae/mlp")
         else:
-            p.add_argument("--k", type=int, default=20, help="neighbours")
-            p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
+            p.add_argument("--k", type=_ranged(int, 1), default=20, help="neighbours (at most the training images)")
+            p.add_argument("--temperature", type=_ranged(float, 0, 100, "(]"), default=0.07,
+                           help="vote weight exp(similarity / T), T in (0, 100]")
         _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "val", "val_fraction", "batch_size", "seed", "device", "dtype",
                    "cache_dir", "out", *ALWAYS)
 

@@ -2347,6 +2347,7 @@ IMAGENET = (sr.IMAGENET_MEAN, sr.IMAGENET_STD)
 PUBLISHED_PREPROCESSING = {
     "beit": ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.875), "mocov3": (*IMAGENET, "bilinear", 0.875),
     "msn": (*IMAGENET, "bilinear", 0.875), "supervised": (*IMAGENET, "bilinear", 0.875),
+    "facebook/vit-msn": (*IMAGENET, "bilinear", 0.875),           # the family's; the folder's processor config rules
     "openai/clip": (*OPENAI, "bicubic", 1.0),                       # CLIPImageProcessor: shortest 224, crop 224
     "google/siglip": ((0.5,) * 3, (0.5,) * 3, "bicubic", 1.0),      # SiglipImageProcessor: 224x224, no crop
     "timm/vit_base_patch16_clip": (*OPENAI, "bicubic", 0.9),        # timm pretrained_cfg
@@ -3667,10 +3668,11 @@ def test_pillow_resizing_stays_within_one_grey_level_of_the_torch_reference(tmp_
     images = sr.load_images(tmp_path / "d", workers=0)
     models = two_tiny_models()
     batches = list(sr.shared_batches(list(models), images, batch_size=4))
+    assert batches[0][0] == [0, 1, 2, 3]                      # each batch names its images
     from PIL import Image
     for k, m in enumerate(models):
         pp = m.preprocess
-        x = batches[0][k][0]
+        x = batches[0][1][k][0]
         for row, path in enumerate(sorted(paths)):
             img = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
             ref = naive_preprocess(img, m.input_size, pp["crop_pct"], pp["mean"], pp["std"], pp["interp"])
