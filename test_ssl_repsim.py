@@ -5678,3 +5678,152 @@ def test_torchrun_cka_equals_single_process(tmp_path):
     # only rank 0 wrote: one result, and stdout printed once
     assert dist_p.stdout.count("wrote ") == 1, dist_p.stdout
     assert dist_doc["meta"]["data"]["n"] == 24
+
+
+# --- issue 19 item 6: each of the smaller silent ones fails loudly, or is said ---------------------------------------
+
+def test_linked_class_folders_are_followed_once(tmp_path):
+    """A class folder that is a link is read (rglob skipped it); a link loop and a folder linked twice read once."""
+    jpeg_folder(tmp_path / "elsewhere", n=6)
+    root = tmp_path / "data"
+    jpeg_folder(root, n=4)
+    (root / "z").symlink_to(tmp_path / "elsewhere" / "x", target_is_directory=True)   # 3 images under class z
+    (tmp_path / "elsewhere" / "x" / "back").symlink_to(tmp_path / "elsewhere" / "x", target_is_directory=True)
+    images = sr.image_folder(root)
+    assert len(images) == 4 + 3 and images.classes == ["x", "y", "z"]
+    assert sorted(images.labels.tolist()) == [0, 0, 1, 1, 2, 2, 2]
+
+
+def test_nan_features_are_refused_by_extract_probes_and_knn(tmp_path):
+    model = tiny_model(0)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight.fill_(float("inf"))        # finite weights cannot; an overflow can
+    with pytest.raises(sr.UsageError, match="NaN or Inf"):
+        sr.extract(model, sr.synthetic_images(8, size=32), tokens="cls")
+    x, y = torch.randn(12, 4), torch.arange(12) % 2
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    for fn in (sr.knn_accuracy, sr.linear_probe):
+        with pytest.raises(sr.UsageError, match="NaN or Inf"):
+            fn({"f": bad}, y, {"f": x}, y)
+
+
+def test_non_float_weights_and_absurd_normalisation_are_refused(tmp_path):
+    model = tiny_model(0)
+    for dtype in (torch.int8, torch.uint8, torch.int64, torch.bool, torch.complex64):
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"].to(dtype)
+        torch.save({"model": sd}, tmp_path / "q.pth")
+        with pytest.raises(sr.UsageError, match="float16, bfloat16, float32 or float64") as e:
+            sr.load_model(tmp_path / "q.pth", num_heads=2)
+        assert_one_line(e)
+    (tmp_path / "v").mkdir()
+    case = build("hf_vit", tmp_path / "v")
+    pre = json.loads((case.path / "preprocessor_config.json").read_text())
+    (case.path / "preprocessor_config.json").write_text(json.dumps(dict(pre, image_std=[1e-300] * 3)))
+    with pytest.raises(sr.UsageError, match="std") as e:
+        sr.load_model(case.path)
+    assert_one_line(e)
+
+
+def test_a_second_run_into_the_same_out_replaces_the_first_whole(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    out = tmp_path / "o"
+    common = ("--num-heads", 2, "--img-size", 32, "--n", 12, "--quiet", "--out", out)
+    assert cli("cka", a, b, *common).returncode == 0
+    (out / "stale.txt").write_text("from the first run")
+    p = cli("cka", a, b, "--ci", 0, *common)
+    assert p.returncode == 0, p.stderr
+    assert not (out / "stale.txt").exists() and json.loads((out / "cka.json").read_text())["meta"]["ci"] is None
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("not a result")
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 12, "--quiet", "--out", mine)
+    assert_usage_error(p)
+    assert (mine / "thesis.tex").read_text() == "not a result" and "not an ssl_repsim result" in p.stderr
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["knn", "no-such-model", "--temperature", 0], "--temperature"),
+    (["probe", "no-such-model", "--method", "mae", "--epochs", 0], "--epochs"),
+    (["finetune", "no-such-model", "--blr", -1], "--blr"),
+    (["finetune", "no-such-model", "--label-smoothing", 1.5], "--label-smoothing"),
+    (["finetune", "no-such-model", "--weight-decay", -0.1], "--weight-decay"),
+    (["finetune", "no-such-model", "--drop-path", 1.5], "--drop-path"),
+    (["invariance", "no-such-model", "--mae-mask-ratio", 1.0], "--mae-mask-ratio"),
+    (["cka", "a", "b", "--ci-resamples", 0], "--ci-resamples"),
+    (["cka", "a", "b", "--seed", "1e23"], "--seed"),
+])
+def test_absurd_settings_are_one_line_errors_before_any_model_is_read(argv, flag):
+    """Each is refused by its range before the (unknown) model is looked up: the error names the flag."""
+    p = cli(*argv)
+    assert_usage_error(p)
+    assert flag in p.stderr and "no-such-model" not in p.stderr
+
+
+def test_library_settings_are_checked_too():
+    x, y = torch.randn(12, 4), torch.arange(12) % 2
+    with pytest.raises(sr.UsageError, match="temperature"):
+        sr.knn_accuracy({"f": x}, y, {"f": x}, y, k=3, temperature=0)
+    with pytest.raises(sr.UsageError, match="epochs"):
+        sr.mae_linear_probe({"f": x}, y, {"f": x}, y, epochs=0)
+    with pytest.raises(sr.UsageError, match="mask_ratio"):
+        sr.attention_statistics(tiny_model(0), sr.synthetic_images(4, size=32), mask_ratio=1.0)
+    with pytest.raises(sr.UsageError, match="drop_path"):
+        sr.FinetuneConfig().with_options(drop_path=1.5)
+    with pytest.raises(sr.UsageError, match="mae_mask_ratio"):
+        sr.AnalysisOptions(mae_mask_ratio=1.0)
+
+
+def test_align_does_not_pair_images_of_two_folders_that_share_relative_paths(tmp_path):
+    """train/x/00.jpg and val/x/00.jpg are different images: their ids differ, so --align finds nothing in
+    common instead of comparing other images as if they were the same (CKA 0.719 before)."""
+    jpeg_folder(tmp_path / "train", n=8, seed=1)
+    jpeg_folder(tmp_path / "val", n=8, seed=2)
+    a, _ = tiny_pair(tmp_path / "m")
+    for split in ("train", "val"):
+        p = cli("extract", a, "--num-heads", 2, "--img-size", 32, "--data", tmp_path / split, "--tokens", "cls",
+                "--out", tmp_path / f"{split}.safetensors", "--quiet", "--workers", 0)
+        assert p.returncode == 0, p.stderr
+    p = cli("cka", tmp_path / "train.safetensors", tmp_path / "val.safetensors", "--align", "--out", tmp_path / "o")
+    assert_usage_error(p)
+    assert "common" in p.stderr
+
+
+def test_agreement_leaves_out_heads_of_another_class_count_and_says_so(tmp_path, caplog):
+    images = colour_set(16)
+    models = [tiny_model(k, num_classes=c) for k, c in ((0, 2), (1, 2), (2, 1000))]
+    for k, m in enumerate(models):
+        m.source = {"spec": f"m{k}", "path": None, "family": ""}
+    with caplog.at_level(logging.WARNING, logger="ssl_repsim"):
+        res, _, _ = sr.agreement_analysis(models, images, sr.AnalysisOptions(batch_size=8))
+    assert list(res) == ["m0 vs m1"] and "leaves out m2" in caplog.text and "1000 classes" in caplog.text
+
+
+def test_spatial_without_masks_says_so(tmp_path, caplog):
+    images = colour_set(16)                                        # no per-pixel masks
+    with caplog.at_level(logging.WARNING, logger="ssl_repsim"):
+        _, _, readings = sr.spatial_analysis([tiny_model(0)], images, sr.AnalysisOptions(batch_size=8))
+    assert "no per-pixel object masks" in caplog.text and any("No object-class probe" in r for r in readings)
+
+
+def test_cka_intervals_stay_within_zero_and_one():
+    """Near-identical features at small n: the normal interval of the jackknife would pass 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 40, generator=g)
+    feats = [{"f": x}, {"f": x + 0.05 * torch.randn(10, 40, generator=g)}]
+    res = sr.compare_features(feats, ["a", "b"], ci=0.95)
+    p = res["pairs"][0]
+    se = float(p["cka_high"][0, 0] - p["cka"][0, 0])
+    assert float(p["cka"][0, 0]) > 0.95 and float(p["cka_high"][0, 0]) <= 1.0 and float(p["cka_low"][0, 0]) >= 0
+    assert "within [0, 1]" in res["interval"] and se >= 0
+
+
+def test_finetune_leaves_the_callers_model_as_it_was():
+    model = tiny_model(1)
+    before = state64(model)
+    res = sr.finetune(model, colour_set(16, seed=1), epochs=1, batch_size=8, device="cpu")
+    after = state64(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    tuned = state64(res["model"])
+    assert any(not torch.equal(tuned[k], before[k]) for k in before if k in tuned)
