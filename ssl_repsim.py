@@ -1152,7 +1152,12 @@ def _refuse_inflated(obj, path, limit: int = 1 << 36):
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The message on one line, any bearer token in it redacted."""
+    return _redacted(" ".join(str(e).split())) or type(e).__name__
+
+
+def _redacted(text: str) -> str:
+    return re.sub(r"(?i)(bearer\s+)\S+|\bhf_[A-Za-z0-9]{8,}", lambda m: (m.group(1) or "") + "<token>", text)
 
 
 def _rename(key: str, renames) -> str:
@@ -1829,6 +1834,8 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
     files), a web page is never a checkpoint, and a stalled or crawling transfer is abandoned. On any failure, or
     SIGINT/SIGTERM, nothing is left behind."""
     dest = Path(dest)
+    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise UsageError(f"refusing to download {url[:80]!r}: only http(s) URLs are fetched")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -1838,12 +1845,9 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
         with os.fdopen(fd, "wb") as f:
             req = urllib.request.Request(url, headers={"User-Agent": f"ssl_repsim/{__version__}", **(headers or {})})
             with urllib.request.build_opener(_KeepAuthOnHost).open(req, timeout=STALL_SECONDS) as resp:
-                if resp.headers.get("Content-Type", "").startswith("text/html"):
-                    raise UsageError(f"download of {url} returned a web page, not a checkpoint (a login or error "
-                                     "page?)")
-                total = int(resp.headers.get("Content-Length") or 0)
-                done, h256, h5 = _receive(resp, f, url, Progress(total or None, f"download {dest.name}",
-                                                                 enabled=progress, unit="B"))
+                total = _announced_length(resp, url, size)
+                done, h256, h5 = _receive(resp, f, url, Progress(total or size, f"download {dest.name}",
+                                                                 enabled=progress, unit="B"), limit=size or total)
             if total and done != total:
                 raise UsageError(f"download of {url} interrupted: {done} of {total} bytes")
             f.flush()
@@ -1873,24 +1877,42 @@ def download_file(url: str, dest, sha256: str | None = None, md5: str | None = N
         raise
 
 
+def _announced_length(resp, url: str, size: int | None) -> int:
+    """The response's Content-Length (0 when absent), checked before anything is read: a web page is never a
+    checkpoint, and a length other than the Hub's announced size is refused."""
+    if resp.headers.get("Content-Type", "").startswith("text/html"):
+        raise UsageError(f"download of {url} returned a web page, not a checkpoint (a login or error page?)")
+    length = (resp.headers.get("Content-Length") or "").strip()
+    total = int(length) if length.isdigit() and len(length) < 19 else 0
+    if size is not None and total and total != size:
+        raise UsageError(f"download of {url}: {total} bytes sent where the Hub announced {size}")
+    return total
+
+
 class _KeepAuthOnHost(urllib.request.HTTPRedirectHandler):
-    """Redirects followed, the Authorization header dropped when one leads to another host (a CDN)."""
+    """Redirects followed to http(s) URLs only, the Authorization header dropped when one leads to another scheme,
+    host or port (a CDN, or a downgrade to http)."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise UsageError(f"download of {req.full_url} redirects to {newurl[:80]!r}: only http(s) is followed")
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+        if new is not None and _origin(newurl) != _origin(req.full_url):
             for k in [k for k in new.headers if k.lower() == "authorization"]:
                 del new.headers[k]
             new.unredirected_hdrs.pop("Authorization", None)
         return new
 
 
-def _receive(resp, f, url: str, bar: Progress):
-    """Copy the response body into f as it arrives, hashing it; abandon a transfer that brings fewer than
-    MIN_BYTES_PER_SECOND over a STALL_SECONDS window. Returns (bytes, sha256, md5)."""
+def _receive(resp, f, url: str, bar: Progress, limit: int | None = None):
+    """Copy the response body into f as it arrives, hashing it; cut it the moment it passes `limit` (the announced
+    size); abandon a transfer that brings fewer than MIN_BYTES_PER_SECOND over a STALL_SECONDS window. Returns
+    (bytes, sha256, md5)."""
     h256, h5, done = hashlib.sha256(), hashlib.md5(), 0
     window_start, window_bytes = time.monotonic(), 0
     while chunk := resp.read1(1 << 20):
+        if limit and done + len(chunk) > limit:
+            raise UsageError(f"download of {url} sends more than the {limit} bytes announced: cut")
         f.write(chunk)
         h256.update(chunk)
         h5.update(chunk)
@@ -2105,11 +2127,26 @@ def _configs_read_with(snap: Path) -> list[str]:
 
 
 def _hub_headers(url: str) -> dict:
-    """HF_TOKEN as a bearer token, sent to the endpoint's own host only (never to a CDN elsewhere)."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or _stored_token()
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
-    same = urllib.parse.urlsplit(url).netloc == endpoint.netloc
-    return {"Authorization": f"Bearer {token}"} if token and same else {}
+    """HF_TOKEN as a bearer token, sent to the endpoint's own scheme, host and port only: never to a CDN elsewhere,
+    never over http unless the endpoint itself is http."""
+    endpoint = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
+    if _origin(url) != _origin(endpoint):
+        return {}
+    token = (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or _stored_token() or "").strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in token):
+        raise UsageError("the Hugging Face token holds a control character (a line break from a file edited on "
+                         "Windows?): fix HF_TOKEN or the token file (the token is not shown)")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the port made explicit: what a token is bound to."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        port = u.port or {"http": 80, "https": 443}.get(u.scheme)
+    except ValueError:
+        port = -1
+    return u.scheme.lower(), (u.hostname or "").lower(), port
 
 
 def _stored_token() -> str | None:
@@ -2151,12 +2188,14 @@ def _hub_head(repo: str, revision: str, fname: str) -> dict | None:
         raise UsageError(f"{repo}/{fname}: the hub answered {status}")
     etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
     commit = h.get("X-Repo-Commit", "")
+    if "X-Linked-Etag" in h and not re.fullmatch(r"[0-9a-f]{64}", etag):
+        raise UsageError(f"{repo}/{fname}: the hub's LFS etag {etag[:70]!r} is not a sha256 (64 hex digits)")
     if not re.fullmatch(r"[0-9a-f]{40}", commit) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag):
         raise UsageError(f"{repo}/{fname}: the hub's answer lacks a commit or an etag (HF_ENDPOINT a mirror that "
                          "does not speak the resolve protocol?)")
     location = urllib.parse.urljoin(url, h["Location"]) if status != 200 and h.get("Location") else url
     size = h.get("X-Linked-Size") or h.get("Content-Length")
-    if size is not None and not size.strip().isdigit():
+    if size is not None and (not size.strip().isdigit() or len(size.strip()) > 18):
         raise UsageError(f"{repo}/{fname}: the hub announced a size of {size!r}")
     return dict(commit=commit, etag=etag, lfs="X-Linked-Etag" in h, size=int(size) if size else None, url=location)
 
@@ -6828,8 +6867,6 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.command = " ".join(["ssl_repsim.py", *argv])
-    if getattr(args, "batch_size", 1) < 1:
-        build_parser().error(f"--batch-size must be ≥ 1, got {args.batch_size}")
     distributed = False
     try:
         distributed = init_distributed(args)
@@ -6839,7 +6876,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"ssl_repsim: error: {_one_line(e)}", file=sys.stderr)
+        print(f"ssl_repsim: error: {_one_line(e)}", file=sys.stderr)   # _one_line redacts tokens
         return 2
     except BrokenPipeError:  # output piped into head & co.
         with contextlib.suppress(Exception):

@@ -5827,3 +5827,100 @@ def test_finetune_leaves_the_callers_model_as_it_was():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     tuned = state64(res["model"])
     assert any(not torch.equal(tuned[k], before[k]) for k in before if k in tuned)
+
+
+# --- issue 20: the token, redirects and sizes (a hostile server on 127.0.0.1) -------------------------------------------
+
+class HostileHandler(http.server.BaseHTTPRequestHandler):
+    """Answers a careful client must not trust: LFS etags of 40 hex digits, Locations to file:// and ftp://, bodies
+    longer than announced, Content-Lengths that disagree with the announced size."""
+    protocol_version = "HTTP/1.0"
+    commit = "c" * 40
+
+    def log_message(self, *args):
+        pass
+
+    def _head(self, status, headers):
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        lfs = {"X-Repo-Commit": self.commit, "X-Linked-Size": "1000"}
+        if self.path.endswith("/lfs40/resolve/main/model.safetensors"):
+            return self._head(302, {**lfs, "Location": "/x", "X-Linked-Etag": '"' + "a" * 40 + '"'})
+        if self.path.endswith("/file/resolve/main/model.safetensors"):
+            return self._head(302, {**lfs, "Location": "file:///etc/hostname", "X-Linked-Etag": '"' + "a" * 64 + '"'})
+        if self.path == "/to-ftp":
+            return self._head(302, {"Location": "ftp://127.0.0.1/x", "Content-Length": "0"})
+        if self.path == "/endless":                      # no Content-Length: the body runs until the server closes
+            self._head(200, {"Content-Type": "application/octet-stream"})
+            with contextlib.suppress(OSError):
+                for _ in range(300):
+                    self.wfile.write(b"\0" * 1024)
+            return None
+        if self.path == "/liar":
+            self._head(200, {"Content-Type": "application/octet-stream", "Content-Length": str(2 << 30)})
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"\0" * 4096)
+            return None
+        return self._head(404, {"Content-Length": "0"})
+
+
+@pytest.fixture
+def hostile(monkeypatch):
+    srv, url = serve(HostileHandler)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(v, raising=False)
+    yield url
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_hub_lfs_etag_must_be_a_sha256(hostile):
+    with pytest.raises(sr.UsageError, match="not a sha256") as e:
+        sr._hub_head("org/lfs40", "main", "model.safetensors")
+    assert_one_line(e)
+
+
+def test_downloads_follow_only_http_urls(hostile, tmp_path):
+    """A Location to file:// (read /etc/hostname before) or ftp:// is refused, and nothing is written."""
+    meta = sr._hub_head("org/file", "main", "model.safetensors")
+    assert meta["url"].startswith("file:")
+    with pytest.raises(sr.UsageError, match="only http"):
+        sr._hub_fetch(tmp_path / "repo", tmp_path / "repo" / "snapshots" / "c", "model.safetensors", meta, False)
+    with pytest.raises(sr.UsageError, match="only http"):
+        sr.download_file(hostile + "/to-ftp", tmp_path / "f.bin", container=False)
+    assert not list(tmp_path.rglob("*.part")) and not (tmp_path / "f.bin").exists()
+
+
+def test_a_body_longer_than_announced_is_cut_and_a_disagreeing_length_refused(hostile, tmp_path):
+    with pytest.raises(sr.UsageError, match="more than the 1000 bytes") as e:
+        sr.download_file(hostile + "/endless", tmp_path / "a.bin", size=1000, container=False)
+    assert_one_line(e)
+    with pytest.raises(sr.UsageError, match="announced 1000"):
+        sr.download_file(hostile + "/liar", tmp_path / "b.bin", size=1000, container=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_token_goes_to_the_endpoints_scheme_host_and_port_only(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secretsecret")
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:8443")
+    assert sr._hub_headers("https://127.0.0.1:8443/org/m/resolve/main/config.json") == {
+        "Authorization": "Bearer hf_secretsecret"}
+    for url in ("http://127.0.0.1:8443/x", "https://127.0.0.1:9443/x", "https://evil.example:8443/x",
+                "http://127.0.0.1/x"):   # a downgrade to http on the same host and port included
+        assert sr._hub_headers(url) == {}, url
+
+
+def test_a_token_with_a_line_break_is_refused_without_being_printed(monkeypatch, hostile):
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh\rXYZsecret")
+    p = cli("cka", "org/m", "org/n", "--quiet")
+    assert_usage_error(p)
+    assert "control character" in p.stderr and "abcdefgh" not in p.stderr and "XYZsecret" not in p.stderr
+    assert sr._one_line(RuntimeError("HTTP 401 for Bearer hf_abcdefgh12 at x")) == "HTTP 401 for Bearer <token> at x"
