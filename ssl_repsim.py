@@ -1947,13 +1947,38 @@ def download(name: str, weights_dir=None, progress: bool = True) -> Path:
         return dest
     if FAMILIES[row["family"]].manual_download:
         raise UsageError(f"{name} is published only on a web page ({row['url']}): download it by hand to {dest}")
-    for stale in dest.parent.glob(f".{dest.name}.*.part"):
-        _unlink(stale)
-    download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
-    sums = _recorded_sums(dest.parent)
-    sums[dest.name] = file_sha256(dest)
-    atomic_write(dest.parent / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
+    with _folder_lock(dest.parent):   # one process downloads; the others find the file there
+        if dest.exists():
+            return dest
+        for stale in dest.parent.glob(f".{dest.name}.*.part"):   # a killed download's: none of ours is running
+            _unlink(stale)
+        download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
+        sums = _recorded_sums(dest.parent)   # SHA256SUMS updated under the same lock: no line is lost
+        sums[dest.name] = file_sha256(dest)
+        atomic_write(dest.parent / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
     return dest
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on a folder (flock on the folder itself: no lock file left behind), held across processes
+    (torchrun's ranks, two shells) for the duration; none where fcntl is missing (Windows: downloads stay verified
+    and atomic, only not deduplicated)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError(f"cannot use {folder}: {_one_line(e)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
 
 
 def _recorded_sums(folder: Path) -> dict[str, str]:
@@ -2057,7 +2082,10 @@ def hub_snapshot(repo: str, revision: str = "main", *, offline: bool = False, pr
         raise UsageError(f"{repo}@{revision} is not in the Hugging Face cache {root} and the hub is offline "
                          "(HF_HUB_OFFLINE / --offline)")
     try:
-        return _download_snapshot(repo, revision, root, progress)
+        with _folder_lock(root):   # one process downloads; the others find the snapshot complete
+            cached = _cached_snapshot(root, revision, offline=False)
+            return _verified_snapshot(root, cached) if cached is not None else \
+                _download_snapshot(repo, revision, root, progress)
     except UsageError as e:
         usable = _cached_snapshot(root, revision, offline=True) if "cannot reach" in str(e) else None
         if usable is None:

@@ -39,6 +39,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -5924,3 +5925,53 @@ def test_a_token_with_a_line_break_is_refused_without_being_printed(monkeypatch,
     assert_usage_error(p)
     assert "control character" in p.stderr and "abcdefgh" not in p.stderr and "XYZsecret" not in p.stderr
     assert sr._one_line(RuntimeError("HTTP 401 for Bearer hf_abcdefgh12 at x")) == "HTTP 401 for Bearer <token> at x"
+
+
+class SlowFileHandler(http.server.BaseHTTPRequestHandler):
+    """One file, sent after a pause (so two downloads overlap), each GET counted."""
+    protocol_version = "HTTP/1.1"
+    body: ClassVar[bytes] = b""
+    gets: ClassVar[list] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.gets.append(self.path)
+        time.sleep(0.8)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+def test_two_processes_downloading_one_file_fetch_it_once_and_both_load(tmp_path):
+    """Issue 20 item 4 (as torchrun's ranks on an empty weights folder): one GET, no .part of the other deleted, both
+    processes load the file, and SHA256SUMS holds its line."""
+    case = build("deit", tmp_path)
+    SlowFileHandler.body, SlowFileHandler.gets = case.path.read_bytes(), []
+    srv, url = serve(SlowFileHandler)
+    wdir = tmp_path / "weights"
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(HERE)!r})
+        import ssl_repsim as sr
+        row = dict(next(r for r in sr.REGISTRY.values() if r["family"] == "deit"), md5=None, sha256=None,
+                   url={url + "/deit.pth"!r}, num_heads=2, img_size={case.a.img})
+        sr.REGISTRY["deit-race"] = row
+        m = sr.load_model("deit-race", weights_dir={str(wdir)!r}, progress=False)
+        print(m.family, m.cfg.embed_dim)
+    """)
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(o.strip() == f"deit {case.a.D}" for o, _ in outs), outs
+    assert SlowFileHandler.gets == ["/deit.pth"]
+    digest = hashlib.sha256(SlowFileHandler.body).hexdigest()
+    assert sorted(os.listdir(wdir)) == ["SHA256SUMS", "deit-race.pth"]
+    assert (wdir / "SHA256SUMS").read_text() == f"{digest}  deit-race.pth\n"
