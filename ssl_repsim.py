@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import glob
 import hashlib
 import io
 import itertools
@@ -1448,6 +1449,8 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
     Hugging Face cache, else downloaded into it): locate, read safely, detect the layout, convert its keys, infer
     the architecture, build. `family` overrides what the keys and config files say; `head=True` keeps a linear
     classifier; num_heads / act give what neither the file nor its config holds."""
+    if not str(spec).strip():
+        raise UsageError("an empty model name: give a registered name, a checkpoint file, a model folder or a hub id")
     prefixed, spec = split_family(str(spec))
     family, given = prefixed or family, str(spec if prefixed is None else f"{prefixed}:{spec}")
     for what, v in (("num_heads", num_heads), ("img_size", img_size)):
@@ -6215,8 +6218,10 @@ def _staged_results(final: Path):
         return
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stages(final)
         stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
         os.chmod(stage, 0o777 & ~_umask())
+        held = _try_lock(stage)   # held while this process writes: a sweeper knows the stage is alive
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"cannot write {final}: a file stands where its folder {final.parent} should be") from None
     except OSError as e:
@@ -6232,8 +6237,38 @@ def _staged_results(final: Path):
         os.replace(stage, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:   # a full disk (ENOSPC), a read-only or forbidden folder: a line naming the path
+        raise UsageError(f"cannot write {final}: {e.strerror or _one_line(e)}"
+                         + (f" ({e.filename})" if e.filename else "")) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if held is not None:
+            os.close(held)
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on the folder, or None when another process holds it (or
+    locks are not available here)."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _sweep_stages(final: Path):
+    """Stage folders (.NAME.*.tmp, .NAME.*.old) that killed runs left beside `final`: removed when no live process
+    holds them."""
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*"):
+        if stale.is_dir() and stale.suffix in (".tmp", ".old") and (fd := _try_lock(stale)) is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+            os.close(fd)
 
 
 RESULTS_MARK = ".ssl_repsim-results"   # in every result folder: what a later run into the same --out may replace
@@ -6244,6 +6279,10 @@ def _check_replaceable(final: Path):
     never over a folder of other files (`--out .` would delete them)."""
     if final.exists() and not final.is_dir():
         raise UsageError(f"cannot write {final}: it is a file, not a folder")
+    here = Path.cwd().resolve()
+    if final.resolve() == Path(final.resolve().anchor) or here.is_relative_to(final.resolve()):
+        raise UsageError(f"--out {final} is the file system's root or holds the working directory: give a folder of "
+                         "its own")
     if final.is_dir() and not (final / RESULTS_MARK).is_file() and any(final.iterdir()):
         raise UsageError(f"--out {final} holds files that are not an ssl_repsim result: give a new or empty folder "
                          "(an earlier result there is replaced whole)")

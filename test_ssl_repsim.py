@@ -5975,3 +5975,34 @@ def test_two_processes_downloading_one_file_fetch_it_once_and_both_load(tmp_path
     digest = hashlib.sha256(SlowFileHandler.body).hexdigest()
     assert sorted(os.listdir(wdir)) == ["SHA256SUMS", "deit-race.pth"]
     assert (wdir / "SHA256SUMS").read_text() == f"{digest}  deit-race.pth\n"
+
+
+def test_out_of_a_killed_run_is_swept_and_out_may_not_be_root_or_hold_the_working_directory(tmp_path, monkeypatch):
+    a, b = tiny_pair(tmp_path)
+    killed = tmp_path / ".o.abc123.tmp"              # what a SIGKILL during a results write leaves
+    killed.mkdir()
+    (killed / "cka.json").write_text("{")
+    common = ("--num-heads", 2, "--img-size", 32, "--n", 12, "--quiet")
+    assert cli("cka", a, b, *common, "--out", tmp_path / "o").returncode == 0
+    assert not killed.exists() and not [p.name for p in tmp_path.glob(".o.*")]
+    monkeypatch.chdir(tmp_path / "o")
+    for out in ("/", tmp_path, tmp_path / "o"):
+        p = cli("cka", a, b, *common, "--out", out)
+        assert_usage_error(p)
+        assert "working directory" in p.stderr
+    p = cli("cka", "", b, *common)
+    assert_usage_error(p)
+    assert "empty model name" in p.stderr
+
+
+def test_a_full_disk_under_out_is_one_line(tmp_path, monkeypatch):
+    a, b = tiny_pair(tmp_path)
+    real = sr.write_json
+
+    def full(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(sr, "write_json", full)
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 12, "--quiet", "--out", tmp_path / "o")
+    monkeypatch.setattr(sr, "write_json", real)
+    assert_usage_error(p, tmp_path / "o")
+    assert "No space left on device" in p.stderr and not list(tmp_path.glob(".o.*"))
