@@ -2839,6 +2839,10 @@ def as_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise UsageError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {device!r}: features are computed on cpu, cuda, cuda:N or mps")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"device {device} is not available here")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise UsageError(f"device {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
     return dev
@@ -5905,8 +5909,8 @@ def _model_meta(model: ViT) -> dict:
 
 
 def _out_dir(args, kind: str) -> Path:
-    if args.out:
-        _check_replaceable(Path(args.out))
+    if args.out:   # a fine-tuning run folder is resumed or overwritten by finetune's own rules (_checked_run)
+        _check_replaceable(Path(args.out), results=kind != "finetune")
         return Path(args.out)
     tag = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(m)).stem)[:24] for m in args.models)
     return Path("results") / f"{kind}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -6274,16 +6278,17 @@ def _sweep_stages(final: Path):
 RESULTS_MARK = ".ssl_repsim-results"   # in every result folder: what a later run into the same --out may replace
 
 
-def _check_replaceable(final: Path):
+def _check_replaceable(final: Path, results: bool = True):
     """A result folder may be written where nothing is, into an empty folder, or over an earlier result (marked):
-    never over a folder of other files (`--out .` would delete them)."""
+    never over a folder of other files (`--out .` would delete them), the root, or a folder holding the working
+    directory. results=False: only the last two."""
     if final.exists() and not final.is_dir():
         raise UsageError(f"cannot write {final}: it is a file, not a folder")
     here = Path.cwd().resolve()
     if final.resolve() == Path(final.resolve().anchor) or here.is_relative_to(final.resolve()):
         raise UsageError(f"--out {final} is the file system's root or holds the working directory: give a folder of "
                          "its own")
-    if final.is_dir() and not (final / RESULTS_MARK).is_file() and any(final.iterdir()):
+    if results and final.is_dir() and not (final / RESULTS_MARK).is_file() and any(final.iterdir()):
         raise UsageError(f"--out {final} holds files that are not an ssl_repsim result: give a new or empty folder "
                          "(an earlier result there is replaced whole)")
 
@@ -6582,6 +6587,15 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _device_arg(text: str) -> str:
+    """--device, checked before any work (as_device's rules)."""
+    try:
+        as_device(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _ranged(kind, lo=None, hi=None, bounds: str = "[]"):
     """An argparse type: a `kind` number within the range, else a one-line error before any work."""
     def parse(text):
@@ -6642,7 +6656,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "batch_size": (("--batch-size",), dict(type=_ranged(int, 1, 65536), default=32, help="images per forward pass")),
     "seed": (("--seed",), dict(type=_ranged(int, *SEED_RANGE), default=0, help="seed of every random choice (subsets, "
                                                                                "splits, inits), 0 – 2⁶³−1")),
-    "device": (("--device",), dict(help="cpu, cuda, cuda:1 ... (default: cuda when available)")),
+    "device": (("--device",), dict(type=_device_arg, help="cpu, cuda, cuda:1 ... (default: cuda when available)")),
     "dtype": (("--dtype",), dict(choices=["float32", "bfloat16", "float16"], help="autocast dtype for the forward "
                                                                                  "pass (default: float32)")),
     "cache_dir": (("--cache",), dict(dest="cache_dir", nargs="?", const=".cache/ssl_repsim", metavar="DIR",

@@ -4741,6 +4741,10 @@ def test_cli_finetune_mae_recipe_runs_and_records_every_value(tmp_path):
     p2 = cli("finetune", p16, "--recipe", "mae", "--epochs", 1, "--batch-size", 4, "--img-size", 64, "--data", train,
              "--out", out, "--quiet")
     assert_usage_error(p2)
+    p3 = cli("finetune", p16, "--recipe", "mae", "--epochs", 1, "--batch-size", 4, "--effective-batch", 8,
+             "--img-size", 64, "--data", train, "--val", val, "--out", out, "--quiet", "--resume")
+    assert p3.returncode == 0, p3.stderr[-2000:]               # the README's --resume: the run's own folder
+    assert len(json.loads((out / "log.json").read_text())["history"]) == 1
 
 
 def test_finetune_with_rand_augment_and_erasing_is_bit_reproducible(tmp_path):
@@ -4868,7 +4872,8 @@ def test_finetune_exact_resume_log_and_checkpoint(tmp_path):
     assert [h["epoch"] for h in interrupted] == [1]
     m2 = copy.deepcopy(base)
     r2 = sr.finetune(m2, train, out=tmp_path / "d2", resume=True, **kw)
-    s1, s2 = state64(m1), state64(m2)
+    s1, s2 = state64(r1["model"]), state64(r2["model"])          # finetune returns the tuned copy
+    assert all(torch.equal(v, state64(base)[k]) for k, v in state64(m1).items())   # the caller's model untouched
     assert set(s1) == set(s2)
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], atol=1e-6, rtol=0, msg=k)
