@@ -4901,12 +4901,12 @@ def test_finetune_exact_resume_log_and_checkpoint(tmp_path):
     # val_acc recorded = accuracy of the model's logits on val, computed here
     x = torch.stack([naive_preprocess(im, 32) for im in val.items])
     with torch.no_grad():
-        acc = float((m1.logits(x).argmax(-1) == val.labels).float().mean())
+        acc = float((r1["model"].logits(x).argmax(-1) == val.labels).float().mean())
     assert hist[-1]["val_acc"] == pytest.approx(acc, abs=1e-9)
     # the checkpoint reloads with its head and gives the same logits
     re_m = sr.load_model(tmp_path / "d1" / "checkpoint.safetensors", head=True)
     with torch.no_grad():
-        torch.testing.assert_close(re_m.logits(x), m1.logits(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(re_m.logits(x), r1["model"].logits(x), atol=1e-6, rtol=0)
     assert re_m.input_size == 32 and re_m.preprocess["crop_pct"] == 0.875
 
 
