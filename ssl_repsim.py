@@ -588,6 +588,7 @@ def _field(default, help: str, **meta):
 
 
 SEED_RANGE = (0, 2**63 - 1)   # torch.Generator().manual_seed's
+USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _range_text(lo, hi, bounds="[]") -> str:
@@ -634,6 +635,10 @@ def atomic_write(path, data: bytes | str) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600: give the file the user's usual mode
         os.replace(tmp, path)
+    except OSError as e:   # a full disk, a read-only folder: a line naming the path, nothing left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UsageError(f"cannot write {path}: {e.strerror or _one_line(e)}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -1084,6 +1089,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         head = f.read(8)
     if not (head[:2] == b"PK" or head[:1] == b"\x80"):   # neither torch.save's zip nor a pickle
         raise UsageError(f"{path}: not a checkpoint (neither a PyTorch file nor safetensors; starts {head[:8]!r})")
+    _check_archive(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch's notes on legacy files: the one line below says what matters
@@ -1105,17 +1111,23 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     return obj, {}
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index names (its weight_map: parameter → file name), checked."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"{index}: no weight_map")
+    if not all(isinstance(sh, str) and re.fullmatch(r"[\w.-]+", sh) and sh not in (".", "..")
+               and not sh.endswith(".json") for sh in weight_map.values()):
+        raise UsageError(f"{index}: weight_map values must be shard file names beside the index")
+    return sorted(set(weight_map.values()))
+
+
 def _read_shards(index: Path) -> dict:
     """The state dict of a sharded checkpoint: every shard its index's weight_map names (each read safely), each
     tensor from the shard the index assigns it to."""
     weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise UsageError(f"{index}: no weight_map")
-    if not all(isinstance(sh, str) for sh in weight_map.values()):
-        raise UsageError(f"{index}: weight_map values must be shard file names")
-    shards = sorted(set(weight_map.values()))
-    bad = [sh for sh in shards if "/" in sh or sh in (".", "..") or sh.endswith(".json")
-           or not (index.parent / sh).is_file()]
+    shards = shard_names(index)
+    bad = [sh for sh in shards if not (index.parent / sh).is_file()]
     if bad:
         raise UsageError(f"{index}: shard {bad[0]!r} is not a weights file beside it")
     out = {}
@@ -1129,6 +1141,37 @@ def _read_shards(index: Path) -> dict:
     if missing:
         raise UsageError(f"{index}: {len(missing)} tensors missing from their shards ({_keys_str(missing, 3)})")
     return out
+
+
+def memory_budget() -> int:
+    """Half the memory this process may use (its address-space limit, or the machine's available memory), at least
+    256 MiB: what a file may ask for once inflated."""
+    limits = []
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as f:
+        limits.append(int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]) * 1024)
+    if not limits:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return max(min(limits, default=1 << 36) // 2, 256 << 20)
+
+
+def _check_archive(path: Path):
+    """A zip archive (torch.save's format, an .npz) whose members would inflate past memory_budget() is refused from
+    its central directory, before anything is inflated."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return   # not a readable zip: the reader that follows says what is wrong
+    if total > memory_budget():
+        raise UsageError(f"{path}: its contents would take {total / 2 ** 30:.1f} GiB once inflated, more than this "
+                         f"process may use ({memory_budget() / 2 ** 30:.1f} GiB)")
 
 
 def _refuse_inflated(obj, path, limit: int = 1 << 36):
@@ -1150,6 +1193,17 @@ def _refuse_inflated(obj, path, limit: int = 1 << 36):
             total += size
     if total > limit:
         raise UsageError(f"{path}: its tensors would take {total / 2 ** 30:.0f} GiB: larger than any released ViT")
+
+
+def parse_json(text: str, where) -> object:
+    """json.loads for files from elsewhere: Infinity / NaN, integers past 4300 digits and nesting past Python's
+    recursion limit are one-line errors, not crashes."""
+    def refuse(const):
+        raise ValueError(f"{const} is not a JSON number")
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError
+        raise UsageError(f"{where}: unreadable JSON ({_one_line(e)[:150]})") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -1478,10 +1532,11 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         model.preprocess = {**FAMILIES[family].preprocess, **hints.get("preprocess", {})}
         model.input_size = hints.get("img_size") or cfg.img_size
     model.input_size = img_size or model.input_size
+    _check_input_size(model, given)
     _check_preprocess(model.preprocess, given)
     model.source = dict(spec=given, path=str(path), family=model.family, registry=hints.get("registry"),
                         hub=hints.get("hub"),
-                        fine_tuned=json.loads(meta.get("fine_tuned", "false")) or hints.get("fine_tuned", False))
+                        fine_tuned=parse_json(meta.get("fine_tuned", "false"), path) is True or hints.get("fine_tuned", False))
     return model
 
 
@@ -1511,6 +1566,18 @@ def _locate_checkpoint(spec: str, weights_dir, offline: bool, progress: bool) ->
         return _model_folder(hub_snapshot(*repo, offline=offline, progress=progress))
     raise UsageError(f"unknown model {spec!r}: not a registered name (see `python ssl_repsim.py list`), a "
                      "checkpoint file, a model folder or a hub id (org/name, timm/<arch>.<tag>)")
+
+
+MAX_TOKENS = 16384   # patches per image (a 128 × 128 grid): ViT-g/14 at 518 px has 1369
+
+
+def _check_input_size(model, where: str):
+    """An input size the model can be run at: from the patch size to 4096 px and at most MAX_TOKENS patches (a config's
+    image_size of 10⁶ or --img-size 100000 would ask for terabytes)."""
+    size, patch = model.input_size, model.cfg.patch_size
+    if not (isinstance(size, int) and patch <= size <= 4096 and (size // patch) ** 2 <= MAX_TOKENS):
+        raise UsageError(f"{where}: input size {size!r} px with patch {patch} is outside [{patch}, 4096] px or past "
+                         f"{MAX_TOKENS} patches")
 
 
 def _check_preprocess(pp: dict, where: str):
@@ -1565,10 +1632,10 @@ def _row_hints_that_fit(hints: dict, sd: dict, spec: str) -> dict:
 
 def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
     try:
-        fields = json.loads(meta["config"])
+        fields = parse_json(meta["config"], "checkpoint metadata")
         cfg = ViTConfig(**fields)
         blocks = {int(m.group(1)) for k in obj if (m := re.match(r"blocks\.(\d+)\.", k))}
-        size = json.loads(meta.get("input_size", "null")) or cfg.img_size
+        size = parse_json(meta.get("input_size", "null"), "checkpoint metadata") or cfg.img_size
         ok = (blocks == set(range(cfg.depth)) and isinstance(size, int) and 0 < size <= 8192
               and isinstance(cfg.patch_size, int) and size % cfg.patch_size == 0 and 0 < cfg.norm_eps < 1)
     except (KeyError, TypeError, ValueError) as e:
@@ -1580,7 +1647,7 @@ def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
         cfg.num_classes = 0
         obj = {k: v for k, v in obj.items() if not k.startswith("head.")}
     model = build_model(obj, cfg)
-    model.preprocess = json.loads(meta.get("preprocess", "null")) or model.preprocess
+    model.preprocess = parse_json(meta.get("preprocess", "null"), "checkpoint metadata") or model.preprocess
     model.input_size = size
     return model
 
@@ -1610,10 +1677,15 @@ HF_POS_INTERP = {"dinov2": "bicubic"}   # transformers resizes DINOv2's table to
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
+JSON_LIMIT = 16 << 20   # bytes: a config or index file is kilobytes; a 400 MB one is not read
+
+
 def _read_json(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if path.stat().st_size > JSON_LIMIT:
+            raise UsageError(f"{path}: {path.stat().st_size >> 20} MB, larger than any config or index file")
+        obj = parse_json(path.read_text(), path)
+    except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: unreadable JSON ({_one_line(e)})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{path}: not a JSON object")
@@ -1643,9 +1715,10 @@ def _model_folder(d: Path) -> tuple[Path, dict]:
 def _positive(value, what: str, where, kind=int):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (kind is int and
-                                                                                         value != int(value)):
-        raise UsageError(f"{where}: {what} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9 or (
+            kind is int and value != int(value)):
+        raise UsageError(f"{where}: {what} must be a positive {'integer' if kind is int else 'number'} below 10⁹, "
+                         f"got {str(value)[:40]}")
     return kind(value)
 
 
@@ -1718,7 +1791,7 @@ def _hf_preprocess(pp: dict, where: Path) -> dict:
     resize = _side(size, "size", where)
     cropped = _side(crop, "crop_size", where) if pp.get("do_center_crop", crop is not None) else None
     if pp.get("do_resize", True) is not True or pp.get("do_normalize", True) is not True or \
-            abs(float(pp.get("rescale_factor", 1 / 255)) * 255 - 1) > 1e-6:
+            abs(_positive(pp.get("rescale_factor", 1 / 255), "rescale_factor", where, float) * 255 - 1) > 1e-6:
         raise UsageError(f"{where}: only resize + rescale by 1/255 + normalise is supported (do_resize, "
                          "do_normalize, rescale_factor)")
     resample = pp.get("resample", 3)
@@ -1978,7 +2051,11 @@ def _folder_lock(folder: Path):
     except OSError as e:
         raise UsageError(f"cannot use {folder}: {_one_line(e)}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:   # a file system without locks (some NFS mounts): go on, said
+            log.warning(f"notice: cannot lock {folder} ({e.strerror}): concurrent downloads into it are not "
+                        "deduplicated")
         yield
     finally:
         os.close(fd)   # releases the lock
@@ -1995,7 +2072,8 @@ def _recorded_sums(folder: Path) -> dict[str, str]:
 
 def _verify_recorded(name: str, path: Path):
     """A registered file whose sha256 differs from the one recorded when it was downloaded is a one-line error."""
-    expected = _recorded_sums(path.parent).get(path.name)
+    with _folder_lock(path.parent):   # a download in progress writes its line before it lets go
+        expected = _recorded_sums(path.parent).get(path.name)
     if expected and file_sha256(path) != expected:
         raise UsageError(f"{path} changed since it was downloaded (sha256 differs from SHA256SUMS): re-download "
                          f"it with `rm {path} && python ssl_repsim.py download {name}`")
@@ -2013,7 +2091,7 @@ def _whole_container(path) -> bool:
         if size >= 8 and 0 < int.from_bytes(head, "little") <= size - 8:   # safetensors: header length, JSON
             f.seek(8)
             header = f.read(int.from_bytes(head, "little"))
-            with contextlib.suppress(ValueError, TypeError, KeyError):
+            with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 meta = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
                 end = max((v["data_offsets"][1] for v in meta.values()), default=0)
                 return size == 8 + len(header) + end          # every tensor's bytes are there, nothing after
@@ -2104,7 +2182,8 @@ def _cached_snapshot(root: Path, revision: str, offline: bool = True) -> Path | 
     commit = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
     ref = root / "refs" / revision
     if commit is None and ref.is_file():
-        commit = ref.read_text().strip()
+        with open(ref, "rb") as f:   # 40 hex digits: a huge (sparse) file is not read whole
+            commit = f.read(64).decode("ascii", "replace").strip()
     if commit is None or not re.fullmatch(r"[0-9a-f]{40}", commit):
         return None
     snap = root / "snapshots" / commit
@@ -2112,7 +2191,7 @@ def _cached_snapshot(root: Path, revision: str, offline: bool = True) -> Path | 
         return None
     weights = next((snap / f for f in WEIGHT_FILES if (snap / f).is_file()), None)
     if weights is None or weights.name.endswith(".index.json") and not all(
-            (snap / str(sh)).is_file() for sh in (_read_json(weights).get("weight_map") or {}).values()):
+            (snap / sh).is_file() for sh in shard_names(weights)):
         return None
     unknown = [c for c in _configs_read_with(snap) if not (snap / c).is_file()
                and not (root / ".no_exist" / commit / c).exists()]
@@ -2131,7 +2210,7 @@ def _verified_snapshot(root: Path, snap: Path) -> Path:
     weights = next((f for f in WEIGHT_FILES if (snap / f).is_file()), None)
     files = [f for f in CONFIG_FILES if (snap / f).is_file()] + ([weights] if weights else [])
     if weights and weights.endswith(".index.json"):
-        files += sorted(set(map(str, (_read_json(snap / weights).get("weight_map") or {}).values())))
+        files += shard_names(snap / weights)
     blobs = (root / "blobs").resolve()
     for f in files:
         link = snap / f
@@ -2268,9 +2347,7 @@ def _download_snapshot(repo: str, revision: str, root: Path, progress: bool) -> 
     for fname, meta in list(found.items()):
         _hub_fetch(root, snap, fname, meta, progress)
         if fname.endswith(".index.json"):
-            for shard in sorted(set(map(str, (_read_json(snap / fname).get("weight_map") or {}).values()))):
-                if not re.fullmatch(r"[\w.-]+", shard) or shard in (".", "..") or shard.endswith(".json"):
-                    raise UsageError(f"{repo}/{fname}: bad shard name {shard!r}")
+            for shard in shard_names(snap / fname):
                 _hub_fetch(root, snap, shard, _hub_head(repo, commit, shard) or {}, progress)
     if revision != commit:
         atomic_write(root / "refs" / revision, commit)
@@ -2371,8 +2448,8 @@ class ImageSet:
                 yield idx, [self.items[idx[0]:idx[-1] + 1]] * max(len(targets), 1)
             return
         loader = torch.utils.data.DataLoader(_Decoder(self.items, tuple(targets)), batch_sampler=batches,
-                                             num_workers=self.workers, collate_fn=_collated,
-                                             prefetch_factor=4 if self.workers else None)
+                                             num_workers=min(self.workers, len(batches)), collate_fn=_collated,
+                                             prefetch_factor=4 if min(self.workers, len(batches)) else None)
         with _threads_beside(self.workers):
             for idx, per_target, errors in loader:
                 for i, err in errors:
@@ -2555,11 +2632,11 @@ def tensor_file(path) -> ImageSet:
         if path.suffix == ".npy":
             obj = {"images": torch.from_numpy(np.load(path, allow_pickle=False))}
         elif path.suffix == ".npz":
+            _check_archive(path)
             with np.load(path, allow_pickle=False) as z:
                 obj = {k: torch.from_numpy(z[k]) for k in z.files}
         else:
-            obj, _ = read_checkpoint(path) if path.suffix == ".safetensors" else (
-                torch.load(path, map_location="cpu", weights_only=True), None)
+            obj, _ = read_checkpoint(path)
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever numpy / torch raise, the file is the user's
@@ -2568,6 +2645,7 @@ def tensor_file(path) -> ImageSet:
         obj = {"images": obj}
     if not isinstance(obj, dict) or "images" not in obj:
         raise UsageError(f"{path}: expected a tensor or a dict with key 'images' (and optionally 'labels')")
+    _refuse_inflated(obj, path, memory_budget())   # a stride-0 tensor of a few KB would become gigabytes
     x = obj["images"]
     if not isinstance(x, torch.Tensor):
         raise UsageError(f"{path}: 'images' must be a tensor or array, got {type(x).__name__}")
@@ -2606,9 +2684,12 @@ def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict:
     source = str(source)
     if n is not None and n < 1:
         raise UsageError(f"--n must be ≥ 1, got {n}")
-    if workers < 0:
-        raise UsageError(f"--workers must be ≥ 0, got {workers}")
+    if not 0 <= workers <= USABLE_CPUS:
+        raise UsageError(f"--workers must lie in [0, {USABLE_CPUS}] (the CPUs this process may use), got {workers}")
     if source == "synthetic":
+        if (n or synthetic_n) * 3 * 224 * 224 > memory_budget():
+            raise UsageError(f"--n {n}: the synthetic set would take {(n or synthetic_n) * 3 * 224 * 224 / 2 ** 30:.1f} "
+                             f"GiB, more than this process may use ({memory_budget() / 2 ** 30:.1f} GiB)")
         images = synthetic_images(n or synthetic_n, seed=seed)
         log.info(f"data: built-in synthetic set, {len(images)} images of {len(images.classes)} classes "
                  "(pass --data DIR|FILE for your own)")
@@ -2767,6 +2848,9 @@ def resolve_points(model: ViT, points=None) -> list[str]:
     if bad:
         raise UsageError(f"unknown point(s) {', '.join(bad[:3])}: use blocks | sublayers | all or names like "
                          f"embed, blocks.0, blocks.0.attn.qkv, blocks.0.attn_residual, norm (depth {depth})")
+    twice = sorted({p for p in names if names.count(p) > 1})
+    if twice:
+        raise UsageError(f"point(s) {', '.join(twice[:3])} named more than once in --points")
     return names
 
 
@@ -2981,7 +3065,8 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
     for p in parts:
         p = gather_batches(p, group, firsts)
         if not p:
-            raise UsageError("no images to extract features from")
+            raise UsageError(f"no images to extract features from ({len(images.unreadable)} of {len(images)} in "
+                             f"{images.name} unreadable)")
         out.append({k: torch.cat([b[k] for b in p]) for k in p[0]})
     for m, f in zip(models, out, strict=True):   # no command writes, probes or compares NaN features
         _check_finite((f"{m.source.get('spec', 'model')} {k}", v) for k, v in f.items())
@@ -3025,6 +3110,7 @@ def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     {point: (n, d)} and `sample_ids` (strings or integers); one line for anything else."""
     path = Path(path)
     if path.suffix == ".npz":
+        _check_archive(path)
         try:
             with np.load(path, allow_pickle=False) as z:
                 raw = {k: z[k] for k in z.files}
@@ -3033,7 +3119,7 @@ def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
         meta = {}
     elif path.suffix == ".safetensors" or path.suffix in (".pt", ".pth"):
         raw, meta = read_checkpoint(path)
-        meta = json.loads(meta["ssl_repsim"]) if isinstance(meta.get("ssl_repsim"), str) else meta
+        meta = parse_json(meta["ssl_repsim"], path) if isinstance(meta.get("ssl_repsim"), str) else meta
     else:
         raise UsageError(f"{path}: feature files are .safetensors, .npz or .pt")
     ids = meta.get("sample_ids") if isinstance(meta, dict) and "sample_ids" in meta else raw.get("sample_ids")
@@ -3064,8 +3150,8 @@ def _floating(v) -> bool:
 def _ids_list(ids, path) -> list[str]:
     """Sample ids as text: a list, an array of strings / bytes / integers, or a JSON list in metadata."""
     if isinstance(ids, str):
-        with contextlib.suppress(ValueError):
-            ids = json.loads(ids)
+        with contextlib.suppress(UsageError):
+            ids = parse_json(ids, path)
     if ids is None or isinstance(ids, str):
         raise UsageError(f"{path}: a feature file needs sample_ids (one per row) beside its {{point: (n, d)}} arrays")
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
@@ -3125,14 +3211,14 @@ def images_fingerprint(images: ImageSet) -> str:
     h = hashlib.sha256()
     if isinstance(images.items, torch.Tensor):
         h.update(str((tuple(images.items.shape), images.items.dtype)).encode())
-        h.update(images.items.contiguous().numpy().tobytes())
+        h.update(_tensor_sha256(images.items).encode())     # any dtype (bfloat16 has no numpy view)
     else:
-        for p in images.items:
+        for p in images.items:   # file names as bytes: a name that is not UTF-8 is still a name
             try:
                 st = os.stat(p)
-                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(p) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             except OSError:
-                h.update(f"{p}\0missing\n".encode())
+                h.update(os.fsencode(p) + b"\0missing\n")
     if images.labels is not None:
         h.update(images.labels.numpy().tobytes())
     return h.hexdigest()
@@ -3199,7 +3285,8 @@ def _cache_lookup(model: ViT, images: ImageSet, points, tokens, cache_dir, dtype
 
 def _cache_store(path: Path, images: ImageSet, feats: dict):
     from safetensors.torch import save as st_save
-    ids = list(range(len(images))) if isinstance(images.items, torch.Tensor) else [str(p) for p in images.items]
+    ids = list(range(len(images))) if isinstance(images.items, torch.Tensor) else \
+        [os.fsencode(p).decode("utf-8", "backslashreplace") for p in images.items]
     meta = {"rows": str(len(ids)), "sample_ids": json.dumps(ids),   # the rows' images: tensor index, or path
             "sha256": json.dumps({k: _tensor_sha256(v) for k, v in feats.items()})}
     try:
@@ -3905,6 +3992,9 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
             acc.update_grams(grams[i], grams[j])
     bar.close()
     source.unreadable.update(int(order[i]) for i in images.unreadable)
+    if not int(_all_reduce_sums([used], group)[0]):
+        raise UsageError(f"no image of {source.name} could be used for minibatch CKA ({len(source.unreadable)} of "
+                         f"{len(source)} unreadable, the rest in batches below 4)")
     if skipped:
         log.warning(f"notice: {skipped} image(s) in batches below 4 (after unreadable ones) were left out of "
                     "minibatch CKA")
@@ -5835,8 +5925,15 @@ def _save_figure(fig, path) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
+MAX_HEATMAPS = 12   # pairs drawn in one figure; every pair's map is in the JSON and CSV
+
+
 def _plot_heatmaps(maps: list[dict], path, title="CKA"):
-    """One labelled heatmap per entry {a, b, layers_a, layers_b, cka}."""
+    """One labelled heatmap per entry {a, b, layers_a, layers_b, cka}: the first MAX_HEATMAPS pairs (said)."""
+    if len(maps) > MAX_HEATMAPS:
+        log.warning(f"notice: {path.name} draws the first {MAX_HEATMAPS} of {len(maps)} pairs; every map is in the "
+                    "JSON and CSV")
+        maps = maps[:MAX_HEATMAPS]
     cols = min(3, len(maps))
     fig = _new_figure(figsize=(5.2 * cols, 4.6 * math.ceil(len(maps) / max(cols, 1)))) if maps else None
     if fig is None:
@@ -5947,13 +6044,14 @@ def _cmd_cka(args):
     if len(args.models) < 2:
         raise UsageError("cka needs at least two models")
     t0 = time.time()
+    final = _out_dir(args, "cka")            # every option and the data checked before any model is read
     files = [is_feature_file(spec) for spec in args.models]
     if any(files):
         res, models_meta, data_meta = _cka_of_feature_files(args, files)
         n_models = len(args.models)
     else:
-        models = _load_models(args)
         images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
+        models = _load_models(args)
         res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                              kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
                              device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
@@ -5963,7 +6061,6 @@ def _cmd_cka(args):
         models_meta, n_models = [_model_meta(m) for m in models], len(models)
         data_meta = dict(source=str(args.data), name=images.name, n=len(images) - images.skipped,
                          skipped=images.skipped, seed=args.seed)
-    final = _out_dir(args, "cka")
     with _staged_results(final) as out:
         meta = dict(models=models_meta, data=data_meta, points=args.points,
                     tokens=args.tokens, estimator=res["estimator"], n=res["n"], batch_size=args.batch_size,
@@ -6085,8 +6182,11 @@ def _cmd_download(args):
 
 def _cmd_probe(args, kind="probe"):
     t0 = time.time()
-    models = _load_models(args)
+    final = _out_dir(args, kind)             # every option and the data checked before any model is read
     train, val = _train_val(args)
+    if kind == "knn" and args.k > len(train):
+        raise UsageError(f"--k {args.k} exceeds the {len(train)} training images")
+    models = _load_models(args)
     results = {}
     for m in models:
         tok = _probe_tokens(m, args.tokens)
@@ -6099,6 +6199,8 @@ def _cmd_probe(args, kind="probe"):
             fva[rep] = cached_extract(m, val, None, "official", **kw)["official"]
         ytr, yva = train.readable_labels(), val.readable_labels()   # unreadable images have no feature rows
         if kind == "knn":
+            if args.k > len(ytr):
+                log.warning(f"notice: --k {args.k} lowered to the {len(ytr)} training images read")
             res = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)), temperature=args.temperature,
                                device=args.device)
         elif args.method == "mlp":
@@ -6117,7 +6219,6 @@ def _cmd_probe(args, kind="probe"):
                 versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
     meta.update(dict(k=min(args.k, len(train) - train.skipped), temperature=args.temperature) if kind == "knn" else
                 dict(method=args.method))
-    final = _out_dir(args, kind)
     with _staged_results(final) as out:
         _write_layer_results(out, kind, results, meta)
     print(f"\nwrote {final}/{kind}.json, {kind}.csv" + (f", {kind}.png" if (final / f"{kind}.png").exists() else ""))
@@ -6174,11 +6275,11 @@ def _cmd_analysis(args):
     names = [n for n in ANALYSES if n not in skip] if args.cmd == "report" else [args.cmd]
     if args.cmd != "report" and len(args.models) < ANALYSES[args.cmd].min_models:
         raise UsageError(f"{args.cmd} needs at least {ANALYSES[args.cmd].min_models} models")
-    models = _load_models(args, head=any(ANALYSES[n].needs_heads for n in names))
-    images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers) if hasattr(args, "data") else None
+    final = _out_dir(args, args.cmd)         # every option and the data checked before any model is read
     opts = AnalysisOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnalysisOptions)
                               if hasattr(args, f.name)}, progress=not args.quiet)
-    final = _out_dir(args, args.cmd)
+    images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers) if hasattr(args, "data") else None
+    models = _load_models(args, head=any(ANALYSES[n].needs_heads for n in names))
     with _staged_results(final) as out:
         results, sections = {}, []
         for name, res, figures, readings in run_analyses(models, images, names, opts):
@@ -6647,9 +6748,9 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
                                         "synthetic: default 256). Under torchrun write --num-images: torchrun takes "
                                         "--n for its own --nnodes")),
     "strict": (("--strict",), dict(action="store_true", help="unreadable images are an error instead of skipped")),
-    "workers": (("--workers",), dict(type=int, default=min(8, len(os.sched_getaffinity(0)) if hasattr(
-        os, "sched_getaffinity") else os.cpu_count() or 1),
-                                     help="image-decoding processes, with prefetch (0 = in this process)")),
+    "workers": (("--workers",), dict(type=_ranged(int, 0, USABLE_CPUS), default=min(8, USABLE_CPUS),
+                                     help=f"image-decoding processes, with prefetch (0 = in this process; at most the "
+                                          f"{USABLE_CPUS} CPUs this process may use)")),
     "val": (("--val",), dict(help="validation data (default: --val-fraction of --data)")),
     "val_fraction": (("--val-fraction",), dict(type=_ranged(float, 0, 1, "()"), default=0.2, help="share of --data held out when no "
                                                                              "--val is given")),
@@ -6732,7 +6833,7 @@ def _add_cka_command(sub):
     _add_flags(p, "points")
     _add_dataclass_flags(p, AnalysisOptions, ("tokens", "estimator", "ci", "ci_resamples"))
     p.add_argument("--kernel", default="linear", choices=["linear", "rbf"], help="linear or RBF kernel")
-    p.add_argument("--rbf-threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median "
+    p.add_argument("--rbf-threshold", type=_ranged(float, 0, 100, "(]"), default=1.0, help="RBF bandwidth as a fraction of the median "
                    "distance (0.2 .. 1.0 in the paper)")
     p.add_argument("--model-point", help="point of the model×model matrix (3+ models): last (default), first, or a "
                    "name such as blocks.5")

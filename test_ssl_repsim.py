@@ -3427,6 +3427,12 @@ def bad_config(folder: Path, name: str, edit):
     ("timm_eva02_hub", "config.json", lambda c: c["pretrained_cfg"].update(crop_pct=-1)),
     ("timm_eva02_hub", "config.json", lambda c: c["model_args"].update(ref_feat_shape="ab")),
     ("timm_eva02_hub", "config.json", lambda c: c["model_args"].update(act_layer=["gelu"])),
+    ("timm_eva02_hub", "config.json",                                             # issue 20: a 288 TB allocation
+     lambda c: c["pretrained_cfg"].update(input_size=[3, 10 ** 6, 10 ** 6])),
+    ("hf_vit", "config.json", lambda c: c.update(image_size=float("inf"))),       # written as Infinity
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(size={"shortest_edge": 10 ** 5})),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(rescale_factor="abc")),
+    ("hf_vit", "preprocessor_config.json", lambda c: c.update(rescale_factor=[1])),
 ])
 def test_bad_config_values_are_one_line_errors(layout, fname, edit, tmp_path):
     case = build(layout, tmp_path)
@@ -6011,3 +6017,110 @@ def test_a_full_disk_under_out_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sr, "write_json", real)
     assert_usage_error(p, tmp_path / "o")
     assert "No space left on device" in p.stderr and not list(tmp_path.glob(".o.*"))
+
+
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"image_size": ' + "9" * 5000 + "}",
+                                  '{"layer_norm_eps": NaN}'], ids=["deep", "5000-digits", "nan"])
+def test_hostile_json_is_a_one_line_error(text, tmp_path):
+    """Issue 20: nesting past the recursion limit, a 5000-digit integer, NaN: one line, never a crash."""
+    (tmp_path / "v").mkdir()
+    case = build("hf_vit", tmp_path / "v")
+    (case.path / "config.json").write_text(text)
+    p = cli("cka", case.path, case.path, "--n", 8, "--quiet")
+    assert_usage_error(p)
+    assert "config.json" in p.stderr
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["cka", "nomodel", "nomodel", "--device", "meta"], "--device"),
+    (["cka", "nomodel", "nomodel", "--device", "banana"], "--device"),
+    (["cka", "nomodel", "nomodel", "--ci-resamples", -5], "--ci-resamples"),
+    (["cka", "nomodel", "nomodel", "--ci-resamples", 10 ** 9], "--ci-resamples"),
+    (["cka", "nomodel", "nomodel", "--workers", 1000], "--workers"),
+    (["cka", "nomodel", "nomodel", "--img-size", 100000], "--img-size"),
+    (["cka", "nomodel", "nomodel", "--n", 10 ** 12], "synthetic set would take"),
+    (["cka", "nomodel", "nomodel", "--kernel", "rbf", "--rbf-threshold", 0], "--rbf-threshold"),
+    (["cka", "nomodel", "nomodel", "--out", "/"], "root"),
+    (["finetune", "nomodel", "--data", "synthetic"], "nomodel"),        # no --batch-size: runs until the model
+])
+def test_bad_options_are_one_line_errors_before_any_model_is_read(argv, words):
+    p = cli(*argv)
+    assert_usage_error(p)
+    assert words in p.stderr
+    assert words == "nomodel" or "nomodel" not in p.stderr      # refused before the (unknown) model is looked up
+
+
+def test_knn_k_past_the_training_set_is_refused_before_the_models(tmp_path):
+    train, val = colour_folders(tmp_path / "d")
+    p = cli("knn", "nomodel", "--data", train, "--val", val, "--k", 100000, "--quiet")
+    assert_usage_error(p)
+    assert "--k 100000 exceeds" in p.stderr and "nomodel" not in p.stderr
+
+
+def test_duplicate_points_and_empty_images_are_one_line_errors(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    common = ("--num-heads", 2, "--img-size", 32, "--quiet")
+    p = cli("cka", a, b, *common, "--n", 8, "--points", "blocks.0,blocks.0", "--out", tmp_path / "o1")
+    assert_usage_error(p)
+    assert "more than once" in p.stderr
+    for k in range(12):                                        # a folder of empty files
+        (tmp_path / "empty" / "c").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "empty" / "c" / f"{k}.jpg").write_bytes(b"")
+    for est in ("minibatch", "debiased"):
+        p = cli("cka", a, b, *common, "--data", tmp_path / "empty", "--estimator", est, "--batch-size", 4,
+                "--workers", 0, "--out", tmp_path / "o2")
+        assert_usage_error(p)
+        assert "12 of 12" in p.stderr and "unreadable" in p.stderr
+
+
+def test_bfloat16_images_and_undecodable_file_names_work_with_the_cache(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    x, y = colour_images(12)
+    torch.save({"images": (x.float() / 255).to(torch.bfloat16), "labels": y}, tmp_path / "bf16.pt")
+    common = ("--num-heads", 2, "--img-size", 32, "--quiet", "--cache", tmp_path / "cache")
+    p = cli("cka", a, b, *common, "--data", tmp_path / "bf16.pt", "--out", tmp_path / "o1")
+    assert p.returncode == 0, p.stderr
+    folder = tmp_path / "odd"
+    jpeg_folder(folder, n=6)
+    weird = os.fsdecode(b"\xff\xfe-not-utf8.jpg")
+    shutil.copy(next((folder / "x").iterdir()), folder / "x" / weird)
+    p = cli("cka", a, b, *common, "--data", folder, "--workers", 0, "--out", tmp_path / "o2")
+    assert p.returncode == 0, p.stderr
+
+
+def _bomb_files(d: Path) -> dict:
+    """Small files that would inflate past a 4 GiB address space: a torch zip and an .npz whose central directories
+    announce 4 GiB members, and a 5000 × 3 × 1000 × 1000 image tensor stored in one byte (expanded)."""
+    import zipfile
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, member in (("bomb.pth", "bomb/data/0"), ("bomb.npz", "images.npy")):
+        with zipfile.ZipFile(d / name, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr(member, b"\0" * 4096)
+        raw = bytearray((d / name).read_bytes())
+        cd = raw.rfind(b"PK\x01\x02")                       # the central directory entry: uncompressed size at +24
+        raw[cd + 24:cd + 28] = (0xFFFFFFF0).to_bytes(4, "little")
+        (d / name).write_bytes(bytes(raw))
+        out[name] = d / name
+    torch.save({"images": torch.zeros(1, 1, 1, 1, dtype=torch.uint8).expand(5000, 3, 1000, 1000)}, d / "stride0.pt")
+    out["stride0.pt"] = d / "stride0.pt"
+    return out
+
+
+def test_bombs_are_refused_in_one_line_under_a_4gib_address_space(tmp_path):
+    """Issue 20: under RLIMIT_AS = 4 GiB each is one line, exit 2, within 10 s."""
+    pytest.importorskip("resource")
+    bombs = _bomb_files(tmp_path / "b")
+    a, b = tiny_pair(tmp_path)
+    runs = {"bomb.pth": ["cka", bombs["bomb.pth"], b, "--num-heads", 2],
+            "bomb.npz": ["cka", a, b, "--num-heads", 2, "--img-size", 32, "--data", bombs["bomb.npz"]],
+            "stride0.pt": ["cka", a, b, "--num-heads", 2, "--img-size", 32, "--data", bombs["stride0.pt"]]}
+    for name, argv in runs.items():
+        script = (f"import resource, sys; sys.path.insert(0, {str(HERE)!r}); "
+                  "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); import ssl_repsim as sr; "
+                  f"sys.exit(sr.main({[str(v) for v in argv] + ['--quiet', '--out', str(tmp_path / name)]!r}))")
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - t0 < 10 + 15, name          # 10 s of work; the rest is Python and torch importing
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (name, p.stderr[-2000:])
+        assert len(nonblank_lines(p.stderr)) == 1, (name, p.stderr)
