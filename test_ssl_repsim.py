@@ -6120,7 +6120,7 @@ def test_bombs_are_refused_in_one_line_under_a_4gib_address_space(tmp_path):
                   "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); import ssl_repsim as sr; "
                   f"sys.exit(sr.main({[str(v) for v in argv] + ['--quiet', '--out', str(tmp_path / name)]!r}))")
         t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
         assert time.monotonic() - t0 < 10 + 15, name          # 10 s of work; the rest is Python and torch importing
         assert p.returncode == 2 and "Traceback" not in p.stderr, (name, p.stderr[-2000:])
         assert len(nonblank_lines(p.stderr)) == 1, (name, p.stderr)
