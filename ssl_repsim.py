@@ -6184,8 +6184,9 @@ def _cmd_probe(args, kind="probe"):
     t0 = time.time()
     final = _out_dir(args, kind)             # every option and the data checked before any model is read
     train, val = _train_val(args)
-    if kind == "knn" and args.k > len(train):
+    if kind == "knn" and args.k is not None and args.k > len(train):
         raise UsageError(f"--k {args.k} exceeds the {len(train)} training images")
+    k = 20 if getattr(args, "k", None) is None else args.k
     models = _load_models(args)
     results = {}
     for m in models:
@@ -6199,9 +6200,9 @@ def _cmd_probe(args, kind="probe"):
             fva[rep] = cached_extract(m, val, None, "official", **kw)["official"]
         ytr, yva = train.readable_labels(), val.readable_labels()   # unreadable images have no feature rows
         if kind == "knn":
-            if args.k > len(ytr):
-                log.warning(f"notice: --k {args.k} lowered to the {len(ytr)} training images read")
-            res = knn_accuracy(ftr, ytr, fva, yva, k=min(args.k, len(ytr)), temperature=args.temperature,
+            if k > len(ytr):
+                log.warning(f"notice: k = {k} lowered to the {len(ytr)} training images read")
+            res = knn_accuracy(ftr, ytr, fva, yva, k=min(k, len(ytr)), temperature=args.temperature,
                                device=args.device)
         elif args.method == "mlp":
             res = mlp_probe(ftr, ytr, fva, yva, depth=args.depth, epochs=args.epochs, seed=args.seed,
@@ -6217,7 +6218,7 @@ def _cmd_probe(args, kind="probe"):
                 tokens={m.source["spec"]: _probe_tokens(m, args.tokens) for m in models},
                 official={m.source["spec"]: eval_representation(m) for m in models}, seed=args.seed,
                 versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
-    meta.update(dict(k=min(args.k, len(train) - train.skipped), temperature=args.temperature) if kind == "knn" else
+    meta.update(dict(k=min(k, len(train) - train.skipped), temperature=args.temperature) if kind == "knn" else
                 dict(method=args.method))
     with _staged_results(final) as out:
         _write_layer_results(out, kind, results, meta)
@@ -6904,7 +6905,8 @@ def _add_probe_commands(sub):
             p.add_argument("--depth", type=_ranged(int, 1, 16), default=2, help="MLP probe depth (the paper: 1-4)")
             p.add_argument("--epochs", type=_ranged(int, 1, 100000), default=90, help="epochs for --method mae/mlp")
         else:
-            p.add_argument("--k", type=_ranged(int, 1), default=20, help="neighbours (at most the training images)")
+            p.add_argument("--k", type=_ranged(int, 1), help="neighbours: at most the training images (default: 20, "
+                                                              "or all training images when fewer, said)")
             p.add_argument("--temperature", type=_ranged(float, 0, 100, "(]"), default=0.07,
                            help="vote weight exp(similarity / T), T in (0, 100]")
         _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "val", "val_fraction", "batch_size", "seed", "device", "dtype",
