@@ -5722,7 +5722,7 @@ def test_nan_features_are_refused_by_extract_probes_and_knn(tmp_path):
 
 def test_non_float_weights_and_absurd_normalisation_are_refused(tmp_path):
     model = tiny_model(0)
-    for dtype in (torch.int8, torch.uint8, torch.int64, torch.bool, torch.complex64):
+    for dtype in (torch.int8, torch.uint8, torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn):
         sd = {k: v.clone() for k, v in model.state_dict().items()}
         sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"].to(dtype)
         torch.save({"model": sd}, tmp_path / "q.pth")
@@ -5957,31 +5957,33 @@ class SlowFileHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(self.body)
 
 
-def test_two_processes_downloading_one_file_fetch_it_once_and_both_load(tmp_path):
-    """Issue 20 item 4 (as torchrun's ranks on an empty weights folder): one GET, no .part of the other deleted, both
-    processes load the file, and SHA256SUMS holds its line."""
+def test_torchrun_ranks_on_an_empty_weights_folder_download_once_and_both_load(tmp_path):
+    """Issue 20 item 4, as the README's first multi-GPU example: torchrun with 2 processes (gloo, CPU) on an empty
+    weights folder: one GET, no rank deletes the other's .part, both load the file, SHA256SUMS holds its line."""
     case = build("deit", tmp_path)
     SlowFileHandler.body, SlowFileHandler.gets = case.path.read_bytes(), []
     srv, url = serve(SlowFileHandler)
     wdir = tmp_path / "weights"
-    script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(HERE)!r})
+    script = tmp_path / "race.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys; sys.path.insert(0, {str(HERE)!r})
         import ssl_repsim as sr
         row = dict(next(r for r in sr.REGISTRY.values() if r["family"] == "deit"), md5=None, sha256=None,
                    url={url + "/deit.pth"!r}, num_heads=2, img_size={case.a.img})
         sr.REGISTRY["deit-race"] = row
         m = sr.load_model("deit-race", weights_dir={str(wdir)!r}, progress=False)
-        print(m.family, m.cfg.embed_dim)
-    """)
+        print("rank", os.environ["RANK"], m.family, m.cfg.embed_dim)
+    """))
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
-        outs = [p.communicate(timeout=120) for p in procs]
+        with started([*torchrun_argv(), "--standalone", "--nproc_per_node", 2, script],
+                     tmp_path / "log") as wait:
+            p = wait(180)
     finally:
         srv.shutdown()
         srv.server_close()
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert all(o.strip() == f"deit {case.a.D}" for o, _ in outs), outs
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank")) == [
+        f"rank 0 deit {case.a.D}", f"rank 1 deit {case.a.D}"], p.stdout
     assert SlowFileHandler.gets == ["/deit.pth"]
     digest = hashlib.sha256(SlowFileHandler.body).hexdigest()
     assert sorted(os.listdir(wdir)) == ["SHA256SUMS", "deit-race.pth"]
