@@ -3703,31 +3703,39 @@ class Spread:
     """The sampling spread of a CKA map: bootstrap replicates (R, L_a, L_b) of the minibatch estimator over its
     `units` batches, or the per-sample influence (L_a, L_b, n) of a full-batch one. se(entries) is the standard error
     of the mean of those entries (a summary such as a matched-layer mean), so summaries get intervals too; dof, the
-    degrees of freedom of the t quantile its intervals use (units − 1 batches; None = normal)."""
-    kind: str              # "bootstrap" | "influence"
+    degrees of freedom of the t quantile its intervals use (units − 1 batches or groups; None = normal). A measure
+    other than CKA has "jackknife" replicates (G, L_a, L_b): the map with each of G groups of images left out."""
+    kind: str              # "bootstrap" | "influence" | "jackknife"
     values: torch.Tensor
     units: int | None = None
+    range: tuple[float, float] = (0.0, 1.0)   # of the measure: intervals are kept within it
 
     @property
     def dof(self) -> int | None:
-        return self.units - 1 if self.kind == "bootstrap" and self.units and self.units >= 3 else None
+        return self.units - 1 if self.kind != "influence" and self.units and self.units >= 3 else None
 
     def interval(self, estimate, entries=None, level: float = 0.95):
-        """The normal (or t) interval, kept within CKA's range [0, 1] (a bound past it is set to it)."""
+        """The normal (or t) interval, kept within the measure's range (a bound past it is set to it) and around
+        the estimate."""
         lo, hi = normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level, self.dof)
+        a, b = self.range
         if isinstance(lo, torch.Tensor):
-            return lo.clamp(0, 1), hi.clamp(0, 1)
-        return min(max(lo, 0.0), 1.0), min(max(hi, 0.0), 1.0)
+            est = torch.as_tensor(estimate, dtype=lo.dtype)
+            return torch.minimum(lo.clamp(a, b), est), torch.maximum(hi.clamp(a, b), est)
+        return min(max(lo, a), b, estimate), max(min(hi, b), a, estimate)
 
     def se(self, entries=None) -> torch.Tensor | float:
         """Per-entry (L_a, L_b) standard errors, or that of the mean of the listed (i, j) entries."""
         if entries is None:
             return self._se(self.values)
         i, j = torch.tensor([e[0] for e in entries]), torch.tensor([e[1] for e in entries])
-        picked = self.values[:, i, j].mean(-1) if self.kind == "bootstrap" else self.values[i, j].mean(0)
+        picked = self.values[i, j].mean(0) if self.kind == "influence" else self.values[:, i, j].mean(-1)
         return float(self._se(picked))
 
     def _se(self, v: torch.Tensor) -> torch.Tensor:
+        if self.kind == "jackknife":          # √((G − 1)/G · Σ_g (θ₋g − θ̄)²), Quenouille–Tukey
+            g = len(v)
+            return ((g - 1) / g * (v.double() - v.double().mean(0)).square().sum(0)).sqrt()
         if self.kind == "bootstrap":          # the spread of the replicates, × √(B/(B−1)) for B batches
             if self.units is None or self.units < 3:
                 return torch.full(v.shape[1:], float("nan"), dtype=torch.float64) if v.ndim > 1 else \
@@ -3812,6 +3820,394 @@ def slice_by_type(m: torch.Tensor, names_a, names_b) -> dict[str, dict]:
     return out
 
 
+# --- measures beyond CKA: one function on two feature matrices and one row of MEASURES each ------------------------
+# A measure reads each layer once (prep: a state per layer) and scores layer pairs from the states (score), so a
+# layer × layer map prepares each layer once; similarity(x, y, m) = score(prep(x), prep(y)). A state is permuted
+# (rows, or rows and columns of an n × n one) for the permutation null without re-reading the features.
+
+def _centred64(x) -> torch.Tensor:
+    x = _flat64(x)
+    return x - x.mean(0)
+
+
+def _reduced(x) -> torch.Tensor:
+    """The centred features in at most n columns with the same Gram (U·√λ of X̃X̃ᵀ when d > n): every measure
+    invariant to rotations of the feature space reads this instead of 100,000 flattened columns."""
+    xc = _centred64(x)
+    if xc.shape[1] <= xc.shape[0]:
+        return xc
+    lam, u = torch.linalg.eigh(xc @ xc.T)
+    keep = lam > lam.max().clamp_min(1e-300) * 1e-12
+    return u[:, keep] * lam[keep].sqrt()
+
+
+def _cosine_knn(x, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Gram of the L2-normalised rows, (n, n) bool mask of each row's k nearest neighbours by cosine, itself
+    excluded)."""
+    xn = F.normalize(_flat64(x), dim=1)
+    g = xn @ xn.T
+    if not 1 <= k < len(g):
+        raise UsageError(f"k = {k} neighbours need more than {k} images, got {len(g)}")
+    s = g.clone().fill_diagonal_(-math.inf)
+    return g, torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(k, dim=1).indices, True)
+
+
+def mknn_prep(x, k: int = 10) -> torch.Tensor:
+    return _cosine_knn(x, k)[1]
+
+
+def mknn_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mutual k-NN alignment (Huh et al. 2024): mean over images of |N_A(i) ∩ N_B(i)| / k."""
+    return float((a & b).sum().double() / a.sum())
+
+
+def _hsic_u(k: torch.Tensor, l: torch.Tensor) -> float:
+    """Song et al. 2012's unbiased HSIC, for kernels that need not be symmetric: [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2))
+    − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3)), K̃, L̃ with zero diagonals."""
+    n = len(k)
+    k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+    return float(((k * l.T).sum() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 * (k.sum(0) @ l.sum(1)) / (n - 2))
+                 / (n * (n - 3)))
+
+
+def cknna_prep(x, k: int = 10) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(cosine Gram, k-NN mask, the layer's own alignment Align(M⊙K, M⊙K)), read once."""
+    g, mask = _cosine_knn(x, k)
+    return g, mask, _hsic_u(mask * g, mask * g)
+
+
+def cknna_score(a, b) -> float:
+    """CKNNA (Huh et al. 2024): CKA's unbiased HSIC restricted to pairs that are neighbours in both (α = M_K ⊙ M_L):
+    Align(α⊙K, α⊙L) / √(Align(M_K⊙K, M_K⊙K) Align(M_L⊙L, M_L⊙L)); cosine Grams, k nearest excluding self."""
+    (ka, ma, sa), (kb, mb, sb) = a, b
+    both = (ma & mb).double()
+    return _hsic_u(both * ka, both * kb) / math.sqrt(sa * sb) if sa * sb > 0 else float("nan")
+
+
+def cka_prep(x) -> torch.Tensor:
+    """The U-centred linear Gram (Song et al. 2012), scaled to unit Frobenius norm."""
+    k = center_gram(gram_linear(_flat64(x)), unbiased=True)
+    return k / k.norm().clamp_min(1e-300)
+
+
+def cka_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Debiased linear CKA = ⟨K̃, L̃⟩_F / (‖K̃‖_F ‖L̃‖_F) on U-centred Grams (Kornblith et al. 2019; Song et al. 2012)."""
+    return float((a * b).sum())
+
+
+def procrustes_prep(x) -> torch.Tensor:
+    r = _reduced(x)
+    return r / r.norm().clamp_min(1e-300)
+
+
+def procrustes_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Normalised Bures similarity ‖X̃ᵀỸ‖_* / (‖X̃‖_F ‖Ỹ‖_F) (Williams et al. 2021; Ding et al. 2021): the cosine of
+    the Procrustes angle between the centred representations; the angular distance is its arccos."""
+    return float(torch.linalg.svdvals(a.T @ b).sum().clamp(max=1))
+
+
+_SAID: set = set()   # notices already given in this process
+
+
+def _principal_basis(x, var: float = 0.99) -> torch.Tensor:
+    """An orthonormal (n, k) basis of the fewest principal directions of the centred features that hold `var` of
+    their variance (Raghu et al. 2017), at most n / 2 of them: CCA of more directions than images saturates."""
+    u, s, _ = torch.linalg.svd(_reduced(x), full_matrices=False)
+    frac = (s * s).cumsum(0) / (s * s).sum().clamp_min(1e-300)
+    k = int((frac < var).sum()) + 1
+    cap = max(1, len(u) // 2)
+    if k > cap and (k, cap) not in _SAID:
+        _SAID.add((k, cap))
+        log.warning(f"notice: SVCCA keeps {cap} of the {k} directions holding {var:.0%} of the variance: no more than "
+                    f"n / 2 = {cap} at n = {len(u)} images (more images, or fewer dimensions, to keep them all)")
+    return u[:, :min(k, cap)]
+
+
+def svcca_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """SVCCA (Raghu et al. 2017): mean canonical correlation between the principal subspaces, i.e. the mean cosine of
+    the principal angles between them (singular values of QₐᵀQ_b)."""
+    rho = torch.linalg.svdvals(a.T @ b)[: min(a.shape[1], b.shape[1])]
+    return float(rho.clamp(max=1).mean())
+
+
+def pwcca_prep(x) -> torch.Tensor:
+    """The centred features, or their principal components (svcca's rule) where they have more than n / 2
+    columns."""
+    xc = _centred64(x)
+    if xc.shape[1] <= len(xc) // 2:
+        return xc
+    u = _principal_basis(x)
+    return u * (u.T @ xc).norm(dim=1)   # the components' scores: an orthogonal basis with their variances
+
+
+def _inverse_sqrt(s: torch.Tensor) -> torch.Tensor:
+    lam, v = torch.linalg.eigh(s)
+    inv = torch.where(lam > lam.max() * 1e-12, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+    return (v * inv) @ v.T
+
+
+def pwcca_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PWCCA (Morcos et al. 2018): canonical correlations ρᵢ weighted by how much of the narrower representation each
+    canonical direction accounts for, αᵢ ∝ Σⱼ |⟨pᵢ, xⱼ⟩| (pᵢ the orthonormalised directions X̃uᵢ, xⱼ its neurons):
+    Σ αᵢρᵢ / Σ αᵢ. The weights come from the side with fewer neurons (the first on a tie), as in google/svcca."""
+    if a.shape[1] > b.shape[1]:
+        a, b = b, a
+    u, rho, _ = torch.linalg.svd(_inverse_sqrt(a.T @ a) @ (a.T @ b) @ _inverse_sqrt(b.T @ b))
+    p = torch.linalg.qr(a @ u).Q
+    w = (p.T @ a).abs().sum(1)[: len(rho)]
+    return float((w * rho.clamp(max=1)).sum() / w.sum())
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 1 … m of a vector, ties sharing their average rank (as scipy's rankdata)."""
+    order = v.argsort()
+    _, inverse, counts = torch.unique_consecutive(v[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0)
+    out = torch.empty_like(v)
+    out[order] = ((ends - counts + ends + 1).double() / 2)[inverse].to(v.dtype)
+    return out
+
+
+def rsa_prep(x) -> torch.Tensor:
+    """The correlation-distance RDM (1 − Pearson between images) as standardised ranks of its upper triangle, kept as
+    a symmetric n × n matrix (zero diagonal) so that a permutation of the images re-indexes it."""
+    z = _flat64(x)
+    z = F.normalize(z - z.mean(1, keepdim=True), dim=1)
+    n = len(z)
+    iu = torch.triu_indices(n, n, 1)
+    r = _ranks((1 - z @ z.T)[iu[0], iu[1]])
+    r = (r - r.mean()) / (r - r.mean()).norm().clamp_min(1e-300)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    out[iu[0], iu[1]] = r
+    return out + out.T
+
+
+def rsa_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RSA (Kriegeskorte et al. 2008): Spearman's ρ between the two RDMs' upper triangles."""
+    return float((a * b).sum() / 2)
+
+
+RIDGE_ALPHAS = tuple(10.0 ** (e / 2) for e in range(-6, 13))   # λ grid of the inner leave-one-out choice
+RIDGE_FOLDS = 5
+
+
+def ridge_prep(x) -> tuple[list, torch.Tensor]:
+    """(what each fold's fit needs of the features as predictors, read once: _ridge_fold; the centred features
+    themselves, as targets)."""
+    xr = _reduced(x)
+    return [_ridge_fold(xr, test) for test in _folds(len(xr))], _centred64(x)
+
+
+def _folds(n: int, k: int = RIDGE_FOLDS) -> list[torch.Tensor]:
+    """k contiguous folds, the first n mod k one image larger (scikit-learn's KFold without shuffling)."""
+    sizes = [n // k + (f < n % k) for f in range(k)]
+    starts = [sum(sizes[:f]) for f in range(k)]
+    return [torch.arange(s, s + m) for s, m in zip(starts, sizes, strict=True)]
+
+
+def _ridge_fold(x: torch.Tensor, test: torch.Tensor) -> tuple:
+    """One fold's predictors: (training mask, test rows, eigenvalues λ and eigenvectors V of the centred training
+    Gram, the squared eigenvectors, the test rows' products with the centred training rows)."""
+    train = torch.ones(len(x), dtype=torch.bool)
+    train[test] = False
+    xm = x[train].mean(0)
+    xt = x[train] - xm
+    lam, v = torch.linalg.eigh(xt @ xt.T)
+    return train, test, lam.clamp_min(0), v, v * v, (x[test] - xm) @ xt.T
+
+
+def _ridge_predict(fold: tuple, y: torch.Tensor) -> torch.Tensor:
+    """The test rows' predictions of ridge regression (with intercept) fitted on the training rows, λ the grid value
+    with the least leave-one-out squared error over all targets (scikit-learn's RidgeCV, one λ for all targets)."""
+    train, _, lam, v, v2, cross = fold
+    ym = y[train].mean(0)
+    yt = y[train] - ym
+    vy = v.T @ yt
+    alphas = torch.tensor(RIDGE_ALPHAS, dtype=torch.float64)
+    f = lam / (lam + alphas[:, None])                                       # (A, r) shrinkage per alpha
+    resid = yt - v @ (f[:, :, None] * vy)                                   # (A, n, d) training residuals
+    loo = resid / (1 - (f @ v2.T + 1 / len(v)))[:, :, None]                 # leave-one-out residuals
+    best = RIDGE_ALPHAS[int(loo.square().mean((1, 2)).argmin())]            # the first of equal errors
+    return ym + cross @ (v @ (vy / (lam + best)[:, None]))   # K_test,train (K + λI)⁻¹ Ỹ
+
+
+def ridge_score(a, b) -> float:
+    """Linear predictivity: out-of-fold R² of predicting b's features from a's by ridge regression (5 contiguous
+    folds; λ by leave-one-out within each training fold), averaged uniformly over b's features (the similarity
+    repository's ridge-…-r2-cv=5folds protocol, λ chosen instead of fixed). Asymmetric: a predicts b."""
+    y = b[1]
+    pred = torch.empty_like(y)
+    for fold in a[0]:
+        pred[fold[1]] = _ridge_predict(fold, y)
+    sse, sst = ((y - pred) ** 2).sum(0), ((y - y.mean(0)) ** 2).sum(0)
+    r2 = torch.where(sst > 0, 1 - sse / sst.clamp_min(1e-300), (sse == 0).double())
+    return float(r2.mean())
+
+
+# transformations of a representation (the same for every image unless said) a measure may be invariant to; the
+# tests apply each a row declares, and every row is invariant to a common permutation of the images
+INVARIANCES = ("orthogonal", "isotropic scaling", "translation", "permutation of features", "per-image scaling",
+               "per-image shift")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One similarity measure: prep(x) reads a layer's (n, d) features once; score(a, b) compares two layers' states;
+    `permute` says how a state follows a permutation of the images: "rows", "both" (rows and columns of an n × n
+    state), "keep", or a comma list of those for a tuple."""
+    prep: Callable
+    score: Callable
+    symmetric: bool
+    range: tuple[float, float]          # of the population value (ridge's R² has no lower bound: -inf)
+    invariance: tuple[str, ...]         # INVARIANCES of either representation that leave it unchanged
+    permute: str                        # "rows" | "both" | "keep", or a comma list for a tuple state
+    streaming: bool                     # has a minibatch (streaming) form
+    resi_id: str                        # its name in the similarity-repository's naming
+    cite: str
+    chance: Callable | None = None      # (n, options) -> the value expected of unrelated features, when known
+
+
+MEASURES: dict[str, Measure] = {
+    "cka": Measure(cka_prep, cka_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling", "translation"), "both",
+                   True,
+                   "cka-kernel=linear-hsic=song-score", "Kornblith et al. 2019; Song et al. 2012 (debiased)"),
+    "mknn": Measure(mknn_prep, mknn_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling", "per-image scaling"),
+                    "both", False, "mutual_knn-k=10", "Huh et al. 2024, platonic-rep metrics.mutual_knn",
+                    chance=lambda n, k=10: k / (n - 1)),
+    "cknna": Measure(cknna_prep, cknna_score, True, (-1.0, 1.0), ("orthogonal", "isotropic scaling", "per-image scaling"),
+                     "both,both,keep",
+                     False,
+                     "cknna-k=10", "Huh et al. 2024, platonic-rep metrics.cknna"),
+    "procrustes": Measure(procrustes_prep, procrustes_score, True, (0.0, 1.0),
+                          ("orthogonal", "isotropic scaling", "translation"), "rows", False, "procrustes-nbs",
+                          "Williams et al. 2021; Ding et al. 2021 (normalised Bures similarity)"),
+    "svcca": Measure(_principal_basis, svcca_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling",
+                                                                       "translation"), "rows", False, "svcca-var=0.99", "Raghu et al. 2017"),
+    "pwcca": Measure(pwcca_prep, pwcca_score, False, (0.0, 1.0), ("isotropic scaling", "translation",
+                                                                 "permutation of features"), "rows", False, "pwcca", "Morcos et al. 2018"),
+    "rsa": Measure(rsa_prep, rsa_score, True, (-1.0, 1.0), ("isotropic scaling", "permutation of features",
+                                                             "per-image scaling", "per-image shift"), "both", False, "rsa-rdm=correlation-compare=spearman", "Kriegeskorte et al. 2008"),
+    "ridge": Measure(ridge_prep, ridge_score, False, (-math.inf, 1.0), ("translation", "permutation of features"),
+                     "keep,rows", False, "ridge-lambda=loo-r2-cv=5folds",
+                     "linear predictivity (Yamins et al. 2014; Klabunde et al. 2025)"),
+}
+
+
+def measure(name: str) -> Measure:
+    if name not in MEASURES:
+        raise UsageError(f"unknown measure {name!r}: choose from {', '.join(MEASURES)}")
+    return MEASURES[name]
+
+
+def similarity(x, y, measure_name: str = "cka") -> float:
+    """One measure (a MEASURES row) between two (n, d) feature matrices of the same n images."""
+    m = measure(measure_name)
+    if len(x) != len(y):
+        raise UsageError(f"similarity: {len(x)} vs {len(y)} images")
+    return m.score(m.prep(x), m.prep(y))
+
+
+def permuted(state, how: str, perm: torch.Tensor):
+    """A layer's state as if its images came in the order `perm` (rows, or rows and columns, re-indexed)."""
+    if "," in how:
+        return tuple(permuted(s, h, perm) for s, h in zip(state, how.split(","), strict=True))
+    if how == "keep":   # a part that does not depend on the images' order (a count), or that the null never reads
+        return state      # (ridge's fits of b as predictor: the null permutes b as the target only)
+    return state[perm] if how == "rows" else state[perm][:, perm]
+
+
+# --- every measure's maps with intervals over images and a permutation null ----------------------------------------
+
+JACKKNIFE_GROUPS = 10   # a measure's interval: the map with each tenth of the images (a seeded partition) left out
+CALIBRATION_ALPHA = 0.05
+
+
+def calibration(observed: torch.Tensor, null: torch.Tensor, smax: float = 1.0, alpha: float = CALIBRATION_ALPHA):
+    """Permutation p-value and calibrated score (Gröger, Wen & Brbić 2026), entrywise: with K null values,
+    p = (1 + #{null ≥ obs}) / (K + 1); τ = the ⌈(1 − α)(K + 1)⌉-th smallest of the observed and null values;
+    calibrated = clip((obs − τ) / (smax − τ), 0, 1). Returns (p, calibrated, τ)."""
+    k = len(null)
+    tau = torch.cat([observed[None], null]).sort(0).values[math.ceil((1 - alpha) * (k + 1)) - 1]
+    p = (1 + (null >= observed).sum(0)).double() / (k + 1)
+    return p, ((observed - tau) / (smax - tau).clamp_min(1e-12)).clamp(0, 1), tau
+
+
+def _score_map(m: Measure, sa: list, sb: list) -> torch.Tensor:
+    return torch.tensor([[m.score(a, b) for b in sb] for a in sa], dtype=torch.float64)
+
+
+def _states(m: Measure, feats: dict, names, rows=None) -> list:
+    return [m.prep(feats[p] if rows is None else feats[p][rows]) for p in names]
+
+
+def measure_maps(fa: dict, fb: dict, name: str, *, permutations: int = 200, groups: int = JACKKNIFE_GROUPS,
+                 seed: int = 0) -> dict:
+    """One measure between every layer of two models ({point: (n, d)} on the same images): the map (rows: a's layers),
+    for an asymmetric measure the reverse map (b's layer predicting a's, same orientation), the delete-a-group
+    jackknife spread over images (Spread "jackknife"), and the permutation null (K, L_a, L_b): b's images permuted,
+    the same permutation for all its layers (aggregation-aware, so a summary's null is the summary of the nulls)."""
+    m = measure(name)
+    na, nb = list(fa), list(fb)
+    n = len(fa[na[0]])
+    sa, sb = _states(m, fa, na), _states(m, fb, nb)
+    out = dict(map=_score_map(m, sa, sb), reverse=None if m.symmetric else _score_map(m, sb, sa).T)
+    g = torch.Generator().manual_seed(seed)
+    part = torch.randperm(n, generator=g) % min(groups, n)   # image i's group
+    if groups >= 3 and n >= 2 * groups:
+        reps = [_score_map(m, _states(m, fa, na, part != k), _states(m, fb, nb, part != k)) for k in range(groups)]
+        out["spread"] = Spread("jackknife", torch.stack(reps), units=groups, range=m.range)
+    if permutations:
+        perms = [torch.randperm(n, generator=g) for _ in range(permutations)]
+        out["null"] = torch.stack([_score_map(m, sa, [permuted(s, m.permute, p) for s in sb]) for p in perms])
+    return out
+
+
+def _measure_entry(name: str, r: dict, ci: float) -> dict:
+    """What a pair's result records of one measure: the map with [low, high], p and calibrated per entry, and the
+    matched-layer mean with the same (its null the mean of the null maps)."""
+    m, est = MEASURES[name], r["map"]
+    entry = dict(id=m.resi_id, map=est)
+    if r.get("reverse") is not None:
+        entry["reverse"] = r["reverse"]
+    matched = matched_pairs(*est.shape)
+    entry["diagonal_mean"] = diagonal_mean(est)
+    if "spread" in r and ci:
+        entry["low"], entry["high"] = r["spread"].interval(est, None, ci)
+        entry["diagonal_mean_ci"] = list(r["spread"].interval(entry["diagonal_mean"], matched, ci))
+    if "null" in r:
+        smax = m.range[1]
+        entry["p"], entry["calibrated"], _ = calibration(est, r["null"], smax)
+        i, j = torch.tensor([e[0] for e in matched]), torch.tensor([e[1] for e in matched])
+        p, cal, _ = calibration(torch.tensor(entry["diagonal_mean"]), r["null"][:, i, j].mean(-1), smax)
+        entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
+    return entry
+
+
+def _measure_matrix(name: str, specs, at, results: dict, ci: float) -> dict:
+    """One measure between every two models at their `at` points: value, [low, high], p, calibrated."""
+    k = len(specs)
+    out = {key: torch.full((k, k), float("nan"), dtype=torch.float64)
+           for key in ("matrix", "low", "high", "p", "calibrated")}
+    for (i, j), r in results.items():
+        e = _measure_entry(name, r, ci)
+        for key, src in (("matrix", "map"), ("low", "low"), ("high", "high"), ("p", "p"),
+                         ("calibrated", "calibrated")):
+            if src in e:
+                out[key][i, j] = out[key][j, i] = e[src][at[i], at[j]]
+    return dict(models=list(specs), id=MEASURES[name].resi_id, **out)
+
+
+def measures_info(names, permutations: int, ci: float) -> dict:
+    """How each measure's numbers are to be read: range, invariances, chance, interval and null."""
+    return {n: dict(id=MEASURES[n].resi_id, cite=MEASURES[n].cite, range=list(MEASURES[n].range),
+                    invariance=list(MEASURES[n].invariance), symmetric=MEASURES[n].symmetric,
+                    interval=f"delete-a-group jackknife over images ({JACKKNIFE_GROUPS} groups), t quantile, within "
+                             "the range" if ci else None,
+                    null=f"{permutations} permutations of the second model's images (the same for all its layers); "
+                         f"calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}" if permutations else None)
+            for n in names}
+
+
 ESTIMATORS = ("auto", "biased", "debiased", "minibatch")   # and "full", the former name of "biased"
 
 
@@ -3852,17 +4248,22 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
                    kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
                    progress=False, group=None, model_point: str | None = None, ci: float = 0.95,
-                   ci_resamples: int = 1000, seed: int = 0) -> dict:
+                   ci_resamples: int = 1000, seed: int = 0, measures=None, permutations: int = 200) -> dict:
     """CKA maps of every pair of models (each extracted once) and the models×models matrix at `model_point`
     (default: each model's last point; "last"/"first" or a point name present in every model's list). estimator
     None = auto (see choose_estimator: always an unbiased one). With ci > 0 every map and summary carries a
     `ci`-level interval: bootstrap over batches for minibatch, the infinitesimal jackknife over images otherwise.
     Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
-    all-reduced, full-batch features gathered, so every estimator equals the single-process result."""
+    all-reduced, full-batch features gathered, so every estimator equals the single-process result. `measures`
+    (MEASURES names) adds each measure's maps, intervals, permutation p-values and calibrated scores (measure_maps)."""
+    measures = _checked_measures(measures, permutations)
     names = [resolve_points(m, points) for m in models]
     at = [_point_index(n, model_point) for n in names]
     estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
     _check_batches(len(images), batch_size, estimator)
+    if measures and estimator == "minibatch":
+        raise UsageError("--measures read every image's features at once, the minibatch estimator never holds them: "
+                         "give --estimator debiased (or biased), fewer --points or narrower --tokens")
     if kernel != "linear" and estimator == "minibatch":
         raise UsageError("the minibatch estimator is linear only: use --estimator biased or debiased with --kernel rbf")
     if not 0 <= ci < 1:
@@ -3875,13 +4276,14 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
         ci = 0
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     run = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, group=group)
+    feats = None
     if estimator == "minibatch":
         maps, spreads, n = _minibatch_maps(models, images, names, pairs, tokens, resamples=ci_resamples if ci else 0,
                                            seed=seed, **run)
     else:
-        maps, spreads, n = _full_batch_maps(models, images, names, pairs, tokens, cache_dir=cache_dir, kernel=kernel,
-                                            debiased=estimator == "debiased", rbf_threshold=rbf_threshold,
-                                            spread=ci > 0, **run)
+        feats = cached_extract_many(models, images, names, tokens, cache_dir=cache_dir, **run)
+        maps, spreads, n = _maps_of_features(feats, [m.source["spec"] for m in models], pairs, kernel,
+                                             estimator == "debiased", rbf_threshold, ci > 0)
     specs = [m.source["spec"] for m in models]
     out = dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
                model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
@@ -3889,13 +4291,15 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
                batch_order=f"random (seed {seed})" if estimator == "minibatch" else None,
                interval=(None if not ci else ("bootstrap over batches" if estimator == "minibatch" else
                                               "infinitesimal jackknife over images") + ", within [0, 1]"))
-    return out
+    return _with_measures(out, feats, specs, at, pairs, measures, permutations, ci, seed)
 
 
 def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=None, kernel="linear",
-                     rbf_threshold=1.0, model_point: str | None = None, ci: float = 0.95) -> dict:
+                     rbf_threshold=1.0, model_point: str | None = None, ci: float = 0.95, measures=None,
+                     permutations: int = 200, seed: int = 0) -> dict:
     """compare_models() for features already extracted (each a {point: (n, d)} dict on the same samples in the same
-    order, see aligned_features): the debiased estimator unless `estimator` = "biased"."""
+    order, see aligned_features): the debiased estimator unless `estimator` = "biased"; `measures` as there."""
+    measures = _checked_measures(measures, permutations)
     estimator = {None: "debiased", "auto": "debiased", "full": "biased"}.get(estimator, estimator)
     if estimator not in ("biased", "debiased"):
         raise UsageError(f"features in memory: --estimator biased or debiased (auto = debiased), not {estimator}")
@@ -3908,10 +4312,42 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
     maps, spreads, n = _maps_of_features(feature_sets, specs, pairs, kernel, estimator == "debiased", rbf_threshold,
                                          ci > 0)
     at = [_point_index(nm, model_point) for nm in names]
-    return dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
-                model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
-                batch_size=None, ci=ci or None,
-                interval="infinitesimal jackknife over images, within [0, 1]" if ci else None)
+    out = dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
+               model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
+               batch_size=None, ci=ci or None,
+               interval="infinitesimal jackknife over images, within [0, 1]" if ci else None)
+    return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
+
+
+def _checked_measures(measures, permutations: int) -> list[str]:
+    """Measure names from a list or a comma list ("all": every MEASURES row), each known, none twice."""
+    if measures is None:
+        return []
+    names = [t.strip() for t in (measures.split(",") if isinstance(measures, str) else measures) if t.strip()]
+    names = list(MEASURES) if names == ["all"] else names
+    for n in names:
+        measure(n)
+    if len(set(names)) != len(names):
+        raise UsageError(f"measures named twice in {','.join(names)}")
+    in_range("permutations", permutations, 0, 100000)
+    return names
+
+
+def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], permutations: int, ci: float,
+                   seed: int) -> dict:
+    """A comparison's result with every measure's entries added: per pair `measures` {name: _measure_entry}, and
+    `model_matrix["measures"]` {name: _measure_matrix}; `measures` at the top says how to read each."""
+    if not measures:
+        return out
+    for name in measures:
+        results = {}
+        for (i, j), entry in zip(pairs, out["pairs"], strict=True):
+            with _logged_warnings(f"{specs[i]} vs {specs[j]} ({name}): "):
+                results[(i, j)] = measure_maps(feats[i], feats[j], name, permutations=permutations, seed=seed)
+            entry.setdefault("measures", {})[name] = _measure_entry(name, results[(i, j)], ci)
+        out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, ci)
+    out["measures"] = measures_info(measures, permutations, ci)
+    return out
 
 
 def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
@@ -4005,14 +4441,6 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
         if resamples:
             spreads[(i, j)] = Spread("bootstrap", acc.bootstrap(resamples, seed), units=len(acc.terms))
     return maps, spreads, int(_all_reduce_sums([used], group)[0])
-
-
-def _full_batch_maps(models, images, names, pairs, tokens, *, cache_dir, kernel, debiased, rbf_threshold, spread,
-                     batch_size, device, dtype, progress, group) -> tuple[dict, dict, int]:
-    feats = cached_extract_many(models, images, names, tokens, cache_dir=cache_dir, batch_size=batch_size,
-                                device=device, dtype=dtype, progress=progress, group=group)
-    return _maps_of_features(feats, [m.source["spec"] for m in models], pairs, kernel, debiased, rbf_threshold,
-                             spread)
 
 
 def _maps_of_features(feats, specs, pairs, kernel, debiased, rbf_threshold, spread) -> tuple[dict, dict, int]:
@@ -5928,7 +6356,7 @@ def _save_figure(fig, path) -> Path:
 MAX_HEATMAPS = 12   # pairs drawn in one figure; every pair's map is in the JSON and CSV
 
 
-def _plot_heatmaps(maps: list[dict], path, title="CKA"):
+def _plot_heatmaps(maps: list[dict], path, title="CKA", vrange=(0.0, 1.0)):
     """One labelled heatmap per entry {a, b, layers_a, layers_b, cka}: the first MAX_HEATMAPS pairs (said)."""
     if len(maps) > MAX_HEATMAPS:
         log.warning(f"notice: {path.name} draws the first {MAX_HEATMAPS} of {len(maps)} pairs; every map is in the "
@@ -5940,7 +6368,7 @@ def _plot_heatmaps(maps: list[dict], path, title="CKA"):
         return None
     axes = fig.subplots(math.ceil(len(maps) / cols), cols, squeeze=False)
     for ax, m in zip(axes.flat, maps, strict=False):
-        im = ax.imshow(np.asarray(_jsonable(m["cka"]), dtype=float), origin="lower", vmin=0, vmax=1,
+        im = ax.imshow(np.asarray(_jsonable(m["cka"]), dtype=float), origin="lower", vmin=vrange[0], vmax=vrange[1],
                        cmap="magma", aspect="auto")
         a, b = Path(m["a"]).name, Path(m["b"]).name   # a checkpoint's file name, or a registered name
         ax.set_xlabel(f"{b} layer")
@@ -6045,9 +6473,10 @@ def _cmd_cka(args):
         raise UsageError("cka needs at least two models")
     t0 = time.time()
     final = _out_dir(args, "cka")            # every option and the data checked before any model is read
+    measures = dict(measures=_checked_measures(args.measures, args.permutations), permutations=args.permutations)
     files = [is_feature_file(spec) for spec in args.models]
     if any(files):
-        res, models_meta, data_meta = _cka_of_feature_files(args, files)
+        res, models_meta, data_meta = _cka_of_feature_files(args, files, measures)
         n_models = len(args.models)
     else:
         images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
@@ -6055,7 +6484,8 @@ def _cmd_cka(args):
         res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                              kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
                              device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
-                             model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed)
+                             model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed,
+                             **measures)
         if images.skipped:
             log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
         models_meta, n_models = [_model_meta(m) for m in models], len(models)
@@ -6078,6 +6508,7 @@ def _cmd_cka(args):
                   [[p["a"], p["b"], la, lb, *(float(p[k][i, j]) for k in ("cka", *bounds))] for p in res["pairs"]
                    for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])])
         _plot_heatmaps(res["pairs"], out / "cka.png", title=f"CKA ({_estimator_words(res)}, {args.tokens})")
+        _write_measures(out, res, f"n = {res['n']}, {args.tokens} tokens")
     print(f"CKA estimator: {_estimator_words(res)}; tokens {args.tokens}"
           + (f"; {res['ci']:.0%} intervals by the {res['interval']}" if res["ci"] else "; no intervals (--ci 0)"))
     for p in res["pairs"]:
@@ -6087,11 +6518,41 @@ def _cmd_cka(args):
     if n_models > 2:
         print(f"\nmodel × model CKA at {res['model_matrix']['point'][0]}:")
         print(_format_map(res["model_matrix"]["cka"], res["model_matrix"]["models"], res["model_matrix"]["models"]))
+    _print_measures(res)
     print(f"\nwrote {final}/cka.json, cka.csv{', cka.png' if (final / 'cka.png').exists() else ''} "
           f"({meta['elapsed_s']:.1f} s)")
 
 
-def _cka_of_feature_files(args, files: list[bool]) -> tuple[dict, list, dict]:
+def _write_measures(out: Path, res: dict, what: str):
+    """measures.csv (one row per measure and layer pair) and a heat-map figure per measure, when there are any."""
+    if "measures" not in res:
+        return
+    keys = ("map", "low", "high", "p", "calibrated", "reverse")
+    rows = [[p["a"], p["b"], name, la, lb, *(float(e[k][i, j]) if k in e else "" for k in keys)]
+            for p in res["pairs"] for name, e in p["measures"].items()
+            for i, la in enumerate(p["layers_a"]) for j, lb in enumerate(p["layers_b"])]
+    write_csv(out / "measures.csv", ["model_a", "model_b", "measure", "layer_a", "layer_b", "value", "low", "high",
+                                      "p", "calibrated", "reverse"], rows)
+    for name in res["measures"]:
+        lo, hi = MEASURES[name].range
+        _plot_heatmaps([dict(p, cka=p["measures"][name]["map"]) for p in res["pairs"]], out / f"measure-{name}.png",
+                       title=f"{name} ({what})", vrange=(max(lo, -1.0), hi))
+
+
+def _print_measures(res: dict):
+    for name, info in res.get("measures", {}).items():
+        chance = MEASURES[name].chance
+        print(f"\n{name} ({info['id']}; {info['cite']}; range {info['range']}"
+              + (f"; chance {chance(res['n']):.3f}" if chance else "") + ")")
+        for p in res["pairs"]:
+            e = p["measures"][name]
+            ci = " [{:.3f}, {:.3f}]".format(*e["diagonal_mean_ci"]) if "diagonal_mean_ci" in e else ""
+            test = (f", p = {e['diagonal_mean_p']:.3g}, calibrated {e['diagonal_mean_calibrated']:.3f}"
+                    if "diagonal_mean_p" in e else "")
+            print(f"  {p['a']} vs {p['b']}: matched-layer mean {e['diagonal_mean']:.3f}{ci}{test}")
+
+
+def _cka_of_feature_files(args, files: list[bool], measures: dict) -> tuple[dict, list, dict]:
     """cka where some arguments are feature files (files[i]; see `extract`): the models among them are extracted on
     --data in one pass, every input is checked to hold the same samples in the same order (or aligned by id,
     --align), then compared."""
@@ -6117,7 +6578,8 @@ def _cka_of_feature_files(args, files: list[bool]) -> tuple[dict, list, dict]:
         log.warning(f"notice: the inputs hold features of different settings (tokens, points): {sorted(settings)}")
     feats, ids = aligned_features(sets, args.align)
     res = compare_features(feats, [str(s) for s in args.models], estimator=args.estimator, kernel=args.kernel,
-                           rbf_threshold=args.rbf_threshold, model_point=args.model_point, ci=args.ci)
+                           rbf_threshold=args.rbf_threshold, model_point=args.model_point, ci=args.ci, seed=args.seed,
+                           **measures)
     return res, metas, dict(source="feature files" if data is None else str(args.data), n=len(ids), aligned=args.align)
 
 
@@ -6827,9 +7289,12 @@ def _subcommand(sub, name, fn, summary, description, examples):
 def _add_cka_command(sub):
     p = _subcommand(sub, "cka", _cmd_cka, "CKA maps between every layer of two or more models",
                     "CKA (Kornblith et al. 2019) between every layer pair of two or more models, and the model×model "
-                    "matrix at --model-point. Writes cka.json, cka.csv, cka.png.",
+                    "matrix at --model-point. Writes cka.json, cka.csv, cka.png; with --measures, every measure's "
+                    "maps with intervals, permutation p-values and calibrated scores in cka.json, measures.csv and "
+                    "measure-<name>.png.",
                     ["cka mae dino", "cka mae.pth moco.pth.tar --data ~/imagenet/val --n 1024 --points sublayers",
-                     "cka mae dino dinov2 --estimator minibatch --model-point blocks.5"])
+                     "cka mae dino dinov2 --estimator minibatch --model-point blocks.5",
+                     "cka mae dino --tokens cls --n 512 --measures cka,mknn,cknna,procrustes,svcca,pwcca,rsa,ridge"])
     p.add_argument("models", nargs="+", help="two or more models: registered names, checkpoint files or HF folders")
     _add_flags(p, "points")
     _add_dataclass_flags(p, AnalysisOptions, ("tokens", "estimator", "ci", "ci_resamples"))
@@ -6840,6 +7305,11 @@ def _add_cka_command(sub):
                    "name such as blocks.5")
     p.add_argument("--align", action="store_true", help="feature files: match their rows by sample id (default: "
                                                          "they must hold the same ids in the same order)")
+    p.add_argument("--measures", help=f"similarity measures beside the CKA map, a comma list of {', '.join(MEASURES)} "
+                                      "or all: each with intervals over images, permutation p-values and calibrated "
+                                      "scores")
+    p.add_argument("--permutations", type=_ranged(int, 0, 100000), default=200,
+                   help="permutations of the null behind each measure's p-value and calibrated score (0 = none)")
     _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "batch_size", "seed", "device", "dtype", "cache_dir", "out", *ALWAYS)
     p = _subcommand(sub, "extract", _cmd_extract, "features of one model at named points, to a file",
                     "Extract one model's features at --points (with --tokens) on --data into a safetensors feature "
