@@ -6475,22 +6475,8 @@ def _cmd_cka(args):
     final = _out_dir(args, "cka")            # every option and the data checked before any model is read
     measures = dict(measures=_checked_measures(args.measures, args.permutations), permutations=args.permutations)
     files = [is_feature_file(spec) for spec in args.models]
-    if any(files):
-        res, models_meta, data_meta = _cka_of_feature_files(args, files, measures)
-        n_models = len(args.models)
-    else:
-        images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
-        models = _load_models(args)
-        res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
-                             kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
-                             model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed,
-                             **measures)
-        if images.skipped:
-            log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
-        models_meta, n_models = [_model_meta(m) for m in models], len(models)
-        data_meta = dict(source=str(args.data), name=images.name, n=len(images) - images.skipped,
-                         skipped=images.skipped, seed=args.seed)
+    res, models_meta, data_meta = (_cka_of_feature_files if any(files) else _cka_of_models)(args, files, measures)
+    n_models = len(args.models)
     with _staged_results(final) as out:
         meta = dict(models=models_meta, data=data_meta, points=args.points,
                     tokens=args.tokens, estimator=res["estimator"], n=res["n"], batch_size=args.batch_size,
@@ -6550,6 +6536,22 @@ def _print_measures(res: dict):
             test = (f", p = {e['diagonal_mean_p']:.3g}, calibrated {e['diagonal_mean_calibrated']:.3f}"
                     if "diagonal_mean_p" in e else "")
             print(f"  {p['a']} vs {p['b']}: matched-layer mean {e['diagonal_mean']:.3f}{ci}{test}")
+
+
+def _cka_of_models(args, files: list[bool], measures: dict) -> tuple[dict, list, dict]:
+    """cka of models: the data and every option checked, the models read, then compared (compare_models)."""
+    images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
+    models = _load_models(args)
+    res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
+                         kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,
+                         device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=not args.quiet,
+                         model_point=args.model_point, ci=args.ci, ci_resamples=args.ci_resamples, seed=args.seed,
+                         **measures)
+    if images.skipped:
+        log.warning(f"notice: {images.skipped} unreadable image(s) skipped (--strict makes this an error)")
+    return res, [_model_meta(m) for m in models], dict(source=str(args.data), name=images.name,
+                                                        n=len(images) - images.skipped, skipped=images.skipped,
+                                                        seed=args.seed)
 
 
 def _cka_of_feature_files(args, files: list[bool], measures: dict) -> tuple[dict, list, dict]:
