@@ -4045,7 +4045,7 @@ def ridge_score(a, b) -> float:
 
 
 # transformations of a representation (the same for every image unless said) a measure may be invariant to; the
-# tests apply each a row declares, and every row is invariant to a common permutation of the images
+# tests apply each a row declares, and a common permutation of the images to every order_free row
 INVARIANCES = ("orthogonal", "isotropic scaling", "translation", "permutation of features", "per-image scaling",
                "per-image shift")
 
@@ -4065,6 +4065,8 @@ class Measure:
     resi_id: str                        # its name in the similarity-repository's naming
     cite: str
     chance: Callable | None = None      # (n, options) -> the value expected of unrelated features, when known
+    order_free: bool = True             # a common permutation of the images leaves it unchanged (not ridge: its CV
+                                        # folds are contiguous runs of images, as scikit-learn's KFold)
 
 
 MEASURES: dict[str, Measure] = {
@@ -4089,7 +4091,7 @@ MEASURES: dict[str, Measure] = {
                                                              "per-image scaling", "per-image shift"), "both", False, "rsa-rdm=correlation-compare=spearman", "Kriegeskorte et al. 2008"),
     "ridge": Measure(ridge_prep, ridge_score, False, (-math.inf, 1.0), ("translation", "permutation of features"),
                      "keep,rows", False, "ridge-lambda=loo-r2-cv=5folds",
-                     "linear predictivity (Yamins et al. 2014; Klabunde et al. 2025)"),
+                     "linear predictivity (Yamins et al. 2014; Klabunde et al. 2025)", order_free=False),
 }
 
 
@@ -4152,7 +4154,7 @@ def measure_maps(fa: dict, fb: dict, name: str, *, permutations: int = 200, grou
     sa, sb = _states(m, fa, na), _states(m, fb, nb)
     out = dict(map=_score_map(m, sa, sb), reverse=None if m.symmetric else _score_map(m, sb, sa).T)
     g = torch.Generator().manual_seed(seed)
-    part = torch.randperm(n, generator=g) % min(groups, n)   # image i's group
+    part = torch.randperm(n, generator=g) % max(1, min(groups, n))   # image i's group
     if groups >= 3 and n >= 2 * groups:
         reps = [_score_map(m, _states(m, fa, na, part != k), _states(m, fb, nb, part != k)) for k in range(groups)]
         out["spread"] = Spread("jackknife", torch.stack(reps), units=groups, range=m.range)

@@ -6126,3 +6126,253 @@ def test_bombs_are_refused_in_one_line_under_a_4gib_address_space(tmp_path):
         assert time.monotonic() - t0 < 10 + 15, name          # 10 s of work; the rest is Python and torch importing
         assert p.returncode == 2 and "Traceback" not in p.stderr, (name, p.stderr[-2000:])
         assert len(nonblank_lines(p.stderr)) == 1, (name, p.stderr)
+
+
+# --- issue 21: every MEASURES row against a formula written here, its declared invariances and its range ---------------
+
+def naive_knn_sets(x, k):
+    """Each image's k nearest others by cosine, by a Python sort."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = xn @ xn.T
+    return [set(sorted((j for j in range(len(x)) if j != i), key=lambda j: -s[i, j])[:k]) for i in range(len(x))]
+
+
+def naive_mknn(x, y, k=10):
+    a, b = naive_knn_sets(x, k), naive_knn_sets(y, k)
+    return float(np.mean([len(a[i] & b[i]) / k for i in range(len(x))]))
+
+
+def naive_hsic_unbiased(k, l):
+    """Song et al. 2012, eq. 5, term by term with loops over the sums."""
+    n = len(k)
+    k, l = k.copy(), l.copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
+    trace = sum(k[i, j] * l[j, i] for i in range(n) for j in range(n))
+    ones = k.sum() * l.sum() / ((n - 1) * (n - 2))
+    cross = sum(k[i, :].sum() * 0 + k[:, i].sum() * l[i, :].sum() for i in range(n))   # 1ᵀ K L 1
+    return (trace + ones - 2 * cross / (n - 2)) / (n * (n - 3))
+
+
+def naive_cknna(x, y, k=10):
+    def parts(f):
+        fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+        g = fn @ fn.T
+        sets = naive_knn_sets(f, k)
+        m = np.array([[j in sets[i] for j in range(len(f))] for i in range(len(f))], dtype=float)
+        return g, m
+    (ka, ma), (kb, mb) = parts(x), parts(y)
+    both = ma * mb
+    return naive_hsic_unbiased(both * ka, both * kb) / math.sqrt(naive_hsic_unbiased(ma * ka, ma * ka)
+                                                                 * naive_hsic_unbiased(mb * kb, mb * kb))
+
+
+def naive_procrustes(x, y):
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    return np.linalg.svd(xc.T @ yc, compute_uv=False).sum() / (np.linalg.norm(xc) * np.linalg.norm(yc))
+
+
+def naive_pca_scores(x, var=0.99):
+    xc = x - x.mean(0)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    k = min(int(np.searchsorted(np.cumsum(s ** 2) / (s ** 2).sum(), var)) + 1, len(x) // 2)
+    return u[:, :k] * s[:k]
+
+
+def inv_sqrt(c):
+    w, v = np.linalg.eigh(c)
+    return v @ np.diag(1 / np.sqrt(w)) @ v.T
+
+
+def naive_cca(x, y):
+    """Canonical correlations from the covariance formula Σxx^-½ Σxy Σyy^-½ (Hotelling 1936), and its left vectors."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    u, rho, _ = np.linalg.svd(inv_sqrt(xc.T @ xc) @ xc.T @ yc @ inv_sqrt(yc.T @ yc))
+    return rho[:min(x.shape[1], y.shape[1])], u
+
+
+def naive_svcca(x, y):
+    return naive_cca(naive_pca_scores(x), naive_pca_scores(y))[0].mean()
+
+
+def naive_pwcca(x, y):
+    x, y = (naive_pca_scores(f) if f.shape[1] > len(f) // 2 else f for f in (x, y))   # too wide for CCA at this n
+    if x.shape[1] > y.shape[1]:
+        x, y = y, x
+    rho, u = naive_cca(x, y)
+    xc = x - x.mean(0)
+    q, _ = np.linalg.qr(xc @ u)
+    w = np.abs(q.T @ xc).sum(1)[:len(rho)]
+    return (w * rho).sum() / w.sum()
+
+
+def naive_ranks(v):
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        r[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def naive_rsa(x, y):
+    def rdm(f):
+        return np.array([[1 - np.corrcoef(f[i], f[j])[0, 1] for j in range(len(f))] for i in range(len(f))])
+    iu = np.triu_indices(len(x), 1)
+    a, b = naive_ranks(rdm(x)[iu]), naive_ranks(rdm(y)[iu])
+    return np.corrcoef(a, b)[0, 1]
+
+
+def naive_ridge(x, y, alphas=sr.RIDGE_ALPHAS, folds=5):
+    """Out-of-fold R² of ridge with intercept, λ chosen per training fold by refitting without each image in turn."""
+    def fit(xt, yt, alpha):
+        xm, ym = xt.mean(0), yt.mean(0)
+        w = np.linalg.solve((xt - xm).T @ (xt - xm) + alpha * np.eye(xt.shape[1]), (xt - xm).T @ (yt - ym))
+        return lambda z: ym + (z - xm) @ w
+    n = len(x)
+    sizes = [n // folds + (f < n % folds) for f in range(folds)]
+    pred, start = np.empty_like(y), 0
+    for size in sizes:
+        test = np.arange(start, start + size)
+        train = np.setdiff1d(np.arange(n), test)
+        errs = []
+        for alpha in alphas:
+            loo = [fit(np.delete(x[train], i, 0), np.delete(y[train], i, 0), alpha)(x[train][i:i + 1]) - y[train][i]
+                   for i in range(len(train))]
+            errs.append(np.mean(np.square(loo)))
+        pred[test] = fit(x[train], y[train], alphas[int(np.argmin(errs))])(x[test])
+        start += size
+    r2 = 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+    return r2.mean()
+
+
+NAIVE_MEASURES = {"cka": lambda x, y: naive_cka(x, y, debiased=True), "mknn": naive_mknn, "cknna": naive_cknna,
+                  "procrustes": naive_procrustes, "svcca": naive_svcca, "pwcca": naive_pwcca, "rsa": naive_rsa,
+                  "ridge": naive_ridge}
+
+
+def correlated(n, dx, dy, seed=0):
+    g = np.random.default_rng(seed)
+    x = g.normal(size=(n, dx)) * (1 / np.sqrt(np.arange(1, dx + 1))) + g.normal(size=dx)
+    y = x @ g.normal(size=(dx, dy)) + 0.8 * g.normal(size=(n, dy)) + g.normal(size=dy)
+    return x, y
+
+
+@pytest.mark.parametrize("name", list(sr.MEASURES))
+def test_every_measure_has_a_formula_written_in_the_test(name):
+    assert name in NAIVE_MEASURES, f"MEASURES row {name} has no naive formula in the tests"
+
+
+@pytest.mark.parametrize("name", list(sr.MEASURES))
+@pytest.mark.parametrize("dims", [(12, 9), (60, 50)], ids=["d<n", "d>n"])
+def test_measure_equals_its_naive_formula(name, dims):
+    if name == "ridge" and dims[0] > 40:
+        dims = (24, 20)        # the naive ridge refits without every image: kept small
+    x, y = correlated(40, *dims)
+    got = sr.similarity(torch.from_numpy(x), torch.from_numpy(y), name)
+    assert got == pytest.approx(NAIVE_MEASURES[name](x, y), abs=1e-8), name
+
+
+INVARIANCE_MAPS = {
+    "orthogonal": lambda f, g: f @ np.linalg.qr(g.normal(size=(f.shape[1], f.shape[1])))[0],
+    "isotropic scaling": lambda f, g: 3.7 * f,
+    "translation": lambda f, g: f + g.normal(size=f.shape[1]) * 5,
+    "permutation of features": lambda f, g: f[:, g.permutation(f.shape[1])],
+    "per-image scaling": lambda f, g: f * g.uniform(0.5, 2.0, size=(len(f), 1)),
+    "per-image shift": lambda f, g: f + g.normal(size=(len(f), 1)) * 3,
+}
+
+
+@pytest.mark.parametrize("name", list(sr.MEASURES))
+def test_measure_has_its_declared_invariances_and_range(name):
+    """Each row declares at least one invariance from INVARIANCES; each declared one holds (applied to both
+    representations), and so does a common permutation of the images; values lie in the declared range, including
+    for unrelated features."""
+    row = sr.MEASURES[name]
+    assert row.invariance and set(row.invariance) <= set(INVARIANCE_MAPS), row.invariance
+    x, y = correlated(48, 20, 14, seed=1)
+    value = sr.similarity(torch.from_numpy(x), torch.from_numpy(y), name)
+    g = np.random.default_rng(5)
+    for inv in row.invariance:
+        tx, ty = INVARIANCE_MAPS[inv](x, g), INVARIANCE_MAPS[inv](y, g)
+        assert sr.similarity(torch.from_numpy(tx), torch.from_numpy(ty), name) == pytest.approx(value, abs=1e-9), inv
+    p = g.permutation(len(x))
+    if row.order_free:
+        assert sr.similarity(torch.from_numpy(x[p]), torch.from_numpy(y[p]), name) == pytest.approx(value, abs=1e-9)
+    lo, hi = row.range
+    unrelated = sr.similarity(torch.from_numpy(x), torch.from_numpy(g.normal(size=(48, 14))), name)
+    slack = 0.15 if name == "cka" else 0            # the debiased estimator of a population 0 dips below it
+    assert lo <= value <= hi and lo - slack <= unrelated <= hi and unrelated < value, (value, unrelated)
+
+
+def test_calibration_is_the_formula_by_hand():
+    g = torch.Generator().manual_seed(3)
+    obs, null = torch.tensor([0.30, 0.02]), torch.rand(199, 2, generator=g) * 0.2
+    p, cal, tau = sr.calibration(obs, null, smax=1.0, alpha=0.05)
+    for e in range(2):
+        values = sorted([float(obs[e])] + null[:, e].tolist())
+        t = values[math.ceil(0.95 * 200) - 1]                      # the 190th smallest of 200
+        assert float(tau[e]) == pytest.approx(t)
+        assert float(p[e]) == pytest.approx((1 + sum(v >= float(obs[e]) for v in null[:, e].tolist())) / 200)
+        assert float(cal[e]) == pytest.approx(min(max((float(obs[e]) - t) / (1 - t), 0), 1))
+
+
+def test_measure_maps_nulls_permute_all_layers_of_a_model_alike_and_p_values_are_uniform_under_independence():
+    g = torch.Generator().manual_seed(0)
+    fa = {"a0": torch.randn(60, 8, generator=g), "a1": torch.randn(60, 8, generator=g)}
+    fb = {"b0": torch.randn(60, 8, generator=g), "b1": torch.randn(60, 8, generator=g)}
+    r = sr.measure_maps(fa, fb, "procrustes", permutations=30, seed=4)
+    assert r["null"].shape == (30, 2, 2) and r["spread"].values.shape == (10, 2, 2)
+    g4 = torch.Generator().manual_seed(4)
+    torch.randperm(60, generator=g4)                             # the jackknife partition comes first
+    perm = torch.randperm(60, generator=g4)                      # then the first null's permutation, for every layer
+    for i, a in enumerate(fa.values()):
+        for j, b in enumerate(fb.values()):
+            assert float(r["null"][0, i, j]) == pytest.approx(naive_procrustes(a.double().numpy(),
+                                                                               b[perm].double().numpy()))
+    ps = []
+    for seed in range(40):                                      # independent features: p roughly uniform
+        gg = torch.Generator().manual_seed(100 + seed)
+        x, y = torch.randn(40, 6, generator=gg), torch.randn(40, 6, generator=gg)
+        rr = sr.measure_maps({"x": x}, {"y": y}, "cka", permutations=49, seed=seed, groups=0)
+        ps.append(float(sr.calibration(rr["map"], rr["null"])[0]))
+    assert 0.3 < np.mean(ps) < 0.7 and np.mean(np.array(ps) < 0.05) < 0.2
+
+
+def test_cli_cka_every_measure_on_two_official_layout_files(tmp_path):
+    """Issue 21's acceptance: every measure's map with low ≤ map ≤ high, p-values and calibrated scores; on two copies
+    of one model every symmetric measure reads its maximum on the diagonal."""
+    a, b = tiny_pair(tmp_path)
+    common = ("--num-heads", 2, "--img-size", 32, "--n", 128, "--tokens", "cls", "--quiet", "--measures", "all",
+              "--permutations", 30)
+    p = cli("cka", a, b, *common, "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads((tmp_path / "o" / "cka.json").read_text())
+    assert set(doc["measures"]) == set(sr.MEASURES)
+    for name, e in doc["pairs"][0]["measures"].items():
+        m, lo, hi = (np.array(e[k]) for k in ("map", "low", "high"))
+        assert (lo <= m + 1e-12).all() and (m <= hi + 1e-12).all(), name
+        assert ((np.array(e["p"]) > 0) & (np.array(e["p"]) <= 1)).all() and "calibrated" in e, name
+        assert e["id"] == sr.MEASURES[name].resi_id
+    rows = list(csv.reader((tmp_path / "o" / "measures.csv").open()))
+    assert len(rows) == 1 + len(sr.MEASURES) * 4
+    assert all((tmp_path / "o" / f"measure-{n}.png").exists() for n in sr.MEASURES)
+    p = cli("cka", a, a, *common, "--out", tmp_path / "same")
+    assert p.returncode == 0, p.stderr[-2000:]
+    same = json.loads((tmp_path / "same" / "cka.json").read_text())["pairs"][0]["measures"]
+    for name, e in same.items():
+        if sr.MEASURES[name].symmetric:
+            assert np.diag(np.array(e["map"])) == pytest.approx(sr.MEASURES[name].range[1], abs=1e-6), name
+
+
+def test_measures_with_the_minibatch_estimator_or_unknown_names_are_one_line_errors(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    for extra, words in ((("--measures", "cka,bogus"), "unknown measure"),
+                         (("--measures", "mknn", "--estimator", "minibatch"), "minibatch")):
+        p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 16, "--quiet", *extra, "--out", tmp_path / "o")
+        assert_usage_error(p)
+        assert words in p.stderr
