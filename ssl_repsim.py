@@ -4191,6 +4191,10 @@ def _measure_matrix(name: str, specs, at, results: dict, ci: float) -> dict:
     out = {key: torch.full((k, k), float("nan"), dtype=torch.float64)
            for key in ("matrix", "low", "high", "p", "calibrated")}
     for (i, j), r in results.items():
+        if "spread" in r:   # the replicates at the models' points: paired summaries across pairs (report)
+            reps = r["spread"].values[:, at[i], at[j]]
+            out.setdefault("jackknife", torch.full((k, k, len(reps)), float("nan"), dtype=torch.float64))
+            out["jackknife"][i, j] = out["jackknife"][j, i] = reps
         e = _measure_entry(name, r, ci)
         for key, src in (("matrix", "map"), ("low", "low"), ("high", "high"), ("p", "p"),
                          ("calibrated", "calibrated")):
@@ -5911,6 +5915,10 @@ class AnalysisOptions:
     mae_mask_ratio: float = _field(0.0, "attention statistics with MAE's random masking (the paper's author code "
                                         "ran pretrained MAE at 0.75)", range=(0, 1, "[)"))
     attention_images: int = _field(256, "images for attention statistics", range=(1, None))
+    measures: str = _field("", "similarity measures beside CKA in the overview (a comma list of "
+                               f"{', '.join(MEASURES)}, or all): does the finding survive the measure?")
+    permutations: int = _field(200, "permutations behind each measure's p-value and calibrated score (0 = none)",
+                               range=(0, 100000))
     batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
@@ -6180,7 +6188,8 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
     each objective and across them."""
     res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=opts.estimator,
                          batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir,
-                         progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed)
+                         progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
+                         measures=opts.measures or None, permutations=opts.permutations)
     mm = res["model_matrix"]
     readings = [f"Estimator {res['estimator']} (n = {res['n']} images"
                 + (f" in batches of {res['batch_size']}" if res["batch_size"] else "") + f"), {opts.tokens} tokens"
@@ -6189,6 +6198,7 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
         ci = p.get("diagonal_mean_ci", [float("nan")] * 2)
         readings.append(f"{p['a']} vs {p['b']}: matched-block mean CKA {_ci(p['diagonal_mean'], ci)}.")
     readings += _objective_headline(models, mm) if "cka_low" in mm else []
+    readings += _measure_robustness(models, mm, opts.ci)
     figures = {"overview.png": ("heatmaps", res["pairs"])}
     if len(models) > 2:
         figures["model-matrix.png"] = ("heatmaps", [dict(a="models", b="models", layers_a=mm["models"],
@@ -6227,6 +6237,42 @@ def _objective_headline(models, mm) -> list[str]:
     return [" ".join(lines)]
 
 
+def _objective_of(models) -> list[str]:
+    return [objective(m.family, m.source.get("fine_tuned", False)) for m in models]
+
+
+def _measure_robustness(models, mm, level: float) -> list[str]:
+    """Does the headline survive the measure? Per measure, the mean model-matrix similarity within REC or JE and
+    across them, and the paired difference (mean within − mean across) with its delete-a-group jackknife interval
+    (the groups are the same for every pair, so the difference's replicates are paired) and a normal p-value."""
+    kind = _objective_of(models)
+    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    within = [(i, j) for i, j in pairs if kind[i] == kind[j] and kind[i] in ("REC", "JE")]
+    across = [(i, j) for i, j in pairs if {kind[i], kind[j]} == {"REC", "JE"}]
+    if not mm.get("measures") or not within or not across:
+        return []
+    avg = lambda ps, v: torch.stack([v[i, j] for i, j in ps]).mean(0)   # over pairs, per replicate
+    rows, support = [], 0
+    for name, e in mm["measures"].items():
+        w, a = float(avg(within, e["matrix"])), float(avg(across, e["matrix"]))
+        if "jackknife" not in e:
+            rows.append(f"| {name} | {w:.3f} | {a:.3f} | {w - a:+.3f} (no interval: too few images) | – |")
+            continue
+        reps = (avg(within, e["jackknife"]) - avg(across, e["jackknife"]))[:, None, None]
+        spread = Spread("jackknife", reps, units=len(reps), range=(-math.inf, math.inf))
+        se = float(spread.se()[0, 0])
+        lo, hi = spread.interval(w - a, [(0, 0)], level)
+        p = math.erfc(abs(w - a) / se / math.sqrt(2)) if se > 0 else float("nan")
+        support += w > a and p < 0.05
+        rows.append(f"| {name} | {w:.3f} | {a:.3f} | {w - a:+.3f} [{lo:+.3f}, {hi:+.3f}] | {p:.3g} |")
+    head = ("Does it survive the measure?\n\n| measure | within REC or JE | across REC–JE | within − across "
+            f"[{level:.0%} jackknife interval] | p (normal) |\n|---|---|---|---|---|")
+    tail = (f"{support} of {len(mm['measures'])} measures find models of one objective more alike than models across "
+            f"REC and JE (p < 0.05, paired over images; {len(within)} within and {len(across)} across pairs at the "
+            "last block).")
+    return ["\n".join([head, *rows, "", tail])]
+
+
 @dataclass(frozen=True)
 class Analysis:
     """One analysis of the battery: its function, report title, one-line help, the AnalysisOptions it reads,
@@ -6243,8 +6289,8 @@ class Analysis:
 ANALYSES: dict[str, Analysis] = {
     "overview": Analysis(overview_analysis, "CKA between the models",
                          "CKA maps of every pair at the block outputs and the model × model matrix, by objective",
-                         ("tokens", "estimator", "ci", "ci_resamples", "batch_size", "device", "dtype", "cache_dir",
-                          "seed"), min_models=2, command=False),
+                         ("tokens", "estimator", "ci", "ci_resamples", "measures", "permutations", "batch_size",
+                          "device", "dtype", "cache_dir", "seed"), min_models=2, command=False),
     "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
                     "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
                     ("tokens", "estimator", "ci", "ci_resamples", "batch_size", "device", "dtype", "cache_dir",
@@ -6314,7 +6360,7 @@ def render_report(sections, meta) -> str:
         lines += [f"> **Caveat:** {c}", ""]
     for name, figs, readings in sections:
         lines += ["", f"## {ANALYSES[name].title}", ""]
-        lines += [f"- {r}" for r in readings] or ["- (nothing to compare)"]
+        lines += [f"- {r}" if "\n" not in r else f"\n{r}\n" for r in readings] or ["- (nothing to compare)"]
         lines += [""] + [f"![{name}]({f})" for f in figs]
     lines += ["", "Every number is in report.json."]
     return "\n".join(lines) + "\n"

@@ -6376,3 +6376,21 @@ def test_measures_with_the_minibatch_estimator_or_unknown_names_are_one_line_err
         p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 16, "--quiet", *extra, "--out", tmp_path / "o")
         assert_usage_error(p)
         assert words in p.stderr
+
+
+def test_report_asks_whether_the_finding_survives_the_measure(tmp_path):
+    """Issue 21 build 4: with --measures, the overview has a table per measure (within REC or JE, across, the paired
+    difference with its interval and p) and a sentence counting the measures that support the headline."""
+    for k in "abce":
+        (tmp_path / k).mkdir()
+    rec1, rec2 = build("mae", tmp_path / "a"), build("beit", tmp_path / "b")
+    je1, je2 = build("dino", tmp_path / "c"), build("mocov3", tmp_path / "e")
+    p = cli("report", rec1.path, rec2.path, f"dino:{je1.path}", je2.path, "--num-heads", 2, "--img-size", 32,
+            "--n", 64, "--tokens", "cls", "--measures", "cka,mknn,procrustes", "--permutations", 20, "--skip",
+            "gap,info,invariance,attention,spatial,weights,agreement", "--workers", 0, "--quiet", "--out", tmp_path / "r")
+    assert p.returncode == 0, p.stderr[-2000:]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Does it survive the measure?" in md and "| measure | within REC or JE |" in md
+    for name in ("cka", "mknn", "procrustes"):
+        assert re.search(rf"^\| {name} \| -?\d\.\d{{3}} \| -?\d\.\d{{3}} \| [+-]\d\.\d{{3}} \[", md, re.M), name
+    assert re.search(r"\d of 3 measures find models of one objective more alike", md)
