@@ -7147,7 +7147,37 @@ def _peak_rss() -> float:
     return float(r if sys.platform == "darwin" else r * 1024)
 
 
+def bench_measures(n: int = 2000, dim: int = 768, layers: int = 12, names=None, seed: int = 0) -> list[dict]:
+    """Seconds for each measure's layers × layers map between two models of random correlated features (n, dim) per
+    layer (no intervals, no null: the map alone), with the reference implementation to time beside it."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, dim, generator=g)
+    fa = {f"a{i}": torch.tanh(base @ torch.randn(dim, dim, generator=g) / dim ** 0.5) for i in range(layers)}
+    fb = {f"b{i}": torch.tanh(base @ torch.randn(dim, dim, generator=g) / dim ** 0.5) for i in range(layers)}
+    rows = []
+    for name in _checked_measures(names or list(MEASURES), 0):
+        t0 = time.perf_counter()
+        measure_maps(fa, fb, name, permutations=0, groups=0)
+        rows.append(dict(measure=name, n=n, dim=dim, layers=layers, seconds=time.perf_counter() - t0,
+                         reference=MEASURE_REFERENCES.get(name, "")))
+    return rows
+
+
+MEASURE_REFERENCES = {"cka": "platonic-rep metrics.unbiased_cka", "mknn": "platonic-rep metrics.mutual_knn",
+                      "cknna": "platonic-rep metrics.cknna", "procrustes": "netrep LinearMetric(alpha=1)",
+                      "svcca": "ReSi cca.svcca", "pwcca": "ReSi cca.pwcca", "rsa": "rsatoolbox calc_rdm + compare",
+                      "ridge": "similarity-repository ridge-…-r2-cv=5folds"}
+
+
 def _cmd_bench(args):
+    if args.measures is not None:
+        rows = bench_measures(args.n or 2000, names=args.measures or None)
+        print(f"{'measure':<11} {'12×12 map s':>11}  reference to time beside it")
+        for r in rows:
+            print(f"{r['measure']:<11} {r['seconds']:>11.2f}  {r['reference']}")
+        if args.out:
+            write_json(Path(args.out) / "bench_measures.json", rows)
+        return
     if args.data is not None:
         images = load_images(args.data, args.n, 0, False, workers=args.workers)
         models = _load_models(args) if args.models else None
@@ -7391,8 +7421,11 @@ def _add_registry_commands(sub):
                     "Measures the matmul rate, ViT-B/16 extraction with and without hooks, and 12×12 all-pairs CKA "
                     "(d=768) for each estimator. Quick by default (n=1k).",
                     ["bench", "bench --full --out results/bench", "bench --data ~/imagenet/val --n 2000 --models mae dino",
-                     "bench --peer"])
+                     "bench --peer", "bench --measures --n 2000"])
     p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
+    p.add_argument("--measures", nargs="?", const="", help="time each measure's 12 × 12 map (d = 768, n = --n, "
+                   "default 2000) beside the reference implementation it was checked against; a comma list to time "
+                   "some")
     p.add_argument("--data", help="an image folder: time decoding against a plain DataLoader, each model's forward "
                                   "pass and the whole cka run")
     p.add_argument("--models", nargs="*", default=[], help="with --data: the models to run (default: two tiny "
