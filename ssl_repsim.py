@@ -1630,10 +1630,37 @@ def _row_hints_that_fit(hints: dict, sd: dict, spec: str) -> dict:
     return {k: v for k, v in hints.items() if k not in ("num_heads", "img_size")}
 
 
+CONFIG_CHOICES = {"act": tuple(ACTIVATIONS), "rope": (None, *ROPE_VARIANTS), "rel_pos": (None, "shared", "per_block"),
+                  "pool": ("", "avg"), "pos_interp": ("bicubic", "offset", "antialias")}
+CONFIG_COUNTS = ("num_registers", "rope_grid", "attn_pool", "proj_dim", "num_classes")   # ≥ 0; other ints ≥ 1
+
+
+def _check_config(cfg: ViTConfig, where: str):
+    """Every field of a ViTConfig read from a file: its type and a meaningful value, else one line naming it."""
+    for f in dataclasses.fields(cfg):
+        v, default = getattr(cfg, f.name), f.default
+        if f.name in CONFIG_CHOICES:
+            ok = v in CONFIG_CHOICES[f.name]
+        elif isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool) and (0 if f.name in CONFIG_COUNTS else 1) <= v <= 1 << 20
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            raise UsageError(f"{where}: config {f.name} = {str(v)[:40]!r} is not a valid value")
+    if cfg.embed_dim % cfg.num_heads or cfg.norm_eps >= 1:
+        raise UsageError(f"{where}: config num_heads {cfg.num_heads} does not divide embed_dim {cfg.embed_dim}, or "
+                         f"norm_eps {cfg.norm_eps} ≥ 1")
+
+
 def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
     try:
         fields = parse_json(meta["config"], "checkpoint metadata")
         cfg = ViTConfig(**fields)
+        _check_config(cfg, "checkpoint metadata")
         blocks = {int(m.group(1)) for k in obj if (m := re.match(r"blocks\.(\d+)\.", k))}
         size = parse_json(meta.get("input_size", "null"), "checkpoint metadata") or cfg.img_size
         ok = (blocks == set(range(cfg.depth)) and isinstance(size, int) and 0 < size <= 8192
@@ -1647,7 +1674,12 @@ def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
         cfg.num_classes = 0
         obj = {k: v for k, v in obj.items() if not k.startswith("head.")}
     model = build_model(obj, cfg)
-    model.preprocess = parse_json(meta.get("preprocess", "null"), "checkpoint metadata") or model.preprocess
+    pp = parse_json(meta.get("preprocess", "null"), "checkpoint metadata") or model.preprocess
+    if not isinstance(pp, dict) or pp.get("interp", "bicubic") not in PIL_FILTERS \
+            or pp.get("crop_mode", "center") not in ("center", "squash"):
+        raise UsageError(f"checkpoint metadata: preprocess {str(pp)[:60]} is not a preprocessing (interp bicubic or "
+                         "bilinear, crop_mode center or squash)")
+    model.preprocess = pp
     model.input_size = size
     return model
 
@@ -3074,17 +3106,17 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
 
 
 def sample_ids(images: ImageSet) -> list[str]:
-    """Stable ids of the images that were read: the folder's name and the path within it (train/x/a.jpg and
-    val/x/a.jpg are two images, the same folder elsewhere on disk the same ones), or source#row for tensor data (the
-    file, or the synthetic set with its size and seed, and the row there)."""
+    """Stable ids of the images that were read: the path within the folder and the first 16 hex digits of the file's
+    sha256 (train/x/a.jpg and val/x/a.jpg are two images unless their bytes are the same; a copy of the folder, under
+    any name, holds the same ones), or source#row for tensor data (the file, or the synthetic set with its size and
+    seed, and the row there)."""
     keep = [i for i in range(len(images)) if i not in images.unreadable]
     if isinstance(images.items, torch.Tensor):
         rows = images.rows or range(len(images))
         return [f"{Path(images.name).name}#{rows[i]}" for i in keep]
     root = Path(images.name)
-    top = root.resolve().name
-    return [f"{top}/{Path(images.items[i]).relative_to(root).as_posix()}" if root.is_dir()
-            and Path(images.items[i]).is_relative_to(root) else str(images.items[i]) for i in keep]
+    rel = lambda p: Path(p).relative_to(root).as_posix() if root.is_dir() and Path(p).is_relative_to(root) else str(p)
+    return [f"{rel(images.items[i])}#{file_sha256(images.items[i])[:16]}" for i in keep]
 
 
 FEATURES_FORMAT = "ssl_repsim-features"
@@ -5756,8 +5788,11 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
     see attention_map_stats): mean attention distance in pixels (Dosovitskiy et al. 2021 / Raghu et al. 2021),
     attention entropy (nats, mean over queries), and the normalised mutual information between queries (uniform)
     and keys, I(q; k) / √(H(q) H(k)). mask_ratio > 0 keeps a random sorted subset of patches
-    per image, as MAE's pre-training forward does (positions of kept patches are used for distances)."""
+    per image, as MAE's pre-training forward does (positions of kept patches are used for distances). max_images of
+    an ImageSet are a random subset drawn from `seed` (batch_order), never a class-sorted folder's first classes."""
     in_range("mask_ratio", mask_ratio, 0, 1, "[)")
+    if isinstance(images, ImageSet) and max_images and max_images < len(images):
+        images = images.subset(batch_order(len(images), seed)[:max_images])
     patches = (model.input_size // model.cfg.patch_size) ** 2
     if mask_ratio and round(patches * (1 - mask_ratio)) < 2:
         raise UsageError(f"mask_ratio {mask_ratio} keeps {round(patches * (1 - mask_ratio))} of {patches} patches: "
@@ -6640,6 +6675,8 @@ def _cmd_extract(args):
     if args.tokens in ("all", "patch"):
         raise UsageError(f"--tokens {args.tokens} keeps a token axis; feature files hold (n, d): use flat (the same "
                          "numbers, flattened), cls, mean or official")
+    if out.exists() and (not is_feature_file(out) or out.resolve() == Path(split_family(str(args.model))[1]).resolve()):
+        raise UsageError(f"--out {out} exists and is not a feature file (a checkpoint?): give another file name")
     args.models = [args.model]
     model = _load_models(args)[0]
     images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
@@ -6892,6 +6929,19 @@ def _sweep_stages(final: Path):
 RESULTS_MARK = ".ssl_repsim-results"   # in every result folder: what a later run into the same --out may replace
 
 
+def _is_result(folder: Path) -> bool:
+    """A folder a command of ours wrote: marked, or (written before the mark existed) holding a JSON result whose meta
+    records an ssl_repsim command line."""
+    if (folder / RESULTS_MARK).is_file():
+        return True
+    for f in folder.glob("*.json"):
+        with contextlib.suppress(OSError, UsageError, AttributeError, TypeError):
+            if f.stat().st_size < JSON_LIMIT and str(_read_json(f).get("meta", {}).get("command", "")).startswith(
+                    "ssl_repsim.py "):
+                return True
+    return False
+
+
 def _check_replaceable(final: Path, results: bool = True):
     """A result folder may be written where nothing is, into an empty folder, or over an earlier result (marked):
     never over a folder of other files (`--out .` would delete them), the root, or a folder holding the working
@@ -6902,7 +6952,11 @@ def _check_replaceable(final: Path, results: bool = True):
     if final.resolve() == Path(final.resolve().anchor) or here.is_relative_to(final.resolve()):
         raise UsageError(f"--out {final} is the file system's root or holds the working directory: give a folder of "
                          "its own")
-    if results and final.is_dir() and not (final / RESULTS_MARK).is_file() and any(final.iterdir()):
+    if final.is_dir() and results and any((final / f).exists() for f in ("train_state.pt", "checkpoint.safetensors")):
+        raise UsageError(f"--out {final} holds a fine-tuning run: give another folder for this result")
+    if final.is_dir() and not results and (final / RESULTS_MARK).is_file():
+        raise UsageError(f"--out {final} holds a result of another command: fine-tune into a folder of its own")
+    if results and final.is_dir() and not _is_result(final) and any(final.iterdir()):
         raise UsageError(f"--out {final} holds files that are not an ssl_repsim result: give a new or empty folder "
                          "(an earlier result there is replaced whole)")
 
@@ -7604,6 +7658,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.command = " ".join(["ssl_repsim.py", *argv])
+    points = getattr(args, "points", None)
+    if isinstance(points, str) and "," in points and len(set(points.split(","))) < len(points.split(",")):
+        build_parser().error(f"--points {points}: a point named more than once")
     distributed = False
     try:
         distributed = init_distributed(args)

@@ -21,10 +21,11 @@ width 48, depth 3), M = MAE (ImageNet mean/std, 32 px, width 48, depth 3). Files
 and 4 pair M with A (one preprocessing) so that they fail for their own bug, not item 1's.
 
 What the tests assume of the fixes: cka.json's meta records the minibatch order under a key naming an order
-(`batch_order`); a sample id is a path relative to the folder or to its parent; `FAMILY:PATH` in load_model and
-every command; report.json's meta.models[i] has `family` and `objective`, and the overview's readings say "across
+(`batch_order`); a sample id is the path relative to the folder and the file's sha256 prefix; `FAMILY:PATH` in
+load_model and every command; report.json's meta.models[i] has `family` and `objective`, and the overview's readings say "across
 REC and JE". All tests fail on 0e96e54 and pass on 4672fa1.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -266,9 +267,12 @@ def folder_with_lost_batch(root: Path, imgs: dict, bad=range(4, 8)) -> list[Path
 
 
 def image_of_id(sample_id: str, files: list[Path]) -> Path:
-    """The one file a sample id names (an id is a path relative to the folder, or to its parent)."""
-    hits = [p for p in files if p.as_posix().endswith("/" + sample_id.replace(os.sep, "/"))]
+    """The one file a sample id names: an id is the path relative to the folder and, after '#', the first 16 hex
+    digits of the file's sha256 (checked here)."""
+    rel, _, digest = sample_id.partition("#")
+    hits = [p for p in files if p.as_posix().endswith("/" + rel.replace(os.sep, "/"))]
     assert len(hits) == 1, f"sample id {sample_id!r} names {len(hits)} of the readable images"
+    assert hashlib.sha256(hits[0].read_bytes()).hexdigest()[:16] == digest, sample_id
     return hits[0]
 
 

@@ -6392,5 +6392,88 @@ def test_report_asks_whether_the_finding_survives_the_measure(tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Does it survive the measure?" in md and "| measure | within REC or JE |" in md
     for name in ("cka", "mknn", "procrustes"):
-        assert re.search(rf"^\| {name} \| -?\d\.\d{{3}} \| -?\d\.\d{{3}} \| [+-]\d\.\d{{3}} \[", md, re.M), name
+        assert re.search(rf"^\| {name} \| -?\d\.\d{{3}} \| -?\d\.\d{{3}} \| [+-]\d\.\d{{3}} \[", md, re.MULTILINE), name
     assert re.search(r"\d of 3 measures find models of one objective more alike", md)
+
+
+# --- the review of issues 19 / 20: what a hostile pass still found ------------------------------------------------------
+
+def test_attention_statistics_read_a_random_subset_never_the_first_classes(tmp_path):
+    """max_images of a class-sorted set are the seeded random subset (batch_order), not its first classes."""
+    images = colour_set(24)
+    idx = torch.arange(24)
+    images = images.subset(torch.cat([idx[images.labels == 0], idx[images.labels == 1]]))   # class-sorted
+    model = tiny_model(0, perturb=True)
+    got = sr.attention_statistics(model, images, batch_size=4, seed=3, max_images=8)
+    pick = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:8]
+    want = sr.attention_statistics(model, images.subset(pick), batch_size=4, seed=3)
+    first = sr.attention_statistics(model, images.subset(torch.arange(8)), batch_size=4, seed=3)
+    assert torch.allclose(got["distance"], want["distance"]) and not torch.allclose(got["distance"], first["distance"])
+
+
+def test_results_and_fine_tuning_runs_never_replace_each_other(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    run = tmp_path / "run"
+    sr.finetune(tiny_model(1), colour_set(16), epochs=1, batch_size=8, device="cpu", out=run)
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 12, "--quiet", "--out", run)
+    assert_usage_error(p)
+    assert "fine-tuning run" in p.stderr and (run / "checkpoint.safetensors").exists()
+    res = tmp_path / "res"
+    assert cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 12, "--quiet", "--out", res).returncode == 0
+    p = cli("finetune", a, "--num-heads", 2, "--img-size", 32, "--n", 16, "--epochs", 1, "--batch-size", 8, "--quiet",
+            "--out", res)
+    assert_usage_error(p)
+    assert "another command" in p.stderr
+
+
+def test_a_result_folder_of_an_earlier_version_is_replaced(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "cka.json").write_text(json.dumps({"meta": {"command": "ssl_repsim.py cka a b"}}))
+    (old / "cka.png").write_bytes(b"png")
+    p = cli("cka", a, b, "--num-heads", 2, "--img-size", 32, "--n", 12, "--quiet", "--out", old)
+    assert p.returncode == 0, p.stderr
+    assert not (old / "cka.png").read_bytes() == b"png"
+
+
+def test_extract_never_writes_over_a_checkpoint(tmp_path):
+    a, _ = tiny_pair(tmp_path)
+    before = a.read_bytes()
+    p = cli("extract", a, "--num-heads", 2, "--img-size", 32, "--n", 8, "--tokens", "cls", "--quiet", "--out", a)
+    assert_usage_error(p)
+    assert a.read_bytes() == before and "not a feature file" in p.stderr
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(preprocess=[1]), lambda m: m.update(preprocess="x"),
+    lambda m: m["preprocess"].update(interp="foo"), lambda m: m["config"].update(act="relu6"),
+    lambda m: m["config"].update(rope="bogus"), lambda m: m["config"].update(num_heads=0),
+    lambda m: m["config"].update(num_registers=-1), lambda m: m["config"].update(pool="max"),
+    lambda m: m["config"].update(pos_interp="nearest-exact"), lambda m: m["config"].update(num_classes=-3),
+])
+def test_crafted_metadata_of_our_checkpoints_is_one_line(edit, tmp_path):
+    from safetensors.torch import load_file, save_file
+    a, _ = tiny_pair(tmp_path)
+    with open(a, "rb") as f:
+        header = json.loads(f.read(8 + int.from_bytes(open(a, "rb").read(8), "little"))[8:])
+    meta = {k: json.loads(v) if k in ("config", "preprocess") else v
+            for k, v in json.loads(header["__metadata__"]["ssl_repsim"]).items()}
+    edit(meta)
+    save_file(load_file(str(a)), str(tmp_path / "x.safetensors"),
+              metadata={"ssl_repsim": json.dumps({k: json.dumps(v) if k in ("config", "preprocess") else v
+                                                  for k, v in meta.items()})})
+    p = cli("extract", tmp_path / "x.safetensors", "--n", 8, "--quiet", "--out", tmp_path / "f.safetensors")
+    assert_usage_error(p)
+
+
+def test_align_matches_a_copy_of_the_folder_under_another_name(tmp_path):
+    jpeg_folder(tmp_path / "val", n=8, seed=2)
+    shutil.copytree(tmp_path / "val", tmp_path / "elsewhere" / "val_copy")
+    a, b = tiny_pair(tmp_path / "m")
+    for name, data, model in (("a", tmp_path / "val", a), ("b", tmp_path / "elsewhere" / "val_copy", b)):
+        p = cli("extract", model, "--num-heads", 2, "--img-size", 32, "--data", data, "--tokens", "cls", "--quiet",
+                "--workers", 0, "--out", tmp_path / f"{name}.safetensors")
+        assert p.returncode == 0, p.stderr
+    p = cli("cka", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--out", tmp_path / "o", "--quiet")
+    assert p.returncode == 0, p.stderr
