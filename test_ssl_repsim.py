@@ -6455,8 +6455,8 @@ def test_extract_never_writes_over_a_checkpoint(tmp_path):
 def test_crafted_metadata_of_our_checkpoints_is_one_line(edit, tmp_path):
     from safetensors.torch import load_file, save_file
     a, _ = tiny_pair(tmp_path)
-    with open(a, "rb") as f:
-        header = json.loads(f.read(8 + int.from_bytes(open(a, "rb").read(8), "little"))[8:])
+    raw = a.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
     meta = {k: json.loads(v) if k in ("config", "preprocess") else v
             for k, v in json.loads(header["__metadata__"]["ssl_repsim"]).items()}
     edit(meta)
