@@ -3962,29 +3962,30 @@ def svcca_score(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(rho.clamp(max=1).mean())
 
 
-def pwcca_prep(x) -> torch.Tensor:
-    """The centred features, or their principal components (svcca's rule) where they have more than n / 2
-    columns."""
-    xc = _centred64(x)
-    if xc.shape[1] <= len(xc) // 2:
-        return xc
-    u = _principal_basis(x)
-    return u * (u.T @ xc).norm(dim=1)   # the components' scores: an orthogonal basis with their variances
-
-
 def _inverse_sqrt(s: torch.Tensor) -> torch.Tensor:
     lam, v = torch.linalg.eigh(s)
     inv = torch.where(lam > lam.max() * 1e-12, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
     return (v * inv) @ v.T
 
 
+def pwcca_prep(x) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the centred features, or their principal components (svcca's rule) where they have more than n / 2 columns;
+    the inverse square root of their covariance), read once."""
+    xc = _centred64(x)
+    if xc.shape[1] > len(xc) // 2:
+        u = _principal_basis(x)
+        xc = u * (u.T @ xc).norm(dim=1)   # the components' scores: an orthogonal basis with their variances
+    return xc, _inverse_sqrt(xc.T @ xc)
+
+
 def pwcca_score(a: torch.Tensor, b: torch.Tensor) -> float:
     """PWCCA (Morcos et al. 2018): canonical correlations ρᵢ weighted by how much of the narrower representation each
     canonical direction accounts for, αᵢ ∝ Σⱼ |⟨pᵢ, xⱼ⟩| (pᵢ the orthonormalised directions X̃uᵢ, xⱼ its neurons):
     Σ αᵢρᵢ / Σ αᵢ. The weights come from the side with fewer neurons (the first on a tie), as in google/svcca."""
-    if a.shape[1] > b.shape[1]:
+    if a[0].shape[1] > b[0].shape[1]:
         a, b = b, a
-    u, rho, _ = torch.linalg.svd(_inverse_sqrt(a.T @ a) @ (a.T @ b) @ _inverse_sqrt(b.T @ b))
+    (a, ia), (b, ib) = a, b
+    u, rho, _ = torch.linalg.svd(ia @ (a.T @ b) @ ib)
     p = torch.linalg.qr(a @ u).Q
     w = (p.T @ a).abs().sum(1)[: len(rho)]
     return float((w * rho.clamp(max=1)).sum() / w.sum())
@@ -4118,7 +4119,7 @@ MEASURES: dict[str, Measure] = {
     "svcca": Measure(_principal_basis, svcca_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling",
                                                                        "translation"), "rows", False, "svcca-var=0.99", "Raghu et al. 2017"),
     "pwcca": Measure(pwcca_prep, pwcca_score, False, (0.0, 1.0), ("isotropic scaling", "translation",
-                                                                 "permutation of features"), "rows", False, "pwcca", "Morcos et al. 2018"),
+                                                                 "permutation of features"), "rows,keep", False, "pwcca", "Morcos et al. 2018"),
     "rsa": Measure(rsa_prep, rsa_score, True, (-1.0, 1.0), ("isotropic scaling", "permutation of features",
                                                              "per-image scaling", "per-image shift"), "both", False, "rsa-rdm=correlation-compare=spearman", "Kriegeskorte et al. 2008"),
     "ridge": Measure(ridge_prep, ridge_score, False, (-math.inf, 1.0), ("translation", "permutation of features"),
