@@ -7448,8 +7448,8 @@ def _add_cka_command(sub):
     _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "batch_size", "seed", "device", "dtype", "cache_dir", "out", *ALWAYS)
     p = _subcommand(sub, "extract", _cmd_extract, "features of one model at named points, to a file",
                     "Extract one model's features at --points (with --tokens) on --data into a safetensors feature "
-                    "file: {point: (n, d)}, the labels, the sample ids (paths relative to the folder, or row "
-                    "indices) and the metadata cka records. cka takes feature files in place of models (ours, or "
+                    "file: {point: (n, d)}, the labels, the sample ids (the path in the folder and the file's "
+                    "sha256 prefix, or row indices) and the metadata cka records. cka takes feature files in place of models (ours, or "
                     "any .safetensors / .npz / .pt holding {point: (n, d)} and sample_ids).",
                     ["extract mae --data ~/imagenet/val --n 1024 --points sublayers --out mae.safetensors",
                      ("extract dino --data val/ --tokens cls --out dino.safetensors && "
