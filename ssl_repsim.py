@@ -4218,8 +4218,9 @@ def _measure_entry(name: str, r: dict, ci: float) -> dict:
     return entry
 
 
-def _measure_matrix(name: str, specs, at, results: dict, ci: float) -> dict:
-    """One measure between every two models at their `at` points: value, [low, high], p, calibrated."""
+def _measure_matrix(name: str, specs, at, results: dict, entries: dict) -> dict:
+    """One measure between every two models at their `at` points: value, [low, high], p, calibrated (from each pair's
+    _measure_entry), and the jackknife replicates there (paired summaries across pairs: the report's)."""
     k = len(specs)
     out = {key: torch.full((k, k), float("nan"), dtype=torch.float64)
            for key in ("matrix", "low", "high", "p", "calibrated")}
@@ -4228,7 +4229,7 @@ def _measure_matrix(name: str, specs, at, results: dict, ci: float) -> dict:
             reps = r["spread"].values[:, at[i], at[j]]
             out.setdefault("jackknife", torch.full((k, k, len(reps)), float("nan"), dtype=torch.float64))
             out["jackknife"][i, j] = out["jackknife"][j, i] = reps
-        e = _measure_entry(name, r, ci)
+        e = entries[(i, j)]
         for key, src in (("matrix", "map"), ("low", "low"), ("high", "high"), ("p", "p"),
                          ("calibrated", "calibrated")):
             if src in e:
@@ -4379,12 +4380,12 @@ def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], perm
     if not measures:
         return out
     for name in measures:
-        results = {}
+        results, entries = {}, {}
         for (i, j), entry in zip(pairs, out["pairs"], strict=True):
             with _logged_warnings(f"{specs[i]} vs {specs[j]} ({name}): "):
                 results[(i, j)] = measure_maps(feats[i], feats[j], name, permutations=permutations, seed=seed)
-            entry.setdefault("measures", {})[name] = _measure_entry(name, results[(i, j)], ci)
-        out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, ci)
+            entry.setdefault("measures", {})[name] = entries[(i, j)] = _measure_entry(name, results[(i, j)], ci)
+        out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, entries)
     out["measures"] = measures_info(measures, permutations, ci)
     return out
 
