@@ -6477,3 +6477,61 @@ def test_align_matches_a_copy_of_the_folder_under_another_name(tmp_path):
         assert p.returncode == 0, p.stderr
     p = cli("cka", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--out", tmp_path / "o", "--quiet")
     assert p.returncode == 0, p.stderr
+
+
+def test_token_is_not_sent_after_an_https_to_http_redirect_on_the_same_host_and_port(tmp_path, monkeypatch):
+    """Issue 20: a live https endpoint (self-signed, trusted through SSL_CERT_FILE) that redirects to plain http on
+    its own host and port: the cleartext request carries no Authorization (the old check compared host:port only)."""
+    import socket
+    import socketserver
+    import ssl
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make the test's certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", tmp_path / "k.pem", "-out",
+                    tmp_path / "c.pem"], check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            tls = isinstance(self.connection, ssl.SSLSocket)
+            seen.append((tls, self.headers.get("Authorization")))
+            if tls:
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/plain.bin")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"bytes")
+
+    class Dual(socketserver.ThreadingMixIn, http.server.HTTPServer):   # TLS or plain, by the first byte
+        daemon_threads = True
+
+        def get_request(self):
+            sock, addr = super().get_request()
+            if sock.recv(1, socket.MSG_PEEK) == b"\x16":
+                sock = ctx.wrap_socket(sock, server_side=True)
+            return sock, addr
+
+    srv = Dual(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    endpoint = f"https://127.0.0.1:{srv.server_address[1]}"
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "c.pem"))
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_secretsecret")
+    url = endpoint + "/org/m/resolve/main/weights.bin"
+    try:
+        sr.download_file(url, tmp_path / "w.bin", headers=sr._hub_headers(url), container=False)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert (tmp_path / "w.bin").read_bytes() == b"bytes"
+    assert seen == [(True, "Bearer hf_secretsecret"), (False, None)], seen
