@@ -3935,7 +3935,8 @@ def procrustes_prep(x) -> torch.Tensor:
 def procrustes_score(a: torch.Tensor, b: torch.Tensor) -> float:
     """Normalised Bures similarity ‖X̃ᵀỸ‖_* / (‖X̃‖_F ‖Ỹ‖_F) (Williams et al. 2021; Ding et al. 2021): the cosine of
     the Procrustes angle between the centred representations; the angular distance is its arccos."""
-    return float(torch.linalg.svdvals(a.T @ b).sum().clamp(max=1))
+    m = a.T @ b if a.shape[1] <= b.shape[1] else b.T @ a                     # the narrower side's square
+    return float(torch.linalg.eigvalsh(m @ m.T).clamp_min(0).sqrt().sum().clamp(max=1))   # Σ singular values
 
 
 _SAID: set = set()   # notices already given in this process
