@@ -3643,14 +3643,14 @@ class MinibatchCKA:
         self.terms.append(tuple(t.cpu() for t in terms))
         self.batches += 1
 
-    def all_reduce(self, group=None):
-        """Sum the accumulators, and gather the per-batch terms, over a torch.distributed process group (no-op
-        when none is initialised)."""
+    def all_reduce(self, group=None, keys=None):
+        """Sum the accumulators, and gather the per-batch terms in batch order (`keys`: each term's first image
+        index, see gather_batches), over a torch.distributed process group (no-op when none is initialised)."""
         if _dist_active(group):
             import torch.distributed as dist
             for t in (self.xy, self.xx, self.yy):
                 dist.all_reduce(t, group=group)
-            self.terms = gather_batches(self.terms, group)
+            self.terms = gather_batches(self.terms, group, keys)
         return self
 
     def compute(self, names_a=None, names_b=None) -> torch.Tensor:
@@ -4301,16 +4301,7 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     names = [resolve_points(m, points) for m in models]
     at = [_point_index(n, model_point) for n in names]
     estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
-    _check_batches(len(images), batch_size, estimator)
-    if measures and estimator == "minibatch":
-        raise UsageError("--measures read every image's features at once, the minibatch estimator never holds them: "
-                         "give --estimator debiased (or biased), fewer --points or narrower --tokens")
-    if kernel != "linear" and estimator == "minibatch":
-        raise UsageError("the minibatch estimator is linear only: use --estimator biased or debiased with --kernel rbf")
-    if not 0 <= ci < 1:
-        raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
-    if kernel == "rbf":
-        _check_rbf_threshold(rbf_threshold)
+    check_cka_options(estimator, kernel, len(images), batch_size, measures, ci, rbf_threshold)
     if estimator == "minibatch" and ci and -(-len(images) // batch_size) < 3:
         log.warning(f"notice: no intervals: the bootstrap over batches needs at least 3 batches, and {len(images)} "
                     f"images at --batch-size {batch_size} make {-(-len(images) // batch_size)} (lower --batch-size)")
@@ -4358,6 +4349,23 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
                batch_size=None, ci=ci or None,
                interval="infinitesimal jackknife over images, within [0, 1]" if ci else None)
     return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
+
+
+def check_cka_options(estimator: str, kernel: str, n: int, batch_size: int, measures, ci: float,
+                      rbf_threshold: float):
+    """What a comparison's settings must satisfy before anything is extracted (the CLI calls it before reading any
+    model, for an estimator it was given)."""
+    if estimator in ("debiased", "minibatch", "biased"):
+        _check_batches(n, batch_size, estimator)
+    if measures and estimator == "minibatch":
+        raise UsageError("--measures read every image's features at once, the minibatch estimator never holds them: "
+                         "give --estimator debiased (or biased), fewer --points or narrower --tokens")
+    if kernel != "linear" and estimator == "minibatch":
+        raise UsageError("the minibatch estimator is linear only: use --estimator biased or debiased with --kernel rbf")
+    if not 0 <= ci < 1:
+        raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
+    if kernel == "rbf":
+        _check_rbf_threshold(rbf_threshold)
 
 
 def _checked_measures(measures, permutations: int) -> list[str]:
@@ -4446,7 +4454,13 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
     order = batch_order(len(images), seed)
     images, source = images.subset(order), images
     accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
-    streams = per_model((per for _, per in shared_batches(models, images, batch_size, group=group)), len(models))
+    firsts, keys = [], []   # each decoded batch's first image index; those of the batches used (the terms' order)
+
+    def batches():
+        for idx, per in shared_batches(models, images, batch_size, group=group):
+            firsts.append(idx[0])
+            yield per
+    streams = per_model(batches(), len(models))
     gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, names, strict=True)]
     bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
     skipped = used = 0
@@ -4458,6 +4472,7 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
             skipped += b
             continue
         used += b
+        keys.append(firsts[-1])   # the batch just read (the models read it in step)
         if sum(map(len, names)) * b * b * 8 > GRAM_BUDGET_BYTES:   # too many to hold: pair by pair
             for (i, j), acc in accs.items():
                 acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
@@ -4478,7 +4493,7 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
     maps, spreads = {}, {}
     for (i, j), acc in accs.items():
         with _logged_warnings(f"{models[i].source['spec']} vs {models[j].source['spec']}: "):
-            maps[(i, j)] = acc.all_reduce(group).compute(names[i], names[j])
+            maps[(i, j)] = acc.all_reduce(group, keys).compute(names[i], names[j])
         if resamples:
             spreads[(i, j)] = Spread("bootstrap", acc.bootstrap(resamples, seed), units=len(acc.terms))
     return maps, spreads, int(_all_reduce_sums([used], group)[0])
@@ -6627,6 +6642,11 @@ def _print_measures(res: dict):
 def _cka_of_models(args, files: list[bool], measures: dict) -> tuple[dict, list, dict]:
     """cka of models: the data and every option checked, the models read, then compared (compare_models)."""
     images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers)
+    check_cka_options({"full": "biased"}.get(args.estimator, args.estimator), args.kernel, len(images),
+                      args.batch_size, measures["measures"], args.ci, args.rbf_threshold)   # before any model
+    if len(args.models) > 8:
+        log.warning(f"notice: {len(args.models)} models make {len(args.models) * (len(args.models) - 1) // 2} pairs, "
+                    "each a full map (and its intervals): about that many times one pair's time")
     models = _load_models(args)
     res = compare_models(models, images, points=args.points, tokens=args.tokens, estimator=args.estimator,
                          kernel=args.kernel, rbf_threshold=args.rbf_threshold, batch_size=args.batch_size,

@@ -6043,6 +6043,9 @@ def test_hostile_json_is_a_one_line_error(text, tmp_path):
     (["cka", "nomodel", "nomodel", "--n", 10 ** 12], "synthetic set would take"),
     (["cka", "nomodel", "nomodel", "--kernel", "rbf", "--rbf-threshold", 0], "--rbf-threshold"),
     (["cka", "nomodel", "nomodel", "--out", "/"], "root"),
+    (["cka", "nomodel", "nomodel", "--estimator", "minibatch", "--kernel", "rbf", "--quiet"], "linear only"),
+    (["cka", "nomodel", "nomodel", "--estimator", "debiased", "--n", 3, "--quiet"], "n ≥ 4"),
+    (["cka", "nomodel", "nomodel", "--estimator", "minibatch", "--measures", "mknn", "--quiet"], "minibatch"),
     (["finetune", "nomodel", "--data", "synthetic"], "nomodel"),        # no --batch-size: runs until the model
 ])
 def test_bad_options_are_one_line_errors_before_any_model_is_read(argv, words):
