@@ -2832,6 +2832,18 @@ def per_model(streams, n: int) -> list:
     return [map(operator.itemgetter(i), s) for i, s in enumerate(itertools.tee(streams, n))]   # i bound now
 
 
+def per_model_batches(models, images: ImageSet, batch_size: int, group=None) -> tuple[list, list]:
+    """(per_model streams of shared_batches, the list each batch's first image index is appended to as the streams
+    are read in step): what gathering rows or terms in batch order needs."""
+    firsts = []
+
+    def batches():
+        for idx, per in shared_batches(models, images, batch_size, group=group):
+            firsts.append(idx[0])
+            yield per
+    return per_model(batches(), len(models)), firsts
+
+
 def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """A deterministic random split (by seed) into training and validation sets."""
     if not 0 < fraction < 1:
@@ -3070,13 +3082,7 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
                  dtype=None, progress: bool = False, group=None) -> list[dict[str, torch.Tensor]]:
     """extract() for several models in one pass over the images: each image is decoded once and fed, preprocessed
     for each, to every model."""
-    firsts = []   # each batch's first image index: the rows are gathered in that order
-
-    def batches():
-        for idx, per in shared_batches(models, images, batch_size, group=group):
-            firsts.append(idx[0])
-            yield per
-    streams = per_model(batches(), len(models))
+    streams, firsts = per_model_batches(models, images, batch_size, group)   # rows gathered in batch order
     gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, points_list,
                                                                                     strict=True)]
     parts = [[] for _ in models]
@@ -4454,13 +4460,8 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
     order = batch_order(len(images), seed)
     images, source = images.subset(order), images
     accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
-    firsts, keys = [], []   # each decoded batch's first image index; those of the batches used (the terms' order)
-
-    def batches():
-        for idx, per in shared_batches(models, images, batch_size, group=group):
-            firsts.append(idx[0])
-            yield per
-    streams = per_model(batches(), len(models))
+    streams, firsts = per_model_batches(models, images, batch_size, group)
+    keys = []   # the first image index of each batch used: the order of the bootstrap terms
     gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, names, strict=True)]
     bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
     skipped = used = 0
