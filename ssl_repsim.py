@@ -59,6 +59,7 @@ __all__ = [  # noqa: RUF022 - in the order of the file's sections
     "ImageSet", "load_images", "split_train_val",                                    # 4 data
     "extract", "extract_many", "iter_features", "save_features", "read_features",    # 5 extraction
     "cka", "cka_matrix", "MinibatchCKA", "compare_models", "compare_features",       # 6 similarity
+    "MEASURES", "similarity", "measure_maps", "calibration",
     "linear_probe", "mlp_probe", "knn_accuracy",                                     # 7 probes
     "FinetuneConfig", "finetune_recipe", "finetune",                                 # 8 fine-tuning
     "AnalysisOptions", "ANALYSES", "run_analyses", "gap_analysis", "info_analysis",  # 9 analyses
