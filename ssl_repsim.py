@@ -4048,13 +4048,14 @@ def _folds(n: int, k: int = RIDGE_FOLDS) -> list[torch.Tensor]:
 
 def _ridge_fold(x: torch.Tensor, test: torch.Tensor) -> tuple:
     """One fold's predictors: (training mask, test rows, eigenvalues λ and eigenvectors V of the centred training
-    Gram, the squared eigenvectors, the test rows' products with the centred training rows)."""
+    Gram, the squared eigenvectors, the test rows' products with the centred training rows). Directions of λ = 0 are
+    left out: they add nothing to the fit, and a residual keeps its full component there."""
     train = torch.ones(len(x), dtype=torch.bool)
     train[test] = False
     xm = x[train].mean(0)
     xt = x[train] - xm
-    lam, v = torch.linalg.eigh(xt @ xt.T)
-    return train, test, lam.clamp_min(0), v, v * v, (x[test] - xm) @ xt.T
+    v, sv, _ = torch.linalg.svd(xt, full_matrices=False)   # the Gram's eigenvectors with λ > 0: min(n, d) of them
+    return train, test, sv * sv, v, v * v, (x[test] - xm) @ xt.T
 
 
 def _ridge_predict(fold: tuple, y: torch.Tensor) -> torch.Tensor:
