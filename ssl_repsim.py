@@ -430,7 +430,8 @@ def split_family(spec: str) -> tuple[str | None, str]:
 # a release file's name → its registry row, where the name is one release's only (iBOT's checkpoint_teacher.pth is not)
 _RELEASE_FILES = collections.Counter(row["url"].rsplit("/", 1)[-1] for row in REGISTRY.values())
 RELEASE_FILES = {row["url"].rsplit("/", 1)[-1]: name for name, row in REGISTRY.items()
-                 if not row["url"].startswith("hf:") and _RELEASE_FILES[row["url"].rsplit("/", 1)[-1]] == 1}
+                 if not row["url"].startswith("hf:") and _RELEASE_FILES[row["url"].rsplit("/", 1)[-1]] == 1
+                 and row["url"].endswith((".pth", ".pt", ".tar", ".bin", ".safetensors"))}   # not a web page's id
 SIZE_WIDTHS = {"ti": 192, "s": 384, "b": 768, "l": 1024, "h": 1280}   # the width a row name's vit<size> implies
 
 
@@ -1586,7 +1587,7 @@ def _check_preprocess(pp: dict, where: str):
     [0.1, 2] (a std of 1e-300 passes a positivity check and turns every input into Inf)."""
     mean, std, crop = pp.get("mean", IMAGENET_MEAN), pp.get("std", IMAGENET_STD), pp.get("crop_pct", 0.875)
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not (len(mean) == len(std) == 3 and all(num(v) and abs(v) <= 10 for v in mean)
+    if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std) == 3 and all(num(v) and abs(v) <= 10 for v in mean)
             and all(num(v) and 0.01 <= v <= 10 for v in std)):
         raise UsageError(f"{where}: normalisation mean {list(mean)} / std {list(std)} out of range (3 finite values "
                          "each; std in [0.01, 10], |mean| ≤ 10)")
@@ -1603,8 +1604,8 @@ def _row_hints(name: str) -> dict:
 def _release_hints(path: Path) -> dict:
     """What a file passed by path is, when it is a release: its name is a registry row's release file name (or the
     row's own name, as `download` saves it), else its sha256 starts with a row's published digest."""
-    name = RELEASE_FILES.get(path.name) or next((r for r in REGISTRY if path.name in (
-        registry_path(r, path.parent).name,)), None)
+    name = RELEASE_FILES.get(path.name) or next((r for r, row in REGISTRY.items() if not row["url"].startswith("hf:")
+                                                 and registry_path(r, path.parent).name == path.name), None)
     how = f"its file name {path.name}"
     if name is None:
         published = {r: row["sha256"] for r, row in REGISTRY.items() if row.get("sha256")}
@@ -3294,8 +3295,10 @@ def cached_extract_many(models, images: ImageSet, points_list, tokens, *, cache_
     """cached_extract for several models: the ones the cache holds are read, the others extracted in one pass
     (each image decoded once) and cached."""
     points_list = [pts if tokens != "official" else None for pts in points_list]
-    out = [_cache_lookup(m, images, pts, tokens, cache_dir, dtype) if cache_dir else None
-           for m, pts in zip(models, points_list, strict=True)]
+    paths = [_cache_path(m, images, pts, tokens, cache_dir, dtype) if cache_dir else None   # each key hashed once
+             for m, pts in zip(models, points_list, strict=True)]
+    out = [_cache_lookup(path, _point_names(m, pts, tokens)) if path else None
+           for path, m, pts in zip(paths, models, points_list, strict=True)]
     todo = [k for k, f in enumerate(out) if f is None]
     if todo:
         feats = extract_many([models[k] for k in todo], images, [points_list[k] for k in todo], tokens, batch_size,
@@ -3303,7 +3306,7 @@ def cached_extract_many(models, images: ImageSet, points_list, tokens, *, cache_
         for k, f in zip(todo, feats, strict=True):
             out[k] = f
             if cache_dir and not images.unreadable:   # rows depend on which files read: one set for every model
-                _cache_store(_cache_path(models[k], images, points_list[k], tokens, cache_dir, dtype), images, f)
+                _cache_store(paths[k], images, f)
     return out
 
 
@@ -3312,11 +3315,10 @@ def _cache_path(model: ViT, images: ImageSet, points, tokens, cache_dir, dtype) 
     return Path(cache_dir) / f"features-{key}.safetensors"
 
 
-def _cache_lookup(model: ViT, images: ImageSet, points, tokens, cache_dir, dtype):
-    path = _cache_path(model, images, points, tokens, cache_dir, dtype)
+def _cache_lookup(path: Path, names: list[str]):
     if not path.is_file():
         return None
-    cached = _read_cached_features(path, _point_names(model, points, tokens))
+    cached = _read_cached_features(path, names)
     if cached is None:
         log.warning(f"notice: the feature cache {path.name} is damaged or incomplete: recomputing it")
     return cached
@@ -3958,8 +3960,9 @@ def _principal_basis(x, var: float = 0.99) -> torch.Tensor:
     cap = max(1, len(u) // 2)
     if k > cap and (k, cap) not in _SAID:
         _SAID.add((k, cap))
-        log.warning(f"notice: SVCCA keeps {cap} of the {k} directions holding {var:.0%} of the variance: no more than "
-                    f"n / 2 = {cap} at n = {len(u)} images (more images, or fewer dimensions, to keep them all)")
+        log.warning(f"notice: SVCCA / PWCCA keep {cap} of the {k} principal directions holding {var:.0%} of the "
+                    f"variance: no more than n / 2 = {cap} at n = {len(u)} images (more images, or fewer dimensions, "
+                    "to keep them all)")
     return u[:, :min(k, cap)]
 
 
