@@ -4187,23 +4187,33 @@ def _states(m: Measure, feats: dict, names, rows=None) -> list:
     return [m.prep(feats[p] if rows is None else feats[p][rows]) for p in names]
 
 
+def _prepared(m: Measure, feats: dict, groups: int, seed: int) -> tuple[list, list | None]:
+    """A model's layers read once for a measure: (their states, and the states with each jackknife group of images
+    left out; None when the n images are too few for `groups` groups). The partition is drawn from `seed`, so every
+    model of a comparison leaves out the same images."""
+    names, n = list(feats), len(next(iter(feats.values())))
+    part = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % max(1, min(groups, n))
+    jack = [_states(m, feats, names, part != k) for k in range(groups)] if groups >= 3 and n >= 2 * groups else None
+    return _states(m, feats, names), jack
+
+
 def measure_maps(fa: dict, fb: dict, name: str, *, permutations: int = 200, groups: int = JACKKNIFE_GROUPS,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, prepared=None) -> dict:
     """One measure between every layer of two models ({point: (n, d)} on the same images): the map (rows: a's layers),
     for an asymmetric measure the reverse map (b's layer predicting a's, same orientation), the delete-a-group
     jackknife spread over images (Spread "jackknife"), and the permutation null (K, L_a, L_b): b's images permuted,
-    the same permutation for all its layers (aggregation-aware, so a summary's null is the summary of the nulls)."""
+    the same permutation for all its layers (aggregation-aware, so a summary's null is the summary of the nulls).
+    The jackknife partition is drawn from `seed`, the permutations from `seed + 1`. `prepared`: the two models'
+    _prepared(...) when a caller reuses them across pairs."""
     m = measure(name)
-    na, nb = list(fa), list(fb)
-    n = len(fa[na[0]])
-    sa, sb = _states(m, fa, na), _states(m, fb, nb)
+    n = len(next(iter(fa.values())))
+    (sa, ja), (sb, jb) = prepared or (_prepared(m, fa, groups, seed), _prepared(m, fb, groups, seed))
     out = dict(map=_score_map(m, sa, sb), reverse=None if m.symmetric else _score_map(m, sb, sa).T)
-    g = torch.Generator().manual_seed(seed)
-    part = torch.randperm(n, generator=g) % max(1, min(groups, n))   # image i's group
-    if groups >= 3 and n >= 2 * groups:
-        reps = [_score_map(m, _states(m, fa, na, part != k), _states(m, fb, nb, part != k)) for k in range(groups)]
-        out["spread"] = Spread("jackknife", torch.stack(reps), units=groups, range=m.range)
+    if ja is not None:
+        reps = [_score_map(m, a, b) for a, b in zip(ja, jb, strict=True)]
+        out["spread"] = Spread("jackknife", torch.stack(reps), units=len(reps), range=m.range)
     if permutations:
+        g = torch.Generator().manual_seed(seed + 1)
         perms = [torch.randperm(n, generator=g) for _ in range(permutations)]
         out["null"] = torch.stack([_score_map(m, sa, [permuted(s, m.permute, p) for s in sb]) for p in perms])
     return out
@@ -4401,9 +4411,14 @@ def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], perm
         return out
     for name in measures:
         results, entries = {}, {}
+        prepared = {}   # each model's layers read once for this measure, whatever the number of pairs
         for (i, j), entry in zip(pairs, out["pairs"], strict=True):
+            for k in (i, j):
+                if k not in prepared:
+                    prepared[k] = _prepared(MEASURES[name], feats[k], JACKKNIFE_GROUPS, seed)
             with _logged_warnings(f"{specs[i]} vs {specs[j]} ({name}): "):
-                results[(i, j)] = measure_maps(feats[i], feats[j], name, permutations=permutations, seed=seed)
+                results[(i, j)] = measure_maps(feats[i], feats[j], name, permutations=permutations, seed=seed,
+                                               prepared=(prepared[i], prepared[j]))
             entry.setdefault("measures", {})[name] = entries[(i, j)] = _measure_entry(name, results[(i, j)], ci)
         out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, entries)
     out["measures"] = measures_info(measures, permutations, ci)
