@@ -1509,9 +1509,9 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         raise UsageError("an empty model name: give a registered name, a checkpoint file, a model folder or a hub id")
     prefixed, spec = split_family(str(spec))
     family, given = prefixed or family, str(spec if prefixed is None else f"{prefixed}:{spec}")
-    for what, v in (("num_heads", num_heads), ("img_size", img_size)):
-        if v is not None and v < 1:
-            raise UsageError(f"{what} must be ≥ 1, got {v}")
+    for what, v, hi in (("num_heads", num_heads, 1024), ("img_size", img_size, 4096)):
+        if v is not None:
+            in_range(what, v, 1, hi)
     if act is not None and act not in ACTIVATIONS:
         raise UsageError(f"act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
     path, hints = _locate_checkpoint(spec, weights_dir, offline, progress)
