@@ -6651,7 +6651,9 @@ def _print_measures(res: dict):
     for name, info in res.get("measures", {}).items():
         chance = MEASURES[name].chance
         print(f"\n{name} ({info['id']}; {info['cite']}; range {info['range']}"
-              + (f"; chance {chance(res['n']):.3f}" if chance else "") + ")")
+              + (f"; chance {chance(res['n']):.3f}" if chance else "") + f"; n = {res['n']}"
+              + (f"; intervals: {info['interval'].split(',')[0]}" if info["interval"] else "")
+              + (f"; p from {info['null'].split(' of ')[0]}" if info["null"] else "") + ")")
         for p in res["pairs"]:
             e = p["measures"][name]
             ci = " [{:.3f}, {:.3f}]".format(*e["diagonal_mean_ci"]) if "diagonal_mean_ci" in e else ""
