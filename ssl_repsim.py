@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -74,6 +75,15 @@ __all__ = [  # noqa: RUF022 - in the order of the file's sections
 
 class UsageError(ValueError):
     """A user error (bad input, file or option): the CLI prints its message on one line and exits with code 2."""
+
+
+_AS_FLAGS = contextvars.ContextVar("ssl_repsim_as_flags", default=False)   # main() sets it: messages name flags
+
+
+def _opt(name: str, flag: str | None = None) -> str:
+    """How a message names a setting: the parameter (`batch_size`) to a Python caller, its flag (`--batch-size`)
+    on the command line."""
+    return (flag or "--" + name.replace("_", "-")) if _AS_FLAGS.get() else name
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -604,7 +614,7 @@ def in_range(name: str, value, lo=None, hi=None, bounds: str = "[]"):
         and (lo is None or (value > lo if bounds[0] == "(" else value >= lo)) \
         and (hi is None or (value < hi if bounds[1] == ")" else value <= hi))
     if not ok:
-        raise UsageError(f"{name} must lie in {_range_text(lo, hi, bounds)}, got {value!r}")
+        raise UsageError(f"{_opt(name)} must lie in {_range_text(lo, hi, bounds)}, got {value!r}")
     return value
 
 
@@ -1297,11 +1307,11 @@ def _rotary_keys(o: dict) -> bool:
 
 AMBIGUOUS_KEYS = (
     (_rotary_keys, ("timm Eva keys: whether and how the model rotates its tokens "
-                                                   "(EVA-02, DINOv3) is not in the file; pass --family eva02 or "
+                                                   "(EVA-02, DINOv3) is not in the file; pass {family} eva02 or "
                                                    "dinov3, or load its timm hub folder")),
-    (r"^attn_pool\.", ("an attention-pool head: its activation is not in the file; pass --family siglip, or load its "
+    (r"^attn_pool\.", ("an attention-pool head: its activation is not in the file; pass {family} siglip, or load its "
                        "timm hub folder")),
-    (r"^norm_pre\.", ("a CLIP-style pre-norm: its activation is not in the file; pass --family clip --act "
+    (r"^norm_pre\.", ("a CLIP-style pre-norm: its activation is not in the file; pass {family} clip {act} "
                       "gelu|quick_gelu, or load its hub folder")))
 
 
@@ -1322,9 +1332,9 @@ def detect_layout(obj: dict, family: str | None = None) -> tuple[str, Layout, st
             if label == "unknown":
                 for pattern, why in AMBIGUOUS_KEYS:
                     if pattern(obj) if callable(pattern) else _any(obj, pattern):
-                        raise UsageError(f"a flat state dict with {why}")
+                        raise UsageError(f"a flat state dict with {why.format(family=_opt('family'), act=_opt('act'))}")
             return label, layout, owner
-    raise UsageError(f"unknown checkpoint layout (top-level keys: {_keys_str(obj)}); pass family= / --family")
+    raise UsageError(f"unknown checkpoint layout (top-level keys: {_keys_str(obj)}); pass {_opt('family')}")
 
 
 def _keys_str(d, n=6) -> str:
@@ -1382,8 +1392,8 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, width_t
     grid, pos_cls_row, rel_pos, table = _position_tables(sd, int(cls) + int(dist))
     if grid is None and not arch.get("rope"):
         raise UsageError(f"{family} checkpoint without any position information (no pos_embed, no relative "
-                         "position table): a rotary-embedding model? pass --family eva02 or dinov3, or load its hub "
-                         "folder")
+                         "position table): a rotary-embedding model? pass {_opt('family')} eva02 or dinov3, or load "
+                         "its hub folder")
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
     if fc1 is None or fc2 is None:
         raise UsageError("blocks.0.mlp.fc1/fc2 weights missing: not a ViT checkpoint of a known layout")
@@ -1391,12 +1401,12 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, width_t
         HEADS_BY_WIDTH.get(d) if width_table else None)
     if heads is None:
         raise UsageError(f"width {d}: its number of attention heads is not in the file, and no config or registry "
-                         "row gives it: pass --num-heads / num_heads=")
+                         f"row gives it: pass {_opt('num_heads')}")
     if d % heads or (arch.get("rope") and (d // heads) % 4):
         raise UsageError(f"num_heads={heads} does not fit the width {d}")
     if arch.get("act", "gelu") is None:
         raise UsageError(f"{family} checkpoint: its MLP activation is not in the file (OpenAI CLIP weights use "
-                         "QuickGELU, open_clip's own GELU): pass --act quick_gelu or --act gelu")
+                         f"QuickGELU, open_clip's own GELU): pass {_opt('act')} quick_gelu or gelu")
     interp = (fam.pos_interp_registers or fam.pos_interp) if regs else fam.pos_interp
     pool = sd.get("attn_pool.mlp.fc1.weight")
     img = grid * patch if grid else 224 if 224 % patch == 0 else 14 * patch   # rotary-only: the common 224
@@ -2195,7 +2205,7 @@ def hub_snapshot(repo: str, revision: str = "main", *, offline: bool = False, pr
         return _verified_snapshot(root, cached)
     if hub_offline(offline):
         raise UsageError(f"{repo}@{revision} is not in the Hugging Face cache {root} and the hub is offline "
-                         "(HF_HUB_OFFLINE / --offline)")
+                         f"(HF_HUB_OFFLINE / {_opt('offline')})")
     try:
         with _folder_lock(root):   # one process downloads; the others find the snapshot complete
             cached = _cached_snapshot(root, revision, offline=False)
@@ -2717,16 +2727,16 @@ def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict:
     `workers` processes decode image files."""
     source = str(source)
     if n is not None and n < 1:
-        raise UsageError(f"--n must be ≥ 1, got {n}")
+        raise UsageError(f"{_opt('n')} must be ≥ 1, got {n}")
     if not 0 <= workers <= USABLE_CPUS:
-        raise UsageError(f"--workers must lie in [0, {USABLE_CPUS}] (the CPUs this process may use), got {workers}")
+        raise UsageError(f"{_opt('workers')} must lie in [0, {USABLE_CPUS}] (the CPUs this process may use), got {workers}")
     if source == "synthetic":
         if (n or synthetic_n) * 3 * 224 * 224 > memory_budget():
-            raise UsageError(f"--n {n}: the synthetic set would take {(n or synthetic_n) * 3 * 224 * 224 / 2 ** 30:.1f} "
+            raise UsageError(f"{_opt('n')} {n}: the synthetic set would take {(n or synthetic_n) * 3 * 224 * 224 / 2 ** 30:.1f} "
                              f"GiB, more than this process may use ({memory_budget() / 2 ** 30:.1f} GiB)")
         images = synthetic_images(n or synthetic_n, seed=seed)
         log.info(f"data: built-in synthetic set, {len(images)} images of {len(images.classes)} classes "
-                 "(pass --data DIR|FILE for your own)")
+                 f"(pass {_opt('data')} DIR|FILE for your own)")
     elif Path(source).is_dir():
         images = image_folder(source)
     elif Path(source).is_file() and Path(source).suffix.lower() in TENSOR_SUFFIXES:
@@ -2739,7 +2749,7 @@ def load_images(source="synthetic", n: int | None = None, seed: int = 0, strict:
     images.strict, images.workers = strict, workers
     if n is not None and source != "synthetic":
         if n > len(images):
-            raise UsageError(f"--n {n} exceeds the {len(images)} images in {source}")
+            raise UsageError(f"{_opt('n')} {n} exceeds the {len(images)} images in {source}")
         images = images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort()[0])
     return images
 
@@ -2849,7 +2859,7 @@ def per_model_batches(models, images: ImageSet, batch_size: int, group=None) -> 
 def split_train_val(images: ImageSet, fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """A deterministic random split (by seed) into training and validation sets."""
     if not 0 < fraction < 1:
-        raise UsageError("--val-fraction must lie in (0, 1)")
+        raise UsageError(f"{_opt('val_fraction')} must lie in (0, 1)")
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))
     k = max(1, round(len(images) * fraction))
     if len(images) - k < 2:
@@ -2896,7 +2906,7 @@ def resolve_points(model: ViT, points=None) -> list[str]:
                          f"embed, blocks.0, blocks.0.attn.qkv, blocks.0.attn_residual, norm (depth {depth})")
     twice = sorted({p for p in names if names.count(p) > 1})
     if twice:
-        raise UsageError(f"point(s) {', '.join(twice[:3])} named more than once in --points")
+        raise UsageError(f"point(s) {', '.join(twice[:3])} named more than once in {_opt('points')}")
     return names
 
 
@@ -3228,15 +3238,15 @@ def aligned_features(sets: list[tuple[str, dict, list[str]]], align: bool) -> tu
                          min(len(ids0), len(ids)))
                 first = f"row {k}: {ids0[k] if k < len(ids0) else '(none)'!r} vs {ids[k] if k < len(ids) else '(none)'!r}"
                 raise UsageError(f"{name0} and {name} hold different samples ({len(ids0)} vs {len(ids)} rows; first "
-                                 f"difference at {first}): pass --align to match them by id")
+                                 f"difference at {first}): pass {_opt('align')} to match them by id")
         return [f for _, f, _ in sets], ids0
     common = set(ids0).intersection(*(set(ids) for _, _, ids in rest))
     keep = [i for i in ids0 if i in common]
     if len(keep) < 4:
-        raise UsageError(f"--align: only {len(keep)} sample ids are common to all inputs")
+        raise UsageError(f"{_opt('align')}: only {len(keep)} sample ids are common to all inputs")
     dropped = sum(len(ids) for _, _, ids in sets) - len(keep) * len(sets)
     if dropped:
-        log.warning(f"notice: --align: {dropped} row(s) whose id is not in every input left out; {len(keep)} kept")
+        log.warning(f"notice: {_opt('align')}: {dropped} row(s) whose id is not in every input left out; {len(keep)} kept")
     out = []
     for _, f, ids in sets:
         where = {i: r for r, i in enumerate(ids)}
@@ -3882,15 +3892,25 @@ def _reduced(x) -> torch.Tensor:
     return u[:, keep] * lam[keep].sqrt()
 
 
+KNN_BLOCK = 1 << 24   # entries of the similarity block a k-NN search holds at once: n = 50,000 never forms n × n
+
+
 def _cosine_knn(x, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Gram of the L2-normalised rows, (n, n) bool mask of each row's k nearest neighbours by cosine, itself
-    excluded)."""
+    """Each image's k nearest neighbours by cosine, itself excluded: ((n, k) cosines, (n, k) indices), found a block
+    of rows at a time on the features' device (memory O(n·k + block), not O(n²))."""
     xn = F.normalize(_flat64(x), dim=1)
-    g = xn @ xn.T
-    if not 1 <= k < len(g):
-        raise UsageError(f"k = {k} neighbours need more than {k} images, got {len(g)}")
-    s = g.clone().fill_diagonal_(-math.inf)
-    return g, torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(k, dim=1).indices, True)
+    n = len(xn)
+    if not 1 <= k < n:
+        raise UsageError(f"k = {k} neighbours need more than {k} images, got {n}")
+    vals, idx, step = [], [], max(1, KNN_BLOCK // n)
+    for lo in range(0, n, step):
+        rows = torch.arange(lo, min(n, lo + step), device=xn.device)
+        s = xn[rows] @ xn.T
+        s[torch.arange(len(rows)), rows] = -math.inf
+        v, i = s.topk(k, dim=1)
+        vals.append(v)
+        idx.append(i)
+    return torch.cat(vals), torch.cat(idx)
 
 
 def mknn_prep(x, k: int = 10) -> torch.Tensor:
@@ -3898,31 +3918,45 @@ def mknn_prep(x, k: int = 10) -> torch.Tensor:
 
 
 def mknn_score(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mutual k-NN alignment (Huh et al. 2024): mean over images of |N_A(i) ∩ N_B(i)| / k."""
-    return float((a & b).sum().double() / a.sum())
+    """Mutual k-NN alignment (Huh et al. 2024): mean over images of |N_A(i) ∩ N_B(i)| / k (a, b: (n, k) indices)."""
+    return float((a[:, :, None] == b[:, None, :]).sum().double() / a.numel())
 
 
-def _hsic_u(k: torch.Tensor, l: torch.Tensor) -> float:
-    """Song et al. 2012's unbiased HSIC, for kernels that need not be symmetric: [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2))
-    − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3)), K̃, L̃ with zero diagonals."""
-    n = len(k)
-    k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
-    return float(((k * l.T).sum() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 * (k.sum(0) @ l.sum(1)) / (n - 2))
+def _sparse_hsic_u(n: int, i: torch.Tensor, j: torch.Tensor, kv: torch.Tensor, lv: torch.Tensor) -> float:
+    """Song et al. 2012's unbiased HSIC of two n × n kernels with zero diagonals that are zero outside the entries
+    (i, j) (no pair twice), with values kv, lv there (they need not be symmetric): [Σᵢⱼ KᵢⱼLⱼᵢ + 1ᵀK1·1ᵀL1/((n−1)(n−2))
+    − 2/(n−2)·1ᵀKL1] / (n(n−3)). Σ KᵢⱼLⱼᵢ pairs each entry with its transpose, found by sorting the keys i·n + j."""
+    key = i * n + j
+    order = key.argsort()
+    at = torch.searchsorted(key[order], j * n + i).clamp(max=len(key) - 1)
+    hit = key[order][at] == j * n + i
+    t1 = (kv * torch.where(hit, lv[order][at], torch.zeros_like(lv))).sum()
+    colsum_k = torch.zeros(n, dtype=kv.dtype, device=kv.device).index_add_(0, j, kv)
+    rowsum_l = torch.zeros(n, dtype=lv.dtype, device=lv.device).index_add_(0, i, lv)
+    return float((t1 + kv.sum() * lv.sum() / ((n - 1) * (n - 2)) - 2 * (colsum_k @ rowsum_l) / (n - 2))
                  / (n * (n - 3)))
 
 
+def _mutual_entries(a, b) -> tuple:
+    """The entries (i, j) with j among both layers' k nearest neighbours of i, with each layer's cosine there."""
+    (va, ia), (vb, ib) = a[:2], b[:2]
+    match = ia[:, :, None] == ib[:, None, :]                                         # (n, k, k)
+    both = match.any(-1)
+    rows = torch.arange(len(ia), device=ia.device)[:, None].expand_as(ia)
+    return rows[both], ia[both], va[both], (match.to(vb.dtype) * vb[:, None, :]).sum(-1)[both]
+
+
 def cknna_prep(x, k: int = 10) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(cosine Gram, k-NN mask, the layer's own alignment Align(M⊙K, M⊙K)), read once."""
-    g, mask = _cosine_knn(x, k)
-    return g, mask, _hsic_u(mask * g, mask * g)
+    """(each image's k nearest cosines and their indices, the layer's own alignment Align(M⊙K, M⊙K)), read once."""
+    v, i = _cosine_knn(x, k)
+    return v, i, _sparse_hsic_u(len(v), *_mutual_entries((v, i), (v, i)))
 
 
 def cknna_score(a, b) -> float:
     """CKNNA (Huh et al. 2024): CKA's unbiased HSIC restricted to pairs that are neighbours in both (α = M_K ⊙ M_L):
     Align(α⊙K, α⊙L) / √(Align(M_K⊙K, M_K⊙K) Align(M_L⊙L, M_L⊙L)); cosine Grams, k nearest excluding self."""
-    (ka, ma, sa), (kb, mb, sb) = a, b
-    both = (ma & mb).double()
-    return _hsic_u(both * ka, both * kb) / math.sqrt(sa * sb) if sa * sb > 0 else float("nan")
+    sa, sb = a[2], b[2]
+    return _sparse_hsic_u(len(a[0]), *_mutual_entries(a, b)) / math.sqrt(sa * sb) if sa * sb > 0 else float("nan")
 
 
 def cka_prep(x) -> torch.Tensor:
@@ -4031,7 +4065,7 @@ def rsa_score(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / 2)
 
 
-RIDGE_ALPHAS = tuple(10.0 ** (e / 2) for e in range(-6, 13))   # λ grid of the inner leave-one-out choice
+RIDGE_ALPHAS = tuple(10.0 ** (e / 2) for e in range(-6, 13))   # λ grid of the inner generalised cross-validation
 RIDGE_FOLDS = 5
 
 
@@ -4050,36 +4084,38 @@ def _folds(n: int, k: int = RIDGE_FOLDS) -> list[torch.Tensor]:
 
 
 def _ridge_fold(x: torch.Tensor, test: torch.Tensor) -> tuple:
-    """One fold's predictors: (training mask, test rows, eigenvalues λ and eigenvectors V of the centred training
-    Gram, the squared eigenvectors, the test rows' products with the centred training rows). Directions of λ = 0 are
-    left out: they add nothing to the fit, and a residual keeps its full component there."""
+    """One fold's predictors: (training mask, test rows, the squared singular values s² of the centred training
+    rows X̃ = U S Vᵀ, U, the test rows' coordinates (x − x̄) V S). Directions of s = 0 are left out: they add nothing
+    to the fit, and a residual keeps its full component there."""
     train = torch.ones(len(x), dtype=torch.bool)
     train[test] = False
     xm = x[train].mean(0)
-    xt = x[train] - xm
-    v, sv, _ = torch.linalg.svd(xt, full_matrices=False)   # the Gram's eigenvectors with λ > 0: min(n, d) of them
-    return train, test, sv * sv, v, v * v, (x[test] - xm) @ xt.T
+    u, sv, vt = torch.linalg.svd(x[train] - xm, full_matrices=False)   # min(n, d) directions
+    keep = sv > sv.max().clamp_min(1e-300) * 1e-10
+    return train, test, sv[keep] ** 2, u[:, keep], ((x[test] - xm) @ vt[keep].T) * sv[keep]
 
 
 def _ridge_predict(fold: tuple, y: torch.Tensor) -> torch.Tensor:
-    """The test rows' predictions of ridge regression (with intercept) fitted on the training rows, λ the grid value
-    with the least leave-one-out squared error over all targets (scikit-learn's RidgeCV, one λ for all targets)."""
-    train, _, lam, v, v2, cross = fold
+    """The test rows' predictions of ridge regression (with intercept) fitted on the training rows, one λ for all
+    targets: the grid value of least generalised cross-validation error (Golub, Heath & Wahba 1979), RSS(λ) /
+    (m − tr H(λ))², the rotation-invariant form of leave-one-out, read off the singular values at no refit:
+    RSS = ‖Ỹ‖² − Σₖ (2fₖ − fₖ²) ‖uₖᵀỸ‖², tr H = 1 + Σₖ fₖ, fₖ = sₖ² / (sₖ² + λ)."""
+    train, _, s2, u, cross = fold
     ym = y[train].mean(0)
     yt = y[train] - ym
-    vy = v.T @ yt
-    alphas = torch.tensor(RIDGE_ALPHAS, dtype=torch.float64)
-    f = lam / (lam + alphas[:, None])                                       # (A, r) shrinkage per alpha
-    resid = yt - v @ (f[:, :, None] * vy)                                   # (A, n, d) training residuals
-    loo = resid / (1 - (f @ v2.T + 1 / len(v)))[:, :, None]                 # leave-one-out residuals
-    best = RIDGE_ALPHAS[int(loo.square().mean((1, 2)).argmin())]            # the first of equal errors
-    return ym + cross @ (v @ (vy / (lam + best)[:, None]))   # K_test,train (K + λI)⁻¹ Ỹ
+    uy = u.T @ yt
+    f = s2 / (s2 + torch.tensor(RIDGE_ALPHAS, dtype=torch.float64)[:, None])           # (A, r) shrinkage per λ
+    rss = yt.square().sum() - ((2 * f - f * f) * uy.square().sum(1)).sum(1)
+    dof = len(yt) - 1 - f.sum(1)
+    gcv = torch.where(dof > 1e-9 * len(yt), rss.clamp_min(0) / dof.clamp_min(1e-300) ** 2, math.inf)
+    best = RIDGE_ALPHAS[int(gcv.argmin())]                                              # the first of equal errors
+    return ym + cross @ (uy / (s2 + best)[:, None])          # (x − x̄) V S (S² + λ)⁻¹ Uᵀ Ỹ = (x − x̄) ŵ
 
 
 def ridge_score(a, b) -> float:
     """Linear predictivity: out-of-fold R² of predicting b's features from a's by ridge regression (5 contiguous
-    folds; λ by leave-one-out within each training fold), averaged uniformly over b's features (the similarity
-    repository's ridge-…-r2-cv=5folds protocol, λ chosen instead of fixed). Asymmetric: a predicts b."""
+    folds; λ by generalised cross-validation within each training fold), averaged uniformly over b's features (the
+    similarity repository's ridge-…-r2-cv=5folds protocol, λ chosen instead of fixed). Asymmetric: a predicts b."""
     y = b[1]
     pred = torch.empty_like(y)
     for fold in a[0]:
@@ -4099,13 +4135,13 @@ INVARIANCES = ("orthogonal", "isotropic scaling", "translation", "permutation of
 class Measure:
     """One similarity measure: prep(x) reads a layer's (n, d) features once; score(a, b) compares two layers' states;
     `permute` says how a state follows a permutation of the images: "rows", "both" (rows and columns of an n × n
-    state), "keep", or a comma list of those for a tuple."""
+    state), "neighbours" ((n, k) image indices), "keep", or a comma list of those for a tuple."""
     prep: Callable
     score: Callable
     symmetric: bool
     range: tuple[float, float]          # of the population value (ridge's R² has no lower bound: -inf)
     invariance: tuple[str, ...]         # INVARIANCES of either representation that leave it unchanged
-    permute: str                        # "rows" | "both" | "keep", or a comma list for a tuple state
+    permute: str                        # "rows" | "both" | "neighbours" | "keep", or a comma list for a tuple
     streaming: bool                     # has a minibatch (streaming) form
     resi_id: str                        # its name in the similarity-repository's naming
     cite: str
@@ -4119,11 +4155,10 @@ MEASURES: dict[str, Measure] = {
                    True,
                    "cka-kernel=linear-hsic=song-score", "Kornblith et al. 2019; Song et al. 2012 (debiased)"),
     "mknn": Measure(mknn_prep, mknn_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling", "per-image scaling"),
-                    "both", False, "mutual_knn-k=10", "Huh et al. 2024, platonic-rep metrics.mutual_knn",
+                    "neighbours", False, "mutual_knn-k=10", "Huh et al. 2024, platonic-rep metrics.mutual_knn",
                     chance=lambda n, k=10: k / (n - 1)),
     "cknna": Measure(cknna_prep, cknna_score, True, (-1.0, 1.0), ("orthogonal", "isotropic scaling", "per-image scaling"),
-                     "both,both,keep",
-                     False,
+                     "rows,neighbours,keep", False,
                      "cknna-k=10", "Huh et al. 2024, platonic-rep metrics.cknna"),
     "procrustes": Measure(procrustes_prep, procrustes_score, True, (0.0, 1.0),
                           ("orthogonal", "isotropic scaling", "translation"), "rows", False, "procrustes-nbs",
@@ -4135,7 +4170,7 @@ MEASURES: dict[str, Measure] = {
     "rsa": Measure(rsa_prep, rsa_score, True, (-1.0, 1.0), ("isotropic scaling", "permutation of features",
                                                              "per-image scaling", "per-image shift"), "both", False, "rsa-rdm=correlation-compare=spearman", "Kriegeskorte et al. 2008"),
     "ridge": Measure(ridge_prep, ridge_score, False, (-math.inf, 1.0), ("translation", "permutation of features"),
-                     "keep,rows", False, "ridge-lambda=loo-r2-cv=5folds",
+                     "keep,rows", False, "ridge-lambda=gcv-r2-cv=5folds",
                      "linear predictivity (Yamins et al. 2014; Klabunde et al. 2025)", order_free=False),
 }
 
@@ -4160,6 +4195,8 @@ def permuted(state, how: str, perm: torch.Tensor):
         return tuple(permuted(s, h, perm) for s, h in zip(state, how.split(","), strict=True))
     if how == "keep":   # a part that does not depend on the images' order (a count), or that the null never reads
         return state      # (ridge's fits of b as predictor: the null permutes b as the target only)
+    if how == "neighbours":   # (n, k) image indices: rows re-ordered and each index renamed to its new position
+        return torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device))[state[perm]]
     return state[perm] if how == "rows" else state[perm][:, perm]
 
 
@@ -4275,9 +4312,9 @@ ESTIMATORS = ("auto", "biased", "debiased", "minibatch")   # and "full", the for
 
 def _check_batches(n: int, batch_size: int, estimator: str):
     if estimator == "minibatch" and (batch_size < 4 or n < 4):
-        raise UsageError(f"minibatch CKA needs --batch-size ≥ 4 and --n ≥ 4 (got batch {batch_size}, n {n})")
+        raise UsageError(f"minibatch CKA needs {_opt('batch_size')} ≥ 4 and {_opt('n')} ≥ 4 (got batch {batch_size}, n {n})")
     if estimator == "debiased" and n < 4:
-        raise UsageError(f"debiased CKA (what --estimator auto chooses at this size) needs n ≥ 4 images, got {n}")
+        raise UsageError(f"debiased CKA (what {_opt('estimator')} auto chooses at this size) needs n ≥ 4 images, got {n}")
     if n < 2:
         raise UsageError(f"CKA needs at least 2 images, got {n}")
 
@@ -4307,6 +4344,37 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
     return "debiased" if need <= budget else "minibatch"
 
 
+def _comparison(specs, names, at, maps, spreads, n, ci, estimator, **extra) -> dict:
+    """A comparison's result: every pair's map entry, the model matrix, and how to read them."""
+    how = "bootstrap over batches" if estimator == "minibatch" else "infinitesimal jackknife over images"
+    return dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
+                model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
+                ci=ci or None, interval=f"{how}, within [0, 1]" if ci else None,
+                **{"batch_size": None, "batch_order": None, **extra})
+
+
+def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=None, kernel="linear",
+                     rbf_threshold=1.0, model_point: str | None = None, ci: float = 0.95, measures=None,
+                     permutations: int = 200, seed: int = 0) -> dict:
+    """compare_models() for features already extracted (each a {point: (n, d)} dict on the same samples in the same
+    order, see aligned_features): the debiased estimator unless `estimator` = "biased"; `measures` as there."""
+    measures = _checked_measures(measures, permutations)
+    estimator = {None: "debiased", "auto": "debiased", "full": "biased"}.get(estimator, estimator)
+    if estimator not in ("biased", "debiased"):
+        raise UsageError(f"features in memory: {_opt('estimator')} biased or debiased (auto = debiased), not "
+                         f"{estimator}")
+    if not 0 <= ci < 1:
+        raise UsageError(f"{_opt('ci')} must lie in [0, 1) (0 = no intervals), got {ci}")
+    names = [list(f) for f in feature_sets]
+    _check_n(len(next(iter(feature_sets[0].values()))), estimator == "debiased")
+    pairs = [(i, j) for i in range(len(specs)) for j in range(i + 1, len(specs))]
+    maps, spreads, n = _maps_of_features(feature_sets, specs, pairs, kernel, estimator == "debiased", rbf_threshold,
+                                         ci > 0)
+    at = [_point_index(nm, model_point) for nm in names]
+    out = _comparison(specs, names, at, maps, spreads, n, ci, estimator)
+    return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
+
+
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
                    kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
                    progress=False, group=None, model_point: str | None = None, ci: float = 0.95,
@@ -4325,51 +4393,20 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     check_cka_options(estimator, kernel, len(images), batch_size, measures, ci, rbf_threshold)
     if estimator == "minibatch" and ci and -(-len(images) // batch_size) < 3:
         log.warning(f"notice: no intervals: the bootstrap over batches needs at least 3 batches, and {len(images)} "
-                    f"images at --batch-size {batch_size} make {-(-len(images) // batch_size)} (lower --batch-size)")
+                    f"images at {_opt('batch_size')} {batch_size} make {-(-len(images) // batch_size)} (lower "
+                    f"{_opt('batch_size')})")
         ci = 0
-    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     run = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, group=group)
-    feats = None
-    if estimator == "minibatch":
-        maps, spreads, n = _minibatch_maps(models, images, names, pairs, tokens, resamples=ci_resamples if ci else 0,
-                                           seed=seed, **run)
-    else:
-        feats = cached_extract_many(models, images, names, tokens, cache_dir=cache_dir, **run)
-        maps, spreads, n = _maps_of_features(feats, [m.source["spec"] for m in models], pairs, kernel,
-                                             estimator == "debiased", rbf_threshold, ci > 0)
     specs = [m.source["spec"] for m in models]
-    out = dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
-               model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
-               batch_size=batch_size if estimator == "minibatch" else None, ci=ci or None,
-               batch_order=f"random (seed {seed})" if estimator == "minibatch" else None,
-               interval=(None if not ci else ("bootstrap over batches" if estimator == "minibatch" else
-                                              "infinitesimal jackknife over images") + ", within [0, 1]"))
-    return _with_measures(out, feats, specs, at, pairs, measures, permutations, ci, seed)
-
-
-def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=None, kernel="linear",
-                     rbf_threshold=1.0, model_point: str | None = None, ci: float = 0.95, measures=None,
-                     permutations: int = 200, seed: int = 0) -> dict:
-    """compare_models() for features already extracted (each a {point: (n, d)} dict on the same samples in the same
-    order, see aligned_features): the debiased estimator unless `estimator` = "biased"; `measures` as there."""
-    measures = _checked_measures(measures, permutations)
-    estimator = {None: "debiased", "auto": "debiased", "full": "biased"}.get(estimator, estimator)
-    if estimator not in ("biased", "debiased"):
-        raise UsageError(f"features in memory: --estimator biased or debiased (auto = debiased), not {estimator}")
-    if not 0 <= ci < 1:
-        raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
-    names = [list(f) for f in feature_sets]
-    n = len(next(iter(feature_sets[0].values())))
-    _check_n(n, estimator == "debiased")
-    pairs = [(i, j) for i in range(len(specs)) for j in range(i + 1, len(specs))]
-    maps, spreads, n = _maps_of_features(feature_sets, specs, pairs, kernel, estimator == "debiased", rbf_threshold,
-                                         ci > 0)
-    at = [_point_index(nm, model_point) for nm in names]
-    out = dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
-               model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
-               batch_size=None, ci=ci or None,
-               interval="infinitesimal jackknife over images, within [0, 1]" if ci else None)
-    return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
+    if estimator != "minibatch":   # features in memory: the one path compare_features takes
+        feats = cached_extract_many(models, images, names, tokens, cache_dir=cache_dir, **run)
+        return compare_features(feats, specs, estimator=estimator, kernel=kernel, rbf_threshold=rbf_threshold,
+                                model_point=model_point, ci=ci, measures=measures, permutations=permutations, seed=seed)
+    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    maps, spreads, n = _minibatch_maps(models, images, names, pairs, tokens, resamples=ci_resamples if ci else 0,
+                                       seed=seed, **run)
+    return _comparison(specs, names, at, maps, spreads, n, ci, estimator, batch_size=batch_size,
+                       batch_order=f"random (seed {seed})")
 
 
 def check_cka_options(estimator: str, kernel: str, n: int, batch_size: int, measures, ci: float,
@@ -4379,12 +4416,14 @@ def check_cka_options(estimator: str, kernel: str, n: int, batch_size: int, meas
     if estimator in ("debiased", "minibatch", "biased"):
         _check_batches(n, batch_size, estimator)
     if measures and estimator == "minibatch":
-        raise UsageError("--measures read every image's features at once, the minibatch estimator never holds them: "
-                         "give --estimator debiased (or biased), fewer --points or narrower --tokens")
+        raise UsageError(f"{_opt('measures')} read every image's features at once, the minibatch estimator never holds "
+                         f"them: give {_opt('estimator')} debiased (or biased), fewer {_opt('points')} or narrower "
+                         f"{_opt('tokens')}")
     if kernel != "linear" and estimator == "minibatch":
-        raise UsageError("the minibatch estimator is linear only: use --estimator biased or debiased with --kernel rbf")
+        raise UsageError(f"the minibatch estimator is linear only: use {_opt('estimator')} biased or debiased with "
+                         f"{_opt('kernel')} rbf")
     if not 0 <= ci < 1:
-        raise UsageError(f"--ci must lie in [0, 1) (0 = no intervals), got {ci}")
+        raise UsageError(f"{_opt('ci')} must lie in [0, 1) (0 = no intervals), got {ci}")
     if kernel == "rbf":
         _check_rbf_threshold(rbf_threshold)
 
@@ -4532,7 +4571,7 @@ def _maps_of_features(feats, specs, pairs, kernel, debiased, rbf_threshold, spre
             spreads[(i, j)] = Spread("influence", influence)
         elif spread:
             log.warning("notice: no intervals for this map: its per-image influence would not fit in memory "
-                        "(--estimator minibatch gives bootstrap intervals at any n)")
+                        f"({_opt('estimator')} minibatch gives bootstrap intervals at any n)")
     return maps, spreads, len(next(iter(feats[0].values())))
 
 
@@ -4552,7 +4591,7 @@ def _point_index(names: list[str], point: str | None) -> int:
     if point == "first":
         return 0
     if point not in names:
-        raise UsageError(f"--model-point {point} is not among the points ({names[0]} ... {names[-1]})")
+        raise UsageError(f"{_opt('model_point')} {point} is not among the points ({names[0]} ... {names[-1]})")
     return names.index(point)
 
 
@@ -5199,19 +5238,20 @@ def parse_rand_augment(spec: str) -> dict:
         return {}
     parts = spec.split("-")
     if parts[0] != "rand":
-        raise UsageError(f"--rand-augment {spec!r}: expected timm's rand-m<M>[-mstd<S>][-n<N>][-inc1] form")
+        raise UsageError(f"{_opt('rand_augment')} {spec!r}: expected timm's rand-m<M>[-mstd<S>][-n<N>][-inc1] form")
     cfg = dict(magnitude=10.0, std=0.0, num_ops=2, prob=0.5, magnitude_max=10.0, increasing=False,
                interpolation="bicubic")   # MAE, BEiT and DeiT pass interpolation="bicubic" to timm
     keys = {"mstd": "std", "mmax": "magnitude_max", "m": "magnitude", "n": "num_ops", "p": "prob", "inc": "increasing"}
     for part in parts[1:]:
         key = next((k for k in keys if part.startswith(k) and part[len(k):].replace(".", "", 1).isdigit()), None)
         if key is None:
-            raise UsageError(f"--rand-augment {spec!r}: unknown part {part!r}")
+            raise UsageError(f"{_opt('rand_augment')} {spec!r}: unknown part {part!r}")
         cfg[keys[key]] = float(part[len(key):])
     if not cfg["increasing"]:
-        raise UsageError(f"--rand-augment {spec!r}: only the increasing ops (inc1), as MAE, BEiT and DeiT use them")
+        raise UsageError(f"{_opt('rand_augment')} {spec!r}: only the increasing ops (inc1), as MAE, BEiT and DeiT "
+                         "use them")
     if not 0 <= cfg["magnitude"] <= cfg["magnitude_max"] <= 10:
-        raise UsageError(f"--rand-augment {spec!r}: magnitudes lie in [0, 10] (mmax ≤ 10)")
+        raise UsageError(f"{_opt('rand_augment')} {spec!r}: magnitudes lie in [0, 10] (mmax ≤ 10)")
     cfg["num_ops"] = int(cfg["num_ops"])
     return cfg
 
@@ -5397,7 +5437,7 @@ class FinetuneConfig:
         if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs < 1 or cfg.effective_batch < 0:
             raise UsageError("epochs, batch size and accum steps must be ≥ 1 (effective batch ≥ 0)")
         if not 0 <= cfg.reprob <= 1:
-            raise UsageError(f"--reprob must lie in [0, 1], got {cfg.reprob}")
+            raise UsageError(f"{_opt('reprob')} must lie in [0, 1], got {cfg.reprob}")
         parse_rand_augment(cfg.rand_augment)
         return cfg
 
@@ -5462,7 +5502,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
                                 betas=(0.9, 0.999))
         if resume and not (out / "train_state.pt").is_file():
-            log.info(f"--resume: {out} holds no finished epoch yet: starting the run")
+            log.info(f"{_opt('resume')}: {out} holds no finished epoch yet: starting the run")
         history = _resume(model, opt, out, identity) if resume and (out / "train_state.pt").is_file() else []
         net = Classifier(model)
         if world > 1:
@@ -5497,11 +5537,11 @@ def _checked_run(cfg: FinetuneConfig, hyper: dict, train: ImageSet, out, resume:
         hyper = dict(hyper, effective_batch=0)   # an explicit accumulation replaces the recipe's effective batch
     cfg = cfg.with_options(**hyper)
     if resume and not out:
-        raise UsageError("--resume needs the --out of the run to continue")
+        raise UsageError(f"{_opt('resume')} needs the {_opt('out')} of the run to continue")
     if out and not resume and any((Path(out) / f).exists() for f in FINETUNE_FILES):
         if not overwrite:
-            raise UsageError(f"{out} already holds a fine-tuning run: --resume to continue it, --overwrite to replace "
-                             "it, or another --out")
+            raise UsageError(f"{out} already holds a fine-tuning run: {_opt('resume')} to continue it, "
+                             f"{_opt('overwrite')} to replace it, or another {_opt('out')}")
         for f in FINETUNE_FILES:
             _unlink(Path(out) / f)
     if train.labels is None:
@@ -5512,7 +5552,7 @@ def _checked_run(cfg: FinetuneConfig, hyper: dict, train: ImageSet, out, resume:
     if len(train) < cfg.batch_size * world * cfg.accum_steps:
         raise UsageError(f"{len(train)} training images are fewer than one optimizer step's "
                          f"{cfg.batch_size * world * cfg.accum_steps} (batch × accum × processes; lower "
-                         "--effective-batch or --batch-size)")
+                         f"{_opt('effective_batch')} or {_opt('batch_size')})")
     return cfg
 
 
@@ -5522,7 +5562,8 @@ def _use_global_pool(model: ViT):
     if model.fc_norm is not None:
         return
     if model.attn_pool is not None:
-        raise UsageError("global pooling would bypass this model's attention-pool head: --no-global-pool")
+        raise UsageError("global pooling would bypass this model's attention-pool head: "
+                         f"{_opt('global_pool', '--no-global-pool') + ('=False' if not _AS_FLAGS.get() else '')}")
     d, dev = model.cfg.embed_dim, model.patch_embed.proj.weight.device
     model.norm, model.fc_norm = nn.Identity(), nn.LayerNorm(d, eps=model.cfg.norm_eps).to(dev)
     model.cfg = dataclasses.replace(model.cfg, final_norm=False, fc_norm=True, pool="")
@@ -5573,8 +5614,8 @@ def _resume(model: ViT, opt, out: Path, identity: dict) -> list[dict]:
                          "over") from None
     changed = [k for k in identity if recorded.get(k) != identity[k]]
     if changed:
-        raise UsageError(f"--resume: {out} holds a run with another {', '.join(changed)}: resume with the same model, "
-                         "data and settings, or fine-tune into another --out")
+        raise UsageError(f"{_opt('resume')}: {out} holds a run with another {', '.join(changed)}: resume with the "
+                         f"same model, data and settings, or fine-tune into another {_opt('out')}")
     if file_sha256(out / "checkpoint.safetensors") != state.get("checkpoint_sha256"):
         raise UsageError(f"{out}/checkpoint.safetensors is not the file train_state.pt recorded (damaged, replaced or "
                          "from an interrupted save): remove the folder to start over")
@@ -5617,7 +5658,7 @@ def _train_epoch(net, model, opt, train, cfg, epoch, steps_per_epoch, sched, num
             loss = torch.sum(-t.to(device) * F.log_softmax(net(x.to(device)).float(), -1), -1).mean()
         if not torch.isfinite(loss.detach()):
             raise UsageError(f"training diverged: the loss is {float(loss.detach())} at step {step + 1} of epoch "
-                             f"{epoch + 1} (lower --blr)")
+                             f"{epoch + 1} (lower {_opt('blr')})")
         (loss / cfg.accum_steps).backward()
         losses.append(float(loss.detach()))
         micro += 1
@@ -7707,7 +7748,7 @@ def main(argv=None) -> int:
     points = getattr(args, "points", None)
     if isinstance(points, str) and "," in points and len(set(points.split(","))) < len(points.split(",")):
         build_parser().error(f"--points {points}: a point named more than once")
-    distributed = False
+    distributed, as_flags = False, _AS_FLAGS.set(True)   # messages name --flags, not parameters
     try:
         distributed = init_distributed(args)
         with _cli_logging(args.quiet), _terminate_as_interrupt():
@@ -7732,6 +7773,7 @@ def main(argv=None) -> int:
               "traceback; please report it)", file=sys.stderr)
         return 1
     finally:
+        _AS_FLAGS.reset(as_flags)
         if distributed:
             import torch.distributed as dist
             dist.destroy_process_group()

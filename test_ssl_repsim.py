@@ -3035,7 +3035,7 @@ def test_flat_files_that_would_load_wrong_are_refused(name, edit, why, tmp_path)
     with pytest.raises(sr.UsageError) as e:
         sr.load_model(path, num_heads=2)
     assert_one_line(e)
-    assert why in str(e.value) and "--family" in str(e.value)
+    assert why in str(e.value) and "pass family" in str(e.value) and "--" not in str(e.value)
 
 
 def test_a_width_without_a_known_head_count_asks_for_num_heads(tmp_path):
@@ -3043,7 +3043,7 @@ def test_a_width_without_a_known_head_count_asks_for_num_heads(tmp_path):
     with pytest.raises(sr.UsageError) as e:
         sr.load_model(case.path)
     assert_one_line(e)
-    assert "--num-heads" in str(e.value)
+    assert "num_heads" in str(e.value) and "--" not in str(e.value)
     check_model_matches_naive(sr.load_model(case.path, num_heads=2), case, noise_images(size=case.a.img))
 
 
@@ -3052,7 +3052,7 @@ def test_open_clip_state_dict_needs_its_activation(tmp_path):
     with pytest.raises(sr.UsageError) as e:
         sr.load_model(case.path, num_heads=2)
     assert_one_line(e)
-    assert "--act" in str(e.value) and "QuickGELU" in str(e.value)
+    assert "pass act" in str(e.value) and "QuickGELU" in str(e.value)
     p = cli("cka", case.path, case.path, "--num-heads", 2, "--img-size", 32, "--n", 8, "--out", tmp_path / "o",
             "--quiet")
     assert_usage_error(p, tmp_path / "o")
@@ -3393,7 +3393,7 @@ def test_timm_facts_come_from_tables_not_guesses(tmp_path):
     case = timm_folder(tmp_path, "vit_giant_patch14_dinov2")           # 'giant' means 16 or 24 heads in timm
     with pytest.raises(sr.UsageError) as e:
         sr.load_model(case.path)
-    assert "--num-heads" in str(e.value)
+    assert "num_heads" in str(e.value)
     (tmp_path / "b").mkdir()
     enormous = timm_folder(tmp_path / "b", "eva02_enormous_patch14_clip_224")   # post-norm, no rotary: refused
     with pytest.raises(sr.UsageError) as e:
@@ -4708,7 +4708,7 @@ def test_finetune_options_that_would_silently_do_something_else_are_refused(tmp_
         sr.finetune(tiny_model(1, attn_pool=64), data, epochs=1, batch_size=8, global_pool=True)
     with pytest.raises(sr.UsageError) as e:
         sr.finetune(tiny_model(1), data, epochs=1, batch_size=8, resume=True)
-    assert "--out" in str(e.value)
+    assert "resume needs the out" in str(e.value)
     cfg = sr.finetune_recipe("mae").with_options(epochs=1, batch_size=4)
     res = sr.finetune(tiny_model(1), data, cfg, accum_steps=2, out=tmp_path / "acc", device="cpu")
     assert json.loads((tmp_path / "acc" / "log.json").read_text())["config"]["accum_steps"] == 2, res
@@ -4722,7 +4722,7 @@ def test_finetune_refuses_an_out_holding_a_run_and_global_pool_loads_like_mae_ft
     with pytest.raises(sr.UsageError) as e:
         sr.finetune(tiny_model(1), data, **kw)
     assert_one_line(e)
-    assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
+    assert "resume to continue" in str(e.value) and "overwrite to replace" in str(e.value)
     sr.finetune(tiny_model(1), data, overwrite=True, **kw)
     tuned = sr.load_model(tmp_path / "ft" / "checkpoint.safetensors", head=True)
     assert tuned.fc_norm is not None and isinstance(tuned.norm, torch.nn.Identity)
@@ -6231,22 +6231,25 @@ def naive_rsa(x, y):
 
 
 def naive_ridge(x, y, alphas=sr.RIDGE_ALPHAS, folds=5):
-    """Out-of-fold R² of ridge with intercept, λ chosen per training fold by refitting without each image in turn."""
+    """Out-of-fold R² of ridge with intercept, λ chosen per training fold by generalised cross-validation: each λ's
+    fit solved explicitly, GCV = RSS / (m − tr H)² with H = 11ᵀ/m + X̃(X̃ᵀX̃ + λI)⁻¹X̃ᵀ written out."""
     def fit(xt, yt, alpha):
         xm, ym = xt.mean(0), yt.mean(0)
         w = np.linalg.solve((xt - xm).T @ (xt - xm) + alpha * np.eye(xt.shape[1]), (xt - xm).T @ (yt - ym))
         return lambda z: ym + (z - xm) @ w
+
+    def gcv(xt, yt, alpha):
+        m, xc = len(xt), xt - xt.mean(0)
+        hat = np.ones((m, m)) / m + xc @ np.linalg.solve(xc.T @ xc + alpha * np.eye(xt.shape[1]), xc.T)
+        rss = ((yt - fit(xt, yt, alpha)(xt)) ** 2).sum()
+        return rss / (m - np.trace(hat)) ** 2
     n = len(x)
     sizes = [n // folds + (f < n % folds) for f in range(folds)]
     pred, start = np.empty_like(y), 0
     for size in sizes:
         test = np.arange(start, start + size)
         train = np.setdiff1d(np.arange(n), test)
-        errs = []
-        for alpha in alphas:
-            loo = [fit(np.delete(x[train], i, 0), np.delete(y[train], i, 0), alpha)(x[train][i:i + 1]) - y[train][i]
-                   for i in range(len(train))]
-            errs.append(np.mean(np.square(loo)))
+        errs = [gcv(x[train], y[train], alpha) for alpha in alphas]
         pred[test] = fit(x[train], y[train], alphas[int(np.argmin(errs))])(x[test])
         start += size
     r2 = 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
@@ -6273,8 +6276,6 @@ def test_every_measure_has_a_formula_written_in_the_test(name):
 @pytest.mark.parametrize("name", list(sr.MEASURES))
 @pytest.mark.parametrize("dims", [(12, 9), (60, 50)], ids=["d<n", "d>n"])
 def test_measure_equals_its_naive_formula(name, dims):
-    if name == "ridge" and dims[0] > 40:
-        dims = (24, 20)        # the naive ridge refits without every image: kept small
     x, y = correlated(40, *dims)
     got = sr.similarity(torch.from_numpy(x), torch.from_numpy(y), name)
     assert got == pytest.approx(NAIVE_MEASURES[name](x, y), abs=1e-8), name
@@ -6342,6 +6343,49 @@ def test_measure_maps_nulls_permute_all_layers_of_a_model_alike_and_p_values_are
         rr = sr.measure_maps({"x": x}, {"y": y}, "cka", permutations=49, seed=seed, groups=0)
         ps.append(float(sr.calibration(rr["map"], rr["null"])[0]))
     assert 0.3 < np.mean(ps) < 0.7 and np.mean(np.array(ps) < 0.05) < 0.2
+
+
+@pytest.mark.parametrize("name", list(sr.MEASURES))
+def test_every_measures_null_is_the_measure_of_the_permuted_images(name):
+    """The null re-indexes each layer's state as its `permute` declares: the first null map equals the naive formula
+    on (x, y with its rows in the first permutation's order), for every row of MEASURES."""
+    x, y = correlated(36, 10, 8, seed=3)
+    r = sr.measure_maps({"x": torch.from_numpy(x)}, {"y": torch.from_numpy(y)}, name, permutations=2, seed=6, groups=0)
+    perm = torch.randperm(36, generator=torch.Generator().manual_seed(6 + 1)).numpy()
+    assert float(r["null"][0, 0, 0]) == pytest.approx(NAIVE_MEASURES[name](x, y[perm]), abs=1e-8)
+
+
+@pytest.mark.parametrize("name", ["mknn", "cknna"])
+def test_neighbour_measures_search_a_block_of_rows_at_a_time_with_the_same_result(name, monkeypatch):
+    """n = 53 images searched 7 rows at a time (the block a GPU holds at n = 50,000): the same value as the naive
+    formula on the whole n × n Gram; no n × n matrix is formed."""
+    x, y = correlated(53, 12, 9, seed=2)
+    monkeypatch.setattr(sr, "KNN_BLOCK", 7 * 53)
+    real_mm, shapes = torch.Tensor.__matmul__, []
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: shapes.append((a.shape, b.shape)) or real_mm(a, b))
+    got = sr.similarity(torch.from_numpy(x), torch.from_numpy(y), name)
+    monkeypatch.undo()
+    assert got == pytest.approx(NAIVE_MEASURES[name](x, y), abs=1e-10)
+    assert shapes and all(a[0] <= 7 for a, _ in shapes if len(a) == 2 and a[-1] in (12, 9)), shapes
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
+    """The same bad setting: a Python caller is told the parameter (batch_size, ci), the command line the flag."""
+    models, images = [tiny_model(0), tiny_model(1)], colour_set(8)
+    with pytest.raises(sr.UsageError) as e:
+        sr.compare_models(models, images, estimator="minibatch", batch_size=2)
+    assert "batch_size ≥ 4" in str(e.value) and "--" not in str(e.value)
+    with pytest.raises(sr.UsageError) as e:
+        sr.compare_features([{"a": torch.randn(8, 3)}, {"b": torch.randn(8, 3)}], ["x", "y"], ci=1.5)
+    assert str(e.value).startswith("ci must lie") and "--" not in str(e.value)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_images("synthetic", 0)
+    assert str(e.value).startswith("n must be ≥ 1")
+    p = cli("cka", "mae", "dino", "--estimator", "minibatch", "--batch-size", 2, "--n", 8, "--out", tmp_path / "o",
+            "--quiet")
+    assert_usage_error(p, tmp_path / "o")
+    assert "--batch-size ≥ 4" in p.stderr
+    assert sr._opt("batch_size") == "batch_size"     # the flag setting ends with main()
 
 
 def test_cli_cka_every_measure_on_two_official_layout_files(tmp_path):
