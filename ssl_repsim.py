@@ -3775,6 +3775,11 @@ class Spread:
             return torch.minimum(lo.clamp(a, b), est), torch.maximum(hi.clamp(a, b), est)
         return min(max(lo, a), b, estimate), max(min(hi, b), a, estimate)
 
+    def at(self, i: int, j: int) -> Spread:
+        """The spread of the single map entry (i, j)."""
+        v = self.values[i, j] if self.kind == "influence" else self.values[:, i, j]
+        return Spread(self.kind, v, self.units, self.range)
+
     def se(self, entries=None) -> torch.Tensor | float:
         """Per-entry (L_a, L_b) standard errors, or that of the mean of the listed (i, j) entries."""
         if entries is None:
@@ -3800,6 +3805,28 @@ def normal_interval(estimate, se, level: float = 0.95, dof: int | None = None):
     dof degrees of freedom."""
     q = t_quantile(0.5 + level / 2, dof)
     return estimate - q * se, estimate + q * se
+
+
+def two_sided_p(t: float, dof: int | None = None) -> float:
+    """P(|T| ≥ |t|) for Student's t with dof degrees of freedom (Abramowitz & Stegun 26.7.3–4, exact for integer dof),
+    or the standard normal for dof None."""
+    if not math.isfinite(t):
+        return 0.0 if abs(t) == math.inf else float("nan")
+    if dof is None:
+        return math.erfc(abs(t) / math.sqrt(2))
+    th = math.atan(abs(t) / math.sqrt(dof))
+    c2, term, acc = math.cos(th) ** 2, 1.0, 1.0
+    if dof % 2:                                  # odd: (2/π)[θ + sin θ cos θ (1 + 2/3 cos²θ + …)]
+        for k in range(3, dof, 2):
+            term *= (k - 1) / k * c2
+            acc += term
+        inside = (2 / math.pi) * (th + (math.sin(th) * math.cos(th) * acc if dof > 1 else 0.0))
+    else:                                        # even: sin θ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + …)
+        for k in range(2, dof, 2):
+            term *= (k - 1) / k * c2
+            acc += term
+        inside = math.sin(th) * acc
+    return min(1.0, max(0.0, 1 - inside))
 
 
 def t_quantile(p: float, dof: int | None = None) -> float:
@@ -4013,26 +4040,33 @@ def _inverse_sqrt(s: torch.Tensor) -> torch.Tensor:
     return (v * inv) @ v.T
 
 
-def pwcca_prep(x) -> tuple[torch.Tensor, torch.Tensor]:
+def pwcca_prep(x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the centred features, or their principal components (svcca's rule) where they have more than n / 2 columns;
-    the inverse square root of their covariance), read once."""
+    the inverse square root of their covariance; the covariance itself), read once."""
     xc = _centred64(x)
     if xc.shape[1] > len(xc) // 2:
         u = _principal_basis(x)
         xc = u * (u.T @ xc).norm(dim=1)   # the components' scores: an orthogonal basis with their variances
-    return xc, _inverse_sqrt(xc.T @ xc)
+    c = xc.T @ xc
+    return xc, _inverse_sqrt(c), c
 
 
 def pwcca_score(a: torch.Tensor, b: torch.Tensor) -> float:
     """PWCCA (Morcos et al. 2018): canonical correlations ρᵢ weighted by how much of the narrower representation each
     canonical direction accounts for, αᵢ ∝ Σⱼ |⟨pᵢ, xⱼ⟩| (pᵢ the orthonormalised directions X̃uᵢ, xⱼ its neurons):
-    Σ αᵢρᵢ / Σ αᵢ. The weights come from the side with fewer neurons (the first on a tie), as in google/svcca."""
+    Σ αᵢρᵢ / Σ αᵢ. The weights come from the side with fewer neurons (the first on a tie), as in google/svcca. With
+    X̃U = PR (RᵀR = UᵀCU, C = X̃ᵀX̃), PᵀX̃ = R⁻ᵀUᵀC: d × d work, no n × d orthonormalisation."""
     if a[0].shape[1] > b[0].shape[1]:
         a, b = b, a
-    (a, ia), (b, ib) = a, b
+    (a, ia, ca), (b, ib, _) = a, b
     u, rho, _ = torch.linalg.svd(ia @ (a.T @ b) @ ib)
-    p = torch.linalg.qr(a @ u).Q
-    w = (p.T @ a).abs().sum(1)[: len(rho)]
+    r, bad = torch.linalg.cholesky_ex(u.T @ ca @ u, upper=True)
+    if bad:   # a rank-deficient side: orthonormalise the n × d directions themselves
+        p = torch.linalg.qr(a @ u).Q
+        w = (p.T @ a).abs().sum(1)
+    else:
+        w = torch.linalg.solve_triangular(r.T, u.T @ ca, upper=False).abs().sum(1)
+    w = w[: len(rho)]
     return float((w * rho.clamp(max=1)).sum() / w.sum())
 
 
@@ -4098,16 +4132,20 @@ def _ridge_fold(x: torch.Tensor, test: torch.Tensor) -> tuple:
 def _ridge_predict(fold: tuple, y: torch.Tensor) -> torch.Tensor:
     """The test rows' predictions of ridge regression (with intercept) fitted on the training rows, one λ for all
     targets: the grid value of least generalised cross-validation error (Golub, Heath & Wahba 1979), RSS(λ) /
-    (m − tr H(λ))², the rotation-invariant form of leave-one-out, read off the singular values at no refit:
-    RSS = ‖Ỹ‖² − Σₖ (2fₖ − fₖ²) ‖uₖᵀỸ‖², tr H = 1 + Σₖ fₖ, fₖ = sₖ² / (sₖ² + λ)."""
+    (m − tr H(λ))², the rotation-invariant form of leave-one-out, read off the singular values at no refit, as sums
+    of non-negative terms (a difference of near-equal sums picks a near-interpolating λ once d ≥ n and the features
+    are large): RSS = Σₖ (1 − fₖ)² ‖uₖᵀỸ‖² + ‖Ỹ − UUᵀỸ‖², m − tr H = Σₖ (1 − fₖ) + (m − 1 − r), fₖ = sₖ²/(sₖ² + λ);
+    the second term of RSS is 0 when the r = m − 1 directions span every centred target."""
     train, _, s2, u, cross = fold
     ym = y[train].mean(0)
     yt = y[train] - ym
     uy = u.T @ yt
-    f = s2 / (s2 + torch.tensor(RIDGE_ALPHAS, dtype=torch.float64)[:, None])           # (A, r) shrinkage per λ
-    rss = yt.square().sum() - ((2 * f - f * f) * uy.square().sum(1)).sum(1)
-    dof = len(yt) - 1 - f.sum(1)
-    gcv = torch.where(dof > 1e-9 * len(yt), rss.clamp_min(0) / dof.clamp_min(1e-300) ** 2, math.inf)
+    lam = torch.tensor(RIDGE_ALPHAS, dtype=torch.float64)[:, None]
+    g = lam / (s2 + lam)                                                 # (A, r): 1 − fₖ, computed without cancelling
+    outside = 0.0 if len(s2) >= len(yt) - 1 else float((yt.square().sum() - uy.square().sum()).clamp_min(0))
+    rss = (g * g * uy.square().sum(1)).sum(1) + outside                  # Σ (1 − fₖ)² ‖uₖᵀỸ‖² + ‖Ỹ − UUᵀỸ‖²
+    dof = g.sum(1) + (len(yt) - 1 - len(s2))                             # m − tr H = Σ (1 − fₖ) + (m − 1 − r)
+    gcv = torch.where(dof > 0, rss / dof.clamp_min(1e-300) ** 2, math.inf)
     best = RIDGE_ALPHAS[int(gcv.argmin())]                                              # the first of equal errors
     return ym + cross @ (uy / (s2 + best)[:, None])          # (x − x̄) V S (S² + λ)⁻¹ Uᵀ Ỹ = (x − x̄) ŵ
 
@@ -4148,12 +4186,14 @@ class Measure:
     chance: Callable | None = None      # (n, options) -> the value expected of unrelated features, when known
     order_free: bool = True             # a common permutation of the images leaves it unchanged (not ridge: its CV
                                         # folds are contiguous runs of images, as scikit-learn's KFold)
+    inner: float = 0.0                  # score(a, b) = inner · ⟨a, b⟩ of n × n states: a map, and each null map, is
+                                        # one matrix product of the stacked states
 
 
 MEASURES: dict[str, Measure] = {
     "cka": Measure(cka_prep, cka_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling", "translation"), "both",
-                   True,
-                   "cka-kernel=linear-hsic=song-score", "Kornblith et al. 2019; Song et al. 2012 (debiased)"),
+                   True, "cka-kernel=linear-hsic=song-score", "Kornblith et al. 2019; Song et al. 2012 (debiased)",
+                   inner=1.0),
     "mknn": Measure(mknn_prep, mknn_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling", "per-image scaling"),
                     "neighbours", False, "mutual_knn-k=10", "Huh et al. 2024, platonic-rep metrics.mutual_knn",
                     chance=lambda n, k=10: k / (n - 1)),
@@ -4166,9 +4206,10 @@ MEASURES: dict[str, Measure] = {
     "svcca": Measure(_principal_basis, svcca_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling",
                                                                        "translation"), "rows", False, "svcca-var=0.99", "Raghu et al. 2017"),
     "pwcca": Measure(pwcca_prep, pwcca_score, False, (0.0, 1.0), ("isotropic scaling", "translation",
-                                                                 "permutation of features"), "rows,keep", False, "pwcca", "Morcos et al. 2018"),
+                                                                 "permutation of features"), "rows,keep,keep", False, "pwcca", "Morcos et al. 2018"),
     "rsa": Measure(rsa_prep, rsa_score, True, (-1.0, 1.0), ("isotropic scaling", "permutation of features",
-                                                             "per-image scaling", "per-image shift"), "both", False, "rsa-rdm=correlation-compare=spearman", "Kriegeskorte et al. 2008"),
+                                                             "per-image scaling", "per-image shift"), "both", False,
+                   "rsa-rdm=correlation-compare=spearman", "Kriegeskorte et al. 2008", inner=0.5),
     "ridge": Measure(ridge_prep, ridge_score, False, (-math.inf, 1.0), ("translation", "permutation of features"),
                      "keep,rows", False, "ridge-lambda=gcv-r2-cv=5folds",
                      "linear predictivity (Yamins et al. 2014; Klabunde et al. 2025)", order_free=False),
@@ -4217,7 +4258,18 @@ def calibration(observed: torch.Tensor, null: torch.Tensor, smax: float = 1.0, a
 
 
 def _score_map(m: Measure, sa: list, sb: list) -> torch.Tensor:
+    if m.inner:
+        return m.inner * torch.stack([a.flatten() for a in sa]) @ torch.stack([b.flatten() for b in sb]).T
     return torch.tensor([[m.score(a, b) for b in sb] for a in sa], dtype=torch.float64)
+
+
+def _null_maps(m: Measure, sa: list, sb: list, perms: list) -> torch.Tensor:
+    """(K, L_a, L_b): the map with b's images in each permutation's order, the same for all of b's layers. An inner-
+    product measure re-indexes b's stacked n × n states and takes one product per permutation."""
+    if not m.inner:
+        return torch.stack([_score_map(m, sa, [permuted(s, m.permute, p) for s in sb]) for p in perms])
+    a, b = m.inner * torch.stack([s.flatten() for s in sa]), torch.stack(sb)
+    return torch.stack([a @ b[:, p][:, :, p].flatten(1).T for p in perms])
 
 
 def _states(m: Measure, feats: dict, names, rows=None) -> list:
@@ -4235,15 +4287,16 @@ def _prepared(m: Measure, feats: dict, groups: int, seed: int) -> tuple[list, li
 
 
 def measure_maps(fa: dict, fb: dict, name: str, *, permutations: int = 200, groups: int = JACKKNIFE_GROUPS,
-                 seed: int = 0, prepared=None) -> dict:
+                 seed: int = 0, prepared=None, measure_row: Measure | None = None, n: int | None = None) -> dict:
     """One measure between every layer of two models ({point: (n, d)} on the same images): the map (rows: a's layers),
     for an asymmetric measure the reverse map (b's layer predicting a's, same orientation), the delete-a-group
     jackknife spread over images (Spread "jackknife"), and the permutation null (K, L_a, L_b): b's images permuted,
     the same permutation for all its layers (aggregation-aware, so a summary's null is the summary of the nulls).
     The jackknife partition is drawn from `seed`, the permutations from `seed + 1`. `prepared`: the two models'
-    _prepared(...) when a caller reuses them across pairs."""
-    m = measure(name)
-    n = len(next(iter(fa.values())))
+    _prepared(...) when a caller reuses them across pairs (then `n`, the number of images, with them), `measure_row`
+    a row in place of MEASURES[name]."""
+    m = measure_row or measure(name)
+    n = n or len(next(iter(fa.values())))
     (sa, ja), (sb, jb) = prepared or (_prepared(m, fa, groups, seed), _prepared(m, fb, groups, seed))
     out = dict(map=_score_map(m, sa, sb), reverse=None if m.symmetric else _score_map(m, sb, sa).T)
     if ja is not None:
@@ -4252,7 +4305,7 @@ def measure_maps(fa: dict, fb: dict, name: str, *, permutations: int = 200, grou
     if permutations:
         g = torch.Generator().manual_seed(seed + 1)
         perms = [torch.randperm(n, generator=g) for _ in range(permutations)]
-        out["null"] = torch.stack([_score_map(m, sa, [permuted(s, m.permute, p) for s in sb]) for p in perms])
+        out["null"] = _null_maps(m, sa, sb, perms)
     return out
 
 
@@ -4277,7 +4330,7 @@ def _measure_entry(name: str, r: dict, ci: float) -> dict:
     return entry
 
 
-def _measure_matrix(name: str, specs, at, results: dict, entries: dict) -> dict:
+def _measure_matrix(name: str, specs, at, results: dict, entries: dict, ci: float) -> dict:
     """One measure between every two models at their `at` points: value, [low, high], p, calibrated (from each pair's
     _measure_entry), and the jackknife replicates there (paired summaries across pairs: the report's)."""
     k = len(specs)
@@ -4293,6 +4346,11 @@ def _measure_matrix(name: str, specs, at, results: dict, entries: dict) -> dict:
                          ("calibrated", "calibrated")):
             if src in e:
                 out[key][i, j] = out[key][j, i] = e[src][at[i], at[j]]
+    if "jackknife" in out and k >= 3 and ci:   # the same groups of images left out for every pair: paired
+        g = out["jackknife"].shape[-1]
+        out["differences"] = paired_differences(specs, out["matrix"], {
+            p: Spread("jackknife", out["jackknife"][p], units=g) for p in results if "spread" in results[p]},
+            ci, MEASURES[name].range)
     return dict(models=list(specs), id=MEASURES[name].resi_id, **out)
 
 
@@ -4372,7 +4430,46 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
                                          ci > 0)
     at = [_point_index(nm, model_point) for nm in names]
     out = _comparison(specs, names, at, maps, spreads, n, ci, estimator)
+    if permutations:
+        _with_cka_null(out, feature_sets, at, pairs, permutations, seed, estimator == "debiased", kernel,
+                       rbf_threshold)
     return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
+
+
+def _cka_as_measure(debiased: bool, kernel: str, rbf_threshold: float) -> Measure:
+    """The CKA a comparison computed (its estimator and kernel) as an inner-product MEASURES row, for its null."""
+    def prep(x):
+        x = _flat64(x)
+        k = center_gram(gram_linear(x) if kernel == "linear" else gram_rbf(x, rbf_threshold), unbiased=debiased)
+        return k / k.norm().clamp_min(1e-300)
+    return dataclasses.replace(MEASURES["cka"], prep=prep)
+
+
+def _with_cka_null(out: dict, feats, at, pairs, permutations: int, seed: int, debiased: bool, kernel: str,
+                   rbf_threshold: float):
+    """Permutation p-values and calibrated scores (Gröger et al. 2026) beside every CKA map and summary: `cka_p`,
+    `cka_calibrated` (same shape as `cka`), `diagonal_mean_p` / `_calibrated` (its null: the mean of each null map
+    over the matched layers, one permutation for all of b's layers), `max_p` (the map's largest entry against each
+    null map's largest: family-wise over the layer pairs searched); `cka_p` / `cka_calibrated` in the model matrix."""
+    m = _cka_as_measure(debiased, kernel, rbf_threshold)
+    states = {k: ([m.prep(f) for f in feats[k].values()], None) for k in {k for p in pairs for k in p}}
+    mm = out["model_matrix"]
+    mm["cka_p"], mm["cka_calibrated"] = torch.zeros_like(mm["cka"]), torch.ones_like(mm["cka"])
+    for (i, j), entry in zip(pairs, out["pairs"], strict=True):
+        null = measure_maps({}, {}, "cka", permutations=permutations, seed=seed, prepared=(states[i], states[j]),
+                            measure_row=m, n=len(next(iter(feats[i].values()))))["null"]
+        est = torch.as_tensor(entry["cka"], dtype=torch.float64)
+        entry["cka_p"], entry["cka_calibrated"], _ = calibration(est, null)
+        matched = matched_pairs(*est.shape)
+        r, c = torch.tensor([e[0] for e in matched]), torch.tensor([e[1] for e in matched])
+        p, cal, _ = calibration(torch.tensor(entry["diagonal_mean"]), null[:, r, c].mean(-1))
+        entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
+        entry["max_p"] = float(calibration(est.max(), null.flatten(1).max(1).values)[0])
+        for key in ("cka_p", "cka_calibrated"):
+            mm[key][i, j] = mm[key][j, i] = entry[key][at[i], at[j]]
+    out["null"] = (f"{permutations} permutations of the second model's images, the same for all its layers; p = (1 + "
+                   f"#null ≥ observed) / (K + 1); calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}; "
+                   "max_p: the map's largest entry against each null map's largest (family-wise over the map)")
 
 
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
@@ -4459,7 +4556,7 @@ def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], perm
                 results[(i, j)] = measure_maps(feats[i], feats[j], name, permutations=permutations, seed=seed,
                                                prepared=(prepared[i], prepared[j]))
             entry.setdefault("measures", {})[name] = entries[(i, j)] = _measure_entry(name, results[(i, j)], ci)
-        out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, entries)
+        out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, entries, ci)
     out["measures"] = measures_info(measures, permutations, ci)
     return out
 
@@ -4477,6 +4574,29 @@ def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
     out = dict(models=specs, point=[n[k] for n, k in zip(names, at, strict=True)], cka=matrix)
     if ci and spreads:
         out["cka_low"], out["cka_high"] = low, high
+        if len(specs) >= 3:
+            out["differences"] = paired_differences(specs, matrix, {p: s.at(at[p[0]], at[p[1]])
+                                                                    for p, s in spreads.items()}, ci)
+    return out
+
+
+def paired_differences(specs, matrix: torch.Tensor, spread_of: dict, level: float,
+                       value_range=(0.0, 1.0)) -> list[dict]:
+    """For every model X and two others Y, Z: s(X, Y) − s(X, Z) with its `level` interval and two-sided p-value from
+    the joint spread of the two similarities on the same images (`spread_of[(i, j)]`, i < j: the entry's influences,
+    shared bootstrap draws or jackknife groups, whose difference is the difference's): the paired test, not the
+    overlap of two intervals."""
+    lo, hi = value_range
+    out = []
+    for x, y, z in itertools.permutations(range(len(specs)), 3):
+        if y > z or (min(x, y), max(x, y)) not in spread_of or (min(x, z), max(x, z)) not in spread_of:
+            continue
+        a, b = spread_of[(min(x, y), max(x, y))], spread_of[(min(x, z), max(x, z))]
+        d = Spread(a.kind, a.values - b.values, a.units, range=(lo - hi, hi - lo))
+        diff, se = float(matrix[x, y] - matrix[x, z]), float(d.se())
+        low, high = (float(v) for v in d.interval(diff, None, level))
+        p = two_sided_p(diff / se if se > 0 else (0.0 if diff == 0 else math.inf), d.dof)
+        out.append(dict(a=specs[x], b=specs[y], c=specs[z], diff=diff, low=low, high=high, p=p))
     return out
 
 
@@ -6534,9 +6654,9 @@ def _plot_heatmaps(maps: list[dict], path, title="CKA", vrange=(0.0, 1.0)):
         im = ax.imshow(np.asarray(_jsonable(m["cka"]), dtype=float), origin="lower", vmin=vrange[0], vmax=vrange[1],
                        cmap="magma", aspect="auto")
         a, b = Path(m["a"]).name, Path(m["b"]).name   # a checkpoint's file name, or a registered name
-        ax.set_xlabel(f"{b} layer")
-        ax.set_ylabel(f"{a} layer")
-        ax.set_title(f"{title}: {a} vs {b}", fontsize=9)
+        ax.set_xlabel(m.get("xlabel", f"{b} layer"))
+        ax.set_ylabel(m.get("ylabel", f"{a} layer"))
+        ax.set_title(m.get("title", f"{title}: {a} vs {b}"), fontsize=9)
         for setter, labels in ((ax.set_yticks, m["layers_a"]), (ax.set_xticks, m["layers_b"])):
             ticks = list(range(0, len(labels), max(1, len(labels) // 12)))
             setter(ticks, [labels[t] for t in ticks], fontsize=6)
@@ -6686,6 +6806,13 @@ def _write_measures(out: Path, res: dict, what: str):
         lo, hi = MEASURES[name].range
         _plot_heatmaps([dict(p, cka=p["measures"][name]["map"]) for p in res["pairs"]], out / f"measure-{name}.png",
                        title=f"{name} ({what})", vrange=(max(lo, -1.0), hi))
+        mm = res["model_matrix"]
+        if len(mm["models"]) >= 3:   # the model × model matrix at each model's point, one figure per measure
+            labels = [Path(s).name for s in mm["models"]]
+            _plot_heatmaps([dict(a="", b="", layers_a=labels, layers_b=labels, cka=mm["measures"][name]["matrix"],
+                                 xlabel="model", ylabel="model",
+                                 title=f"{name} between models at {', '.join(sorted(set(mm['point'])))} ({what})")],
+                           out / f"measure-{name}-models.png", vrange=(max(lo, -1.0), hi))
 
 
 def _print_measures(res: dict):

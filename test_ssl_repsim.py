@@ -6281,6 +6281,15 @@ def test_measure_equals_its_naive_formula(name, dims):
     assert got == pytest.approx(NAIVE_MEASURES[name](x, y), abs=1e-8), name
 
 
+def test_ridge_picks_its_lambda_right_for_wide_large_features():
+    """d > n and features 100× larger (flattened tokens are both): the GCV curve read off the singular values must
+    not cancel near-equal sums into a spurious minimum at the smallest λ (the explicit-hat-matrix GCV is the judge)."""
+    x, y = correlated(60, 200, 150, seed=2)
+    x = 100 * x
+    assert sr.similarity(torch.from_numpy(x), torch.from_numpy(y), "ridge") == pytest.approx(naive_ridge(x, y),
+                                                                                             abs=1e-9)
+
+
 INVARIANCE_MAPS = {
     "orthogonal": lambda f, g: f @ np.linalg.qr(g.normal(size=(f.shape[1], f.shape[1])))[0],
     "isotropic scaling": lambda f, g: 3.7 * f,
@@ -6388,6 +6397,97 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys
     assert sr._opt("batch_size") == "batch_size"     # the flag setting ends with main()
 
 
+def test_cka_maps_carry_permutation_p_values_and_calibrated_scores_computed_by_hand():
+    """Issue 22 item 4: cka_p / cka_calibrated beside cka, for every estimator and kernel, from K permutations of the
+    second model's images drawn from seed + 1, one permutation for all its layers (so the matched-layer mean's null is
+    the mean of the null maps there, and max_p compares the map's maximum with each null map's maximum)."""
+    g = np.random.default_rng(5)
+    z = g.normal(size=(30, 4))
+    fa = {f"a{k}": torch.from_numpy(z @ g.normal(size=(4, 7)) + g.normal(size=(30, 7))) for k in range(2)}
+    fb = {f"b{k}": torch.from_numpy(z @ g.normal(size=(4, 5)) + 2 * g.normal(size=(30, 5))) for k in range(3)}
+    K, alpha = 19, 0.05
+    for estimator, kernel in (("debiased", "linear"), ("biased", "linear"), ("debiased", "rbf")):
+        res = sr.compare_features([fa, fb], ["A", "B"], estimator=estimator, kernel=kernel, ci=0, permutations=K,
+                                  seed=3)
+        pair = res["pairs"][0]
+        gen = torch.Generator().manual_seed(3 + 1)
+        perms = [torch.randperm(30, generator=gen).numpy() for _ in range(K)]
+        cka = lambda x, y: naive_cka(x.numpy(), y, kernel, estimator == "debiased")   # noqa: E731
+        obs = np.array([[cka(fa[a], fb[b].numpy()) for b in fb] for a in fa])
+        null = np.array([[[cka(fa[a], fb[b].numpy()[p]) for b in fb] for a in fa] for p in perms])
+        assert np.array(pair["cka"]) == pytest.approx(obs, abs=1e-9)
+        p = (1 + (null >= obs - 1e-12).sum(0)) / (K + 1)
+        assert np.array(pair["cka_p"]) == pytest.approx(p), (estimator, kernel)
+        tau = np.sort(np.concatenate([obs[None], null]), axis=0)[int(np.ceil((1 - alpha) * (K + 1))) - 1]
+        assert np.array(pair["cka_calibrated"]) == pytest.approx(np.clip((obs - tau) / (1 - tau), 0, 1), abs=1e-9)
+        diag = [(0, 0), (1, 2)]                      # matched layers of a 2 × 3 map: first to first, last to last
+        dm, dnull = np.mean([obs[e] for e in diag]), np.mean([null[:, i, j] for i, j in diag], axis=0)
+        assert pair["diagonal_mean"] == pytest.approx(dm)
+        assert pair["diagonal_mean_p"] == pytest.approx((1 + (dnull >= dm - 1e-12).sum()) / (K + 1))
+        assert pair["max_p"] == pytest.approx((1 + (null.max((1, 2)) >= obs.max() - 1e-12).sum()) / (K + 1))
+        mm = res["model_matrix"]
+        assert float(mm["cka_p"][0, 1]) == pytest.approx(p[1, 2]) and float(mm["cka_p"][1, 0]) == float(mm["cka_p"][0, 1])
+
+
+def test_cka_p_values_are_uniform_under_independence_and_small_for_a_dependent_pair():
+    """200 independent pairs: the p-values' distribution is the discrete uniform on {1, …, K + 1}/(K + 1) (the
+    Kolmogorov–Smirnov distance below its 1% critical value, 1.63/√200); a dependent pair: p = 1/(K + 1)."""
+    K, ps = 99, []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
+        ps.append(float(sr.compare_features([{"x": x}, {"y": y}], ["x", "y"], ci=0, permutations=K,
+                                            seed=seed)["pairs"][0]["cka_p"][0, 0]))
+    grid = np.arange(1, K + 2) / (K + 1)
+    ks = np.abs(np.searchsorted(np.sort(ps), grid + 1e-12, side="left") / len(ps) - grid).max()
+    assert ks < 1.63 / np.sqrt(200), ks
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dep = sr.compare_features([{"x": x}, {"y": x @ torch.randn(6, 4, dtype=torch.float64) + 0.3 * torch.randn(20, 4, dtype=torch.float64)}],
+                              ["x", "y"], ci=0, permutations=K)
+    assert float(dep["pairs"][0]["cka_p"][0, 0]) == pytest.approx(1 / (K + 1))
+
+
+def test_two_sided_p_matches_printed_t_and_normal_tables():
+    for t, dof, p in ((1.959964, None, 0.05), (2.575829, None, 0.01), (12.7062, 1, 0.05), (4.302653, 2, 0.05),
+                      (2.262157, 9, 0.05), (3.249836, 9, 0.01), (2.228139, 10, 0.05), (2.042272, 30, 0.05),
+                      (0.0, 5, 1.0)):
+        assert sr.two_sided_p(t, dof) == pytest.approx(p, abs=2e-6), (t, dof)
+        assert sr.two_sided_p(-t, dof) == pytest.approx(p, abs=2e-6)
+
+
+def _three_views(n, seed, noise_z):
+    """X, and Y, Z two noisy views of the same latent signal: s(X, Y) = s(X, Z) in the population when noise_z = 1."""
+    g = np.random.default_rng(seed)
+    z = g.standard_t(5, size=(n, 6)) / np.sqrt(5 / 3)
+    a, b = g.normal(size=(6, 40)), np.random.default_rng(99).normal(size=(6, 30))
+    x = z @ a + 2.0 * g.normal(size=(n, 40))
+    y = z @ b + 3.0 * g.normal(size=(n, 30))
+    zz = z @ b + 3.0 * noise_z * g.normal(size=(n, 30))
+    return [{"x": torch.from_numpy(v)} for v in (x, y, zz)]
+
+
+def test_paired_differences_hold_their_level_and_find_what_interval_overlap_misses():
+    """Issue 22 item 3: model_matrix.differences (every X and two others Y, Z: s(X,Y) − s(X,Z), low, high, p). At
+    Δ = 0 the paired test rejects at ≤ 7% (5% nominal); at a small true difference (Z noisier) it rejects ≥ 80% of the
+    time while 'the two intervals do not overlap' calls it ≤ 10% of the time. 150 seeds, n = 256, debiased CKA with
+    its influence intervals."""
+    def run(noise_z, seeds=150):
+        paired = overlap = 0
+        for seed in range(seeds):
+            res = sr.compare_features(_three_views(256, seed, noise_z), ["X", "Y", "Z"], permutations=0)
+            mm = res["model_matrix"]
+            d = next(e for e in mm["differences"] if (e["a"], e["b"], e["c"]) == ("X", "Y", "Z"))
+            assert d["diff"] == pytest.approx(float(mm["cka"][0, 1] - mm["cka"][0, 2]))
+            assert d["low"] <= d["diff"] <= d["high"]
+            paired += d["p"] < 0.05
+            overlap += float(mm["cka_low"][0, 1]) > float(mm["cka_high"][0, 2])
+        return paired / seeds, overlap / seeds
+    fpr, _ = run(1.0)
+    assert fpr <= 0.07, fpr
+    power, overlap = run(1.13)
+    assert power >= 0.8 and overlap <= 0.10, (power, overlap)
+
+
 def test_cli_cka_every_measure_on_two_official_layout_files(tmp_path):
     """Issue 21's acceptance: every measure's map with low ≤ map ≤ high, p-values and calibrated scores; on two copies
     of one model every symmetric measure reads its maximum on the diagonal."""
@@ -6412,6 +6512,14 @@ def test_cli_cka_every_measure_on_two_official_layout_files(tmp_path):
     for name, e in same.items():
         if sr.MEASURES[name].symmetric:
             assert np.diag(np.array(e["map"])) == pytest.approx(sr.MEASURES[name].range[1], abs=1e-6), name
+    p = cli("cka", a, b, a, *common[:-4], "--measures", "rsa,procrustes", "--permutations", 0, "--out",
+            tmp_path / "three")
+    assert p.returncode == 0, p.stderr[-2000:]
+    mm = json.loads((tmp_path / "three" / "cka.json").read_text())["model_matrix"]["measures"]
+    for name in ("rsa", "procrustes"):           # a and its copy: the measure's maximum; a and b: less
+        assert np.array(mm[name]["matrix"])[0, 2] == pytest.approx(1.0, abs=1e-9)
+        assert np.array(mm[name]["matrix"])[0, 1] < 0.999
+        assert (tmp_path / "three" / f"measure-{name}-models.png").stat().st_size > 1000
 
 
 def test_measures_with_the_minibatch_estimator_or_unknown_names_are_one_line_errors(tmp_path):
