@@ -1392,7 +1392,7 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, width_t
     grid, pos_cls_row, rel_pos, table = _position_tables(sd, int(cls) + int(dist))
     if grid is None and not arch.get("rope"):
         raise UsageError(f"{family} checkpoint without any position information (no pos_embed, no relative "
-                         "position table): a rotary-embedding model? pass {_opt('family')} eva02 or dinov3, or load "
+                         f"position table): a rotary-embedding model? pass {_opt('family')} eva02 or dinov3, or load "
                          "its hub folder")
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
     if fc1 is None or fc2 is None:
@@ -3775,6 +3775,14 @@ class Spread:
             return torch.minimum(lo.clamp(a, b), est), torch.maximum(hi.clamp(a, b), est)
         return min(max(lo, a), b, estimate), max(min(hi, b), a, estimate)
 
+    def contrast(self, entries_a, entries_b) -> Spread:
+        """The spread of (mean of entries_a) − (mean of entries_b) of the same map: paired, image by image."""
+        def mean_of(entries):
+            i, j = torch.tensor([e[0] for e in entries]), torch.tensor([e[1] for e in entries])
+            return self.values[i, j].mean(0) if self.kind == "influence" else self.values[:, i, j].mean(-1)
+        a, b = self.range
+        return Spread(self.kind, mean_of(entries_a) - mean_of(entries_b), self.units, (a - b, b - a))
+
     def at(self, i: int, j: int) -> Spread:
         """The spread of the single map entry (i, j)."""
         v = self.values[i, j] if self.kind == "influence" else self.values[:, i, j]
@@ -3947,6 +3955,13 @@ def mknn_prep(x, k: int = 10) -> torch.Tensor:
 def mknn_score(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mutual k-NN alignment (Huh et al. 2024): mean over images of |N_A(i) ∩ N_B(i)| / k (a, b: (n, k) indices)."""
     return float((a[:, :, None] == b[:, None, :]).sum().double() / a.numel())
+
+
+def jaccard_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """k-NN Jaccard similarity (Schumacher et al. 2021; ReSi's jaccard_similarity): mean over images of
+    |N_A(i) ∩ N_B(i)| / |N_A(i) ∪ N_B(i)|, k nearest by cosine excluding self (a, b: (n, k) indices)."""
+    both = (a[:, :, None] == b[:, None, :]).sum((1, 2)).double()
+    return float((both / (2 * a.shape[1] - both)).mean())
 
 
 def _sparse_hsic_u(n: int, i: torch.Tensor, j: torch.Tensor, kv: torch.Tensor, lv: torch.Tensor) -> float:
@@ -4197,6 +4212,9 @@ MEASURES: dict[str, Measure] = {
     "mknn": Measure(mknn_prep, mknn_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling", "per-image scaling"),
                     "neighbours", False, "mutual_knn-k=10", "Huh et al. 2024, platonic-rep metrics.mutual_knn",
                     chance=lambda n, k=10: k / (n - 1)),
+    "jaccard": Measure(mknn_prep, jaccard_score, True, (0.0, 1.0), ("orthogonal", "isotropic scaling",
+                                                                    "per-image scaling"), "neighbours", False,
+                       "jaccard_similarity-k=10", "Schumacher et al. 2021; Klabunde et al. 2025 (ReSi)"),
     "cknna": Measure(cknna_prep, cknna_score, True, (-1.0, 1.0), ("orthogonal", "isotropic scaling", "per-image scaling"),
                      "rows,neighbours,keep", False,
                      "cknna-k=10", "Huh et al. 2024, platonic-rep metrics.cknna"),
@@ -4580,6 +4598,16 @@ def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
     return out
 
 
+def paired_test(spread: Spread, diff: float, level: float, searched: int = 1) -> dict:
+    """A difference of two similarities on the same images with its `level` interval and two-sided p from the
+    difference's own spread (`spread`: influences, bootstrap draws or jackknife groups of the difference); p × searched
+    (Bonferroni, at most 1) when the difference was picked among `searched` candidates after looking at the data."""
+    se = float(spread.se())
+    low, high = (float(v) for v in spread.interval(diff, None, level))
+    p = two_sided_p(diff / se if se > 0 else (0.0 if diff == 0 else math.inf), spread.dof)
+    return dict(diff=diff, low=low, high=high, p=min(1.0, p * searched), searched=searched)
+
+
 def paired_differences(specs, matrix: torch.Tensor, spread_of: dict, level: float,
                        value_range=(0.0, 1.0)) -> list[dict]:
     """For every model X and two others Y, Z: s(X, Y) − s(X, Z) with its `level` interval and two-sided p-value from
@@ -4593,10 +4621,8 @@ def paired_differences(specs, matrix: torch.Tensor, spread_of: dict, level: floa
             continue
         a, b = spread_of[(min(x, y), max(x, y))], spread_of[(min(x, z), max(x, z))]
         d = Spread(a.kind, a.values - b.values, a.units, range=(lo - hi, hi - lo))
-        diff, se = float(matrix[x, y] - matrix[x, z]), float(d.se())
-        low, high = (float(v) for v in d.interval(diff, None, level))
-        p = two_sided_p(diff / se if se > 0 else (0.0 if diff == 0 else math.inf), d.dof)
-        out.append(dict(a=specs[x], b=specs[y], c=specs[z], diff=diff, low=low, high=high, p=p))
+        t = paired_test(d, float(matrix[x, y] - matrix[x, z]), level)
+        out.append(dict(a=specs[x], b=specs[y], c=specs[z], diff=t["diff"], low=t["low"], high=t["high"], p=t["p"]))
     return out
 
 
@@ -4621,12 +4647,40 @@ def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor, spread: Spread | 
                                                                     distance_pairs(*m.shape), strict=True)]
     if "by_type_diagonal_mean" in entry:
         entry["by_type_diagonal_mean_ci"] = {t: ci_of(v["diagonal_mean"], v["matched"]) for t, v in types.items()}
-        entry["by_type_first_quarter"] = {}      # matched-layer mean over the first quarter of the blocks
+        entry["by_type_first_quarter"], quarter = {}, {}     # matched-layer mean over the first quarter of the blocks
         for t, v in types.items():
-            q = v["matched"][: max(1, len(v["matched"]) // 4)]
-            mean = float(torch.stack([m[i, j] for i, j in q]).mean())
-            entry["by_type_first_quarter"][t] = [mean, *ci_of(mean, q)]
+            quarter[t] = v["matched"][: max(1, len(v["matched"]) // 4)]
+            mean = float(torch.stack([m[i, j] for i, j in quarter[t]]).mean())
+            entry["by_type_first_quarter"][t] = [mean, *ci_of(mean, quarter[t])]
+        early = {t: v for t, v in entry["by_type_first_quarter"].items() if t != "residual"}
+        if len(early) > 1:
+            entry["least_agreeing_type"] = _least_agreeing(early, quarter, spread, ci)
+    resid = [k for k, la in enumerate(names[i]) if re.fullmatch(r"blocks\.\d+", la)]
+    if len(resid) > 1:
+        entry["lowest_block"] = _lowest_block(m, resid, spread, ci)
     return entry
+
+
+def _lowest_block(m: torch.Tensor, resid: list, spread: Spread, level: float) -> dict:
+    """The block whose residual streams agree least (matched layers), and how far CKA falls there from the first
+    block: a paired test, the block searched among len(resid) − 1 (Bonferroni)."""
+    matched = dict(matched_pairs(*m.shape))
+    cells = [(k, matched[k]) for k in resid]
+    low = min(range(1, len(cells)), key=lambda c: float(m[cells[c]]))
+    t = paired_test(spread.contrast([cells[0]], [cells[low]]), float(m[cells[0]] - m[cells[low]]), level,
+                    searched=len(cells) - 1)
+    return dict(block=low, first=float(m[cells[0]]), lowest=float(m[cells[low]]), **t)
+
+
+def _least_agreeing(means: dict, entries: dict, spread: Spread, level: float) -> dict:
+    """The sub-layer type with the least first-quarter CKA, tested against every other type by a paired test; the
+    claim "it agrees least" needs all of them, searched among the T types: p = T × the largest p (Bonferroni over
+    the candidates, an intersection-union test for each)."""
+    worst = min(means, key=lambda t: means[t][0])
+    tests = {t: paired_test(spread.contrast(entries[t], entries[worst]), means[t][0] - means[worst][0], level)
+             for t in means if t != worst}
+    return dict(type=worst, vs=tests, p=min(1.0, len(means) * max(v["p"] for v in tests.values())),
+                correction=f"Bonferroni over the {len(means)} types searched")
 
 
 def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, batch_size, device, dtype, progress,
@@ -6209,26 +6263,26 @@ def _apart(ci_a, ci_b) -> bool:
 
 
 def _read_gap(pair, level: float) -> str:
+    """Where the pair's gap opens, each claim a paired test with its correction for what was searched."""
     nan2 = [float("nan")] * 2
     txt = f"{pair['a']} vs {pair['b']}: matched-layer mean CKA " \
           f"{_ci(pair['diagonal_mean'], pair.get('diagonal_mean_ci', nan2))}"
-    resid = [k for k, la in enumerate(pair["layers_a"]) if re.fullmatch(r"blocks\.\d+", la)]
     if "cka_high" not in pair:
         return txt + " (no intervals: nothing is called a difference)."
-    if resid:
-        matched = dict(matched_pairs(len(pair["layers_a"]), len(pair["layers_b"])))
-        high = [pair["cka_high"][i][matched[i]] for i in resid]
-        low = next((k for k, h in enumerate(high) if h < 0.5), None)
-        txt += (f"; the residual streams diverge from block {low} on (upper {level:.0%} bound of CKA < 0.5)"
-                if low is not None else
-                f"; no block where the residual streams clearly diverge (CKA < 0.5 with {level:.0%} confidence)")
-    early = {t: v for t, v in pair.get("by_type_first_quarter", {}).items() if t != "residual"}
-    if early:
-        worst = min(early, key=lambda t: early[t][0])
-        parts = ", ".join(f"{t} {_ci(v[0], v[1:])}" for t, v in early.items())
-        clear = all(_apart(early[worst][1:], v[1:]) for t, v in early.items() if t != worst)
-        txt += (f"; in the first quarter of the blocks ({parts}) the {worst} outputs agree least" if clear else
-                f"; in the first quarter of the blocks ({parts}) no sub-layer type clearly agrees least")
+    if "lowest_block" in pair:
+        b = pair["lowest_block"]
+        txt += (f"; the residual streams agree least at block {b['block']} ({b['lowest']:.2f}, against {b['first']:.2f} "
+                f"at block 0: a fall of {b['diff']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}], p = {b['p']:.2g}, "
+                f"paired, Bonferroni over the {b['searched']} blocks searched)")
+    if "least_agreeing_type" in pair:
+        w = pair["least_agreeing_type"]
+        parts = ", ".join(f"{t} {_ci(v[0], v[1:])}" for t, v in pair["by_type_first_quarter"].items()
+                          if t != "residual")
+        txt += (f"; in the first quarter of the blocks ({parts}) the {w['type']} outputs agree least "
+                f"(p = {w['p']:.2g}: paired against every other type, {w['correction']})"
+                if w["p"] < 1 - level else
+                f"; in the first quarter of the blocks ({parts}) no sub-layer type agrees least at the "
+                f"{1 - level:.0%} level (the lowest, {w['type']}: p = {w['p']:.2g}, {w['correction']})")
     return txt + "."
 
 
@@ -6424,7 +6478,8 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
     res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=opts.estimator,
                          batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir,
                          progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
-                         measures=opts.measures or None, permutations=opts.permutations)
+                         measures=["cka", *[m for m in _checked_measures(opts.measures or None, 0) if m != "cka"]],
+                         permutations=opts.permutations)
     mm = res["model_matrix"]
     readings = [f"Estimator {res['estimator']} (n = {res['n']} images"
                 + (f" in batches of {res['batch_size']}" if res["batch_size"] else "") + f"), {opts.tokens} tokens"
@@ -6432,7 +6487,7 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
     for p in res["pairs"]:
         ci = p.get("diagonal_mean_ci", [float("nan")] * 2)
         readings.append(f"{p['a']} vs {p['b']}: matched-block mean CKA {_ci(p['diagonal_mean'], ci)}.")
-    readings += _objective_headline(models, mm) if "cka_low" in mm else []
+    readings += _objective_headline(models, mm, opts.ci or 0.95)
     readings += _measure_robustness(models, mm, opts.ci)
     figures = {"overview.png": ("heatmaps", res["pairs"])}
     if len(models) > 2:
@@ -6444,32 +6499,71 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
 OBJECTIVE_ORDER = ("REC", "JE", "HYB", "LANG", "SUP")   # how reports name objective pairs ("across REC and JE")
 
 
-def _objective_headline(models, mm) -> list[str]:
-    """Mean model-matrix CKA within each objective and across each pair of objectives (fine-tuned models apart),
-    each with a conservative interval (the mean of its pairs' half-widths: the pairs share their images)."""
-    kind = [objective(m.family, m.source.get("fine_tuned", False)) for m in models]
+def _objective_pairs(models) -> tuple[list, list]:
+    """The model pairs within REC or within JE, and those across REC and JE (fine-tuned models apart)."""
+    kind = _objective_of(models)
+    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    return ([(i, j) for i, j in pairs if kind[i] == kind[j] and kind[i] in ("REC", "JE")],
+            [(i, j) for i, j in pairs if {kind[i], kind[j]} == {"REC", "JE"}])
+
+
+def paired_contrast(e: dict, within, across, level: float) -> dict:
+    """Mean similarity over the `within` pairs, over the `across` pairs, and their difference with its `level`
+    interval and two-sided p (t with G − 1 degrees of freedom) from the delete-a-group jackknife replicates of the
+    model matrix `e` (the same images left out for every pair: the difference's replicates are paired)."""
+    avg = lambda ps, v: torch.stack([v[i, j] for i, j in ps]).mean(0)   # over pairs, per replicate
+    w, a = float(avg(within, e["matrix"])), float(avg(across, e["matrix"]))
+    out = dict(within=w, across=a, diff=w - a, low=float("nan"), high=float("nan"), p=float("nan"), dof=None)
+    if "jackknife" in e:
+        spread = Spread("jackknife", avg(within, e["jackknife"]) - avg(across, e["jackknife"]),
+                        units=e["jackknife"].shape[-1], range=(-math.inf, math.inf))
+        se = float(spread.se())
+        out["low"], out["high"] = (float(v) for v in spread.interval(w - a, None, level))
+        out["p"], out["dof"] = two_sided_p((w - a) / se if se > 0 else math.inf, spread.dof), spread.dof
+    return out
+
+
+def _objective_groups(models, mm) -> str:
+    """Mean model-matrix CKA within each objective and across each pair of objectives (fine-tuned models apart), in
+    OBJECTIVE_ORDER, each with the mean of its pairs' interval half-widths (descriptive: no claim rests on them)."""
+    kind = _objective_of(models)
     rank = {k: (OBJECTIVE_ORDER.index(k) if k in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER), k) for k in kind}
     groups: dict[str, list] = {}
     for i in range(len(models)):
         for j in range(i + 1, len(models)):
             a, b = sorted((kind[i], kind[j]), key=rank.get)
-            key = f"within {a}" if a == b else f"across {a} and {b}"
-            groups.setdefault(key, []).append((float(mm["cka"][i, j]), float(mm["cka_low"][i, j]),
-                                               float(mm["cka_high"][i, j])))
+            half = float(mm["cka"][i, j] - mm["cka_low"][i, j]) if "cka_low" in mm else float("nan")
+            groups.setdefault(f"within {a}" if a == b else f"across {a} and {b}", []).append(
+                (float(mm["cka"][i, j]), half))
     if len(set(kind)) < 2:
-        return []
-    stats = {k: (np.mean([v[0] for v in g]), np.mean([v[0] - v[1] for v in g]), len(g)) for k, g in groups.items()}
-    ci = {k: [m - h, m + h] for k, (m, h, _) in stats.items()}
-    text = "; ".join(f"{k} ({n} pair{'s' * (n > 1)}) {_ci(m, ci[k])}" for k, (m, _, n) in stats.items())
-    lines = [f"Objectives (model × model CKA at the last block): {text}."]
-    within = [k for k in ("within REC", "within JE") if k in stats]
-    if "across REC and JE" in stats and within:
-        lower = all(_apart(ci["across REC and JE"], ci[k]) and stats["across REC and JE"][0] < stats[k][0]
-                    for k in within)
-        lines.append("Reconstruction and joint-embedding models are clearly less similar to each other than to their "
-                     "own kind." if lower else "No clear difference between within- and across-objective similarity "
-                     "of the reconstruction and joint-embedding models.")
-    return [" ".join(lines)]
+        return ""
+    return "; ".join(f"{k} ({len(g)} pair{'s' * (len(g) > 1)}) " + _ci(m, [m - h, m + h])
+                     for k, g in groups.items() for m, h in [np.mean(g, axis=0)])
+
+
+def _objective_headline(models, mm, level: float) -> list[str]:
+    """Each objective group's mean CKA (_objective_groups), then the paper's headline as a paired test: mean
+    model-matrix CKA within REC or JE minus across REC and JE, its interval and p from the jackknife over images
+    (paired_contrast); never a comparison of two intervals."""
+    groups = _objective_groups(models, mm)
+    head = [f"Objectives (model × model CKA at the last block): {groups}."] if groups else []
+    within, across = _objective_pairs(models)
+    e = mm.get("measures", {}).get("cka")
+    if not within or not across or e is None:
+        return head
+    c = paired_contrast(e, within, across, level)
+    said = (f"within REC or JE {c['within']:.3f} ({len(within)} pair{'s' * (len(within) > 1)}), across REC and JE "
+            f"{c['across']:.3f} ({len(across)} pair{'s' * (len(across) > 1)}): within − across {c['diff']:+.3f}")
+    if not math.isfinite(c["p"]):
+        return [*head, (f"REC vs JE (debiased CKA at the last block): {said}; too few images for a paired test, so "
+                        "no claim is made.")]
+    test = (f"[{c['low']:+.3f}, {c['high']:+.3f}], p = {c['p']:.2g} (paired over images: delete-a-group jackknife, "
+            f"t with {c['dof']} degrees of freedom)")
+    verdict = ("Reconstruction and joint-embedding models are less similar to each other than to their own kind."
+               if c["diff"] > 0 and c["p"] < 1 - level else
+               "No evidence that reconstruction and joint-embedding models differ more from each other than from "
+               f"their own kind at the {1 - level:.0%} level.")
+    return [*head, f"REC vs JE (debiased CKA at the last block): {said} {test}. {verdict}"]
 
 
 def _objective_of(models) -> list[str]:
@@ -6478,33 +6572,25 @@ def _objective_of(models) -> list[str]:
 
 def _measure_robustness(models, mm, level: float) -> list[str]:
     """Does the headline survive the measure? Per measure, the mean model-matrix similarity within REC or JE and
-    across them, and the paired difference (mean within − mean across) with its delete-a-group jackknife interval
-    (the groups are the same for every pair, so the difference's replicates are paired) and a normal p-value."""
-    kind = _objective_of(models)
-    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
-    within = [(i, j) for i, j in pairs if kind[i] == kind[j] and kind[i] in ("REC", "JE")]
-    across = [(i, j) for i, j in pairs if {kind[i], kind[j]} == {"REC", "JE"}]
-    if not mm.get("measures") or not within or not across:
+    across them, and the paired difference (mean within − mean across) with its interval and p (paired_contrast)."""
+    within, across = _objective_pairs(models)
+    if len(mm.get("measures", {})) < 2 or not within or not across:
         return []
-    avg = lambda ps, v: torch.stack([v[i, j] for i, j in ps]).mean(0)   # over pairs, per replicate
     rows, support = [], 0
     for name, e in mm["measures"].items():
-        w, a = float(avg(within, e["matrix"])), float(avg(across, e["matrix"]))
-        if "jackknife" not in e:
-            rows.append(f"| {name} | {w:.3f} | {a:.3f} | {w - a:+.3f} (no interval: too few images) | – |")
+        c = paired_contrast(e, within, across, level)
+        if not math.isfinite(c["p"]):
+            rows.append(f"| {name} | {c['within']:.3f} | {c['across']:.3f} | {c['diff']:+.3f} (no interval: too few "
+                        "images) | – |")
             continue
-        reps = (avg(within, e["jackknife"]) - avg(across, e["jackknife"]))[:, None, None]
-        spread = Spread("jackknife", reps, units=len(reps), range=(-math.inf, math.inf))
-        se = float(spread.se()[0, 0])
-        lo, hi = spread.interval(w - a, [(0, 0)], level)
-        p = math.erfc(abs(w - a) / se / math.sqrt(2)) if se > 0 else float("nan")
-        support += w > a and p < 0.05
-        rows.append(f"| {name} | {w:.3f} | {a:.3f} | {w - a:+.3f} [{lo:+.3f}, {hi:+.3f}] | {p:.3g} |")
+        support += c["diff"] > 0 and c["p"] < 1 - level
+        rows.append(f"| {name} | {c['within']:.3f} | {c['across']:.3f} | {c['diff']:+.3f} [{c['low']:+.3f}, "
+                    f"{c['high']:+.3f}] | {c['p']:.3g} |")
     head = ("Does it survive the measure?\n\n| measure | within REC or JE | across REC–JE | within − across "
-            f"[{level:.0%} jackknife interval] | p (normal) |\n|---|---|---|---|---|")
+            f"[{level:.0%} jackknife interval] | p (paired, t) |\n|---|---|---|---|---|")
     tail = (f"{support} of {len(mm['measures'])} measures find models of one objective more alike than models across "
-            f"REC and JE (p < 0.05, paired over images; {len(within)} within and {len(across)} across pairs at the "
-            "last block).")
+            f"REC and JE (p < {1 - level:.2g}, paired over images; {len(within)} within and {len(across)} across pairs "
+            "at the last block).")
     return ["\n".join([head, *rows, "", tail])]
 
 

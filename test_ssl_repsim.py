@@ -3122,16 +3122,38 @@ def test_rotary_models_at_other_grids_match_naive(name, hw, tmp_path):
 
 
 def test_reports_group_models_by_objective_language_supervised_included():
-    """The overview's objective headline: within each objective and across each pair, in the order REC, JE, HYB,
-    LANG, SUP; the mean of the pairs' CKA with the mean half-width as interval."""
+    """The overview's objective groups: within each objective and across each pair, in the order REC, JE, HYB,
+    LANG, SUP; the mean of the pairs' CKA with the mean half-width as interval (descriptive)."""
     fams = ["mae", "dino", "clip", "siglip"]
     models = [types.SimpleNamespace(family=f, source={}) for f in fams]
     c = torch.tensor([[1.0, 0.2, 0.3, 0.4], [0.2, 1.0, 0.6, 0.5], [0.3, 0.6, 1.0, 0.9], [0.4, 0.5, 0.9, 1.0]])
     mm = {"cka": c, "cka_low": c - 0.05, "cka_high": c + 0.05}
-    line = sr._objective_headline(models, mm)[0]
+    line = sr._objective_headline(models, mm, 0.95)[0]
     assert "within LANG (1 pair) 0.90 [0.85, 0.95]" in line, line
     assert "across REC and JE (1 pair) 0.20" in line and "across REC and LANG (2 pairs) 0.35" in line, line
     assert "across JE and LANG (2 pairs) 0.55" in line, line
+
+
+def test_the_rec_je_headline_is_a_paired_test_on_the_jackknife_replicates():
+    """Issue 22: within − across from the same jackknife groups for every pair (the difference's own replicates),
+    t with G − 1 degrees of freedom; the verdict follows p, not whether two intervals overlap. Here the two
+    intervals overlap (each pair's replicates spread widely) yet the paired difference is clear."""
+    models = [types.SimpleNamespace(family=f, source={}) for f in ("mae", "beit", "dino", "mocov3")]
+    g = torch.Generator().manual_seed(0)
+    shared = 0.2 * torch.randn(10, generator=g, dtype=torch.float64)    # what every pair's replicate shares
+    base = torch.tensor([[1, .7, .5, .5], [.7, 1, .5, .5], [.5, .5, 1, .7], [.5, .5, .7, 1]], dtype=torch.float64)
+    jack = base[:, :, None] + shared + 0.002 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
+    jack = (jack + jack.transpose(0, 1)) / 2
+    mm = {"cka": base, "measures": {"cka": {"matrix": base, "jackknife": jack}}}
+    within, across = [(0, 1), (2, 3)], [(0, 2), (0, 3), (1, 2), (1, 3)]
+    d = torch.stack([jack[i, j] for i, j in within]).mean(0) - torch.stack([jack[i, j] for i, j in across]).mean(0)
+    se = math.sqrt(9 / 10 * float(((d - d.mean()) ** 2).sum()))
+    lines = sr._objective_headline(models, mm, 0.95)
+    rec_je = next(ln for ln in lines if ln.startswith("REC vs JE"))
+    assert "within − across +0.200" in rec_je and f"{0.2 - 2.262157 * se:+.3f}" in rec_je, rec_je
+    assert "less similar to each other than to their own kind" in rec_je and "t with 9 degrees" in rec_je
+    one_pair_sd = math.sqrt(9 / 10 * float(((jack[0, 1] - jack[0, 1].mean()) ** 2).sum()))
+    assert 2.262157 * one_pair_sd > 0.1          # each pair's own interval is wide: they would overlap
 
 
 # --- the Hugging Face hub: specs, cache layout, resolve protocol ------------------------------------------------------
@@ -6145,6 +6167,11 @@ def naive_mknn(x, y, k=10):
     return float(np.mean([len(a[i] & b[i]) / k for i in range(len(x))]))
 
 
+def naive_jaccard(x, y, k=10):
+    a, b = naive_knn_sets(x, k), naive_knn_sets(y, k)
+    return float(np.mean([len(a[i] & b[i]) / len(a[i] | b[i]) for i in range(len(x))]))
+
+
 def naive_hsic_unbiased(k, l):
     """Song et al. 2012, eq. 5, term by term with loops over the sums."""
     n = len(k)
@@ -6257,6 +6284,7 @@ def naive_ridge(x, y, alphas=sr.RIDGE_ALPHAS, folds=5):
 
 
 NAIVE_MEASURES = {"cka": lambda x, y: naive_cka(x, y, debiased=True), "mknn": naive_mknn, "cknna": naive_cknna,
+                  "jaccard": naive_jaccard,
                   "procrustes": naive_procrustes, "svcca": naive_svcca, "pwcca": naive_pwcca, "rsa": naive_rsa,
                   "ridge": naive_ridge}
 
@@ -6412,7 +6440,8 @@ def test_cka_maps_carry_permutation_p_values_and_calibrated_scores_computed_by_h
         pair = res["pairs"][0]
         gen = torch.Generator().manual_seed(3 + 1)
         perms = [torch.randperm(30, generator=gen).numpy() for _ in range(K)]
-        cka = lambda x, y: naive_cka(x.numpy(), y, kernel, estimator == "debiased")   # noqa: E731
+        def cka(x, y, kernel=kernel, debiased=estimator == "debiased"):
+            return naive_cka(x.numpy(), y, kernel, debiased)
         obs = np.array([[cka(fa[a], fb[b].numpy()) for b in fb] for a in fa])
         null = np.array([[[cka(fa[a], fb[b].numpy()[p]) for b in fb] for a in fa] for p in perms])
         assert np.array(pair["cka"]) == pytest.approx(obs, abs=1e-9)
@@ -6486,6 +6515,49 @@ def test_paired_differences_hold_their_level_and_find_what_interval_overlap_miss
     assert fpr <= 0.07, fpr
     power, overlap = run(1.13)
     assert power >= 0.8 and overlap <= 0.10, (power, overlap)
+
+
+def _typed_layers(n, blocks, seed, attention_shared):
+    """Two models' sub-layer features on the same n images: norm1, attn, mlp and the block output of each block; every
+    type shares a latent signal across the models, attention only when `attention_shared`."""
+    g = np.random.default_rng(seed)
+    z = g.normal(size=(n, 6))
+    models = []
+    for _ in range(2):
+        f, load = {}, g.normal(size=(6, 12))     # one loading per model: every type the same population CKA
+        for b in range(blocks):
+            for sub in ("norm1", "attn", "mlp", ""):
+                shared = sub != "attn" or attention_shared
+                x = (z @ load if shared else 0) + 1.5 * g.normal(size=(n, 12))
+                f[f"blocks.{b}" + (f".{sub}" if sub else "")] = torch.from_numpy(x)
+        models.append(f)
+    return models
+
+
+def test_gap_readings_are_paired_tests_corrected_for_what_was_searched():
+    """Issue 22 item 5: the sub-layer type that agrees least in the first quarter is tested against every other type
+    (paired over images) with p = T × the largest p (Bonferroni over the T types searched), and the lowest block of
+    the residual streams against block 0 with p × the blocks searched; no 0.5 threshold."""
+    res = sr.compare_features(_typed_layers(160, 8, 0, attention_shared=False), ["A", "B"], permutations=0)
+    pair = res["pairs"][0]
+    w = pair["least_agreeing_type"]
+    assert w["type"] == "attention" and w["p"] < 0.01, w
+    assert set(w["vs"]) == {"normalization", "mlp"}
+    assert w["p"] == pytest.approx(min(1.0, 3 * max(v["p"] for v in w["vs"].values())))
+    for t, v in w["vs"].items():
+        assert v["diff"] == pytest.approx(pair["by_type_first_quarter"][t][0] - pair["by_type_first_quarter"]
+                                          ["attention"][0])
+    lb = pair["lowest_block"]
+    assert lb["searched"] == 7 and 1 <= lb["block"] <= 7
+    reading = sr._read_gap(pair, 0.95)
+    assert "attention outputs agree least" in reading and "Bonferroni over the 3 types" in reading
+    assert "< 0.5" not in reading and "Bonferroni over the 7 blocks" in reading
+    null_ps = []                                 # every type shares the signal: the search must not find one
+    for seed in range(40):
+        pair = sr.compare_features(_typed_layers(96, 4, seed, attention_shared=True), ["A", "B"],
+                                   permutations=0)["pairs"][0]
+        null_ps.append(pair["least_agreeing_type"]["p"])
+    assert np.mean(np.array(null_ps) < 0.05) <= 0.1, null_ps
 
 
 def test_cli_cka_every_measure_on_two_official_layout_files(tmp_path):
