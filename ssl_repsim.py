@@ -3692,6 +3692,59 @@ class MinibatchCKA:
             return sxy / (sxx.clamp_min(0).sqrt()[:, :, None] * syy.clamp_min(0).sqrt()[:, None, :])
 
 
+JACKKNIFE_GROUPS = 10   # intervals: the map with each tenth of the images (a seeded partition) left out
+
+
+def jackknife_groups(n: int, groups: int, seed: int) -> torch.Tensor:
+    """Each image's group (0 … groups − 1) of the delete-a-group jackknife: a seeded random partition, the same for
+    every model and measure of a comparison."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % max(1, min(groups, n))
+
+
+def _raw_kernel(x, kernel: str) -> torch.Tensor:
+    """What a subset's Gram is cut from: the centred features' Gram (linear; any centring before the subset's own
+    cancels), or the squared distances (RBF, whose median bandwidth is the subset's own)."""
+    xc = _centred64(x)
+    if kernel == "linear":
+        return xc @ xc.T
+    sq = (xc * xc).sum(1)
+    return (sq[:, None] + sq[None, :] - 2 * xc @ xc.T).clamp_min_(0)
+
+
+def _subset_gram(raw: torch.Tensor, keep: torch.Tensor, kernel: str, debiased: bool, threshold: float):
+    """The unit-norm centred (or U-centred) Gram of the images in `keep`, flattened, from _raw_kernel."""
+    k = raw[keep][:, keep]
+    if kernel == "rbf":
+        flat = k.flatten()
+        m = flat.numel()
+        lo = flat.kthvalue((m + 1) // 2).values
+        med = lo if m % 2 else (lo + flat.kthvalue(m // 2 + 1).values) / 2
+        k = torch.exp(-k / (2 * threshold ** 2 * med))
+    k = center_gram(k, debiased)
+    return (k / k.norm().clamp_min(1e-300)).flatten()
+
+
+def cka_jackknife(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0, debiased: bool = False,
+                  groups: int = JACKKNIFE_GROUPS, seed: int = 0) -> torch.Tensor | None:
+    """(G, L_a, L_b): the CKA map with each group of images (jackknife_groups) left out (the delete-a-group
+    jackknife, Quenouille 1956; Tukey 1958), each subset's Grams cut from the full ones and centred anew, so the map
+    of every subset costs n² per entry, not a new Gram. None when the Grams do not fit the memory budget."""
+    _, xs = _named(xs)
+    _, ys = _named(ys)
+    n = xs[0].shape[0]
+    if (len(xs) + len(ys)) * n * n * 8 > GRAM_BUDGET_BYTES or groups < 3 or n < 2 * groups:
+        return None
+    part = jackknife_groups(n, groups, seed)
+    ra, rb = [_raw_kernel(x, kernel) for x in xs], [_raw_kernel(y, kernel) for y in ys]
+    out = torch.empty(groups, len(xs), len(ys), dtype=torch.float64)
+    for g in range(groups):
+        keep = part != g
+        ga = torch.stack([_subset_gram(r, keep, kernel, debiased, rbf_threshold) for r in ra])
+        gb = torch.stack([_subset_gram(r, keep, kernel, debiased, rbf_threshold) for r in rb])
+        out[g] = ga @ gb.T
+    return out
+
+
 def cka_influence(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0,
                   debiased: bool = False) -> torch.Tensor | None:
     """(L_a, L_b, n) influence of each sample on each CKA entry, by the infinitesimal jackknife (Jaeckel 1972;
@@ -3760,6 +3813,7 @@ class Spread:
     values: torch.Tensor
     units: int | None = None
     range: tuple[float, float] = (0.0, 1.0)   # of the measure: intervals are kept within it
+    scale: str = "raw"     # "logit": a jackknife interval made on the logit of the value's place in the range
 
     @property
     def dof(self) -> int | None:
@@ -3767,9 +3821,19 @@ class Spread:
 
     def interval(self, estimate, entries=None, level: float = 0.95):
         """The normal (or t) interval, kept within the measure's range (a bound past it is set to it) and around
-        the estimate."""
-        lo, hi = normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level, self.dof)
+        the estimate; with scale "logit", u = logit((v − a)/(b − a)) of the estimate and of each replicate, u ∓ q·se(u)
+        mapped back (an interval that respects the bounds and the skew near them)."""
         a, b = self.range
+        if self.scale == "logit" and self.kind == "jackknife" and math.isfinite(a) and math.isfinite(b):
+            to_u = lambda v: torch.logit(((torch.as_tensor(v, dtype=torch.float64) - a) / (b - a)), eps=1e-4)
+            reps = self.values if entries is None else self._picked(entries)
+            u_lo, u_hi = normal_interval(to_u(estimate), self._se(to_u(reps)), level, self.dof)
+            lo, hi = (a + (b - a) * torch.sigmoid(u) for u in (u_lo, u_hi))
+            if entries is not None or not isinstance(estimate, torch.Tensor):
+                lo, hi = float(lo), float(hi)
+        else:
+            lo, hi = normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level,
+                                     self.dof)
         if isinstance(lo, torch.Tensor):
             est = torch.as_tensor(estimate, dtype=lo.dtype)
             return torch.minimum(lo.clamp(a, b), est), torch.maximum(hi.clamp(a, b), est)
@@ -3777,24 +3841,24 @@ class Spread:
 
     def contrast(self, entries_a, entries_b) -> Spread:
         """The spread of (mean of entries_a) − (mean of entries_b) of the same map: paired, image by image."""
-        def mean_of(entries):
-            i, j = torch.tensor([e[0] for e in entries]), torch.tensor([e[1] for e in entries])
-            return self.values[i, j].mean(0) if self.kind == "influence" else self.values[:, i, j].mean(-1)
         a, b = self.range
-        return Spread(self.kind, mean_of(entries_a) - mean_of(entries_b), self.units, (a - b, b - a))
+        return Spread(self.kind, self._picked(entries_a) - self._picked(entries_b), self.units, (a - b, b - a))
 
     def at(self, i: int, j: int) -> Spread:
         """The spread of the single map entry (i, j)."""
         v = self.values[i, j] if self.kind == "influence" else self.values[:, i, j]
-        return Spread(self.kind, v, self.units, self.range)
+        return Spread(self.kind, v, self.units, self.range, self.scale)
 
     def se(self, entries=None) -> torch.Tensor | float:
         """Per-entry (L_a, L_b) standard errors, or that of the mean of the listed (i, j) entries."""
         if entries is None:
             return self._se(self.values)
+        return float(self._se(self._picked(entries)))
+
+    def _picked(self, entries) -> torch.Tensor:
+        """The spread's values of the mean of the listed (i, j) entries."""
         i, j = torch.tensor([e[0] for e in entries]), torch.tensor([e[1] for e in entries])
-        picked = self.values[i, j].mean(0) if self.kind == "influence" else self.values[:, i, j].mean(-1)
-        return float(self._se(picked))
+        return self.values[i, j].mean(0) if self.kind == "influence" else self.values[:, i, j].mean(-1)
 
     def _se(self, v: torch.Tensor) -> torch.Tensor:
         if self.kind == "jackknife":          # √((G − 1)/G · Σ_g (θ₋g − θ̄)²), Quenouille–Tukey
@@ -4261,7 +4325,6 @@ def permuted(state, how: str, perm: torch.Tensor):
 
 # --- every measure's maps with intervals over images and a permutation null ----------------------------------------
 
-JACKKNIFE_GROUPS = 10   # a measure's interval: the map with each tenth of the images (a seeded partition) left out
 CALIBRATION_ALPHA = 0.05
 
 
@@ -4299,7 +4362,7 @@ def _prepared(m: Measure, feats: dict, groups: int, seed: int) -> tuple[list, li
     left out; None when the n images are too few for `groups` groups). The partition is drawn from `seed`, so every
     model of a comparison leaves out the same images."""
     names, n = list(feats), len(next(iter(feats.values())))
-    part = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % max(1, min(groups, n))
+    part = jackknife_groups(n, groups, seed)
     jack = [_states(m, feats, names, part != k) for k in range(groups)] if groups >= 3 and n >= 2 * groups else None
     return _states(m, feats, names), jack
 
@@ -4319,7 +4382,7 @@ def measure_maps(fa: dict, fb: dict, name: str, *, permutations: int = 200, grou
     out = dict(map=_score_map(m, sa, sb), reverse=None if m.symmetric else _score_map(m, sb, sa).T)
     if ja is not None:
         reps = [_score_map(m, a, b) for a, b in zip(ja, jb, strict=True)]
-        out["spread"] = Spread("jackknife", torch.stack(reps), units=len(reps), range=m.range)
+        out["spread"] = Spread("jackknife", torch.stack(reps), units=len(reps), range=m.range, scale="logit")
     if permutations:
         g = torch.Generator().manual_seed(seed + 1)
         perms = [torch.randperm(n, generator=g) for _ in range(permutations)]
@@ -4376,7 +4439,8 @@ def measures_info(names, permutations: int, ci: float) -> dict:
     """How each measure's numbers are to be read: range, invariances, chance, interval and null."""
     return {n: dict(id=MEASURES[n].resi_id, cite=MEASURES[n].cite, range=list(MEASURES[n].range),
                     invariance=list(MEASURES[n].invariance), symmetric=MEASURES[n].symmetric,
-                    interval=f"delete-a-group jackknife over images ({JACKKNIFE_GROUPS} groups), t quantile, within "
+                    interval=f"delete-a-group jackknife over images ({JACKKNIFE_GROUPS} groups), logit scale where "
+                             "the range is bounded, t quantile, within "
                              "the range" if ci else None,
                     null=f"{permutations} permutations of the second model's images (the same for all its layers); "
                          f"calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}" if permutations else None)
@@ -4422,7 +4486,12 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
 
 def _comparison(specs, names, at, maps, spreads, n, ci, estimator, **extra) -> dict:
     """A comparison's result: every pair's map entry, the model matrix, and how to read them."""
-    how = "bootstrap over batches" if estimator == "minibatch" else "infinitesimal jackknife over images"
+    kinds = {sp.kind for sp in spreads.values()}
+    how = "; ".join({"bootstrap": "bootstrap over batches",
+                     "jackknife": f"delete-a-group jackknife over images ({JACKKNIFE_GROUPS} seeded groups), logit "
+                                  f"scale, t with {JACKKNIFE_GROUPS - 1} degrees of freedom",
+                     "influence": "infinitesimal jackknife over images (the Grams exceeded the memory budget)"}[k]
+                    for k in sorted(kinds)) or "none"
     return dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
                 model_matrix=_model_matrix(specs, names, at, maps, spreads, ci), estimator=estimator, n=n,
                 ci=ci or None, interval=f"{how}, within [0, 1]" if ci else None,
@@ -4445,7 +4514,7 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
     _check_n(len(next(iter(feature_sets[0].values()))), estimator == "debiased")
     pairs = [(i, j) for i in range(len(specs)) for j in range(i + 1, len(specs))]
     maps, spreads, n = _maps_of_features(feature_sets, specs, pairs, kernel, estimator == "debiased", rbf_threshold,
-                                         ci > 0)
+                                         ci > 0, seed)
     at = [_point_index(nm, model_point) for nm in names]
     out = _comparison(specs, names, at, maps, spreads, n, ci, estimator)
     if permutations:
@@ -4497,7 +4566,7 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     """CKA maps of every pair of models (each extracted once) and the models×models matrix at `model_point`
     (default: each model's last point; "last"/"first" or a point name present in every model's list). estimator
     None = auto (see choose_estimator: always an unbiased one). With ci > 0 every map and summary carries a
-    `ci`-level interval: bootstrap over batches for minibatch, the infinitesimal jackknife over images otherwise.
+    `ci`-level interval: bootstrap over batches for minibatch, the delete-a-group jackknife over images otherwise.
     Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
     all-reduced, full-batch features gathered, so every estimator equals the single-process result. `measures`
     (MEASURES names) adds each measure's maps, intervals, permutation p-values and calibrated scores (measure_maps)."""
@@ -4733,13 +4802,23 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
     return maps, spreads, int(_all_reduce_sums([used], group)[0])
 
 
-def _maps_of_features(feats, specs, pairs, kernel, debiased, rbf_threshold, spread) -> tuple[dict, dict, int]:
+def _maps_of_features(feats, specs, pairs, kernel, debiased, rbf_threshold, spread,
+                      seed: int = 0) -> tuple[dict, dict, int]:
+    """Every pair's CKA map and its spread: the delete-a-group jackknife (logit-scale intervals, t with G − 1
+    degrees of freedom) where the Grams fit the memory budget and n ≥ 2·G, else the infinitesimal jackknife (where
+    the per-image influence fits), else none (said)."""
     maps, spreads = {}, {}
+    n = len(next(iter(feats[0].values())))
+    groups = min(JACKKNIFE_GROUPS, n // 2)
     for i, j in pairs:
         with _logged_warnings(f"{specs[i]} vs {specs[j]}: "):
             maps[(i, j)] = cka_matrix(feats[i], feats[j], kernel=kernel, debiased=debiased,
                                       rbf_threshold=rbf_threshold)
-        fits = maps[(i, j)].numel() * len(next(iter(feats[i].values()))) * 4 <= GRAM_BUDGET_BYTES
+        jack = cka_jackknife(feats[i], feats[j], kernel, rbf_threshold, debiased, groups, seed) if spread else None
+        if jack is not None:
+            spreads[(i, j)] = Spread("jackknife", jack, units=groups, scale="logit")
+            continue
+        fits = maps[(i, j)].numel() * n * 4 <= GRAM_BUDGET_BYTES
         influence = cka_influence(feats[i], feats[j], kernel, rbf_threshold, debiased) if spread and fits else None
         if influence is not None:
             spreads[(i, j)] = Spread("influence", influence)
@@ -6198,7 +6277,7 @@ class AnalysisOptions:
                                     "(Song et al.); minibatch = Nguyen et al. (memory independent of n)",
                             choices=("auto", "biased", "full", "debiased", "minibatch"))
     ci: float = _field(0.95, "level of the intervals on every CKA number (0 = none): bootstrap over batches for "
-                             "minibatch, the infinitesimal jackknife over images otherwise", range=(0, 1, "[)"))
+                             "minibatch, the delete-a-group jackknife over images otherwise", range=(0, 1, "[)"))
     ci_resamples: int = _field(1000, "bootstrap resamples of the minibatch intervals", range=(10, 1000000))
     epochs: int = _field(50, "epochs of the MLP probes", range=(1, 100000))
     mae_mask_ratio: float = _field(0.0, "attention statistics with MAE's random masking (the paper's author code "
