@@ -5060,10 +5060,10 @@ def _probe_inputs(tr: torch.Tensor, te: torch.Tensor, dual: bool) -> tuple[torch
 
 
 def accuracies(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
-    """{"top1", "top1_ci", "top5", "top5_ci"}: accuracies with Wilson 95% intervals (top-5 only with at least 5
-    classes)."""
+    """{"top1", "top1_ci", "top5", "top5_ci", "correct"}: accuracies with Wilson 95% intervals (top-5 only with at
+    least 5 classes) and which validation images were right (top-1), for paired comparisons (mcnemar)."""
     return _with_intervals(topk_accuracy(logits, y), topk_accuracy(logits, y, 5) if num_classes >= 5 else None,
-                           len(y))
+                           len(y), logits.argmax(1).cpu() == torch.as_tensor(y).cpu())
 
 
 def wilson_interval(k: float, n: int, level: float = 0.95) -> list[float]:
@@ -5076,11 +5076,32 @@ def wilson_interval(k: float, n: int, level: float = 0.95) -> list[float]:
     return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
 
 
-def _with_intervals(top1: float, top5: float | None, n: int) -> dict:
+def _with_intervals(top1: float, top5: float | None, n: int, correct=None) -> dict:
     out = dict(top1=top1, top1_ci=wilson_interval(round(top1 * n), n))
     if top5 is not None:
         out.update(top5=top5, top5_ci=wilson_interval(round(top5 * n), n))
+    if correct is not None:
+        out["correct"] = "".join("1" if c else "0" for c in torch.as_tensor(correct).flatten().tolist())
     return out
+
+
+def mcnemar(correct_a, correct_b) -> dict:
+    """McNemar's test of two classifiers on the same images (McNemar 1947): of the n₁₀ images only a gets right and
+    the n₀₁ only b gets right, p = P(min ≤ Bin(n₁₀ + n₀₁, ½)) × 2 (exact; the continuity-corrected normal beyond
+    5,000 discordant images). correct_*: bools, or strings of 0/1 as the results store them."""
+    a, b = ([c == "1" for c in v] if isinstance(v, str) else torch.as_tensor(v).bool().tolist()
+            for v in (correct_a, correct_b))
+    if len(a) != len(b):
+        raise UsageError(f"mcnemar: {len(a)} vs {len(b)} images")
+    n10, n01 = sum(x and not y for x, y in zip(a, b, strict=True)), sum(y and not x for x, y in zip(a, b, strict=True))
+    m, k = n10 + n01, min(n10, n01)
+    if m == 0:
+        p = 1.0
+    elif m <= 5000:
+        p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+    else:
+        p = math.erfc(max(abs(n10 - n01) - 1, 0) / math.sqrt(m) / math.sqrt(2))
+    return dict(a_only=n10, b_only=n01, diff=(n10 - n01) / len(a), p=p)
 
 
 def chance_level(y) -> float:
@@ -5188,7 +5209,8 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
             opt.step()
         head.eval()
         with torch.no_grad():
-            out[k] = _with_intervals(topk_accuracy(head(te).cpu(), y_test), None, len(y_test))
+            logits = head(te).cpu()
+            out[k] = _with_intervals(topk_accuracy(logits, y_test), None, len(y_test), logits.argmax(1) == y_test)
     return out
 
 
@@ -5229,6 +5251,7 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
         bank = F.normalize(train[name].float(), dim=1).to(device)
         labels = y_train.to(device)
         hits1 = hits5 = 0
+        right = []
         for s in range(0, len(y_test), chunk):
             q = F.normalize(test[name][s:s + chunk].float(), dim=1).to(device)
             sim, idx = (q @ bank.T).topk(k, dim=1)
@@ -5238,7 +5261,9 @@ def knn_accuracy(train, y_train, test, y_test, k: int = 20, temperature: float =
             yt = y_test[s:s + chunk]
             hits1 += int((pred[:, 0] == yt).sum())
             hits5 += int((pred == yt[:, None]).any(1).sum())
-        out[name] = _with_intervals(hits1 / len(y_test), hits5 / len(y_test) if C >= 5 else None, len(y_test))
+            right.append(pred[:, 0] == yt)
+        out[name] = _with_intervals(hits1 / len(y_test), hits5 / len(y_test) if C >= 5 else None, len(y_test),
+                                    torch.cat(right))
     return out
 
 
@@ -6025,11 +6050,13 @@ def pca_probe(train, y_train, test, y_test, ks=(1, 2, 4, 8, 16, 32, 64), seed: i
                 tr[f"{name}/{tag}{k}"] = ((x.double() - mu) @ basis).float()
                 te[f"{name}/{tag}{k}"] = ((test[name].double() - mu) @ basis).float()
     res = linear_probe(tr, y_train, te, y_test, seed=seed, **probe_opts)
-    out = {name: {"pc": {}, "random": {}} for name in train}
+    out = {name: {"pc": {}, "random": {}, "correct": {}} for name in train}
     for key, r in res.items():
         name, tag = key.rsplit("/", 1)
         kind = "pc" if tag.startswith("pc") else "random"
         out[name][kind][int(tag[len(kind):])] = r["top1"]
+        if "correct" in r:
+            out[name]["correct"][tag] = r["correct"]
     return out
 
 
@@ -6336,11 +6363,6 @@ def _ci(value: float, ci) -> str:
     return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def _apart(ci_a, ci_b) -> bool:
-    """Whether two intervals do not overlap: only then is a difference called a difference."""
-    return ci_a[1] < ci_b[0] or ci_b[1] < ci_a[0]
-
-
 def _read_gap(pair, level: float) -> str:
     """Where the pair's gap opens, each claim a paired test with its correction for what was searched."""
     nan2 = [float("nan")] * 2
@@ -6397,36 +6419,54 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
     return out, {"info.png": ("curves", curves)}, readings
 
 
+def _paired_accuracy(a: dict, b: dict, searched: int = 1, level: float = 0.95) -> tuple[bool, str]:
+    """Whether accuracy a differs from b on the same validation images (McNemar, × searched when a was picked among
+    that many after looking: Bonferroni), and the clause that says so."""
+    if "correct" not in a or "correct" not in b:
+        return False, "no paired test (per-image results not kept)"
+    t = mcnemar(a["correct"], b["correct"])
+    p = min(1.0, t["p"] * searched)
+    how = f"McNemar p = {p:.2g}" + (f", Bonferroni over the {searched} searched" if searched > 1 else "")
+    return p < 1 - level, f"{a['top1'] - b['top1']:+.3f} ({how})"
+
+
 def _read_info(spec: str, r: dict, last: str) -> list[str]:
     lin, knn, n = r["linear"], r["knn"], r["n_val"]
     blocks = {k: v for k, v in lin.items() if k != "official"}
     best = max(blocks, key=lambda k: blocks[k]["top1"])
     acc = {k: _ci(v["top1"], v["top1_ci"]) for k, v in lin.items()}
     head = f"{spec} (n_val {n}, chance {r['chance']:.2f}; {r['tokens']} tokens): "
-    lines = [head + (f"linear accuracy peaks at {best} ({acc[best]}), above the last block ({acc[last]})"
-                     if best != last and _apart(lin[best]["top1_ci"], lin[last]["top1_ci"]) else
-                     f"no clear difference between the best block ({best}, {acc[best]}) and the last ({acc[last]})")
+    clear, said = _paired_accuracy(lin[best], lin[last], len(blocks) - 1)
+    lines = [head + (f"linear accuracy peaks at {best} ({acc[best]}), above the last block ({acc[last]}): {said}"
+                     if best != last and clear else
+                     f"no difference shown between the best block ({best}, {acc[best]}) and the last ({acc[last]})"
+                     + (f": {said}" if best != last else ""))
              + f"; the published representation ({r['official']}) reaches {acc['official']}."]
     kbest = max(knn, key=lambda k: knn[k]["top1"])
     lines.append(f"{spec}: k-NN (k = {r['knn_k']}) {_ci(knn[last]['top1'], knn[last]['top1_ci'])} at the last "
                  f"block, best {kbest} {_ci(knn[kbest]['top1'], knn[kbest]['top1_ci'])}.")
     marg, full = r["marginal"]["all"], r["marginal"][last]
+    clear, said = _paired_accuracy(marg, full)
     lines.append(f"{spec}: all blocks concatenated with the last {_ci(marg['top1'], marg['top1_ci'])} vs the last "
-                 f"alone {_ci(full['top1'], full['top1_ci'])}: "
-                 + ("a clear change." if _apart(marg["top1_ci"], full["top1_ci"]) else "no clear difference."))
-    deep = max(r["mlp"], key=lambda d: r["mlp"][d]["top1"])
-    lines.append(f"{spec}: the best MLP probe ({deep}) {_ci(r['mlp'][deep]['top1'], r['mlp'][deep]['top1_ci'])} vs "
-                 f"linear {_ci(r['mlp']['depth1']['top1'], r['mlp']['depth1']['top1_ci'])}: "
-                 + ("a clear difference." if _apart(r["mlp"][deep]["top1_ci"], r["mlp"]["depth1"]["top1_ci"])
-                    else "no clear difference."))
+                 f"alone {_ci(full['top1'], full['top1_ci'])}: " + ("a change" if clear else "no difference shown")
+                 + f", {said}.")
+    deep = max((d for d in r["mlp"] if d != "depth1"), key=lambda d: r["mlp"][d]["top1"])
+    clear, said = _paired_accuracy(r["mlp"][deep], r["mlp"]["depth1"], len(r["mlp"]) - 1)
+    lines.append(f"{spec}: the best deeper MLP probe ({deep}) {_ci(r['mlp'][deep]['top1'], r['mlp'][deep]['top1_ci'])}"
+                 f" vs linear {_ci(r['mlp']['depth1']['top1'], r['mlp']['depth1']['top1_ci'])}: "
+                 + ("a difference" if clear else "no difference shown") + f", {said}.")
     ks = sorted(set(r["pca"]["pc"]) & set(r["pca"]["random"]))
     if ks:
         k = max(x for x in ks if x <= 16) if min(ks) <= 16 else ks[0]
         pc, rnd = r["pca"]["pc"][k], r["pca"]["random"][k]
         pci, rci = wilson_interval(round(pc * n), n), wilson_interval(round(rnd * n), n)
+        right = r["pca"].get("correct", {})
+        clear, said = _paired_accuracy(dict(top1=pc, **({"correct": right[f"pc{k}"]} if right else {})),
+                                       dict(top1=rnd, **({"correct": right[f"random{k}"]} if right else {})))
         lines.append(f"{spec}: the top {k} principal components of the last block {_ci(pc, pci)} vs {k} random "
-                     f"directions {_ci(rnd, rci)}: " + ("class information sits in the dominant directions."
-                                                         if pc > rnd and _apart(pci, rci) else "no clear difference."))
+                     f"directions {_ci(rnd, rci)}: " + ("class information sits in the dominant directions"
+                                                         if pc > rnd and clear else "no difference shown")
+                     + f", {said}.")
     s = r["spectrum"][last]
     lines.append(f"{spec}: last-block effective rank {s['effective_rank']:.1f}, participation ratio "
                  f"{s['participation_ratio']:.1f}, top-PC variance share {s['top_pc_share']:.2f} (sample statistics of "
@@ -7157,7 +7197,8 @@ def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
     write_json(out / f"{kind}.json", dict(results=results, meta=meta))
     write_csv(out / f"{kind}.csv", ["model", "layer", "metric", "value", "ci_low", "ci_high"],
               [[m, layer, metric, v, *per.get(f"{metric}_ci", ["", ""])] for m, r in results.items()
-               for layer, per in r.items() for metric, v in per.items() if not metric.endswith("_ci")])
+               for layer, per in r.items() for metric, v in per.items()
+               if not metric.endswith("_ci") and metric != "correct"])     # which images were right: in the JSON
     _plot_layer_curves({m: top1(r) for m, r in results.items()}, out / f"{kind}.png", f"{kind} top-1")
     print(f"{kind}: {meta['n_train']} training and {meta['n_val']} validation images; chance (majority class) "
           f"{meta['chance']:.3f}; [Wilson 95% interval]")

@@ -4302,7 +4302,7 @@ def test_linear_probe_separable_vs_noise():
     test = {"sep": xte, "noise": torch.randn(100, 16, generator=g)}
     res = sr.linear_probe(train, ytr, test, yte, seed=0)
     assert list(res) == ["sep", "noise"], res
-    assert all(set(r) == {"top1", "top1_ci", "top5", "top5_ci", "weight_decay"} for r in res.values()), res  # top-5 too
+    assert all(set(r) == {"top1", "top1_ci", "top5", "top5_ci", "weight_decay", "correct"} for r in res.values()), res
     assert res["sep"]["top1"] >= 0.97, res
     assert abs(res["noise"]["top1"] - 0.2) < 0.12, res
     for r in res.values():
@@ -4386,7 +4386,7 @@ def test_mlp_probe_separable_blobs():
     noise_tr, noise_te = torch.randn(150, 16, generator=g), torch.randn(90, 16, generator=g)
     res = sr.mlp_probe({"sep": xtr, "noise": noise_tr}, ytr, {"sep": xte, "noise": noise_te}, yte, depth=2,
                        epochs=40, lr=1e-2, batch_size=64, device="cpu")
-    assert set(res["sep"]) == {"top1", "top1_ci"} and res["sep"]["top1"] >= 0.98, res
+    assert set(res["sep"]) == {"top1", "top1_ci", "correct"} and res["sep"]["top1"] >= 0.98, res
     assert res["noise"]["top1"] <= 0.6, res
     res1 = sr.mlp_probe({"sep": xtr}, ytr, {"sep": xte}, yte, depth=1, epochs=40, lr=1e-2, batch_size=64,
                        device="cpu")
@@ -4407,7 +4407,7 @@ def test_knn_matches_dino_reference():
         top2 = probs.topk(2, dim=1).values
         # no near-ties: otherwise summation order could legitimately flip a prediction
         assert ((top2[:, 0] - top2[:, 1]) / top2[:, 0] > 1e-5).all()
-        assert set(res[name]) == {"top1", "top1_ci"}, res   # 4 classes: no top-5
+        assert set(res[name]) == {"top1", "top1_ci", "correct"}, res   # 4 classes: no top-5
         assert res[name]["top1"] == pytest.approx(ref, abs=1e-12), (name, res[name], ref)
     assert 0.0 < res["blob"]["top1"] <= 1.0
 
@@ -4982,7 +4982,9 @@ def test_pca_probe_top_pcs_vs_random_directions():
     xtr, ytr = data(300)
     xte, yte = data(200)
     res = sr.pca_probe({"f": xtr}, ytr, {"f": xte}, yte, ks=(1, 2, 4), weight_decay=1e-4, device="cpu")
-    assert list(res) == ["f"] and {t: sorted(v) for t, v in res["f"].items()} == {"pc": [1, 2, 4], "random": [1, 2, 4]}
+    assert list(res) == ["f"] and {t: sorted(v) for t, v in res["f"].items()} == {"pc": [1, 2, 4], "random": [1, 2, 4],
+                                                                             "correct": ["pc1", "pc2", "pc4", "random1",
+                                                                                         "random2", "random4"]}
     for k in (1, 2, 4):
         assert res["f"]["pc"][k] >= 0.97, res
     assert res["f"]["random"][1] <= 0.75, res
@@ -5526,7 +5528,7 @@ def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "knn" / "knn.json").read_text())["results"][str(a)]
     assert list(res) == ["blocks.0", "blocks.1", "official:cls_norm"], res   # + the published representation
-    assert all(set(r) == {"top1", "top1_ci"} for r in res.values()), res
+    assert all(set(r) == {"top1", "top1_ci", "correct"} for r in res.values()), res
     # DINO weighted k-NN by hand (float64) on cls features of hand-preprocessed images
     ftr = features_by_hand(a, list(xtr), points=["blocks.0", "blocks.1", "norm"], tokens="cls")
     fva = features_by_hand(a, list(xva), points=["blocks.0", "blocks.1", "norm"], tokens="cls")
@@ -5539,7 +5541,8 @@ def test_cli_probe_and_knn_on_tensor_files(tmp_path):
     doc = json.loads((tmp_path / "probe" / "probe.json").read_text())
     res = doc["results"][str(a)]
     assert list(res) == ["blocks.0", "blocks.1", "official:cls_norm"], res
-    assert all(set(r) == {"top1", "top1_ci", "weight_decay"} and 0 <= r["top1"] <= 1 for r in res.values()), res
+    assert all(set(r) == {"top1", "top1_ci", "weight_decay", "correct"} and 0 <= r["top1"] <= 1
+               for r in res.values()), res
     assert doc["meta"]["chance"] == 0.5 and doc["meta"]["official"] == {str(a): "cls_norm"}
     assert res["blocks.1"]["top1"] == 1.0  # colour alone separates the classes
     assert doc["meta"]["n_train"] == 24 and doc["meta"]["n_val"] == 12
@@ -6513,6 +6516,49 @@ def test_cka_intervals_cover_the_population_value_from_n_64(d):
                                            ["x", "y"], permutations=0, seed=seed)["pairs"][0]
                 hits[n] += float(pair["cka_low"][0, 0]) <= pop <= float(pair["cka_high"][0, 0])
         assert all(h / 120 >= 0.93 for h in hits.values()), (target, hits)
+
+
+def test_mcnemar_matches_the_exact_binomial_written_out():
+    """Two probes on the same 40 images: 9 right only for a, 2 only for b → p = 2 · Σ_{i≤2} C(11, i) / 2¹¹ = 0.0654
+    (as printed in any binomial table); the same images both right or both wrong do not count."""
+    a = [1] * 9 + [0] * 2 + [1] * 20 + [0] * 9
+    b = [0] * 9 + [1] * 2 + [1] * 20 + [0] * 9
+    r = sr.mcnemar(torch.tensor(a).bool(), "".join(map(str, b)))
+    assert (r["a_only"], r["b_only"]) == (9, 2)
+    assert r["p"] == pytest.approx(2 * (1 + 11 + 55) / 2 ** 11)
+    assert r["diff"] == pytest.approx(7 / 40)
+    assert sr.mcnemar([True] * 5, [True] * 5)["p"] == 1.0
+    with pytest.raises(sr.UsageError):
+        sr.mcnemar([True], [True, False])
+
+
+def test_probe_results_keep_which_images_were_right_for_paired_comparisons():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    res = sr.linear_probe({"a": x[:40]}, y[:40], {"a": x[40:]}, y[40:], max_iter=20)["a"]
+    assert len(res["correct"]) == 20 and res["correct"].count("1") == round(res["top1"] * 20)
+    knn = sr.knn_accuracy({"a": x[:40]}, y[:40], {"a": x[40:]}, y[40:], k=5)["a"]
+    assert len(knn["correct"]) == 20 and knn["correct"].count("1") == round(knn["top1"] * 20)
+
+
+def test_info_readings_compare_accuracies_by_mcnemar_with_the_search_corrected():
+    """The best block is picked among the blocks: its McNemar p against the last block is multiplied by the other
+    blocks' count (3 here), and that decides the sentence."""
+    def acc(bits):
+        n = len(bits)
+        return dict(top1=bits.count("1") / n, top1_ci=sr.wilson_interval(bits.count("1"), n), correct=bits)
+    last, mid, best = "1" * 50 + "0" * 50, "1" * 52 + "0" * 48, "1" * 62 + "0" * 38   # best: 12 more right
+    lin = {"blocks.0": acc(last), "blocks.1": acc(mid), "blocks.2": acc(best), "blocks.3": acc(last),
+           "official": acc(best)}
+    marg = {"all": acc(last), "blocks.3": acc(last)}
+    mlp = {f"depth{d}": acc(last) for d in (1, 2, 3, 4)}
+    r = dict(linear=lin, knn={"blocks.3": acc(last)}, knn_k=20, marginal=marg, mlp=mlp,
+             pca={"pc": {}, "random": {}}, spectrum={"blocks.3": dict(effective_rank=1.0, participation_ratio=1.0,
+                                                                      top_pc_share=0.5)},
+             n_val=100, chance=0.5, tokens="cls", official="cls", n_train=100)
+    line = sr._read_info("m", r, "blocks.3")[0]
+    p = min(1.0, 3 * 2 * 0.5 ** 12)                  # 12 discordant images, all for the best block
+    assert f"McNemar p = {p:.2g}, Bonferroni over the 3 searched" in line and "peaks at blocks.2" in line, line
 
 
 def test_two_sided_p_matches_printed_t_and_normal_tables():
