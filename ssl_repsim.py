@@ -3802,6 +3802,10 @@ def _feature_self_rows(x: torch.Tensor) -> torch.Tensor:
     return _cross_rows(x, x)
 
 
+MIN_BOOTSTRAP_BATCHES = 8   # a bootstrap over fewer batches gives no interval (4 batches covered 89%, issue 22)
+NULL_BUDGET_FLOPS = 2e12    # a permutation null costing more (K maps of L_a · L_b · n² each) is left out, said
+
+
 @dataclass
 class Spread:
     """The sampling spread of a CKA map: bootstrap replicates (R, L_a, L_b) of the minibatch estimator over its
@@ -3865,7 +3869,7 @@ class Spread:
             g = len(v)
             return ((g - 1) / g * (v.double() - v.double().mean(0)).square().sum(0)).sqrt()
         if self.kind == "bootstrap":          # the spread of the replicates, × √(B/(B−1)) for B batches
-            if self.units is None or self.units < 3:
+            if self.units is None or self.units < MIN_BOOTSTRAP_BATCHES:
                 return torch.full(v.shape[1:], float("nan"), dtype=torch.float64) if v.ndim > 1 else \
                     torch.tensor(float("nan"), dtype=torch.float64)
             return v.double().std(0) * math.sqrt(self.units / (self.units - 1))
@@ -4517,7 +4521,13 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
                                          ci > 0, seed)
     at = [_point_index(nm, model_point) for nm in names]
     out = _comparison(specs, names, at, maps, spreads, n, ci, estimator)
-    if permutations:
+    cost = 2 * permutations * n * n * sum(len(feature_sets[i]) * len(feature_sets[j]) for i, j in pairs)
+    if permutations and cost > NULL_BUDGET_FLOPS:
+        log.warning(f"notice: no permutation null for the CKA maps: {permutations} permutations of {len(pairs)} maps "
+                    f"at n = {n} would take {cost / 1e12:.0f} TFLOP (lower {_opt('permutations')} or fewer "
+                    f"{_opt('points')}; the model matrix alone: {_opt('points')} blocks)")
+        out["null"] = f"none: {cost / 1e12:.0f} TFLOP over the budget of {NULL_BUDGET_FLOPS / 1e12:.0f}"
+    elif permutations:
         _with_cka_null(out, feature_sets, at, pairs, permutations, seed, estimator == "debiased", kernel,
                        rbf_threshold)
     return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
@@ -4575,8 +4585,9 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     at = [_point_index(n, model_point) for n in names]
     estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
     check_cka_options(estimator, kernel, len(images), batch_size, measures, ci, rbf_threshold)
-    if estimator == "minibatch" and ci and -(-len(images) // batch_size) < 3:
-        log.warning(f"notice: no intervals: the bootstrap over batches needs at least 3 batches, and {len(images)} "
+    if estimator == "minibatch" and ci and -(-len(images) // batch_size) < MIN_BOOTSTRAP_BATCHES:
+        log.warning(f"notice: no intervals: the bootstrap over batches needs at least {MIN_BOOTSTRAP_BATCHES} batches "
+                    f"(with fewer it under-covers), and {len(images)} "
                     f"images at {_opt('batch_size')} {batch_size} make {-(-len(images) // batch_size)} (lower "
                     f"{_opt('batch_size')})")
         ci = 0
@@ -5662,15 +5673,43 @@ class Classifier(nn.Module):
         return self.vit.head(self.vit(x))
 
 
+def predictions(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> tuple:
+    """(logits (n, C) float32, labels (n,)) of the model's classification head on preprocessed (centre-crop) images."""
+    device = as_device(device)
+    logits, labels = [], []
+    with _placed(model, device), torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
+        for x, y in model_batches(model, images, batch_size):
+            logits.append(model.logits(x.to(device)).float().cpu())
+            labels.append(y)
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
 def predictions_correct(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> torch.Tensor:
     """Per image, whether the model's classification head predicts its label (top-1), on preprocessed
     (centre-crop) images."""
-    device = as_device(device)
-    out = []
-    with _placed(model, device), torch.no_grad(), _autocast(device, _parse_dtype(dtype)):
-        for x, y in model_batches(model, images, batch_size):
-            out.append(model.logits(x.to(device)).argmax(-1).cpu() == y)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    logits, y = predictions(model, images, batch_size, device, dtype)
+    return logits.argmax(-1) == y if len(y) else torch.zeros(0, dtype=torch.bool)
+
+
+def topk_kendall(logits_a: torch.Tensor, logits_b: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """Per image, Kendall's τ-b between two heads' scores over the union of their top-k classes: how alike they rank
+    the classes either puts first (the author code's comparison of top-k lists, as a rank correlation of scores over
+    the union, not of the sequences of class ids). NaN where an image's union has no untied pair."""
+    k = min(k, logits_a.shape[1])
+    idx = torch.cat([logits_a.topk(k, 1).indices, logits_b.topk(k, 1).indices], 1)          # (n, 2k), repeats
+    first = torch.ones_like(idx, dtype=torch.bool)
+    first[:, 1:] = ~(idx[:, 1:, None] == idx[:, None, :-1]).tril().any(-1)                 # each class counted once
+    va, vb = logits_a.double().gather(1, idx), logits_b.double().gather(1, idx)
+    pair = (first[:, :, None] & first[:, None, :]).triu(1)
+    sa, sb = (torch.sign(v[:, :, None] - v[:, None, :]) for v in (va, vb))
+    m = first.sum(1).double()
+    n0 = m * (m - 1) / 2
+    ties_a = ((sa == 0) & pair).sum((1, 2)).double()
+    ties_b = ((sb == 0) & pair).sum((1, 2)).double()
+    denom = ((n0 - ties_a) * (n0 - ties_b)).sqrt()
+    return torch.where(denom > 0, (sa * sb * pair).sum((1, 2)) / denom.clamp_min(1e-300), float("nan"))
 
 
 def evaluate(model: ViT, images: ImageSet, batch_size: int = 64, device=None, dtype=None) -> float:
@@ -6334,7 +6373,8 @@ def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, lis
     """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
     run = dict(batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir)
     res = compare_models(models, images, points="all", tokens=opts.tokens, estimator=opts.estimator,
-                         progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed, **run)
+                         progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
+                         permutations=opts.permutations, **run)
     readings, figures = [], {}
     norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
     feats = [cached_extract(m, images, pts, "mean", **run) for m, pts in zip(models, norm_pts, strict=True)]
@@ -6483,10 +6523,15 @@ def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, di
         for kind, per in inv.items():
             curves[f"{_spec(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
         last = {kind: list(per.values())[-1] for kind, per in inv.items()}
+        flip = last.get("hflip")
+        raw = (f" The paper's measure, the raw cosine of the {_probe_tokens(m, None)} features to the flipped image's, "
+               f"reads {flip['raw']:.4f} (unrelated images: {flip['raw_shuffled']:.4f}): raw cosines share the "
+               "features' mean and sit near 1 for every model, so this report reads the centred, baseline-normalised "
+               "score.") if flip else ""
         readings.append(f"{_spec(m)} at its last block (centred, baseline-normalised; 1 = invariant, 0 = like an "
                         f"unrelated image; n = {len(images)}): "
                         + ", ".join(f"{k} {_ci(v['centred_normalised'], v['centred_normalised_ci'])}"
-                                    for k, v in last.items()) + ".")
+                                    for k, v in last.items()) + "." + raw)
     return out, {"invariance.png": ("curves", curves)}, readings
 
 
@@ -6564,7 +6609,8 @@ def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
 
 def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Prediction agreement between every two models whose heads classify the data's labels (fine-tuned or
-    linear-probed checkpoints): joint correctness table, Hamming distance, Cohen's κ."""
+    linear-probed checkpoints): joint correctness table, Hamming distance, Cohen's κ, McNemar's test, and the author
+    code's Kendall τ of the top-5 / top-10 class rankings."""
     classes = (len(images.classes) or int(images.labels.max()) + 1) if images.labels is not None else 0
     heads = [m for m in models if m.head is not None and m.head.out_features == classes]
     for m in models:   # a 1000-class head scored on 8 classes is not an agreement between classifiers of these labels
@@ -6574,20 +6620,41 @@ def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dic
     if len(heads) < 2:
         raise UsageError("agreement needs two models with classification heads for these labels (fine-tune them, "
                          "or load fine-tuned checkpoints with their heads)")
-    correct = {_spec(m): predictions_correct(m, images, opts.batch_size, opts.device, opts.dtype) for m in heads}
+    preds = {_spec(m): predictions(m, images, opts.batch_size, opts.device, opts.dtype) for m in heads}
     out, readings = {}, []
-    names = list(correct)
+    names = list(preds)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            r = prediction_agreement(correct[a], correct[b])
+            (la, y), (lb, _) = preds[a], preds[b]
+            r = prediction_agreement(la.argmax(1) == y, lb.argmax(1) == y)
+            r.update(_kendall_summary(la, lb, y))
             out[f"{a} vs {b}"] = r
             n = sum(map(sum, r["table"]))
             kappa = f"Cohen's κ {r['kappa']:.2f}" if math.isfinite(r["kappa"]) else \
                 "Cohen's κ undefined (each head is always right, or always wrong)"
+            tau = "; ".join(f"Kendall τ of the top-{k} rankings {r[f'kendall_top{k}']['all']:.3f} (both right "
+                            f"{r[f'kendall_top{k}']['both_correct']:.3f}, both wrong "
+                            f"{r[f'kendall_top{k}']['both_incorrect']:.3f})" for k in (5, 10) if f"kendall_top{k}" in r)
             readings.append(f"{a} ({_ci(r['acc_a'], wilson_interval(round(r['acc_a'] * n), n))}) vs {b} "
                             f"({_ci(r['acc_b'], wilson_interval(round(r['acc_b'] * n), n))}) on {n} images: Hamming "
-                            f"distance of correctness {r['hamming']:.3f}, {kappa}.")
+                            f"distance of correctness {r['hamming']:.3f}, {kappa}" + (f"; {tau}" if tau else "")
+                            + ", McNemar p = " + f"{mcnemar(la.argmax(1) == y, lb.argmax(1) == y)['p']:.2g}.")
     return out, {}, readings
+
+
+def _kendall_summary(la, lb, y) -> dict:
+    """The author code's rank agreement of two heads (Kendall τ of top-5 and top-10 rankings, topk_kendall), averaged
+    over all images, those both get right and those both get wrong (over each subset's own size, not all images)."""
+    ra, rb = la.argmax(1) == y, lb.argmax(1) == y
+    out = {}
+    for k in (5, 10):
+        if la.shape[1] < k:
+            continue
+        tau = topk_kendall(la, lb, k)
+        out[f"kendall_top{k}"] = {name: float(tau[keep].nanmean()) if keep.any() else float("nan")
+                                  for name, keep in (("all", torch.ones_like(ra)), ("both_correct", ra & rb),
+                                                     ("both_incorrect", ~ra & ~rb))}
+    return out
 
 
 def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
@@ -6733,8 +6800,8 @@ ANALYSES: dict[str, Analysis] = {
                           "device", "dtype", "cache_dir", "seed"), min_models=2, command=False),
     "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
                     "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
-                    ("tokens", "estimator", "ci", "ci_resamples", "batch_size", "device", "dtype", "cache_dir",
-                     "seed"), min_models=2),
+                    ("tokens", "estimator", "ci", "ci_resamples", "permutations", "batch_size", "device", "dtype",
+                     "cache_dir", "seed"), min_models=2),
     "info": Analysis(info_analysis, "Information distribution",
                      "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
                      ("epochs", "batch_size", "device", "dtype", "seed", "cache_dir")),
