@@ -5134,6 +5134,23 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, min_lr: float = 0
     return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+MAE_PROBE_BUDGET = 6.4 * 90 * math.ceil(1281167 / 16384)   # lr × steps of MAE's published ImageNet run (≈ 45,000)
+
+
+def _say_mae_probe_budget(budget: float):
+    """A notice when this run's lr × steps is far below the published run's, and that the augmented views are not
+    used on fixed features (MAE trains its probe on RandomResizedCrop(224, bicubic) + flip views)."""
+    if ("mae-probe", round(budget)) in _SAID:
+        return
+    _SAID.add(("mae-probe", round(budget)))
+    if budget < MAE_PROBE_BUDGET / 100:
+        log.warning(f"notice: the MAE-protocol probe's budget, lr × steps = {budget:.0f}, is "
+                    f"{MAE_PROBE_BUDGET / budget:.0f}× below the published ImageNet run's ({MAE_PROBE_BUDGET:.0f}): at "
+                    f"this n it is likely under-trained (compare {_opt('method', '--method')} lbfgs)")
+    log.warning("notice: the MAE-protocol probe trains on fixed features: MAE's RandomResizedCrop(224, bicubic) + "
+                "flip views of each training image are not used")
+
+
 def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
                      warmup_epochs: int = 10, seed: int = 0, device=None) -> dict:
     """MAE's linear-probe protocol (He et al. 2022, main_linprobe.py): BatchNorm1d(affine=False) → Linear (init
@@ -5154,6 +5171,7 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
         n = tr.shape[1]
         steps_per_epoch = math.ceil(n / batch_size)
         total, lr0 = epochs * steps_per_epoch, blr * batch_size / 256
+        _say_mae_probe_budget(lr0 * total)
         for step in range(total):
             if step % steps_per_epoch == 0:
                 perm = torch.randperm(n, generator=g)
@@ -6293,7 +6311,23 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
             tr, te = ({k: v for k, v in concat_features(f, names[-1]).items() if k != "all"} for f in (tr, te))
         res = linear_probe(tr, lab[rtr[:, 0], rtr[:, 1]], te, lab[rte[:, 0], rte[:, 1]], weight_decays=(1e-4,),
                            max_iter=100, seed=seed, device=device)
-        out[tname] = res
+        out[tname] = {k: _image_clustered(r, rte[:, 0]) for k, r in res.items()}
+    return out
+
+
+def _image_clustered(r: dict, image_of: torch.Tensor, level: float = 0.95) -> dict:
+    """A per-patch accuracy's interval over test images, not patches (the patches of one image are not independent
+    trials): the mean of the per-image accuracies ∓ t·sd/√m over the m test images (a cluster-robust interval)."""
+    right = torch.tensor([c == "1" for c in r["correct"]], dtype=torch.float64)
+    ids, inverse = torch.unique(image_of, return_inverse=True)
+    per_image = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, right) / \
+        torch.bincount(inverse, minlength=len(ids)).double()
+    m = len(per_image)
+    se = float(per_image.std() / math.sqrt(m)) if m > 1 else float("nan")
+    lo, hi = normal_interval(float(per_image.mean()), se, level, m - 1 if m > 1 else None)
+    out = {k: v for k, v in r.items() if k not in ("top5", "top5_ci")}
+    out.update(top1_ci=[max(0.0, min(lo, r["top1"])), min(1.0, max(hi, r["top1"]))], n_images=m,
+               interval=f"t over the {m} test images (patches clustered by image)")
     return out
 
 
@@ -6572,7 +6606,7 @@ def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
         readings.append(f"{_spec(m)}: at its last block, patch-position probe "
                         f"{_ci(final['position']['top1'], final['position']['top1_ci'])}"
                         + (f", per-patch object probe {_ci(final['mask']['top1'], final['mask']['top1_ci'])}"
-                           if "mask" in final else "") + " (Wilson 95% over test patches).")
+                           if "mask" in final else "") + f" ({final['position']['interval']}).")
     return out, {"spatial.png": ("curves", curves)}, readings
 
 

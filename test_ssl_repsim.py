@@ -6605,6 +6605,29 @@ def test_topk_kendall_is_tau_b_over_the_union_of_both_top_k_lists():
     assert float(got[0]) == pytest.approx(1.0) and float(got[1]) == pytest.approx(-1.0)
 
 
+def test_spatial_intervals_count_images_not_patches():
+    """Issue 22 item 6: 10 test images × 20 patches, every patch of an even image right, of an odd one wrong: the
+    per-patch Wilson interval over 200 'trials' would be ±0.07; over images it is 0.5 ∓ t₉ · 0.527/√10."""
+    image_of = torch.arange(10).repeat_interleave(20)
+    r = dict(top1=0.5, top1_ci=sr.wilson_interval(100, 200), correct="".join("1" if i % 2 == 0 else "0"
+                                                                            for i in image_of.tolist()))
+    got = sr._image_clustered(r, image_of)
+    half = 2.262157 * math.sqrt(10 / 9 * 0.25) / math.sqrt(10)
+    assert got["top1_ci"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-5)
+    assert got["n_images"] == 10 and "10 test images" in got["interval"]
+
+
+def test_the_mae_probe_says_when_its_budget_is_far_below_the_published_run(caplog):
+    """40 images, batch 256, 7 epochs: lr × steps = 0.1 × 7 = 0.7 against 6.4 × 90 × 79 = 45,504 for MAE's ImageNet
+    run: the notice gives the ratio, and says the augmented views are not used on fixed features."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.arange(40) % 2
+    with caplog.at_level("WARNING", logger="ssl_repsim"):
+        sr.mae_linear_probe({"f": x[:30]}, y[:30], {"f": x[30:]}, y[30:], epochs=7)
+    assert f"{6.4 * 90 * 79 / 0.7:.0f}× below the published" in caplog.text, caplog.text
+    assert "RandomResizedCrop(224, bicubic) + flip" in caplog.text
+
+
 def test_two_sided_p_matches_printed_t_and_normal_tables():
     for t, dof, p in ((1.959964, None, 0.05), (2.575829, None, 0.01), (12.7062, 1, 0.05), (4.302653, 2, 0.05),
                       (2.262157, 9, 0.05), (3.249836, 9, 0.01), (2.228139, 10, 0.05), (2.042272, 30, 0.05),
