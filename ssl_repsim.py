@@ -6708,6 +6708,7 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
         ci = p.get("diagonal_mean_ci", [float("nan")] * 2)
         readings.append(f"{p['a']} vs {p['b']}: matched-block mean CKA {_ci(p['diagonal_mean'], ci)}.")
     readings += _objective_headline(models, mm, opts.ci or 0.95)
+    readings += _pt_ft_readings(models, mm, opts.ci or 0.95)
     readings += _measure_robustness(models, mm, opts.ci)
     figures = {"overview.png": ("heatmaps", res["pairs"])}
     if len(models) > 2:
@@ -6784,6 +6785,32 @@ def _objective_headline(models, mm, level: float) -> list[str]:
                "No evidence that reconstruction and joint-embedding models differ more from each other than from "
                f"their own kind at the {1 - level:.0%} level.")
     return [*head, f"REC vs JE (debiased CKA at the last block): {said} {test}. {verdict}"]
+
+
+def _pt_ft_readings(models, mm, level: float) -> list[str]:
+    """The seed paper's PT → FT claim as paired tests: for each pretrained model and its fine-tuned version (same
+    objective, once +FT) and every joint-embedding model c, CKA(FT, c) − CKA(PT, c) on the same images, its interval
+    and p from the difference's jackknife replicates; Holm over the comparisons made."""
+    e, kind = mm.get("measures", {}).get("cka"), _objective_of(models)
+    if e is None or "jackknife" not in e:
+        return []
+    tests = []
+    for pt, ft in itertools.permutations(range(len(models)), 2):
+        if kind[ft] != kind[pt] + "+FT":
+            continue
+        for c in (c for c in range(len(models)) if kind[c] == "JE" and c not in (pt, ft)):
+            spread = Spread("jackknife", e["jackknife"][ft, c] - e["jackknife"][pt, c], units=e["jackknife"].shape[-1],
+                            range=(-1.0, 1.0))
+            tests.append((pt, ft, c, paired_test(spread, float(e["matrix"][ft, c] - e["matrix"][pt, c]), level)))
+    lines, m, running = [], len(tests), 0.0
+    for rank, (pt, ft, c, t) in enumerate(sorted(tests, key=lambda x: x[3]["p"])):
+        running = p = max(running, min(1.0, (m - rank) * t["p"]))   # Holm's step-down adjusted p (Holm 1979)
+        moved = "closer to" if t["diff"] > 0 else "further from"
+        verdict = f"the fine-tuned model lies {moved}" if p < 1 - level else "no move shown"
+        lines.append(f"PT → FT: CKA({_spec(models[ft])}, {_spec(models[c])}) − CKA({_spec(models[pt])}, "
+                     f"{_spec(models[c])}) = {t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}], p = {p:.2g} (paired "
+                     f"over images, Holm over {m} comparison{'s' * (m > 1)}): {verdict} {_spec(models[c])}.")
+    return lines
 
 
 def _objective_of(models) -> list[str]:

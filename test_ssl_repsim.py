@@ -6628,6 +6628,29 @@ def test_the_mae_probe_says_when_its_budget_is_far_below_the_published_run(caplo
     assert "RandomResizedCrop(224, bicubic) + flip" in caplog.text
 
 
+def test_the_pt_to_ft_claim_is_a_paired_test_with_holm_over_the_comparisons():
+    """MAE, its fine-tuned version and two JE models: CKA(FT, c) − CKA(PT, c) for each JE model c from the difference's
+    jackknife replicates (t₉); two comparisons, Holm: the smaller p × 2, the larger p × 1 (never below the first)."""
+    specs = [("mae", False, "mae"), ("mae", True, "mae-ft"), ("dino", False, "dino"), ("mocov3", False, "mocov3")]
+    models = [types.SimpleNamespace(family=f, source=dict(fine_tuned=ft, spec=s)) for f, ft, s in specs]
+    g = torch.Generator().manual_seed(1)
+    base = torch.tensor([[1, .8, .3, .3], [.8, 1, .5, .31], [.3, .5, 1, .7], [.3, .31, .7, 1]], dtype=torch.float64)
+    jack = base[:, :, None] + 0.01 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
+    jack = (jack + jack.transpose(0, 1)) / 2
+    mm = {"measures": {"cka": {"matrix": base, "jackknife": jack}}}
+    lines = sr._pt_ft_readings(models, mm, 0.95)
+    assert len(lines) == 2
+    ps = []
+    for c in (2, 3):
+        d = jack[1, c] - jack[0, c]
+        se = math.sqrt(9 / 10 * float(((d - d.mean()) ** 2).sum()))
+        ps.append(sr.two_sided_p(float(base[1, c] - base[0, c]) / se, 9))
+    lo, hi = sorted(ps)
+    assert f"p = {min(1.0, 2 * lo):.2g}" in lines[0] and "the fine-tuned model lies closer to dino" in lines[0], lines
+    assert f"p = {max(min(1.0, 2 * lo), hi):.2g}" in lines[1], lines
+    assert "Holm over 2 comparisons" in lines[1]
+
+
 def test_two_sided_p_matches_printed_t_and_normal_tables():
     for t, dof, p in ((1.959964, None, 0.05), (2.575829, None, 0.01), (12.7062, 1, 0.05), (4.302653, 2, 0.05),
                       (2.262157, 9, 0.05), (3.249836, 9, 0.01), (2.228139, 10, 0.05), (2.042272, 30, 0.05),
