@@ -3724,6 +3724,51 @@ def _subset_gram(raw: torch.Tensor, keep: torch.Tensor, kernel: str, debiased: b
     return (k / k.norm().clamp_min(1e-300)).flatten()
 
 
+def _kept_sums(k: torch.Tensor, l: torch.Tensor, part: torch.Tensor, groups: int) -> tuple:
+    """For stacked Grams k (A, n, n), l (B, n, n) and each group g of `part` left out (keep w = part ≠ g): Σᵢⱼ wᵢwⱼ
+    KᵢⱼLᵢⱼ (G, A, B), wᵀKw (G, A), wᵀLw (G, B) and Σᵢ wᵢ(Kw)ᵢ(Lw)ᵢ (G, A, B), by subtracting the left-out rows and
+    columns from the full sums (symmetric Grams): each group costs its own rows, not a new n × n product."""
+    full = k.flatten(1) @ l.flatten(1).T
+    ks, ls = k.sum(-1), l.sum(-1)                                                # (A, n), (B, n): K1, L1
+    out = [torch.empty(groups, *shape, dtype=torch.float64) for shape in
+           ((len(k), len(l)), (len(k),), (len(l),), (len(k), len(l)))]
+    for g in range(groups):
+        h, w = (part == g).nonzero().flatten(), (part != g).double()
+        rows = k[:, h].flatten(1) @ l[:, h].flatten(1).T
+        both = k[:, h][:, :, h].flatten(1) @ l[:, h][:, :, h].flatten(1).T
+        kw, lw = ks - k[:, :, h].sum(-1), ls - l[:, :, h].sum(-1)                 # K w, L w
+        out[0][g], out[1][g], out[2][g] = full - 2 * rows + both, kw @ w, lw @ w
+        out[3][g] = (kw * w) @ lw.T
+    return tuple(out)
+
+
+def _jackknife_hsic(k, l, part, groups: int, debiased: bool) -> torch.Tensor:
+    """(G, A, B) HSIC-proportional sums of every subset (Song et al.'s U-statistic numerator on zero-diagonal Grams,
+    or tr(K H L H) on full ones), from _kept_sums."""
+    t, sk, sl, p = _kept_sums(k, l, part, groups)
+    m = torch.tensor([float((part != g).sum()) for g in range(groups)], dtype=torch.float64)[:, None, None]
+    if debiased:
+        return t + sk[:, :, None] * sl[:, None, :] / ((m - 1) * (m - 2)) - 2 / (m - 2) * p
+    return t - 2 / m * p + sk[:, :, None] * sl[:, None, :] / (m * m)
+
+
+def _linear_cka_jackknife(xs, ys, part, groups: int, debiased: bool) -> torch.Tensor:
+    """(G, L_a, L_b) linear CKA of every jackknife subset from the full Grams of the centred features (diagonal
+    zeroed for the U-statistic), by the subset sums of _jackknife_hsic: no subset Gram is formed or re-centred."""
+    def grams(vs):   # in the features' precision (float32 products, as cka_matrix's), summed in float64 below
+        g = torch.stack([(c @ c.T).double() for c in map(_centred32, vs)])
+        if debiased:
+            g.diagonal(dim1=1, dim2=2).zero_()
+        return g
+    ka, kb = grams(xs), grams(ys)
+    xy = _jackknife_hsic(ka, kb, part, groups, debiased)
+    xx = torch.stack([_jackknife_hsic(ka[i:i + 1], ka[i:i + 1], part, groups, debiased)[:, 0, 0]
+                      for i in range(len(ka))], 1)
+    yy = torch.stack([_jackknife_hsic(kb[j:j + 1], kb[j:j + 1], part, groups, debiased)[:, 0, 0]
+                      for j in range(len(kb))], 1)
+    return xy / (xx.clamp_min(1e-300).sqrt()[:, :, None] * yy.clamp_min(1e-300).sqrt()[:, None, :])
+
+
 def cka_jackknife(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0, debiased: bool = False,
                   groups: int = JACKKNIFE_GROUPS, seed: int = 0) -> torch.Tensor | None:
     """(G, L_a, L_b): the CKA map with each group of images (jackknife_groups) left out (the delete-a-group
@@ -3735,6 +3780,8 @@ def cka_jackknife(xs, ys, kernel: str = "linear", rbf_threshold: float = 1.0, de
     if (len(xs) + len(ys)) * n * n * 8 > GRAM_BUDGET_BYTES or groups < 3 or n < 2 * groups:
         return None
     part = jackknife_groups(n, groups, seed)
+    if kernel == "linear":
+        return _linear_cka_jackknife(xs, ys, part, groups, debiased)
     ra, rb = [_raw_kernel(x, kernel) for x in xs], [_raw_kernel(y, kernel) for y in ys]
     out = torch.empty(groups, len(xs), len(ys), dtype=torch.float64)
     for g in range(groups):
@@ -4353,8 +4400,9 @@ def _null_maps(m: Measure, sa: list, sb: list, perms: list) -> torch.Tensor:
     product measure re-indexes b's stacked n × n states and takes one product per permutation."""
     if not m.inner:
         return torch.stack([_score_map(m, sa, [permuted(s, m.permute, p) for s in sb]) for p in perms])
-    a, b = m.inner * torch.stack([s.flatten() for s in sa]), torch.stack(sb)
-    return torch.stack([a @ b[:, p][:, :, p].flatten(1).T for p in perms])
+    n = len(sb[0])                     # float32 products (a p-value needs no more), one gather per permutation
+    a, b = (m.inner * torch.stack([s.flatten() for s in sa])).float(), torch.stack(sb).flatten(1).float()
+    return torch.stack([(a @ b[:, (p[:, None] * n + p[None, :]).flatten()].T).double() for p in perms])
 
 
 def _states(m: Measure, feats: dict, names, rows=None) -> list:
@@ -4521,15 +4569,18 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
                                          ci > 0, seed)
     at = [_point_index(nm, model_point) for nm in names]
     out = _comparison(specs, names, at, maps, spreads, n, ci, estimator)
-    cost = 2 * permutations * n * n * sum(len(feature_sets[i]) * len(feature_sets[j]) for i, j in pairs)
-    if permutations and cost > NULL_BUDGET_FLOPS:
-        log.warning(f"notice: no permutation null for the CKA maps: {permutations} permutations of {len(pairs)} maps "
-                    f"at n = {n} would take {cost / 1e12:.0f} TFLOP (lower {_opt('permutations')} or fewer "
-                    f"{_opt('points')}; the model matrix alone: {_opt('points')} blocks)")
-        out["null"] = f"none: {cost / 1e12:.0f} TFLOP over the budget of {NULL_BUDGET_FLOPS / 1e12:.0f}"
+    per_permutation = 2 * n * n * sum(len(feature_sets[i]) * len(feature_sets[j]) for i, j in pairs)
+    affordable = int(NULL_BUDGET_FLOPS // max(per_permutation, 1))
+    k = permutations if permutations <= affordable else affordable if affordable >= 19 else 0
+    if k < permutations:              # an exact test on fewer permutations, said: never an approximate tail
+        log.warning(f"notice: {permutations} permutations of {len(pairs)} CKA maps at n = {n} would take "
+                    f"{permutations * per_permutation / 1e12:.1f} TFLOP: "
+                    + (f"the null rests on {k} (the smallest p-value is 1/{k + 1})" if k else "no permutation null")
+                    + f" (lower {_opt('permutations')} or fewer {_opt('points')})")
+    if k:
+        _with_cka_null(out, feature_sets, at, pairs, k, seed, estimator == "debiased", kernel, rbf_threshold)
     elif permutations:
-        _with_cka_null(out, feature_sets, at, pairs, permutations, seed, estimator == "debiased", kernel,
-                       rbf_threshold)
+        out["null"] = f"none: {per_permutation / 1e12:.2f} TFLOP per permutation, over NULL_BUDGET_FLOPS"
     return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
 
 
