@@ -3876,10 +3876,15 @@ class Spread:
         mapped back (an interval that respects the bounds and the skew near them)."""
         a, b = self.range
         if self.scale == "logit" and self.kind == "jackknife" and math.isfinite(a) and math.isfinite(b):
-            to_u = lambda v: torch.logit(((torch.as_tensor(v, dtype=torch.float64) - a) / (b - a)), eps=1e-4)
-            reps = self.values if entries is None else self._picked(entries)
-            u_lo, u_hi = normal_interval(to_u(estimate), self._se(to_u(reps)), level, self.dof)
-            lo, hi = (a + (b - a) * torch.sigmoid(u) for u in (u_lo, u_hi))
+            est = torch.as_tensor(estimate, dtype=torch.float64)
+            reps = (self.values if entries is None else self._picked(entries)).double()
+            place = lambda v: (v - a) / (b - a)
+            u_lo, u_hi = normal_interval(torch.logit(place(est)), self._se(torch.logit(place(reps))), level, self.dof)
+            r_lo, r_hi = normal_interval(est, self._se(reps), level, self.dof)
+            inner = ((place(reps) > 1e-4) & (place(reps) < 1 - 1e-4)).all(0) & (place(est) > 1e-4) \
+                & (place(est) < 1 - 1e-4)        # at or past a bound the logit is undefined: the t interval there
+            lo = torch.where(inner, a + (b - a) * torch.sigmoid(u_lo), r_lo)
+            hi = torch.where(inner, a + (b - a) * torch.sigmoid(u_hi), r_hi)
             if entries is not None or not isinstance(estimate, torch.Tensor):
                 lo, hi = float(lo), float(hi)
         else:
@@ -3953,20 +3958,19 @@ def two_sided_p(t: float, dof: int | None = None) -> float:
 
 
 def t_quantile(p: float, dof: int | None = None) -> float:
-    """Quantile of Student's t: exact for 1 and 2 degrees of freedom, the Cornish-Fisher series of Abramowitz &
-    Stegun 26.7.5 beyond (within 0.1% from 4), the normal's for dof None."""
+    """Quantile of Student's t (the normal's for dof None): two_sided_p inverted by bisection, so an interval and its
+    p-value always agree."""
     import statistics
     z = statistics.NormalDist().inv_cdf(p)
-    if dof is None:
+    if dof is None or p == 0.5:
         return z
-    if dof == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if dof == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    v = dof
-    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3)
-            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * v ** 4))
+    lo, hi, target = 0.0, max(1.0, abs(z)), 2 * min(p, 1 - p)
+    while two_sided_p(hi, dof) > target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if two_sided_p(mid, dof) > target else (lo, mid)
+    return math.copysign((lo + hi) / 2, p - 0.5)
 
 
 def matched_pairs(la: int, lb: int) -> list[tuple[int, int]]:
@@ -4386,7 +4390,9 @@ def calibration(observed: torch.Tensor, null: torch.Tensor, smax: float = 1.0, a
     k = len(null)
     tau = torch.cat([observed[None], null]).sort(0).values[math.ceil((1 - alpha) * (k + 1)) - 1]
     p = (1 + (null >= observed).sum(0)).double() / (k + 1)
-    return p, ((observed - tau) / (smax - tau).clamp_min(1e-12)).clamp(0, 1), tau
+    cal = ((observed - tau) / (smax - tau).clamp_min(1e-12)).clamp(0, 1)
+    undefined = observed.isnan() | null.isnan().any(0)          # a constant layer: no value, so no p-value either
+    return p.masked_fill(undefined, float("nan")), cal.masked_fill(undefined, float("nan")), tau
 
 
 def _score_map(m: Measure, sa: list, sb: list) -> torch.Tensor:
@@ -4465,21 +4471,29 @@ def _measure_entry(name: str, r: dict, ci: float) -> dict:
 
 def _measure_matrix(name: str, specs, at, results: dict, entries: dict, ci: float) -> dict:
     """One measure between every two models at their `at` points: value, [low, high], p, calibrated (from each pair's
-    _measure_entry), and the jackknife replicates there (paired summaries across pairs: the report's)."""
-    k = len(specs)
+    _measure_entry), and the jackknife replicates there (paired summaries across pairs: the report's). matrix[x, y]
+    is s(x, y): for an asymmetric measure x predicts y, and (j, i) holds the reverse map's value (its interval,
+    p-value and replicates are not computed: NaN), so no paired differences are formed for it."""
+    k, symmetric = len(specs), MEASURES[name].symmetric
     out = {key: torch.full((k, k), float("nan"), dtype=torch.float64)
            for key in ("matrix", "low", "high", "p", "calibrated")}
     for (i, j), r in results.items():
         if "spread" in r:   # the replicates at the models' points: paired summaries across pairs (report)
             reps = r["spread"].values[:, at[i], at[j]]
             out.setdefault("jackknife", torch.full((k, k, len(reps)), float("nan"), dtype=torch.float64))
-            out["jackknife"][i, j] = out["jackknife"][j, i] = reps
+            out["jackknife"][i, j] = reps
+            if symmetric:
+                out["jackknife"][j, i] = reps
         e = entries[(i, j)]
         for key, src in (("matrix", "map"), ("low", "low"), ("high", "high"), ("p", "p"),
                          ("calibrated", "calibrated")):
             if src in e:
-                out[key][i, j] = out[key][j, i] = e[src][at[i], at[j]]
-    if "jackknife" in out and k >= 3 and ci:   # the same groups of images left out for every pair: paired
+                out[key][i, j] = e[src][at[i], at[j]]
+                if symmetric:
+                    out[key][j, i] = out[key][i, j]
+        if not symmetric and e.get("reverse") is not None:
+            out["matrix"][j, i] = e["reverse"][at[i], at[j]]          # b's layer predicting a's
+    if "jackknife" in out and k >= 3 and ci and symmetric:   # the same groups left out for every pair: paired
         g = out["jackknife"].shape[-1]
         out["differences"] = paired_differences(specs, out["matrix"], {
             p: Spread("jackknife", out["jackknife"][p], units=g) for p in results if "spread" in results[p]},
@@ -4487,15 +4501,17 @@ def _measure_matrix(name: str, specs, at, results: dict, entries: dict, ci: floa
     return dict(models=list(specs), id=MEASURES[name].resi_id, **out)
 
 
-def measures_info(names, permutations: int, ci: float) -> dict:
-    """How each measure's numbers are to be read: range, invariances, chance, interval and null."""
+def measures_info(names, permutations, ci: float) -> dict:
+    """How each measure's numbers are to be read: range, invariances, chance, interval and null (`permutations`: a
+    count for all, or {name: count})."""
+    k = permutations if isinstance(permutations, dict) else dict.fromkeys(names, permutations)
     return {n: dict(id=MEASURES[n].resi_id, cite=MEASURES[n].cite, range=list(MEASURES[n].range),
                     invariance=list(MEASURES[n].invariance), symmetric=MEASURES[n].symmetric,
                     interval=f"delete-a-group jackknife over images ({JACKKNIFE_GROUPS} groups), logit scale where "
                              "the range is bounded, t quantile, within "
                              "the range" if ci else None,
-                    null=f"{permutations} permutations of the second model's images (the same for all its layers); "
-                         f"calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}" if permutations else None)
+                    null=f"{k[n]} permutations of the second model's images (the same for all its layers); "
+                         f"calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}" if k[n] else None)
             for n in names}
 
 
@@ -4539,9 +4555,10 @@ def choose_estimator(models, points_per_model, tokens, n, requested=None, budget
 def _comparison(specs, names, at, maps, spreads, n, ci, estimator, **extra) -> dict:
     """A comparison's result: every pair's map entry, the model matrix, and how to read them."""
     kinds = {sp.kind for sp in spreads.values()}
+    g = next((sp.units for sp in spreads.values() if sp.kind == "jackknife"), JACKKNIFE_GROUPS)
     how = "; ".join({"bootstrap": "bootstrap over batches",
-                     "jackknife": f"delete-a-group jackknife over images ({JACKKNIFE_GROUPS} seeded groups), logit "
-                                  f"scale, t with {JACKKNIFE_GROUPS - 1} degrees of freedom",
+                     "jackknife": f"delete-a-group jackknife over images ({g} seeded groups), logit scale inside the "
+                                  f"range, t with {g - 1} degrees of freedom",
                      "influence": "infinitesimal jackknife over images (the Grams exceeded the memory budget)"}[k]
                     for k in sorted(kinds)) or "none"
     return dict(pairs=[_pair_entry(specs, names, i, j, m, spreads.get((i, j)), ci) for (i, j), m in maps.items()],
@@ -4571,6 +4588,11 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
     out = _comparison(specs, names, at, maps, spreads, n, ci, estimator)
     per_permutation = 2 * n * n * sum(len(feature_sets[i]) * len(feature_sets[j]) for i, j in pairs)
     affordable = int(NULL_BUDGET_FLOPS // max(per_permutation, 1))
+    held = 12 * n * n * sum(len(f) for f in feature_sets)     # every model's Grams in float64, and a float32 copy
+    if held > GRAM_BUDGET_BYTES:
+        affordable = 0
+        log.warning(f"notice: no permutation null: every model's n × n Grams would hold {held / 2 ** 30:.1f} GiB, more "
+                    f"than the {GRAM_BUDGET_BYTES / 2 ** 30:.0f} GiB budget (fewer {_opt('n')} or {_opt('points')})")
     k = permutations if permutations <= affordable else affordable if affordable >= 19 else 0
     if k < permutations:              # an exact test on fewer permutations, said: never an approximate tail
         log.warning(f"notice: {permutations} permutations of {len(pairs)} CKA maps at n = {n} would take "
@@ -4581,7 +4603,8 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
         _with_cka_null(out, feature_sets, at, pairs, k, seed, estimator == "debiased", kernel, rbf_threshold)
     elif permutations:
         out["null"] = f"none: {per_permutation / 1e12:.2f} TFLOP per permutation, over NULL_BUDGET_FLOPS"
-    return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed)
+    same = bool(k) and estimator == "debiased" and kernel == "linear" and k == permutations
+    return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed, reuse_cka_null=same)
 
 
 def _cka_as_measure(debiased: bool, kernel: str, rbf_threshold: float) -> Measure:
@@ -4602,7 +4625,7 @@ def _with_cka_null(out: dict, feats, at, pairs, permutations: int, seed: int, de
     m = _cka_as_measure(debiased, kernel, rbf_threshold)
     states = {k: ([m.prep(f) for f in feats[k].values()], None) for k in {k for p in pairs for k in p}}
     mm = out["model_matrix"]
-    mm["cka_p"], mm["cka_calibrated"] = torch.zeros_like(mm["cka"]), torch.ones_like(mm["cka"])
+    mm["cka_p"], mm["cka_calibrated"] = (torch.full_like(mm["cka"], float("nan")) for _ in range(2))
     for (i, j), entry in zip(pairs, out["pairs"], strict=True):
         null = measure_maps({}, {}, "cka", permutations=permutations, seed=seed, prepared=(states[i], states[j]),
                             measure_row=m, n=len(next(iter(feats[i].values()))))["null"]
@@ -4612,7 +4635,9 @@ def _with_cka_null(out: dict, feats, at, pairs, permutations: int, seed: int, de
         r, c = torch.tensor([e[0] for e in matched]), torch.tensor([e[1] for e in matched])
         p, cal, _ = calibration(torch.tensor(entry["diagonal_mean"]), null[:, r, c].mean(-1))
         entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
-        entry["max_p"] = float(calibration(est.max(), null.flatten(1).max(1).values)[0])
+        finite = est.isfinite()                              # the largest defined entry, against the null's
+        entry["max_p"] = float(calibration(est[finite].max(), null[:, finite].max(1).values)[0]) if finite.any() \
+            else float("nan")
         for key in ("cka_p", "cka_calibrated"):
             mm[key][i, j] = mm[key][j, i] = entry[key][at[i], at[j]]
     out["null"] = (f"{permutations} permutations of the second model's images, the same for all its layers; p = (1 + "
@@ -4636,10 +4661,11 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     at = [_point_index(n, model_point) for n in names]
     estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
     check_cka_options(estimator, kernel, len(images), batch_size, measures, ci, rbf_threshold)
-    if estimator == "minibatch" and ci and -(-len(images) // batch_size) < MIN_BOOTSTRAP_BATCHES:
+    usable = len(images) // batch_size + (len(images) % batch_size >= 4)   # a last batch under 4 images is skipped
+    if estimator == "minibatch" and ci and usable < MIN_BOOTSTRAP_BATCHES:
         log.warning(f"notice: no intervals: the bootstrap over batches needs at least {MIN_BOOTSTRAP_BATCHES} batches "
                     f"(with fewer it under-covers), and {len(images)} "
-                    f"images at {_opt('batch_size')} {batch_size} make {-(-len(images) // batch_size)} (lower "
+                    f"images at {_opt('batch_size')} {batch_size} make {usable} usable (lower "
                     f"{_opt('batch_size')})")
         ci = 0
     run = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, group=group)
@@ -4688,25 +4714,49 @@ def _checked_measures(measures, permutations: int) -> list[str]:
     return names
 
 
+MEASURE_NULL_SCORES = 4000   # a non-product measure's null evaluates at most this many layer pairs × permutations
+
+
+def _null_size(name: str, permutations: int, pairs, feats, n: int) -> int:
+    """How many permutations a measure's null affords: an inner-product measure as the CKA null (NULL_BUDGET_FLOPS),
+    any other MEASURE_NULL_SCORES score evaluations; at least 19 (a p-value of 1/20), else none."""
+    cells = sum(len(feats[i]) * len(feats[j]) for i, j in pairs)
+    affordable = int(NULL_BUDGET_FLOPS // (2 * n * n * cells)) if MEASURES[name].inner else MEASURE_NULL_SCORES // cells
+    return permutations if permutations <= affordable else affordable if affordable >= 19 else 0
+
+
 def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], permutations: int, ci: float,
-                   seed: int) -> dict:
+                   seed: int, reuse_cka_null: bool = False) -> dict:
     """A comparison's result with every measure's entries added: per pair `measures` {name: _measure_entry}, and
-    `model_matrix["measures"]` {name: _measure_matrix}; `measures` at the top says how to read each."""
+    `model_matrix["measures"]` {name: _measure_matrix}; `measures` at the top says how to read each. Each null is
+    as large as its budget affords (_null_size, said); with reuse_cka_null the cka measure takes the comparison's
+    own CKA null (the same statistic) instead of computing it again."""
     if not measures:
         return out
+    n, sizes = len(next(iter(feats[0].values()))), {}
     for name in measures:
-        results, entries = {}, {}
-        prepared = {}   # each model's layers read once for this measure, whatever the number of pairs
+        reuse = reuse_cka_null and name == "cka"
+        sizes[name] = k = 0 if reuse else _null_size(name, permutations, pairs, feats, n)
+        if 0 < k < permutations or (permutations and not k and not reuse):
+            log.warning(f"notice: {name}: {permutations} permutations of {len(pairs)} map(s) are over the budget; its "
+                        + (f"null rests on {k} (the smallest p-value is 1/{k + 1})" if k else "has no null"))
+        results, entries, prepared = {}, {}, {}   # each model's layers read once for this measure
         for (i, j), entry in zip(pairs, out["pairs"], strict=True):
-            for k in (i, j):
-                if k not in prepared:
-                    prepared[k] = _prepared(MEASURES[name], feats[k], JACKKNIFE_GROUPS, seed)
+            for m in (i, j):
+                if m not in prepared:
+                    prepared[m] = _prepared(MEASURES[name], feats[m], min(JACKKNIFE_GROUPS, n // 2), seed)
             with _logged_warnings(f"{specs[i]} vs {specs[j]} ({name}): "):
-                results[(i, j)] = measure_maps(feats[i], feats[j], name, permutations=permutations, seed=seed,
+                results[(i, j)] = measure_maps(feats[i], feats[j], name, permutations=k, seed=seed,
                                                prepared=(prepared[i], prepared[j]))
-            entry.setdefault("measures", {})[name] = entries[(i, j)] = _measure_entry(name, results[(i, j)], ci)
+            e = entries[(i, j)] = _measure_entry(name, results[(i, j)], ci)
+            if reuse:
+                e.update(p=entry["cka_p"], calibrated=entry["cka_calibrated"], diagonal_mean_p=entry["diagonal_mean_p"],
+                         diagonal_mean_calibrated=entry["diagonal_mean_calibrated"])
+            entry.setdefault("measures", {})[name] = e
         out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, entries, ci)
-    out["measures"] = measures_info(measures, permutations, ci)
+        if reuse:
+            sizes[name] = permutations
+    out["measures"] = measures_info(measures, sizes, ci)
     return out
 
 
@@ -4735,8 +4785,11 @@ def paired_test(spread: Spread, diff: float, level: float, searched: int = 1) ->
     (Bonferroni, at most 1) when the difference was picked among `searched` candidates after looking at the data."""
     se = float(spread.se())
     low, high = (float(v) for v in spread.interval(diff, None, level))
-    p = two_sided_p(diff / se if se > 0 else (0.0 if diff == 0 else math.inf), spread.dof)
-    return dict(diff=diff, low=low, high=high, p=min(1.0, p * searched), searched=searched)
+    if not math.isfinite(se) or not math.isfinite(diff):
+        p = float("nan")                                   # no spread (too few batches, a constant layer): no test
+    else:
+        p = two_sided_p(diff / se if se > 0 else (0.0 if diff == 0 else math.inf), spread.dof)
+    return dict(diff=diff, low=low, high=high, p=p if math.isnan(p) else min(1.0, p * searched), searched=searched)
 
 
 def paired_differences(specs, matrix: torch.Tensor, spread_of: dict, level: float,
@@ -4786,21 +4839,23 @@ def _pair_entry(specs, names, i: int, j: int, m: torch.Tensor, spread: Spread | 
         early = {t: v for t, v in entry["by_type_first_quarter"].items() if t != "residual"}
         if len(early) > 1:
             entry["least_agreeing_type"] = _least_agreeing(early, quarter, spread, ci)
-    resid = [k for k, la in enumerate(names[i]) if re.fullmatch(r"blocks\.\d+", la)]
-    if len(resid) > 1:
-        entry["lowest_block"] = _lowest_block(m, resid, spread, ci)
+    ra, rb = ([k for k, la in enumerate(nm) if re.fullmatch(r"blocks\.\d+", la)] for nm in (names[i], names[j]))
+    if len(ra) > 1 and len(rb) > 1:    # residual streams matched to residual streams at the same relative depth
+        entry["lowest_block"] = _lowest_block(m, [(ra[p], rb[q]) for p, q in matched_pairs(len(ra), len(rb))],
+                                              spread, ci)
     return entry
 
 
-def _lowest_block(m: torch.Tensor, resid: list, spread: Spread, level: float) -> dict:
-    """The block whose residual streams agree least (matched layers), and how far CKA falls there from the first
-    block: a paired test, the block searched among len(resid) − 1 (Bonferroni)."""
-    matched = dict(matched_pairs(*m.shape))
-    cells = [(k, matched[k]) for k in resid]
-    low = min(range(1, len(cells)), key=lambda c: float(m[cells[c]]))
-    t = paired_test(spread.contrast([cells[0]], [cells[low]]), float(m[cells[0]] - m[cells[low]]), level,
-                    searched=len(cells) - 1)
-    return dict(block=low, first=float(m[cells[0]]), lowest=float(m[cells[low]]), **t)
+def _lowest_block(m: torch.Tensor, cells: list, spread: Spread, level: float) -> dict:
+    """The block (among the matched residual-stream cells) where the two models agree least, and how far CKA falls
+    there from the first block: a paired test, Bonferroni over the len(cells) − 1 later blocks searched. Block 0
+    itself may be the lowest: then there is no fall to test."""
+    low = min(range(len(cells)), key=lambda c: float(m[cells[c]]))
+    out = dict(block=low, first=float(m[cells[0]]), lowest=float(m[cells[low]]))
+    if low == 0:
+        return dict(out, diff=0.0, low=float("nan"), high=float("nan"), p=float("nan"), searched=len(cells) - 1)
+    return dict(out, **paired_test(spread.contrast([cells[0]], [cells[low]]), out["first"] - out["lowest"], level,
+                                   searched=len(cells) - 1))
 
 
 def _least_agreeing(means: dict, entries: dict, spread: Spread, level: float) -> dict:
@@ -4810,7 +4865,8 @@ def _least_agreeing(means: dict, entries: dict, spread: Spread, level: float) ->
     worst = min(means, key=lambda t: means[t][0])
     tests = {t: paired_test(spread.contrast(entries[t], entries[worst]), means[t][0] - means[worst][0], level)
              for t in means if t != worst}
-    return dict(type=worst, vs=tests, p=min(1.0, len(means) * max(v["p"] for v in tests.values())),
+    ps = [v["p"] for v in tests.values()]
+    return dict(type=worst, vs=tests, p=float("nan") if any(map(math.isnan, ps)) else min(1.0, len(means) * max(ps)),
                 correction=f"Bonferroni over the {len(means)} types searched")
 
 
@@ -6497,9 +6553,12 @@ def _read_gap(pair, level: float) -> str:
         return txt + " (no intervals: nothing is called a difference)."
     if "lowest_block" in pair:
         b = pair["lowest_block"]
-        txt += (f"; the residual streams agree least at block {b['block']} ({b['lowest']:.2f}, against {b['first']:.2f} "
-                f"at block 0: a fall of {b['diff']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}], p = {b['p']:.2g}, "
-                f"paired, Bonferroni over the {b['searched']} blocks searched)")
+        fall = b["block"] > 0 and b["diff"] > 0 and b["p"] < 1 - level
+        txt += ("; the residual streams agree least at block 0 (no fall from the first block)" if b["block"] == 0 else
+                f"; the residual streams agree least at block {b['block']} ({b['lowest']:.2f}, against "
+                f"{b['first']:.2f} at block 0: " + ("a fall" if fall else "no fall shown")
+                + f" of {b['diff']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}], p = {b['p']:.2g}, paired, Bonferroni "
+                  f"over the {b['searched']} blocks searched)")
     if "least_agreeing_type" in pair:
         w = pair["least_agreeing_type"]
         parts = ", ".join(f"{t} {_ci(v[0], v[1:])}" for t, v in pair["by_type_first_quarter"].items()
@@ -6746,15 +6805,19 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
     """CKA between the models' block outputs: every pair's map and the model×model matrix at the last block, with
     intervals; with reconstruction and joint-embedding models both present, the paper's headline: mean CKA within
     each objective and across them."""
-    res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=opts.estimator,
+    estimator = choose_estimator(models, [resolve_points(m, "blocks") for m in models], opts.tokens, len(images),
+                                 opts.estimator)
+    asked = _checked_measures(opts.measures or None, 0)   # the paired tests read the cka measure's jackknife groups
+    res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=estimator,
                          batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir,
                          progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
-                         measures=["cka", *[m for m in _checked_measures(opts.measures or None, 0) if m != "cka"]],
-                         permutations=opts.permutations)
+                         measures=(asked if estimator == "minibatch" else ["cka", *(m for m in asked if m != "cka")])
+                         or None, permutations=opts.permutations)
     mm = res["model_matrix"]
     readings = [f"Estimator {res['estimator']} (n = {res['n']} images"
                 + (f" in batches of {res['batch_size']}" if res["batch_size"] else "") + f"), {opts.tokens} tokens"
-                + (f"; [{res['ci']:.0%} interval: {res['interval']}]." if res["ci"] else "; no intervals (--ci 0).")]
+                + (f"; [{res['ci']:.0%} interval: {res['interval']}]." if res["ci"] else
+                   f"; no intervals ({_opt('ci')} 0).")]
     for p in res["pairs"]:
         ci = p.get("diagonal_mean_ci", [float("nan")] * 2)
         readings.append(f"{p['a']} vs {p['b']}: matched-block mean CKA {_ci(p['diagonal_mean'], ci)}.")
@@ -6791,7 +6854,9 @@ def paired_contrast(e: dict, within, across, level: float) -> dict:
                         units=e["jackknife"].shape[-1], range=(-math.inf, math.inf))
         se = float(spread.se())
         out["low"], out["high"] = (float(v) for v in spread.interval(w - a, None, level))
-        out["p"], out["dof"] = two_sided_p((w - a) / se if se > 0 else math.inf, spread.dof), spread.dof
+        finite = math.isfinite(se) and math.isfinite(w - a)
+        out["p"] = two_sided_p((w - a) / se if se > 0 else math.inf, spread.dof) if finite else float("nan")
+        out["dof"] = spread.dof
     return out
 
 
@@ -6821,8 +6886,11 @@ def _objective_headline(models, mm, level: float) -> list[str]:
     head = [f"Objectives (model × model CKA at the last block): {groups}."] if groups else []
     within, across = _objective_pairs(models)
     e = mm.get("measures", {}).get("cka")
-    if not within or not across or e is None:
+    if not within or not across:
         return head
+    if e is None:
+        return [*head, ("REC vs JE: no paired test (the minibatch estimator keeps no per-image replicates; "
+                        f"{_opt('estimator')} debiased gives one), so no claim is made.")]
     c = paired_contrast(e, within, across, level)
     said = (f"within REC or JE {c['within']:.3f} ({len(within)} pair{'s' * (len(within) > 1)}), across REC and JE "
             f"{c['across']:.3f} ({len(across)} pair{'s' * (len(across) > 1)}): within − across {c['diff']:+.3f}")
@@ -6854,13 +6922,13 @@ def _pt_ft_readings(models, mm, level: float) -> list[str]:
                             range=(-1.0, 1.0))
             tests.append((pt, ft, c, paired_test(spread, float(e["matrix"][ft, c] - e["matrix"][pt, c]), level)))
     lines, m, running = [], len(tests), 0.0
-    for rank, (pt, ft, c, t) in enumerate(sorted(tests, key=lambda x: x[3]["p"])):
-        running = p = max(running, min(1.0, (m - rank) * t["p"]))   # Holm's step-down adjusted p (Holm 1979)
+    for rank, (pt, ft, c, t) in enumerate(sorted(tests, key=lambda x: 2.0 if math.isnan(x[3]["p"]) else x[3]["p"])):
+        running = p = t["p"] if math.isnan(t["p"]) else max(running, min(1.0, (m - rank) * t["p"]))   # Holm 1979
         moved = "closer to" if t["diff"] > 0 else "further from"
-        verdict = f"the fine-tuned model lies {moved}" if p < 1 - level else "no move shown"
+        verdict = f"the fine-tuned model lies {moved}" if p < 1 - level else "no move shown towards or away from"
         lines.append(f"PT → FT: CKA({_spec(models[ft])}, {_spec(models[c])}) − CKA({_spec(models[pt])}, "
-                     f"{_spec(models[c])}) = {t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}], p = {p:.2g} (paired "
-                     f"over images, Holm over {m} comparison{'s' * (m > 1)}): {verdict} {_spec(models[c])}.")
+                     f"{_spec(models[c])}) = {t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (unadjusted), p = {p:.2g} "
+                     f"(paired over images, Holm over {m} comparison{'s' * (m > 1)}): {verdict} {_spec(models[c])}.")
     return lines
 
 
@@ -6966,7 +7034,9 @@ def render_report(sections, meta) -> str:
              + f" MAE mask ratio {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; ssl_repsim "
                f"{meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.",
              "", (f"Numbers are followed by their {cka.get('ci') or 0.95:.0%} interval in brackets (probes: Wilson "
-                  "95%); a difference is called one only when the intervals do not overlap."), "",
+                  "95%); a difference is called one only by a paired test on the same images (its p-value is "
+                  "given, corrected where the compared quantity was picked after looking), never by comparing two "
+                  "intervals."), "",
              "| model | family | objective | depth × width / patch | input | preprocessing | sha256 |",
              "|---|---|---|---|---|---|---|"]
     for m in meta["models"]:

@@ -6507,8 +6507,9 @@ def _latent_factor_regime(d, target, r=8):
 def test_cka_intervals_cover_the_population_value_from_n_64(d):
     """Issue 22 item 2: 95% intervals of debiased CKA from compare_features cover the analytic population CKA in
     ≥ 93% of 120 draws at n = 64 and 128, for narrow and flattened (d = 10,000) features, low and high CKA, with
-    heavy-tailed (Student t, 10 degrees of freedom) latent factors: a generator written for this test."""
-    for target in (0.3, 0.8):
+    heavy-tailed (Student t, 10 degrees of freedom) latent factors: a generator written for this test. Narrow features
+    also at CKA 0.03, where estimates fall below 0 and a logit-scale interval would collapse (the review found it)."""
+    for target in (0.03, 0.3, 0.8) if d == 64 else (0.3, 0.8):
         a, b, sig, pop = _latent_factor_regime(d, target)
         assert pop == pytest.approx(target)
         hits = {64: 0, 128: 0}
@@ -6581,6 +6582,52 @@ def test_a_permutation_null_over_its_budget_rests_on_fewer_permutations_and_says
     monkeypatch.setattr(sr, "NULL_BUDGET_FLOPS", 18 * per)
     res = sr.compare_features([fa, fb], ["A", "B"], permutations=200)
     assert "cka_p" not in res["pairs"][0] and res["null"].startswith("none")
+
+
+def test_undefined_entries_get_no_p_value_and_a_missing_spread_no_test():
+    """The review's findings: a constant layer's NaN CKA entries get p = NaN (not the smallest p), max_p reads the
+    defined entries only; a NaN standard error gives p = NaN, never 0."""
+    g = torch.Generator().manual_seed(0)
+    fa = {"a0": torch.randn(40, 5, generator=g, dtype=torch.float64), "a1": torch.ones(40, 5, dtype=torch.float64)}
+    fb = {"b0": torch.randn(40, 4, generator=g, dtype=torch.float64)}
+    pair = sr.compare_features([fa, fb], ["A", "B"], permutations=39, seed=1)["pairs"][0]
+    assert math.isnan(float(pair["cka"][1, 0])) and math.isnan(float(pair["cka_p"][1, 0]))
+    assert math.isnan(float(pair["cka_calibrated"][1, 0])) and not math.isnan(float(pair["cka_p"][0, 0]))
+    assert pair["max_p"] == pytest.approx(float(pair["cka_p"][0, 0]))
+    t = sr.paired_test(sr.Spread("bootstrap", torch.zeros(10), units=5), 0.3, 0.95)      # < 8 batches: se NaN
+    assert math.isnan(t["p"])
+
+
+def test_the_lowest_block_may_be_the_first_and_residual_streams_match_by_depth():
+    m = torch.tensor([[0.07, 0.5, 0.5], [0.5, 0.84, 0.5], [0.5, 0.5, 0.76]], dtype=torch.float64)
+    spread = sr.Spread("jackknife", m[None] + 0.01 * torch.randn(10, 3, 3, dtype=torch.float64), units=10)
+    b = sr._lowest_block(m, [(0, 0), (1, 1), (2, 2)], spread, 0.95)
+    assert b["block"] == 0 and math.isnan(b["p"])                # block 0 agrees least: no fall to claim
+    reading = sr._read_gap(dict(a="A", b="B", diagonal_mean=0.5, diagonal_mean_ci=[0.4, 0.6], cka_high=m,
+                                lowest_block=b), 0.95)
+    assert "agree least at block 0 (no fall from the first block)" in reading
+    names_a = ["blocks.0", "blocks.0.attn", "blocks.1", "blocks.1.attn"]     # 2 blocks against 3: depths differ
+    names_b = ["blocks.0", "blocks.0.attn", "blocks.1", "blocks.1.attn", "blocks.2", "blocks.2.attn"]
+    mm = torch.rand(4, 6, dtype=torch.float64)
+    sp = sr.Spread("jackknife", mm[None] + 0.01 * torch.randn(10, 4, 6, dtype=torch.float64), units=10)
+    entry = sr._pair_entry(["A", "B"], [names_a, names_b], 0, 1, mm, sp, 0.95)
+    assert entry["lowest_block"]["first"] == pytest.approx(float(mm[0, 0]))
+    assert entry["lowest_block"]["lowest"] in (pytest.approx(float(mm[0, 0])), pytest.approx(float(mm[2, 4])))
+
+
+def test_an_asymmetric_measure_fills_each_direction_of_the_model_matrix():
+    """ridge: A's features predict B's perfectly (B = A·W), B's predict A's poorly (A has more directions): matrix[0, 1]
+    is A → B, matrix[1, 0] is B → A, and no paired differences mix the two."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    b = a[:, :2] @ torch.randn(2, 6, generator=g, dtype=torch.float64)
+    c = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    res = sr.compare_features([{"a": a}, {"b": b}, {"c": c}], ["A", "B", "C"], measures="ridge", permutations=0)
+    mm = res["model_matrix"]["measures"]["ridge"]
+    assert float(mm["matrix"][0, 1]) == pytest.approx(sr.similarity(a, b, "ridge"))
+    assert float(mm["matrix"][1, 0]) == pytest.approx(sr.similarity(b, a, "ridge"))
+    assert float(mm["matrix"][0, 1]) > 0.99 > float(mm["matrix"][1, 0])
+    assert "differences" not in mm
 
 
 def test_two_sided_p_matches_printed_t_and_normal_tables():
