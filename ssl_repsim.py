@@ -6558,7 +6558,7 @@ def _read_gap(pair, level: float) -> str:
                 f"; the residual streams agree least at block {b['block']} ({b['lowest']:.2f}, against "
                 f"{b['first']:.2f} at block 0: " + ("a fall" if fall else "no fall shown")
                 + f" of {b['diff']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}], p = {b['p']:.2g}, paired, Bonferroni "
-                  f"over the {b['searched']} blocks searched)")
+                  f"over the {b['searched']} later block{'s' * (b['searched'] > 1)} searched)")
     if "least_agreeing_type" in pair:
         w = pair["least_agreeing_type"]
         parts = ", ".join(f"{t} {_ci(v[0], v[1:])}" for t, v in pair["by_type_first_quarter"].items()
@@ -6822,7 +6822,8 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
         ci = p.get("diagonal_mean_ci", [float("nan")] * 2)
         readings.append(f"{p['a']} vs {p['b']}: matched-block mean CKA {_ci(p['diagonal_mean'], ci)}.")
     readings += _objective_headline(models, mm, opts.ci or 0.95)
-    readings += _pt_ft_readings(models, mm, opts.ci or 0.95)
+    res["pt_ft"] = pt_ft_tests(models, mm, opts.ci or 0.95)
+    readings += _pt_ft_readings(res["pt_ft"], opts.ci or 0.95)
     readings += _measure_robustness(models, mm, opts.ci)
     figures = {"overview.png": ("heatmaps", res["pairs"])}
     if len(models) > 2:
@@ -6906,10 +6907,10 @@ def _objective_headline(models, mm, level: float) -> list[str]:
     return [*head, f"REC vs JE (debiased CKA at the last block): {said} {test}. {verdict}"]
 
 
-def _pt_ft_readings(models, mm, level: float) -> list[str]:
+def pt_ft_tests(models, mm, level: float) -> list[dict]:
     """The seed paper's PT → FT claim as paired tests: for each pretrained model and its fine-tuned version (same
     objective, once +FT) and every joint-embedding model c, CKA(FT, c) − CKA(PT, c) on the same images, its interval
-    and p from the difference's jackknife replicates; Holm over the comparisons made."""
+    and p from the difference's jackknife replicates; p adjusted by Holm over the comparisons made (`p_holm`)."""
     e, kind = mm.get("measures", {}).get("cka"), _objective_of(models)
     if e is None or "jackknife" not in e:
         return []
@@ -6920,16 +6921,24 @@ def _pt_ft_readings(models, mm, level: float) -> list[str]:
         for c in (c for c in range(len(models)) if kind[c] == "JE" and c not in (pt, ft)):
             spread = Spread("jackknife", e["jackknife"][ft, c] - e["jackknife"][pt, c], units=e["jackknife"].shape[-1],
                             range=(-1.0, 1.0))
-            tests.append((pt, ft, c, paired_test(spread, float(e["matrix"][ft, c] - e["matrix"][pt, c]), level)))
-    lines, m, running = [], len(tests), 0.0
-    for rank, (pt, ft, c, t) in enumerate(sorted(tests, key=lambda x: 2.0 if math.isnan(x[3]["p"]) else x[3]["p"])):
-        running = p = t["p"] if math.isnan(t["p"]) else max(running, min(1.0, (m - rank) * t["p"]))   # Holm 1979
+            t = paired_test(spread, float(e["matrix"][ft, c] - e["matrix"][pt, c]), level)
+            tests.append(dict(t, pt=_spec(models[pt]), ft=_spec(models[ft]), c=_spec(models[c])))
+    running = 0.0
+    for rank, t in enumerate(sorted(tests, key=lambda x: 2.0 if math.isnan(x["p"]) else x["p"])):
+        running = t["p_holm"] = t["p"] if math.isnan(t["p"]) else max(running, min(1.0, (len(tests) - rank) * t["p"]))
+    return tests
+
+
+def _pt_ft_readings(tests: list[dict], level: float) -> list[str]:
+    m = len(tests)
+    out = []
+    for t in sorted(tests, key=lambda x: 2.0 if math.isnan(x["p_holm"]) else x["p_holm"]):
         moved = "closer to" if t["diff"] > 0 else "further from"
-        verdict = f"the fine-tuned model lies {moved}" if p < 1 - level else "no move shown towards or away from"
-        lines.append(f"PT → FT: CKA({_spec(models[ft])}, {_spec(models[c])}) − CKA({_spec(models[pt])}, "
-                     f"{_spec(models[c])}) = {t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (unadjusted), p = {p:.2g} "
-                     f"(paired over images, Holm over {m} comparison{'s' * (m > 1)}): {verdict} {_spec(models[c])}.")
-    return lines
+        verdict = f"the fine-tuned model lies {moved}" if t["p_holm"] < 1 - level else "no move shown towards or away from"
+        out.append(f"PT → FT: CKA({t['ft']}, {t['c']}) − CKA({t['pt']}, {t['c']}) = {t['diff']:+.3f} [{t['low']:+.3f}, "
+                   f"{t['high']:+.3f}] (unadjusted), p = {t['p_holm']:.2g} (paired over images, Holm over {m} "
+                   f"comparison{'s' * (m > 1)}): {verdict} {t['c']}.")
+    return out
 
 
 def _objective_of(models) -> list[str]:

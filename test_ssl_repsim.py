@@ -6630,6 +6630,77 @@ def test_an_asymmetric_measure_fills_each_direction_of_the_model_matrix():
     assert "differences" not in mm
 
 
+def naive_kendall_b(a, b):
+    """Kendall's τ-b by its definition, pair by pair (Kendall 1945)."""
+    m = len(a)
+    s = sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i in range(m) for j in range(i + 1, m))
+    n0 = m * (m - 1) / 2
+    t1 = sum(a[i] == a[j] for i in range(m) for j in range(i + 1, m))
+    t2 = sum(b[i] == b[j] for i in range(m) for j in range(i + 1, m))
+    return s / np.sqrt((n0 - t1) * (n0 - t2))
+
+
+def test_topk_kendall_is_tau_b_over_the_union_of_both_top_k_lists():
+    g = torch.Generator().manual_seed(0)
+    la = torch.randn(30, 12, generator=g)
+    lb = 0.6 * la + torch.randn(30, 12, generator=g)
+    lb[0] = la[0]                                   # identical rankings: τ = 1
+    lb[1, :] = -la[1, :]                            # reversed: τ = −1
+    lb[2, 3] = lb[2, 7] = lb[2].max() + 1           # a tie inside the union
+    got = sr.topk_kendall(la, lb, 5)
+    for i in range(30):
+        union = sorted(set(la[i].topk(5).indices.tolist()) | set(lb[i].topk(5).indices.tolist()))
+        want = naive_kendall_b(la[i, union].double().numpy(), lb[i, union].double().numpy())
+        assert float(got[i]) == pytest.approx(want, abs=1e-12), i
+    assert float(got[0]) == pytest.approx(1.0) and float(got[1]) == pytest.approx(-1.0)
+
+
+def test_spatial_intervals_count_images_not_patches():
+    """Issue 22 item 6: 10 test images × 20 patches, every patch of an even image right, of an odd one wrong: the
+    per-patch Wilson interval over 200 'trials' would be ±0.07; over images it is 0.5 ∓ t₉ · 0.527/√10."""
+    image_of = torch.arange(10).repeat_interleave(20)
+    r = dict(top1=0.5, top1_ci=sr.wilson_interval(100, 200), correct="".join("1" if i % 2 == 0 else "0"
+                                                                            for i in image_of.tolist()))
+    got = sr._image_clustered(r, image_of)
+    half = 2.262157 * math.sqrt(10 / 9 * 0.25) / math.sqrt(10)
+    assert got["top1_ci"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-5)
+    assert got["n_images"] == 10 and "10 test images" in got["interval"]
+
+
+def test_the_mae_probe_says_when_its_budget_is_far_below_the_published_run(caplog):
+    """40 images, batch 256, 7 epochs: lr × steps = 0.1 × 7 = 0.7 against 6.4 × 90 × 79 = 45,504 for MAE's ImageNet
+    run: the notice gives the ratio, and says the augmented views are not used on fixed features."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.arange(40) % 2
+    with caplog.at_level("WARNING", logger="ssl_repsim"):
+        sr.mae_linear_probe({"f": x[:30]}, y[:30], {"f": x[30:]}, y[30:], epochs=7)
+    assert f"{6.4 * 90 * 79 / 0.7:.0f}× below the published" in caplog.text, caplog.text
+    assert "RandomResizedCrop(224, bicubic) + flip" in caplog.text
+
+
+def test_the_pt_to_ft_claim_is_a_paired_test_with_holm_over_the_comparisons():
+    """MAE, its fine-tuned version and two JE models: CKA(FT, c) − CKA(PT, c) for each JE model c from the difference's
+    jackknife replicates (t₉); two comparisons, Holm: the smaller p × 2, the larger p × 1 (never below the first)."""
+    specs = [("mae", False, "mae"), ("mae", True, "mae-ft"), ("dino", False, "dino"), ("mocov3", False, "mocov3")]
+    models = [types.SimpleNamespace(family=f, source=dict(fine_tuned=ft, spec=s)) for f, ft, s in specs]
+    g = torch.Generator().manual_seed(1)
+    base = torch.tensor([[1, .8, .3, .3], [.8, 1, .5, .31], [.3, .5, 1, .7], [.3, .31, .7, 1]], dtype=torch.float64)
+    jack = base[:, :, None] + 0.01 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
+    jack = (jack + jack.transpose(0, 1)) / 2
+    mm = {"measures": {"cka": {"matrix": base, "jackknife": jack}}}
+    lines = sr._pt_ft_readings(sr.pt_ft_tests(models, mm, 0.95), 0.95)
+    assert len(lines) == 2
+    ps = []
+    for c in (2, 3):
+        d = jack[1, c] - jack[0, c]
+        se = math.sqrt(9 / 10 * float(((d - d.mean()) ** 2).sum()))
+        ps.append(sr.two_sided_p(float(base[1, c] - base[0, c]) / se, 9))
+    lo, hi = sorted(ps)
+    assert f"p = {min(1.0, 2 * lo):.2g}" in lines[0] and "the fine-tuned model lies closer to dino" in lines[0], lines
+    assert f"p = {max(min(1.0, 2 * lo), hi):.2g}" in lines[1], lines
+    assert "Holm over 2 comparisons" in lines[1]
+
+
 def test_two_sided_p_matches_printed_t_and_normal_tables():
     for t, dof, p in ((1.959964, None, 0.05), (2.575829, None, 0.01), (12.7062, 1, 0.05), (4.302653, 2, 0.05),
                       (2.262157, 9, 0.05), (3.249836, 9, 0.01), (2.228139, 10, 0.05), (2.042272, 30, 0.05),
@@ -6705,7 +6776,7 @@ def test_gap_readings_are_paired_tests_corrected_for_what_was_searched():
     assert lb["searched"] == 7 and 1 <= lb["block"] <= 7
     reading = sr._read_gap(pair, 0.95)
     assert "attention outputs agree least" in reading and "Bonferroni over the 3 types" in reading
-    assert "< 0.5" not in reading and "Bonferroni over the 7 blocks" in reading
+    assert "< 0.5" not in reading and "Bonferroni over the 7 later blocks" in reading
     null_ps = []                                 # every type shares the signal: the search must not find one
     for seed in range(40):
         pair = sr.compare_features(_typed_layers(96, 4, seed, attention_shared=True), ["A", "B"],
