@@ -7029,7 +7029,108 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
     return out
 
 
-def render_report(sections, meta) -> str:
+def _short(spec: str) -> str:
+    """A model's name in a table: a registered name as it is, a file by its stem, a folder by its name."""
+    p = Path(spec)
+    return spec if len(p.parts) == 1 and not p.suffix else (p.stem if p.suffix else p.name)
+
+
+def _verdict_rec_je(res: dict, kind: dict, level: float) -> tuple:
+    """(models compared, numbers, test, p, outcome) of 'reconstruction and joint-embedding objectives learn
+    different features' from the overview's paired contrast."""
+    mm = res.get("model_matrix", {})
+    specs = mm.get("models", [])
+    e = mm.get("measures", {}).get("cka")
+    ks = [kind.get(s) for s in specs]
+    within = [(i, j) for i, j in itertools.combinations(range(len(specs)), 2) if ks[i] == ks[j] in ("REC", "JE")]
+    across = [(i, j) for i, j in itertools.combinations(range(len(specs)), 2) if {ks[i], ks[j]} == {"REC", "JE"}]
+    if not within or not across or e is None or "jackknife" not in e:
+        need = "two models of one objective and one of the other (e.g. mae, beit, dino)" if not within or not across \
+            else "the debiased estimator (per-image replicates)"
+        return "", "", "", float("nan"), f"not testable: needs {need}"
+    c = paired_contrast(e, within, across, level)
+    outcome = "supported" if c["diff"] > 0 and c["p"] < 1 - level else "not supported"
+    return (f"{len(within)} within, {len(across)} across pairs",
+            f"within {c['within']:.3f} − across {c['across']:.3f} = {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]",
+            f"paired jackknife over images, t{c['dof']}", c["p"], outcome)
+
+
+def _verdict_gap(res: dict, kind: dict, level: float) -> tuple:
+    """'The gap opens early, in attention and normalisation': for each REC–JE pair, the sub-layer type that agrees
+    least in the first quarter (its paired test, Bonferroni over the types); supported when every pair names
+    attention or normalisation at the level."""
+    pairs = [p for p in res.get("pairs", []) if {kind.get(p["a"]), kind.get(p["b"])} == {"REC", "JE"}
+             and "least_agreeing_type" in p]
+    if not pairs:
+        return "", "", "", float("nan"), "not testable: needs a REC and a JE model with sub-layer points (gap)"
+    hits = [p["least_agreeing_type"]["type"] in ("attention", "normalization")
+            and p["least_agreeing_type"]["p"] < 1 - level for p in pairs]
+    worst = max(p["least_agreeing_type"]["p"] for p in pairs)
+    said = "; ".join(f"{p['least_agreeing_type']['type']} (p {p['least_agreeing_type']['p']:.2g})" for p in pairs)
+    outcome = "supported" if all(hits) else "not supported" if not any(hits) else f"mixed ({sum(hits)} of {len(pairs)})"
+    return f"{len(pairs)} REC–JE pair(s)", f"least agreeing type: {said}", \
+        "paired against every other type, Bonferroni over the types", worst, outcome
+
+
+def _verdict_probes(res: dict, kind: dict, level: float) -> tuple:
+    """'Joint-embedding features probe better': each (REC, JE) pair's linear probe on its published representation,
+    compared by McNemar on the same validation images, Holm over the pairs; supported when JE is better in every
+    pair at the level."""
+    rec = [s for s, r in res.items() if kind.get(s) == "REC" and "official" in r.get("linear", {})]
+    je = [s for s, r in res.items() if kind.get(s) == "JE" and "official" in r.get("linear", {})]
+    if not rec or not je:
+        return "", "", "", float("nan"), "not testable: needs a REC and a JE model with probes (info)"
+    tests = sorted(((r, j, mcnemar(res[j]["linear"]["official"]["correct"], res[r]["linear"]["official"]["correct"]))
+                    for r in rec for j in je), key=lambda x: x[2]["p"])
+    running, ok = 0.0, []
+    for rank, (_, _, t) in enumerate(tests):
+        running = max(running, min(1.0, (len(tests) - rank) * t["p"]))
+        ok.append(t["diff"] > 0 and running < 1 - level)
+    said = "; ".join(f"{_short(j)} − {_short(r)} {t['diff']:+.3f}" for r, j, t in tests)
+    outcome = "supported" if all(ok) else "not supported" if not any(ok) else f"mixed ({sum(ok)} of {len(ok)})"
+    return f"{len(rec)} REC × {len(je)} JE", f"top-1 differences: {said}", "McNemar, Holm over the pairs", \
+        running, outcome
+
+
+def _verdict_pt_ft(res: dict, kind: dict, level: float) -> tuple:
+    tests = res.get("pt_ft", [])
+    if not tests:
+        return "", "", "", float("nan"), "not testable: needs a pretrained model, its fine-tuned version and a JE model"
+    ok = [t["diff"] > 0 and t["p_holm"] < 1 - level for t in tests]
+    said = "; ".join(f"CKA({_short(t['ft'])}, {_short(t['c'])}) − CKA({_short(t['pt'])}, {_short(t['c'])}) "
+                     f"{t['diff']:+.3f}" for t in tests)
+    outcome = "supported" if all(ok) else "not supported" if not any(ok) else f"mixed ({sum(ok)} of {len(ok)})"
+    return f"{len(tests)} comparison(s)", said, "paired jackknife over images, Holm", \
+        max(t["p_holm"] for t in tests), outcome
+
+
+CLAIMS = (   # the seed paper's claims a report can test: (claim, the analysis whose results decide it, its verdict)
+    ("reconstruction and joint-embedding objectives learn different features", "overview", _verdict_rec_je),
+    ("similar objectives learn similar features across architectures", None, None),
+    ("the gap opens early, in attention and normalisation layers", "gap", _verdict_gap),
+    ("joint-embedding features probe better", "info", _verdict_probes),
+    ("fine-tuning moves MAE towards joint-embedding models", "overview", _verdict_pt_ft),
+)
+
+
+def verdict_table(results: dict, meta: dict, level: float = 0.95) -> list[str]:
+    """report.md's opening table: one row per claim of CLAIMS with the numbers compared, the paired test, its p and a
+    one-word outcome (supported / not supported / mixed / not testable, with what is missing)."""
+    kind = {m["spec"]: m["objective"] for m in meta["models"]}
+    rows = ["| claim | compared | numbers | test | p | outcome |", "|---|---|---|---|---|---|"]
+    for claim, name, fn in CLAIMS:
+        if fn is None:
+            row = ("", "", "", float("nan"), "not testable: ssl_repsim loads ViTs only (CNN releases: issue 23)")
+        elif name not in results or not results[name].get("results"):
+            row = ("", "", "", float("nan"), f"not testable: the {name} analysis did not run")
+        else:
+            row = fn(results[name]["results"], kind, level)
+        p = "–" if math.isnan(row[3]) else f"{row[3]:.2g}"
+        rows.append(f"| {claim} | {row[0]} | {row[1]} | {row[2]} | {p} | **{row[4]}** |")
+    return rows
+
+
+def render_report(sections, meta, results: dict | None = None) -> str:
     """report.md: settings, models, caveats, then per analysis its figures and plain-language readings, every
     number with its interval. sections: (name, figure file names, readings)."""
     cka, probes, data = meta["cka"] or {}, meta.get("probes"), meta["data"]
@@ -7054,6 +7155,8 @@ def render_report(sections, meta) -> str:
                      f"| {m['input_size']} | mean {tuple(round(v, 3) for v in pp['mean'])}, {pp['interp']}, crop "
                      f"{pp['crop_pct']} | {(m['sha256'] or '-')[:16]} |")
     lines.append("")
+    if results is not None:
+        lines[4:4] = ["## Verdicts", "", *verdict_table(results, meta, cka.get("ci") or 0.95), ""]
     for c in _caveats(sections, meta):
         lines += [f"> **Caveat:** {c}", ""]
     for name, figs, readings in sections:
@@ -7521,7 +7624,7 @@ def _cmd_analysis(args):
                     versions=_versions(), elapsed_s=round(time.time() - t0, 2), command=args.command)
         write_json(out / f"{args.cmd}.json", dict(results, meta=meta))
         if args.cmd == "report":
-            atomic_write(out / "report.md", render_report(sections, meta))
+            atomic_write(out / "report.md", render_report(sections, meta, results))
     print(f"wrote {final}/{args.cmd}.json" + (", report.md" if args.cmd == "report" else "")
           + f" ({meta['elapsed_s']:.1f} s)")
 

@@ -5583,7 +5583,7 @@ def test_cli_report(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     md = (out / "report.md").read_text()
     sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
-    assert len(sections) == 8, sections
+    assert len(sections) == 9 and sections[0] == "## Verdicts", sections    # the verdicts, then one per analysis
     for word in ("CKA between", "gap", "Information", "Invariance", "Attention", "Spatial", "Weight"):
         assert any(word.lower() in s.lower() for s in sections), (word, sections)
     figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
@@ -5619,6 +5619,12 @@ def test_cli_report_on_reconstruction_and_joint_embedding_files_is_honest(tmp_pa
     assert [m["objective"] for m in meta["models"]] == ["REC", "JE", "JE"]
     assert meta["cka"]["estimator"] == "debiased" and meta["probes"]["n_val"] == 8
     assert "n_val = 8" in md and "chance" in md and "built-in synthetic set" in md and "8 validation images" in md
+    assert md.index("## Verdicts") < md.index("## CKA between the models")     # issue 24: the verdicts open it
+    verdicts = md[md.index("## Verdicts"):md.index("Data:")]
+    assert re.search(r"\| reconstruction and joint-embedding objectives learn different features \| 1 within, 2 "
+                     r"across pairs \| .* \| \d[.\de-]* \| \*\*(not )?supported\*\* \|", verdicts), verdicts
+    assert "not testable: ssl_repsim loads ViTs only" in verdicts and "not testable: needs a pretrained" in verdicts
+    assert "/tmp" not in verdicts and str(tmp_path) not in verdicts             # short names, not paths
     objectives = next(ln for ln in md.splitlines() if "Objectives" in ln)
     for group in ("within JE (1 pair)", "across REC and JE (2 pairs)"):
         assert re.search(re.escape(group) + r" \d\.\d\d \[-?\d\.\d\d, \d\.\d\d\]", objectives), objectives
@@ -6699,6 +6705,24 @@ def test_the_pt_to_ft_claim_is_a_paired_test_with_holm_over_the_comparisons():
     assert f"p = {min(1.0, 2 * lo):.2g}" in lines[0] and "the fine-tuned model lies closer to dino" in lines[0], lines
     assert f"p = {max(min(1.0, 2 * lo), hi):.2g}" in lines[1], lines
     assert "Holm over 2 comparisons" in lines[1]
+
+
+def test_the_verdict_on_rec_and_je_follows_the_paired_test():
+    models = [dict(spec=s, objective=o) for s, o in (("mae", "REC"), ("beit", "REC"), ("dino", "JE"), ("m/moco.pth", "JE"))]
+    g = torch.Generator().manual_seed(0)
+    base = torch.tensor([[1, .7, .5, .5], [.7, 1, .5, .5], [.5, .5, 1, .7], [.5, .5, .7, 1]], dtype=torch.float64)
+    jack = base[:, :, None] + 0.2 * torch.randn(10, generator=g, dtype=torch.float64) \
+        + 0.002 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
+    mm = {"models": [m["spec"] for m in models], "measures": {"cka": {"matrix": base, "jackknife": jack}}}
+    rows = sr.verdict_table({"overview": {"results": {"model_matrix": mm}}}, {"models": models})
+    want = sr.paired_contrast(mm["measures"]["cka"], [(0, 1), (2, 3)], [(0, 2), (0, 3), (1, 2), (1, 3)], 0.95)
+    assert f"| {want['p']:.2g} | **supported** |" in rows[2] and "+0.200" in rows[2], rows[2]
+    assert "not testable: the gap analysis did not run" in rows[4]
+    flat = base.clone().fill_(0.5).fill_diagonal_(1)
+    mm["measures"]["cka"] = {"matrix": flat, "jackknife": flat[:, :, None] + 0.01 * torch.randn(4, 4, 10, generator=g,
+                                                                                              dtype=torch.float64)}
+    rows = sr.verdict_table({"overview": {"results": {"model_matrix": mm}}}, {"models": models})
+    assert "**not supported**" in rows[2]
 
 
 def test_two_sided_p_matches_printed_t_and_normal_tables():
