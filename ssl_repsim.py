@@ -7032,7 +7032,30 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
 def _short(spec: str) -> str:
     """A model's name in a table: a registered name as it is, a file by its stem, a folder by its name."""
     p = Path(spec)
-    return spec if len(p.parts) == 1 and not p.suffix else (p.stem if p.suffix else p.name)
+    if len(p.parts) == 1 and not p.suffix:
+        return spec
+    return Path(p.stem).stem if p.name.endswith(".tar") else p.stem if p.suffix else p.name
+
+
+def model_labels(specs, given: str | None = None) -> list[str]:
+    """Short, unique names for the models: `given` (a comma list, one per model), else _short of each spec, with
+    the parent folder (then a number) added where two would read alike."""
+    if given is not None:
+        labels = [t.strip() for t in given.split(",")]
+        if len(labels) != len(specs) or len(set(labels)) != len(labels) or not all(labels):
+            raise UsageError(f"{_opt('labels')} {given!r}: give {len(specs)} distinct non-empty names, one per model")
+        return labels
+    base = [_short(s) for s in specs]
+    labels = [f"{Path(s).parent.name}/{b}" if base.count(b) > 1 and len(Path(s).parts) > 1 else b
+              for s, b in zip(specs, base, strict=True)]
+    return [lab if labels[:k].count(lab) == 0 else f"{lab}-{labels[:k].count(lab) + 1}" for k, lab in enumerate(labels)]
+
+
+def _relabel(text: str, names: dict) -> str:
+    """text with every model spec replaced by its label (the longest specs first, so no spec is cut)."""
+    for spec in sorted(names, key=len, reverse=True):
+        text = text.replace(spec, names[spec])
+    return text
 
 
 def _verdict_rec_je(res: dict, kind: dict, level: float) -> tuple:
@@ -7086,7 +7109,7 @@ def _verdict_probes(res: dict, kind: dict, level: float) -> tuple:
     for rank, (_, _, t) in enumerate(tests):
         running = max(running, min(1.0, (len(tests) - rank) * t["p"]))
         ok.append(t["diff"] > 0 and running < 1 - level)
-    said = "; ".join(f"{_short(j)} − {_short(r)} {t['diff']:+.3f}" for r, j, t in tests)
+    said = "; ".join(f"{j} − {r} {t['diff']:+.3f}" for r, j, t in tests)
     outcome = "supported" if all(ok) else "not supported" if not any(ok) else f"mixed ({sum(ok)} of {len(ok)})"
     return f"{len(rec)} REC × {len(je)} JE", f"top-1 differences: {said}", "McNemar, Holm over the pairs", \
         running, outcome
@@ -7097,8 +7120,7 @@ def _verdict_pt_ft(res: dict, kind: dict, level: float) -> tuple:
     if not tests:
         return "", "", "", float("nan"), "not testable: needs a pretrained model, its fine-tuned version and a JE model"
     ok = [t["diff"] > 0 and t["p_holm"] < 1 - level for t in tests]
-    said = "; ".join(f"CKA({_short(t['ft'])}, {_short(t['c'])}) − CKA({_short(t['pt'])}, {_short(t['c'])}) "
-                     f"{t['diff']:+.3f}" for t in tests)
+    said = "; ".join(f"CKA({t['ft']}, {t['c']}) − CKA({t['pt']}, {t['c']}) {t['diff']:+.3f}" for t in tests)
     outcome = "supported" if all(ok) else "not supported" if not any(ok) else f"mixed ({sum(ok)} of {len(ok)})"
     return f"{len(tests)} comparison(s)", said, "paired jackknife over images, Holm", \
         max(t["p_holm"] for t in tests), outcome
@@ -7131,38 +7153,41 @@ def verdict_table(results: dict, meta: dict, level: float = 0.95) -> list[str]:
 
 
 def render_report(sections, meta, results: dict | None = None) -> str:
-    """report.md: settings, models, caveats, then per analysis its figures and plain-language readings, every
-    number with its interval. sections: (name, figure file names, readings)."""
+    """report.md: the verdicts, settings, caveats, then per analysis its figures and plain-language readings (every
+    number with its interval), models by their labels; the command, paths and digests in one provenance table."""
     cka, probes, data = meta["cka"] or {}, meta.get("probes"), meta["data"]
-    lines = ["# ssl_repsim report", "", f"Command: `{meta['command']}`", "",
-             f"Data: {data['name']} ({data['n']} images, seed {data['seed']})."
-             + (f" CKA: {cka['estimator']} estimator, n = {cka['n']}, {cka['tokens']} tokens, "
-                + (f"{cka['ci']:.0%} intervals by the {cka['interval']}." if cka.get("ci") else "no intervals.")
-                if cka else " No CKA (fewer than two models).")
-             + (f" Probes: {probes['split']} (seed {probes['seed']}), n_val = {probes['n_val']}, chance "
-                f"{probes['chance']:.2f}, {probes['intervals']} intervals." if probes else "")
-             + f" MAE mask ratio {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s; ssl_repsim "
-               f"{meta['versions']['ssl_repsim']}, torch {meta['versions']['torch']}.",
-             "", (f"Numbers are followed by their {cka.get('ci') or 0.95:.0%} interval in brackets (probes: Wilson "
-                  "95%); a difference is called one only by a paired test on the same images (its p-value is "
-                  "given, corrected where the compared quantity was picked after looking), never by comparing two "
-                  "intervals."), "",
-             "| model | family | objective | depth × width / patch | input | preprocessing | sha256 |",
-             "|---|---|---|---|---|---|---|"]
-    for m in meta["models"]:
-        pp = m["preprocess"]
-        lines.append(f"| {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × {m['width']} / {m['patch']} "
-                     f"| {m['input_size']} | mean {tuple(round(v, 3) for v in pp['mean'])}, {pp['interp']}, crop "
-                     f"{pp['crop_pct']} | {(m['sha256'] or '-')[:16]} |")
-    lines.append("")
+    names = {m["spec"]: m.get("label") or _short(m["spec"]) for m in meta["models"]}
+    lines = ["# ssl_repsim report", ""]
     if results is not None:
-        lines[4:4] = ["## Verdicts", "", *verdict_table(results, meta, cka.get("ci") or 0.95), ""]
+        lines += ["## Verdicts", "", *verdict_table(results, meta, cka.get("ci") or 0.95), ""]
+    lines += [f"Data: {_short(str(data['name']))} ({data['n']} images, seed {data['seed']})."
+              + (f" CKA: {cka['estimator']} estimator, n = {cka['n']}, {cka['tokens']} tokens, "
+                 + (f"{cka['ci']:.0%} intervals by the {cka['interval']}." if cka.get("ci") else "no intervals.")
+                 if cka else " No CKA (fewer than two models).")
+              + (f" Probes: {probes['split']} (seed {probes['seed']}), n_val = {probes['n_val']}, chance "
+                 f"{probes['chance']:.2f}, {probes['intervals']} intervals." if probes else "")
+              + f" MAE mask ratio {meta['mae_mask_ratio']}; {meta['elapsed_s']:.0f} s.",
+              "", (f"Numbers are followed by their {cka.get('ci') or 0.95:.0%} interval in brackets (probes: Wilson "
+                   "95%); a difference is called one only by a paired test on the same images (its p-value is "
+                   "given, corrected where the compared quantity was picked after looking), never by comparing two "
+                   "intervals."), ""]
     for c in _caveats(sections, meta):
         lines += [f"> **Caveat:** {c}", ""]
     for name, figs, readings in sections:
         lines += ["", f"## {ANALYSES[name].title}", ""]
         lines += [f"- {r}" if "\n" not in r else f"\n{r}\n" for r in readings] or ["- (nothing to compare)"]
         lines += [""] + [f"![{name}]({f})" for f in figs]
+    lines = [_relabel(ln, names) for ln in lines]
+    lines += ["", "## Provenance", "", f"Command: `{meta['command']}`", "",
+              (f"Data: {data.get('source') or data['name']}; ssl_repsim {meta['versions']['ssl_repsim']}, torch "
+               f"{meta['versions']['torch']}."), "",
+              "| label | model | family | objective | depth × width / patch | input | preprocessing | sha256 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in meta["models"]:
+        pp = m["preprocess"]
+        lines.append(f"| {names[m['spec']]} | {m['spec']} | {m['family']} | {m['objective']} | {m['depth']} × "
+                     f"{m['width']} / {m['patch']} | {m['input_size']} | mean {tuple(round(v, 3) for v in pp['mean'])}, "
+                     f"{pp['interp']}, crop {pp['crop_pct']} | {(m['sha256'] or '-')[:16]} |")
     lines += ["", "Every number is in report.json."]
     return "\n".join(lines) + "\n"
 
@@ -7609,8 +7634,12 @@ def _cmd_analysis(args):
     final = _out_dir(args, args.cmd)         # every option and the data checked before any model is read
     opts = AnalysisOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnalysisOptions)
                               if hasattr(args, f.name)}, progress=not args.quiet)
+    labels = model_labels(args.models, getattr(args, "labels", None))   # checked before any work
     images = load_images(args.data, args.n, args.seed, args.strict, workers=args.workers) if hasattr(args, "data") else None
     models = _load_models(args, head=any(ANALYSES[n].needs_heads for n in names))
+    for m, label in zip(models, labels if getattr(args, "labels", None) else model_labels([_spec(m) for m in models]),
+                        strict=True):
+        m.source["label"] = label
     with _staged_results(final) as out:
         results, sections = {}, []
         for name, res, figures, readings in run_analyses(models, images, names, opts):
@@ -8349,6 +8378,8 @@ def _add_analysis_commands(sub):
     p.add_argument("models", nargs="+", help="models (overview, gap, weights and agreement need at least two)")
     _add_analysis_flags(p, sorted({o for a in ANALYSES.values() for o in a.options}), data=True)
     p.add_argument("--skip", help="comma list of analyses to leave out: " + ",".join(ANALYSES))
+    p.add_argument("--labels", help="comma list of short names, one per model, for report.md's tables and readings "
+                                    "(default: a registered name as it is, a file's stem, made unique)")
 
 
 def _add_analysis_flags(p, options, data: bool):

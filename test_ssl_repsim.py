@@ -5583,7 +5583,7 @@ def test_cli_report(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     md = (out / "report.md").read_text()
     sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
-    assert len(sections) == 9 and sections[0] == "## Verdicts", sections    # the verdicts, then one per analysis
+    assert len(sections) == 10 and sections[0] == "## Verdicts" and sections[-1] == "## Provenance", sections
     for word in ("CKA between", "gap", "Information", "Invariance", "Attention", "Spatial", "Weight"):
         assert any(word.lower() in s.lower() for s in sections), (word, sections)
     figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
@@ -5624,7 +5624,8 @@ def test_cli_report_on_reconstruction_and_joint_embedding_files_is_honest(tmp_pa
     assert re.search(r"\| reconstruction and joint-embedding objectives learn different features \| 1 within, 2 "
                      r"across pairs \| .* \| \d[.\de-]* \| \*\*(not )?supported\*\* \|", verdicts), verdicts
     assert "not testable: ssl_repsim loads ViTs only" in verdicts and "not testable: needs a pretrained" in verdicts
-    assert "/tmp" not in verdicts and str(tmp_path) not in verdicts             # short names, not paths
+    assert str(tmp_path) not in md[:md.index("## Provenance")]                  # short names, paths only there
+    assert "| mae_pretrain_vit_tiny | " + str(files[0]) in md[md.index("## Provenance"):]
     objectives = next(ln for ln in md.splitlines() if "Objectives" in ln)
     for group in ("within JE (1 pair)", "across REC and JE (2 pairs)"):
         assert re.search(re.escape(group) + r" \d\.\d\d \[-?\d\.\d\d, \d\.\d\d\]", objectives), objectives
@@ -6723,6 +6724,18 @@ def test_the_verdict_on_rec_and_je_follows_the_paired_test():
                                                                                               dtype=torch.float64)}
     rows = sr.verdict_table({"overview": {"results": {"model_matrix": mm}}}, {"models": models})
     assert "**not supported**" in rows[2]
+
+
+def test_model_labels_are_short_unique_or_given():
+    specs = ["mae", "/x/a/mae_pretrain_vit_base.pth", "/x/b/mae_pretrain_vit_base.pth", "/y/vit-s-300ep.pth.tar",
+             "/z/hf_folder"]
+    assert sr.model_labels(specs) == ["mae", "a/mae_pretrain_vit_base", "b/mae_pretrain_vit_base", "vit-s-300ep",
+                                      "hf_folder"]
+    assert sr.model_labels(["m1", "m2"], "mae,dino") == ["mae", "dino"]
+    for bad in ("mae", "mae,mae", "mae,"):
+        with pytest.raises(sr.UsageError) as e:
+            sr.model_labels(["m1", "m2"], bad)
+        assert "2 distinct non-empty names" in str(e.value)
 
 
 def test_two_sided_p_matches_printed_t_and_normal_tables():
