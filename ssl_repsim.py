@@ -2072,7 +2072,15 @@ def download(name: str, weights_dir=None, progress: bool = True) -> Path:
             return dest
         for stale in dest.parent.glob(f".{dest.name}.*.part"):   # a killed download's: none of ours is running
             _unlink(stale)
-        download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
+        try:
+            download_file(row["url"], dest, sha256=row["sha256"], md5=row["md5"], progress=progress)
+        except UsageError as e:
+            if " failed: " not in str(e):    # a bad file, not a missing connection: said as it is
+                raise
+            raise UsageError(f"{e}. Without the internet: fetch {row['url']} on a machine that has it, place it at "
+                             f"{dest}" + (f" (sha256 {row['sha256']})" if row["sha256"] else "")
+                             + ", then run the same command again: it reads the placed file and downloads "
+                               "nothing") from None
         sums = _recorded_sums(dest.parent)   # SHA256SUMS updated under the same lock: no line is lost
         sums[dest.name] = file_sha256(dest)
         atomic_write(dest.parent / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
@@ -7316,10 +7324,20 @@ def _out_dir(args, kind: str) -> Path:
 
 
 def _load_models(args, head: bool = False) -> list[ViT]:
-    models = [load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
-                         num_heads=args.num_heads, img_size=args.img_size, act=args.act, progress=not args.quiet,
-                         head=head)
-              for spec in args.models]
+    models = []
+    for k, spec in enumerate(args.models):
+        try:
+            models.append(load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
+                                     num_heads=args.num_heads, img_size=args.img_size, act=args.act,
+                                     progress=not args.quiet, head=head))
+        except UsageError as e:
+            if "Without the internet" not in str(e):
+                raise
+            rest = [f"{REGISTRY[n]['url']} at {registry_path(n, args.weights_dir)}"
+                    for n in (ALIASES.get(s, s) for s in args.models[k + 1:])
+                    if n in REGISTRY and not REGISTRY[n]["url"].startswith("hf:")
+                    and not registry_path(n, args.weights_dir).exists()]
+            raise UsageError(str(e) + (f" (the same for {'; '.join(rest)})" if rest else "")) from None
     for spec, m in zip(args.models, models, strict=True):
         log.info(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
                  f"heads={m.cfg.num_heads}, input {m.input_size}px")

@@ -36,6 +36,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -2968,6 +2969,32 @@ def test_registered_name_downloads_and_loads(server, tmp_path, monkeypatch):
     with pytest.raises(sr.UsageError, match="changed since it was downloaded") as e:
         sr.load_model("deit-tiny-test", weights_dir=wdir, offline=True)
     assert_one_line(e)
+
+
+def test_a_failed_download_says_what_to_fetch_where_to_place_it_and_what_to_run(tmp_path, monkeypatch):
+    """Issue 24 item 4: offline, the main command's failure names the URL, the file to place (with its sha256) and
+    that the same command then runs from it; placed there, it does."""
+    case = build("deit", tmp_path)
+    data = case.path.read_bytes()
+    with socket.socket() as s:            # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wdir = register_deit_row(monkeypatch, tmp_path, "deit-offline", url=f"http://127.0.0.1:{port}/deit.pth",
+                             sha256=hashlib.sha256(data).hexdigest(), num_heads=2, img_size=case.a.img)
+    with pytest.raises(sr.UsageError) as e:
+        sr.load_model("deit-offline", weights_dir=wdir, progress=False)
+    assert_one_line(e)
+    msg = str(e.value)
+    assert f"fetch http://127.0.0.1:{port}/deit.pth" in msg and f"place it at {wdir / 'deit-offline.pth'}" in msg
+    assert hashlib.sha256(data).hexdigest() in msg and "run the same command again" in msg
+    monkeypatch.setitem(sr.REGISTRY, "deit-offline-2", dict(sr.REGISTRY["deit-offline"],
+                                                           url=f"http://127.0.0.1:{port}/deit2.pth", sha256=None))
+    p = cli("cka", "deit-offline", "deit-offline-2", "--weights-dir", wdir, "--out", tmp_path / "o", "--quiet")
+    assert_usage_error(p, tmp_path / "o")                 # the main command: one line naming both files
+    assert f"place it at {wdir / 'deit-offline.pth'}" in p.stderr
+    assert f"the same for http://127.0.0.1:{port}/deit2.pth at {wdir / 'deit-offline-2.pth'}" in p.stderr
+    (wdir / "deit-offline.pth").write_bytes(data)
+    assert sr.load_model("deit-offline", weights_dir=wdir, progress=False).family == "deit"
 
 
 def test_registered_name_bad_checksum_leaves_nothing(server, tmp_path, monkeypatch):
