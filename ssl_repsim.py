@@ -8045,21 +8045,65 @@ def bench_measures(n: int = 2000, dim: int = 768, layers: int = 12, names=None, 
     return rows
 
 
+def bench_inference(n: int = 2000, dim: int = 768, layers: int = 12, permutations: int = 200, seed: int = 0) -> dict:
+    """Seconds for a layers × layers debiased CKA map between two models of random correlated features: bare, with
+    the jackknife intervals, and with intervals and the permutation null (K = permutations); the cost of one null
+    permutation against its floor (reading the second model's n × n states once: the time of a plain copy of them,
+    and the map's product at this machine's matmul rate), and 1,000 permutations extrapolated from it."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, dim, generator=g)
+    fa, fb = ({f"{t}{i}": torch.tanh(base @ torch.randn(dim, dim, generator=g) / dim ** 0.5) for i in range(layers)}
+              for t in "ab")
+    out = dict(n=n, dim=dim, layers=layers, permutations=permutations)
+    for key, kw in (("bare_s", dict(ci=0, permutations=0)), ("intervals_s", dict(ci=0.95, permutations=0)),
+                    ("defaults_s", dict(ci=0.95, permutations=permutations))):
+        t0 = time.perf_counter()
+        compare_features([fa, fb], ["a", "b"], **kw)
+        out[key] = time.perf_counter() - t0
+    out["null_per_permutation_s"] = (out["defaults_s"] - out["intervals_s"]) / max(permutations, 1)
+    states = torch.randn(layers, n * n)
+    t0 = time.perf_counter()
+    states.clone()
+    copy = time.perf_counter() - t0
+    a = torch.randn(layers, n * n)
+    t0 = time.perf_counter()
+    _ = a @ states.T
+    product = time.perf_counter() - t0
+    out.update(floor_per_permutation_s=copy + product, permutations_1000_s=1000 * out["null_per_permutation_s"],
+               defaults_over_bare=out["defaults_s"] / out["bare_s"])
+    return out
+
+
 MEASURE_REFERENCES = {"cka": "platonic-rep metrics.unbiased_cka", "mknn": "platonic-rep metrics.mutual_knn",
                       "cknna": "platonic-rep metrics.cknna", "procrustes": "netrep LinearMetric(alpha=1)",
                       "svcca": "ReSi cca.svcca", "pwcca": "ReSi cca.pwcca", "rsa": "rsatoolbox calc_rdm + compare",
                       "ridge": "similarity-repository ridge-…-r2-cv=5folds"}
 
 
+def _bench_inference_cmd(args):
+    rows = [bench_inference(args.n or 2000, layers=k) for k in (12, *(() if not args.full else (108,)))]
+    for r in rows:
+        print(f"{r['layers']}×{r['layers']} debiased CKA map, n = {r['n']}, d = {r['dim']}: bare {r['bare_s']:.2f} "
+              f"s, with intervals {r['intervals_s']:.2f} s, with intervals and {r['permutations']} permutations "
+              f"{r['defaults_s']:.2f} s ({r['defaults_over_bare']:.1f}× bare); one permutation "
+              f"{r['null_per_permutation_s']:.3f} s against a floor of {r['floor_per_permutation_s']:.3f} s; "
+              f"1,000 permutations {r['permutations_1000_s']:.0f} s")
+    if args.out:
+        write_json(Path(args.out) / "bench_inference.json", rows)
+
+
+def _bench_measures_cmd(args):
+    rows = bench_measures(args.n or 2000, names=args.measures or None)
+    print(f"{'measure':<11} {'12×12 map s':>11}  reference to time beside it")
+    for r in rows:
+        print(f"{r['measure']:<11} {r['seconds']:>11.2f}  {r['reference']}")
+    if args.out:
+        write_json(Path(args.out) / "bench_measures.json", rows)
+
+
 def _cmd_bench(args):
-    if args.measures is not None:
-        rows = bench_measures(args.n or 2000, names=args.measures or None)
-        print(f"{'measure':<11} {'12×12 map s':>11}  reference to time beside it")
-        for r in rows:
-            print(f"{r['measure']:<11} {r['seconds']:>11.2f}  {r['reference']}")
-        if args.out:
-            write_json(Path(args.out) / "bench_measures.json", rows)
-        return
+    if args.inference or args.measures is not None:
+        return _bench_inference_cmd(args) if args.inference else _bench_measures_cmd(args)
     if args.data is not None:
         images = load_images(args.data, args.n, 0, False, workers=args.workers)
         models = _load_models(args) if args.models else None
@@ -8303,11 +8347,14 @@ def _add_registry_commands(sub):
                     "Measures the matmul rate, ViT-B/16 extraction with and without hooks, and 12×12 all-pairs CKA "
                     "(d=768) for each estimator. Quick by default (n=1k).",
                     ["bench", "bench --full --out results/bench", "bench --data ~/imagenet/val --n 2000 --models mae dino",
-                     "bench --peer", "bench --measures --n 2000"])
+                     "bench --peer", "bench --measures --n 2000", "bench --inference --n 2000"])
     p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
     p.add_argument("--measures", nargs="?", const="", help="time each measure's 12 × 12 map (d = 768, n = --n, "
                    "default 2000) beside the reference implementation it was checked against; a comma list to time "
                    "some")
+    p.add_argument("--inference", action="store_true", help="a 12×12 debiased CKA map (d = 768, n = --n, default "
+                   "2000) bare, with intervals and with the permutation null, one permutation against its floor "
+                   "(with --full also 108×108)")
     p.add_argument("--data", help="an image folder: time decoding against a plain DataLoader, each model's forward "
                                   "pass and the whole cka run")
     p.add_argument("--models", nargs="*", default=[], help="with --data: the models to run (default: two tiny "

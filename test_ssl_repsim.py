@@ -5522,6 +5522,15 @@ def test_cli_bench_prints_and_writes_what_bench_measured(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b" / "bench.json").read_text()) == canned
 
 
+def test_cli_bench_inference_times_the_defaults_against_the_bare_map(tmp_path):
+    """Issue 22's cost report, run small: the three timings, the per-permutation cost and its floor are written."""
+    p = cli("bench", "--inference", "--n", 40, "--out", tmp_path / "b", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "12×12 debiased CKA map, n = 40" in p.stdout and "1,000 permutations" in p.stdout
+    (row,) = json.loads((tmp_path / "b" / "bench_inference.json").read_text())
+    assert row["bare_s"] > 0 and row["defaults_s"] >= row["intervals_s"] > 0 and row["floor_per_permutation_s"] > 0
+
+
 def test_no_function_longer_than_fifty_lines():
     import ast
     tree = ast.parse((HERE / "ssl_repsim.py").read_text())
