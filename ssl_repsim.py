@@ -8075,6 +8075,7 @@ def bench_inference(n: int = 2000, dim: int = 768, layers: int = 12, permutation
 
 
 MEASURE_REFERENCES = {"cka": "platonic-rep metrics.unbiased_cka", "mknn": "platonic-rep metrics.mutual_knn",
+                      "jaccard": "ReSi nearest_neighbor.jaccard_similarity",
                       "cknna": "platonic-rep metrics.cknna", "procrustes": "netrep LinearMetric(alpha=1)",
                       "svcca": "ReSi cca.svcca", "pwcca": "ReSi cca.pwcca", "rsa": "rsatoolbox calc_rdm + compare",
                       "ridge": "similarity-repository ridge-…-r2-cv=5folds"}
