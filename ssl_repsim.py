@@ -6518,6 +6518,31 @@ def _spec(m: ViT) -> str:
     return m.source["spec"] if hasattr(m, "source") else m.family
 
 
+def _short(spec: str) -> str:
+    """A model's name in a table: a registered name as it is, a file by its stem, a folder by its name."""
+    p = Path(spec)
+    if len(p.parts) == 1 and not p.suffix:
+        return spec
+    return Path(p.stem).stem if p.name.endswith(".tar") else p.stem if p.suffix else p.name
+
+
+def _label(m: ViT) -> str:
+    """A model's name in figures and tables: its label (report --labels), else _short of its spec."""
+    return getattr(m, "source", {}).get("label") or _short(_spec(m))
+
+
+def curve_figure(curves: dict, title: str, ylabel: str, bands: dict | None = None, ylim=None) -> dict:
+    """What a per-layer figure draws: {line label: {layer: value}}, its interval band per line {label: ({layer:
+    low}, {layer: high})}, a title that says what and on which data, the y label with its unit, and fixed y limits
+    for a bounded score (None: the data's own)."""
+    return dict(curves=curves, bands=bands or {}, title=title, ylabel=ylabel, ylim=ylim)
+
+
+def _ci_band(results: dict, key: str = "top1_ci") -> tuple[dict, dict]:
+    """({layer: low}, {layer: high}) of a per-layer result {layer: {key: [low, high]}}."""
+    return ({k: v[key][0] for k, v in results.items()}, {k: v[key][1] for k, v in results.items()})
+
+
 def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
     run = dict(batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir)
@@ -6586,7 +6611,7 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
     if images.labels is None:
         raise UsageError("info needs labelled data (class sub-folders, labels in the tensor file, or synthetic)")
     train, val = split_train_val(images, 0.25, opts.seed)
-    out, readings, curves = {}, [], {}
+    out, readings, curves, bands = {}, [], {}, {}
     run = dict(cache_dir=opts.cache_dir, batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype)
     for m in models:
         tok = _probe_tokens(m, None)
@@ -6605,10 +6630,14 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
         out[_spec(m)] = dict(linear=lin, knn=knn, knn_k=k, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok,
                              official=eval_representation(m), n_train=len(ytr), n_val=len(yva),
                              chance=chance_level(yva))
-        curves[f"{_spec(m)} linear"] = {k: v for k, v in top1(lin).items() if k != "official"}
-        curves[f"{_spec(m)} k-NN"] = top1(knn)
+        blocks = {k: v for k, v in lin.items() if k != "official"}
+        curves[f"{_label(m)} linear"], bands[f"{_label(m)} linear"] = top1(blocks), _ci_band(blocks)
+        curves[f"{_label(m)} k-NN"], bands[f"{_label(m)} k-NN"] = top1(knn), _ci_band(knn)
         readings += _read_info(_spec(m), out[_spec(m)], last)
-    return out, {"info.png": ("curves", curves)}, readings
+    n_val = len(val.readable_labels())
+    return out, {"info.png": ("curves", curve_figure(
+        curves, f"Linear probe and k-NN top-1 per block ({n_val} validation images, Wilson 95% bands)",
+        "top-1 accuracy (fraction of validation images)", bands, (0.0, 1.0)))}, readings
 
 
 def _paired_accuracy(a: dict, b: dict, searched: int = 1, level: float = 0.95) -> tuple[bool, str]:
@@ -6668,12 +6697,13 @@ def _read_info(spec: str, r: dict, last: str) -> list[str]:
 
 def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Per-layer invariance to flip, crop, colour, grayscale and blur, against a shuffled-pair baseline."""
-    out, curves, readings = {}, {}, []
+    out, curves, readings, bands = {}, {}, [], {}
     for m in models:
         inv = invariance(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device, dtype=opts.dtype)
         out[_spec(m)] = inv
         for kind, per in inv.items():
-            curves[f"{_spec(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
+            curves[f"{_label(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
+            bands[f"{_label(m)} {kind}"] = _ci_band(per, "centred_normalised_ci")
         last = {kind: list(per.values())[-1] for kind, per in inv.items()}
         flip = last.get("hflip")
         raw = (f" The paper's measure, the raw cosine of the {_probe_tokens(m, None)} features to the flipped image's, "
@@ -6684,17 +6714,23 @@ def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, di
                         f"unrelated image; n = {len(images)}): "
                         + ", ".join(f"{k} {_ci(v['centred_normalised'], v['centred_normalised_ci'])}"
                                     for k, v in last.items()) + "." + raw)
-    return out, {"invariance.png": ("curves", curves)}, readings
+    return out, {"invariance.png": ("curves", curve_figure(
+        curves, f"Invariance per block to each augmentation ({len(images)} images, 95% bands over images)",
+        "invariance (centred, baseline-normalised: 1 = invariant, 0 = like an unrelated image)", bands))}, readings
 
 
 def attention_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Mean attention distance, entropy and NMI per head and block, on patch-to-patch attention (Park et al.)."""
-    out, curves, readings = {}, {}, []
+    out, curves, readings, bands = {}, {}, [], {}
     for m in models:
         st = attention_statistics(m, images, batch_size=opts.batch_size, mask_ratio=opts.mae_mask_ratio,
                                   seed=opts.seed, device=opts.device, max_images=opts.attention_images)
         out[_spec(m)] = st
-        curves[f"{_spec(m)} distance"] = {f"blocks.{i}": float(v) for i, v in enumerate(st["distance"].mean(1))}
+        dist = {f"blocks.{i}": float(v) for i, v in enumerate(st["distance"].mean(1))}
+        curves[_label(m)] = dist
+        bands[_label(m)] = tuple({k: v + sign * 1.96 * float(se) for (k, v), se in zip(dist.items(), st["distance_se"],
+                                                                                        strict=True)}
+                                 for sign in (-1, 1))
         d, nmi = st["distance"].mean(1), st["nmi"].mean(1)
         ci = {k: [normal_interval(float(st[k].mean(1)[i]), float(st[f"{k}_se"][i])) for i in (0, -1)]
               for k in ("distance", "nmi")}
@@ -6702,13 +6738,15 @@ def attention_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dic
                         f"{_ci(float(d[-1]), ci['distance'][1])} px in the last block; NMI in the last block "
                         f"{float(nmi[-1]):.3f} [{ci['nmi'][1][0]:.3f}, {ci['nmi'][1][1]:.3f}] (high = query-specific "
                         "attention, low = all queries attend alike; patch-to-patch attention, mean over heads).")
-    return out, {"attention.png": ("curves", curves)}, readings
+    return out, {"attention.png": ("curves", curve_figure(
+        curves, "Mean attention distance per block (patch-to-patch attention, mean over heads; 95% bands)",
+        "mean attention distance (pixels)", bands))}, readings
 
 
 def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Per-patch probes of grid position and object class on frozen patch tokens (object class only where the data
     has per-pixel masks: the built-in synthetic set; said otherwise)."""
-    out, curves, readings = {}, {}, []
+    out, curves, readings, bands = {}, {}, [], {}
     if images.masks is None:
         log.warning("notice: spatial: no per-pixel object masks in this data (only the synthetic set has them): the "
                     "object-class probe is left out, the position probe runs")
@@ -6719,13 +6757,15 @@ def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
                             dtype=opts.dtype)
         out[_spec(m)] = sp
         for t, per in sp.items():
-            curves[f"{_spec(m)} {t}"] = top1(per)
+            curves[f"{_label(m)} {t}"], bands[f"{_label(m)} {t}"] = top1(per), _ci_band(per)
         final = {t: per[[k for k in per if "+" not in k][-1]] for t, per in sp.items()}   # the last block alone
         readings.append(f"{_spec(m)}: at its last block, patch-position probe "
                         f"{_ci(final['position']['top1'], final['position']['top1_ci'])}"
                         + (f", per-patch object probe {_ci(final['mask']['top1'], final['mask']['top1_ci'])}"
                            if "mask" in final else "") + f" ({final['position']['interval']}).")
-    return out, {"spatial.png": ("curves", curves)}, readings
+    return out, {"spatial.png": ("curves", curve_figure(
+        curves, "Per-patch probes per block (position; object class where masks exist), bands over test images",
+        "top-1 accuracy per patch (fraction)", bands, (0.0, 1.0)))}, readings
 
 
 def _pretrained_and_fine_tuned(a: ViT, b: ViT) -> bool:
@@ -7037,14 +7077,6 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
     return out
 
 
-def _short(spec: str) -> str:
-    """A model's name in a table: a registered name as it is, a file by its stem, a folder by its name."""
-    p = Path(spec)
-    if len(p.parts) == 1 and not p.suffix:
-        return spec
-    return Path(p.stem).stem if p.name.endswith(".tar") else p.stem if p.suffix else p.name
-
-
 def model_labels(specs, given: str | None = None) -> list[str]:
     """Short, unique names for the models: `given` (a comma list, one per model), else _short of each spec, with
     the parent folder (then a number) added where two would read alike."""
@@ -7266,19 +7298,30 @@ def _plot_heatmaps(maps: list[dict], path, title="CKA", vrange=(0.0, 1.0)):
     return _save_figure(fig, path)
 
 
-def _plot_layer_curves(curves: dict[str, dict[str, float]], path, ylabel: str):
-    """A score versus layer, one line per entry {label: {layer: score}}."""
-    fig = _new_figure(figsize=(7, 4))
+def _plot_layer_curves(figure: dict, path, ylabel: str = "score"):
+    """A score versus layer, one line per entry of a curve_figure (or a bare {label: {layer: score}}): its band,
+    title, y label with unit and y limits; colours and line styles that stay apart for 12 lines, the legend outside
+    the data."""
+    fig = _new_figure(figsize=(8.5, 4.2))
     if fig is None:
         return None
+    figure = figure if "curves" in figure else curve_figure(figure, "", ylabel)
     ax = fig.subplots()
-    for label, res in curves.items():
-        ax.plot(range(len(res)), list(res.values()), marker="o", label=label)
+    for k, (label, res) in enumerate(figure["curves"].items()):
+        style = dict(color=f"C{k % 10}", linestyle=("-", "--", ":", "-.")[k // 10 % 4], marker="o", markersize=3)
+        ax.plot(range(len(res)), list(res.values()), label=label, **style)
+        if label in figure["bands"]:
+            lo, hi = figure["bands"][label]
+            ax.fill_between(range(len(res)), [lo[x] for x in res], [hi[x] for x in res], color=style["color"],
+                            alpha=0.15, linewidth=0)
         ax.set_xticks(range(len(res)), list(res), rotation=90, fontsize=7)
-    ax.set_ylabel(ylabel)
+    ax.set_title(figure["title"], fontsize=9)
+    ax.set_ylabel(figure["ylabel"], fontsize=8)
     ax.set_xlabel("layer")
+    if figure["ylim"]:
+        ax.set_ylim(*figure["ylim"])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save_figure(fig, path)
 
 
@@ -7603,7 +7646,11 @@ def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
               [[m, layer, metric, v, *per.get(f"{metric}_ci", ["", ""])] for m, r in results.items()
                for layer, per in r.items() for metric, v in per.items()
                if not metric.endswith("_ci") and metric != "correct"])     # which images were right: in the JSON
-    _plot_layer_curves({m: top1(r) for m, r in results.items()}, out / f"{kind}.png", f"{kind} top-1")
+    _plot_layer_curves(curve_figure({_short(m): top1(r) for m, r in results.items()},
+                                    f"{kind} top-1 per layer ({meta['n_val']} validation images, Wilson 95% bands)",
+                                    "top-1 accuracy (fraction of validation images)",
+                                    {_short(m): _ci_band(r) for m, r in results.items()}, (0.0, 1.0)),
+                       out / f"{kind}.png")
     print(f"{kind}: {meta['n_train']} training and {meta['n_val']} validation images; chance (majority class) "
           f"{meta['chance']:.3f}; [Wilson 95% interval]")
     for m, r in results.items():
@@ -7792,7 +7839,7 @@ def _check_replaceable(final: Path, results: bool = True):
 def _render_figures(figures: dict, out: Path) -> list[str]:
     written = []
     for fname, (kind, payload) in figures.items():
-        plot = _plot_layer_curves(payload, out / fname, "score") if kind == "curves" else \
+        plot = _plot_layer_curves(payload, out / fname) if kind == "curves" else \
             _plot_heatmaps(payload, out / fname, "CKA")
         if plot:
             written.append(fname)

@@ -6774,6 +6774,30 @@ def test_model_labels_are_short_unique_or_given():
         assert "2 distinct non-empty names" in str(e.value)
 
 
+def test_curve_figures_have_a_title_units_bands_short_labels_and_the_legend_outside(tmp_path, monkeypatch):
+    """Issue 24 item 2: a per-layer figure (invariance here) says what and on which data, labels its axis with what
+    the score means, draws each line's interval as a band, names models by their labels and keeps the legend out of
+    the data; a bounded score (an accuracy) gets 0–1 limits."""
+    m = tiny_model(0)
+    m.source = dict(m.source, spec=str(tmp_path / "some" / "dir" / "mae_pretrain_vit_base.pth"))
+    images = colour_set(12)
+    _, figures, _ = sr.invariance_analysis([m], images, sr.AnalysisOptions(batch_size=4, device="cpu"))
+    saved = []
+    monkeypatch.setattr(sr, "_save_figure", lambda fig, path: saved.append(fig) or path)
+    assert sr._render_figures(figures, tmp_path) == ["invariance.png"]
+    ax = saved[0].axes[0]
+    assert "12 images" in ax.get_title() and "1 = invariant" in ax.get_ylabel()
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert labels and all(lb.startswith("mae_pretrain_vit_base ") for lb in labels), labels
+    assert len(ax.collections) == len(labels)                 # one band per line
+    bbox = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert bbox.x0 > 1.0                                       # outside the axes, right of the data
+    curve = sr.curve_figure({"a": {"l0": 0.5}}, "t", "top-1 accuracy", {"a": ({"l0": 0.4}, {"l0": 0.6})}, (0.0, 1.0))
+    saved.clear()
+    sr._plot_layer_curves(curve, tmp_path / "x.png")
+    assert saved[0].axes[0].get_ylim() == (0.0, 1.0)
+
+
 def test_two_sided_p_matches_printed_t_and_normal_tables():
     for t, dof, p in ((1.959964, None, 0.05), (2.575829, None, 0.01), (12.7062, 1, 0.05), (4.302653, 2, 0.05),
                       (2.262157, 9, 0.05), (3.249836, 9, 0.01), (2.228139, 10, 0.05), (2.042272, 30, 0.05),
