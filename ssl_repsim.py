@@ -7309,11 +7309,12 @@ def _plot_layer_curves(figure: dict, path, ylabel: str = "score"):
     ax = fig.subplots()
     for k, (label, res) in enumerate(figure["curves"].items()):
         style = dict(color=f"C{k % 10}", linestyle=("-", "--", ":", "-.")[k // 10 % 4], marker="o", markersize=3)
-        ax.plot(range(len(res)), list(res.values()), label=label, **style)
+        val = lambda v: float("nan") if v is None else v   # NaN is null in the JSON replot reads
+        ax.plot(range(len(res)), [val(v) for v in res.values()], label=label, **style)
         if label in figure["bands"]:
             lo, hi = figure["bands"][label]
-            ax.fill_between(range(len(res)), [lo[x] for x in res], [hi[x] for x in res], color=style["color"],
-                            alpha=0.15, linewidth=0)
+            ax.fill_between(range(len(res)), [val(lo[x]) for x in res], [val(hi[x]) for x in res],
+                            color=style["color"], alpha=0.15, linewidth=0)
         ax.set_xticks(range(len(res)), list(res), rotation=90, fontsize=7)
     ax.set_title(figure["title"], fontsize=9)
     ax.set_ylabel(figure["ylabel"], fontsize=8)
@@ -7568,6 +7569,28 @@ def _estimator_words(res: dict) -> str:
     return f"{res['estimator']}, n={res['n']}{batches}"
 
 
+def replot(folder) -> list[str]:
+    """Every figure of an analysis or report run redrawn from its JSON alone (the figure data each analysis stored
+    beside its results): the PNGs are written again in `folder`; returns their names."""
+    folder = Path(folder)
+    docs = [p for p in sorted(folder.glob("*.json")) if p.name != "bench.json"]
+    if not docs:
+        raise UsageError(f"{folder}: no result JSON to replot (a report or analysis --out folder)")
+    written = []
+    for p in docs:
+        doc = parse_json(p.read_text(), p)
+        for entry in (v for v in doc.values() if isinstance(v, dict) and "figures" in v):
+            written += _render_figures({f: tuple(kp) for f, kp in entry["figures"].items()}, folder)
+    if not written:
+        raise UsageError(f"{folder}: its JSON holds no figure data (written before ssl_repsim stored it?)")
+    return written
+
+
+def _cmd_replot(args):
+    names = replot(args.folder)
+    print(f"redrew {len(names)} figure(s) in {args.folder}: {', '.join(names)}")
+
+
 def _cmd_list(args):
     wdir = Path(args.weights_dir or default_weights_dir())
     w = max(map(len, REGISTRY)) + 1
@@ -7708,7 +7731,7 @@ def _cmd_analysis(args):
     with _staged_results(final) as out:
         results, sections = {}, []
         for name, res, figures, readings in run_analyses(models, images, names, opts):
-            results[name] = dict(results=res, readings=readings)
+            results[name] = dict(results=res, readings=readings, figures=figures)   # what `replot` redraws
             sections.append((name, _render_figures(figures, out), readings))
             for r in readings:
                 print(f"[{name}] {r}")
@@ -8391,6 +8414,11 @@ def _add_registry_commands(sub):
                     ["download mae dino", "download dinov2-vitb14-reg --weights-dir /data/checkpoints"])
     p.add_argument("names", nargs="+", help="registered names or aliases (see `list`)")
     _add_flags(p, "weights_dir", *ALWAYS)
+    p = _subcommand(sub, "replot", _cmd_replot, "redraw a run's figures from its JSON alone",
+                    "Redraws every figure of a report or analysis --out folder from the figure data its JSON holds "
+                    "(no model, no data, no recomputation).", ["replot results/report-mae-dino-20261206-120000"])
+    p.add_argument("folder", help="a report or analysis --out folder")
+    _add_flags(p, *ALWAYS)
     p = _subcommand(sub, "bench", _cmd_bench, "extraction and CKA speed on this machine, against the FLOP floor",
                     "Measures the matmul rate, ViT-B/16 extraction with and without hooks, and 12×12 all-pairs CKA "
                     "(d=768) for each estimator. Quick by default (n=1k).",

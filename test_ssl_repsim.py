@@ -6798,6 +6798,33 @@ def test_curve_figures_have_a_title_units_bands_short_labels_and_the_legend_outs
     assert saved[0].axes[0].get_ylim() == (0.0, 1.0)
 
 
+def test_replot_redraws_every_figure_from_the_json_alone(tmp_path, monkeypatch):
+    """Issue 24 item 2: `replot DIR` draws the same figures from the JSON (the figure data are compared, not pixels):
+    no model, no data; a folder without figure data is one line."""
+    a, b = tiny_pair(tmp_path)
+    drawn = []
+    real_curves, real_maps = sr._plot_layer_curves, sr._plot_heatmaps
+    monkeypatch.setattr(sr, "_plot_layer_curves", lambda fig, path, *r: drawn.append((Path(path).name, sr._jsonable(
+        fig))) or real_curves(fig, path, *r))
+    monkeypatch.setattr(sr, "_plot_heatmaps", lambda maps, path, *r, **k: drawn.append((Path(path).name, sr._jsonable(
+        maps))) or real_maps(maps, path, *r, **k))
+    out = tmp_path / "r"
+    p = cli("report", a, b, "--num-heads", 2, "--img-size", 32, "--n", 24, "--skip",
+            "info,attention,spatial,weights,agreement,gap", "--workers", 0, "--quiet", "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first = sorted(drawn)
+    assert {name for name, _ in first} >= {"invariance.png", "overview.png"}
+    for f in out.glob("*.png"):
+        f.unlink()
+    drawn.clear()
+    monkeypatch.setattr(sr, "load_model", lambda *x, **k: pytest.fail("replot must not load a model"))
+    p = cli("replot", out)
+    assert p.returncode == 0, p.stderr
+    assert sorted(drawn) == first and (out / "invariance.png").exists()
+    (tmp_path / "empty").mkdir()
+    assert_usage_error(cli("replot", tmp_path / "empty"))
+
+
 def test_two_sided_p_matches_printed_t_and_normal_tables():
     for t, dof, p in ((1.959964, None, 0.05), (2.575829, None, 0.01), (12.7062, 1, 0.05), (4.302653, 2, 0.05),
                       (2.262157, 9, 0.05), (3.249836, 9, 0.01), (2.228139, 10, 0.05), (2.042272, 30, 0.05),
