@@ -7435,7 +7435,10 @@ def _cmd_cka(args):
           + (f"; {res['ci']:.0%} intervals by the {res['interval']}" if res["ci"] else "; no intervals (--ci 0)"))
     for p in res["pairs"]:
         print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}"
-              + (" [{:.3f}, {:.3f}]".format(*p["diagonal_mean_ci"]) if "diagonal_mean_ci" in p else ""))
+              + (" [{:.3f}, {:.3f}]".format(*p["diagonal_mean_ci"]) if "diagonal_mean_ci" in p else "")
+              + (f", permutation p = {p['diagonal_mean_p']:.3g}, calibrated {p['diagonal_mean_calibrated']:.3f}; "
+                 f"the map's largest entry p = {p['max_p']:.3g} (family-wise over the map)"
+                 if "diagonal_mean_p" in p else ", no permutation null"))
         print(_format_map(p["cka"], p["layers_a"], p["layers_b"]))
     if n_models > 2:
         print(f"\nmodel × model CKA at {res['model_matrix']['point'][0]}:")

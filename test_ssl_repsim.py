@@ -5256,6 +5256,9 @@ def test_cli_cka_three_models(tmp_path):
     low, high = (np.array(doc["model_matrix"][k], dtype=float) for k in ("cka_low", "cka_high"))
     off = ~np.eye(3, dtype=bool)
     assert (low[off] < mat[off]).all() and (mat[off] < high[off]).all()
+    first = doc["pairs"][0]                            # the console says what the JSON holds: p and calibrated too
+    assert f"permutation p = {first['diagonal_mean_p']:.3g}, calibrated {first['diagonal_mean_calibrated']:.3f}" \
+        in p.stdout and "family-wise over the map" in p.stdout
 
 
 def test_cli_model_point_selects_the_model_matrix_point(tmp_path):
