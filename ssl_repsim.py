@@ -8419,7 +8419,8 @@ def _add_registry_commands(sub):
     _add_flags(p, "weights_dir", *ALWAYS)
     p = _subcommand(sub, "replot", _cmd_replot, "redraw a run's figures from its JSON alone",
                     "Redraws every figure of a report or analysis --out folder from the figure data its JSON holds "
-                    "(no model, no data, no recomputation).", ["replot results/report-mae-dino-20261206-120000"])
+                    "(no model, no data, no recomputation).", ["replot results/report-mae-dino-20261206-120000",
+                                                                "replot results/invariance-dino-20261206-120000"])
     p.add_argument("folder", help="a report or analysis --out folder")
     _add_flags(p, *ALWAYS)
     p = _subcommand(sub, "bench", _cmd_bench, "extraction and CKA speed on this machine, against the FLOP floor",
@@ -8621,7 +8622,9 @@ def main(argv=None) -> int:
     try:
         distributed = init_distributed(args)
         with _cli_logging(args.quiet), _terminate_as_interrupt():
+            t0 = time.perf_counter()
             args.fn(args)
+            log.info(f"{argv[0]}: done in {time.perf_counter() - t0:.1f} s")   # every command ends with its time
         return 0
     except UsageError as e:
         if getattr(args, "debug", False):

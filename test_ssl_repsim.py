@@ -64,7 +64,7 @@ RTOL = 1e-5
 TINY_CFG = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64}
 SUBLAYERS = ["norm1", "attn", "attn.qkv", "attn.proj", "norm2", "mlp", "mlp.fc1", "mlp.act", "mlp.fc2"]
 SUBCOMMANDS = ("cka", "extract", "list", "bench", "download", "probe", "knn", "finetune", "gap", "info", "invariance",
-               "attention", "spatial", "weights", "agreement", "report")
+               "attention", "spatial", "weights", "agreement", "report", "replot")
 
 
 # ======================================================================================================================
@@ -5475,6 +5475,7 @@ def test_cli_bad_inputs_exit_2_one_line(tmp_path):
 def test_cli_list_and_help():
     p = cli("list", "--weights-dir", HERE / "no_such_weights_dir_x")
     assert p.returncode == 0, p.stderr
+    assert re.search(r"^list: done in \d+\.\d s$", p.stderr, re.MULTILINE), p.stderr   # every command ends with its time
     assert "mae-vitb16" in p.stdout
     names = [ln.split()[0] for ln in p.stdout.splitlines()[1:] if ln.strip() and not ln.startswith("weights dir")]
     assert "dino-vitb16" in names and "ijepa-vith14" in names
@@ -5494,8 +5495,8 @@ OWN_OPTIONS = {"--tokens": {"cka", "extract", "probe", "knn", "gap", "report"}, 
                "--mae-mask-ratio": {"attention", "report"}, "--attention-images": {"attention", "report"},
                "--epochs": {"probe", "finetune", "info", "report"}, "--k": {"knn"}, "--method": {"probe"},
                "--blr": {"finetune"}, "--resume": {"finetune"}, "--model-point": {"cka"}, "--skip": {"report"},
-               "--data": set(SUBCOMMANDS) - {"list", "download", "weights"},
-               "--workers": set(SUBCOMMANDS) - {"list", "download", "weights"}}
+               "--data": set(SUBCOMMANDS) - {"list", "download", "weights", "replot"},
+               "--workers": set(SUBCOMMANDS) - {"list", "download", "weights", "replot"}}
 
 
 def test_cli_help_shows_own_options_defaults_and_examples():
