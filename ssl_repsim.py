@@ -2078,7 +2078,8 @@ def download(name: str, weights_dir=None, progress: bool = True) -> Path:
             if " failed: " not in str(e):    # a bad file, not a missing connection: said as it is
                 raise
             raise UsageError(f"{e}. Without the internet: fetch {row['url']} on a machine that has it, place it at "
-                             f"{dest}" + (f" (sha256 {row['sha256']})" if row["sha256"] else "")
+                             f"{dest}" + (f" (sha256 {row['sha256']})" if row["sha256"] else
+                                          f" (md5 beginning {row['md5']})" if row["md5"] else " (no published digest)")
                              + ", then run the same command again: it reads the placed file and downloads "
                                "nothing") from None
         sums = _recorded_sums(dest.parent)   # SHA256SUMS updated under the same lock: no line is lost
