@@ -4780,6 +4780,11 @@ def _model_matrix(specs, names, at, maps, spreads, ci) -> dict:
         low[i, j] = low[j, i] = lo
         high[i, j] = high[j, i] = hi
     out = dict(models=specs, point=[n[k] for n, k in zip(names, at, strict=True)], cka=matrix)
+    if spreads and all(s.kind == "jackknife" for s in spreads.values()):   # the same groups for every pair: the
+        g = next(iter(spreads.values())).units                            # replicates of paired summaries (report)
+        out["jackknife"] = torch.full((len(specs), len(specs), g), float("nan"), dtype=torch.float64)
+        for (i, j), s in spreads.items():
+            out["jackknife"][i, j] = out["jackknife"][j, i] = s.values[:, at[i], at[j]]
     if ci and spreads:
         out["cka_low"], out["cka_high"] = low, high
         if len(specs) >= 3:
@@ -6854,14 +6859,10 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
     """CKA between the models' block outputs: every pair's map and the model×model matrix at the last block, with
     intervals; with reconstruction and joint-embedding models both present, the paper's headline: mean CKA within
     each objective and across them."""
-    estimator = choose_estimator(models, [resolve_points(m, "blocks") for m in models], opts.tokens, len(images),
-                                 opts.estimator)
-    asked = _checked_measures(opts.measures or None, 0)   # the paired tests read the cka measure's jackknife groups
-    res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=estimator,
+    res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=opts.estimator,
                          batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir,
                          progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
-                         measures=(asked if estimator == "minibatch" else ["cka", *(m for m in asked if m != "cka")])
-                         or None, permutations=opts.permutations)
+                         measures=opts.measures or None, permutations=opts.permutations)
     mm = res["model_matrix"]
     readings = [f"Estimator {res['estimator']} (n = {res['n']} images"
                 + (f" in batches of {res['batch_size']}" if res["batch_size"] else "") + f"), {opts.tokens} tokens"
@@ -6890,6 +6891,12 @@ def _objective_pairs(models) -> tuple[list, list]:
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     return ([(i, j) for i, j in pairs if kind[i] == kind[j] and kind[i] in ("REC", "JE")],
             [(i, j) for i, j in pairs if {kind[i], kind[j]} == {"REC", "JE"}])
+
+
+def _cka_replicates(mm: dict) -> dict | None:
+    """A model matrix's CKA with its jackknife replicates, as paired_contrast reads a measure's entry; None when the
+    estimator keeps none (minibatch)."""
+    return dict(matrix=mm["cka"], jackknife=mm["jackknife"]) if "jackknife" in mm else None
 
 
 def paired_contrast(e: dict, within, across, level: float) -> dict:
@@ -6935,12 +6942,12 @@ def _objective_headline(models, mm, level: float) -> list[str]:
     groups = _objective_groups(models, mm)
     head = [f"Objectives (model × model CKA at the last block): {groups}."] if groups else []
     within, across = _objective_pairs(models)
-    e = mm.get("measures", {}).get("cka")
+    e = _cka_replicates(mm)
     if not within or not across:
         return head
     if e is None:
-        return [*head, ("REC vs JE: no paired test (the minibatch estimator keeps no per-image replicates; "
-                        f"{_opt('estimator')} debiased gives one), so no claim is made.")]
+        return [*head, ("REC vs JE: no paired test (no jackknife replicates: the minibatch estimator keeps none, "
+                        "nor a map whose Grams exceed the memory budget), so no claim is made.")]
     c = paired_contrast(e, within, across, level)
     said = (f"within REC or JE {c['within']:.3f} ({len(within)} pair{'s' * (len(within) > 1)}), across REC and JE "
             f"{c['across']:.3f} ({len(across)} pair{'s' * (len(across) > 1)}): within − across {c['diff']:+.3f}")
@@ -6960,7 +6967,7 @@ def pt_ft_tests(models, mm, level: float) -> list[dict]:
     """The seed paper's PT → FT claim as paired tests: for each pretrained model and its fine-tuned version (same
     objective, once +FT) and every joint-embedding model c, CKA(FT, c) − CKA(PT, c) on the same images, its interval
     and p from the difference's jackknife replicates; p adjusted by Holm over the comparisons made (`p_holm`)."""
-    e, kind = mm.get("measures", {}).get("cka"), _objective_of(models)
+    e, kind = _cka_replicates(mm), _objective_of(models)
     if e is None or "jackknife" not in e:
         return []
     tests = []
@@ -6998,7 +7005,7 @@ def _measure_robustness(models, mm, level: float) -> list[str]:
     """Does the headline survive the measure? Per measure, the mean model-matrix similarity within REC or JE and
     across them, and the paired difference (mean within − mean across) with its interval and p (paired_contrast)."""
     within, across = _objective_pairs(models)
-    if len(mm.get("measures", {})) < 2 or not within or not across:
+    if not mm.get("measures") or not within or not across:
         return []
     rows, support = [], 0
     for name, e in mm["measures"].items():
@@ -7104,7 +7111,7 @@ def _verdict_rec_je(res: dict, kind: dict, level: float) -> tuple:
     different features' from the overview's paired contrast."""
     mm = res.get("model_matrix", {})
     specs = mm.get("models", [])
-    e = mm.get("measures", {}).get("cka")
+    e = _cka_replicates(mm)
     ks = [kind.get(s) for s in specs]
     within = [(i, j) for i, j in itertools.combinations(range(len(specs)), 2) if ks[i] == ks[j] in ("REC", "JE")]
     across = [(i, j) for i, j in itertools.combinations(range(len(specs)), 2) if {ks[i], ks[j]} == {"REC", "JE"}]

@@ -3171,7 +3171,7 @@ def test_the_rec_je_headline_is_a_paired_test_on_the_jackknife_replicates():
     base = torch.tensor([[1, .7, .5, .5], [.7, 1, .5, .5], [.5, .5, 1, .7], [.5, .5, .7, 1]], dtype=torch.float64)
     jack = base[:, :, None] + shared + 0.002 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
     jack = (jack + jack.transpose(0, 1)) / 2
-    mm = {"cka": base, "measures": {"cka": {"matrix": base, "jackknife": jack}}}
+    mm = {"cka": base, "jackknife": jack}
     within, across = [(0, 1), (2, 3)], [(0, 2), (0, 3), (1, 2), (1, 3)]
     d = torch.stack([jack[i, j] for i, j in within]).mean(0) - torch.stack([jack[i, j] for i, j in across]).mean(0)
     se = math.sqrt(9 / 10 * float(((d - d.mean()) ** 2).sum()))
@@ -6734,7 +6734,7 @@ def test_the_pt_to_ft_claim_is_a_paired_test_with_holm_over_the_comparisons():
     base = torch.tensor([[1, .8, .3, .3], [.8, 1, .5, .31], [.3, .5, 1, .7], [.3, .31, .7, 1]], dtype=torch.float64)
     jack = base[:, :, None] + 0.01 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
     jack = (jack + jack.transpose(0, 1)) / 2
-    mm = {"measures": {"cka": {"matrix": base, "jackknife": jack}}}
+    mm = {"cka": base, "jackknife": jack}
     lines = sr._pt_ft_readings(sr.pt_ft_tests(models, mm, 0.95), 0.95)
     assert len(lines) == 2
     ps = []
@@ -6754,14 +6754,14 @@ def test_the_verdict_on_rec_and_je_follows_the_paired_test():
     base = torch.tensor([[1, .7, .5, .5], [.7, 1, .5, .5], [.5, .5, 1, .7], [.5, .5, .7, 1]], dtype=torch.float64)
     jack = base[:, :, None] + 0.2 * torch.randn(10, generator=g, dtype=torch.float64) \
         + 0.002 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
-    mm = {"models": [m["spec"] for m in models], "measures": {"cka": {"matrix": base, "jackknife": jack}}}
+    mm = {"models": [m["spec"] for m in models], "cka": base, "jackknife": jack}
     rows = sr.verdict_table({"overview": {"results": {"model_matrix": mm}}}, {"models": models})
-    want = sr.paired_contrast(mm["measures"]["cka"], [(0, 1), (2, 3)], [(0, 2), (0, 3), (1, 2), (1, 3)], 0.95)
-    assert f"| {want['p']:.2g} | **supported** |" in rows[2] and "+0.200" in rows[2], rows[2]
+    d = jack[[0, 2], [1, 3]].mean(0) - jack[[0, 0, 1, 1], [2, 3, 2, 3]].mean(0)      # within − across, per group
+    se = math.sqrt(9 / 10 * float(((d - d.mean()) ** 2).sum()))                     # Quenouille–Tukey, by hand
+    assert f"| {sr.two_sided_p(0.2 / se, 9):.2g} | **supported** |" in rows[2] and "+0.200" in rows[2], rows[2]
     assert "not testable: the gap analysis did not run" in rows[4]
     flat = base.clone().fill_(0.5).fill_diagonal_(1)
-    mm["measures"]["cka"] = {"matrix": flat, "jackknife": flat[:, :, None] + 0.01 * torch.randn(4, 4, 10, generator=g,
-                                                                                              dtype=torch.float64)}
+    mm["cka"], mm["jackknife"] = flat, flat[:, :, None] + 0.01 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
     rows = sr.verdict_table({"overview": {"results": {"model_matrix": mm}}}, {"models": models})
     assert "**not supported**" in rows[2]
 
