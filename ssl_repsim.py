@@ -3396,6 +3396,11 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     x = x.double()
     sq = (x * x).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min_(0)
+    return _rbf_of_distances(d2, threshold)
+
+
+def _rbf_of_distances(d2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """exp(−d² / (2 t² · median d²)), the median over all pairs (the diagonal's zeros included, as Kornblith et al.)."""
     flat = d2.flatten()
     m = flat.numel()
     lo = flat.kthvalue((m + 1) // 2).values
@@ -3723,13 +3728,7 @@ def _raw_kernel(x, kernel: str) -> torch.Tensor:
 def _subset_gram(raw: torch.Tensor, keep: torch.Tensor, kernel: str, debiased: bool, threshold: float):
     """The unit-norm centred (or U-centred) Gram of the images in `keep`, flattened, from _raw_kernel."""
     k = raw[keep][:, keep]
-    if kernel == "rbf":
-        flat = k.flatten()
-        m = flat.numel()
-        lo = flat.kthvalue((m + 1) // 2).values
-        med = lo if m % 2 else (lo + flat.kthvalue(m // 2 + 1).values) / 2
-        k = torch.exp(-k / (2 * threshold ** 2 * med))
-    k = center_gram(k, debiased)
+    k = center_gram(_rbf_of_distances(k, threshold) if kernel == "rbf" else k, debiased)
     return (k / k.norm().clamp_min(1e-300)).flatten()
 
 
@@ -3897,8 +3896,7 @@ class Spread:
             if entries is not None or not isinstance(estimate, torch.Tensor):
                 lo, hi = float(lo), float(hi)
         else:
-            lo, hi = normal_interval(estimate, self.se(entries) if entries is not None else self.se(), level,
-                                     self.dof)
+            lo, hi = normal_interval(estimate, self.se(entries), level, self.dof)
         if isinstance(lo, torch.Tensor):
             est = torch.as_tensor(estimate, dtype=lo.dtype)
             return torch.minimum(lo.clamp(a, b), est), torch.maximum(hi.clamp(a, b), est)
@@ -4524,6 +4522,17 @@ def measures_info(names, permutations, ci: float) -> dict:
             for n in names}
 
 
+MEASURE_NULL_SCORES = 4000   # a non-product measure's null evaluates at most this many layer pairs × permutations
+
+
+def _null_size(name: str, permutations: int, pairs, feats, n: int) -> int:
+    """How many permutations a measure's null affords: an inner-product measure as the CKA null (NULL_BUDGET_FLOPS),
+    any other MEASURE_NULL_SCORES score evaluations; at least 19 (a p-value of 1/20), else none."""
+    cells = sum(len(feats[i]) * len(feats[j]) for i, j in pairs)
+    affordable = int(NULL_BUDGET_FLOPS // (2 * n * n * cells)) if MEASURES[name].inner else MEASURE_NULL_SCORES // cells
+    return permutations if permutations <= affordable else affordable if affordable >= 19 else 0
+
+
 ESTIMATORS = ("auto", "biased", "debiased", "minibatch")   # and "full", the former name of "biased"
 
 
@@ -4596,14 +4605,12 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
     at = [_point_index(nm, model_point) for nm in names]
     out = _comparison(specs, names, at, maps, spreads, n, ci, estimator)
     per_permutation = 2 * n * n * sum(len(feature_sets[i]) * len(feature_sets[j]) for i, j in pairs)
-    affordable = int(NULL_BUDGET_FLOPS // max(per_permutation, 1))
     held = 12 * n * n * sum(len(f) for f in feature_sets)     # every model's Grams in float64, and a float32 copy
     if held > GRAM_BUDGET_BYTES:
-        affordable = 0
         log.warning(f"notice: no permutation null: every model's n × n Grams would hold {held / 2 ** 30:.1f} GiB, more "
                     f"than the {GRAM_BUDGET_BYTES / 2 ** 30:.0f} GiB budget (fewer {_opt('n')} or {_opt('points')})")
-    k = permutations if permutations <= affordable else affordable if affordable >= 19 else 0
-    if k < permutations:              # an exact test on fewer permutations, said: never an approximate tail
+    k = 0 if held > GRAM_BUDGET_BYTES else _null_size("cka", permutations, pairs, feature_sets, n)
+    if 0 < k < permutations or (permutations and not k and held <= GRAM_BUDGET_BYTES):
         log.warning(f"notice: {permutations} permutations of {len(pairs)} CKA maps at n = {n} would take "
                     f"{permutations * per_permutation / 1e12:.1f} TFLOP: "
                     + (f"the null rests on {k} (the smallest p-value is 1/{k + 1})" if k else "no permutation null")
@@ -4721,17 +4728,6 @@ def _checked_measures(measures, permutations: int) -> list[str]:
         raise UsageError(f"measures named twice in {','.join(names)}")
     in_range("permutations", permutations, 0, 100000)
     return names
-
-
-MEASURE_NULL_SCORES = 4000   # a non-product measure's null evaluates at most this many layer pairs × permutations
-
-
-def _null_size(name: str, permutations: int, pairs, feats, n: int) -> int:
-    """How many permutations a measure's null affords: an inner-product measure as the CKA null (NULL_BUDGET_FLOPS),
-    any other MEASURE_NULL_SCORES score evaluations; at least 19 (a p-value of 1/20), else none."""
-    cells = sum(len(feats[i]) * len(feats[j]) for i, j in pairs)
-    affordable = int(NULL_BUDGET_FLOPS // (2 * n * n * cells)) if MEASURES[name].inner else MEASURE_NULL_SCORES // cells
-    return permutations if permutations <= affordable else affordable if affordable >= 19 else 0
 
 
 def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], permutations: int, ci: float,
@@ -6905,16 +6901,11 @@ def paired_contrast(e: dict, within, across, level: float) -> dict:
     model matrix `e` (the same images left out for every pair: the difference's replicates are paired)."""
     avg = lambda ps, v: torch.stack([v[i, j] for i, j in ps]).mean(0)   # over pairs, per replicate
     w, a = float(avg(within, e["matrix"])), float(avg(across, e["matrix"]))
-    out = dict(within=w, across=a, diff=w - a, low=float("nan"), high=float("nan"), p=float("nan"), dof=None)
-    if "jackknife" in e:
-        spread = Spread("jackknife", avg(within, e["jackknife"]) - avg(across, e["jackknife"]),
-                        units=e["jackknife"].shape[-1], range=(-math.inf, math.inf))
-        se = float(spread.se())
-        out["low"], out["high"] = (float(v) for v in spread.interval(w - a, None, level))
-        finite = math.isfinite(se) and math.isfinite(w - a)
-        out["p"] = two_sided_p((w - a) / se if se > 0 else math.inf, spread.dof) if finite else float("nan")
-        out["dof"] = spread.dof
-    return out
+    if "jackknife" not in e:
+        return dict(within=w, across=a, diff=w - a, low=float("nan"), high=float("nan"), p=float("nan"), dof=None)
+    spread = Spread("jackknife", avg(within, e["jackknife"]) - avg(across, e["jackknife"]),
+                    units=e["jackknife"].shape[-1], range=(-math.inf, math.inf))
+    return dict(paired_test(spread, w - a, level), within=w, across=a, dof=spread.dof)
 
 
 def _objective_groups(models, mm) -> str:
