@@ -77,6 +77,10 @@ class UsageError(ValueError):
     """A user error (bad input, file or option): the CLI prints its message on one line and exits with code 2."""
 
 
+class DownloadUnavailable(UsageError):
+    """A registered file could not be fetched (no connection): the message says what to place where."""
+
+
 _AS_FLAGS = contextvars.ContextVar("ssl_repsim_as_flags", default=False)   # main() sets it: messages name flags
 
 
@@ -2077,7 +2081,7 @@ def download(name: str, weights_dir=None, progress: bool = True) -> Path:
         except UsageError as e:
             if " failed: " not in str(e):    # a bad file, not a missing connection: said as it is
                 raise
-            raise UsageError(f"{e}. Without the internet: fetch {row['url']} on a machine that has it, place it at "
+            raise DownloadUnavailable(f"{e}. Without the internet: fetch {row['url']} on a machine that has it, place it at "
                              f"{dest}" + (f" (sha256 {row['sha256']})" if row["sha256"] else
                                           f" (md5 beginning {row['md5']})" if row["md5"] else " (no published digest)")
                              + ", then run the same command again: it reads the placed file and downloads "
@@ -7091,10 +7095,12 @@ def model_labels(specs, given: str | None = None) -> list[str]:
 
 
 def _relabel(text: str, names: dict) -> str:
-    """text with every model spec replaced by its label (the longest specs first, so no spec is cut)."""
-    for spec in sorted(names, key=len, reverse=True):
-        text = text.replace(spec, names[spec])
-    return text
+    """text with every model spec replaced by its label, in one pass (a label is never replaced again), and only
+    where the spec stands alone (not inside a longer name or a word); the longest specs first."""
+    if not names:
+        return text
+    pattern = "|".join(re.escape(s) for s in sorted(names, key=len, reverse=True))
+    return re.sub(rf"(?<![\w./-])(?:{pattern})(?![\w/-])", lambda m: names[m.group(0)], text)
 
 
 def _verdict_rec_je(res: dict, kind: dict, level: float) -> tuple:
@@ -7373,14 +7379,12 @@ def _load_models(args, head: bool = False) -> list[ViT]:
             models.append(load_model(spec, args.family, weights_dir=args.weights_dir, offline=args.offline,
                                      num_heads=args.num_heads, img_size=args.img_size, act=args.act,
                                      progress=not args.quiet, head=head))
-        except UsageError as e:
-            if "Without the internet" not in str(e):
-                raise
+        except DownloadUnavailable as e:
             rest = [f"{REGISTRY[n]['url']} at {registry_path(n, args.weights_dir)}"
                     for n in (ALIASES.get(s, s) for s in args.models[k + 1:])
                     if n in REGISTRY and not REGISTRY[n]["url"].startswith("hf:")
                     and not registry_path(n, args.weights_dir).exists()]
-            raise UsageError(str(e) + (f" (the same for {'; '.join(rest)})" if rest else "")) from None
+            raise DownloadUnavailable(str(e) + (f" (the same for {'; '.join(rest)})" if rest else "")) from None
     for spec, m in zip(args.models, models, strict=True):
         log.info(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
                  f"heads={m.cfg.num_heads}, input {m.input_size}px")
@@ -7581,7 +7585,8 @@ def replot(folder) -> list[str]:
     written = []
     for p in docs:
         doc = parse_json(p.read_text(), p)
-        for entry in (v for v in doc.values() if isinstance(v, dict) and "figures" in v):
+        for entry in (v for v in (doc.values() if isinstance(doc, dict) else ()) if isinstance(v, dict)
+                      and "figures" in v):
             written += _render_figures({f: tuple(kp) for f, kp in entry["figures"].items()}, folder)
     if not written:
         raise UsageError(f"{folder}: its JSON holds no figure data (written before ssl_repsim stored it?)")
@@ -8130,9 +8135,10 @@ def bench_inference(n: int = 2000, dim: int = 768, layers: int = 12, permutation
     for key, kw in (("bare_s", dict(ci=0, permutations=0)), ("intervals_s", dict(ci=0.95, permutations=0)),
                     ("defaults_s", dict(ci=0.95, permutations=permutations))):
         t0 = time.perf_counter()
-        compare_features([fa, fb], ["a", "b"], **kw)
+        res = compare_features([fa, fb], ["a", "b"], **kw)
         out[key] = time.perf_counter() - t0
-    out["null_per_permutation_s"] = (out["defaults_s"] - out["intervals_s"]) / max(permutations, 1)
+    out["permutations_run"] = int(res["null"].split()[0]) if (res.get("null") or "x")[0].isdigit() else 0
+    out["null_per_permutation_s"] = (out["defaults_s"] - out["intervals_s"]) / max(out["permutations_run"], 1)
     states = torch.randn(layers, n * n)
     t0 = time.perf_counter()
     states.clone()
@@ -8157,7 +8163,8 @@ def _bench_inference_cmd(args):
     rows = [bench_inference(args.n or 2000, layers=k) for k in (12, *(() if not args.full else (108,)))]
     for r in rows:
         print(f"{r['layers']}×{r['layers']} debiased CKA map, n = {r['n']}, d = {r['dim']}: bare {r['bare_s']:.2f} "
-              f"s, with intervals {r['intervals_s']:.2f} s, with intervals and {r['permutations']} permutations "
+              f"s, with intervals {r['intervals_s']:.2f} s, with intervals and {r['permutations_run']} permutations "
+              f"({r['permutations']} asked) "
               f"{r['defaults_s']:.2f} s ({r['defaults_over_bare']:.1f}× bare); one permutation "
               f"{r['null_per_permutation_s']:.3f} s against a floor of {r['floor_per_permutation_s']:.3f} s; "
               f"1,000 permutations {r['permutations_1000_s']:.0f} s")

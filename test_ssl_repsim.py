@@ -5532,7 +5532,8 @@ def test_cli_bench_inference_times_the_defaults_against_the_bare_map(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "12×12 debiased CKA map, n = 40" in p.stdout and "1,000 permutations" in p.stdout
     (row,) = json.loads((tmp_path / "b" / "bench_inference.json").read_text())
-    assert row["bare_s"] > 0 and row["defaults_s"] >= row["intervals_s"] > 0 and row["floor_per_permutation_s"] > 0
+    assert row["bare_s"] > 0 and row["defaults_s"] > 0 and row["intervals_s"] > 0 and row["floor_per_permutation_s"] > 0
+    assert row["permutations_run"] == 200 and "200 permutations (200 asked)" in p.stdout   # timings: no order asserted
 
 
 def test_no_function_longer_than_fifty_lines():
@@ -6764,7 +6765,9 @@ def test_the_verdict_on_rec_and_je_follows_the_paired_test():
     mm["cka"], mm["jackknife"] = flat, flat[:, :, None] + 0.01 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
     rows = sr.verdict_table({"overview": {"results": {"model_matrix": mm}}}, {"models": models})
     assert "**not supported**" in rows[2]
-
+    mm["cka"], mm["jackknife"] = base, base[:, :, None] + 0.5 * torch.randn(4, 4, 10, generator=g, dtype=torch.float64)
+    rows = sr.verdict_table({"overview": {"results": {"model_matrix": mm}}}, {"models": models})
+    assert "+0.200" in rows[2] and "**not supported**" in rows[2], rows[2]   # a positive difference, p large
 
 def test_model_labels_are_short_unique_or_given():
     specs = ["mae", "/x/a/mae_pretrain_vit_base.pth", "/x/b/mae_pretrain_vit_base.pth", "/y/vit-s-300ep.pth.tar",
@@ -6772,6 +6775,11 @@ def test_model_labels_are_short_unique_or_given():
     assert sr.model_labels(specs) == ["mae", "a/mae_pretrain_vit_base", "b/mae_pretrain_vit_base", "vit-s-300ep",
                                       "hf_folder"]
     assert sr.model_labels(["m1", "m2"], "mae,dino") == ["mae", "dino"]
+    names = {"dino": "D1", "dinov2": "dinov2", "a": "A"}          # a label is not replaced again; no word is cut
+    assert sr._relabel("dino vs dinov2: a paired test at the last block", names) == \
+        "D1 vs dinov2: A paired test at the last block"
+    assert sr._relabel("CKA(/x/mae.pth, dino) − CKA(mae, dino)", {"/x/mae.pth": "mae-ft", "mae": "mae"}) == \
+        "CKA(mae-ft, D) − CKA(mae, D)".replace("D", "dino")
     for bad in ("mae", "mae,mae", "mae,"):
         with pytest.raises(sr.UsageError) as e:
             sr.model_labels(["m1", "m2"], bad)
