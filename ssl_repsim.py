@@ -6447,6 +6447,8 @@ def _image_clustered(r: dict, image_of: torch.Tensor, level: float = 0.95) -> di
     se = float(per_image.std() / math.sqrt(m)) if m > 1 else float("nan")
     lo, hi = normal_interval(float(per_image.mean()), se, level, m - 1 if m > 1 else None)
     out = {k: v for k, v in r.items() if k not in ("top5", "top5_ci")}
+    if m < 2:                                  # one test image: nothing to estimate the spread from, said
+        return dict(out, top1_ci=[float("nan")] * 2, n_images=m, interval="no interval (a single test image)")
     out.update(top1_ci=[max(0.0, min(lo, r["top1"])), min(1.0, max(hi, r["top1"]))], n_images=m,
                interval=f"t over the {m} test images (patches clustered by image)")
     return out
@@ -6830,9 +6832,11 @@ def agreement_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dic
             n = sum(map(sum, r["table"]))
             kappa = f"Cohen's κ {r['kappa']:.2f}" if math.isfinite(r["kappa"]) else \
                 "Cohen's κ undefined (each head is always right, or always wrong)"
-            tau = "; ".join(f"Kendall τ of the top-{k} rankings {r[f'kendall_top{k}']['all']:.3f} (both right "
-                            f"{r[f'kendall_top{k}']['both_correct']:.3f}, both wrong "
-                            f"{r[f'kendall_top{k}']['both_incorrect']:.3f})" for k in (5, 10) if f"kendall_top{k}" in r)
+            tau = "; ".join(f"Kendall τ of the top-{k} rankings {r[f'kendall_top{k}']['all']:.3f} (n = "
+                            f"{r[f'kendall_top{k}_n']['all']}; both right {r[f'kendall_top{k}']['both_correct']:.3f}, "
+                            f"n = {r[f'kendall_top{k}_n']['both_correct']}; both wrong "
+                            f"{r[f'kendall_top{k}']['both_incorrect']:.3f}, n = "
+                            f"{r[f'kendall_top{k}_n']['both_incorrect']})" for k in (5, 10) if f"kendall_top{k}" in r)
             readings.append(f"{a} ({_ci(r['acc_a'], wilson_interval(round(r['acc_a'] * n), n))}) vs {b} "
                             f"({_ci(r['acc_b'], wilson_interval(round(r['acc_b'] * n), n))}) on {n} images: Hamming "
                             f"distance of correctness {r['hamming']:.3f}, {kappa}" + (f"; {tau}" if tau else "")
@@ -6849,9 +6853,10 @@ def _kendall_summary(la, lb, y) -> dict:
         if la.shape[1] < k:
             continue
         tau = topk_kendall(la, lb, k)
+        subsets = (("all", torch.ones_like(ra)), ("both_correct", ra & rb), ("both_incorrect", ~ra & ~rb))
         out[f"kendall_top{k}"] = {name: float(tau[keep].nanmean()) if keep.any() else float("nan")
-                                  for name, keep in (("all", torch.ones_like(ra)), ("both_correct", ra & rb),
-                                                     ("both_incorrect", ~ra & ~rb))}
+                                  for name, keep in subsets}
+        out[f"kendall_top{k}_n"] = {name: int((keep & ~tau.isnan()).sum()) for name, keep in subsets}  # images read
     return out
 
 

@@ -6713,6 +6713,8 @@ def test_spatial_intervals_count_images_not_patches():
     half = 2.262157 * math.sqrt(10 / 9 * 0.25) / math.sqrt(10)
     assert got["top1_ci"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-5)
     assert got["n_images"] == 10 and "10 test images" in got["interval"]
+    one = sr._image_clustered(dict(r, correct="1" * 20), torch.zeros(20, dtype=torch.long))
+    assert all(math.isnan(v) for v in one["top1_ci"]) and "single test image" in one["interval"]   # not [0, 1]
 
 
 def test_the_mae_probe_says_when_its_budget_is_far_below_the_published_run(caplog):
