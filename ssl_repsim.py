@@ -112,6 +112,7 @@ class Layout:
     renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement), in order; () = the family's
     fallback: bool = False        # a catch-all: tried only after every other family's layouts
     named_only: bool = False      # the keys cannot tell this family: used only when the family is known
+    reshape: Callable[[dict], dict] | None = None   # tensors stored in another shape (FCMAE's sparse kernels)
 
 
 @dataclass(frozen=True)
@@ -222,13 +223,85 @@ TIMM_EVA_LAYOUT = Layout(lambda o: _is_state_dict(o) and _any(o, r"^blocks\.0\.(
 FLAT_LAYOUT = Layout(lambda o: _is_state_dict(o) and "patch_embed.proj.weight" in o,
                      drop=r"^(head|head_dist|mask_token)(\.|$)", renames=TIMM_RENAMES, named_only=True)
 
-SHARED_LAYOUTS = (HF_LAYOUT, HF_CLIP_LAYOUT, TIMM_EVA_LAYOUT, FLAT_LAYOUT)
+# CNNs: ResNets in torchvision's names (timm, MoCo, SwAV, DINO, Barlow Twins, VICReg and SparK use them too),
+# ConvNeXts in the official repository's (downsample_layers.i, stages.i.j.{dwconv,norm,pwconv1,grn,pwconv2}, norm)
+RESNET_RENAMES = ((r"^fc\.", "head."),)
+HF_RESNET_RENAMES = (   # transformers ResNetModel / ResNetForImageClassification
+    (r"^embedder\.embedder\.convolution\.", "conv1."), (r"^embedder\.embedder\.normalization\.", "bn1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.", lambda m: f"layer{int(m.group(1)) + 1}."),
+    (r"\.shortcut\.convolution\.", ".downsample.0."), (r"\.shortcut\.normalization\.", ".downsample.1."),
+    (r"\.layer\.(\d)\.convolution\.", lambda m: f".conv{int(m.group(1)) + 1}."),
+    (r"\.layer\.(\d)\.normalization\.", lambda m: f".bn{int(m.group(1)) + 1}."), (r"^classifier\.1\.", "head."))
+TIMM_CONVNEXT_RENAMES = (
+    (r"^stem\.", "downsample_layers.0."), (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."), (r"\.conv_dw\.", ".dwconv."),
+    (r"\.mlp\.fc1\.", ".pwconv1."), (r"\.mlp\.fc2\.", ".pwconv2."), (r"\.mlp\.grn\.weight$", ".grn.gamma"),
+    (r"\.mlp\.grn\.bias$", ".grn.beta"), (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "head."))
+HF_CONVNEXT_RENAMES = (   # transformers ConvNextModel / ConvNextV2Model (+ForImageClassification)
+    (r"^embeddings\.patch_embeddings\.", "downsample_layers.0.0."), (r"^embeddings\.layernorm\.", "downsample_layers.0.1."),
+    (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"downsample_layers.\1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.\2."), (r"\.layernorm\.", ".norm."),
+    (r"\.layer_scale_parameter$", ".gamma"), (r"\.grn\.weight$", ".grn.gamma"), (r"\.grn\.bias$", ".grn.beta"),
+    (r"^layernorm\.", "norm."), (r"^classifier\.", "head."))
+FCMAE_RENAMES = ((r"\.(ln|linear)\.", "."), (r"\.kernel$", ".weight"))   # MinkowskiEngine modules → dense names
+
+
+def _dense_kernels(sd: dict) -> dict:
+    """FCMAE's sparse encoder as dense tensors, as ConvNeXt-V2's remap_checkpoint_keys reads it: a depthwise kernel
+    (k², C) → (C, 1, k, k), a convolution's (k², in, out) → (out, in, k, k), each with its two spatial axes swapped;
+    (1, C) biases → (C,)."""
+    out = {}
+    for k, v in sd.items():
+        conv = re.search(r"(dwconv|^downsample_layers\.\d+\.1)\.weight$", k) and v.ndim in (2, 3)
+        if conv and _is_square(v.shape[0]):
+            s = math.isqrt(v.shape[0])
+            v = v.permute(1, 0).reshape(-1, 1, s, s) if v.ndim == 2 else v.permute(2, 1, 0).reshape(
+                v.shape[2], v.shape[1], s, s)
+            v = v.transpose(3, 2)
+        elif k.endswith("bias") and v.ndim == 2 and v.shape[0] == 1:
+            v = v.reshape(-1)
+        out[k] = v
+    return out
+
+
+def _resnet_keys(o: dict) -> bool:
+    return _is_state_dict(o) and "conv1.weight" in o and "layer1.0.conv1.weight" in o
+
+
+TV_RESNET_LAYOUT = Layout(_resnet_keys, prefix="", renames=RESNET_RENAMES, named_only=True)
+HF_RESNET_LAYOUT = Layout(lambda o: _any(o, r"^(resnet\.)?embedder\.embedder\.convolution\.weight$"), prefix="",
+                          strip=r"^resnet\.", renames=HF_RESNET_RENAMES)
+TIMM_CONVNEXT_LAYOUT = Layout(lambda o: _is_state_dict(o) and "stem.0.weight" in o
+                              and _any(o, r"^stages\.0\.blocks\.0\.conv_dw\.weight$"), prefix="",
+                              renames=TIMM_CONVNEXT_RENAMES, named_only=True)
+HF_CONVNEXT_LAYOUT = Layout(lambda o: _any(o, r"^(convnext(v2)?\.)?embeddings\.patch_embeddings\.weight$")
+                            and _any(o, r"^(convnext(v2)?\.)?encoder\.stages\.0\.layers\.0\.dwconv\.weight$"),
+                            prefix="", strip=r"^convnext(v2)?\.", renames=HF_CONVNEXT_RENAMES)
+CONVNEXT_LAYOUT = Layout(lambda o: _is_state_dict(o) and _any(o, r"^stages\.0\.0\.dwconv\.weight$"), prefix="",
+                         named_only=True)
+CNN_LAYOUTS = (TV_RESNET_LAYOUT, HF_RESNET_LAYOUT, TIMM_CONVNEXT_LAYOUT, HF_CONVNEXT_LAYOUT, CONVNEXT_LAYOUT)
+SHARED_LAYOUTS = (HF_LAYOUT, HF_CLIP_LAYOUT, TIMM_EVA_LAYOUT, FLAT_LAYOUT, *CNN_LAYOUTS)
 
 # Rows are tried in this order (each row's layouts in turn), catch-all (fallback) layouts last.
 FAMILIES: dict[str, Family] = {
     "mocov3": Family("JE", (Layout(lambda o: _any(_sub(o, "state_dict"), r"^module\.base_encoder\."),
                                    pick="state_dict", prefix="module.base_encoder.", only_prefix=True,
-                                   drop=r"^head\."),), heads={384: 12}, interp="bilinear"),
+                                   drop=r"^(head|fc)\."),), heads={384: 12}, interp="bilinear"),   # R50: fc
+    "mocov2": Family("JE", (Layout(lambda o: _any(_sub(o, "state_dict"), r"^module\.encoder_q\."), pick="state_dict",
+                                   prefix="module.encoder_q.", only_prefix=True, drop=r"^fc\."),), interp="bilinear"),
+    "swav": Family("JE", (Layout(lambda o: _is_state_dict(o) and _any(o, r"^(module\.)?prototypes\."), prefix="module.",
+                                 drop=r"^(projection_head|prototypes)\."),), interp="bilinear"),
+    "barlowtwins": Family("JE", interp="bilinear"),   # flat torchvision keys: known by name, digest or the user
+    "vicreg": Family("JE", interp="bilinear"),
+    "spark": Family("REC", manual_download=True),     # SparK R50 (timm-style keys), Tian et al. 2023
+    "fcmae": Family("REC", (Layout(lambda o: _any(_sub(o, "model"), r"^encoder\.stages\.0\.0\.dwconv\.kernel$"),
+                                   pick="model", prefix="encoder.", only_prefix=True, renames=FCMAE_RENAMES,
+                                   reshape=_dense_kernels),)),   # ConvNeXt-V2 pretrained: decoder, mask, pred dropped
+    "convnextv2": Family("REC+FT", (Layout(lambda o: _any(_sub(o, "model"), r"^stages\.0\.0\.grn\.gamma$"),
+                                           pick="model", prefix="", drop=r"^head\."),), hf_model_types=("convnextv2",)),
+    "convnext": Family("SUP", (Layout(lambda o: _any(_sub(o, "model"), r"^stages\.0\.0\.dwconv\.weight$"), pick="model",
+                                      prefix="", drop=r"^head\."),), hf_model_types=("convnext",)),
+    "resnet": Family("SUP", interp="bilinear", hf_model_types=("resnet",)),   # torchvision / timm / transformers
     "ibot": Family("HYB", (Layout(lambda o: "teacher" in o and ("ibot_loss" in o
                                                                 or _any(_sub(o, "teacher"), r"last_layer2")),
                                   pick="teacher", prefix="backbone.", only_prefix=True),
@@ -293,11 +366,14 @@ FAMILIES: dict[str, Family] = {
     "siglip": Family("LANG", (HF_CLIP_LAYOUT,), arch=dict(act="gelu_tanh"), mean=HALF_MEAN, std=HALF_STD,
                      crop_pct=1.0, crop_mode="squash", hf_model_types=("siglip", "siglip_vision_model")),
     "vit": Family("?", (HF_LAYOUT,), hf_model_types=("vit",)),   # transformers ViT: any training, say --family
-    "unknown": Family("?", (dataclasses.replace(FLAT_LAYOUT, named_only=False, fallback=True),), renames=TIMM_RENAMES),
+    "unknown": Family("?", tuple(dataclasses.replace(lay, named_only=False, fallback=True)
+                                 for lay in (FLAT_LAYOUT, *CNN_LAYOUTS)), renames=TIMM_RENAMES),
     "ssl_repsim": Family("?"),   # our own safetensors files: the config travels in the metadata
 }
 # timm architecture names (`arch.tag` in a timm hub folder's config.json) → family, first match
-TIMM_FAMILIES = ((r"^eva02_(tiny|small|base|large)_patch14_(224|336|448)\.", "eva02"),   # not the post-norm CLIP
+TIMM_FAMILIES = ((r"^convnextv2_\w+\.fcmae$", "fcmae"), (r"^convnextv2_", "convnextv2"), (r"^convnext_", "convnext"),
+                 (r"^(resnet|wide_resnet|resnext)\d", "resnet"),
+                 (r"^eva02_(tiny|small|base|large)_patch14_(224|336|448)\.", "eva02"),   # not the post-norm CLIP
                  (r"dinov3", "dinov3"), (r"dinov2", "dinov2"), (r"siglip", "siglip"), (r"clip", "clip"),
                  (r"\.mae$", "mae"), (r"^deit3_", "deit3"), (r"^deit_", "deit"), (r"\.dino$", "dino"))
 TIMM_FINE_TUNED = r"\.\w*(_ft_|^ft_|_in1k$|in22k_in1k)"   # tags of weights fine-tuned after pretraining
@@ -1064,6 +1140,193 @@ def attention_maps(model: ViT, x: torch.Tensor, keep: torch.Tensor | None = None
         return [blk.attn.attn_map for blk in model.blocks]
 
 
+# --- convolutional backbones of the same objectives: ResNet and ConvNeXt, under their official releases' names ---
+
+@dataclass
+class CNNConfig:
+    """The architecture of one CNN: a ResNet of bottleneck blocks (He et al. 2016; torchvision's layout, the stride
+    on the 3×3 conv) or a ConvNeXt (Liu et al. 2022; V2 adds global response norm, Woo et al. 2023). load_model
+    infers it from the weights; it answers what code written for ViTs asks of a config (no prefix tokens, no heads,
+    its stride as the patch)."""
+    arch: str = "resnet"                     # resnet | convnext
+    depths: tuple = (3, 4, 6, 3)             # blocks per stage
+    widths: tuple = (256, 512, 1024, 2048)   # each stage's output channels
+    inner: tuple = (64, 128, 256, 512)       # ResNet: each stage's bottleneck width; ConvNeXt: its MLP's hidden width
+    stem_width: int = 64                     # ResNet: channels of the 7×7 stem
+    groups: int = 1                          # ResNeXt: groups of the 3×3 conv
+    stride_in_1x1: bool = False              # the stride on the first 1×1 conv (transformers' downsample_in_bottleneck)
+    kernel: int = 7                          # ConvNeXt: the depthwise kernel
+    grn: bool = False                        # ConvNeXt V2: global response norm in each block's MLP
+    layer_scale: bool = False                # ConvNeXt V1: a per-channel gamma on each block's branch
+    final_norm: bool = True                  # ConvNeXt: a LayerNorm of the pooled features (FCMAE encoders have none)
+    norm_eps: float = 1e-6                   # ConvNeXt's LayerNorms (ResNet's BatchNorms: 1e-5, torch's default)
+    final_eps: float = 1e-6                  # ... its final one (transformers' layer_norm_eps)
+    img_size: int = 224
+    num_classes: int = 0
+    family: str = ""
+    num_prefix, cls_token, dist_token, num_registers, num_heads, rope, swiglu = 0, False, False, 0, 0, None, False
+    patch_size = 32                          # both downsample 32×: stem 4× (ResNet: conv 2×, max-pool 2×), 3 × 2×
+
+    @property
+    def embed_dim(self) -> int:
+        return self.widths[-1]
+
+    @property
+    def depth(self) -> int:
+        return sum(self.depths)
+
+
+class Bottleneck(nn.Module):
+    """act3(bn3(conv3(act2(bn2(conv2(act1(bn1(conv1(x))))))) + downsample(x)): torchvision's bottleneck block."""
+
+    def __init__(self, cin: int, width: int, cout: int, stride: int, cfg: CNNConfig):
+        super().__init__()
+        s1, s3 = (stride, 1) if cfg.stride_in_1x1 else (1, stride)
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(cin, width, 1, s1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, s3, 1, groups=cfg.groups, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(width), nn.ReLU()
+        self.conv3, self.bn3, self.act3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) \
+            if stride != 1 or cin != cout else None
+        self.drop_path, self.rng = 0.0, None
+
+    def forward(self, x):
+        y = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        y = stochastic_depth(self.bn3(self.conv3(y)), self.drop_path, self.training, self.rng)
+        return self.act3(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an (N, C, H, W) map: ConvNeXt's channels_first LayerNorm."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global response norm (Woo et al. 2023) of (N, H, W, C): x + γ·(x·N(x)) + β, N(x) = ‖x‖₂ over H, W divided by
+    its mean over channels (+1e-6)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+        return x + self.gamma * (x * (g / (g.mean(-1, keepdim=True) + 1e-6))) + self.beta
+
+
+class ConvNeXtBlock(nn.Module):
+    """x + γ·pwconv2(grn(act(pwconv1(norm(dwconv(x)))))), the MLP on channels-last positions (their hooks say so)."""
+
+    def __init__(self, dim: int, hidden: int, cfg: CNNConfig):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, cfg.kernel, padding=cfg.kernel // 2, groups=dim)
+        self.norm, self.pwconv1, self.act = nn.LayerNorm(dim, eps=cfg.norm_eps), nn.Linear(dim, hidden), nn.GELU()
+        self.grn = GRN(hidden) if cfg.grn else None
+        self.pwconv2 = nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(torch.ones(dim)) if cfg.layer_scale else None
+        for m in (self.norm, self.pwconv1, self.act, self.grn, self.pwconv2):
+            if m is not None:
+                m.channels_last = True
+        self.drop_path, self.rng = 0.0, None
+
+    def forward(self, x):
+        y = self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))
+        y = self.pwconv2(self.grn(y) if self.grn is not None else y)
+        y = (y * self.gamma if self.gamma is not None else y).permute(0, 3, 1, 2)
+        return x + stochastic_depth(y, self.drop_path, self.training, self.rng)
+
+
+class ConvNet(nn.Module):
+    """What the two CNNs share with the ViT's interface: the final map as tokens (N, H·W, C), the pooled
+    representation, a head, and their residual blocks in order (`block_names`, by module path)."""
+
+    def _setup(self, cfg: CNNConfig, width: int):
+        self.cfg, self.family = cfg, cfg.family
+        self.head = nn.Linear(width, cfg.num_classes) if cfg.num_classes else None
+        self.input_size, self.source = cfg.img_size, dict(spec=cfg.family or cfg.arch, path=None, family=cfg.family)
+        self.preprocess = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bicubic", crop_pct=0.875,
+                               crop_mode="center")
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        modules = dict(self.named_modules())
+        return [modules[n] for n in self.block_names]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x).flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise UsageError("this model has no classification head (load it with head=True or fine-tune it)")
+        return self.head(self(x))
+
+
+class ResNet(ConvNet):
+    """conv1-bn1-relu-maxpool, then layer1…layer4 of bottleneck blocks (the first of layer2…4 strides 2); pooled:
+    the global average of layer4's map."""
+
+    def __init__(self, cfg: CNNConfig):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, cfg.stem_width, 7, 2, 3, bias=False), nn.BatchNorm2d(cfg.stem_width)
+        self.relu, self.maxpool = nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        cin, self.block_names, self.stage_names = cfg.stem_width, [], []
+        for s, (n, width, cout) in enumerate(zip(cfg.depths, cfg.inner, cfg.widths, strict=True)):
+            blocks = [Bottleneck(cin if j == 0 else cout, width, cout, 2 if j == 0 and s else 1, cfg) for j in range(n)]
+            setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+            self.block_names += [f"layer{s + 1}.{j}" for j in range(n)]
+            self.stage_names.append(f"layer{s + 1}")
+            cin = cout
+        self.stem_name = "maxpool"
+        self._setup(cfg, cin)
+        self.eval()
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.mean(1)
+
+
+class ConvNeXt(ConvNet):
+    """downsample_layers.0 (4×4 conv, LayerNorm), stages.0; then each downsample_layers.i (LayerNorm, 2×2 conv) and
+    stages.i; pooled: the final LayerNorm of the global average (a LayerNorm without affine where the file has
+    none, as timm computes an FCMAE encoder's)."""
+
+    def __init__(self, cfg: CNNConfig):
+        super().__init__()
+        w, eps = cfg.widths, cfg.norm_eps
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(3, w[0], 4, 4), LayerNorm2d(w[0], eps=eps))]
+            + [nn.Sequential(LayerNorm2d(w[i - 1], eps=eps), nn.Conv2d(w[i - 1], w[i], 2, 2)) for i in range(1, len(w))])
+        self.stages = nn.ModuleList(nn.Sequential(*[ConvNeXtBlock(d, h, cfg) for _ in range(n)])
+                                    for n, d, h in zip(cfg.depths, w, cfg.inner, strict=True))
+        self.norm = nn.LayerNorm(w[-1], eps=cfg.final_eps) if cfg.final_norm else None
+        self.block_names = [f"stages.{s}.{j}" for s, n in enumerate(cfg.depths) for j in range(n)]
+        self.stage_names, self.stem_name = [f"stages.{s}" for s in range(len(w))], "downsample_layers.0"
+        self._setup(cfg, w[-1])
+        self.eval()
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        for down, stage in zip(self.downsample_layers, self.stages, strict=True):
+            x = stage(down(x))
+        return x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        p = tokens.mean(1)
+        return self.norm(p) if self.norm is not None else F.layer_norm(p, p.shape[-1:], eps=self.cfg.final_eps)
+
+
+CNN_ARCHS = {"resnet": ResNet, "convnext": ConvNeXt}
+
+
 # ======================================================================================================================
 # 3. Checkpoints: read safely, detect the layout, convert, download
 # ======================================================================================================================
@@ -1371,6 +1634,8 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
         out[_rename(k, renames)] = v
     if not head:
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    out = layout.reshape(out) if layout.reshape else out
+    out = {k: v.reshape(-1) if re.search(r"\.grn\.(gamma|beta)$", k) else v for k, v in out.items()}  # (1,1,1,C)
     return _token_shapes(_fuse_mlp(_fuse_qkv(out))), family
 
 
@@ -1426,6 +1691,51 @@ def infer_config(sd: dict, family: str, *, num_heads: int | None = None, width_t
                      **{"pos_interp": interp, **{k: v for k, v in arch.items() if k in VIT_HINTS}})
 
 
+def cnn_arch(sd: dict) -> str | None:
+    """resnet or convnext, where a converted state dict holds one (its stem and first block), else None."""
+    if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        return "resnet"
+    return "convnext" if "downsample_layers.0.0.weight" in sd and "stages.0.0.dwconv.weight" in sd else None
+
+
+def _stage_depths(sd: dict, pattern: str, first: int) -> list[int]:
+    """Blocks per stage of keys `pattern` (groups: stage, block), checked to number 0… without gaps."""
+    found = collections.defaultdict(set)
+    for k in sd:
+        if m := re.match(pattern, k):
+            found[int(m.group(1))].add(int(m.group(2)))
+    stages = sorted(found)
+    if stages != list(range(first, first + len(stages))) or any(found[s] != set(range(len(found[s]))) for s in stages):
+        raise UsageError(f"the checkpoint's stages and blocks are not numbered without gaps ({_keys_str(sd)})")
+    return [len(found[s]) for s in stages]
+
+
+CNN_HINTS = ("stride_in_1x1", "final_eps")   # CNNConfig fields a file's config may set
+
+
+def infer_cnn_config(sd: dict, family: str, **arch) -> CNNConfig:
+    """A ResNet's or ConvNeXt's architecture from the shapes of a converted state dict."""
+    hints = {k: v for k, v in arch.items() if k in CNN_HINTS and v is not None}
+    classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    if cnn_arch(sd) == "resnet":
+        depths = _stage_depths(sd, r"layer(\d+)\.(\d+)\.", 1)
+        if "layer1.0.conv3.weight" not in sd:
+            raise UsageError("a ResNet of basic blocks (ResNet-18/34): only bottleneck ResNets (50, 101, 152, wide, "
+                             "ResNeXt) are supported")
+        first = [f"layer{s + 1}.0" for s in range(len(depths))]
+        inner = tuple(sd[f"{b}.conv1.weight"].shape[0] for b in first)
+        return CNNConfig("resnet", tuple(depths), tuple(sd[f"{b}.conv3.weight"].shape[0] for b in first), inner,
+                         stem_width=sd["conv1.weight"].shape[0], groups=inner[0] // sd["layer1.0.conv2.weight"].shape[1],
+                         num_classes=classes, family=family, **hints)
+    depths = _stage_depths(sd, r"stages\.(\d+)\.(\d+)\.", 0)
+    first = [f"stages.{s}.0" for s in range(len(depths))]
+    return CNNConfig("convnext", tuple(depths), tuple(sd[f"{b}.dwconv.weight"].shape[0] for b in first),
+                     tuple(sd[f"{b}.pwconv1.weight"].shape[0] for b in first),
+                     kernel=sd["stages.0.0.dwconv.weight"].shape[-1], grn="stages.0.0.grn.gamma" in sd,
+                     layer_scale="stages.0.0.gamma" in sd, final_norm="norm.weight" in sd, num_classes=classes,
+                     family=family, **hints)
+
+
 def _position_tables(sd: dict, prefix: int) -> tuple[int | None, bool, str | None, torch.Tensor | None]:
     """(stored patch grid, whether pos_embed has prefix rows, relative-position kind, its table) of a converted
     state dict."""
@@ -1459,12 +1769,14 @@ def _is_square(n: int) -> bool:
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def build_model(sd: dict, cfg: ViTConfig) -> ViT:
-    """A ViT holding exactly these weights; missing or unexpected keys and wrong shapes are user errors. The
-    skeleton is built without memory (meta device) and takes the file's tensors as its parameters."""
+def build_model(sd: dict, cfg: ViTConfig | CNNConfig) -> ViT | ConvNet:
+    """A ViT (or CNN) holding exactly these weights; missing or unexpected keys and wrong shapes are user errors.
+    The skeleton is built without memory (meta device) and takes the file's tensors as its parameters; BatchNorm's
+    step counters, which no forward reads, start at 0."""
     with torch.device("meta"):
-        model = ViT(cfg)
-    own = model.state_dict()
+        model = ViT(cfg) if isinstance(cfg, ViTConfig) else CNN_ARCHS[cfg.arch](cfg)
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
         parts = ([f"missing {_keys_str(missing, 4)}"] if missing else []) + \
@@ -1480,7 +1792,8 @@ def build_model(sd: dict, cfg: ViTConfig) -> ViT:
     broken = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if broken:
         raise UsageError(f"{cfg.family} checkpoint: NaN or Inf in {_keys_str(broken, 3)}: the file is damaged")
-    model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, assign=True)
+    steps = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    model.load_state_dict({**{k: v.float().contiguous() for k, v in sd.items()}, **steps}, assign=True)
     return model.eval()
 
 
@@ -1542,8 +1855,9 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         sd, family = convert_state_dict(obj, family or hints.get("family"), head)
         hints = _row_hints_that_fit(hints, sd, spec)
         arch = {**hints.get("arch", {}), **({"act": act} if act else {})}
-        cfg = infer_config(sd, family, num_heads=num_heads or hints.get("num_heads"),
-                           width_table=hints.get("width_table", True), **arch)
+        cfg = infer_cnn_config(sd, family, **arch) if cnn_arch(sd) else infer_config(
+            sd, family, num_heads=num_heads or hints.get("num_heads"), width_table=hints.get("width_table", True),
+            **arch)
         model = build_model(sd, cfg)
         model.preprocess = {**FAMILIES[family].preprocess, **hints.get("preprocess", {})}
         model.input_size = hints.get("img_size") or cfg.img_size
@@ -2896,13 +3210,31 @@ OFFICIAL_REPRESENTATIONS = {
     "cls4_norm": "cls tokens of the last 4 blocks, each after the final norm, concatenated (DINO / iBOT ViT-S)",
     "cls_mean": "cls token ‖ mean patch token, after the final norm (DINO / iBOT ViT-B, DINOv2)",
     "block_cls_mean": "cls token ‖ mean patch token of the last block (BEiT's per-layer probe, last layer)",
-    "pooled": "the model's own pooled output (CLIP's normed cls, SigLIP's attention pool, EVA-02's fc_norm mean)",
+    "pooled": "the model's own pooled output (CLIP's normed cls, SigLIP's attention pool, EVA-02's fc_norm mean; a "
+              "CNN's global average pool of its last stage, ConvNeXt's then through its final norm)",
 }
+CNN_SUBLAYERS = {"resnet": ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "downsample"),
+                 "convnext": ("dwconv", "norm", "pwconv1", "act", "grn", "pwconv2")}
+
+
+def cnn_points(model: ConvNet, points) -> list[str] | None:
+    """A CNN's points for a keyword, by module path: blocks (every residual block's output), stages, stem,
+    sublayers (the modules inside each block), all (stem, then each block's sub-layers and output); None for
+    names."""
+    subs = lambda b: [f"{b}.{s}" for s in CNN_SUBLAYERS[model.cfg.arch] if getattr(model.get_submodule(b), s, None)
+                      is not None]
+    table = {"blocks": model.block_names, "stages": model.stage_names, "stem": [model.stem_name],
+             "sublayers": [p for b in model.block_names for p in subs(b)],
+             "all": [model.stem_name] + [p for b in model.block_names for p in [*subs(b), b]]}
+    return table.get("blocks" if points is None else points) if points is None or isinstance(points, str) else None
 
 
 def resolve_points(model: ViT, points=None) -> list[str]:
-    """Point names from a keyword (blocks | sublayers | all), a comma list or a list of module names."""
+    """Point names from a keyword (blocks | sublayers | all; a CNN's also stages | stem), a comma list or a list of
+    module names."""
     depth = len(model.blocks)
+    if isinstance(model, ConvNet) and (named := cnn_points(model, points)) is not None:
+        return named
     if points is None or points == "blocks":
         return [f"blocks.{i}" for i in range(depth)]
     if points == "sublayers":
@@ -2915,8 +3247,10 @@ def resolve_points(model: ViT, points=None) -> list[str]:
     modules = dict(model.named_modules())
     bad = [p for p in names if p not in modules or p == ""]
     if bad:
-        raise UsageError(f"unknown point(s) {', '.join(bad[:3])}: use blocks | sublayers | all or names like "
-                         f"embed, blocks.0, blocks.0.attn.qkv, blocks.0.attn_residual, norm (depth {depth})")
+        eg = f"{model.stem_name}, {model.block_names[0]}, {model.block_names[0]}.{CNN_SUBLAYERS[model.cfg.arch][0]}" \
+            if isinstance(model, ConvNet) else "embed, blocks.0, blocks.0.attn.qkv, blocks.0.attn_residual, norm"
+        kinds = "blocks | stages | stem | sublayers | all" if isinstance(model, ConvNet) else "blocks | sublayers | all"
+        raise UsageError(f"unknown point(s) {', '.join(bad[:3])}: use {kinds} or names like {eg} (depth {depth})")
     twice = sorted({p for p in names if names.count(p) > 1})
     if twice:
         raise UsageError(f"point(s) {', '.join(twice[:3])} named more than once in {_opt('points')}")
@@ -2933,7 +3267,8 @@ def reduce_tokens(t: torch.Tensor, tokens: str, num_prefix: int, has_cls: bool) 
         return t.flatten(1)
     if tokens == "cls":
         if not has_cls:
-            raise UsageError("tokens=cls: this model has no cls token (use mean)")
+            raise UsageError("tokens=cls: this model has no cls token (use mean; a CNN's mean is its global average "
+                             "pool)")
         return t[:, 0]
     if tokens == "mean":
         return t[:, num_prefix:].mean(1)
@@ -2942,9 +3277,20 @@ def reduce_tokens(t: torch.Tensor, tokens: str, num_prefix: int, has_cls: bool) 
     raise UsageError(f"unknown tokens {tokens!r}: choose from {', '.join(TOKENS)}")
 
 
+def as_tokens(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """A module's output as tokens: a feature map (N, C, H, W), or (N, H, W, C) inside a ConvNeXt block, → (N, H·W,
+    C); anything else as it is."""
+    if out.ndim != 4:
+        return out
+    return out.flatten(1, 2) if getattr(module, "channels_last", False) else out.flatten(2).transpose(1, 2)
+
+
 def eval_representation(model: ViT) -> str:
     """The model's published linear-eval representation: its registry row's, else that of the registered checkpoint
-    of its family with as many heads (its width class), else cls after the final norm (mean without cls)."""
+    of its family with as many heads (its width class), else cls after the final norm (mean without cls); a CNN's
+    is its pooled output."""
+    if isinstance(model, ConvNet):
+        return "pooled"
     rows = [REGISTRY[model.source["registry"]]] if model.source.get("registry") in REGISTRY else \
         [r for r in REGISTRY.values() if r["family"] == model.family and r["num_heads"] == model.cfg.num_heads]
     kind = rows[0]["eval_repr"] if rows else "cls_norm"
@@ -2954,6 +3300,8 @@ def eval_representation(model: ViT) -> str:
 def official_representation(model: ViT, kind: str, blocks: list[torch.Tensor]) -> torch.Tensor:
     """(B, D') representation `kind` (OFFICIAL_REPRESENTATIONS) from the last blocks' outputs (B, T, D), last one
     last."""
+    if isinstance(model, ConvNet):
+        return model.pool(blocks[-1])
     norm, npre, last = model.norm, model.cfg.num_prefix, blocks[-1]
     if kind == "cls_norm":
         return norm(last)[:, 0]
@@ -3018,13 +3366,16 @@ def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=
     dtype = _parse_dtype(dtype)
     official = eval_representation(model) if tokens == "official" else None
     depth = len(model.blocks)
-    names = [f"blocks.{i}" for i in range(max(0, depth - 4), depth)] if official else resolve_points(model, points)
+    last = model.block_names[-1:] if isinstance(model, ConvNet) else \
+        [f"blocks.{i}" for i in range(max(0, depth - 4), depth)]
+    names = last if official else resolve_points(model, points)
     modules = dict(model.named_modules())
     store = {}
     npre, has_cls = model.cfg.num_prefix, model.cfg.cls_token
 
     def hook(name):
-        def fn(_m, _inp, out):
+        def fn(m, _inp, out):
+            out = as_tokens(m, out)
             store[name] = out.float() if official else reduce_tokens(out, tokens, npre, has_cls).float()
         return fn
 
@@ -4550,12 +4901,29 @@ def _check_batches(n: int, batch_size: int, estimator: str):
 
 
 def feature_bytes(model: ViT, points, tokens: str, n: int) -> int:
-    """Bytes extract() would hold for n images (float32)."""
+    """Bytes extract() would hold for n images (float32); a CNN's from each point's stage (its stride and width)."""
+    if isinstance(model, ConvNet):
+        return 4 * n * sum(_cnn_point_size(model, p, tokens) for p in points)
     g = (model.input_size // model.cfg.patch_size) ** 2
     t = {"all": g + model.cfg.num_prefix, "flat": g + model.cfg.num_prefix, "patch": g}.get(tokens, 1)
     d, h = model.cfg.embed_dim, model.cfg.mlp_hidden
     width = {"attn.qkv": 3 * d, "mlp.fc1": h * (2 if model.cfg.swiglu else 1), "mlp.act": h}
     return 4 * n * t * sum(width.get(p.split(".", 2)[-1] if p.count(".") >= 2 else "", d) for p in points)
+
+
+def _cnn_point_size(model: ConvNet, point: str, tokens: str) -> int:
+    """Values per image at a CNN point: positions × channels of its stage (ConvNeXt's MLP ×4, ResNet's bottleneck
+    inner width; the stem at stride 4)."""
+    c, size = model.cfg, model.input_size
+    m = re.match(r"(?:layer(\d+)|stages\.(\d+))(?:\.\d+)?(\.\w+)?", point)
+    stage = (int(m.group(1)) - 1 if m.group(1) else int(m.group(2))) if m else -1
+    if stage < 0:
+        width = c.stem_width if c.arch == "resnet" else c.widths[0]
+        return width * ((size // 4) ** 2 if tokens in ("all", "flat", "patch") else 1)
+    sub = (m.group(3) or "").lstrip(".")
+    width = c.inner[stage] if sub in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "pwconv1", "act", "grn") \
+        else c.widths[stage]
+    return width * ((size // (4 << stage)) ** 2 if tokens in ("all", "flat", "patch") else 1)
 
 
 def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30, kernel="linear") -> str:
@@ -7355,6 +7723,16 @@ def _versions() -> dict:
     return dict(ssl_repsim=__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())
 
 
+def describe(m: ViT | ConvNet) -> str:
+    """A model's architecture in a few words."""
+    c = m.cfg
+    if isinstance(m, ConvNet):
+        extra = (" V2 (GRN)" if c.grn else " V1") if c.arch == "convnext" else f" stem {c.stem_width}"
+        return f"{CNN_ARCHS[c.arch].__name__}{extra} depths {'-'.join(map(str, c.depths))} widths " \
+               f"{'-'.join(map(str, c.widths))}"
+    return f"ViT d={c.embed_dim} depth={c.depth} patch={c.patch_size} heads={c.num_heads}"
+
+
 def _model_meta(model: ViT) -> dict:
     """What a result needs to say about a model: where it came from, its family and objective, the layout it was
     read in, its architecture, input size and preprocessing."""
@@ -7362,6 +7740,7 @@ def _model_meta(model: ViT) -> dict:
     path = src.get("path")
     src["sha256"] = file_sha256(path) if path and Path(path).is_file() else None
     src.update(objective=objective(model.family, src.get("fine_tuned", False)), layout=model.family,
+               architecture=model.cfg.arch if isinstance(model, ConvNet) else "vit", described=describe(model),
                depth=model.cfg.depth, width=model.cfg.embed_dim, heads=model.cfg.num_heads, patch=model.cfg.patch_size,
                registers=model.cfg.num_registers, input_size=model.input_size, preprocess=dict(model.preprocess),
                eval_repr=eval_representation(model),
@@ -7391,8 +7770,7 @@ def _load_models(args, head: bool = False) -> list[ViT]:
                     and not registry_path(n, args.weights_dir).exists()]
             raise DownloadUnavailable(str(e) + (f" (the same for {'; '.join(rest)})" if rest else "")) from None
     for spec, m in zip(args.models, models, strict=True):
-        log.info(f"model {spec}: {m.family} ViT d={m.cfg.embed_dim} depth={m.cfg.depth} patch={m.cfg.patch_size} "
-                 f"heads={m.cfg.num_heads}, input {m.input_size}px")
+        log.info(f"model {spec}: {m.family} {describe(m)}, input {m.input_size}px")
     return models
 
 
