@@ -290,10 +290,11 @@ FAMILIES: dict[str, Family] = {
     "mocov2": Family("JE", (Layout(lambda o: _any(_sub(o, "state_dict"), r"^module\.encoder_q\."), pick="state_dict",
                                    prefix="module.encoder_q.", only_prefix=True, drop=r"^fc\."),), interp="bilinear"),
     "swav": Family("JE", (Layout(lambda o: _is_state_dict(o) and _any(o, r"^(module\.)?prototypes\."), prefix="module.",
-                                 drop=r"^(projection_head|prototypes)\."),), interp="bilinear"),
+                                 drop=r"^(projection_head|prototypes)\."),), interp="bilinear",
+                 std=(0.228, 0.224, 0.225)),   # eval_linear.py's
     "barlowtwins": Family("JE", interp="bilinear"),   # flat torchvision keys: known by name, digest or the user
     "vicreg": Family("JE", interp="bilinear"),
-    "spark": Family("REC", manual_download=True),     # SparK R50 (timm-style keys), Tian et al. 2023
+    "spark": Family("REC", manual_download=True, crop_pct=0.95),     # SparK R50 (timm-style keys), Tian et al. 2023
     "fcmae": Family("REC", (Layout(lambda o: _any(_sub(o, "model"), r"^encoder\.stages\.0\.0\.dwconv\.kernel$"),
                                    pick="model", prefix="encoder.", only_prefix=True, renames=FCMAE_RENAMES,
                                    reshape=_dense_kernels),)),   # ConvNeXt-V2 pretrained: decoder, mask, pred dropped
@@ -501,6 +502,38 @@ REGISTRY: dict[str, dict] = {
     "timm/vit_base_patch16_siglip_224.webli": _row("siglip", "hf:timm/vit_base_patch16_siglip_224.webli", 12,
                                                    rep="pooled", crop=0.9),
     "timm/vit_base_patch16_224.mae": _row("mae", "hf:timm/vit_base_patch16_224.mae", 12, crop=0.9),
+    # CNNs of the same objectives, for "similar objectives learn similar features even across architectures"
+    "mocov3-r50": _row("mocov3", f"{FBAI}/moco-v3/r-50-300ep/r-50-300ep.pth.tar", 0, rep="pooled",
+                       aliases=("mocov3_r50",)),
+    "mocov3-r50-1000ep": _row("mocov3", f"{FBAI}/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar", 0, rep="pooled"),
+    "mocov2-r50": _row("mocov2", f"{FBAI}/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar", 0,
+                       md5="a04e12f8", rep="pooled", aliases=("mocov2", "mocov2_r50")),
+    "dino-r50": _row("dino", f"{FBAI}/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth", 0, rep="pooled",
+                     aliases=("dino_r50",)),
+    "swav-r50": _row("swav", f"{FBAI}/deepcluster/swav_800ep_pretrain.pth.tar", 0, rep="pooled",
+                     aliases=("swav", "swav_r50")),
+    "barlowtwins-r50": _row("barlowtwins", f"{FBAI}/barlowtwins/ljng/resnet50.pth", 0, rep="pooled", aliases=("barlowtwins", "barlowtwins_r50")),
+    "vicreg-r50": _row("vicreg", f"{FBAI}/vicreg/resnet50.pth", 0, rep="pooled", aliases=("vicreg", "vicreg_r50")),
+    "spark-r50": _row("spark", "https://drive.google.com/file/d/1H8605HbxGvrsu4x4rIoNr-Wkd7JkxFPQ/view", 0,
+                      rep="pooled", aliases=("spark", "spark_r50")),
+    "convnextv2-base-fcmae": _row("fcmae", f"{FBAI}/convnext/convnextv2/pt_only/convnextv2_base_1k_224_fcmae.pt", 0,
+                                  rep="pooled", aliases=("fcmae", "convnextv2_base_fcmae")),
+    "convnextv2-large-fcmae": _row("fcmae", f"{FBAI}/convnext/convnextv2/pt_only/convnextv2_large_1k_224_fcmae.pt", 0,
+                                   rep="pooled", aliases=("convnextv2_large_fcmae",)),
+    "convnextv2-base": _row("convnextv2", f"{FBAI}/convnext/convnextv2/im1k/convnextv2_base_1k_224_ema.pt", 0,
+                            rep="pooled", aliases=("convnextv2", "convnextv2_base")),
+    "convnext-base": _row("convnext", f"{FBAI}/convnext/convnext_base_1k_224_ema.pth", 0, rep="pooled",
+                          aliases=("convnext", "convnext_base")),
+    "resnet50-tv": _row("resnet", "https://download.pytorch.org/models/resnet50-0676ba61.pth", 0, sha256="0676ba61",
+                        rep="pooled", aliases=("resnet50",)),
+    "resnet50-tv2": _row("resnet", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth", 0, sha256="11ad3fa6",
+                         rep="pooled", crop=224 / 232),
+    "timm/resnet50.a1_in1k": _row("resnet", "hf:timm/resnet50.a1_in1k", 0, rep="pooled", crop=0.95),
+    "timm/convnextv2_base.fcmae": _row("fcmae", "hf:timm/convnextv2_base.fcmae", 0, rep="pooled"),
+    "timm/convnext_base.fb_in1k": _row("convnext", "hf:timm/convnext_base.fb_in1k", 0, rep="pooled"),
+    "microsoft/resnet-50": _row("resnet", "hf:microsoft/resnet-50", 0, rep="pooled", aliases=("resnet50-hf",)),
+    "facebook/convnextv2-base-1k-224": _row("convnextv2", "hf:facebook/convnextv2-base-1k-224", 0, rep="pooled",
+                                            aliases=("convnextv2-hf",)),
 }
 ALIASES_OF_TIMM = {name.removeprefix("timm/"): name for name in REGISTRY if name.startswith("timm/")}
 ALIASES = {**ALIASES_OF_TIMM, **{a: name for name, row in REGISTRY.items() for a in row["aliases"]}}
@@ -1590,7 +1623,7 @@ def detect_layout(obj: dict, family: str | None = None) -> tuple[str, Layout, st
         raise UsageError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     rows = [(name, lay) for name, fam in FAMILIES.items() for lay in fam.layouts]
     if family is not None:   # its own layouts, then the formats any family is saved in (transformers, timm, flat)
-        candidates = [row for row in rows if row[0] == family] + [row for row in rows if row[1] in SHARED_LAYOUTS]
+        candidates = [row for row in rows if row[0] == family] + [("", lay) for lay in SHARED_LAYOUTS]
     else:
         candidates = sorted((row for row in rows if not row[1].named_only), key=lambda row: row[1].fallback)
     for owner, layout in candidates:
@@ -1619,7 +1652,7 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
     if prefix is None:  # whatever precedes the patch embedding ("" for flat files, "module.backbone." ...)
         anchors = [k for k in sd if k.endswith("patch_embed.proj.weight")]
         prefix = min(anchors, key=len)[: -len("patch_embed.proj.weight")] if anchors else ""
-    renames = layout.renames or FAMILIES[owner].renames
+    renames = layout.renames or (FAMILIES[owner].renames if owner else ())
     out = {}
     for k, v in sd.items():
         if prefix and not k.startswith(prefix):
@@ -1635,7 +1668,9 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
     if not head:
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
     out = layout.reshape(out) if layout.reshape else out
-    out = {k: v.reshape(-1) if re.search(r"\.grn\.(gamma|beta)$", k) else v for k, v in out.items()}  # (1,1,1,C)
+    out = {k: v.reshape(-1) if re.search(r"\.grn\.(gamma|beta)$", k) else   # official / transformers (1, 1, 1, C)
+           v.flatten(1) if re.search(r"\.pwconv[12]\.weight$", k) and v.ndim == 4 else v   # timm's 1×1-conv MLPs
+           for k, v in out.items()}
     return _token_shapes(_fuse_mlp(_fuse_qkv(out))), family
 
 
@@ -2121,6 +2156,8 @@ def _transformers_hints(hf: dict, where: Path) -> dict:
         known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
         raise UsageError(f"{where}: transformers model_type {model_type!r} is not supported (supported: "
                          f"{', '.join(known)})")
+    if model_type in HF_CNN_TYPES:
+        return _transformers_cnn_hints(hf, fam, where)
     vision = _dict(hf.get("vision_config"), "vision_config", where) if model_type in ("clip", "siglip") else hf
     c = {**HF_DEFAULTS.get(model_type, {}), **vision}
     act = c.get("hidden_act")
@@ -2133,6 +2170,28 @@ def _transformers_hints(hf: dict, where: Path) -> dict:
                 rope_theta=_positive(c.get("rope_theta"), "rope_theta", where, float) if fam == "dinov3" else None)
     return dict(family=fam, num_heads=_positive(c.get("num_attention_heads"), "num_attention_heads", where),
                 img_size=_positive(c.get("image_size"), "image_size", where), arch=arch)
+
+
+HF_CNN_TYPES = ("resnet", "convnext", "convnextv2")
+
+
+def _transformers_cnn_hints(hf: dict, fam: str, where: Path) -> dict:
+    """transformers ResNet / ConvNeXt configs: what the weights cannot say (where a ResNet strides, the final
+    norm's eps), and what this CNN cannot be (basic blocks, a strided first stage, another activation)."""
+    act = hf.get("hidden_act", "relu" if hf.get("model_type") == "resnet" else "gelu")
+    if hf.get("model_type") == "resnet":
+        if hf.get("layer_type", "bottleneck") != "bottleneck" or hf.get("downsample_in_first_stage") or act != "relu":
+            raise UsageError(f"{where}: only bottleneck ResNets with ReLU and an unstrided first stage are supported "
+                             f"(layer_type {hf.get('layer_type')!r}, hidden_act {act!r})")
+        arch = dict(stride_in_1x1=bool(hf.get("downsample_in_bottleneck", False)))
+    else:
+        if act != "gelu":
+            raise UsageError(f"{where}: hidden_act {act!r}: ConvNeXt is supported with exact GELU")
+        eps = _positive(hf.get("layer_norm_eps", 1e-12), "layer_norm_eps", where, float)
+        if eps >= 1:
+            raise UsageError(f"{where}: layer_norm_eps must be a small positive number, got {eps!r}")
+        arch = dict(final_eps=eps)
+    return dict(family=fam, img_size=_positive(hf.get("image_size"), "image_size", where), arch=arch)
 
 
 def _side(v, what: str, where) -> int | None:
@@ -2162,6 +2221,8 @@ def _hf_preprocess(pp: dict, where: Path) -> dict:
                          f"{size!r}, resample {resample!r}")
     if cropped and cropped > resize:
         raise UsageError(f"{where}: crop_size {cropped} exceeds the resize {resize}")
+    if cropped is None and pp.get("crop_pct") is not None:   # ConvNeXt's processor: resize size / crop_pct, crop size
+        cropped, resize = resize, resize / _positive(pp["crop_pct"], "crop_pct", where, float)
     out = dict(mean=_three(pp.get("image_mean"), "image_mean", where) or IMAGENET_MEAN,
                std=_three(pp.get("image_std"), "image_std", where, positive=True) or IMAGENET_STD,
                interp=PIL_RESAMPLE[resample], crop_pct=(cropped or resize) / resize,
@@ -2195,7 +2256,7 @@ def _timm_hints(cfg: dict, where: Path) -> dict:
         arch_hints["rope_grid"] = _positive(ref[0], "model_args.ref_feat_shape", where)
     return dict(family=fam, num_heads=heads, width_table=heads is not None, img_size=_timm_input_size(pc, where),
                 arch=arch_hints, preprocess=_timm_preprocess(pc, where),
-                fine_tuned=bool(tag and re.search(TIMM_FINE_TUNED, "." + tag)))
+                fine_tuned=bool(tag and re.search(TIMM_FINE_TUNED, "." + tag)) and FAMILIES[fam].objective != "SUP")
 
 
 def _timm_input_size(pc: dict, where) -> int | None:
@@ -6774,8 +6835,10 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
                    seed: int = 0, device=None, dtype=None) -> dict:
     """Linear probes on frozen patch tokens of every block, and of every block concatenated with the last: the
     patch's grid position (P classes) and, where the data has masks, the object class under the patch
-    (0 = background). Train/test split by image."""
-    names = resolve_points(model, points)
+    (0 = background). Train/test split by image. A CNN's default points are its last stage's blocks, whose positions
+    are the stride-32 grid the masks are read on."""
+    last_stage = [b for b in getattr(model, "block_names", []) if b.startswith(model.stage_names[-1] + ".")]
+    names = resolve_points(model, points if points is not None or not last_stage else last_stage)
     feats = extract(model, images, names, "patch", batch_size, device, dtype)
     n, P = next(iter(feats.values())).shape[:2]
     if n < 4:
@@ -6919,13 +6982,26 @@ def _ci_band(results: dict, key: str = "top1_ci") -> tuple[dict, dict]:
     return ({k: v[key][0] for k, v in results.items()}, {k: v[key][1] for k, v in results.items()})
 
 
+def _vits(models, what: str, least: int = 1) -> tuple[list, list[str]]:
+    """The ViTs among the models, and a reading naming the CNNs left out of an analysis of ViT parts; fewer than
+    `least` ViTs: a UsageError saying why."""
+    vits = [m for m in models if isinstance(m, ViT)]
+    cnns = [_label(m) for m in models if not isinstance(m, ViT)]
+    if len(vits) < least:
+        raise UsageError(f"{what} is defined for ViTs only ({least} needed; {', '.join(cnns)} "
+                         f"{'is a CNN' if len(cnns) == 1 else 'are CNNs'})")
+    return vits, [f"{', '.join(cnns)} left out: {what} is defined for ViTs only."] if cnns else []
+
+
 def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
-    """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine."""
+    """Where the gap opens: CKA by sub-layer type, matched-layer diagonal, CKA vs distance, LN with/without affine
+    (ViTs: a CNN's sub-layers are other types; the across-architectures comparison is the overview's)."""
+    models, left_out = _vits(models, "CKA by sub-layer type (attention, MLP, LayerNorm)", 2)
     run = dict(batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir)
     res = compare_models(models, images, points="all", tokens=opts.tokens, estimator=opts.estimator,
                          progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
                          permutations=opts.permutations, **run)
-    readings, figures = [], {}
+    readings, figures = left_out, {}
     norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
     feats = [cached_extract(m, images, pts, "mean", **run) for m, pts in zip(models, norm_pts, strict=True)]
     raw = [layernorm_without_affine(f, m) for f, m in zip(feats, models, strict=True)]
@@ -7097,7 +7173,8 @@ def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, di
 
 def attention_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Mean attention distance, entropy and NMI per head and block, on patch-to-patch attention (Park et al.)."""
-    out, curves, readings, bands = {}, {}, [], {}
+    models, readings = _vits(models, "attention")
+    out, curves, bands = {}, {}, {}
     for m in models:
         st = attention_statistics(m, images, batch_size=opts.batch_size, mask_ratio=opts.mae_mask_ratio,
                                   seed=opts.seed, device=opts.device, max_images=opts.attention_images)
@@ -7158,7 +7235,9 @@ def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
     for i, a in enumerate(models):
         for b in models[i + 1:]:
             sa, sb = a.state_dict(), b.state_dict()
-            if not all(k in sb and sb[k].shape == v.shape for k, v in sa.items() if k.startswith("blocks.")):
+            blocks = [k for k in sa if k.startswith(("blocks.", "layer", "stages."))]
+            if type(a) is not type(b) or not blocks or not all(k in sb and sb[k].shape == sa[k].shape
+                                                               for k in blocks):
                 continue
             wd = weight_distance(a, b)
             out[f"{_spec(a)} vs {_spec(b)}"] = wd
@@ -7245,6 +7324,9 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
         ci = p.get("diagonal_mean_ci", [float("nan")] * 2)
         readings.append(f"{p['a']} vs {p['b']}: matched-block mean CKA {_ci(p['diagonal_mean'], ci)}.")
     readings += _objective_headline(models, mm, opts.ci or 0.95)
+    mm["architectures"] = _architecture_of(models)
+    res["across_architectures"] = across_architectures(models, mm, opts.ci or 0.95)
+    readings += _across_readings(res["across_architectures"], mm)
     res["pt_ft"] = pt_ft_tests(models, mm, opts.ci or 0.95)
     readings += _pt_ft_readings(res["pt_ft"], opts.ci or 0.95)
     readings += _measure_robustness(models, mm, opts.ci)
@@ -7367,6 +7449,43 @@ def _pt_ft_readings(tests: list[dict], level: float) -> list[str]:
 
 def _objective_of(models) -> list[str]:
     return [objective(m.family, m.source.get("fine_tuned", False)) for m in models]
+
+
+def _architecture_of(models) -> list[str]:
+    return [m.cfg.arch if isinstance(m, ConvNet) else "vit" for m in models]
+
+
+def across_architectures(models, mm, level: float) -> dict | None:
+    """"Similar objectives learn similar features even across architectures" as one paired test on the model
+    matrix: mean CKA of the pairs with one objective (REC or JE) in different architectures minus that of the REC–JE
+    pairs within one architecture, with its interval and p from the jackknife over images (paired_contrast); None
+    where the models hold no pair of either kind."""
+    kind, arch = _objective_of(models), _architecture_of(models)
+    pairs = list(itertools.combinations(range(len(models)), 2))
+    same_objective = [(i, j) for i, j in pairs if kind[i] == kind[j] in ("REC", "JE") and arch[i] != arch[j]]
+    same_architecture = [(i, j) for i, j in pairs if {kind[i], kind[j]} == {"REC", "JE"} and arch[i] == arch[j]]
+    if not same_objective or not same_architecture:
+        return None
+    c = paired_contrast(_cka_replicates(mm) or dict(matrix=mm["cka"]), same_objective, same_architecture, level)
+    return dict(c, same_objective=same_objective, same_architecture=same_architecture)
+
+
+def _across_readings(t: dict | None, mm) -> list[str]:
+    """The across-architectures section: every pair it compares with its CKA, then the paired test."""
+    if t is None:
+        return []
+    specs, arch = mm["models"], mm["architectures"]
+    rows = [f"| {specs[i]} × {specs[j]} | {what} | {arch[i]} × {arch[j]} | "
+            + (_ci(float(mm["cka"][i, j]), [float(mm["cka_low"][i, j]), float(mm["cka_high"][i, j])])
+               if "cka_low" in mm else f"{float(mm['cka'][i, j]):.3f}") + " |"
+            for key, what in (("same_objective", "one objective, two architectures"),
+                              ("same_architecture", "REC vs JE, one architecture")) for i, j in t[key]]
+    test = (f"one objective across architectures {t['within']:.3f} − REC vs JE within an architecture "
+            f"{t['across']:.3f} = {t['diff']:+.3f}")
+    test += (f" [{t['low']:+.3f}, {t['high']:+.3f}], paired jackknife over images p = {t['p']:.3g}"
+             if math.isfinite(t["p"]) else " (no paired test: no jackknife replicates)")
+    return ["### Across architectures\n\nModel × model CKA at each model's last block.\n\n| pair | compares | "
+            "architectures | CKA |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{test}."]
 
 
 def _measure_robustness(models, mm, level: float) -> list[str]:
@@ -7496,6 +7615,22 @@ def _verdict_rec_je(res: dict, kind: dict, level: float) -> tuple:
             f"paired jackknife over images, t{c['dof']}", c["p"], outcome)
 
 
+def _verdict_across(res: dict, kind: dict, level: float) -> tuple:
+    """'Similar objectives learn similar features even across architectures': the overview's paired test
+    (across_architectures); supported when one objective across architectures is the more similar at the level."""
+    t = res.get("across_architectures")
+    if not t:
+        return "", "", "", float("nan"), ("not testable: needs one objective in two architectures and REC and JE in "
+                                          "one (e.g. mae, dino, dino_r50, convnextv2_base_fcmae)")
+    if not math.isfinite(t["p"]):
+        return "", "", "", float("nan"), "not testable: needs the debiased estimator (per-image replicates)"
+    outcome = "supported" if t["diff"] > 0 and t["p"] < 1 - level else "not supported"
+    return (f"{len(t['same_objective'])} same-objective, {len(t['same_architecture'])} same-architecture pairs",
+            (f"one objective across architectures {t['within']:.3f} − REC vs JE within one {t['across']:.3f} = "
+             f"{t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]"), f"paired jackknife over images, t{t['dof']}",
+            t["p"], outcome)
+
+
 def _verdict_gap(res: dict, kind: dict, level: float) -> tuple:
     """'The gap opens early, in attention and normalisation': for each REC–JE pair, the sub-layer type that agrees
     least in the first quarter (its paired test, Bonferroni over the types); supported when every pair names
@@ -7546,7 +7681,7 @@ def _verdict_pt_ft(res: dict, kind: dict, level: float) -> tuple:
 
 CLAIMS = (   # the seed paper's claims a report can test: (claim, the analysis whose results decide it, its verdict)
     ("reconstruction and joint-embedding objectives learn different features", "overview", _verdict_rec_je),
-    ("similar objectives learn similar features across architectures", None, None),
+    ("similar objectives learn similar features across architectures", "overview", _verdict_across),
     ("the gap opens early, in attention and normalisation layers", "gap", _verdict_gap),
     ("joint-embedding features probe better", "info", _verdict_probes),
     ("fine-tuning moves MAE towards joint-embedding models", "overview", _verdict_pt_ft),
@@ -7559,9 +7694,7 @@ def verdict_table(results: dict, meta: dict, level: float = 0.95) -> list[str]:
     kind = {m["spec"]: m["objective"] for m in meta["models"]}
     rows = ["| claim | compared | numbers | test | p | outcome |", "|---|---|---|---|---|---|"]
     for claim, name, fn in CLAIMS:
-        if fn is None:
-            row = ("", "", "", float("nan"), "not testable: ssl_repsim loads ViTs only (CNN releases: issue 23)")
-        elif name not in results or not results[name].get("results"):
+        if name not in results or not results[name].get("results"):
             row = ("", "", "", float("nan"), f"not testable: the {name} analysis did not run")
         else:
             row = fn(results[name]["results"], kind, level)
