@@ -3566,13 +3566,13 @@ FEATURES_FORMAT = "ssl_repsim-features"
 
 
 def save_features(path, feats: dict, ids: list[str], labels=None, meta: dict | None = None) -> Path:
-    """A feature file: safetensors of {point: (n, d)} (and `labels`), the sample ids, point order and `meta` in its
-    metadata; written whole or not at all."""
+    """A feature file: safetensors of {point: (n, d)} or, keeping the token axis, (n, T, d) (and `labels`), the
+    sample ids, point order and `meta` in its metadata; written whole or not at all."""
     from safetensors.torch import save as st_save
-    bad = [k for k, v in feats.items() if v.ndim != 2 or len(v) != len(ids)]
+    bad = [k for k, v in feats.items() if v.ndim not in (2, 3) or len(v) != len(ids)]
     if bad:
-        raise UsageError(f"features {bad[0]!r}: {tuple(feats[bad[0]].shape)} is not one row of (n, d) per sample id "
-                         f"({len(ids)})")
+        raise UsageError(f"features {bad[0]!r}: {tuple(feats[bad[0]].shape)} is not one row of (n, d) or (n, T, d) "
+                         f"per sample id ({len(ids)})")
     tensors = {k: v.detach().float().contiguous() for k, v in feats.items()}
     if labels is not None:
         tensors["labels"] = torch.as_tensor(labels).long().contiguous()
@@ -3582,7 +3582,8 @@ def save_features(path, feats: dict, ids: list[str], labels=None, meta: dict | N
 
 def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     """({point: (n, d)}, sample ids, metadata) of a feature file: ours, or any .safetensors / .npz / .pt holding
-    {point: (n, d)} and `sample_ids` (strings or integers); one line for anything else."""
+    {point: (n, d)} and `sample_ids` (strings or integers); one line for anything else. A point stored with its
+    token axis (n, T, d) is read flattened, (n, T·d): the flat tokens."""
     path = Path(path)
     if path.suffix == ".npz":
         _check_archive(path)
@@ -3610,6 +3611,7 @@ def read_features(path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     for k in order:
         v = raw.get(k)
         v = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        v = v.flatten(1) if isinstance(v, torch.Tensor) and v.ndim == 3 else v
         if not isinstance(v, torch.Tensor) or v.ndim != 2 or len(v) != len(ids) or not v.is_floating_point():
             raise UsageError(f"{path}: {k!r} is not an (n, d) float array with one row per sample id ({len(ids)})")
         feats[k] = v.float()
@@ -8061,9 +8063,6 @@ def _cmd_extract(args):
     out = Path(args.out or f"features-{_safe_name(args.model)}.safetensors")
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: extract writes a .safetensors feature file")
-    if args.tokens in ("all", "patch"):
-        raise UsageError(f"--tokens {args.tokens} keeps a token axis; feature files hold (n, d): use flat (the same "
-                         "numbers, flattened), cls, mean or official")
     if out.exists() and (not is_feature_file(out) or out.resolve() == Path(split_family(str(args.model))[1]).resolve()):
         raise UsageError(f"--out {out} exists and is not a feature file (a checkpoint?): give another file name")
     args.models = [args.model]
@@ -8831,7 +8830,8 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "out": (("--out",), dict(help="output folder (default: results/<command>-<models>-<time>/)")),
     "points": (("--points",), dict(default="blocks", help="blocks (residual stream after each block) | sublayers "
                                                           "(the paper's 9 per block) | all | a comma list such as "
-                                                          "blocks.0.attn,blocks.0.norm1")),
+                                                          "blocks.0.attn,blocks.0.norm1; a CNN's by module path "
+                                                          "(layer3.4, stages.2.11), also stages | stem")),
     "quiet": (("--quiet",), dict(action="store_true", help="no progress or notices on stderr")),
     "debug": (("--debug",), dict(action="store_true", help="full tracebacks")),
 }
@@ -8915,7 +8915,7 @@ def _add_cka_command(sub):
     _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "batch_size", "seed", "device", "dtype", "cache_dir", "out", *ALWAYS)
     p = _subcommand(sub, "extract", _cmd_extract, "features of one model at named points, to a file",
                     "Extract one model's features at --points (with --tokens) on --data into a safetensors feature "
-                    "file: {point: (n, d)}, the labels, the sample ids (the path in the folder and the file's "
+                    "file: {point: (n, d)} (with --tokens all or patch (n, T, d): a CNN's feature map as its H·W positions), the labels, the sample ids (the path in the folder and the file's "
                     "sha256 prefix, or row indices) and the metadata cka records. cka takes feature files in place of models (ours, or "
                     "any .safetensors / .npz / .pt holding {point: (n, d)} and sample_ids).",
                     ["extract mae --data ~/imagenet/val --n 1024 --points sublayers --out mae.safetensors",

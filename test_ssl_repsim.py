@@ -5299,7 +5299,8 @@ def test_extract_then_cka_of_feature_files_reproduces_the_cka_of_the_models(tmp_
 
 def test_feature_file_ids_name_their_source_rows_and_odd_files_are_one_line_errors(tmp_path):
     """Ids of tensor data are file#row of the source, so subsets drawn with other seeds never pass for the same
-    images; extract refuses outputs with a token axis; odd feature files are one-line errors or read right."""
+    images; extract keeps a token axis in the file and reads it back as flat tokens; odd feature files are one-line
+    errors or read right."""
     a, _ = tiny_pair(tmp_path)
     write_tensor_file(tmp_path / "t.pt", torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8),
                       torch.arange(30) % 3)
@@ -5312,7 +5313,11 @@ def test_feature_file_ids_name_their_source_rows_and_odd_files_are_one_line_erro
     p = cli("cka", tmp_path / "s0.safetensors", tmp_path / "s1.safetensors", "--quiet", "--out", tmp_path / "o")
     assert_usage_error(p, tmp_path / "o")
     p = cli("extract", a, "--tokens", "all", "--n", 8, "--quiet", "--out", tmp_path / "all.safetensors")
-    assert_usage_error(p) and not (tmp_path / "all.safetensors").exists()
+    assert p.returncode == 0, p.stderr      # the token axis kept in the file, read back as flat tokens
+    p = cli("extract", a, "--tokens", "flat", "--n", 8, "--quiet", "--out", tmp_path / "flat.safetensors")
+    kept, flat = load_safetensors(tmp_path / "all.safetensors"), sr.read_features(tmp_path / "flat.safetensors")[0]
+    assert kept["blocks.0"].ndim == 3 and torch.equal(kept["blocks.0"].flatten(1), flat["blocks.0"])
+    assert torch.equal(sr.read_features(tmp_path / "all.safetensors")[0]["blocks.1"], flat["blocks.1"])
     x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     np.savez(tmp_path / "bytes.npz", p=x, sample_ids=np.array([b"a", b"b", b"c", b"d", b"e", b"f"]),
              paths=np.array(["x"] * 6))
