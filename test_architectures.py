@@ -348,7 +348,18 @@ def test_cnn_release_layouts_load_by_path_and_match_a_naive_forward(name, tmp_pa
     check_against_naive(model, P, opts)
 
 
-@pytest.mark.parametrize("family", ["barlowtwins", "vicreg", "spark", "dino", "resnet"])
+FLAT_NAMED = ("barlowtwins", "vicreg", "spark", "dino", "resnet")
+
+
+def test_every_cnn_family_has_a_layout_writer(tmp_path):
+    """Adding a CNN row to FAMILIES means adding a writer here (or naming it as a flat torchvision file)."""
+    covered = {write_layout(name, tmp_path)[2] for name in CNN_LAYOUTS} | set(FLAT_NAMED)
+    assert set(T.CNN_FAMILIES) <= covered
+    cnn_rows = {f for f, fam in sr.FAMILIES.items() if any(lay in sr.CNN_LAYOUTS or lay.reshape for lay in fam.layouts)}
+    assert cnn_rows <= covered | {"unknown"}
+
+
+@pytest.mark.parametrize("family", FLAT_NAMED)
 def test_flat_torchvision_files_take_the_family_a_name_gives(family, tmp_path):
     """A flat torchvision-layout file cannot tell its training from its keys: `unknown` by path, the family when the
     user says it (FAMILY:PATH); the weights are the same either way."""
