@@ -2021,15 +2021,32 @@ def _check_config(cfg: ViTConfig, where: str):
                          f"norm_eps {cfg.norm_eps} ≥ 1")
 
 
-def _build_own(obj: dict, meta: dict, head: bool) -> ViT:
+def _cnn_config(fields: dict, where: str) -> CNNConfig:
+    """A CNNConfig from our file's metadata, every field checked (the weights' shapes are build_model's to check)."""
+    cfg = CNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    counts = (cfg.depths, cfg.widths, cfg.inner)
+    ints = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16
+    ok = (all(isinstance(c, tuple) and 1 <= len(c) <= 8 and len(c) == len(cfg.depths) and all(map(ints, c))
+              for c in counts) and all(ints(v) for v in (cfg.stem_width, cfg.groups, cfg.kernel, cfg.img_size))
+          and all(isinstance(v, bool) for v in (cfg.stride_in_1x1, cfg.grn, cfg.layer_scale, cfg.final_norm))
+          and all(isinstance(v, float) and 0 < v < 1 for v in (cfg.norm_eps, cfg.final_eps))
+          and isinstance(cfg.num_classes, int) and cfg.num_classes >= 0 and isinstance(cfg.family, str))
+    if not ok:
+        raise UsageError(f"{where}: a CNN config with an invalid field ({str(fields)[:120]})")
+    return cfg
+
+
+def _build_own(obj: dict, meta: dict, head: bool) -> ViT | ConvNet:
     try:
         fields = parse_json(meta["config"], "checkpoint metadata")
-        cfg = ViTConfig(**fields)
-        _check_config(cfg, "checkpoint metadata")
+        cnn = isinstance(fields, dict) and fields.get("arch") in CNN_ARCHS
+        cfg = _cnn_config(fields, "checkpoint metadata") if cnn else ViTConfig(**fields)
+        if not cnn:
+            _check_config(cfg, "checkpoint metadata")
         blocks = {int(m.group(1)) for k in obj if (m := re.match(r"blocks\.(\d+)\.", k))}
         size = parse_json(meta.get("input_size", "null"), "checkpoint metadata") or cfg.img_size
-        ok = (blocks == set(range(cfg.depth)) and isinstance(size, int) and 0 < size <= 8192
-              and isinstance(cfg.patch_size, int) and size % cfg.patch_size == 0 and 0 < cfg.norm_eps < 1)
+        ok = ((cnn or blocks == set(range(cfg.depth))) and isinstance(size, int) and 0 < size <= 8192
+              and (cnn or size % cfg.patch_size == 0) and 0 < cfg.norm_eps < 1)
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"ssl_repsim checkpoint with unreadable metadata ({_one_line(e)[:120]})") from None
     if not ok:
@@ -5869,16 +5886,38 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75) -> list[dict]:
+def cnn_layer_id(name: str, depths, grouped: bool = False) -> int:
+    """ConvNeXt-V2's optim_factory, for any CNN here: 'single' — block j of stage i is Σ depths[:i] + j + 1, the stem
+    and each stage's downsampling share the id of the stage's first block, the final norm and head Σ depths + 1;
+    'group' (its base recipe; 12 groups of a 3-3-27-3 ConvNeXt) — downsampling 0/2/3/12, stages 0 and 1 at 1 and 2,
+    stage 2's blocks in threes from 3, stage 3 at 12, the rest 13."""
+    m = re.match(r"(?:layer(\d+)\.(\d+)|stages\.(\d+)\.(\d+)|downsample_layers\.(\d+))\.", name)
+    stem = re.match(r"(conv1|bn1)\.", name)
+    stage = None if m is None else int(m.group(1)) - 1 if m.group(1) else int(m.group(3) or m.group(5))
+    block = None if m is None or m.group(5) else int(m.group(2) or m.group(4))
+    if grouped:
+        if m is None:
+            return 13
+        if block is None:
+            return (0, 2, 3, 12)[min(stage, 3)]
+        return (1, 2, 3 + block // 3, 12)[min(stage, 3)]
+    if stem:
+        return 1
+    return sum(depths) + 1 if m is None else sum(depths[:stage]) + (block or 0) + 1
+
+
+def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75,
+                     grouped: bool = False) -> list[dict]:
     """AdamW groups with lr_scale = layer_decay^(depth+1 − layer_id); no weight decay on 1-D parameters,
     pos_embed, cls / dist tokens and registers (MAE's lr_decay.py; BEiT's optim_factory, whose relative-position
-    tables decay)."""
-    depth = len(model.blocks)
+    tables decay). A CNN's ids: cnn_layer_id (`grouped`: ConvNeXt's 12 groups, depth 12)."""
+    cnn = isinstance(model, ConvNet)
+    depth = 12 if cnn and grouped else len(model.blocks)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid = layer_id(name, depth)
+        lid = cnn_layer_id(name, model.cfg.depths, grouped) if cnn else layer_id(name, depth)
         wd = 0.0 if p.ndim == 1 or name in NO_WEIGHT_DECAY else weight_decay
         g = groups.setdefault((lid, wd), dict(params=[], names=[], weight_decay=wd, layer_id=lid,
                                               lr_scale=layer_decay ** (depth + 1 - lid)))
@@ -6312,6 +6351,8 @@ class FinetuneConfig:
     global_pool: bool = _field(False, "classify fc_norm(mean patch token) (MAE's global pool) instead of the cls token")
     untie_rel_pos: bool = _field(False, "copy a shared relative-position bias into every block, as BEiT's fine-tuning "
                                         "does (else it trains shared, at the top layer's rate)")
+    layer_decay_type: str = _field("single", "a CNN's layer ids for the decay: single (one per block) or group "
+                                             "(ConvNeXt's 12 groups, its base recipe)", choices=("single", "group"))
     seed: int = _field(0, "seed of the head, the data order and every augmentation", range=SEED_RANGE)
     recipe: str = "quick"          # the preset these values started from (recorded in log.json)
 
@@ -6345,6 +6386,17 @@ RECIPES: dict[str, dict] = {
     # DeiT main.py defaults for DeiT-B (lr 5e-4 per 512 images = blr 2.5e-4; no layer decay)
     "deit": dict(_TIMM_AUG, batch_size=64, effective_batch=1024, epochs=300, blr=2.5e-4, layer_decay=1.0,
                  weight_decay=0.05, drop_path=0.1, warmup_epochs=5, min_lr=1e-5),
+    # ConvNeXt-V2 TRAINING.md, fine-tuning FCMAE on ImageNet-1k (atto / tiny / base rows by final width; 32 per GPU
+    # × 32 GPUs) and main_finetune.py defaults; its EMA copy of the weights is not kept here
+    "convnextv2": dict(rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25, label_smoothing=0.1, batch_size=32,
+                       effective_batch=1024, min_lr=1e-6, default_width=1024,
+                       by_width={320: dict(epochs=600, blr=2e-4, layer_decay=0.9, weight_decay=0.3, drop_path=0.1,
+                                           warmup_epochs=0, label_smoothing=0.2),
+                                 768: dict(epochs=300, blr=8e-4, layer_decay=0.9, weight_decay=0.05, drop_path=0.2,
+                                           warmup_epochs=40, mixup=0.8, cutmix=1.0),
+                                 1024: dict(epochs=100, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group",
+                                            weight_decay=0.05, drop_path=0.1, warmup_epochs=20, mixup=0.8,
+                                            cutmix=1.0)}),
 }
 
 
@@ -6353,12 +6405,12 @@ def finetune_recipe(name: str, model: ViT | None = None) -> FinetuneConfig:
     if name not in RECIPES:
         raise UsageError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     values = dict(RECIPES[name])
-    rows = values.pop("by_width", {})
+    rows, default = values.pop("by_width", {}), values.pop("default_width", 768)
     if rows:
-        width = model.cfg.embed_dim if model is not None else 768
+        width = model.cfg.embed_dim if model is not None else default
         if width not in rows:
-            log.info(f"recipe {name}: no row for width {width}; using the ViT-B row")
-        values.update(rows.get(width, rows[768]))
+            log.info(f"recipe {name}: no row for width {width}; using the width-{default} row")
+        values.update(rows.get(width, rows[default]))
     return FinetuneConfig(recipe=name, **values)
 
 
@@ -6385,7 +6437,7 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
                     num_classes=num_classes, world_size=world)   # what a resume must continue with
     _prepare_for_finetuning(model, cfg, num_classes)
     with _placed(model, device, train=True):
-        groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
+        groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type == "group")
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
                                 betas=(0.9, 0.999))
         if resume and not (out / "train_state.pt").is_file():
@@ -6457,10 +6509,15 @@ def _use_global_pool(model: ViT):
 
 
 def _prepare_for_finetuning(model: ViT, cfg: FinetuneConfig, num_classes: int):
-    """The recipe's pooling and relative bias, a head, stochastic depth linear in depth."""
-    if cfg.global_pool:
+    """The recipe's pooling and relative bias, a head, stochastic depth linear in depth (a CNN pools globally; a
+    ConvNeXt without a final norm, FCMAE's encoder, gets a fresh one, weight 1 and bias 0, as ConvNeXt-V2's
+    fine-tuning builds it)."""
+    if isinstance(model, ConvNeXt) and model.norm is None:
+        model.norm = nn.LayerNorm(model.cfg.embed_dim, eps=model.cfg.final_eps).to(next(model.parameters()).device)
+        model.cfg = dataclasses.replace(model.cfg, final_norm=True)
+    if cfg.global_pool and not isinstance(model, ConvNet):
         _use_global_pool(model)
-    if cfg.untie_rel_pos:
+    if cfg.untie_rel_pos and not isinstance(model, ConvNet):
         _untie_relative_bias(model)
     _attach_head(model, num_classes, torch.Generator().manual_seed(cfg.seed))
     for i, blk in enumerate(model.blocks):
@@ -6486,7 +6543,7 @@ def _attach_head(model: ViT, num_classes: int, g: torch.Generator):
         with torch.no_grad():
             nn.init.trunc_normal_(head.weight, std=2e-5, generator=g)
             head.bias.zero_()
-        model.head = head.to(model.patch_embed.proj.weight.device)
+        model.head = head.to(next(model.parameters()).device)
     model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
 
 
@@ -8426,6 +8483,8 @@ def bench(full: bool = False, device=None) -> dict:
     rate = _bench_matmul(4096 if device.type == "cuda" or full else 2048, device, sync)
     out["matmul_gflops"] = rate / 1e9
     out["extraction"] = _bench_extraction(64 if device.type == "cuda" else (32 if full else 8), device, sync)
+    out["extraction_resnet50"] = _bench_cnn_extraction(64 if device.type == "cuda" else (32 if full else 8), device,
+                                                       sync)
     out["cka"] = [row for n in ((1000, 5000, 10000) if full else (1000,)) for row in _bench_cka(n, rate, device, sync)]
     return out
 
@@ -8520,6 +8579,30 @@ def _bench_extraction(nimg: int, device, sync) -> dict:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             out["bf16_img_s"] = nimg / _timeit(lambda: vit.forward_features(x), 2, sync)
     return out
+
+
+def _bench_cnn_extraction(nimg: int, device, sync, reps: int = 3) -> dict:
+    """ResNet-50 img/s with every block's output hooked (16 maps read as tokens) against a plain forward of the same
+    weights: torchvision's resnet50 where torchvision is installed, else this file's ResNet unhooked; runs
+    interleaved, the best of `reps` each."""
+    model = ResNet(CNNConfig()).to(device)
+    plain, against = model, "ssl_repsim's ResNet, unhooked (torchvision is not installed)"
+    with contextlib.suppress(ImportError):
+        import torchvision
+        plain = torchvision.models.resnet50().eval().to(device)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)   # its fc stays random
+        against = f"torchvision {torchvision.__version__} resnet50"
+    x = torch.randn(nimg, 3, 224, 224, device=device)
+    t_plain = t_hook = float("inf")
+    with torch.no_grad():
+        plain(x[:2])
+        for _ in range(reps):
+            t_plain = min(t_plain, _timeit(lambda: plain(x), 1, sync))
+            t_hook = min(t_hook, _timeit(lambda: list(iter_features(model, [x], "blocks", "all", device)), 1, sync))
+    log.info(f"ResNet-50 forward: {nimg / t_plain:.1f} img/s plain ({against}), {nimg / t_hook:.1f} img/s with 16 "
+             f"block outputs hooked ({t_plain / t_hook:.2f}× the plain rate)")
+    return dict(images=nimg, against=against, plain_img_s=nimg / t_plain, hooked_img_s=nimg / t_hook,
+                hooked_over_plain=t_plain / t_hook)
 
 
 def _bench_cka(n: int, rate: float, device, sync) -> list[dict]:
@@ -8734,6 +8817,9 @@ def _cmd_bench(args):
     print(f"ViT-B/16 extraction: {e['plain_img_s']:.1f} img/s plain, {e['hooked_img_s']:.1f} img/s with every block "
           f"output hooked (overhead {100 * e['hook_overhead']:+.1f}%)" +
           (f"; bf16 autocast {e['bf16_img_s']:.0f} img/s" if "bf16_img_s" in e else ""))
+    r50 = res["extraction_resnet50"]
+    print(f"ResNet-50 extraction: {r50['plain_img_s']:.1f} img/s plain ({r50['against']}), {r50['hooked_img_s']:.1f} "
+          f"img/s with every block output hooked ({r50['hooked_over_plain']:.2f}× the plain rate)")
     print(f"{'n':>6} {'estimator':<10} {'form':<9} {'seconds':>8} {'floor s':>8} {'× floor':>8} {'err vs f64':>10}")
     for r in res["cka"]:
         err = f"{r['max_err_vs_float64']:.1e}" if r["max_err_vs_float64"] is not None else "-"

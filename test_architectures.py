@@ -506,3 +506,52 @@ def test_registry_names_run_cka_and_the_report_tests_the_cross_architecture_clai
     assert "### Across architectures" in md and "vit × convnext" in md and "vit × resnet" in md
     row = next(line for line in md.splitlines() if line.startswith("| similar objectives learn similar features"))
     assert f"{t['p']:.2g}" in row and ("supported" in row) and "not testable" not in row
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cnn_layer_ids_follow_convnextv2s_optim_factory(grouped):
+    """ConvNeXt-V2's layer ids written out for a 3-3-27-3 ConvNeXt: 'single' one per block (downsampling and stem
+    with the stage's first block, norm and head last), 'group' its 12 groups; lr_scale = decay^(L + 1 − id)."""
+    depths = (3, 3, 27, 3)
+    single = {"downsample_layers.0.0.weight": 1, "stages.0.0.dwconv.weight": 1, "stages.0.2.grn.gamma": 3,
+              "downsample_layers.1.1.weight": 4, "stages.1.2.pwconv1.weight": 6, "downsample_layers.2.0.bias": 7,
+              "stages.2.26.norm.weight": 33, "stages.3.2.pwconv2.bias": 36, "norm.weight": 37, "head.weight": 37}
+    group = {"downsample_layers.0.0.weight": 0, "stages.0.0.dwconv.weight": 1, "stages.0.2.grn.gamma": 1,
+             "downsample_layers.1.1.weight": 2, "stages.1.2.pwconv1.weight": 2, "downsample_layers.2.0.bias": 3,
+             "stages.2.0.norm.weight": 3, "stages.2.7.norm.weight": 5, "stages.2.26.norm.weight": 11,
+             "downsample_layers.3.1.weight": 12, "stages.3.2.pwconv2.bias": 12, "norm.weight": 13, "head.weight": 13}
+    for name, expected in (group if grouped else single).items():
+        assert sr.cnn_layer_id(name, depths, grouped) == expected, name
+    resnet = {"conv1.weight": 1, "bn1.bias": 1, "layer1.0.conv1.weight": 1, "layer1.2.bn3.weight": 3,
+              "layer2.0.downsample.0.weight": 4, "layer4.2.conv3.weight": 16, "head.weight": 17}
+    if not grouped:
+        for name, expected in resnet.items():
+            assert sr.cnn_layer_id(name, (3, 4, 6, 3)) == expected, name
+
+
+def test_finetuning_a_cnn_trains_a_fresh_norm_and_reloads(tmp_path):
+    """FCMAE's encoder fine-tuned: a fresh final LayerNorm (weight 1, bias 0) and a head are trained, the blocks'
+    lr scales follow cnn_layer_id; the saved checkpoint reloads as a
+    fine-tuned ConvNeXt (REC+FT) whose forward is the naive one of its saved weights."""
+    path = _save(tmp_path / "fcmae_ckpt.pt", fcmae_sparse(convnext_params(4, grn=True, layer_scale=False,
+                                                                           final_norm=False)))
+    model = sr.load_model(str(path), img_size=64)
+    assert model.norm is None
+    groups = sr.param_groups_lrd(model, 0.05, 0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["stages.2.1.pwconv1.weight"] == 0.5 ** (5 + 1 - 4) and scale["downsample_layers.0.0.weight"] == 0.5 ** 5
+    train = sr.synthetic_images(24, size=72, seed=0, num_classes=3)
+    res = sr.finetune(model, train, epochs=1, batch_size=8, augment=False, device="cpu", out=tmp_path / "ft",
+                      drop_path=0.2, label_smoothing=0.0)
+    assert res is not None and [b.drop_path for b in model.blocks] == [0.0] * 5   # reset after training
+    back = sr.load_model(str(tmp_path / "ft" / "checkpoint.safetensors"), head=True)
+    assert isinstance(back, sr.ConvNeXt) and back.cfg.final_norm and back.head.out_features == 3
+    assert sr._model_meta(back)["objective"] == "REC+FT"
+    sd = {k: v for k, v in back.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert not torch.equal(sd["norm.weight"], torch.ones_like(sd["norm.weight"]))   # trained from 1
+    ref = naive_convnext(sd, X)
+    T.assert_near(sr.extract(back, X, tokens="official")["official"], ref["pooled"], "pooled after fine-tuning",
+                  ATOL, RTOL)
+    with torch.no_grad():
+        T.assert_near(back.logits(X), ref["pooled"] @ sd["head.weight"].double().T + sd["head.bias"].double(),
+                      "logits", ATOL, RTOL)
