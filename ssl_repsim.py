@@ -5479,21 +5479,26 @@ def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.
     returns (A, b), logits = K(test, train) A + b."""
     P, n, d = xs.shape
     C = num_classes
-    target = y.to(xs.device).repeat(P)
     wd = wd.to(xs.device, xs.dtype) / (gram or 1)
     dual, K, m = bool(gram), xs, d
     tol = tol / math.sqrt(gram) if gram else tol   # ∂/∂A = X ∂/∂W / d, of norm ‖∂/∂W‖ / √d: the primal's criterion
 
-    def loss_grad(x):
-        x = x.detach().requires_grad_(True)
+    onehot = F.one_hot(y.to(xs.device), C).to(xs.dtype)[None]
+
+    def loss_grad(x):   # the gradient by hand: ∂CE/∂logits = (softmax − onehot) / n
         a, b = x[:, :m * C].view(P, m, C), x[:, m * C:].view(P, 1, C)
-        with torch.enable_grad():
-            logits = torch.baddbmm(b, K if dual else xs, a)
-            ce = F.cross_entropy(logits.reshape(P * n, C), target, reduction="none").view(P, n)
-            penalty = (a * torch.bmm(K, a)).sum((1, 2)) if dual else a.square().sum((1, 2))   # ‖W‖² = tr(AᵀKA)
-            losses = ce.mean(1) + wd * penalty
-            (g,) = torch.autograd.grad(losses.sum(), x)
-        return losses.detach(), g
+        logits = torch.baddbmm(b, K if dual else xs, a)
+        logp = torch.log_softmax(logits, -1)
+        ce = -(logp * onehot).sum(-1).mean(1)
+        gl = (logp.exp() - onehot) / n
+        if dual:   # loss + wd tr(AᵀKA): ∂/∂A = K (G + 2 wd A), K symmetric
+            ka = torch.bmm(K, a)
+            losses = ce + wd * (a * ka).sum((1, 2))
+            ga = torch.bmm(K, gl) + 2 * wd[:, None, None] * ka
+        else:
+            losses = ce + wd * a.square().sum((1, 2))
+            ga = torch.bmm(xs.transpose(1, 2), gl) + 2 * wd[:, None, None] * a
+        return losses, torch.cat([ga.reshape(P, m * C), gl.sum(1)], 1)
 
     x = torch.zeros(P, m * C + C, device=xs.device, dtype=xs.dtype)
     f, g = loss_grad(x)

@@ -4332,6 +4332,28 @@ def test_linear_probe_in_the_dual_equals_the_primal_where_d_exceeds_n():
         assert abs(probe["f"]["top1"] * 300 - optimum) <= 1 + 1e-4, (decay, probe, optimum)
 
 
+def test_softmax_probe_solutions_are_stationary_points_of_the_objective():
+    """The hand-written gradient of _fit_softmax (primal, and dual on the Gram) reaches the optimum of
+    CE(XW + b, y) + wd‖W‖²: autograd's float64 gradient of that objective, written here, vanishes at the returned
+    W = XᵀA/d, b, for several weight decays at once."""
+    g = torch.Generator().manual_seed(3)
+    for dual in (False, True):
+        P, n, d, C = 3, 60, (300 if dual else 20), 4
+        xs = torch.randn(P, n, d, generator=g)
+        y = torch.randint(0, C, (n,), generator=g)
+        wd = torch.tensor([1e-3, 1e-2, 1e-1])
+        if dual:
+            a, b = sr._fit_softmax(torch.bmm(xs, xs.transpose(1, 2)) / d, y, C, wd, max_iter=5000, tol=1e-8, gram=d)
+            w = torch.bmm(xs.transpose(1, 2), a) / d
+        else:
+            w, b = sr._fit_softmax(xs, y, C, wd, max_iter=5000, tol=1e-8)
+        w64, b64 = w.double().requires_grad_(True), b.double().requires_grad_(True)
+        logits = torch.bmm(xs.double(), w64) + b64
+        loss = sum(F.cross_entropy(logits[p], y) + float(wd[p]) * w64[p].square().sum() for p in range(P))
+        gw, gb = torch.autograd.grad(loss, (w64, b64))
+        assert float(gw.abs().max()) < 2e-5 and float(gb.abs().max()) < 2e-5, (dual, float(gw.abs().max()))
+
+
 def test_linear_probe_separable_vs_noise():
     g = torch.Generator().manual_seed(20)
     centers = 6.0 * torch.randn(5, 16, generator=g)
