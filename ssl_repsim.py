@@ -273,7 +273,7 @@ HF_RESNET_LAYOUT = Layout(lambda o: _any(o, r"^(resnet\.)?embedder\.embedder\.co
                           strip=r"^resnet\.", renames=HF_RESNET_RENAMES)
 TIMM_CONVNEXT_LAYOUT = Layout(lambda o: _is_state_dict(o) and "stem.0.weight" in o
                               and _any(o, r"^stages\.0\.blocks\.0\.conv_dw\.weight$"), prefix="",
-                              renames=TIMM_CONVNEXT_RENAMES, named_only=True)
+                              drop=r"^head\.pre_logits\.", renames=TIMM_CONVNEXT_RENAMES, named_only=True)   # MLP head
 HF_CONVNEXT_LAYOUT = Layout(lambda o: _any(o, r"^(convnext(v2)?\.)?embeddings\.patch_embeddings\.weight$")
                             and _any(o, r"^(convnext(v2)?\.)?encoder\.stages\.0\.layers\.0\.dwconv\.weight$"),
                             prefix="", strip=r"^convnext(v2)?\.", renames=HF_CONVNEXT_RENAMES)
@@ -308,7 +308,9 @@ FAMILIES: dict[str, Family] = {
                                   pick="teacher", prefix="backbone.", only_prefix=True),
                            Layout(lambda o: "state_dict" in o, pick="state_dict", drop=r"^head\.|^masked_embed")),
                    pos_interp="offset"),
-    "dino": Family("JE", (Layout(lambda o: "teacher" in o, pick="teacher", prefix="backbone.", only_prefix=True),
+    "dino": Family("JE", (Layout(lambda o: _any(_sub(o, "teacher"), r"^module\.backbone\."), pick="teacher",
+                                 prefix="module.backbone.", only_prefix=True),   # R50: a DDP-wrapped teacher
+                          Layout(lambda o: "teacher" in o, pick="teacher", prefix="backbone.", only_prefix=True),
                           FLAT_LAYOUT), pos_interp="offset"),   # the flat release file: only when named
     "msn": Family("JE", (Layout(lambda o: _any(_sub(o, "target_encoder"), r"cls_token$"), pick="target_encoder",
                                 prefix="module.", drop=r"^fc\."),), interp="bilinear",   # pos: size (g, g)
@@ -372,11 +374,11 @@ FAMILIES: dict[str, Family] = {
     "ssl_repsim": Family("?"),   # our own safetensors files: the config travels in the metadata
 }
 # timm architecture names (`arch.tag` in a timm hub folder's config.json) → family, first match
-TIMM_FAMILIES = ((r"^convnextv2_\w+\.fcmae$", "fcmae"), (r"^convnextv2_", "convnextv2"), (r"^convnext_", "convnext"),
-                 (r"^(resnet|wide_resnet|resnext)\d", "resnet"),
-                 (r"^eva02_(tiny|small|base|large)_patch14_(224|336|448)\.", "eva02"),   # not the post-norm CLIP
+TIMM_FAMILIES = ((r"^eva02_(tiny|small|base|large)_patch14_(224|336|448)\.", "eva02"),   # not the post-norm CLIP
                  (r"dinov3", "dinov3"), (r"dinov2", "dinov2"), (r"siglip", "siglip"), (r"clip", "clip"),
-                 (r"\.mae$", "mae"), (r"^deit3_", "deit3"), (r"^deit_", "deit"), (r"\.dino$", "dino"))
+                 (r"\.mae$", "mae"), (r"^deit3_", "deit3"), (r"^deit_", "deit"), (r"\.dino$", "dino"),
+                 (r"^convnextv2_\w+\.fcmae$", "fcmae"), (r"^convnextv2_", "convnextv2"), (r"^convnext_", "convnext"),
+                 (r"^(resnet|wide_resnet|resnext)\d", "resnet"))
 TIMM_FINE_TUNED = r"\.\w*(_ft_|^ft_|_in1k$|in22k_in1k)"   # tags of weights fine-tuned after pretraining
 # timm size names → heads (timm 1.0 model definitions), for hub folders whose config.json omits model_args; other
 # names (giant, medium, betwixt, xsmall, ...) differ between families: their heads must be given
@@ -648,6 +650,21 @@ class Progress:
         elif self.enabled and self.tty:
             sys.stderr.write("\r" + " " * (len(self.desc) + 60) + "\r")
             sys.stderr.flush()
+
+
+_STEPS: list[tuple[str, float]] = []   # the labelled steps in progress, innermost last: (label, start)
+
+
+@contextlib.contextmanager
+def step(label: str):
+    """A labelled stretch of work: announced on stderr as it starts; while it runs, the CLI's heartbeat names it
+    whenever stderr has been silent for HEARTBEAT_SECONDS."""
+    log.info(label)
+    _STEPS.append((label, time.monotonic()))
+    try:
+        yield
+    finally:
+        _STEPS.pop()
 
 
 # --- torch.distributed: every function behaves identically when no process group is initialised ---------------
@@ -2238,12 +2255,16 @@ def _hf_preprocess(pp: dict, where: Path) -> dict:
                          f"{size!r}, resample {resample!r}")
     if cropped and cropped > resize:
         raise UsageError(f"{where}: crop_size {cropped} exceeds the resize {resize}")
+    warped = False
     if cropped is None and pp.get("crop_pct") is not None:   # ConvNeXt's processor: resize size / crop_pct, crop size
-        cropped, resize = resize, resize / _positive(pp["crop_pct"], "crop_pct", where, float)
+        if resize < 384:
+            cropped, resize = resize, resize / _positive(pp["crop_pct"], "crop_pct", where, float)
+        else:   # ... and from 384 px a square resize, no crop
+            warped = True
     out = dict(mean=_three(pp.get("image_mean"), "image_mean", where) or IMAGENET_MEAN,
                std=_three(pp.get("image_std"), "image_std", where, positive=True) or IMAGENET_STD,
                interp=PIL_RESAMPLE[resample], crop_pct=(cropped or resize) / resize,
-               crop_mode="squash" if isinstance(size, dict) and "height" in size else "center")
+               crop_mode="squash" if isinstance(size, dict) and "height" in size or warped else "center")
     return dict(preprocess=out, img_size=cropped or resize)
 
 
@@ -3295,6 +3316,26 @@ CNN_SUBLAYERS = {"resnet": ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "con
                  "convnext": ("dwconv", "norm", "pwconv1", "act", "grn", "pwconv2")}
 
 
+def cnn_point_shapes(model: ConvNet, size: int | None = None) -> dict[str, tuple[int, int]]:
+    """(positions, channels) of every module a CNN's forward runs, at input size `size` (default: its own), from a
+    forward on the meta device: exact, and free (no weights, no memory)."""
+    return _cnn_point_shapes(json.dumps(dataclasses.asdict(model.cfg)), size or model.input_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _cnn_point_shapes(cfg_json: str, size: int) -> dict[str, tuple[int, int]]:
+    cfg = _cnn_config(json.loads(cfg_json), "CNN config")
+    with torch.device("meta"):
+        m = CNN_ARCHS[cfg.arch](cfg)
+    shapes = {}
+    hooks = [mod.register_forward_hook(lambda mod, _i, out, n=n: shapes.__setitem__(n, tuple(as_tokens(mod, out).shape[1:])))
+             for n, mod in m.named_modules() if n]
+    m.feature_map(torch.empty(1, 3, size, size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
 def cnn_points(model: ConvNet, points) -> list[str] | None:
     """A CNN's points for a keyword, by module path: blocks (every residual block's output), stages, stem,
     sublayers (the modules inside each block), all (stem, then each block's sub-layers and output); None for
@@ -3322,7 +3363,10 @@ def resolve_points(model: ViT, points=None) -> list[str]:
         return ["embed"] + [p for i in range(depth) for p in [f"blocks.{i}.{s}" for s in per_block] + [f"blocks.{i}"]] \
             + ["norm"]
     names = [p.strip() for p in points.split(",")] if isinstance(points, str) else list(points)
-    modules = dict(model.named_modules())
+    modules = cnn_point_shapes(model) if isinstance(model, ConvNet) else dict(model.named_modules())
+    if isinstance(model, ConvNet) and (pooled := [p for p in names if p in ("norm", "head")]):
+        raise UsageError(f"point {pooled[0]}: a CNN's {pooled[0]} acts on the pooled features, not a feature map: use "
+                         f"{_opt('tokens')} official for the pooled representation")
     bad = [p for p in names if p not in modules or p == ""]
     if bad:
         eg = f"{model.stem_name}, {model.block_names[0]}, {model.block_names[0]}.{CNN_SUBLAYERS[model.cfg.arch][0]}" \
@@ -4983,27 +5027,13 @@ def _check_batches(n: int, batch_size: int, estimator: str):
 def feature_bytes(model: ViT, points, tokens: str, n: int) -> int:
     """Bytes extract() would hold for n images (float32); a CNN's from each point's stage (its stride and width)."""
     if isinstance(model, ConvNet):
-        return 4 * n * sum(_cnn_point_size(model, p, tokens) for p in points)
+        shapes = cnn_point_shapes(model)
+        return 4 * n * sum(shapes[p][1] * (shapes[p][0] if tokens in ("all", "flat", "patch") else 1) for p in points)
     g = (model.input_size // model.cfg.patch_size) ** 2
     t = {"all": g + model.cfg.num_prefix, "flat": g + model.cfg.num_prefix, "patch": g}.get(tokens, 1)
     d, h = model.cfg.embed_dim, model.cfg.mlp_hidden
     width = {"attn.qkv": 3 * d, "mlp.fc1": h * (2 if model.cfg.swiglu else 1), "mlp.act": h}
     return 4 * n * t * sum(width.get(p.split(".", 2)[-1] if p.count(".") >= 2 else "", d) for p in points)
-
-
-def _cnn_point_size(model: ConvNet, point: str, tokens: str) -> int:
-    """Values per image at a CNN point: positions × channels of its stage (ConvNeXt's MLP ×4, ResNet's bottleneck
-    inner width; the stem at stride 4)."""
-    c, size = model.cfg, model.input_size
-    m = re.match(r"(?:layer(\d+)|stages\.(\d+))(?:\.\d+)?(\.\w+)?", point)
-    stage = (int(m.group(1)) - 1 if m.group(1) else int(m.group(2))) if m else -1
-    if stage < 0:
-        width = c.stem_width if c.arch == "resnet" else c.widths[0]
-        return width * ((size // 4) ** 2 if tokens in ("all", "flat", "patch") else 1)
-    sub = (m.group(3) or "").lstrip(".")
-    width = c.inner[stage] if sub in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "pwconv1", "act", "grn") \
-        else c.widths[stage]
-    return width * ((size // (4 << stage)) ** 2 if tokens in ("all", "flat", "patch") else 1)
 
 
 def choose_estimator(models, points_per_model, tokens, n, requested=None, budget=2 << 30, kernel="linear") -> str:
@@ -6416,6 +6446,8 @@ def finetune_recipe(name: str, model: ViT | None = None) -> FinetuneConfig:
         if width not in rows:
             log.info(f"recipe {name}: no row for width {width}; using the width-{default} row")
         values.update(rows.get(width, rows[default]))
+        if values.get("layer_decay_type") == "group" and not isinstance(model, ConvNeXt):
+            values["layer_decay_type"] = "single"   # the grouping is a ConvNeXt's: other models decay per block
     return FinetuneConfig(recipe=name, **values)
 
 
@@ -6442,6 +6474,8 @@ def finetune(model: ViT, train: ImageSet, config: FinetuneConfig | None = None, 
                     num_classes=num_classes, world_size=world)   # what a resume must continue with
     _prepare_for_finetuning(model, cfg, num_classes)
     with _placed(model, device, train=True):
+        if cfg.layer_decay_type == "group" and not isinstance(model, ConvNeXt):
+            raise UsageError(f"{_opt('layer_decay_type')} group is ConvNeXt's grouping of its layers: use single")
         groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type == "group")
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
                                 betas=(0.9, 0.999))
@@ -6891,6 +6925,9 @@ def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
     crop = torch.stack([resize_crop_normalize(onehot[..., c, None].expand(-1, -1, -1, 3).permute(0, 3, 1, 2), size,
                                    pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1), pp.get("crop_mode", "center"))[:, 0]
                         for c in range(C)], 1)
+    if isinstance(model, ConvNet):   # its last stage's grid (a ResNet's strided convolutions round up)
+        g = math.isqrt(cnn_point_shapes(model)[model.block_names[-1]][0])
+        return F.adaptive_avg_pool2d(crop, (g, g)).argmax(1).flatten(1)
     p = model.cfg.patch_size
     return F.avg_pool2d(crop, p).argmax(1).flatten(1)                        # (n, P)
 
@@ -6950,8 +6987,9 @@ def _image_clustered(r: dict, image_of: torch.Tensor, level: float = 0.95) -> di
 
 
 def weight_distance(model_a: nn.Module, model_b: nn.Module) -> dict[str, float]:
-    """‖θ_a − θ_b‖₂ per module (parameters grouped by their module name), plus 'blocks' and 'total'."""
-    sa, sb = model_a.state_dict(), model_b.state_dict()
+    """‖θ_a − θ_b‖₂ per module (parameters grouped by their module name, BatchNorm's running statistics not being
+    parameters), plus 'blocks' and 'total'."""
+    sa, sb = ({k: v.detach() for k, v in m.named_parameters()} for m in (model_a, model_b))
     common = [k for k in sa if k in sb and sa[k].shape == sb[k].shape and not k.startswith("head.")]
     if not common:
         raise UsageError("the two models share no parameters of equal shape")
@@ -7129,23 +7167,11 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
     train, val = split_train_val(images, 0.25, opts.seed)
     out, readings, curves, bands = {}, [], {}, {}
     run = dict(cache_dir=opts.cache_dir, batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype)
-    for m in models:
-        tok = _probe_tokens(m, None)
-        ftr, fva = (cached_extract(m, s, "blocks", tok, **run) for s in (train, val))
-        otr, ova = (cached_extract(m, s, None, "official", **run)["official"] for s in (train, val))
-        last = list(ftr)[-1]
-        ytr, yva = train.readable_labels(), val.readable_labels()   # unreadable images have no feature rows
-        lin = linear_probe({**ftr, "official": otr}, ytr, {**fva, "official": ova}, yva, seed=opts.seed)
-        k = min(20, len(ytr))
-        knn = knn_accuracy(ftr, ytr, fva, yva, k=k)
-        marg = linear_probe(concat_features(ftr, last), ytr, concat_features(fva, last), yva, seed=opts.seed)
-        mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, ytr, {last: fva[last]}, yva, depth=d,
-                                      epochs=opts.epochs, seed=opts.seed)[last] for d in (1, 2, 3, 4)}
-        pcs = pca_probe({last: ftr[last]}, ytr, {last: fva[last]}, yva, seed=opts.seed)[last]
-        spec = spectrum_stats(ftr)
-        out[_spec(m)] = dict(linear=lin, knn=knn, knn_k=k, marginal=marg, mlp=mlp, pca=pcs, spectrum=spec, tokens=tok,
-                             official=eval_representation(m), n_train=len(ytr), n_val=len(yva),
-                             chance=chance_level(yva))
+    for i, m in enumerate(models):
+        with step(f"info: model {i + 1}/{len(models)} ({_label(m)})"):
+            out[_spec(m)] = _info_of(m, train, val, opts, run)
+        last = list(out[_spec(m)]["knn"])[-1]
+        lin, knn = out[_spec(m)]["linear"], out[_spec(m)]["knn"]
         blocks = {k: v for k, v in lin.items() if k != "official"}
         curves[f"{_label(m)} linear"], bands[f"{_label(m)} linear"] = top1(blocks), _ci_band(blocks)
         curves[f"{_label(m)} k-NN"], bands[f"{_label(m)} k-NN"] = top1(knn), _ci_band(knn)
@@ -7154,6 +7180,27 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
     return out, {"info.png": ("curves", curve_figure(
         curves, f"Linear probe and k-NN top-1 per block ({n_val} validation images, Wilson 95% bands)",
         "top-1 accuracy (fraction of validation images)", bands, (0.0, 1.0)))}, readings
+
+
+def _info_of(m, train: ImageSet, val: ImageSet, opts: AnalysisOptions, run: dict) -> dict:
+    """One model's information-distribution results (info_analysis), each stage a labelled step."""
+    tok = _probe_tokens(m, None)
+    ftr, fva = (cached_extract(m, s, "blocks", tok, **run) for s in (train, val))
+    otr, ova = (cached_extract(m, s, None, "official", **run)["official"] for s in (train, val))
+    last = list(ftr)[-1]
+    ytr, yva = train.readable_labels(), val.readable_labels()   # unreadable images have no feature rows
+    with step(f"  linear probes and k-NN of {len(ftr)} blocks ({len(ytr)} train, {len(yva)} validation images)"):
+        lin = linear_probe({**ftr, "official": otr}, ytr, {**fva, "official": ova}, yva, seed=opts.seed)
+        k = min(20, len(ytr))
+        knn = knn_accuracy(ftr, ytr, fva, yva, k=k)
+        marg = linear_probe(concat_features(ftr, last), ytr, concat_features(fva, last), yva, seed=opts.seed)
+    with step(f"  MLP probes of depth 1-4 on {last} ({opts.epochs} epochs each)"):
+        mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, ytr, {last: fva[last]}, yva, depth=d,
+                                      epochs=opts.epochs, seed=opts.seed)[last] for d in (1, 2, 3, 4)}
+    with step(f"  principal-component probes on {last}"):
+        pcs = pca_probe({last: ftr[last]}, ytr, {last: fva[last]}, yva, seed=opts.seed)[last]
+    return dict(linear=lin, knn=knn, knn_k=k, marginal=marg, mlp=mlp, pca=pcs, spectrum=spectrum_stats(ftr), tokens=tok,
+                official=eval_representation(m), n_train=len(ytr), n_val=len(yva), chance=chance_level(yva))
 
 
 def _paired_accuracy(a: dict, b: dict, searched: int = 1, level: float = 0.95) -> tuple[bool, str]:
@@ -7299,9 +7346,8 @@ def weights_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
     for i, a in enumerate(models):
         for b in models[i + 1:]:
             sa, sb = a.state_dict(), b.state_dict()
-            blocks = [k for k in sa if k.startswith(("blocks.", "layer", "stages."))]
-            if type(a) is not type(b) or not blocks or not all(k in sb and sb[k].shape == sa[k].shape
-                                                               for k in blocks):
+            blocks = lambda s: {k: tuple(v.shape) for k, v in s.items() if k.startswith(("blocks.", "layer", "stages."))}
+            if type(a) is not type(b) or not blocks(sa) or blocks(sa) != blocks(sb):   # one architecture, both ways
                 continue
             wd = weight_distance(a, b)
             out[f"{_spec(a)} vs {_spec(b)}"] = wd
@@ -7627,8 +7673,8 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
         try:
             if len(models) < a.min_models:
                 raise UsageError(f"{name} needs at least {a.min_models} models")
-            log.info(f"analysis: {name}")
-            out.append((name, *a.fn(models, images, opts)))
+            with step(f"analysis {len(out) + 1}/{len(names)}: {name}"):
+                out.append((name, *a.fn(models, images, opts)))
         except UsageError as e:
             if len(names) == 1:
                 raise
@@ -8887,8 +8933,8 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "offline": (("--offline",), dict(action="store_true", help="never download: registered names must be in the "
                                                              "weights dir, hub ids in the Hugging Face cache (as "
                                                              "HF_HUB_OFFLINE=1)")),
-    "family": (("--family",), dict(help="override layout detection: " + ", ".join(f for f in FAMILIES
-                                                                                   if FAMILIES[f].layouts))),
+    "family": (("--family",), dict(help="override layout detection: " + ", ".join(
+        f for f in FAMILIES if f not in ("unknown", "ssl_repsim")))),
     "num_heads": (("--num-heads",), dict(type=_ranged(int, 1, 1024), help="attention heads, where neither the file's config nor the "
                                                         "registry says")),
     "act": (("--act",), dict(choices=list(ACTIVATIONS), help="MLP activation, where the file's config does not say "
@@ -9183,6 +9229,49 @@ def init_distributed(args) -> bool:
     return True
 
 
+HEARTBEAT_SECONDS = 2.0   # the longest a command stays silent on stderr while it works
+
+
+class _TimedStream:
+    """A text stream that remembers when it was last written to (the heartbeat's clock)."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, time.monotonic()
+
+    def write(self, s):
+        self.last = time.monotonic()
+        return self.stream.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _heartbeat(enabled: bool):
+    """While a command runs, a line on stderr whenever it has been silent for HEARTBEAT_SECONDS: the step in progress
+    (the innermost `step`) and how long it has run, so no stretch of work is silent for longer."""
+    if not enabled:
+        yield
+        return
+    stream, stop, t0, every = _TimedStream(sys.stderr), threading.Event(), time.monotonic(), HEARTBEAT_SECONDS
+    sys.stderr = stream
+
+    def beat():
+        while not stop.wait(every / 8):
+            if time.monotonic() - stream.last >= every:
+                label, start = _STEPS[-1] if _STEPS else ("working", t0)
+                stream.write(f"… {label.strip()} ({time.monotonic() - start:.0f} s)\n")
+                stream.flush()
+    thread = threading.Thread(target=beat, daemon=True, name="ssl_repsim-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sys.stderr = stream.stream
+
+
 class _StderrHandler(logging.Handler):
     """Each record as one line on whatever sys.stderr is when it is emitted."""
 
@@ -9234,7 +9323,7 @@ def main(argv=None) -> int:
     distributed, as_flags = False, _AS_FLAGS.set(True)   # messages name --flags, not parameters
     try:
         distributed = init_distributed(args)
-        with _cli_logging(args.quiet), _terminate_as_interrupt():
+        with _cli_logging(args.quiet), _terminate_as_interrupt(), _heartbeat(not args.quiet):
             t0 = time.perf_counter()
             args.fn(args)
             log.info(f"{argv[0]}: done in {time.perf_counter() - t0:.1f} s")   # every command ends with its time

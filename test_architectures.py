@@ -555,3 +555,47 @@ def test_finetuning_a_cnn_trains_a_fresh_norm_and_reloads(tmp_path):
     with torch.no_grad():
         T.assert_near(back.logits(X), ref["pooled"] @ sd["head.weight"].double().T + sd["head.bias"].double(),
                       "logits", ATOL, RTOL)
+
+
+def test_review_fixes_memory_points_weights_families_and_preprocessing(tmp_path):
+    """feature_bytes is the bytes extract returns for every CNN point (a ResNet at a size that is no multiple of
+    32, whose strided convolutions round up; ConvNeXt's downsampling); a pooled module is no point; weights ignores
+    BatchNorm statistics and needs one architecture both ways; a DDP-wrapped DINO R50 teacher loads; timm's CLIP
+    ConvNeXts are LANG; transformers' ConvNeXt processor warps from 384 px; group decay is a ConvNeXt's."""
+    R = sr.load_model(str(_save(tmp_path / "r.pth", resnet_params(9))), img_size=200)
+    V = sr.load_model(str(_save(tmp_path / "v.pt", {"model": convnext_params(9, grn=True, layer_scale=False)})),
+                      img_size=200)
+    x = torch.randn(1, 3, 200, 200)
+    for m in (R, V):
+        for tokens in ("flat", "mean"):
+            pts = sr.resolve_points(m, "all") + (["conv1", "relu"] if m is R else ["downsample_layers.2"])
+            feats = sr.extract(m, x, points=pts, tokens=tokens)
+            assert sr.feature_bytes(m, pts, tokens, 3) == 3 * 4 * sum(v[0].numel() for v in feats.values())
+        with pytest.raises(sr.UsageError) as e:
+            sr.resolve_points(m, "norm")
+        T.assert_one_line(e)
+    assert math.isqrt(sr.extract(R, x, points="layer4.0", tokens="all")["layer4.0"].shape[1]) == 7   # ceil(200/32)
+    spatial = sr.spatial_probes(R, sr.synthetic_images(8, size=200, seed=0), max_patches=200)
+    assert "position" in spatial
+    a, b = resnet_params(10), resnet_params(10)
+    b = {k: v * 4 if "running_var" in k else v for k, v in b.items()}
+    ma, mb = (sr.load_model(str(_save(tmp_path / f"{n}.pth", P))) for n, P in (("a", a), ("b", b)))
+    assert sr.weight_distance(ma, mb)["total"] == 0
+    deeper = sr.load_model(str(_save(tmp_path / "d.pth", resnet_params(10, depths=(1, 2, 2, 1)))))
+    for pair in ((ma, deeper), (deeper, ma)):
+        with pytest.raises(sr.UsageError):
+            sr.weights_analysis(list(pair), None, sr.AnalysisOptions())
+    full = {"teacher": {f"module.backbone.{k}": v for k, v in a.items()} | {"module.head.mlp.0.weight": torch.ones(2)},
+            "student": {}, "dino_loss": {"center": torch.zeros(1, 4)}, "epoch": 100}
+    m = sr.load_model(str(_save(tmp_path / "full.pth", full)))
+    assert m.family == "dino" and isinstance(m, sr.ResNet)
+    cfg = dict(TIMM_RESNET_CFG, architecture="convnext_base", pretrained_cfg={"tag": "clip_laion2b"})
+    assert sr._timm_hints(cfg, tmp_path)["family"] == "clip"
+    pre = {"crop_pct": 0.875, "size": {"shortest_edge": 384}, "resample": 3, "image_mean": [0.5] * 3,
+           "image_std": [0.5] * 3}
+    assert sr._hf_preprocess(pre, tmp_path)["preprocess"]["crop_mode"] == "squash"
+    assert sr.finetune_recipe("convnextv2", R).layer_decay_type == "single"
+    assert sr.finetune_recipe("convnextv2", V).layer_decay_type == "group"   # no width row: the base one
+    with pytest.raises(sr.UsageError):
+        sr.finetune(R, sr.synthetic_images(16, size=64, seed=0, num_classes=2), epochs=1, batch_size=8,
+                    layer_decay_type="group", device="cpu")
