@@ -5511,6 +5511,54 @@ def test_cli_bad_inputs_exit_2_one_line(tmp_path):
             raise AssertionError(f"{name}: {e}") from None
 
 
+def test_the_heartbeat_names_the_step_in_progress_whenever_stderr_is_silent(monkeypatch, capsys):
+    """A command silent on stderr for HEARTBEAT_SECONDS gets a line naming its innermost step and its time; --quiet
+    gets none; sys.stderr is restored afterwards."""
+    monkeypatch.setattr(sr, "HEARTBEAT_SECONDS", 0.2)
+
+    def slow(args):
+        with sr.step("outer step"), sr.step("fake slow step"):
+            time.sleep(1.1)
+    monkeypatch.setattr(sr, "_cmd_list", slow)
+    before = sys.stderr
+    assert sr.main(["list"]) == 0 and sys.stderr is before
+    err = capsys.readouterr().err
+    beats = re.findall(r"^… fake slow step \((\d+) s\)$", err, re.MULTILINE)
+    assert len(beats) >= 3 and "outer step" in err and "list: done in" in err, err
+    assert sr.main(["list", "--quiet"]) == 0
+    assert "…" not in capsys.readouterr().err
+
+
+def test_report_is_never_silent_for_long(tmp_path, monkeypatch):
+    """report with a step that works 5 s without a word (MLP probes made slow): the gap between consecutive stderr
+    writes stays near HEARTBEAT_SECONDS, and the heartbeat names that step (the stream is stamped as written)."""
+    mae, dino = (build(name, tmp_path) for name in ("mae", "dino"))
+    slow, real = [], sr.mlp_probe
+
+    def slow_mlp(*a, **k):
+        if not slow:
+            slow.append(time.sleep(5))
+        return real(*a, **k)
+    monkeypatch.setattr(sr, "mlp_probe", slow_mlp)
+
+    class Stamped(io.StringIO):
+        stamps: list = []
+
+        def write(self, s):
+            self.stamps.append(time.monotonic())
+            return super().write(s)
+    stream = Stamped()
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert sr.main(["report", mae.path, dino.path, "--num-heads", 2, "--n", 48, "--epochs", 2, "--out", tmp_path / "r",
+                    "--skip", "overview,gap,invariance,attention,spatial,weights,agreement"]) == 0
+    gaps = [b - a for a, b in itertools.pairwise(stream.stamps)]
+    assert sr.HEARTBEAT_SECONDS == 2.0 and slow and max(gaps) < 3.5, max(gaps)
+    assert re.search(r"^… MLP probes of depth 1-4 on blocks\.\d \(50 epochs each\) \([2-5] s\)$", stream.getvalue(),
+                     re.MULTILINE) is None   # epochs is 2 here
+    assert re.search(r"^… MLP probes of depth 1-4 on blocks\.\d \(2 epochs each\) \([2-5] s\)$", stream.getvalue(),
+                     re.MULTILINE), stream.getvalue()
+
+
 def test_cli_list_and_help():
     p = cli("list", "--weights-dir", HERE / "no_such_weights_dir_x")
     assert p.returncode == 0, p.stderr
@@ -5548,7 +5596,7 @@ def test_cli_help_shows_own_options_defaults_and_examples():
             assert offered == (cmd in owners), (cmd, flag)
     assert "(default: 32)" in cli("cka", "--help").stdout            # --batch-size
     ft_help = " ".join(cli("finetune", "--help").stdout.split())
-    assert "[quick: 0.001; mae: 0.0005; beit: 0.001; deit: 0.00025]" in ft_help and "(default: quick)" in ft_help
+    assert "[quick: 0.001; mae: 0.0005; beit: 0.001; deit: 0.00025; convnextv2: 0.000625]" in " ".join(ft_help.split()) and "(default: quick)" in ft_help
     p = cli("finetune", "a.pth", "b.pth")                            # one model: argparse refuses the second
     assert p.returncode == 2 and len(nonblank_lines(p.stderr)) == 1
 
@@ -5556,12 +5604,16 @@ def test_cli_help_shows_own_options_defaults_and_examples():
 def test_cli_bench_prints_and_writes_what_bench_measured(tmp_path, monkeypatch):
     canned = {"device": "cpu", "threads": 2, "gpu": None, "versions": {"torch": "x"}, "matmul_gflops": 123.0,
               "extraction": {"images": 8, "plain_img_s": 5.0, "hooked_img_s": 4.5, "hook_overhead": 0.11},
+              "extraction_resnet50": {"images": 8, "against": "torchvision 0.0 resnet50", "plain_img_s": 14.0,
+                                      "hooked_img_s": 13.7, "hooked_over_plain": 0.98},
               "cka": [{"n": 1000, "estimator": "full", "form": "gram", "seconds": 0.2, "floor_seconds": 0.1,
                        "x_floor": 2.0, "max_err_vs_float64": 1e-6}]}
     monkeypatch.setattr(sr, "bench", lambda full, device: canned)
     p = cli("bench", "--out", tmp_path / "b", "--quiet")
     assert p.returncode == 0, p.stderr
     assert "matmul fp32: 123 GFLOP/s" in p.stdout and "5.0 img/s plain" in p.stdout
+    assert "ResNet-50 extraction: 14.0 img/s plain (torchvision 0.0 resnet50), 13.7 img/s" in p.stdout
+    assert "(0.98× the plain rate)" in p.stdout
     assert json.loads((tmp_path / "b" / "bench.json").read_text()) == canned
 
 
