@@ -2919,37 +2919,22 @@ class ImageSet:
             return
         loader = torch.utils.data.DataLoader(_Decoder(self.items, tuple(targets)), batch_sampler=batches,
                                              num_workers=min(self.workers, len(batches)), collate_fn=_collated,
-                                             prefetch_factor=4 if min(self.workers, len(batches)) else None)
-        with _threads_beside(self.workers):
-            for idx, per_target, errors in loader:
-                for i, err in errors:
-                    self._kept(i, None, err)
-                bad = {i for i, _ in errors}
-                if len(bad) < len(idx):
-                    yield [i for i in idx if i not in bad], per_target
+                                             prefetch_factor=4 if min(self.workers, len(batches)) else None,
+                                             worker_init_fn=_decoder_yields)
+        for idx, per_target, errors in loader:
+            for i, err in errors:
+                self._kept(i, None, err)
+            bad = {i for i, _ in errors}
+            if len(bad) < len(idx):
+                yield [i for i in idx if i not in bad], per_target
 
 
-_DECODING = {"passes": 0, "threads": 0}   # decoding passes running in this process, and its thread count before
-
-
-@contextlib.contextmanager
-def _threads_beside(workers: int):
-    """While `workers` decoding processes run, this process's intra-op threads take the cores left to it (at least
-    one) rather than oversubscribing them; the count it had is restored when the last such pass ends."""
-    if not workers:
-        yield
-        return
-    if _DECODING["passes"] == 0:
-        _DECODING["threads"] = torch.get_num_threads()
-    _DECODING["passes"] += 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(_DECODING["threads"], cores - workers)))
-    try:
-        yield
-    finally:
-        _DECODING["passes"] -= 1
-        if _DECODING["passes"] == 0:
-            torch.set_num_threads(_DECODING["threads"])
+def _decoder_yields(_worker_id: int):
+    """A decoding process runs at the lowest CPU priority (nice 19), with one intra-op thread: it takes the cycles
+    the model's forward leaves idle, and yields the cores to it whenever both want them."""
+    torch.set_num_threads(1)
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(19)
 
 
 class _Decoder(torch.utils.data.Dataset):
@@ -5008,6 +4993,8 @@ def _null_size(name: str, permutations: int, pairs, feats, n: int) -> int:
     """How many permutations a measure's null affords: an inner-product measure as the CKA null (NULL_BUDGET_FLOPS),
     any other MEASURE_NULL_SCORES score evaluations; at least 19 (a p-value of 1/20), else none."""
     cells = sum(len(feats[i]) * len(feats[j]) for i, j in pairs)
+    if not cells:
+        return 0
     affordable = int(NULL_BUDGET_FLOPS // (2 * n * n * cells)) if MEASURES[name].inner else MEASURE_NULL_SCORES // cells
     return permutations if permutations <= affordable else affordable if affordable >= 19 else 0
 
@@ -8575,16 +8562,18 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
     target = max(_decode_target(kw)[0] for kw in kws)
     n, out = len(images), dict(n=len(images), workers=images.workers, device=str(device), target_side=target)
     t0 = time.perf_counter()
-    for _ in torch.utils.data.DataLoader(_PlainDecode(images.items, target), batch_size=batch_size,
-                                         num_workers=images.workers, collate_fn=list):
-        pass
+    with step(f"bench: a plain DataLoader decodes {n} images ({images.workers} workers)"):
+        for _ in torch.utils.data.DataLoader(_PlainDecode(images.items, target), batch_size=batch_size,
+                                             num_workers=images.workers, collate_fn=list):
+            pass
     out["baseline_decode_s"] = time.perf_counter() - t0
     keys, _, targets = _distinct_preprocessing(kws)   # one target per distinct preprocessing, as cka decodes
     t0 = time.perf_counter()
     kept = []
-    for _, per_target in images.decoded(batch_size, targets=targets):
-        if len(kept) < 8:   # a few batches for the forward passes; memory stays bounded
-            kept.append(per_target)
+    with step(f"bench: ssl_repsim decodes {n} images"):
+        for _, per_target in images.decoded(batch_size, targets=targets):
+            if len(kept) < 8:   # a few batches for the forward passes; memory stays bounded
+                kept.append(per_target)
     out["decode_s"] = time.perf_counter() - t0
     out["models"] = []
     for m, kw in zip(models, kws, strict=True):
@@ -8599,7 +8588,9 @@ def bench_data(images: ImageSet, models=None, batch_size: int = 32, device=None)
                 torch.cuda.synchronize(device)
         out["models"].append(dict(spec=m.source.get("spec"), forward_img_s=done / (time.perf_counter() - t0)))
     t0 = time.perf_counter()
-    compare_models(models, images, batch_size=batch_size, device=device)   # as `cka` runs: intervals included
+    with step(f"bench: cka of {len(models)} models end to end"):
+        compare_models(models if len(models) > 1 else models * 2, images, batch_size=batch_size,
+                       device=device)   # as `cka` runs: intervals included (one model: against itself)
     out["cka_s"] = time.perf_counter() - t0
     out.update(baseline_img_s=n / out["baseline_decode_s"], decode_img_s=n / out["decode_s"],
                cka_img_s=n / out["cka_s"], cka_over_baseline=out["cka_s"] / out["baseline_decode_s"])
@@ -9233,14 +9224,24 @@ HEARTBEAT_SECONDS = 2.0   # the longest a command stays silent on stderr while i
 
 
 class _TimedStream:
-    """A text stream that remembers when it was last written to (the heartbeat's clock)."""
+    """A text stream that remembers when it was last written to (the heartbeat's clock). On a terminal the heartbeat
+    line is rewritten in place and erased before the next text."""
 
     def __init__(self, stream):
-        self.stream, self.last = stream, time.monotonic()
+        self.stream, self.last, self.pending = stream, time.monotonic(), False
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
 
     def write(self, s):
         self.last = time.monotonic()
+        if self.pending:
+            self.stream.write("\r\x1b[K")
+            self.pending = False
         return self.stream.write(s)
+
+    def beat(self, text: str):
+        self.write(f"\r\x1b[K{text}" if self.tty else text + "\n")
+        self.pending = self.tty
+        self.stream.flush()
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -9260,8 +9261,7 @@ def _heartbeat(enabled: bool):
         while not stop.wait(every / 8):
             if time.monotonic() - stream.last >= every:
                 label, start = _STEPS[-1] if _STEPS else ("working", t0)
-                stream.write(f"… {label.strip()} ({time.monotonic() - start:.0f} s)\n")
-                stream.flush()
+                stream.beat(f"… {label.strip()} ({time.monotonic() - start:.0f} s)")
     thread = threading.Thread(target=beat, daemon=True, name="ssl_repsim-heartbeat")
     thread.start()
     try:
