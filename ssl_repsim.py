@@ -2917,16 +2917,73 @@ class ImageSet:
             for idx in batches:
                 yield idx, [self.items[idx[0]:idx[-1] + 1]] * max(len(targets), 1)
             return
+        kept = _DECODED.get()
+        if kept is not None and targets and (replay := kept.replay(self.items, batches, targets)) is not None:
+            for idx, per_target, errors in replay:   # decoded earlier in this command
+                for i, err in errors:
+                    self._kept(i, None, err)
+                if per_target:
+                    yield [i for i in idx if i not in {j for j, _ in errors}], per_target
+            return
         loader = torch.utils.data.DataLoader(_Decoder(self.items, tuple(targets)), batch_sampler=batches,
                                              num_workers=min(self.workers, len(batches)), collate_fn=_collated,
                                              prefetch_factor=4 if min(self.workers, len(batches)) else None,
                                              worker_init_fn=_decoder_yields)
         for idx, per_target, errors in loader:
+            if kept is not None and targets:
+                kept.keep(self.items, idx, per_target, errors, targets)
             for i, err in errors:
                 self._kept(i, None, err)
             bad = {i for i, _ in errors}
             if len(bad) < len(idx):
                 yield [i for i in idx if i not in bad], per_target
+
+
+class DecodedImages:
+    """The images one command decoded, at each target size (uint8, as the decoders fitted them), held within
+    `budget` bytes and keyed by the file's path, size and modification time: a later pass over any of them (a
+    subset, another analysis, augmented views) reads them here instead of decoding again."""
+
+    def __init__(self, budget: int):
+        self.budget, self.held, self.images = budget, 0, {}
+
+    @staticmethod
+    def key(path, target) -> tuple:
+        st = os.stat(path)
+        return (str(path), st.st_size, st.st_mtime_ns, tuple(target))
+
+    def keep(self, items, idx, per_target, errors, targets):
+        bad = dict(errors)
+        good = [i for i in idx if i not in bad]
+        with contextlib.suppress(OSError):
+            for t, batch in zip(targets, per_target, strict=True):
+                for i, im in zip(good, batch, strict=True):
+                    if self.held + im.numel() > self.budget:
+                        return
+                    self.images[self.key(items[i], t)] = im.clone()
+                    self.held += im.numel()
+            for i, err in bad.items():
+                for t in targets:
+                    self.images[self.key(items[i], t)] = err
+
+    def replay(self, items, batches, targets):
+        """The batches as the decoders would give them, or None unless every image is held at every target."""
+        try:
+            got = {(i, k): self.images[self.key(items[i], t)] for b in batches for i in b
+                   for k, t in enumerate(targets)}
+        except (KeyError, OSError):
+            return None
+        out = []
+        for b in batches:
+            errors = [(i, got[i, 0]) for i in b if isinstance(got[i, 0], str)]
+            good = [i for i in b if not isinstance(got[i, 0], str)]
+            per_target = [[got[i, k] for i in good] for k in range(len(targets))] if good else []
+            out.append((b, [torch.stack(ims) if all(im.shape == ims[0].shape for im in ims) else ims
+                            for ims in per_target], errors))
+        return out
+
+
+_DECODED: contextvars.ContextVar = contextvars.ContextVar("ssl_repsim_decoded_images", default=None)
 
 
 def _decoder_yields(_worker_id: int):
@@ -3561,10 +3618,117 @@ def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: in
     return out
 
 
+class FeatureSession:
+    """What one command has extracted, held in memory: per model (its weights as they are now, its input size,
+    preprocessing and dtype) the tokens every point computed, (n, T, D) per image id, so that a later request for
+    those images or a subset of them, those points or fewer, and any token reduction is read here, not computed
+    again. A model's first extraction also takes the points `plan` names for it, where they fit `budget` bytes."""
+
+    def __init__(self, budget: int):
+        self.budget, self.held, self.entries, self.plans = budget, 0, {}, {}
+
+    @staticmethod
+    def key(model, dtype) -> tuple:
+        """The model as it computes now: in-place changes to its weights bump their version counters."""
+        return (id(model), tuple((p.data_ptr(), p._version) for p in model.parameters()), model.input_size,
+                json.dumps(model.preprocess, sort_keys=True, default=str), str(_parse_dtype(dtype)))
+
+    def plan(self, model, points):
+        self.plans[id(model)] = list(resolve_points(model, points))
+
+    def lookup(self, model, images: ImageSet, points, tokens: str, dtype) -> dict | None:
+        entry = self.entries.get(self.key(model, dtype))
+        if entry is None:
+            return None
+        names = _raw_points(model, points, tokens)
+        index = entry["index"]
+        ids = sample_ids(images)
+        if not all(n in entry["points"] for n in names) or not all(i in index for i in ids):
+            return None
+        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
+        return _from_raw(model, {n: entry["points"][n][rows] for n in names}, points, tokens)
+
+    def wanted(self, model, images: ImageSet, points, tokens: str) -> list[str] | None:
+        """The points a miss extracts as tokens: the request's and, where all fit the budget, the plan's; None where
+        not even the request's tokens fit (it is extracted as asked, and not kept)."""
+        names = _raw_points(model, points, tokens)
+        more = names + [p for p in self.plans.get(id(model), []) if p not in names]
+        fits = lambda pts: feature_bytes(model, pts, "all", len(images)) <= self.budget - self.held
+        return more if fits(more) else names if fits(names) else None
+
+    def store(self, model, images: ImageSet, raw: dict, dtype):
+        size = sum(v.numel() * v.element_size() for v in raw.values())
+        if size > self.budget - self.held:
+            return
+        ids = sample_ids(images)   # the rows extract returned: the images read without error
+        self.entries[self.key(model, dtype)] = dict(index={i: r for r, i in enumerate(ids)}, points=raw)
+        self.held += size
+
+
+_SESSION: contextvars.ContextVar = contextvars.ContextVar("ssl_repsim_feature_session", default=None)
+
+
+@contextlib.contextmanager
+def feature_session(budget: int | None = None):
+    """Within the block, extract_many reads what an earlier call extracted (FeatureSession; default budget: a
+    quarter of memory_budget()) and ImageSet.decoded what an earlier pass decoded (DecodedImages, a quarter of
+    that)."""
+    budget = memory_budget() // 4 if budget is None else budget
+    token, decoded = _SESSION.set(FeatureSession(budget)), _DECODED.set(DecodedImages(budget // 4))
+    try:
+        yield _SESSION.get()
+    finally:
+        _SESSION.reset(token)
+        _DECODED.reset(decoded)
+
+
+def _raw_points(model, points, tokens: str) -> list[str]:
+    """The points whose tokens a request needs: its points, or for `official` the blocks the representation reads."""
+    if tokens != "official":
+        return list(resolve_points(model, points))
+    if isinstance(model, ConvNet):
+        return model.block_names[-1:]
+    depth = len(model.blocks)
+    return [f"blocks.{i}" for i in range(max(0, depth - 4), depth)]
+
+
+def _from_raw(model, raw: dict, points, tokens: str) -> dict:
+    """A request's features from the tokens its points computed (as iter_features reduces them)."""
+    if tokens != "official":
+        npre, has_cls = model.cfg.num_prefix, model.cfg.cls_token
+        return {n: reduce_tokens(v, tokens, npre, has_cls) for n, v in raw.items()}
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        rep = official_representation(model, eval_representation(model), [v.to(dev) for v in raw.values()])
+    return {"official": rep.float().cpu()}
+
+
 def extract_many(models, images: ImageSet, points_list, tokens: str = "all", batch_size: int = 64, device=None,
                  dtype=None, progress: bool = False, group=None) -> list[dict[str, torch.Tensor]]:
     """extract() for several models in one pass over the images: each image is decoded once and fed, preprocessed
-    for each, to every model."""
+    for each, to every model. Within a feature_session, what an earlier call extracted is read, not computed."""
+    session = _SESSION.get()
+    if session is None or _dist_active(group):
+        return _extract_many(models, images, points_list, tokens, batch_size, device, dtype, progress, group)
+    out = [session.lookup(m, images, pts, tokens, dtype) for m, pts in zip(models, points_list, strict=True)]
+    wanted = {k: session.wanted(models[k], images, points_list[k], tokens) for k, f in enumerate(out) if f is None}
+    kept, direct = [k for k, w in wanted.items() if w is not None], [k for k, w in wanted.items() if w is None]
+    if direct:   # too large to keep: as asked
+        for k, f in zip(direct, _extract_many([models[k] for k in direct], images, [points_list[k] for k in direct],
+                                              tokens, batch_size, device, dtype, progress, group), strict=True):
+            out[k] = f
+    if kept:
+        raw = _extract_many([models[k] for k in kept], images, [wanted[k] for k in kept], "all", batch_size, device,
+                            dtype, progress, group)
+        for k, r in zip(kept, raw, strict=True):
+            session.store(models[k], images, r, dtype)
+            names = _raw_points(models[k], points_list[k], tokens)
+            out[k] = _from_raw(models[k], {n: r[n] for n in names}, points_list[k], tokens)
+    return out
+
+
+def _extract_many(models, images: ImageSet, points_list, tokens: str = "all", batch_size: int = 64, device=None,
+                  dtype=None, progress: bool = False, group=None) -> list[dict[str, torch.Tensor]]:
     streams, firsts = per_model_batches(models, images, batch_size, group)   # rows gathered in batch order
     gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, points_list,
                                                                                     strict=True)]
@@ -6909,9 +7073,11 @@ def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
     pp, size = model.preprocess, model.input_size
     C = int(images.masks.max()) + 1
     onehot = F.one_hot(images.masks.long(), C).float()                       # (n, H, W, C) in [0, 1]
-    crop = torch.stack([resize_crop_normalize(onehot[..., c, None].expand(-1, -1, -1, 3).permute(0, 3, 1, 2), size,
-                                   pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1), pp.get("crop_mode", "center"))[:, 0]
-                        for c in range(C)], 1)
+    n, h, w, _ = onehot.shape
+    k = -(-C // 3)   # classes three at a time as one image's "RGB" (the resize treats channels apart): one call
+    rgb = F.pad(onehot, (0, 3 * k - C)).permute(0, 3, 1, 2).reshape(n * k, 3, h, w)
+    crop = resize_crop_normalize(rgb, size, pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1),
+                                 pp.get("crop_mode", "center")).reshape(n, 3 * k, size, size)[:, :C]
     if isinstance(model, ConvNet):   # its last stage's grid (a ResNet's strided convolutions round up)
         g = math.isqrt(cnn_point_shapes(model)[model.block_names[-1]][0])
         return F.adaptive_avg_pool2d(crop, (g, g)).argmax(1).flatten(1)
@@ -8345,6 +8511,7 @@ def _cmd_analysis(args):
     for m, label in zip(models, labels if getattr(args, "labels", None) else model_labels([_spec(m) for m in models]),
                         strict=True):
         m.source["label"] = label
+    _plan_points(models, len(images) if images else 0)
     with _staged_results(final) as out:
         results, sections = {}, []
         for name, res, figures, readings in run_analyses(models, images, names, opts):
@@ -8361,6 +8528,19 @@ def _cmd_analysis(args):
             atomic_write(out / "report.md", render_report(sections, meta, results))
     print(f"wrote {final}/{args.cmd}.json" + (", report.md" if args.cmd == "report" else "")
           + f" ({meta['elapsed_s']:.1f} s)")
+
+
+def _plan_points(models, n: int):
+    """The points each model's first extraction takes beside its request (FeatureSession.plan): every point where
+    all models' fit the session's memory, else the blocks; the analyses then read them instead of running the model
+    again."""
+    session = _SESSION.get()
+    if session is None or not n:
+        return
+    share = session.budget // max(len(models), 1)
+    for m in models:
+        every = resolve_points(m, "all")
+        session.plan(m, every if feature_bytes(m, every, "all", n) <= share else "blocks")
 
 
 def _analysis_settings(results: dict, opts: AnalysisOptions) -> dict:
@@ -9325,7 +9505,8 @@ def main(argv=None) -> int:
         distributed = init_distributed(args)
         with _cli_logging(args.quiet), _terminate_as_interrupt(), _heartbeat(not args.quiet):
             t0 = time.perf_counter()
-            args.fn(args)
+            with feature_session():   # one forward per model and image set, where the features fit in memory
+                args.fn(args)
             log.info(f"{argv[0]}: done in {time.perf_counter() - t0:.1f} s")   # every command ends with its time
         return 0
     except UsageError as e:

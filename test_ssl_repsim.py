@@ -5559,6 +5559,39 @@ def test_report_is_never_silent_for_long(tmp_path, monkeypatch):
                      re.MULTILINE), stream.getvalue()
 
 
+def test_report_decodes_each_image_once_and_runs_each_model_once_per_image_set(tmp_path, monkeypatch):
+    """report on a folder of PNGs (two models, every analysis that reads the plain images): each file is decoded
+    once (the analyses, the train/validation split and invariance's augmented views read the decoded images
+    again), and each model's forward runs once per image on the plain images (invariance's augmented views and
+    attention's maps are their own passes); the same numbers as with nothing kept (the session off)."""
+    colour_folders(tmp_path / "data")
+    mae, dino = (build(name, tmp_path) for name in ("mae", "dino"))
+    opened, forwarded = collections.Counter(), collections.Counter()
+    decode, forward = sr._Decoder.__getitem__, sr.ViT.forward_features
+
+    def counted_decode(self, i):
+        opened[self.paths[i]] += 1
+        return decode(self, i)
+
+    def counted_forward(self, x, *a, **k):
+        forwarded[self.source["spec"], "keep" in k or bool(a)] += len(x)
+        return forward(self, x, *a, **k)
+    monkeypatch.setattr(sr._Decoder, "__getitem__", counted_decode)
+    monkeypatch.setattr(sr.ViT, "forward_features", counted_forward)
+    argv = ["report", mae.path, dino.path, "--num-heads", 2, "--data", tmp_path / "data" / "train", "--workers", 0,
+            "--epochs", 2, "--skip", "attention,weights,agreement", "--quiet"]
+    assert sr.main([*argv, "--out", tmp_path / "r"]) == 0
+    files = sorted(p for p in (tmp_path / "data" / "train").rglob("*.png"))
+    assert set(map(str, opened)) == {str(p) for p in files} and set(opened.values()) == {1}, opened.most_common(3)
+    plain = {spec: c for (spec, _), c in forwarded.items()}
+    augmented = 5 * len(files)   # invariance: hflip, crop, colour, grayscale, blur views of every image
+    assert all(c == len(files) + augmented for c in plain.values()), (forwarded, len(files))
+    monkeypatch.setattr(sr, "feature_session", lambda budget=None: contextlib.nullcontext())
+    assert sr.main([*argv, "--out", tmp_path / "r0"]) == 0
+    read = lambda d: {k: v["readings"] for k, v in json.loads((d / "report.json").read_text()).items() if k != "meta"}
+    assert read(tmp_path / "r") == read(tmp_path / "r0")
+
+
 def test_cli_list_and_help():
     p = cli("list", "--weights-dir", HERE / "no_such_weights_dir_x")
     assert p.returncode == 0, p.stderr
