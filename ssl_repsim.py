@@ -2956,7 +2956,7 @@ class DecodedImages:
         bad = dict(errors)
         good = [i for i in idx if i not in bad]
         with contextlib.suppress(OSError):
-            for t, batch in zip(targets, per_target, strict=True):
+            for t, batch in zip(targets, per_target if good else [[]] * len(targets), strict=True):
                 for i, im in zip(good, batch, strict=True):
                     if self.held + im.numel() > self.budget:
                         return
