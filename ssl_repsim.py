@@ -2469,6 +2469,19 @@ def _unlink(p):
         os.unlink(p)
 
 
+# parameters of the backbones registry rows name (timm's and the official definitions'), for a download's expected size
+BACKBONE_PARAMS = ((r"vitti\d", 5.7e6), (r"vits\d", 22e6), (r"vitb\d", 86e6), (r"vitl\d", 304e6), (r"vith\d", 632e6),
+                   (r"vitg\d", 1.1e9), (r"r50", 25.6e6), (r"resnet50", 25.6e6), (r"-base", 89e6), (r"-large", 198e6))
+
+
+def approximate_size(name: str) -> str:
+    """What a registered file weighs, roughly: its backbone's float32 weights (training files hold more)."""
+    params = next((p for pattern, p in BACKBONE_PARAMS if re.search(pattern, name)), None)
+    if params is None:
+        return "size not known"
+    return f"about {4 * params / 1e6:,.0f} MB of float32 backbone weights; a training checkpoint holds more"
+
+
 def download(name: str, weights_dir=None, progress: bool = True) -> Path:
     """Fetch a registered checkpoint into the weights dir (verified where a digest is published) and record its
     sha256 in the dir's SHA256SUMS, against which later loads check it; leftovers of killed downloads are swept.
@@ -2494,8 +2507,8 @@ def download(name: str, weights_dir=None, progress: bool = True) -> Path:
         except UsageError as e:
             if " failed: " not in str(e):    # a bad file, not a missing connection: said as it is
                 raise
-            raise DownloadUnavailable(f"{e}. Without the internet: fetch {row['url']} on a machine that has it, place it at "
-                             f"{dest}" + (f" (sha256 {row['sha256']})" if row["sha256"] else
+            raise DownloadUnavailable(f"{e}. Without the internet: fetch {row['url']} ({approximate_size(name)}) on a "
+                             f"machine that has it, place it at {dest}" + (f" (sha256 {row['sha256']})" if row["sha256"] else
                                           f" (md5 beginning {row['md5']})" if row["md5"] else " (no published digest)")
                              + ", then run the same command again: it reads the placed file and downloads "
                                "nothing") from None
@@ -8160,7 +8173,7 @@ def _load_models(args, head: bool = False) -> list[ViT]:
                                      num_heads=args.num_heads, img_size=args.img_size, act=args.act,
                                      progress=not args.quiet, head=head))
         except DownloadUnavailable as e:
-            rest = [f"{REGISTRY[n]['url']} at {registry_path(n, args.weights_dir)}"
+            rest = [f"{REGISTRY[n]['url']} ({approximate_size(n).split(';')[0]}) at {registry_path(n, args.weights_dir)}"
                     for n in (ALIASES.get(s, s) for s in args.models[k + 1:])
                     if n in REGISTRY and not REGISTRY[n]["url"].startswith("hf:")
                     and not registry_path(n, args.weights_dir).exists()]

@@ -2984,8 +2984,8 @@ def test_registered_name_downloads_and_loads(server, tmp_path, monkeypatch):
 
 
 def test_a_failed_download_says_what_to_fetch_where_to_place_it_and_what_to_run(tmp_path, monkeypatch):
-    """Issue 24 item 4: offline, the main command's failure names the URL, the file to place (with its sha256) and
-    that the same command then runs from it; placed there, it does."""
+    """Issue 24 item 4: offline, the main command's failure names the URL, its approximate size, the file to place
+    (with its sha256) and that the same command then runs from it; placed there, it does."""
     case = build("deit", tmp_path)
     data = case.path.read_bytes()
     with socket.socket() as s:            # a port nothing listens on: the connection is refused
@@ -3004,7 +3004,10 @@ def test_a_failed_download_says_what_to_fetch_where_to_place_it_and_what_to_run(
     p = cli("cka", "deit-offline", "deit-offline-2", "--weights-dir", wdir, "--out", tmp_path / "o", "--quiet")
     assert_usage_error(p, tmp_path / "o")                 # the main command: one line naming both files
     assert f"place it at {wdir / 'deit-offline.pth'}" in p.stderr
-    assert f"the same for http://127.0.0.1:{port}/deit2.pth at {wdir / 'deit-offline-2.pth'}" in p.stderr
+    assert f"the same for http://127.0.0.1:{port}/deit2.pth (size not known) at {wdir / 'deit-offline-2.pth'}" in p.stderr
+    assert sr.approximate_size("mae-vitb16").startswith("about 344 MB")          # 86 M parameters × 4 bytes
+    assert sr.approximate_size("dinov2-vitg14").startswith("about 4,400 MB")
+    assert sr.approximate_size("mocov3-r50").startswith("about 102 MB")
     (wdir / "deit-offline.pth").write_bytes(data)
     assert sr.load_model("deit-offline", weights_dir=wdir, progress=False).family == "deit"
 
