@@ -7333,8 +7333,10 @@ def info_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, li
     train, val = split_train_val(images, 0.25, opts.seed)
     out, readings, curves, bands = {}, [], {}, {}
     run = dict(cache_dir=opts.cache_dir, batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype)
+    t0 = time.monotonic()
     for i, m in enumerate(models):
-        with step(f"info: model {i + 1}/{len(models)} ({_label(m)})"):
+        with step(f"info: model {i + 1}/{len(models)} ({_label(m)})" + (
+                f", about {(time.monotonic() - t0) / i * (len(models) - i):.0f} s to go at the pace so far" if i else "")):
             out[_spec(m)] = _info_of(m, train, val, opts, run)
         last = list(out[_spec(m)]["knn"])[-1]
         lin, knn = out[_spec(m)]["linear"], out[_spec(m)]["knn"]
@@ -7482,9 +7484,13 @@ def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
                     "object-class probe is left out, the position probe runs")
         readings.append("No object-class probe: the data has no per-pixel masks (only the built-in synthetic set "
                         "does); the patch-position probe alone was run.")
-    for m in models:
-        sp = spatial_probes(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
-                            dtype=opts.dtype)
+    t0 = time.monotonic()
+    for i, m in enumerate(models):
+        with step(f"spatial: model {i + 1}/{len(models)} ({_label(m)}), position" + (" and object" if images.masks
+                  is not None else "") + " probes on every block's patches" + (
+                  f", about {(time.monotonic() - t0) / i * (len(models) - i):.0f} s to go at the pace so far" if i else "")):
+            sp = spatial_probes(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
+                                dtype=opts.dtype)
         out[_spec(m)] = sp
         for t, per in sp.items():
             curves[f"{_label(m)} {t}"], bands[f"{_label(m)} {t}"] = top1(per), _ci_band(per)
@@ -7834,13 +7840,18 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
     """(name, results, figures, readings) of each named analysis, in order. With several names (a report), one that
     cannot run on these models or data is skipped with a reading that says why; alone, that is a UsageError."""
     out = []
+    if len(names) > 1:
+        log.info(f"{len(names)} analyses of {len(models)} models on {len(images) if images else 0} images: "
+                 f"{', '.join(names)}")
     for name in names:
         a = ANALYSES[name]
         try:
             if len(models) < a.min_models:
                 raise UsageError(f"{name} needs at least {a.min_models} models")
+            t0 = time.monotonic()
             with step(f"analysis {len(out) + 1}/{len(names)}: {name}"):
                 out.append((name, *a.fn(models, images, opts)))
+            log.info(f"analysis {len(out)}/{len(names)}: {name} done in {time.monotonic() - t0:.1f} s")
         except UsageError as e:
             if len(names) == 1:
                 raise
@@ -8527,11 +8538,14 @@ def _cmd_analysis(args):
     _plan_points(models, len(images) if images else 0)
     with _staged_results(final) as out:
         results, sections = {}, []
-        for name, res, figures, readings in run_analyses(models, images, names, opts):
-            results[name] = dict(results=res, readings=readings, figures=figures)   # what `replot` redraws
-            sections.append((name, _render_figures(figures, out), readings))
-            for r in readings:
-                print(f"[{name}] {r}")
+        analysed = run_analyses(models, images, names, opts)
+        with step(f"writing {args.cmd}.json" + (", report.md" if args.cmd == "report" else "") + " and "
+                  f"{sum(len(f) for _, _, f, _ in analysed)} figure(s)"):
+            for name, res, figures, readings in analysed:
+                results[name] = dict(results=res, readings=readings, figures=figures)   # what `replot` redraws
+                sections.append((name, _render_figures(figures, out), readings))
+                for r in readings:
+                    print(f"[{name}] {r}")
         meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(getattr(args, "data", None)),
                     name=images.name if images else None, n=len(images) if images else 0, seed=opts.seed,
                     synthetic=getattr(args, "data", None) == "synthetic"), **_analysis_settings(results, opts),
