@@ -253,8 +253,8 @@ def _dense_kernels(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         conv = re.search(r"(dwconv|^downsample_layers\.\d+\.1)\.weight$", k) and v.ndim in (2, 3)
-        if conv and _is_square(v.shape[0]):
-            s = math.isqrt(v.shape[0])
+        s = math.isqrt(v.shape[0]) if conv else 0
+        if conv and s * s == v.shape[0]:
             v = v.permute(1, 0).reshape(-1, 1, s, s) if v.ndim == 2 else v.permute(2, 1, 0).reshape(
                 v.shape[2], v.shape[1], s, s)
             v = v.transpose(3, 2)
@@ -1047,7 +1047,20 @@ class AttentionPool(nn.Module):
         return (o + self.mlp(self.norm(o)))[:, 0]
 
 
-class ViT(nn.Module):
+class Backbone(nn.Module):
+    """What every model class here answers: forward = the pooled representation of forward_features, and logits
+    through the classification head where there is one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise UsageError("this model has no classification head (load it with head=True or fine-tune it)")
+        return self.head(self(x))
+
+
+class ViT(Backbone):
     """Plain pre-norm ViT (Dosovitskiy et al. 2021) with every released variant as a config switch."""
 
     def __init__(self, cfg: ViTConfig):
@@ -1161,14 +1174,6 @@ class ViT(nn.Module):
         if self.proj is None:
             raise UsageError("this model has no output projection")
         return pooled @ self.proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_features(x))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            raise UsageError("this model has no classification head (load it with head=True or fine-tune it)")
-        return self.head(self(x))
 
 
 @contextlib.contextmanager
@@ -1288,7 +1293,7 @@ class ConvNeXtBlock(nn.Module):
         return x + stochastic_depth(y, self.drop_path, self.training, self.rng)
 
 
-class ConvNet(nn.Module):
+class ConvNet(Backbone):
     """What the two CNNs share with the ViT's interface: the final map as tokens (N, H·W, C), the pooled
     representation, a head, and their residual blocks in order (`block_names`, by module path)."""
 
@@ -1306,14 +1311,6 @@ class ConvNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_map(x).flatten(2).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_features(x))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            raise UsageError("this model has no classification head (load it with head=True or fine-tune it)")
-        return self.head(self(x))
 
 
 class ResNet(ConvNet):
