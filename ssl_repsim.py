@@ -44,6 +44,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -2877,6 +2878,7 @@ class ImageSet:
     unreadable: set = dataclasses.field(default_factory=set)
     workers: int = 0                   # decoding processes (0: in this process)
     rows: list | None = None           # each item's row in the source (tensor data); None = 0, 1, ...
+    origin: str | None = None          # images_fingerprint of the set this one was drawn from (origin_key)
 
     @property
     def skipped(self) -> int:
@@ -2897,7 +2899,15 @@ class ImageSet:
         items = self.items[idx] if isinstance(self.items, torch.Tensor) else [self.items[i] for i in idx.tolist()]
         rows = [(self.rows or range(len(self)))[i] for i in idx.tolist()]
         return dataclasses.replace(self, items=items, labels=None if self.labels is None else self.labels[idx],
-                                   masks=None if self.masks is None else self.masks[idx], unreadable=set(), rows=rows)
+                                   masks=None if self.masks is None else self.masks[idx], unreadable=set(), rows=rows,
+                                   origin=self.origin_key())
+
+    def origin_key(self) -> str:
+        """What identifies the set this one was drawn from (its content: images_fingerprint), with `rows` the
+        position of each item there: the key under which a command keeps its features (FeatureSession)."""
+        if self.origin is None:
+            self.origin = images_fingerprint(self)
+        return self.origin
 
     def image(self, i: int) -> torch.Tensor | None:
         """Image i as a uint8 or float tensor (3, H, W); None if unreadable (counted, or an error when strict)."""
@@ -2951,8 +2961,9 @@ class ImageSet:
 
 class DecodedImages:
     """The images one command decoded, at each target size (uint8, as the decoders fitted them), held within
-    `budget` bytes and keyed by the file's path, size and modification time: a later pass over any of them (a
-    subset, another analysis, augmented views) reads them here instead of decoding again."""
+    `budget` bytes and keyed by the file's path, size and modification time and the target: a later pass over any of
+    them (a subset, another analysis, augmented views, a model alone) reads them here instead of decoding again
+    (what a target gets never depends on the other targets decoded with it: _Decoder)."""
 
     def __init__(self, budget: int):
         self.budget, self.held, self.images = budget, 0, {}
@@ -2968,9 +2979,12 @@ class DecodedImages:
         with contextlib.suppress(OSError):
             for t, batch in zip(targets, per_target if good else [[]] * len(targets), strict=True):
                 for i, im in zip(good, batch, strict=True):
+                    key = self.key(items[i], t)
+                    old = self.images.get(key)
+                    self.held -= old.numel() if isinstance(old, torch.Tensor) else 0
                     if self.held + im.numel() > self.budget:
                         return
-                    self.images[self.key(items[i], t)] = im.clone()
+                    self.images[key] = im.clone()
                     self.held += im.numel()
             for i, err in bad.items():
                 for t in targets:
@@ -3007,9 +3021,9 @@ def _decoder_yields(_worker_id: int):
 class _Decoder(torch.utils.data.Dataset):
     """Image i of a list of files as (i, [uint8 (3, H, W) upright RGB per target], None), or (i, None, the error):
     an image Pillow refuses, or one over its decompression-bomb limit, is unreadable. Each target (side, interp,
-    crop_mode, crop) is one Pillow resize (antialiased) of the decoded image and a crop; JPEGs at least 8× the largest
-    side are
-    decoded in draft mode (DCT scaling, both sides kept ≥ 4 × that side, where the resize hides it)."""
+    crop_mode, crop) is one Pillow resize (antialiased) of the decoded image and a crop; a JPEG at least 8× a target's
+    side is decoded for it in draft mode (DCT scaling, both sides kept ≥ 4 × that side, where the resize hides it) —
+    per target, so that what a model sees never depends on which other models are decoded with it."""
 
     def __init__(self, paths, targets=()):
         self.paths, self.targets = paths, targets
@@ -3018,23 +3032,36 @@ class _Decoder(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        Image = _pillow()
-        from PIL import ImageOps
-        largest = max((t[0] for t in self.targets), default=0)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(self.paths[i]) as im:
-                    if largest and im.format == "JPEG" and min(im.size) >= 8 * largest:
-                        im.draft("RGB", (4 * largest, 4 * largest))
-                    im = ImageOps.exif_transpose(im)
-                    im = Image.fromarray(_rgb_uint8(im)) if im.mode in ("I", "F") or im.mode.startswith("I;16") \
-                        else im.convert("RGB")   # 16-bit and float images scaled to 8 bits, not clipped
+            if not self.targets:
+                return i, [torch.from_numpy(np.array(self._open(i, 0), dtype=np.uint8)).permute(2, 0, 1)], None
+            decoded = {}   # one decode per distinct draft size the targets ask for (one, for most images)
+            for side in dict.fromkeys(t[0] for t in self.targets):
+                draft = self._draft(i, side)
+                if draft not in decoded:
+                    decoded[draft] = self._open(i, draft)
+            return i, [self._fitted(decoded[self._draft(i, t[0])], *t) for t in self.targets], None
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
             return i, None, _one_line(e)
-        if not self.targets:
-            return i, [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)], None
-        return i, [self._fitted(im, *t) for t in self.targets], None
+
+    def _draft(self, i: int, side: int) -> int:
+        """The draft request (4 × side) a target of this side makes of image i, or 0 for a full decode."""
+        Image = _pillow()
+        with Image.open(self.paths[i]) as im:   # the header only
+            return 4 * side if im.format == "JPEG" and min(im.size) >= 8 * side else 0
+
+    def _open(self, i: int, draft: int):
+        """Image i decoded (in draft mode at `draft` px where non-zero), upright, as 8-bit RGB."""
+        Image = _pillow()
+        from PIL import ImageOps
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(self.paths[i]) as im:
+                if draft:
+                    im.draft("RGB", (draft, draft))
+                im = ImageOps.exif_transpose(im)
+                return Image.fromarray(_rgb_uint8(im)) if im.mode in ("I", "F") or im.mode.startswith("I;16") \
+                    else im.convert("RGB")   # 16-bit and float images scaled to 8 bits, not clipped
 
     @staticmethod
     def _fitted(im, side: int, interp: str, mode: str, crop: int) -> torch.Tensor:
@@ -3629,49 +3656,61 @@ def extract(model: ViT, images, points=None, tokens: str = "all", batch_size: in
 
 
 class FeatureSession:
-    """What one command has extracted, held in memory: per model (its weights as they are now, its input size,
-    preprocessing and dtype) the tokens every point computed, (n, T, D) per image id, so that a later request for
-    those images or a subset of them, those points or fewer, and any token reduction is read here, not computed
-    again. A model's first extraction also takes the points `plan` names for it, where they fit `budget` bytes."""
+    """What one command has extracted, held in memory: per model (the very object, its parameters and buffers as
+    they are now) and image set of origin (its content's fingerprint), every point's tokens (n, T, D) by the image's
+    row there, so that a later float32 request for those images or a subset of them, those points or fewer, and any
+    token reduction or the official representation is read here, not computed again (a copy: callers may change
+    it). A model's first extraction also takes the points `plan` names for it, where they fit `budget` bytes.
+    Changes a model's parameters' version counters do not see (writes through `.data`, swapped parameter-free
+    modules) are not detected: make them outside a session."""
 
     def __init__(self, budget: int):
         self.budget, self.held, self.entries, self.plans = budget, 0, {}, {}
 
     @staticmethod
-    def key(model, dtype) -> tuple:
-        """The model as it computes now: in-place changes to its weights bump their version counters."""
-        return (id(model), tuple((p.data_ptr(), p._version) for p in model.parameters()), model.input_size,
-                json.dumps(model.preprocess, sort_keys=True, default=str), str(_parse_dtype(dtype)))
+    def key(model, images: ImageSet, dtype) -> tuple:
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        return (id(model), tuple((t.data_ptr(), t._version) for t in tensors), model.input_size,
+                json.dumps(model.preprocess, sort_keys=True, default=str), str(_parse_dtype(dtype)),
+                images.origin_key())
 
     def plan(self, model, points):
         self.plans[id(model)] = list(resolve_points(model, points))
 
     def lookup(self, model, images: ImageSet, points, tokens: str, dtype) -> dict | None:
-        entry = self.entries.get(self.key(model, dtype))
-        if entry is None:
-            return None
+        entry = self.entries.get(self.key(model, images, dtype))
         names = _raw_points(model, points, tokens)
-        index = entry["index"]
-        ids = sample_ids(images)
-        if not all(n in entry["points"] for n in names) or not all(i in index for i in ids):
+        rows = images.rows or range(len(images))
+        if entry is None or entry["model"]() is not model or not all(n in entry["points"] for n in names) or \
+                not all(r in entry["index"] or r in entry["unreadable"] for r in rows):
             return None
-        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
-        return _from_raw(model, {n: entry["points"][n][rows] for n in names}, points, tokens)
+        for i, r in enumerate(rows):   # what the decoders found, said again for this set
+            if r in entry["unreadable"]:
+                images._kept(i, None, entry["unreadable"][r])
+        take = torch.tensor([entry["index"][r] for r in rows if r in entry["index"]], dtype=torch.long)
+        return {k: v.clone() for k, v in _from_raw(model, {n: entry["points"][n][take] for n in names}, points,
+                                                    tokens).items()}
 
-    def wanted(self, model, images: ImageSet, points, tokens: str) -> list[str] | None:
-        """The points a miss extracts as tokens: the request's and, where all fit the budget, the plan's; None where
-        not even the request's tokens fit (it is extracted as asked, and not kept)."""
+    def wanted(self, model, images: ImageSet, points, tokens: str, reserved: int = 0) -> list[str] | None:
+        """The points a miss extracts as tokens: the request's and, where all fit the budget (less what this
+        call already reserved for other models), the plan's; None where not even the request's fit (it is
+        extracted as asked, and not kept)."""
         names = _raw_points(model, points, tokens)
         more = names + [p for p in self.plans.get(id(model), []) if p not in names]
-        fits = lambda pts: feature_bytes(model, pts, "all", len(images)) <= self.budget - self.held
+        fits = lambda pts: feature_bytes(model, pts, "all", len(images)) <= self.budget - self.held - reserved
         return more if fits(more) else names if fits(names) else None
 
     def store(self, model, images: ImageSet, raw: dict, dtype):
+        key = self.key(model, images, dtype)
+        self.held -= self.entries.pop(key, {}).get("size", 0)
         size = sum(v.numel() * v.element_size() for v in raw.values())
         if size > self.budget - self.held:
             return
-        ids = sample_ids(images)   # the rows extract returned: the images read without error
-        self.entries[self.key(model, dtype)] = dict(index={i: r for r, i in enumerate(ids)}, points=raw)
+        rows = images.rows or range(len(images))
+        read = [r for i, r in enumerate(rows) if i not in images.unreadable]   # the rows extract returned
+        self.entries[key] = dict(model=weakref.ref(model), index={r: k for k, r in enumerate(read)}, size=size,
+                                 points={n: v.clone() for n, v in raw.items()},
+                                 unreadable={rows[i]: "unreadable" for i in images.unreadable})
         self.held += size
 
 
@@ -3718,10 +3757,13 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
     """extract() for several models in one pass over the images: each image is decoded once and fed, preprocessed
     for each, to every model. Within a feature_session, what an earlier call extracted is read, not computed."""
     session = _SESSION.get()
-    if session is None or _dist_active(group):
+    if session is None or _dist_active(group) or _parse_dtype(dtype) not in (None, torch.float32):
         return _extract_many(models, images, points_list, tokens, batch_size, device, dtype, progress, group)
     out = [session.lookup(m, images, pts, tokens, dtype) for m, pts in zip(models, points_list, strict=True)]
-    wanted = {k: session.wanted(models[k], images, points_list[k], tokens) for k, f in enumerate(out) if f is None}
+    wanted, reserved = {}, 0
+    for k in (k for k, f in enumerate(out) if f is None):   # the budget shared by this call's models
+        wanted[k] = session.wanted(models[k], images, points_list[k], tokens, reserved)
+        reserved += feature_bytes(models[k], wanted[k], "all", len(images)) if wanted[k] else 0
     kept, direct = [k for k, w in wanted.items() if w is not None], [k for k, w in wanted.items() if w is None]
     if direct:   # too large to keep: as asked
         for k, f in zip(direct, _extract_many([models[k] for k in direct], images, [points_list[k] for k in direct],

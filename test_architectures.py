@@ -599,3 +599,43 @@ def test_review_fixes_memory_points_weights_families_and_preprocessing(tmp_path)
     with pytest.raises(sr.UsageError):
         sr.finetune(R, sr.synthetic_images(16, size=64, seed=0, num_classes=2), epochs=1, batch_size=8,
                     layer_decay_type="group", device="cpu")
+
+
+def test_the_feature_session_never_answers_for_another_input(tmp_path):
+    """Within one command's feature session every answer equals a fresh extraction: two tensor sets of one name and
+    shape but other images, synthetic sets of other sizes, a BatchNorm statistic changed in place, bfloat16 (not kept);
+    a file deleted between two calls (no crash: the images as this command first read them) and a caller changing
+    what it was given."""
+    m = T.tiny_model(0, perturb=True)
+    fresh = lambda model, ims, tok="cls", **k: sr.extract(model, ims, points="blocks", tokens=tok, **k)
+    g = torch.Generator().manual_seed(0)
+    a = sr.ImageSet(torch.rand(12, 3, 32, 32, generator=g), torch.arange(12) % 2, ["a", "b"], "x.pt")
+    b = sr.dataclasses.replace(a, items=torch.rand(12, 3, 32, 32, generator=g))
+    s1, s2 = sr.synthetic_images(8, size=32, seed=0), sr.synthetic_images(8, size=48, seed=0, num_classes=5)
+    r = sr.load_model(str(_save(tmp_path / "r.pth", resnet_params(3))), img_size=32)
+    folder = tmp_path / "imgs"
+    for i in range(6):
+        T.write_png(folder / "c" / f"{i}.png", np.full((40, 40, 3), 30 * i, np.uint8))
+    with sr.feature_session():
+        for first, second in ((a, b), (s1, s2)):
+            fresh(m, first)
+            got = fresh(m, second)
+            with sr.feature_session(0):
+                assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in fresh(m, second).items())
+        before = fresh(r, s1, "mean")
+        with torch.no_grad():
+            r.bn1.running_var.mul_(4)
+        after = fresh(r, s1, "mean")
+        with sr.feature_session(0):
+            assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in fresh(r, s1, "mean").items())
+        assert not torch.allclose(before["layer1.0"], after["layer1.0"], atol=1e-3)
+        half = fresh(r, s1, "mean", dtype="bfloat16")
+        with sr.feature_session(0):
+            assert all(torch.equal(half[k], v) for k, v in fresh(r, s1, "mean", dtype="bfloat16").items())   # as asked
+        ims = sr.load_images(str(folder))
+        first = fresh(m, ims, "all")
+        first["blocks.0"].zero_()                                    # the caller's copy, not the session's
+        (folder / "c" / "5.png").unlink()
+        sub = ims.subset(torch.arange(6))
+        again = fresh(m, sub, "all")
+        assert not sub.unreadable and len(again["blocks.0"]) == 6 and again["blocks.0"].abs().sum() > 0   # as read

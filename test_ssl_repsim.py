@@ -3693,6 +3693,23 @@ def jpeg_folder(root, n=12, seed=7):
     return out
 
 
+def test_a_large_jpeg_reads_the_same_alone_or_beside_a_larger_model(tmp_path):
+    """JPEGs at least 8× a model's side are decoded in draft mode for it: beside a model of twice its size (whose
+    draft is finer) a model still gets the pixels it gets alone, so its features do not depend on its company."""
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    for k in range(4):
+        arr = np.asarray(Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((640, 600)))
+        write_png(tmp_path / "d" / "c" / f"{k}.png", arr)
+        Image.fromarray(arr).save(tmp_path / "d" / "c" / f"{k}.jpg", quality=90)
+        (tmp_path / "d" / "c" / f"{k}.png").unlink()
+    small, large = tiny_model(0, perturb=True), tiny_model(1, perturb=True, img_size=72)
+    images = sr.load_images(str(tmp_path / "d"))
+    alone = sr.extract(small, images, tokens="cls")
+    together = sr.extract_many([small, large], images, ["blocks", "blocks"], "cls")[0]
+    assert all(torch.equal(alone[k], together[k]) for k in alone)
+
+
 def two_tiny_models():
     a, b = tiny_model(0, perturb=True), tiny_model(1, perturb=True, img_size=48)
     b.preprocess = dict(b.preprocess, crop_pct=1.0, interp="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
