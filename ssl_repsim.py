@@ -3033,35 +3033,40 @@ class _Decoder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
+            sides = list(dict.fromkeys(t[0] for t in self.targets)) or [0]
+            decoded = self._decoded(i, sides)
             if not self.targets:
-                return i, [torch.from_numpy(np.array(self._open(i, 0), dtype=np.uint8)).permute(2, 0, 1)], None
-            decoded = {}   # one decode per distinct draft size the targets ask for (one, for most images)
-            for side in dict.fromkeys(t[0] for t in self.targets):
-                draft = self._draft(i, side)
-                if draft not in decoded:
-                    decoded[draft] = self._open(i, draft)
-            return i, [self._fitted(decoded[self._draft(i, t[0])], *t) for t in self.targets], None
+                return i, [torch.from_numpy(np.array(decoded[0], dtype=np.uint8)).permute(2, 0, 1)], None
+            return i, [self._fitted(decoded[t[0]], *t) for t in self.targets], None
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
             return i, None, _one_line(e)
 
-    def _draft(self, i: int, side: int) -> int:
-        """The draft request (4 × side) a target of this side makes of image i, or 0 for a full decode."""
+    def _decoded(self, i: int, sides: list) -> dict:
+        """{side: image i upright as 8-bit RGB}, decoded in draft mode (4 × side) where it is a JPEG at least 8× the
+        side: one open and decode per distinct draft request (one, for most images)."""
         Image = _pillow()
-        with Image.open(self.paths[i]) as im:   # the header only
-            return 4 * side if im.format == "JPEG" and min(im.size) >= 8 * side else 0
-
-    def _open(self, i: int, draft: int):
-        """Image i decoded (in draft mode at `draft` px where non-zero), upright, as 8-bit RGB."""
-        Image = _pillow()
-        from PIL import ImageOps
+        by_draft, out = {}, {}
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(self.paths[i]) as im:
-                if draft:
-                    im.draft("RGB", (draft, draft))
-                im = ImageOps.exif_transpose(im)
-                return Image.fromarray(_rgb_uint8(im)) if im.mode in ("I", "F") or im.mode.startswith("I;16") \
-                    else im.convert("RGB")   # 16-bit and float images scaled to 8 bits, not clipped
+                drafts = {s: 4 * s if s and im.format == "JPEG" and min(im.size) >= 8 * s else 0 for s in sides}
+                first = drafts[sides[0]]
+                by_draft[first] = self._rgb(im, first)
+            for s in sides:
+                if drafts[s] not in by_draft:
+                    with Image.open(self.paths[i]) as im:
+                        by_draft[drafts[s]] = self._rgb(im, drafts[s])
+                out[s] = by_draft[drafts[s]]
+        return out
+
+    @staticmethod
+    def _rgb(im, draft: int):
+        from PIL import Image, ImageOps
+        if draft:
+            im.draft("RGB", (draft, draft))
+        im = ImageOps.exif_transpose(im)
+        return Image.fromarray(_rgb_uint8(im)) if im.mode in ("I", "F") or im.mode.startswith("I;16") \
+            else im.convert("RGB")   # 16-bit and float images scaled to 8 bits, not clipped
 
     @staticmethod
     def _fitted(im, side: int, interp: str, mode: str, crop: int) -> torch.Tensor:
