@@ -8588,8 +8588,8 @@ def _cmd_analysis(args):
             for name, res, figures, readings in analysed:
                 results[name] = dict(results=res, readings=readings, figures=figures)   # what `replot` redraws
                 sections.append((name, _render_figures(figures, out), readings))
-                for r in readings:
-                    print(f"[{name}] {r}")
+                for r in readings:   # models by their short labels, as in report.md
+                    print(f"[{name}] {_relabel(r, {_spec(m): _label(m) for m in models})}")
         meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(getattr(args, "data", None)),
                     name=images.name if images else None, n=len(images) if images else 0, seed=opts.seed,
                     synthetic=getattr(args, "data", None) == "synthetic"), **_analysis_settings(results, opts),

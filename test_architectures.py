@@ -38,7 +38,7 @@ def resnet_params(seed=0, depths=(1, 2, 1, 1), stem=8, inner=(4, 6, 8, 10), widt
     P["conv1.weight"] = r(stem, 3, 7, 7)
     bn("bn1", stem)
     cin = stem
-    for s, (n, w, cout) in enumerate(zip(depths, inner, widths)):
+    for s, (n, w, cout) in enumerate(zip(depths, inner, widths, strict=True)):
         for j in range(n):
             b = f"layer{s + 1}.{j}"
             P[f"{b}.conv1.weight"] = r(w, cin, 1, 1) / math.sqrt(cin)
@@ -63,7 +63,7 @@ def convnext_params(seed=0, depths=(1, 1, 2, 1), widths=(8, 12, 16, 20), grn=Fal
     r = lambda *s: torch.randn(*s, generator=g) * 0.3
     P = {"downsample_layers.0.0.weight": r(widths[0], 3, 4, 4), "downsample_layers.0.0.bias": r(widths[0]),
          "downsample_layers.0.1.weight": 1 + r(widths[0]), "downsample_layers.0.1.bias": r(widths[0])}
-    for i, (n, d) in enumerate(zip(depths, widths)):
+    for i, (n, d) in enumerate(zip(depths, widths, strict=True)):
         if i:
             P.update({f"downsample_layers.{i}.0.weight": 1 + r(widths[i - 1]),
                       f"downsample_layers.{i}.0.bias": r(widths[i - 1]),
@@ -329,7 +329,7 @@ def check_against_naive(model, P, opts, x=X):
         expected = [k for k in ref if re.fullmatch(r"layer\d\.\d+|stages\.\d\.\d+", k)] if kind == "blocks" else \
             [k for k in ref if re.fullmatch(r"layer\d|stages\.\d", k)] if kind == "stages" else ["stem"]
         assert len(names) == len(expected), (kind, names, expected)
-        for got_name, exp_name in zip(names, expected):
+        for got_name, exp_name in zip(names, expected, strict=True):
             assert kind == "stem" or got_name == exp_name, (got_name, exp_name)   # named by module path
             T.assert_near(feats[got_name], ref[exp_name].flatten(2).transpose(1, 2), f"{got_name}", ATOL, RTOL)
     T.assert_near(sr.extract(model, x, tokens="official")["official"], ref["pooled"], "pooled", ATOL, RTOL)
@@ -485,7 +485,7 @@ def test_registry_names_run_cka_and_the_report_tests_the_cross_architecture_clai
     ov = rep["overview"]["results"]
     t = ov["across_architectures"]
     mm = ov["model_matrix"]
-    specs, arch = mm["models"], mm["architectures"]
+    arch = mm["architectures"]
     assert arch == ["vit", "convnext", "vit", "resnet"]
     assert sorted(map(tuple, t["same_objective"])) == [(0, 1), (2, 3)] and t["same_architecture"] == [[0, 2]]
     jk = torch.from_numpy(np.array(mm["jackknife"], dtype=float))   # JSON null (the diagonal's NaN) → NaN

@@ -5562,7 +5562,9 @@ def test_report_is_never_silent_for_long(tmp_path, monkeypatch):
     monkeypatch.setattr(sr, "mlp_probe", slow_mlp)
 
     class Stamped(io.StringIO):
-        stamps: list = []
+        def __init__(self):
+            super().__init__()
+            self.stamps = []
 
         def write(self, s):
             self.stamps.append(time.monotonic())
