@@ -8283,8 +8283,10 @@ def _cmd_cka(args):
         _write_measures(out, res, f"n = {res['n']}, {args.tokens} tokens")
     print(f"CKA estimator: {_estimator_words(res)}; tokens {args.tokens}"
           + (f"; {res['ci']:.0%} intervals by the {res['interval']}" if res["ci"] else "; no intervals (--ci 0)"))
+    specs = list(dict.fromkeys(s for p in res["pairs"] for s in (p["a"], p["b"])))
+    short = dict(zip(specs, model_labels(specs), strict=True))   # the console names models as figures do
     for p in res["pairs"]:
-        print(f"\n{p['a']} (rows) vs {p['b']} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}"
+        print(f"\n{short[p['a']]} (rows) vs {short[p['b']]} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}"
               + (" [{:.3f}, {:.3f}]".format(*p["diagonal_mean_ci"]) if "diagonal_mean_ci" in p else "")
               + (f", permutation p = {p['diagonal_mean_p']:.3g}, calibrated {p['diagonal_mean_calibrated']:.3f}; "
                  f"the map's largest entry p = {p['max_p']:.3g} (family-wise over the map)"
@@ -8527,8 +8529,9 @@ def _write_layer_results(out: Path, kind: str, results: dict, meta: dict):
                        out / f"{kind}.png")
     print(f"{kind}: {meta['n_train']} training and {meta['n_val']} validation images; chance (majority class) "
           f"{meta['chance']:.3f}; [Wilson 95% interval]")
+    short = dict(zip(results, model_labels(list(results)), strict=True))
     for m, r in results.items():
-        print(f"\n{m}: {kind} accuracy per layer")
+        print(f"\n{short[m]}: {kind} accuracy per layer")
         w = max(len(layer) for layer in r)
         for layer, per in r.items():
             print(f"  {layer:>{w}}  top-1 {_with_ci(per, 'top1')}" + (f"  top-5 {_with_ci(per, 'top5')}"
