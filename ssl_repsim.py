@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""ssl_repsim: how the training objective shapes self-supervised Vision Transformers.
+"""ssl_repsim: how the training objective shapes self-supervised vision models.
 
 Load any released self-supervised ViT (MAE, BEiT, SimMIM, data2vec, DINO, DINOv2, DINOv3, iBOT, MoCo v3, MSN, I-JEPA,
 CAE, EVA-02; CLIP and SigLIP as language-supervised and DeiT / torchvision as supervised baselines), from its release
-file, a transformers / timm / open_clip folder or a Hugging Face hub id, into one plain ViT, extract what every layer
-and sub-layer computes, and compare models: CKA maps across all layer pairs, per-layer linear probes and k-NN,
+file, a transformers / timm / open_clip folder or a Hugging Face hub id, into one plain ViT — and the ResNet and
+ConvNeXt releases of the same objectives (MoCo v2/v3, DINO, SwAV, Barlow Twins, VICReg, SparK, ConvNeXt-V2 FCMAE)
+into one ResNet and one ConvNeXt — extract what every layer and sub-layer computes, and compare models: CKA maps across all layer pairs, per-layer linear probes and k-NN,
 fine-tuning with the published recipes, and the analyses of "Objectives Matter" (Shekhar et al. 2023).
 
     python ssl_repsim.py cka mae dino            # CKA map of two registered checkpoints on built-in synthetic data
@@ -825,7 +826,7 @@ def write_csv(path, header, rows) -> Path:
 
 
 # ======================================================================================================================
-# 2. Model: one pre-norm ViT covering every family's variant
+# 2. Model: one pre-norm ViT covering every family's variant, and a ResNet and a ConvNeXt beside it
 # ======================================================================================================================
 
 
