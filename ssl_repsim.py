@@ -1308,8 +1308,7 @@ class ConvNet(Backbone):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        modules = dict(self.named_modules())
-        return [modules[n] for n in self.block_names]
+        return [self.get_submodule(n) for n in self.block_names]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_map(x).flatten(2).transpose(1, 2)
@@ -1906,6 +1905,9 @@ def load_model(spec, family: str | None = None, *, weights_dir=None, offline: bo
         sd, family = convert_state_dict(obj, family or hints.get("family"), head)
         hints = _row_hints_that_fit(hints, sd, spec)
         arch = {**hints.get("arch", {}), **({"act": act} if act else {})}
+        if cnn_arch(sd) and (num_heads or act):
+            log.warning(f"notice: {given} is a CNN: {_opt('num_heads')} and {_opt('act')} set a ViT's heads and "
+                        "activation, and do not apply to it")
         cfg = infer_cnn_config(sd, family, **arch) if cnn_arch(sd) else infer_config(
             sd, family, num_heads=num_heads or hints.get("num_heads"), width_table=hints.get("width_table", True),
             **arch)
@@ -2981,8 +2983,8 @@ class DecodedImages:
             for t, batch in zip(targets, per_target if good else [[]] * len(targets), strict=True):
                 for i, im in zip(good, batch, strict=True):
                     key = self.key(items[i], t)
-                    old = self.images.get(key)
-                    self.held -= old.numel() if isinstance(old, torch.Tensor) else 0
+                    if key in self.images:
+                        continue
                     if self.held + im.numel() > self.budget:
                         return
                     self.images[key] = im.clone()
@@ -2998,14 +3000,15 @@ class DecodedImages:
                    for k, t in enumerate(targets)}
         except (KeyError, OSError):
             return None
-        out = []
-        for b in batches:
-            errors = [(i, got[i, 0]) for i in b if isinstance(got[i, 0], str)]
-            good = [i for i in b if not isinstance(got[i, 0], str)]
-            per_target = [[got[i, k] for i in good] for k in range(len(targets))] if good else []
-            out.append((b, [torch.stack(ims) if all(im.shape == ims[0].shape for im in ims) else ims
-                            for ims in per_target], errors))
-        return out
+
+        def batches_of():   # stacked one batch at a time, as they are asked for
+            for b in batches:
+                errors = [(i, got[i, 0]) for i in b if isinstance(got[i, 0], str)]
+                good = [i for i in b if not isinstance(got[i, 0], str)]
+                per_target = [[got[i, k] for i in good] for k in range(len(targets))] if good else []
+                yield b, [torch.stack(ims) if all(im.shape == ims[0].shape for im in ims) else ims
+                          for ims in per_target], errors
+        return batches_of()
 
 
 _DECODED: contextvars.ContextVar = contextvars.ContextVar("ssl_repsim_decoded_images", default=None)
@@ -3572,10 +3575,7 @@ def iter_features(model: ViT, batches, points=None, tokens: str = "all", device=
     device = as_device(device)
     dtype = _parse_dtype(dtype)
     official = eval_representation(model) if tokens == "official" else None
-    depth = len(model.blocks)
-    last = model.block_names[-1:] if isinstance(model, ConvNet) else \
-        [f"blocks.{i}" for i in range(max(0, depth - 4), depth)]
-    names = last if official else resolve_points(model, points)
+    names = _raw_points(model, points, tokens)
     modules = dict(model.named_modules())
     store = {}
     npre, has_cls = model.cfg.num_prefix, model.cfg.cls_token
@@ -3707,16 +3707,26 @@ class FeatureSession:
         return more if fits(more) else names if fits(names) else None
 
     def store(self, model, images: ImageSet, raw: dict, dtype):
+        """Keep `raw`, the tokens extract returned for `images`; beside what the entry for the same model, set of
+        origin and points holds already (another subset: train after validation), else in its place."""
         key = self.key(model, images, dtype)
-        self.held -= self.entries.pop(key, {}).get("size", 0)
+        rows = images.rows or range(len(images))
+        read = [r for i, r in enumerate(rows) if i not in images.unreadable]   # the rows extract returned
+        old = self.entries.pop(key, None)
+        self.held -= old["size"] if old else 0
+        if old and old["model"]() is model and set(old["points"]) == set(raw):
+            new = [k for k, r in enumerate(read) if r not in old["index"]]
+            raw = {n: torch.cat([old["points"][n], raw[n][new]]) for n in raw}
+            read = list(old["index"]) + [read[k] for k in new]   # the held rows, in order, then the new ones
+            unreadable = {**old["unreadable"], **{rows[i]: "unreadable" for i in images.unreadable}}
+        else:
+            raw = {n: v.clone() for n, v in raw.items()}
+            unreadable = {rows[i]: "unreadable" for i in images.unreadable}
         size = sum(v.numel() * v.element_size() for v in raw.values())
         if size > self.budget - self.held:
             return
-        rows = images.rows or range(len(images))
-        read = [r for i, r in enumerate(rows) if i not in images.unreadable]   # the rows extract returned
         self.entries[key] = dict(model=weakref.ref(model), index={r: k for k, r in enumerate(read)}, size=size,
-                                 points={n: v.clone() for n, v in raw.items()},
-                                 unreadable={rows[i]: "unreadable" for i in images.unreadable})
+                                 points=raw, unreadable=unreadable)
         self.held += size
 
 
@@ -6657,6 +6667,9 @@ def finetune_recipe(name: str, model: ViT | None = None) -> FinetuneConfig:
         values.update(rows.get(width, rows[default]))
         if values.get("layer_decay_type") == "group" and not isinstance(model, ConvNeXt):
             values["layer_decay_type"] = "single"   # the grouping is a ConvNeXt's: other models decay per block
+            log.warning(f"notice: recipe {name}: ConvNeXt's grouped layer decay does not apply to this model; its "
+                        f"decay {values.get('layer_decay')} is applied per block instead (set "
+                        f"{_opt('layer_decay')} for it)")
     return FinetuneConfig(recipe=name, **values)
 
 
@@ -7787,10 +7800,10 @@ def across_architectures(models, mm, level: float) -> dict | None:
     matrix: mean CKA of the pairs with one objective (REC or JE) in different architectures minus that of the REC–JE
     pairs within one architecture, with its interval and p from the jackknife over images (paired_contrast); None
     where the models hold no pair of either kind."""
-    kind, arch = _objective_of(models), _architecture_of(models)
-    pairs = list(itertools.combinations(range(len(models)), 2))
-    same_objective = [(i, j) for i, j in pairs if kind[i] == kind[j] in ("REC", "JE") and arch[i] != arch[j]]
-    same_architecture = [(i, j) for i, j in pairs if {kind[i], kind[j]} == {"REC", "JE"} and arch[i] == arch[j]]
+    within, across = _objective_pairs(models)
+    arch = _architecture_of(models)
+    same_objective = [(i, j) for i, j in within if arch[i] != arch[j]]
+    same_architecture = [(i, j) for i, j in across if arch[i] == arch[j]]
     if not same_objective or not same_architecture:
         return None
     c = paired_contrast(_cka_replicates(mm) or dict(matrix=mm["cka"]), same_objective, same_architecture, level)
@@ -8205,7 +8218,7 @@ def _model_meta(model: ViT) -> dict:
     path = src.get("path")
     src["sha256"] = file_sha256(path) if path and Path(path).is_file() else None
     src.update(objective=objective(model.family, src.get("fine_tuned", False)), layout=model.family,
-               architecture=model.cfg.arch if isinstance(model, ConvNet) else "vit", described=describe(model),
+               architecture=_architecture_of([model])[0], described=describe(model),
                depth=model.cfg.depth, width=model.cfg.embed_dim, heads=model.cfg.num_heads, patch=model.cfg.patch_size,
                registers=model.cfg.num_registers, input_size=model.input_size, preprocess=dict(model.preprocess),
                eval_repr=eval_representation(model),

@@ -632,6 +632,17 @@ def test_the_feature_session_never_answers_for_another_input(tmp_path):
         half = fresh(r, s1, "mean", dtype="bfloat16")
         with sr.feature_session(0):
             assert all(torch.equal(half[k], v) for k, v in fresh(r, s1, "mean", dtype="bfloat16").items())   # as asked
+        train, val = sr.split_train_val(s2, 0.25)
+        calls = []
+        real = sr._extract_many
+        sr._extract_many = lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
+        try:   # two subsets of one set are both kept (the second beside the first): the rest is read, not run
+            for subset in (val, train, val, train):
+                fresh(r, subset, "mean")
+                sr.extract(r, subset, tokens="official")
+        finally:
+            sr._extract_many = real
+        assert calls == [len(val), len(train)], calls
         ims = sr.load_images(str(folder))
         first = fresh(m, ims, "all")
         first["blocks.0"].zero_()                                    # the caller's copy, not the session's
