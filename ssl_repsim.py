@@ -6665,7 +6665,7 @@ def finetune_recipe(name: str, model: ViT | None = None) -> FinetuneConfig:
         if width not in rows:
             log.info(f"recipe {name}: no row for width {width}; using the width-{default} row")
         values.update(rows.get(width, rows[default]))
-        if values.get("layer_decay_type") == "group" and not isinstance(model, ConvNeXt):
+        if values.get("layer_decay_type") == "group" and model is not None and not isinstance(model, ConvNeXt):
             values["layer_decay_type"] = "single"   # the grouping is a ConvNeXt's: other models decay per block
             log.warning(f"notice: recipe {name}: ConvNeXt's grouped layer decay does not apply to this model; its "
                         f"decay {values.get('layer_decay')} is applied per block instead (set "
