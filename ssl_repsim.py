@@ -263,7 +263,14 @@ def _dense_kernels(sd: dict) -> dict:
         elif k.endswith("bias") and v.ndim == 2 and v.shape[0] == 1:
             v = v.reshape(-1)
         out[k] = v
-    return out
+    return _convnext_shapes(out)
+
+
+def _convnext_shapes(sd: dict) -> dict:
+    """A ConvNeXt's tensors in our shapes: GRN's γ, β stored (1, 1, 1, C) (official, transformers) → (C,), the MLP
+    stored as 1×1 convolutions (timm's atto…nano) → linear weights."""
+    return {k: v.reshape(-1) if re.search(r"\.grn\.(gamma|beta)$", k) else
+            v.flatten(1) if re.search(r"\.pwconv[12]\.weight$", k) and v.ndim == 4 else v for k, v in sd.items()}
 
 
 def _resnet_keys(o: dict) -> bool:
@@ -275,12 +282,13 @@ HF_RESNET_LAYOUT = Layout(lambda o: _any(o, r"^(resnet\.)?embedder\.embedder\.co
                           strip=r"^resnet\.", renames=HF_RESNET_RENAMES)
 TIMM_CONVNEXT_LAYOUT = Layout(lambda o: _is_state_dict(o) and "stem.0.weight" in o
                               and _any(o, r"^stages\.0\.blocks\.0\.conv_dw\.weight$"), prefix="",
-                              drop=r"^head\.pre_logits\.", renames=TIMM_CONVNEXT_RENAMES, named_only=True)   # MLP head
+                              drop=r"^head\.pre_logits\.", renames=TIMM_CONVNEXT_RENAMES, named_only=True,
+                              reshape=_convnext_shapes)   # the MLP head's pre_logits dropped
 HF_CONVNEXT_LAYOUT = Layout(lambda o: _any(o, r"^(convnext(v2)?\.)?embeddings\.patch_embeddings\.weight$")
                             and _any(o, r"^(convnext(v2)?\.)?encoder\.stages\.0\.layers\.0\.dwconv\.weight$"),
-                            prefix="", strip=r"^convnext(v2)?\.", renames=HF_CONVNEXT_RENAMES)
+                            prefix="", strip=r"^convnext(v2)?\.", renames=HF_CONVNEXT_RENAMES, reshape=_convnext_shapes)
 CONVNEXT_LAYOUT = Layout(lambda o: _is_state_dict(o) and _any(o, r"^stages\.0\.0\.dwconv\.weight$"), prefix="",
-                         named_only=True)
+                         named_only=True, reshape=_convnext_shapes)
 CNN_LAYOUTS = (TV_RESNET_LAYOUT, HF_RESNET_LAYOUT, TIMM_CONVNEXT_LAYOUT, HF_CONVNEXT_LAYOUT, CONVNEXT_LAYOUT)
 SHARED_LAYOUTS = (HF_LAYOUT, HF_CLIP_LAYOUT, TIMM_EVA_LAYOUT, FLAT_LAYOUT, *CNN_LAYOUTS)
 
@@ -301,9 +309,10 @@ FAMILIES: dict[str, Family] = {
                                    pick="model", prefix="encoder.", only_prefix=True, renames=FCMAE_RENAMES,
                                    reshape=_dense_kernels),)),   # ConvNeXt-V2 pretrained: decoder, mask, pred dropped
     "convnextv2": Family("REC+FT", (Layout(lambda o: _any(_sub(o, "model"), r"^stages\.0\.0\.grn\.gamma$"),
-                                           pick="model", prefix="", drop=r"^head\."),), hf_model_types=("convnextv2",)),
+                                           pick="model", prefix="", drop=r"^head\.", reshape=_convnext_shapes),),
+                                hf_model_types=("convnextv2",)),
     "convnext": Family("SUP", (Layout(lambda o: _any(_sub(o, "model"), r"^stages\.0\.0\.dwconv\.weight$"), pick="model",
-                                      prefix="", drop=r"^head\."),), hf_model_types=("convnext",)),
+                                      prefix="", drop=r"^head\.", reshape=_convnext_shapes),), hf_model_types=("convnext",)),
     "resnet": Family("SUP", interp="bilinear", hf_model_types=("resnet",)),   # torchvision / timm / transformers
     "ibot": Family("HYB", (Layout(lambda o: "teacher" in o and ("ibot_loss" in o
                                                                 or _any(_sub(o, "teacher"), r"last_layer2")),
@@ -1299,9 +1308,9 @@ class ConvNet(Backbone):
     """What the two CNNs share with the ViT's interface: the final map as tokens (N, H·W, C), the pooled
     representation, a head, and their residual blocks in order (`block_names`, by module path)."""
 
-    def _setup(self, cfg: CNNConfig, width: int):
+    def _setup(self, cfg: CNNConfig):
         self.cfg, self.family = cfg, cfg.family
-        self.head = nn.Linear(width, cfg.num_classes) if cfg.num_classes else None
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else None
         self.input_size, self.source = cfg.img_size, dict(spec=cfg.family or cfg.arch, path=None, family=cfg.family)
         self.preprocess = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interp="bicubic", crop_pct=0.875,
                                crop_mode="center")
@@ -1330,7 +1339,7 @@ class ResNet(ConvNet):
             self.stage_names.append(f"layer{s + 1}")
             cin = cout
         self.stem_name = "maxpool"
-        self._setup(cfg, cin)
+        self._setup(cfg)
         self.eval()
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -1359,7 +1368,7 @@ class ConvNeXt(ConvNet):
         self.norm = nn.LayerNorm(w[-1], eps=cfg.final_eps) if cfg.final_norm else None
         self.block_names = [f"stages.{s}.{j}" for s, n in enumerate(cfg.depths) for j in range(n)]
         self.stage_names, self.stem_name = [f"stages.{s}" for s in range(len(w))], "downsample_layers.0"
-        self._setup(cfg, w[-1])
+        self._setup(cfg)
         self.eval()
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -1683,9 +1692,6 @@ def convert_state_dict(obj: dict, family: str | None = None, head: bool = False)
     if not head:
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
     out = layout.reshape(out) if layout.reshape else out
-    out = {k: v.reshape(-1) if re.search(r"\.grn\.(gamma|beta)$", k) else   # official / transformers (1, 1, 1, C)
-           v.flatten(1) if re.search(r"\.pwconv[12]\.weight$", k) and v.ndim == 4 else v   # timm's 1×1-conv MLPs
-           for k, v in out.items()}
     return _token_shapes(_fuse_mlp(_fuse_qkv(out))), family
 
 
@@ -3404,10 +3410,10 @@ CNN_SUBLAYERS = {"resnet": ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "con
                  "convnext": ("dwconv", "norm", "pwconv1", "act", "grn", "pwconv2")}
 
 
-def cnn_point_shapes(model: ConvNet, size: int | None = None) -> dict[str, tuple[int, int]]:
-    """(positions, channels) of every module a CNN's forward runs, at input size `size` (default: its own), from a
-    forward on the meta device: exact, and free (no weights, no memory)."""
-    return _cnn_point_shapes(json.dumps(dataclasses.asdict(model.cfg)), size or model.input_size)
+def cnn_point_shapes(model: ConvNet) -> dict[str, tuple[int, int]]:
+    """(positions, channels) of every module a CNN's forward runs at its input size, from a forward on the meta
+    device: exact, and free (no weights, no memory); remembered per config and size."""
+    return _cnn_point_shapes(json.dumps(dataclasses.asdict(model.cfg)), model.input_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -6776,6 +6782,9 @@ def _prepare_for_finetuning(model: ViT, cfg: FinetuneConfig, num_classes: int):
     if isinstance(model, ConvNeXt) and model.norm is None:
         model.norm = nn.LayerNorm(model.cfg.embed_dim, eps=model.cfg.final_eps).to(next(model.parameters()).device)
         model.cfg = dataclasses.replace(model.cfg, final_norm=True)
+    if isinstance(model, ConvNet) and (cfg.global_pool or cfg.untie_rel_pos):
+        log.warning("notice: global_pool and untie_rel_pos are a ViT's: a CNN pools its last map globally and has "
+                    "no relative-position bias")
     if cfg.global_pool and not isinstance(model, ConvNet):
         _use_global_pool(model)
     if cfg.untie_rel_pos and not isinstance(model, ConvNet):
