@@ -2590,8 +2590,6 @@ def _whole_container(path) -> bool:
         return head[:1] == b"\x80" and f.read(1) == b"."                   # pickle: PROTO ... STOP
 
 
-
-
 def _git_blob_sha1(path) -> str:
     """The git blob id of a file (sha1 of "blob <size>\0" + bytes): the Hub's ETag of a regular file."""
     data = Path(path).read_bytes()
@@ -5090,6 +5088,13 @@ def permuted(state, how: str, perm: torch.Tensor):
 # --- every measure's maps with intervals over images and a permutation null ----------------------------------------
 
 CALIBRATION_ALPHA = 0.05
+NULLS = ("moments", "exact")   # the CKA null: analytic from the exact permutation moments, or K permutations
+NULL_MOMENTS_SAID = (
+    "analytic: the second model's images permuted (one permutation for all its layers), each entry's null a Pearson "
+    "type III with the permutation distribution's exact mean, variance and skewness; the matched-layer mean's with its "
+    "exact variance and an approximate skewness; p its upper tail; calibrated score of Gröger et al. 2026 at "
+    f"α = {CALIBRATION_ALPHA} (τ its 95% quantile); max_p: the union bound over the map's entries at its largest "
+    "(family-wise)")
 
 
 def calibration(observed: torch.Tensor, null: torch.Tensor, smax: float = 1.0, alpha: float = CALIBRATION_ALPHA):
@@ -5102,6 +5107,89 @@ def calibration(observed: torch.Tensor, null: torch.Tensor, smax: float = 1.0, a
     cal = ((observed - tau) / (smax - tau).clamp_min(1e-12)).clamp(0, 1)
     undefined = observed.isnan() | null.isnan().any(0)          # a constant layer: no value, so no p-value either
     return p.masked_fill(undefined, float("nan")), cal.masked_fill(undefined, float("nan")), tau
+
+
+# --- the analytic permutation null of debiased CKA: its first three moments, exact, and a Pearson type III --------
+
+# E T³ of T = Σ_{i≠j} Ã_ij B̃_π(i)π(j), π a uniform permutation of the n images and Ã, B̃ U-centred Grams (zero diagonal,
+# zero row sums): Σ_v [c₁ t_A t_B + c₂ (t_A s_B + s_A t_B) + c₃ s_A s_B] / (n)_v over the v distinct images of a term,
+# t = tr X³, s = Σ_ij X_ij³ (Möbius inversion over the partitions of the six indices; checked against all 7!
+# permutations). For three layers under one permutation, E[T₁T₂T₃] is the same with t = tr X₁X₂X₃, s = Σ X₁∘X₂∘X₃.
+THIRD_MOMENT_TERMS = {2: (0, 0, 4), 3: (8, 0, 24), 4: (24, -24, 80), 5: (48, -96, 192), 6: (64, -128, 256)}
+
+
+def permutation_moments(n: int, ta, sa, tb, sb):
+    """(sd, skewness) of debiased CKA under permutation of one model's images, between unit-norm U-centred states
+    with cube invariants (ta, sa) and (tb, sb) (tensors broadcast): E T = 0, E T² = 2‖Ã‖²‖B̃‖² / (n(n − 3)), E T³ as
+    THIRD_MOMENT_TERMS."""
+    var = 2 / (n * (n - 3))
+    third = sum((c1 * ta * tb + c2 * (ta * sb + sa * tb) + c3 * sa * sb) / math.prod(float(n - k) for k in range(v))
+                for v, (c1, c2, c3) in THIRD_MOMENT_TERMS.items())
+    return math.sqrt(var), third / var ** 1.5
+
+
+def pearson3_tail(x, sd, skew) -> torch.Tensor:
+    """P(X ≥ x) for X of mean 0, standard deviation sd and skewness γ as a Pearson type III: sign(γ)·θ(G − k) with G
+    gamma of shape k = 4/γ² and θ = sd·|γ|/2 (the normal where |γ| < 1e-6)."""
+    x, sd, skew = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64) for v in (x, sd, skew)))
+    z = x / sd
+    flat = skew.abs() < 1e-6
+    g = torch.where(flat, torch.ones_like(skew), skew)
+    k = 4 / g ** 2
+    w = (k + 2 * z / g).clamp_min(0)
+    tail = torch.where(g > 0, torch.special.gammaincc(k, w), torch.special.gammainc(k, w))
+    return torch.where(flat, 0.5 * torch.special.erfc(z / math.sqrt(2)), tail)
+
+
+def pearson3_quantile(q: float, sd, skew) -> torch.Tensor:
+    """The q-quantile of pearson3_tail's distribution, by bisection (so a quantile and its tail always agree)."""
+    sd, skew = torch.broadcast_tensors(torch.as_tensor(sd, dtype=torch.float64), torch.as_tensor(skew,
+                                                                                                dtype=torch.float64))
+    lo, hi = torch.full_like(sd, -50.0), torch.full_like(sd, 50.0)      # in units of sd: far past any useful q
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        above = pearson3_tail(mid * sd, sd, skew) > 1 - q
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2 * sd
+
+
+def moment_calibration(observed, sd, skew, smax: float = 1.0, alpha: float = CALIBRATION_ALPHA):
+    """calibration() against a Pearson type III null of the given moments: p its upper tail at the observed value,
+    τ its (1 − α) quantile, calibrated = clip((obs − τ) / (smax − τ), 0, 1). Returns (p, calibrated, τ)."""
+    observed = torch.as_tensor(observed, dtype=torch.float64)
+    p = pearson3_tail(observed, sd, skew)
+    tau = pearson3_quantile(1 - alpha, sd, skew)
+    cal = ((observed - tau) / (smax - tau).clamp_min(1e-12)).clamp(0, 1)
+    undefined = observed.isnan() | torch.as_tensor(skew).isnan()
+    return p.masked_fill(undefined, float("nan")), cal.masked_fill(undefined, float("nan")), tau
+
+
+def _trace_cube_lowrank(x: torch.Tensor) -> tuple[float, float]:
+    """(tr Ã³, ‖Ã‖²) of the U-centred linear Gram Ã of x (n × d) in O(n d²), never forming Ã: Ã = M − diag M with
+    M = F Gᵀ, F = [x, r, 1], G = [x, −1/(n − 2), c − r/(n − 2)], r_i = Σ_{j≠i} x_i·x_j, c = Σr / ((n − 1)(n − 2));
+    with C = GᵀF and D = diag M: tr Ã³ = tr C³ − 3 Σ_i D_i f_iᵀ C g_i + 2 Σ D_i³ and ‖Ã‖² = tr C² − Σ D_i²."""
+    n, x = len(x), x.double()
+    sq = (x * x).sum(1)
+    r = x @ x.sum(0) - sq
+    c = r.sum() / ((n - 1) * (n - 2))
+    one = torch.ones(n, 1, dtype=torch.float64)
+    f = torch.cat([x, r[:, None], one], 1)
+    g = torch.cat([x, -one / (n - 2), c - r[:, None] / (n - 2)], 1)
+    cc = g.T @ f
+    d = (f * g).sum(1)
+    trace = torch.trace(cc @ cc @ cc) - 3 * (d * ((f @ cc) * g).sum(1)).sum() + 2 * (d ** 3).sum()
+    return float(trace), float((cc * cc.T).sum() - (d * d).sum())
+
+
+def cube_invariants(state: torch.Tensor, x: torch.Tensor | None = None) -> tuple[float, float]:
+    """(tr S³, Σ_ij S_ij³) of a unit-norm U-centred Gram S. Given the linear kernel's features x (n, d) with 4d < n,
+    tr S³ comes from them in O(n d²) (_trace_cube_lowrank) instead of the n³ product."""
+    s = float(state.double().pow(3).sum())
+    if x is not None and 4 * _flat64(x).shape[1] < len(state):
+        trace, sq = _trace_cube_lowrank(_flat64(x))
+        return (trace / sq ** 1.5 if sq > 0 else 0.0), s
+    s32 = state.double() if len(state) <= 1024 else state.float()   # float32 past that: the skewness needs no more
+    return float(((s32 @ s32) * s32).double().sum()), s
 
 
 def _score_map(m: Measure, sa: list, sb: list) -> torch.Tensor:
@@ -5212,15 +5300,16 @@ def _measure_matrix(name: str, specs, at, results: dict, entries: dict, ci: floa
 
 def measures_info(names, permutations, ci: float) -> dict:
     """How each measure's numbers are to be read: range, invariances, chance, interval and null (`permutations`: a
-    count for all, or {name: count})."""
+    count for all, or {name: count}; "moments": the comparison's analytic CKA null)."""
     k = permutations if isinstance(permutations, dict) else dict.fromkeys(names, permutations)
     return {n: dict(id=MEASURES[n].resi_id, cite=MEASURES[n].cite, range=list(MEASURES[n].range),
                     invariance=list(MEASURES[n].invariance), symmetric=MEASURES[n].symmetric,
                     interval=f"delete-a-group jackknife over images ({JACKKNIFE_GROUPS} groups), logit scale where "
                              "the range is bounded, t quantile, within "
                              "the range" if ci else None,
-                    null=f"{k[n]} permutations of the second model's images (the same for all its layers); "
-                         f"calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}" if k[n] else None)
+                    null=NULL_MOMENTS_SAID if k[n] == "moments" else
+                    f"{k[n]} permutations of the second model's images (the same for all its layers); "
+                    f"calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}" if k[n] else None)
             for n in names}
 
 
@@ -5294,10 +5383,13 @@ def _comparison(specs, names, at, maps, spreads, n, ci, estimator, **extra) -> d
 
 def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=None, kernel="linear",
                      rbf_threshold=1.0, model_point: str | None = None, ci: float = 0.95, measures=None,
-                     permutations: int = 200, seed: int = 0) -> dict:
+                     permutations: int = 200, seed: int = 0, null: str = "moments") -> dict:
     """compare_models() for features already extracted (each a {point: (n, d)} dict on the same samples in the same
-    order, see aligned_features): the debiased estimator unless `estimator` = "biased"; `measures` as there."""
+    order, see aligned_features): the debiased estimator unless `estimator` = "biased"; `measures` and `null` as
+    there."""
     measures = _checked_measures(measures, permutations)
+    if null not in NULLS:
+        raise UsageError(f"unknown null {null!r}: choose {', '.join(NULLS)}")
     estimator = {None: "debiased", "auto": "debiased", "full": "biased"}.get(estimator, estimator)
     if estimator not in ("biased", "debiased"):
         raise UsageError(f"features in memory: {_opt('estimator')} biased or debiased (auto = debiased), not "
@@ -5316,18 +5408,22 @@ def compare_features(feature_sets: list[dict], specs: list[str], *, estimator=No
     if held > GRAM_BUDGET_BYTES:
         log.warning(f"notice: no permutation null: every model's n × n Grams would hold {held / 2 ** 30:.1f} GiB, more "
                     f"than the {GRAM_BUDGET_BYTES / 2 ** 30:.0f} GiB budget (fewer {_opt('n')} or {_opt('points')})")
-    k = 0 if held > GRAM_BUDGET_BYTES else _null_size("cka", permutations, pairs, feature_sets, n)
+    analytic = null == "moments" and estimator == "debiased" and bool(permutations)   # costs no permutation
+    k = 0 if held > GRAM_BUDGET_BYTES else permutations if analytic else _null_size("cka", permutations, pairs,
+                                                                                      feature_sets, n)
     if 0 < k < permutations or (permutations and not k and held <= GRAM_BUDGET_BYTES):
         log.warning(f"notice: {permutations} permutations of {len(pairs)} CKA maps at n = {n} would take "
                     f"{permutations * per_permutation / 1e12:.1f} TFLOP: "
                     + (f"the null rests on {k} (the smallest p-value is 1/{k + 1})" if k else "no permutation null")
                     + f" (lower {_opt('permutations')} or fewer {_opt('points')})")
     if k:
-        _with_cka_null(out, feature_sets, at, pairs, k, seed, estimator == "debiased", kernel, rbf_threshold)
+        _with_cka_null(out, feature_sets, at, pairs, k, seed, estimator == "debiased", kernel, rbf_threshold, null)
     elif permutations:
-        out["null"] = f"none: {per_permutation / 1e12:.2f} TFLOP per permutation, over NULL_BUDGET_FLOPS"
+        out["null"] = ("none: the Grams are over GRAM_BUDGET_BYTES" if held > GRAM_BUDGET_BYTES else
+                       f"none: {per_permutation / 1e12:.2f} TFLOP per permutation, over NULL_BUDGET_FLOPS")
     same = bool(k) and estimator == "debiased" and kernel == "linear" and k == permutations
-    return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed, reuse_cka_null=same)
+    return _with_measures(out, feature_sets, specs, at, pairs, measures, permutations, ci, seed,
+                          reuse_cka_null="moments" if same and analytic else same)
 
 
 def _cka_as_measure(debiased: bool, kernel: str, rbf_threshold: float) -> Measure:
@@ -5339,31 +5435,77 @@ def _cka_as_measure(debiased: bool, kernel: str, rbf_threshold: float) -> Measur
     return dataclasses.replace(MEASURES["cka"], prep=prep)
 
 
+def _null_invariants(states: list, feats: dict | None) -> dict:
+    """What the analytic null needs of one model's layers: each unit-norm state's cube invariants (t, s) and the
+    layers' inner products ⟨S_k, S_l⟩ (the covariances of their nulls under one permutation)."""
+    xs = list(feats.values()) if feats is not None else [None] * len(states)
+    inv = [cube_invariants(s, x) for s, x in zip(states, xs, strict=True)]
+    flat = torch.stack([s.flatten().float() for s in states])
+    return dict(t=torch.tensor([v[0] for v in inv], dtype=torch.float64),
+                s=torch.tensor([v[1] for v in inv], dtype=torch.float64), inner=(flat @ flat.T).double())
+
+
+def _moment_null_entry(entry: dict, ia: dict, ib: dict, n: int):
+    """A pair's p-values and calibrated scores from the analytic null: every entry's own Pearson III (exact sd and
+    skewness); the matched-layer mean's from its exact variance under one permutation for all of b's layers,
+    Var = sd² · mean_{kl} ⟨A_k, A_l⟩⟨B_k′, B_l′⟩, and the entries' mean skewness scaled by its sd / sd (exact when
+    the layers' nulls are equal or independent); max_p the union bound Σ P(T_kl ≥ the map's largest entry)."""
+    est = torch.as_tensor(entry["cka"], dtype=torch.float64)
+    sd, skew = permutation_moments(n, ia["t"][:, None], ia["s"][:, None], ib["t"][None], ib["s"][None])
+    entry["cka_p"], entry["cka_calibrated"], _ = moment_calibration(est, sd, skew)
+    matched = matched_pairs(*est.shape)
+    r, c = torch.tensor([e[0] for e in matched]), torch.tensor([e[1] for e in matched])
+    shrink = math.sqrt(max(float((ia["inner"][r][:, r] * ib["inner"][c][:, c]).mean()), 0.0))
+    p, cal, _ = moment_calibration(torch.tensor(entry["diagonal_mean"]), sd * shrink, skew[r, c].mean() * shrink)
+    entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
+    finite = est.isfinite()
+    entry["max_p"] = min(1.0, float(pearson3_tail(est[finite].max(), sd, skew[finite]).sum())) if finite.any() \
+        else float("nan")
+
+
+def _exact_null_entry(entry: dict, sa: list, sb: list, m: Measure, permutations: int, seed: int, n: int):
+    """A pair's p-values and calibrated scores from `permutations` null maps: b's images permuted, one permutation
+    for all its layers (the matched-layer mean's null is the mean of each null map there; max_p compares the map's
+    largest entry with each null map's largest)."""
+    null = measure_maps({}, {}, "cka", permutations=permutations, seed=seed, prepared=((sa, None), (sb, None)),
+                        measure_row=m, n=n)["null"]
+    est = torch.as_tensor(entry["cka"], dtype=torch.float64)
+    entry["cka_p"], entry["cka_calibrated"], _ = calibration(est, null)
+    matched = matched_pairs(*est.shape)
+    r, c = torch.tensor([e[0] for e in matched]), torch.tensor([e[1] for e in matched])
+    p, cal, _ = calibration(torch.tensor(entry["diagonal_mean"]), null[:, r, c].mean(-1))
+    entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
+    finite = est.isfinite()                              # the largest defined entry, against the null's
+    entry["max_p"] = float(calibration(est[finite].max(), null[:, finite].max(1).values)[0]) if finite.any() \
+        else float("nan")
+
+
 def _with_cka_null(out: dict, feats, at, pairs, permutations: int, seed: int, debiased: bool, kernel: str,
-                   rbf_threshold: float):
-    """Permutation p-values and calibrated scores (Gröger et al. 2026) beside every CKA map and summary: `cka_p`,
-    `cka_calibrated` (same shape as `cka`), `diagonal_mean_p` / `_calibrated` (its null: the mean of each null map
-    over the matched layers, one permutation for all of b's layers), `max_p` (the map's largest entry against each
-    null map's largest: family-wise over the layer pairs searched); `cka_p` / `cka_calibrated` in the model matrix."""
+                   rbf_threshold: float, null: str = "moments"):
+    """p-values and calibrated scores (Gröger et al. 2026) beside every CKA map and summary: `cka_p`, `cka_calibrated`
+    (same shape as `cka`), `diagonal_mean_p` / `_calibrated`, `max_p` (family-wise over the map); `cka_p` /
+    `cka_calibrated` in the model matrix. The null permutes b's images, one permutation for all its layers: for
+    debiased CKA with null "moments" a Pearson III of its exact first three moments (_moment_null_entry), else
+    `permutations` permutations (_exact_null_entry)."""
     m = _cka_as_measure(debiased, kernel, rbf_threshold)
-    states = {k: ([m.prep(f) for f in feats[k].values()], None) for k in {k for p in pairs for k in p}}
+    used = sorted({k for p in pairs for k in p})
+    states = {k: [m.prep(f) for f in feats[k].values()] for k in used}
+    analytic = null == "moments" and debiased
+    if analytic:
+        with step(f"the analytic CKA null: cube invariants of {sum(len(states[k]) for k in used)} layers"):
+            inv = {k: _null_invariants(states[k], feats[k] if kernel == "linear" else None) for k in used}
     mm = out["model_matrix"]
     mm["cka_p"], mm["cka_calibrated"] = (torch.full_like(mm["cka"], float("nan")) for _ in range(2))
     for (i, j), entry in zip(pairs, out["pairs"], strict=True):
-        null = measure_maps({}, {}, "cka", permutations=permutations, seed=seed, prepared=(states[i], states[j]),
-                            measure_row=m, n=len(next(iter(feats[i].values()))))["null"]
-        est = torch.as_tensor(entry["cka"], dtype=torch.float64)
-        entry["cka_p"], entry["cka_calibrated"], _ = calibration(est, null)
-        matched = matched_pairs(*est.shape)
-        r, c = torch.tensor([e[0] for e in matched]), torch.tensor([e[1] for e in matched])
-        p, cal, _ = calibration(torch.tensor(entry["diagonal_mean"]), null[:, r, c].mean(-1))
-        entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
-        finite = est.isfinite()                              # the largest defined entry, against the null's
-        entry["max_p"] = float(calibration(est[finite].max(), null[:, finite].max(1).values)[0]) if finite.any() \
-            else float("nan")
+        n = len(next(iter(feats[i].values())))
+        if analytic:
+            _moment_null_entry(entry, inv[i], inv[j], n)
+        else:
+            _exact_null_entry(entry, states[i], states[j], m, permutations, seed, n)
         for key in ("cka_p", "cka_calibrated"):
             mm[key][i, j] = mm[key][j, i] = entry[key][at[i], at[j]]
-    out["null"] = (f"{permutations} permutations of the second model's images, the same for all its layers; p = (1 + "
+    out["null"] = (NULL_MOMENTS_SAID if analytic else
+                   f"{permutations} permutations of the second model's images, the same for all its layers; p = (1 + "
                    f"#null ≥ observed) / (K + 1); calibrated score of Gröger et al. 2026 at α = {CALIBRATION_ALPHA}; "
                    "max_p: the map's largest entry against each null map's largest (family-wise over the map)")
 
@@ -5371,14 +5513,18 @@ def _with_cka_null(out: dict, feats, at, pairs, permutations: int, seed: int, de
 def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="flat", estimator=None,
                    kernel="linear", rbf_threshold=1.0, batch_size=32, device=None, dtype=None, cache_dir=None,
                    progress=False, group=None, model_point: str | None = None, ci: float = 0.95,
-                   ci_resamples: int = 1000, seed: int = 0, measures=None, permutations: int = 200) -> dict:
+                   ci_resamples: int = 1000, seed: int = 0, measures=None, permutations: int = 200,
+                   null: str = "moments") -> dict:
     """CKA maps of every pair of models (each extracted once) and the models×models matrix at `model_point`
     (default: each model's last point; "last"/"first" or a point name present in every model's list). estimator
     None = auto (see choose_estimator: always an unbiased one). With ci > 0 every map and summary carries a
     `ci`-level interval: bootstrap over batches for minibatch, the delete-a-group jackknife over images otherwise.
     Under torch.distributed each process takes whole minibatches i ≡ rank (mod world): minibatch sums are
     all-reduced, full-batch features gathered, so every estimator equals the single-process result. `measures`
-    (MEASURES names) adds each measure's maps, intervals, permutation p-values and calibrated scores (measure_maps)."""
+    (MEASURES names) adds each measure's maps, intervals, permutation p-values and calibrated scores (measure_maps).
+    Every CKA map and summary carries a p-value and calibrated score against "no relation" (0 `permutations`: none):
+    for debiased CKA with `null` "moments" from its permutation distribution's exact moments, else from
+    `permutations` permutations of the second model's images (see _with_cka_null)."""
     measures = _checked_measures(measures, permutations)
     names = [resolve_points(m, points) for m in models]
     at = [_point_index(n, model_point) for n in names]
@@ -5396,7 +5542,8 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     if estimator != "minibatch":   # features in memory: the one path compare_features takes
         feats = cached_extract_many(models, images, names, tokens, cache_dir=cache_dir, **run)
         return compare_features(feats, specs, estimator=estimator, kernel=kernel, rbf_threshold=rbf_threshold,
-                                model_point=model_point, ci=ci, measures=measures, permutations=permutations, seed=seed)
+                                model_point=model_point, ci=ci, measures=measures, permutations=permutations, seed=seed,
+                                null=null)
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
     maps, spreads, n = _minibatch_maps(models, images, names, pairs, tokens, resamples=ci_resamples if ci else 0,
                                        seed=seed, **run)
@@ -5438,11 +5585,11 @@ def _checked_measures(measures, permutations: int) -> list[str]:
 
 
 def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], permutations: int, ci: float,
-                   seed: int, reuse_cka_null: bool = False) -> dict:
+                   seed: int, reuse_cka_null: bool | str = False) -> dict:
     """A comparison's result with every measure's entries added: per pair `measures` {name: _measure_entry}, and
     `model_matrix["measures"]` {name: _measure_matrix}; `measures` at the top says how to read each. Each null is
     as large as its budget affords (_null_size, said); with reuse_cka_null the cka measure takes the comparison's
-    own CKA null (the same statistic) instead of computing it again."""
+    own CKA null (the same statistic) instead of computing it again ("moments": that null is the analytic one)."""
     if not measures:
         return out
     n, sizes = len(next(iter(feats[0].values()))), {}
@@ -5467,7 +5614,7 @@ def _with_measures(out: dict, feats, specs, at, pairs, measures: list[str], perm
             entry.setdefault("measures", {})[name] = e
         out["model_matrix"].setdefault("measures", {})[name] = _measure_matrix(name, specs, at, results, entries, ci)
         if reuse:
-            sizes[name] = permutations
+            sizes[name] = "moments" if reuse_cka_null == "moments" else permutations
     out["measures"] = measures_info(measures, sizes, ci)
     return out
 
@@ -7276,6 +7423,9 @@ class AnalysisOptions:
                                f"{', '.join(MEASURES)}, or all): does the finding survive the measure?")
     permutations: int = _field(200, "permutations behind each measure's p-value and calibrated score (0 = none)",
                                range=(0, 100000))
+    null: str = _field("moments", "CKA's null against no relation: moments = the permutation distribution's exact "
+                                  "mean, variance and skewness (a Pearson III; debiased CKA), exact = --permutations "
+                                  "permutations", choices=NULLS)
     batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
@@ -7335,7 +7485,7 @@ def gap_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, lis
     run = dict(batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir)
     res = compare_models(models, images, points="all", tokens=opts.tokens, estimator=opts.estimator,
                          progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
-                         permutations=opts.permutations, **run)
+                         permutations=opts.permutations, null=opts.null, **run)
     readings, figures = left_out, {}
     norm_pts = [[p for p in resolve_points(m, "sublayers") if p.endswith(("norm1", "norm2"))] for m in models]
     feats = [cached_extract(m, images, pts, "mean", **run) for m, pts in zip(models, norm_pts, strict=True)]
@@ -7663,7 +7813,7 @@ def overview_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict
     res = compare_models(models, images, points="blocks", tokens=opts.tokens, estimator=opts.estimator,
                          batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir,
                          progress=opts.progress, ci=opts.ci, ci_resamples=opts.ci_resamples, seed=opts.seed,
-                         measures=opts.measures or None, permutations=opts.permutations)
+                         measures=opts.measures or None, permutations=opts.permutations, null=opts.null)
     mm = res["model_matrix"]
     readings = [f"Estimator {res['estimator']} (n = {res['n']} images"
                 + (f" in batches of {res['batch_size']}" if res["batch_size"] else "") + f"), {opts.tokens} tokens"
@@ -7877,11 +8027,11 @@ class Analysis:
 ANALYSES: dict[str, Analysis] = {
     "overview": Analysis(overview_analysis, "CKA between the models",
                          "CKA maps of every pair at the block outputs and the model × model matrix, by objective",
-                         ("tokens", "estimator", "ci", "ci_resamples", "measures", "permutations", "batch_size",
+                         ("tokens", "estimator", "ci", "ci_resamples", "measures", "permutations", "null", "batch_size",
                           "device", "dtype", "cache_dir", "seed"), min_models=2, command=False),
     "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
                     "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
-                    ("tokens", "estimator", "ci", "ci_resamples", "permutations", "batch_size", "device", "dtype",
+                    ("tokens", "estimator", "ci", "ci_resamples", "permutations", "null", "batch_size", "device", "dtype",
                      "cache_dir", "seed"), min_models=2),
     "info": Analysis(info_analysis, "Information distribution",
                      "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
@@ -8282,7 +8432,8 @@ def _cmd_cka(args):
         raise UsageError("cka needs at least two models")
     t0 = time.time()
     final = _out_dir(args, "cka")            # every option and the data checked before any model is read
-    measures = dict(measures=_checked_measures(args.measures, args.permutations), permutations=args.permutations)
+    measures = dict(measures=_checked_measures(args.measures, args.permutations), permutations=args.permutations,
+                    null=args.null)
     files = [is_feature_file(spec) for spec in args.models]
     res, models_meta, data_meta = (_cka_of_feature_files if any(files) else _cka_of_models)(args, files, measures)
     n_models = len(args.models)
@@ -9182,7 +9333,6 @@ def _ranged(kind, lo=None, hi=None, bounds: str = "[]"):
     return parse
 
 
-
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Each option's default after its help (where it has one worth showing); descriptions and examples as written."""
 
@@ -9317,6 +9467,9 @@ def _add_cka_command(sub):
                                       "scores")
     p.add_argument("--permutations", type=_ranged(int, 0, 100000), default=200,
                    help="permutations of the null behind each measure's p-value and calibrated score (0 = none)")
+    p.add_argument("--null", choices=NULLS, default="moments",
+                   help="CKA's null against no relation: moments = the permutation distribution's exact mean, variance "
+                        "and skewness (a Pearson III; debiased CKA; default), exact = --permutations permutations")
     _add_flags(p, *MODEL_FLAGS, *DATA_FLAGS, "batch_size", "seed", "device", "dtype", "cache_dir", "out", *ALWAYS)
     p = _subcommand(sub, "extract", _cmd_extract, "features of one model at named points, to a file",
                     "Extract one model's features at --points (with --tokens) on --data into a safetensors feature "

@@ -6639,7 +6639,7 @@ def test_cka_maps_carry_permutation_p_values_and_calibrated_scores_computed_by_h
     K, alpha = 19, 0.05
     for estimator, kernel in (("debiased", "linear"), ("biased", "linear"), ("debiased", "rbf")):
         res = sr.compare_features([fa, fb], ["A", "B"], estimator=estimator, kernel=kernel, ci=0, permutations=K,
-                                  seed=3)
+                                  seed=3, null="exact")
         pair = res["pairs"][0]
         gen = torch.Generator().manual_seed(3 + 1)
         perms = [torch.randperm(30, generator=gen).numpy() for _ in range(K)]
@@ -6669,14 +6669,92 @@ def test_cka_p_values_are_uniform_under_independence_and_small_for_a_dependent_p
         g = torch.Generator().manual_seed(seed)
         x, y = torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
         ps.append(float(sr.compare_features([{"x": x}, {"y": y}], ["x", "y"], ci=0, permutations=K,
-                                            seed=seed)["pairs"][0]["cka_p"][0, 0]))
+                                            seed=seed, null="exact")["pairs"][0]["cka_p"][0, 0]))
     grid = np.arange(1, K + 2) / (K + 1)
     ks = np.abs(np.searchsorted(np.sort(ps), grid + 1e-12, side="left") / len(ps) - grid).max()
     assert ks < 1.63 / np.sqrt(200), ks
     x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dep = sr.compare_features([{"x": x}, {"y": x @ torch.randn(6, 4, dtype=torch.float64) + 0.3 * torch.randn(20, 4, dtype=torch.float64)}],
-                              ["x", "y"], ci=0, permutations=K)
+                              ["x", "y"], ci=0, permutations=K, null="exact")
     assert float(dep["pairs"][0]["cka_p"][0, 0]) == pytest.approx(1 / (K + 1))
+
+
+def test_the_analytic_null_has_the_permutation_distributions_exact_moments():
+    """Issue 22 item 4, the analytic null: at n = 7 all 5,040 permutations of b's images are enumerated with the
+    test's own U-centring; their CKAs' variance and skewness (and, for two layers under one permutation, their
+    covariance) equal permutation_moments of the states' cube invariants, for skewed, heavy-tailed features."""
+    g = np.random.default_rng(11)
+    n = 7
+    xs = [g.standard_normal((n, 3)) ** 3, g.standard_t(2, size=(n, 2))]
+    ys = [g.standard_normal((n, 2)) ** 3 + 1, np.exp(g.standard_normal((n, 4)))]
+    unit = [(u := center_unbiased(x @ x.T)) / np.linalg.norm(u) for x in xs + ys]
+    a, b = unit[:2], unit[2:]
+    perms = [list(p) for p in itertools.permutations(range(n))]
+    t = np.array([[np.sum(a[k] * b[k][np.ix_(p, p)]) for k in range(2)] for p in perms])   # (5040, 2)
+    for k in range(2):
+        inv_a = sr.cube_invariants(torch.from_numpy(a[k]))
+        inv_b = sr.cube_invariants(torch.from_numpy(b[k]))
+        assert inv_a == pytest.approx((np.trace(a[k] @ a[k] @ a[k]), np.sum(a[k] ** 3)), rel=1e-9)
+        sd, skew = sr.permutation_moments(n, *inv_a, *inv_b)
+        assert abs(t[:, k].mean()) < 1e-12
+        assert sd == pytest.approx(t[:, k].std(), rel=1e-9)
+        assert skew == pytest.approx(np.mean(t[:, k] ** 3) / t[:, k].std() ** 3, rel=1e-6)
+    cov = np.mean(t[:, 0] * t[:, 1])                   # what the matched-layer mean's variance is built from
+    assert cov == pytest.approx(2 * np.sum(a[0] * a[1]) * np.sum(b[0] * b[1]) / (n * (n - 3)), rel=1e-9)
+
+
+def test_the_low_rank_trace_equals_the_direct_one_and_pearson_iii_matches_scipy():
+    """tr Ã³ and ‖Ã‖² of a U-centred linear Gram from its features in O(n d²) equal the direct n³ computation; the
+    Pearson III tail and quantile equal scipy.stats.pearson3's to 1e-6, torch's incomplete gamma's precision (values
+    printed by scipy 1.17: sf(2.5) at skewness 0.5 and −0.3, ppf(0.95))."""
+    x = np.random.default_rng(3).standard_normal((300, 20)) ** 3
+    u = center_unbiased(x @ x.T)
+    trace, sq = sr._trace_cube_lowrank(torch.from_numpy(x))
+    assert trace == pytest.approx(np.trace(u @ u @ u), rel=1e-9) and sq == pytest.approx(np.sum(u * u), rel=1e-12)
+    unit = torch.from_numpy(u / np.linalg.norm(u))
+    assert sr.cube_invariants(unit, torch.from_numpy(x)) == pytest.approx(sr.cube_invariants(unit), rel=1e-7)
+    tail = sr.pearson3_tail(torch.tensor([2.5, 2.5, 2.5]), 1.0, torch.tensor([0.5, -0.3, 0.0]))
+    assert tail.tolist() == pytest.approx([0.014169632190839814, 0.0021573818490331098, 0.006209665325776132],
+                                          rel=1e-6)
+    q = sr.pearson3_quantile(0.95, 2.0, torch.tensor([0.5, -0.3]))
+    assert q.tolist() == pytest.approx([2 * 1.774282440034809, 2 * 1.5552734099205017], rel=1e-6)
+
+
+def _layered(n, seed, coupling, layers=3):
+    """Two models' layers (tanh of the layer before) from inputs coupled by `coupling` (0: independent)."""
+    g = np.random.default_rng(seed)
+    u = g.standard_t(4, size=(n, 12))
+    v = coupling * u + g.standard_t(4, size=(n, 12))
+    out = []
+    for x0, width in ((u, 10), (v, 8)):
+        x, feats = x0, {}
+        for k in range(layers):
+            x = np.tanh(x @ g.normal(size=(x.shape[1], width)) / np.sqrt(x.shape[1]) * 2)
+            feats[f"l{k}"] = torch.from_numpy(x)
+        out.append(feats)
+    return out
+
+
+def test_the_analytic_null_agrees_with_exact_permutations_and_is_uniform_under_independence():
+    """The default null (moments) against the exact test (19,999 permutations, the other code path) on layered
+    heavy-tailed features at n = 80: every entry's p and the matched-layer mean's within 25% (+0.002) where the exact p
+    lies in [0.003, 0.5], calibrated scores within 0.01; under independence its p-values are uniform (200 seeds,
+    Kolmogorov–Smirnov distance below the 1% critical value 1.63/√200) and for a dependent pair below 0.01."""
+    fa, fb = _layered(80, 0, 0.25)
+    mom = sr.compare_features([fa, fb], ["A", "B"], ci=0)["pairs"][0]
+    ex = sr.compare_features([fa, fb], ["A", "B"], ci=0, permutations=19999, null="exact")["pairs"][0]
+    pairs = [(float(mom["cka_p"][i, j]), float(ex["cka_p"][i, j])) for i in range(3) for j in range(3)]
+    pairs.append((mom["diagonal_mean_p"], ex["diagonal_mean_p"]))
+    checked = [(m, e) for m, e in pairs if 0.003 <= e <= 0.5]
+    assert len(checked) >= 4, pairs
+    assert all(abs(m - e) <= 0.25 * e + 0.002 for m, e in checked), pairs
+    assert torch.allclose(mom["cka_calibrated"], ex["cka_calibrated"], atol=0.01)
+    ps = [float(sr.compare_features(_layered(40, seed, 0.0, 1), ["x", "y"], ci=0, seed=seed)["pairs"][0]["cka_p"][0, 0])
+          for seed in range(200)]
+    ks = np.abs(np.arange(1, 201) / 200 - np.sort(ps)).max()
+    assert ks < 1.63 / np.sqrt(200), ks
+    dep = sr.compare_features(_layered(40, 0, 2.0, 1), ["x", "y"], ci=0)["pairs"][0]
+    assert float(dep["cka_p"][0, 0]) < 0.01
 
 
 def _latent_factor_regime(d, target, r=8):
@@ -6770,12 +6848,12 @@ def test_a_permutation_null_over_its_budget_rests_on_fewer_permutations_and_says
     per = 2 * 30 * 30 * 6
     monkeypatch.setattr(sr, "NULL_BUDGET_FLOPS", 49 * per + per - 1)          # 49 permutations affordable, not 50
     with caplog.at_level("WARNING", logger="ssl_repsim"):
-        res = sr.compare_features([fa, fb], ["A", "B"], permutations=200)
+        res = sr.compare_features([fa, fb], ["A", "B"], permutations=200, null="exact")
     p = res["pairs"][0]["cka_p"] * 50
     assert torch.allclose(p, p.round()) and "the null rests on 49 (the smallest p-value is 1/50)" in caplog.text
     assert res["null"].startswith("49 permutations")
     monkeypatch.setattr(sr, "NULL_BUDGET_FLOPS", 18 * per)
-    res = sr.compare_features([fa, fb], ["A", "B"], permutations=200)
+    res = sr.compare_features([fa, fb], ["A", "B"], permutations=200, null="exact")
     assert "cka_p" not in res["pairs"][0] and res["null"].startswith("none")
 
 
