@@ -5089,10 +5089,11 @@ def permuted(state, how: str, perm: torch.Tensor):
 
 CALIBRATION_ALPHA = 0.05
 NULLS = ("moments", "exact")   # the CKA null: analytic from the exact permutation moments, or K permutations
+ANALYTIC_P_FLOOR = 1e-10       # an analytic p below it is given as it: the approximation is not checked that far out
 NULL_MOMENTS_SAID = (
     "analytic: the second model's images permuted (one permutation for all its layers), each entry's null a Pearson "
     "type III with the permutation distribution's exact mean, variance and skewness; the matched-layer mean's with its "
-    "exact variance and an approximate skewness; p its upper tail; calibrated score of Gröger et al. 2026 at "
+    f"exact variance and an approximate skewness; p its upper tail (at least {ANALYTIC_P_FLOOR:g}); calibrated score of Gröger et al. 2026 at "
     f"α = {CALIBRATION_ALPHA} (τ its 95% quantile); max_p: the union bound over the map's entries at its largest "
     "(family-wise)")
 
@@ -5155,9 +5156,10 @@ def pearson3_quantile(q: float, sd, skew) -> torch.Tensor:
 
 def moment_calibration(observed, sd, skew, smax: float = 1.0, alpha: float = CALIBRATION_ALPHA):
     """calibration() against a Pearson type III null of the given moments: p its upper tail at the observed value,
-    τ its (1 − α) quantile, calibrated = clip((obs − τ) / (smax − τ), 0, 1). Returns (p, calibrated, τ)."""
+    τ its (1 − α) quantile, calibrated = clip((obs − τ) / (smax − τ), 0, 1). Returns (p, calibrated, τ); p is at
+    least ANALYTIC_P_FLOOR."""
     observed = torch.as_tensor(observed, dtype=torch.float64)
-    p = pearson3_tail(observed, sd, skew)
+    p = pearson3_tail(observed, sd, skew).clamp_min(ANALYTIC_P_FLOOR)
     tau = pearson3_quantile(1 - alpha, sd, skew)
     cal = ((observed - tau) / (smax - tau).clamp_min(1e-12)).clamp(0, 1)
     undefined = observed.isnan() | torch.as_tensor(skew).isnan()
@@ -5459,8 +5461,8 @@ def _moment_null_entry(entry: dict, ia: dict, ib: dict, n: int):
     p, cal, _ = moment_calibration(torch.tensor(entry["diagonal_mean"]), sd * shrink, skew[r, c].mean() * shrink)
     entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
     finite = est.isfinite()
-    entry["max_p"] = min(1.0, float(pearson3_tail(est[finite].max(), sd, skew[finite]).sum())) if finite.any() \
-        else float("nan")
+    entry["max_p"] = min(1.0, max(ANALYTIC_P_FLOOR, float(pearson3_tail(est[finite].max(), sd, skew[finite]).sum()))) \
+        if finite.any() else float("nan")
 
 
 def _exact_null_entry(entry: dict, sa: list, sb: list, m: Measure, permutations: int, seed: int, n: int):
@@ -9190,34 +9192,48 @@ def bench_measures(n: int = 2000, dim: int = 768, layers: int = 12, names=None, 
     return rows
 
 
-def bench_inference(n: int = 2000, dim: int = 768, layers: int = 12, permutations: int = 200, seed: int = 0) -> dict:
+def bench_inference(n: int = 2000, dim: int = 768, layers: int = 12, permutations: int = 20, seed: int = 0) -> dict:
     """Seconds for a layers × layers debiased CKA map between two models of random correlated features: bare, with
-    the jackknife intervals, and with intervals and the permutation null (K = permutations); the cost of one null
-    permutation against its floor (reading the second model's n × n states once: the time of a plain copy of them,
-    and the map's product at this machine's matmul rate), and 1,000 permutations extrapolated from it."""
+    the jackknife intervals, with the defaults (intervals and the analytic null), and with intervals and the exact
+    null of `permutations` permutations; each null against its floor (the analytic one: reading every layer's n × n
+    state once; one permutation: copying the second model's states once and the map's product, at this machine's
+    rates), and 1,000 exact permutations extrapolated from the measured ones."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, dim, generator=g)
     fa, fb = ({f"{t}{i}": torch.tanh(base @ torch.randn(dim, dim, generator=g) / dim ** 0.5) for i in range(layers)}
               for t in "ab")
     out = dict(n=n, dim=dim, layers=layers, permutations=permutations)
     for key, kw in (("bare_s", dict(ci=0, permutations=0)), ("intervals_s", dict(ci=0.95, permutations=0)),
-                    ("defaults_s", dict(ci=0.95, permutations=permutations))):
+                    ("defaults_s", dict(ci=0.95)), ("exact_s", dict(ci=0.95, permutations=permutations, null="exact"))):
         t0 = time.perf_counter()
         res = compare_features([fa, fb], ["a", "b"], **kw)
         out[key] = time.perf_counter() - t0
     out["permutations_run"] = int(res["null"].split()[0]) if (res.get("null") or "x")[0].isdigit() else 0
-    out["null_per_permutation_s"] = (out["defaults_s"] - out["intervals_s"]) / max(out["permutations_run"], 1)
-    states = torch.randn(layers, n * n)
+    out["null_per_permutation_s"] = (out["exact_s"] - out["intervals_s"]) / max(out["permutations_run"], 1)
+    states = torch.randn(2 * layers, n * n)
     t0 = time.perf_counter()
     states.clone()
     copy = time.perf_counter() - t0
-    a = torch.randn(layers, n * n)
     t0 = time.perf_counter()
-    _ = a @ states.T
+    _ = states[:layers] @ states[layers:].T
     product = time.perf_counter() - t0
-    out.update(floor_per_permutation_s=copy + product, permutations_1000_s=1000 * out["null_per_permutation_s"],
+    out.update(analytic_null_s=out["defaults_s"] - out["intervals_s"], analytic_floor_s=copy,
+               floor_per_permutation_s=copy / 2 + product, permutations_1000_s=1000 * out["null_per_permutation_s"],
                defaults_over_bare=out["defaults_s"] / out["bare_s"])
     return out
+
+
+def _bench_inference_cmd(args):
+    rows = [bench_inference(args.n or 2000, layers=12)] + ([bench_inference(500, layers=108)] if args.full else [])
+    for r in rows:
+        print(f"{r['layers']}×{r['layers']} debiased CKA map, n = {r['n']}, d = {r['dim']}: bare {r['bare_s']:.2f} s, "
+              f"with intervals {r['intervals_s']:.2f} s, defaults (intervals and the analytic null) "
+              f"{r['defaults_s']:.2f} s ({r['defaults_over_bare']:.1f}× bare; the null {r['analytic_null_s']:.2f} s "
+              f"against a floor of {r['analytic_floor_s']:.2f} s); exact null: one permutation "
+              f"{r['null_per_permutation_s']:.3f} s against a floor of {r['floor_per_permutation_s']:.3f} s "
+              f"({r['permutations_run']} run), 1,000 permutations {r['permutations_1000_s']:.0f} s")
+    if args.out:
+        write_json(Path(args.out) / "bench_inference.json", rows)
 
 
 MEASURE_REFERENCES = {"cka": "platonic-rep metrics.unbiased_cka", "mknn": "platonic-rep metrics.mutual_knn",
@@ -9225,19 +9241,6 @@ MEASURE_REFERENCES = {"cka": "platonic-rep metrics.unbiased_cka", "mknn": "plato
                       "cknna": "platonic-rep metrics.cknna", "procrustes": "netrep LinearMetric(alpha=1)",
                       "svcca": "ReSi cca.svcca", "pwcca": "ReSi cca.pwcca", "rsa": "rsatoolbox calc_rdm + compare",
                       "ridge": "similarity-repository ridge-…-r2-cv=5folds"}
-
-
-def _bench_inference_cmd(args):
-    rows = [bench_inference(args.n or 2000, layers=k) for k in (12, *(() if not args.full else (108,)))]
-    for r in rows:
-        print(f"{r['layers']}×{r['layers']} debiased CKA map, n = {r['n']}, d = {r['dim']}: bare {r['bare_s']:.2f} "
-              f"s, with intervals {r['intervals_s']:.2f} s, with intervals and {r['permutations_run']} permutations "
-              f"({r['permutations']} asked) "
-              f"{r['defaults_s']:.2f} s ({r['defaults_over_bare']:.1f}× bare); one permutation "
-              f"{r['null_per_permutation_s']:.3f} s against a floor of {r['floor_per_permutation_s']:.3f} s; "
-              f"1,000 permutations {r['permutations_1000_s']:.0f} s")
-    if args.out:
-        write_json(Path(args.out) / "bench_inference.json", rows)
 
 
 def _bench_measures_cmd(args):
@@ -9513,8 +9516,8 @@ def _add_registry_commands(sub):
                    "default 2000) beside the reference implementation it was checked against; a comma list to time "
                    "some")
     p.add_argument("--inference", action="store_true", help="a 12×12 debiased CKA map (d = 768, n = --n, default "
-                   "2000) bare, with intervals and with the permutation null, one permutation against its floor "
-                   "(with --full also 108×108)")
+                   "2000) bare, with intervals, with the defaults (and the analytic null) and with the exact null, "
+                   "each null against its floor (with --full also 108×108 at n = 500)")
     p.add_argument("--data", help="an image folder: time decoding against a plain DataLoader, each model's forward "
                                   "pass and the whole cka run")
     p.add_argument("--models", nargs="*", default=[], help="with --data: the models to run (default: two tiny "
