@@ -6705,7 +6705,8 @@ def test_the_analytic_null_has_the_permutation_distributions_exact_moments():
 
 
 def test_the_low_rank_trace_equals_the_direct_one_and_pearson_iii_matches_scipy():
-    """tr Ã³ and ‖Ã‖² of a U-centred linear Gram from its features in O(n d²) equal the direct n³ computation; the
+    """tr Ã³ and ‖Ã‖² of a U-centred linear Gram from its features in O(n d²) equal the direct n³ computation, also
+    for features far from the origin; the
     Pearson III tail and quantile equal scipy.stats.pearson3's to 1e-6, torch's incomplete gamma's precision (values
     printed by scipy 1.17: sf(2.5) at skewness 0.5 and −0.3, ppf(0.95))."""
     x = np.random.default_rng(3).standard_normal((300, 20)) ** 3
@@ -6714,6 +6715,8 @@ def test_the_low_rank_trace_equals_the_direct_one_and_pearson_iii_matches_scipy(
     assert trace == pytest.approx(np.trace(u @ u @ u), rel=1e-9) and sq == pytest.approx(np.sum(u * u), rel=1e-12)
     unit = torch.from_numpy(u / np.linalg.norm(u))
     assert sr.cube_invariants(unit, torch.from_numpy(x)) == pytest.approx(sr.cube_invariants(unit), rel=1e-7)
+    far = torch.from_numpy(x + 1000.0)               # the same Ã: an offset once cancelled catastrophically (review)
+    assert sr.cube_invariants(unit, far) == pytest.approx(sr.cube_invariants(unit), rel=1e-7)
     tail = sr.pearson3_tail(torch.tensor([2.5, 2.5, 2.5]), 1.0, torch.tensor([0.5, -0.3, 0.0]))
     assert tail.tolist() == pytest.approx([0.014169632190839814, 0.0021573818490331098, 0.006209665325776132],
                                           rel=1e-6)
