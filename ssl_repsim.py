@@ -3125,6 +3125,23 @@ def _pillow():
     return Image
 
 
+def _synthetic_shape(c: int, xs, ys, cx, cy, r, freq, phase) -> torch.Tensor:
+    """The pixels of shape class c (SYNTHETIC_CLASSES' order) at centres (cx, cy), radii r, stripe frequency and
+    phase (each (m, 1, 1)) on the grid xs, ys: (m, H, W)."""
+    dx, dy = xs - cx, ys - cy
+    dist = (dx ** 2 + dy ** 2).sqrt()
+    box = (dx.abs() < r) & (dy.abs() < r)
+    wave = lambda t: torch.sin(2 * math.pi * freq * t + phase) > 0
+    shapes = [lambda: dist < r, lambda: box, lambda: (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2),
+              lambda: (dist < r) & (dist > r / 2),
+              lambda: ((dx.abs() < r / 3) & (dy.abs() < r)) | ((dy.abs() < r / 3) & (dx.abs() < r)),
+              lambda: box & wave(ys), lambda: box & wave(xs), lambda: box & wave((xs + ys) / 2),
+              lambda: box & (wave(xs) ^ wave(ys)), lambda: box & wave(xs) & wave(ys),
+              lambda: ((xs - cx + r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2) | ((xs - cx - r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2),
+              lambda: box & ~((dx.abs() < r * 0.6) & (dy.abs() < r * 0.6))]
+    return shapes[c]()
+
+
 def synthetic_images(n: int = 256, size: int = 224, seed: int = 0, num_classes: int = 12) -> ImageSet:
     """A deterministic labelled procedural set: shapes and textures of random colour, place and scale, over a
     noisy background, balanced over classes; masks give each pixel's label (for spatial probes)."""
@@ -3137,17 +3154,10 @@ def synthetic_images(n: int = 256, size: int = 224, seed: int = 0, num_classes: 
     u = lambda *s: torch.rand(*s, generator=g)
     cx, cy, r = 0.3 + 0.4 * u(n, 1, 1), 0.3 + 0.4 * u(n, 1, 1), 0.12 + 0.16 * u(n, 1, 1)
     freq, phase = 6 + 10 * u(n, 1, 1), 2 * math.pi * u(n, 1, 1)
-    dx, dy = xs - cx, ys - cy
-    dist = (dx ** 2 + dy ** 2).sqrt()
-    box = (dx.abs() < r) & (dy.abs() < r)
-    wave = lambda t: torch.sin(2 * math.pi * freq * t + phase) > 0
-    shapes = [dist < r, box, (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2), (dist < r) & (dist > r / 2),
-              ((dx.abs() < r / 3) & (dy.abs() < r)) | ((dy.abs() < r / 3) & (dx.abs() < r)),
-              box & wave(ys), box & wave(xs), box & wave((xs + ys) / 2), box & (wave(xs) ^ wave(ys)),
-              box & wave(xs) & wave(ys), ((xs - cx + r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2)
-              | ((xs - cx - r / 2) ** 2 + dy ** 2).sqrt().lt(r / 2),
-              box & ~((dx.abs() < r * 0.6) & (dy.abs() < r * 0.6))]
-    mask = torch.stack(shapes[:num_classes], 1)[torch.arange(n), labels]  # (n, H, W)
+    mask = torch.zeros(n, size, size, dtype=torch.bool)
+    for c in range(num_classes):                    # each image's own shape only
+        i = (labels == c).nonzero().flatten()
+        mask[i] = _synthetic_shape(c, xs, ys, cx[i], cy[i], r[i], freq[i], phase[i])
     fg, bg = u(n, 3, 1, 1), u(n, 3, 1, 1)
     img = torch.where(mask[:, None], fg, bg * 0.6) + 0.08 * torch.randn(n, 3, size, size, generator=g)
     img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -4970,24 +4980,30 @@ def _ridge_fold(x: torch.Tensor, test: torch.Tensor) -> tuple:
     return train, test, sv[keep] ** 2, u[:, keep], ((x[test] - xm) @ vt[keep].T) * sv[keep]
 
 
+def gcv_lambda(s2: torch.Tensor, uy: torch.Tensor, total: float, m: int) -> float:
+    """Ridge regression's λ for m centred training rows with squared singular values s2 (r of them), targets Ỹ with
+    uy = UᵀỸ and ‖Ỹ‖² = total: the RIDGE_ALPHAS value of least generalised cross-validation error (Golub, Heath &
+    Wahba 1979), RSS(λ) / (m − tr H(λ))², the rotation-invariant form of leave-one-out, read off the singular values
+    at no refit, as sums of non-negative terms (a difference of near-equal sums picks a near-interpolating λ once
+    d ≥ n and the features are large): RSS = Σₖ (1 − fₖ)² ‖uₖᵀỸ‖² + ‖Ỹ − UUᵀỸ‖², m − tr H = Σₖ (1 − fₖ) + (m − 1 − r),
+    fₖ = sₖ²/(sₖ² + λ); the second term of RSS is 0 when the r = m − 1 directions span every centred target."""
+    lam = torch.tensor(RIDGE_ALPHAS, dtype=torch.float64)[:, None]
+    g = lam / (s2 + lam)                                                 # (A, r): 1 − fₖ, computed without cancelling
+    outside = 0.0 if len(s2) >= m - 1 else max(float(total - uy.square().sum()), 0.0)
+    rss = (g * g * uy.square().sum(1)).sum(1) + outside                  # Σ (1 − fₖ)² ‖uₖᵀỸ‖² + ‖Ỹ − UUᵀỸ‖²
+    dof = g.sum(1) + (m - 1 - len(s2))                                   # m − tr H = Σ (1 − fₖ) + (m − 1 − r)
+    gcv = torch.where(dof > 0, rss / dof.clamp_min(1e-300) ** 2, math.inf)
+    return RIDGE_ALPHAS[int(gcv.argmin())]                                              # the first of equal errors
+
+
 def _ridge_predict(fold: tuple, y: torch.Tensor) -> torch.Tensor:
     """The test rows' predictions of ridge regression (with intercept) fitted on the training rows, one λ for all
-    targets: the grid value of least generalised cross-validation error (Golub, Heath & Wahba 1979), RSS(λ) /
-    (m − tr H(λ))², the rotation-invariant form of leave-one-out, read off the singular values at no refit, as sums
-    of non-negative terms (a difference of near-equal sums picks a near-interpolating λ once d ≥ n and the features
-    are large): RSS = Σₖ (1 − fₖ)² ‖uₖᵀỸ‖² + ‖Ỹ − UUᵀỸ‖², m − tr H = Σₖ (1 − fₖ) + (m − 1 − r), fₖ = sₖ²/(sₖ² + λ);
-    the second term of RSS is 0 when the r = m − 1 directions span every centred target."""
+    targets (gcv_lambda)."""
     train, _, s2, u, cross = fold
     ym = y[train].mean(0)
     yt = y[train] - ym
     uy = u.T @ yt
-    lam = torch.tensor(RIDGE_ALPHAS, dtype=torch.float64)[:, None]
-    g = lam / (s2 + lam)                                                 # (A, r): 1 − fₖ, computed without cancelling
-    outside = 0.0 if len(s2) >= len(yt) - 1 else float((yt.square().sum() - uy.square().sum()).clamp_min(0))
-    rss = (g * g * uy.square().sum(1)).sum(1) + outside                  # Σ (1 − fₖ)² ‖uₖᵀỸ‖² + ‖Ỹ − UUᵀỸ‖²
-    dof = g.sum(1) + (len(yt) - 1 - len(s2))                             # m − tr H = Σ (1 − fₖ) + (m − 1 − r)
-    gcv = torch.where(dof > 0, rss / dof.clamp_min(1e-300) ** 2, math.inf)
-    best = RIDGE_ALPHAS[int(gcv.argmin())]                                              # the first of equal errors
+    best = gcv_lambda(s2, uy, float(yt.square().sum()), len(yt))
     return ym + cross @ (uy / (s2 + best)[:, None])          # (x − x̄) V S (S² + λ)⁻¹ Uᵀ Ỹ = (x − x̄) ŵ
 
 
@@ -5980,6 +5996,30 @@ def _stack_groups(layers: dict[str, torch.Tensor]) -> dict[int, list[str]]:
     for k, v in layers.items():
         groups.setdefault(v.shape[1], []).append(k)
     return groups
+
+
+def ridge_classifier(train: dict, y_train, test: dict, y_test) -> dict:
+    """{layer: accuracies + ridge_lambda}: one linear classifier per layer in closed form, regularised least-squares
+    classification (Rifkin & Lippert 2007): ridge regression of the one-hot labels on the features standardised on
+    the training rows (with intercept), λ by generalised cross-validation (gcv_lambda), the class of the largest
+    output. One d × d eigendecomposition per layer, whatever the number of rows and classes (the spatial probes')."""
+    train, y_train, test, y_test = _check_probe_inputs(train, y_train, test, y_test)
+    C = int(max(y_train.max(), y_test.max())) + 1
+    y = F.one_hot(torch.as_tensor(y_train).long(), C).double()
+    ym = y.mean(0)
+    yc = y - ym
+    out = {}
+    for k, x in train.items():
+        x, xt = x.double(), test[k].double()
+        mu, sd = x.mean(0), x.std(0).clamp_min(1e-12)
+        x, xt = (x - mu) / sd, (xt - mu) / sd
+        ev, v = torch.linalg.eigh(x.T @ x)                        # X̃ = U S Vᵀ: s² and V from X̃ᵀX̃
+        keep = ev > ev.max().clamp_min(1e-300) * 1e-10
+        s2, v = ev[keep], v[:, keep]
+        sy = v.T @ (x.T @ yc)                                     # S UᵀỸ
+        lam = gcv_lambda(s2, sy / s2.sqrt()[:, None], float(yc.square().sum()), len(x))
+        out[k] = dict(accuracies(xt @ (v @ (sy / (s2 + lam)[:, None])) + ym, y_test, C), ridge_lambda=lam)
+    return out
 
 
 def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_decays=WEIGHT_DECAYS,
@@ -7308,25 +7348,30 @@ def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
     if images.masks is None:
         raise UsageError("per-patch labels need masks (the synthetic data set has them)")
     pp, size = model.preprocess, model.input_size
-    C = int(images.masks.max()) + 1
-    onehot = F.one_hot(images.masks.long(), C).float()                       # (n, H, W, C) in [0, 1]
-    n, h, w, _ = onehot.shape
-    k = -(-C // 3)   # classes three at a time as one image's "RGB" (the resize treats channels apart): one call
-    rgb = F.pad(onehot, (0, 3 * k - C)).permute(0, 3, 1, 2).reshape(n * k, 3, h, w)
+    masks = images.masks.long()
+    top = masks.flatten(1).amax(1)
+    if bool(((masks == top[:, None, None]) | (masks == 0)).all()):   # one object class per image (the synthetic set):
+        planes = torch.stack([masks == 0, masks > 0], 1).float()     # background and object, the same majority
+    else:
+        planes, top = F.one_hot(masks, int(top.max()) + 1).permute(0, 3, 1, 2).float(), None   # a plane per class
+    n, c, h, w = planes.shape
+    k = -(-c // 3)   # planes three at a time as one image's "RGB" (the resize treats channels apart): one call
+    rgb = F.pad(planes, (0, 0, 0, 0, 0, 3 * k - c)).reshape(n * k, 3, h, w)
     crop = resize_crop_normalize(rgb, size, pp["crop_pct"], "bilinear", (0, 0, 0), (1, 1, 1),
-                                 pp.get("crop_mode", "center")).reshape(n, 3 * k, size, size)[:, :C]
+                                 pp.get("crop_mode", "center")).reshape(n, 3 * k, size, size)[:, :c]
     if isinstance(model, ConvNet):   # its last stage's grid (a ResNet's strided convolutions round up)
         g = math.isqrt(cnn_point_shapes(model)[model.block_names[-1]][0])
-        return F.adaptive_avg_pool2d(crop, (g, g)).argmax(1).flatten(1)
-    p = model.cfg.patch_size
-    return F.avg_pool2d(crop, p).argmax(1).flatten(1)                        # (n, P)
+        win = F.adaptive_avg_pool2d(crop, (g, g)).argmax(1).flatten(1)
+    else:
+        win = F.avg_pool2d(crop, model.cfg.patch_size).argmax(1).flatten(1)   # (n, P)
+    return win if top is None else torch.where(win == 1, top[:, None], 0)
 
 
 def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 32, max_patches: int = 20000,
                    seed: int = 0, device=None, dtype=None) -> dict:
-    """Linear probes on frozen patch tokens of every block, and of every block concatenated with the last: the
-    patch's grid position (P classes) and, where the data has masks, the object class under the patch
-    (0 = background). Train/test split by image. A CNN's default points are its last stage's blocks, whose positions
+    """Linear probes (ridge classifiers, closed form) on frozen patch tokens of every block, and of every block
+    concatenated with the last: the patch's grid position (P classes) and, where the data has masks, the object
+    class under the patch (0 = background). Train/test split by image. A CNN's default points are its last stage's blocks, whose positions
     are the stride-32 grid the masks are read on."""
     last_stage = [b for b in getattr(model, "block_names", []) if b.startswith(model.stage_names[-1] + ".")]
     names = resolve_points(model, points if points is not None or not last_stage else last_stage)
@@ -7352,8 +7397,7 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
         te = {k: v[rte[:, 0], rte[:, 1]] for k, v in feats.items()}
         if len(names) > 1:  # and each block concatenated with the last one (the paper's block-i + block-11 runs)
             tr, te = ({k: v for k, v in concat_features(f, names[-1]).items() if k != "all"} for f in (tr, te))
-        res = linear_probe(tr, lab[rtr[:, 0], rtr[:, 1]], te, lab[rte[:, 0], rte[:, 1]], weight_decays=(1e-4,),
-                           max_iter=100, seed=seed, device=device)
+        res = ridge_classifier(tr, lab[rtr[:, 0], rtr[:, 1]], te, lab[rte[:, 0], rte[:, 1]])
         out[tname] = {k: _image_clustered(r, rte[:, 0]) for k, r in res.items()}
     return out
 
