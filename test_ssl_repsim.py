@@ -6946,6 +6946,30 @@ def test_spatial_intervals_count_images_not_patches():
     assert all(math.isnan(v) for v in one["top1_ci"]) and "single test image" in one["interval"]   # not [0, 1]
 
 
+def test_the_ridge_classifier_is_regularised_least_squares_with_the_gcv_lambda_written_out():
+    """The spatial probes' classifier against numpy: standardised features with an intercept, for every λ of the
+    grid the hat matrix H = X̃(X̃ᵀX̃ + λI)⁻¹X̃ᵀ, GCV = ‖(I − H)Ỹ‖² / (m − 1 − tr H)², the λ of least GCV, the argmax of
+    the fitted outputs on test rows; on four classes of unequal spread where λ matters (d = 12 > 10 rows per class)."""
+    g = np.random.default_rng(4)
+    y = np.repeat(np.arange(4), 10)
+    x = g.normal(size=(40, 12)) * np.linspace(0.2, 5, 12) + np.eye(4)[y] @ g.normal(size=(4, 12))
+    yt = g.integers(0, 4, 25)
+    xt = g.normal(size=(25, 12)) * np.linspace(0.2, 5, 12) + np.eye(4)[yt] @ g.normal(size=(4, 12))
+    mu, sd = x.mean(0), x.std(0, ddof=1)
+    xs, xts = (x - mu) / sd, (xt - mu) / sd
+    yc = np.eye(4)[y] - np.eye(4)[y].mean(0)
+    def gcv(lam):
+        h = xs @ np.linalg.solve(xs.T @ xs + lam * np.eye(12), xs.T)
+        return np.sum((yc - h @ yc) ** 2) / (40 - 1 - np.trace(h)) ** 2        # the intercept is one more dof
+    lam = min(sr.RIDGE_ALPHAS, key=gcv)
+    out = xts @ np.linalg.solve(xs.T @ xs + lam * np.eye(12), xs.T @ yc) + np.eye(4)[y].mean(0)
+    got = sr.ridge_classifier({"f": torch.from_numpy(x)}, torch.from_numpy(y), {"f": torch.from_numpy(xt)},
+                              torch.from_numpy(yt))["f"]
+    assert got["ridge_lambda"] == lam and 0.01 < lam < 1e5          # an inner λ of the grid, not an end
+    assert got["correct"] == "".join("1" if v else "0" for v in out.argmax(1) == yt)
+    assert got["top1"] == pytest.approx(np.mean(out.argmax(1) == yt))
+
+
 def test_the_mae_probe_says_when_its_budget_is_far_below_the_published_run(caplog):
     """40 images, batch 256, 7 epochs: lr × steps = 0.1 × 7 = 0.7 against 6.4 × 90 × 79 = 45,504 for MAE's ImageNet
     run: the notice gives the ratio, and says the augmented views are not used on fixed features."""
