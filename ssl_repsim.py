@@ -9304,7 +9304,61 @@ def _bench_measures_cmd(args):
         write_json(Path(args.out) / "bench_measures.json", rows)
 
 
+STAND_IN_LAYOUTS = {"mae": lambda sd: {"model": sd},                       # the official releases' containers
+                    "dino": lambda sd: {"teacher": {f"backbone.{k}": v for k, v in sd.items()}},
+                    "mocov3": lambda sd: {"state_dict": {f"module.base_encoder.{k}": v for k, v in sd.items()}}}
+
+
+def stand_in_checkpoints(folder, size: int = 224, dim: int = 64, depth: int = 4, seed: int = 0) -> list[Path]:
+    """Three tiny random ViTs (patch 16, 2 heads) written as mae.pth, dino.pth and mocov3.pth in their official
+    layouts, every LayerNorm perturbed so that no two models agree: what `bench --report` runs `report` on."""
+    g, paths = torch.Generator().manual_seed(seed), []
+    for name, wrap in STAND_IN_LAYOUTS.items():
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
+        m = ViT(ViTConfig(img_size=size, embed_dim=dim, depth=depth, num_heads=2, mlp_hidden=4 * dim))
+        sd = {k: v + 0.3 * torch.randn(v.shape, generator=g) if ".norm" in f".{k}" else v
+              for k, v in m.state_dict().items()}
+        paths.append(Path(folder) / f"{name}.pth")
+        torch.save(wrap(sd), paths[-1])
+    return paths
+
+
+def bench_report(old: str | None = None, n: int = 256, size: int = 224, rounds: int = 1) -> dict:
+    """Seconds of `report` on stand_in_checkpoints at n images (the synthetic set), by this file and, given an older
+    ssl_repsim.py, by it on the same files: fresh processes, alternating, `rounds` times each; speedup = the old
+    file's best time / this file's best."""
+    import subprocess
+    scripts = {"this": str(Path(__file__).resolve()), **({"old": str(Path(old).resolve())} if old else {})}
+    times = {k: [] for k in scripts}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [str(p) for p in stand_in_checkpoints(tmp, size)]
+        for r in range(rounds):
+            for label, script in scripts.items():
+                with step(f"bench --report: round {r + 1}/{rounds}, report by {label} ({Path(script).name})"):
+                    t0 = time.perf_counter()
+                    proc = subprocess.run([sys.executable, script, "report", *files, "--num-heads", "2", "--n",
+                                           str(n), "--out", str(Path(tmp) / f"{label}{r}"), "--quiet"],
+                                          capture_output=True, text=True, check=False)
+                    times[label].append(time.perf_counter() - t0)
+                if proc.returncode:
+                    raise UsageError(f"bench --report: {script} exited {proc.returncode}: "
+                                     f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+    out = dict(n=n, size=size, rounds=rounds, this_s=times["this"], old=scripts.get("old"), old_s=times.get("old"))
+    if old:
+        out["speedup"] = min(times["old"]) / min(times["this"])
+    return out
+
+
 def _cmd_bench(args):
+    if args.report is not None:
+        r = bench_report(args.report or None, args.n or 256, rounds=args.rounds)
+        print(f"report on 3 stand-ins (224 px, d = 64, depth 4) at n = {r['n']}: this file "
+              + ", ".join(f"{t:.1f}" for t in r["this_s"]) + " s"
+              + (f"; {r['old']} " + ", ".join(f"{t:.1f}" for t in r["old_s"]) + f" s: {r['speedup']:.2f}× faster "
+                 "(best against best)" if r["old"] else ""))
+        if args.out:
+            write_json(Path(args.out) / "bench_report.json", r)
+        return
     if args.inference or args.measures is not None:
         return _bench_inference_cmd(args) if args.inference else _bench_measures_cmd(args)
     if args.data is not None:
@@ -9562,7 +9616,8 @@ def _add_registry_commands(sub):
                     "Measures the matmul rate, ViT-B/16 extraction with and without hooks, and 12×12 all-pairs CKA "
                     "(d=768) for each estimator. Quick by default (n=1k).",
                     ["bench", "bench --full --out results/bench", "bench --data ~/imagenet/val --n 2000 --models mae dino",
-                     "bench --peer", "bench --measures --n 2000", "bench --inference --n 2000"])
+                     "bench --peer", "bench --measures --n 2000", "bench --inference --n 2000",
+                     "bench --report old/ssl_repsim.py --rounds 2"])
     p.add_argument("--full", action="store_true", help="n = 1k, 5k, 10k and larger batches")
     p.add_argument("--measures", nargs="?", const="", help="time each measure's 12 × 12 map (d = 768, n = --n, "
                    "default 2000) beside the reference implementation it was checked against; a comma list to time "
@@ -9572,6 +9627,10 @@ def _add_registry_commands(sub):
                    "each null against its floor (with --full also 108×108 at n = 500)")
     p.add_argument("--data", help="an image folder: time decoding against a plain DataLoader, each model's forward "
                                   "pass and the whole cka run")
+    p.add_argument("--report", nargs="?", const="", metavar="OLD_FILE",
+                   help="time `report` on three tiny stand-ins (224 px, d = 64, depth 4; n = --n, default 256), and "
+                        "given an older ssl_repsim.py the same with it, alternating in fresh processes")
+    p.add_argument("--rounds", type=_ranged(int, 1, 100), default=1, help="with --report: runs of each file")
     p.add_argument("--models", nargs="*", default=[], help="with --data: the models to run (default: two tiny "
                                                           "random ViTs, so that decoding dominates)")
     _add_flags(p, "n", "workers", "batch_size", "weights_dir", "offline", "family", "num_heads", "act", "img_size")

@@ -5672,6 +5672,17 @@ def test_cli_bench_prints_and_writes_what_bench_measured(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b" / "bench.json").read_text()) == canned
 
 
+def test_benchs_stand_ins_load_as_three_different_models_of_their_families(tmp_path):
+    """bench --report's files: each loads by path in its official layout as the family its name says, and no two
+    compute the same features (their norms differ)."""
+    paths = sr.stand_in_checkpoints(tmp_path, size=32, dim=16, depth=2)
+    models = [sr.load_model(str(p), num_heads=2) for p in paths]
+    assert [m.family for m in models] == ["mae", "dino", "mocov3"]
+    x = torch.rand(2, 3, 32, 32)
+    outs = [m.forward_features(x) if hasattr(m, "forward_features") else m(x) for m in models]
+    assert all(not torch.allclose(outs[i], outs[j]) for i in range(3) for j in range(i + 1, 3))
+
+
 def test_cli_bench_inference_times_the_defaults_against_the_bare_map(tmp_path):
     """Issue 22's cost report, run small: the four timings, each null's cost and its floor are written."""
     p = cli("bench", "--inference", "--n", 40, "--out", tmp_path / "b", "--quiet")
