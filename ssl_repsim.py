@@ -5192,19 +5192,20 @@ def _trace_cube_lowrank(x: torch.Tensor) -> tuple[float, float]:
     r = x @ x.sum(0) - sq
     c = r.sum() / ((n - 1) * (n - 2))
     one = torch.ones(n, 1, dtype=torch.float64)
-    f = torch.cat([x, r[:, None], one], 1)
-    g = torch.cat([x, -one / (n - 2), c - r[:, None] / (n - 2)], 1)
-    cc = g.T @ f
-    d = (f * g).sum(1)
-    trace = torch.trace(cc @ cc @ cc) - 3 * (d * ((f @ cc) * g).sum(1)).sum() + 2 * (d ** 3).sum()
+    f = torch.cat([x, r[:, None], one], 1).float()      # the two n × d² products in float32, the rest in float64
+    g = torch.cat([x, -one / (n - 2), c - r[:, None] / (n - 2)], 1).float()
+    cc = (g.T @ f).double()
+    d = (f.double() * g.double()).sum(1)
+    diag_m2 = ((f @ cc.float()).double() * g.double()).sum(1)               # (M²)_ii = f_iᵀ C g_i
+    trace = torch.trace(cc @ cc @ cc) - 3 * (d * diag_m2).sum() + 2 * (d ** 3).sum()
     return float(trace), float((cc * cc.T).sum() - (d * d).sum())
 
 
 def cube_invariants(state: torch.Tensor, x: torch.Tensor | None = None) -> tuple[float, float]:
-    """(tr S³, Σ_ij S_ij³) of a unit-norm U-centred Gram S. Given the linear kernel's features x (n, d) with 4d < n,
-    tr S³ comes from them in O(n d²) (_trace_cube_lowrank) instead of the n³ product."""
+    """(tr S³, Σ_ij S_ij³) of a unit-norm U-centred Gram S. Given the linear kernel's features x (n, d) with
+    2d² < n² (two n·d² products against the n³ one), tr S³ comes from them (_trace_cube_lowrank)."""
     s = float(state.double().pow(3).sum())
-    if x is not None and 4 * _flat64(x).shape[1] < len(state):
+    if x is not None and 2 * _flat64(x).shape[1] ** 2 < len(state) ** 2:
         trace, sq = _trace_cube_lowrank(_flat64(x))
         if sq > 0 and abs(trace / sq ** 1.5) <= 1:         # |tr S³| ≤ ‖S‖³ = 1: else precision was lost, go direct
             return trace / sq ** 1.5, s
@@ -5455,6 +5456,14 @@ def _cka_as_measure(debiased: bool, kernel: str, rbf_threshold: float) -> Measur
     return dataclasses.replace(MEASURES["cka"], prep=prep)
 
 
+def _null_state(x) -> torch.Tensor:
+    """A layer's unit-norm U-centred linear Gram in float32: what the analytic null reads of it (cube invariants and
+    inner products between layers, to a relative 1e-4 or better)."""
+    x = torch.as_tensor(x).reshape(len(x), -1).float()
+    k = center_gram(x @ x.T, unbiased=True, dtype=torch.float32, inplace=True)
+    return k / k.norm().clamp_min(1e-30)
+
+
 def _null_invariants(states: list, feats: dict | None) -> dict:
     """What the analytic null needs of one model's layers: each unit-norm state's cube invariants (t, s) and the
     layers' inner products ⟨S_k, S_l⟩ (the covariances of their nulls under one permutation)."""
@@ -5515,8 +5524,9 @@ def _with_cka_null(out: dict, feats, at, pairs, permutations: int, seed: int, de
     `permutations` permutations (_exact_null_entry)."""
     m = _cka_as_measure(debiased, kernel, rbf_threshold)
     used = sorted({k for p in pairs for k in p})
-    states = {k: [m.prep(f) for f in feats[k].values()] for k in used}
     analytic = null == "moments" and debiased
+    prep = _null_state if analytic and kernel == "linear" else m.prep      # moments need no float64 states
+    states = {k: [prep(f) for f in feats[k].values()] for k in used}
     if analytic:
         with step(f"the analytic CKA null: cube invariants of {sum(len(states[k]) for k in used)} layers"):
             inv = {k: _null_invariants(states[k], feats[k] if kernel == "linear" else None) for k in used}
