@@ -7262,25 +7262,29 @@ def invariance_scores(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
     return out
 
 
+AUGMENT_KEEP_BYTES = 1 << 30   # invariance keeps a model's preprocessed images for all augmentations up to this
+
+
 def invariance(model: ViT, images: ImageSet, augmentations=AUGMENTATIONS, points=None, tokens=None,
                batch_size: int = 32, seed: int = 0, device=None, dtype=None) -> dict:
     """Per layer and augmentation, invariance_scores of the model's features (cls, or mean without cls)."""
     tokens = _probe_tokens(model, tokens)
     names = resolve_points(model, points)
     base = extract(model, images, names, tokens, batch_size, device, dtype)
+    held = len(images) * 3 * model.input_size ** 2 * 4 <= AUGMENT_KEEP_BYTES     # preprocessed once for every kind
+    kept = [x for x, _ in model_batches(model, images, batch_size)] if held else None
     out = {}
     for kind in augmentations:
         g = torch.Generator().manual_seed(seed)
-
-        feats = extract(model, _augmented_batches(model, images, batch_size, kind, g), names, tokens, batch_size,
-                        device, dtype)
+        batches = kept if held else (x for x, _ in model_batches(model, images, batch_size))
+        feats = extract(model, _augmented_batches(model, batches, kind, g), names, tokens, batch_size, device, dtype)
         out[kind] = {k: invariance_scores(base[k], feats[k], seed) for k in names}
     return out
 
 
-def _augmented_batches(model: ViT, images: ImageSet, batch_size: int, kind: str, g: torch.Generator):
+def _augmented_batches(model: ViT, batches, kind: str, g: torch.Generator):
     """The model's preprocessed batches with one augmentation applied in [0, 1] pixel space."""
-    for x, _ in model_batches(model, images, batch_size):
+    for x in batches:
         x01, (m, s) = _unnormalize(x, model.preprocess)
         yield (augment_batch(x01.clamp(0, 1), kind, g) - m) / s
 
@@ -9359,16 +9363,19 @@ def bench_report(old: str | None = None, n: int = 256, size: int = 224, rounds: 
     return out
 
 
+def _bench_report_cmd(args):
+    r = bench_report(args.report or None, args.n or 256, rounds=args.rounds)
+    print(f"report on 3 stand-ins (224 px, d = 64, depth 4) at n = {r['n']}: this file "
+          + ", ".join(f"{t:.1f}" for t in r["this_s"]) + " s"
+          + (f"; {r['old']} " + ", ".join(f"{t:.1f}" for t in r["old_s"]) + f" s: {r['speedup']:.2f}× faster "
+             "(best against best)" if r["old"] else ""))
+    if args.out:
+        write_json(Path(args.out) / "bench_report.json", r)
+
+
 def _cmd_bench(args):
     if args.report is not None:
-        r = bench_report(args.report or None, args.n or 256, rounds=args.rounds)
-        print(f"report on 3 stand-ins (224 px, d = 64, depth 4) at n = {r['n']}: this file "
-              + ", ".join(f"{t:.1f}" for t in r["this_s"]) + " s"
-              + (f"; {r['old']} " + ", ".join(f"{t:.1f}" for t in r["old_s"]) + f" s: {r['speedup']:.2f}× faster "
-                 "(best against best)" if r["old"] else ""))
-        if args.out:
-            write_json(Path(args.out) / "bench_report.json", r)
-        return
+        return _bench_report_cmd(args)
     if args.inference or args.measures is not None:
         return _bench_inference_cmd(args) if args.inference else _bench_measures_cmd(args)
     if args.data is not None:
