@@ -685,8 +685,11 @@ def _dist_active(group=None) -> bool:  # `group` for symmetry with the callers; 
     return dist.is_available() and dist.is_initialized()
 
 
+UNSHARDED = "unsharded"   # a `group` under which this process reads every batch, even under torch.distributed
+
+
 def _rank_world(group=None) -> tuple[int, int]:
-    if _dist_active(group):
+    if group != UNSHARDED and _dist_active(group):
         import torch.distributed as dist
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
@@ -5138,10 +5141,10 @@ THIRD_MOMENT_TERMS = {2: (0, 0, 4), 3: (8, 0, 24), 4: (24, -24, 80), 5: (48, -96
 def permutation_moments(n: int, ta, sa, tb, sb):
     """(sd, skewness) of debiased CKA under permutation of one model's images, between unit-norm U-centred states
     with cube invariants (ta, sa) and (tb, sb) (tensors broadcast): E T = 0, E T² = 2‖Ã‖²‖B̃‖² / (n(n − 3)), E T³ as
-    THIRD_MOMENT_TERMS."""
+    THIRD_MOMENT_TERMS (a term over v > n distinct images is empty)."""
     var = 2 / (n * (n - 3))
     third = sum((c1 * ta * tb + c2 * (ta * sb + sa * tb) + c3 * sa * sb) / math.prod(float(n - k) for k in range(v))
-                for v, (c1, c2, c3) in THIRD_MOMENT_TERMS.items())
+                for v, (c1, c2, c3) in THIRD_MOMENT_TERMS.items() if v <= n)   # no term has more images than n
     return math.sqrt(var), third / var ** 1.5
 
 
@@ -5459,7 +5462,7 @@ def _cka_as_measure(debiased: bool, kernel: str, rbf_threshold: float) -> Measur
 def _null_state(x) -> torch.Tensor:
     """A layer's unit-norm U-centred linear Gram in float32: what the analytic null reads of it (cube invariants and
     inner products between layers, to a relative 1e-4 or better)."""
-    x = torch.as_tensor(x).reshape(len(x), -1).float()
+    x = _centred32(x).float()       # Ã does not change; float32 products of far-off features would be rounding
     k = center_gram(x @ x.T, unbiased=True, dtype=torch.float32, inplace=True)
     return k / k.norm().clamp_min(1e-30)
 
@@ -5486,16 +5489,16 @@ def _moment_null_entry(entry: dict, ia: dict, ib: dict, n: int):
     entry["cka_p"], entry["cka_calibrated"], _ = moment_calibration(est, sd, skew)
     matched = matched_pairs(*est.shape)
     r, c = torch.tensor([e[0] for e in matched]), torch.tensor([e[1] for e in matched])
-    rho = (ia["inner"][r][:, r] * ib["inner"][c][:, c]).clamp_min(0)
-    shrink = math.sqrt(float(rho.mean()))
-    dr = torch.diag(torch.sign(skew[r, c]) * skew[r, c].abs() ** (1 / 3)) @ rho.sqrt()
+    rho = ia["inner"][r][:, r] * ib["inner"][c][:, c]
+    shrink = math.sqrt(max(float(rho.mean()), 0.0))
+    dr = torch.diag(torch.sign(skew[r, c]) * skew[r, c].abs() ** (1 / 3)) @ rho.clamp_min(0).sqrt()
     third = float(torch.trace(dr @ dr @ dr)) / len(matched) ** 3        # mean_klm (γγγ)^⅓ (ρρρ)^½, in sd³
     skew_mean = third / shrink ** 3 if shrink > 0 else 0.0
     p, cal, _ = moment_calibration(torch.tensor(entry["diagonal_mean"]), sd * shrink, skew_mean)
     entry["diagonal_mean_p"], entry["diagonal_mean_calibrated"] = float(p), float(cal)
     finite = est.isfinite()
-    entry["max_p"] = min(1.0, max(ANALYTIC_P_FLOOR, float(pearson3_tail(est[finite].max(), sd, skew[finite]).sum()))) \
-        if finite.any() else float("nan")
+    union = float(pearson3_tail(est[finite].max(), sd, skew[finite]).sum()) if finite.any() else float("nan")
+    entry["max_p"] = union if math.isnan(union) else min(1.0, max(ANALYTIC_P_FLOOR, union))
 
 
 def _exact_null_entry(entry: dict, sa: list, sb: list, m: Measure, permutations: int, seed: int, n: int):
@@ -5562,6 +5565,8 @@ def compare_models(models: list[ViT], images: ImageSet, *, points=None, tokens="
     for debiased CKA with `null` "moments" from its permutation distribution's exact moments, else from
     `permutations` permutations of the second model's images (see _with_cka_null)."""
     measures = _checked_measures(measures, permutations)
+    if null not in NULLS:
+        raise UsageError(f"unknown null {null!r}: choose {', '.join(NULLS)}")
     names = [resolve_points(m, points) for m in models]
     at = [_point_index(n, model_point) for n in names]
     estimator = choose_estimator(models, names, tokens, len(images), estimator, kernel=kernel)
@@ -7272,11 +7277,12 @@ def invariance(model: ViT, images: ImageSet, augmentations=AUGMENTATIONS, points
     names = resolve_points(model, points)
     base = extract(model, images, names, tokens, batch_size, device, dtype)
     held = len(images) * 3 * model.input_size ** 2 * 4 <= AUGMENT_KEEP_BYTES     # preprocessed once for every kind
-    kept = [x for x, _ in model_batches(model, images, batch_size)] if held else None
+    every = lambda: (x for x, _ in model_batches(model, images, batch_size, group=UNSHARDED))   # extract() shards
+    kept = list(every()) if held else None       # every batch in one augmentation stream: the same draws at any world
     out = {}
     for kind in augmentations:
         g = torch.Generator().manual_seed(seed)
-        batches = kept if held else (x for x, _ in model_batches(model, images, batch_size))
+        batches = kept if held else every()
         feats = extract(model, _augmented_batches(model, batches, kind, g), names, tokens, batch_size, device, dtype)
         out[kind] = {k: invariance_scores(base[k], feats[k], seed) for k in names}
     return out
@@ -8571,7 +8577,8 @@ def _print_measures(res: dict):
         print(f"\n{name} ({info['id']}; {info['cite']}; range {info['range']}"
               + (f"; chance {chance(res['n']):.3f}" if chance else "") + f"; n = {res['n']}"
               + (f"; intervals: {info['interval'].split(',')[0]}" if info["interval"] else "")
-              + (f"; p from {info['null'].split(' of ')[0]}" if info["null"] else "") + ")")
+              + (f"; p from {'the analytic null' if info['null'] == NULL_MOMENTS_SAID else info['null'].split(' of ')[0]}"
+                 if info["null"] else "") + ")")
         for p in res["pairs"]:
             e = p["measures"][name]
             ci = " [{:.3f}, {:.3f}]".format(*e["diagonal_mean_ci"]) if "diagonal_mean_ci" in e else ""
@@ -9332,8 +9339,9 @@ def stand_in_checkpoints(folder, size: int = 224, dim: int = 64, depth: int = 4,
     layouts, every LayerNorm perturbed so that no two models agree: what `bench --report` runs `report` on."""
     g, paths = torch.Generator().manual_seed(seed), []
     for name, wrap in STAND_IN_LAYOUTS.items():
-        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
-        m = ViT(ViTConfig(img_size=size, embed_dim=dim, depth=depth, num_heads=2, mlp_hidden=4 * dim))
+        with torch.random.fork_rng(devices=[]):       # the initialisation's draws leave the global RNG as it was
+            torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
+            m = ViT(ViTConfig(img_size=size, embed_dim=dim, depth=depth, num_heads=2, mlp_hidden=4 * dim))
         sd = {k: v + 0.3 * torch.randn(v.shape, generator=g) if ".norm" in f".{k}" else v
               for k, v in m.state_dict().items()}
         paths.append(Path(folder) / f"{name}.pth")
@@ -9378,6 +9386,8 @@ def _bench_report_cmd(args):
 
 
 def _cmd_bench(args):
+    if args.rounds != 1 and args.report is None:
+        raise UsageError("--rounds goes with --report")
     if args.report is not None:
         return _bench_report_cmd(args)
     if args.inference or args.measures is not None:

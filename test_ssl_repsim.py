@@ -6227,6 +6227,35 @@ def test_torchrun_ranks_on_an_empty_weights_folder_download_once_and_both_load(t
     assert (wdir / "SHA256SUMS").read_text() == f"{digest}  deit-race.pth\n"
 
 
+def test_invariance_under_torchrun_equals_one_process(tmp_path):
+    """The review's finding: under torchrun (2 processes, gloo) invariance took each rank's batches and extract()
+    sharded them again (a crash with batch 4 of 24 images); the augmented stream is now every batch, so the scores,
+    random crops included, equal a single process's."""
+    script = tmp_path / "inv.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys; sys.path.insert(0, {str(HERE)!r})
+        import torch, torch.distributed as dist
+        import ssl_repsim as sr
+        dist.init_process_group("gloo")
+        torch.manual_seed(0)
+        m = sr.ViT(sr.ViTConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, mlp_hidden=64)).eval()
+        r = sr.invariance(m, sr.synthetic_images(24, 64, seed=3), augmentations=("hflip", "crop"), batch_size=4)
+        if dist.get_rank() == 0:
+            print(json.dumps({{k: {{l: v["raw"] for l, v in per.items()}} for k, per in r.items()}}))
+        dist.destroy_process_group()
+    """))
+    with started([*torchrun_argv(), "--standalone", "--nproc_per_node", 2, script], tmp_path / "log") as wait:
+        torch.manual_seed(0)
+        m = sr.ViT(sr.ViTConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, mlp_hidden=64)).eval()
+        one = sr.invariance(m, sr.synthetic_images(24, 64, seed=3), augmentations=("hflip", "crop"), batch_size=4)
+        p = wait(180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for kind, per in one.items():
+        for layer, v in per.items():
+            assert got[kind][layer] == pytest.approx(v["raw"], abs=1e-6), (kind, layer)
+
+
 def test_out_of_a_killed_run_is_swept_and_out_may_not_be_root_or_hold_the_working_directory(tmp_path, monkeypatch):
     a, b = tiny_pair(tmp_path)
     killed = tmp_path / ".o.abc123.tmp"              # what a SIGKILL during a results write leaves
@@ -6771,6 +6800,27 @@ def test_the_analytic_null_agrees_with_exact_permutations_and_is_uniform_under_i
     assert ks < 1.63 / np.sqrt(200), ks
     dep = sr.compare_features(_layered(40, 0, 2.0, 1), ["x", "y"], ci=0)["pairs"][0]
     assert float(dep["cka_p"][0, 0]) < 0.01
+
+
+def test_the_analytic_null_at_n_5_and_for_features_far_from_the_origin():
+    """The review's findings: at n = 5 (debiased CKA needs 4) the terms over six distinct images are empty, not a
+    division by zero: every enumerated permutation's variance and skewness match and max_p is the one entry's p; an
+    offset of 10⁴ on every feature (the same Grams) leaves every analytic p and calibrated score as it was."""
+    g = np.random.default_rng(2)
+    x, y = g.standard_t(3, size=(5, 4)), g.standard_t(3, size=(5, 3))
+    a, b = (center_unbiased(v @ v.T) for v in (x, y))
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    t = np.array([np.sum(a * b[np.ix_(p, p)]) for p in map(list, itertools.permutations(range(5)))])
+    sd, skew = sr.permutation_moments(5, *sr.cube_invariants(torch.from_numpy(a)), *sr.cube_invariants(torch.from_numpy(b)))
+    assert sd == pytest.approx(t.std(), rel=1e-9) and skew == pytest.approx(np.mean(t ** 3) / t.std() ** 3, rel=1e-6)
+    pair = sr.compare_features([{"x": torch.from_numpy(x)}, {"y": torch.from_numpy(y)}], ["x", "y"], ci=0)["pairs"][0]
+    assert 0 < float(pair["cka_p"][0, 0]) < 1 and pair["max_p"] == pytest.approx(float(pair["cka_p"][0, 0]))
+    fa, fb = _layered(120, 5, 0.3)
+    near = sr.compare_features([fa, fb], ["A", "B"], ci=0)["pairs"][0]
+    far = sr.compare_features([{k: v + 1e4 for k, v in fa.items()}, fb], ["A", "B"], ci=0)["pairs"][0]
+    for key in ("cka_p", "cka_calibrated"):
+        assert torch.allclose(near[key], far[key], rtol=1e-3, atol=1e-6), key
+    assert far["diagonal_mean_p"] == pytest.approx(near["diagonal_mean_p"], rel=1e-3)
 
 
 def _latent_factor_regime(d, target, r=8):
