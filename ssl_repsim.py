@@ -5185,6 +5185,11 @@ def moment_calibration(observed, sd, skew, smax: float = 1.0, alpha: float = CAL
     return p.masked_fill(undefined, float("nan")), cal.masked_fill(undefined, float("nan")), tau
 
 
+def _p_text(p: float) -> str:
+    """"= 0.0123", or "≤ 1e-10" at the analytic null's floor."""
+    return f"≤ {ANALYTIC_P_FLOOR:g}" if p <= ANALYTIC_P_FLOOR else f"= {p:.3g}"
+
+
 def _trace_cube_lowrank(x: torch.Tensor) -> tuple[float, float]:
     """(tr Ã³, ‖Ã‖²) of the U-centred linear Gram Ã of x (n × d) in O(n d²), never forming Ã: Ã = M − diag M with
     M = F Gᵀ, F = [x, r, 1], G = [x, −1/(n − 2), c − r/(n − 2)], r_i = Σ_{j≠i} x_i·x_j, c = Σr / ((n − 1)(n − 2));
@@ -8536,8 +8541,8 @@ def _cmd_cka(args):
     for p in res["pairs"]:
         print(f"\n{short[p['a']]} (rows) vs {short[p['b']]} (columns): matched-layer mean CKA {p['diagonal_mean']:.3f}"
               + (" [{:.3f}, {:.3f}]".format(*p["diagonal_mean_ci"]) if "diagonal_mean_ci" in p else "")
-              + (f", permutation p = {p['diagonal_mean_p']:.3g}, calibrated {p['diagonal_mean_calibrated']:.3f}; "
-                 f"the map's largest entry p = {p['max_p']:.3g} (family-wise over the map)"
+              + (f", permutation p {_p_text(p['diagonal_mean_p'])}, calibrated {p['diagonal_mean_calibrated']:.3f}; "
+                 f"the map's largest entry p {_p_text(p['max_p'])} (family-wise over the map)"
                  if "diagonal_mean_p" in p else ", no permutation null"))
         print(_format_map(p["cka"], p["layers_a"], p["layers_b"]))
     if n_models > 2:
@@ -8582,7 +8587,7 @@ def _print_measures(res: dict):
         for p in res["pairs"]:
             e = p["measures"][name]
             ci = " [{:.3f}, {:.3f}]".format(*e["diagonal_mean_ci"]) if "diagonal_mean_ci" in e else ""
-            test = (f", p = {e['diagonal_mean_p']:.3g}, calibrated {e['diagonal_mean_calibrated']:.3f}"
+            test = (f", p {_p_text(e['diagonal_mean_p'])}, calibrated {e['diagonal_mean_calibrated']:.3f}"
                     if "diagonal_mean_p" in e else "")
             print(f"  {p['a']} vs {p['b']}: matched-layer mean {e['diagonal_mean']:.3f}{ci}{test}")
 
