@@ -5213,7 +5213,7 @@ def cube_invariants(state: torch.Tensor, x: torch.Tensor | None = None) -> tuple
     """(tr S³, Σ_ij S_ij³) of a unit-norm U-centred Gram S. Given the linear kernel's features x (n, d) with
     2d² < n² (two n·d² products against the n³ one), tr S³ comes from them (_trace_cube_lowrank)."""
     s = float(state.double().pow(3).sum())
-    if x is not None and 2 * _flat64(x).shape[1] ** 2 < len(state) ** 2:
+    if x is not None and 2 * math.prod(x.shape[1:]) ** 2 < len(state) ** 2:     # flattened tokens: never a copy
         trace, sq = _trace_cube_lowrank(_flat64(x))
         if sq > 0 and abs(trace / sq ** 1.5) <= 1:         # |tr S³| ≤ ‖S‖³ = 1: else precision was lost, go direct
             return trace / sq ** 1.5, s
@@ -7396,8 +7396,8 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
                    seed: int = 0, device=None, dtype=None) -> dict:
     """Linear probes (ridge classifiers, closed form) on frozen patch tokens of every block, and of every block
     concatenated with the last: the patch's grid position (P classes) and, where the data has masks, the object
-    class under the patch (0 = background). Train/test split by image. A CNN's default points are its last stage's blocks, whose positions
-    are the stride-32 grid the masks are read on."""
+    class under the patch (0 = background). Train/test split by image. A CNN's default points are its last stage's
+    blocks, whose positions are the stride-32 grid the masks are read on."""
     last_stage = [b for b in getattr(model, "block_names", []) if b.startswith(model.stage_names[-1] + ".")]
     names = resolve_points(model, points if points is not None or not last_stage else last_stage)
     feats = extract(model, images, names, "patch", batch_size, device, dtype)
