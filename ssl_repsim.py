@@ -8132,6 +8132,32 @@ ANALYSES: dict[str, Analysis] = {
 }
 
 
+def _forward_seconds(model, k: int = 4) -> float:
+    """Seconds per image of the model's forward pass here, timed on k random images at its input size (in eval
+    mode; the mode it had is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(torch.rand(k, 3, model.input_size, model.input_size))
+            return (time.perf_counter() - t0) / k
+    finally:
+        model.train(was)
+
+
+def _estimate(models, images, names, opts: AnalysisOptions) -> str:
+    """A line said before the analyses run: the forward passes ahead (one over the images for every model, the
+    feature session serving the rest, plus invariance's augmented passes and attention's images) at each model's
+    timed pace; the probes' fits come on top."""
+    n = len(images)
+    passes = 1 + len(AUGMENTATIONS) * ("invariance" in names) + ("attention" in names) * min(opts.attention_images,
+                                                                                              n) / n
+    seconds = sum(_forward_seconds(m) for m in models) * n * passes
+    return (f"estimate: about {seconds:.0f} s of forward passes ahead ({passes:.1f} passes over {n} images for each "
+            f"of {len(models)} models, at the pace of 4 timed images each); the probes' fits and statistics add to it")
+
+
 def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str, dict, dict, list[str]]]:
     """(name, results, figures, readings) of each named analysis, in order. With several names (a report), one that
     cannot run on these models or data is skipped with a reading that says why; alone, that is a UsageError."""
@@ -8139,6 +8165,8 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
     if len(names) > 1:
         log.info(f"{len(names)} analyses of {len(models)} models on {len(images) if images else 0} images: "
                  f"{', '.join(names)}")
+        if images is not None and len(images) and opts.device in (None, "cpu"):
+            log.info(_estimate(models, images, names, opts))
     for name in names:
         a = ANALYSES[name]
         try:

@@ -5583,6 +5583,20 @@ def test_report_is_never_silent_for_long(tmp_path, monkeypatch):
                      re.MULTILINE), stream.getvalue()
 
 
+def test_report_says_an_estimate_of_its_forward_passes_before_the_analyses(tmp_path):
+    """Issue 24 item 3: before long work, report says how many forward passes lie ahead: one over the images for
+    every model (the feature session serves the rest), 5 augmented ones for invariance and one for attention (its
+    256 images ≥ n = 12): 7.0; the line comes before the first analysis starts."""
+    a, b = tiny_pair(tmp_path)
+    p = cli("report", a, b, "--num-heads", 2, "--img-size", 32, "--n", 12, "--out", tmp_path / "r", "--skip",
+            "overview,gap,info,spatial,weights,agreement")
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    said = next(i for i, ln in enumerate(lines) if ln.startswith("estimate: about "))
+    assert "7.0 passes over 12 images for each of 2 models" in lines[said]
+    assert said < next(i for i, ln in enumerate(lines) if ln.startswith("analysis 1/2"))
+
+
 def test_report_decodes_each_image_once_and_runs_each_model_once_per_image_set(tmp_path, monkeypatch):
     """report on a folder of PNGs (two models, every analysis that reads the plain images): each file is decoded
     once (the analyses, the train/validation split and invariance's augmented views read the decoded images
@@ -5609,7 +5623,8 @@ def test_report_decodes_each_image_once_and_runs_each_model_once_per_image_set(t
     assert set(map(str, opened)) == {str(p) for p in files} and set(opened.values()) == {1}, opened.most_common(3)
     plain = {spec: c for (spec, _), c in forwarded.items()}
     augmented = 5 * len(files)   # invariance: hflip, crop, colour, grayscale, blur views of every image
-    assert all(c == len(files) + augmented for c in plain.values()), (forwarded, len(files))
+    timed = 4                    # the estimate said before the analyses times 4 random images per model
+    assert all(c == len(files) + augmented + timed for c in plain.values()), (forwarded, len(files))
     monkeypatch.setattr(sr, "feature_session", lambda budget=None: contextlib.nullcontext())
     assert sr.main([*argv, "--out", tmp_path / "r0"]) == 0
     read = lambda d: {k: v["readings"] for k, v in json.loads((d / "report.json").read_text()).items() if k != "meta"}
