@@ -3648,8 +3648,9 @@ def _parse_dtype(dtype):
 
 def _check_finite(named):
     """A NaN or Inf feature is a user error naming the layer (bad weights or inputs), never a 'constant layer'."""
-    for name, v in named:
-        if not torch.isfinite(torch.as_tensor(v)).all():
+    for name, v in named:      # a NaN or Inf makes the sum so (one fast pass); only a sum that is not finite needs
+        v = torch.as_tensor(v)   # the elementwise check (finite values can overflow a sum)
+        if v.is_floating_point() and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
             raise UsageError(f"layer {name} has NaN or Inf features: check the checkpoint's weights and the images")
 
 

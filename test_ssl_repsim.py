@@ -5974,6 +5974,19 @@ def test_nan_features_are_refused_by_extract_probes_and_knn(tmp_path):
             fn({"f": bad}, y, {"f": x}, y)
 
 
+def test_the_finite_check_reads_a_sum_first_and_looks_closer_only_when_it_is_not_finite():
+    """_check_finite's fast path: NaN, +Inf, −Inf and an Inf pair that sums to NaN are caught; finite features whose
+    float32 sum overflows (3e38 each) are not refused."""
+    x = torch.randn(50, 8)
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        y = x.clone()
+        y[0, :len(bad)] = torch.tensor(bad)
+        with pytest.raises(sr.UsageError, match="NaN or Inf"):
+            sr._check_finite([("f", y)])
+    sr._check_finite([("big", torch.full((50, 8), 3e38))])
+    assert not torch.isfinite(torch.full((50, 8), 3e38).sum())     # the case the closer look exists for
+
+
 def test_non_float_weights_and_absurd_normalisation_are_refused(tmp_path):
     model = tiny_model(0)
     for dtype in (torch.int8, torch.uint8, torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn):
