@@ -8168,6 +8168,8 @@ def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str
                  f"{', '.join(names)}")
         if images is not None and len(images) and opts.device in (None, "cpu"):
             log.info(_estimate(models, images, names, opts))
+        elif images is not None and len(images):
+            log.info(f"no estimate of the forward passes ahead on {opts.device}: a first batch there times its warm-up")
     for name in names:
         a = ANALYSES[name]
         try:
