@@ -666,6 +666,9 @@ class Progress:
 _STEPS: list[tuple[str, float]] = []   # the labelled steps in progress, innermost last: (label, start)
 
 
+_HEARTBEAT_LOCK = threading.Lock()   # held while the CLI's heartbeat writes: a fork waits for it (_forked_analyses)
+
+
 @contextlib.contextmanager
 def step(label: str):
     """A labelled stretch of work: announced on stderr as it starts; while it runs, the CLI's heartbeat names it
@@ -3348,7 +3351,12 @@ def shared_batches(models, images: ImageSet, batch_size: int = 64, start: int = 
     """Per decoded batch, (its image indices, [(x, y) for each model]): every image decoded once for all models and
     resized in Pillow once per distinct preprocessing, then cropped and normalised as each model's registry row says
     (models preprocessed alike share one tensor; this process's batches under torch.distributed)."""
-    kws = [preprocess_kw(m) for m in models]
+    return preprocessed_batches([preprocess_kw(m) for m in models], images, batch_size, start, stop, group)
+
+
+def preprocessed_batches(kws: list[dict], images: ImageSet, batch_size: int = 64, start: int = 0,
+                         stop: int | None = None, group=None):
+    """shared_batches for resize_crop_normalize settings `kws` (one per input wanted)."""
     keys, of_key, targets = _distinct_preprocessing(kws)
     for idx, per_target in images.decoded(batch_size, start, stop, targets, group):
         y = images.labels[idx] if images.labels is not None else None
@@ -3701,13 +3709,22 @@ class FeatureSession:
     def plan(self, model, points):
         self.plans[id(model)] = list(resolve_points(model, points))
 
-    def lookup(self, model, images: ImageSet, points, tokens: str, dtype) -> dict | None:
+    def holds(self, model, images: ImageSet, points, tokens: str, dtype) -> dict | None:
+        """The entry that holds every row of `images` at every point the request needs, or None."""
         entry = self.entries.get(self.key(model, images, dtype))
         names = _raw_points(model, points, tokens)
         rows = images.rows or range(len(images))
         if entry is None or entry["model"]() is not model or not all(n in entry["points"] for n in names) or \
                 not all(r in entry["index"] or r in entry["unreadable"] for r in rows):
             return None
+        return entry
+
+    def lookup(self, model, images: ImageSet, points, tokens: str, dtype) -> dict | None:
+        entry = self.holds(model, images, points, tokens, dtype)
+        if entry is None:
+            return None
+        names = _raw_points(model, points, tokens)
+        rows = images.rows or range(len(images))
         for i, r in enumerate(rows):   # what the decoders found, said again for this set
             if r in entry["unreadable"]:
                 images._kept(i, None, entry["unreadable"][r])
@@ -5781,6 +5798,35 @@ def _least_agreeing(means: dict, entries: dict, spread: Spread, level: float) ->
                 correction=f"Bonferroni over the {len(means)} types searched")
 
 
+def _feature_batches(models, images: ImageSet, names, tokens, batch_size, device, dtype, group):
+    """Per batch of `images` in order, (its first image's index, every model's features at its points), the models
+    run in step on each decoded batch (this process's batches under torch.distributed)."""
+    streams, firsts = per_model_batches(models, images, batch_size, group)
+    gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, names, strict=True)]
+    for outs in zip(*gens, strict=True):
+        yield firsts[-1], [f for f, _ in outs]
+
+
+def _held_batches(models, images: ImageSet, names, tokens, batch_size, dtype, group):
+    """_feature_batches read from the feature session, where it holds every model's features of every image (in one
+    process, float32), else None: a batch at a time, never all at once. Images the decoders could not read are left
+    out of their batch, as there."""
+    session = _SESSION.get()
+    if session is None or _dist_active(group) or _parse_dtype(dtype) not in (None, torch.float32) or not all(
+            session.holds(m, images, pts, tokens, dtype) for m, pts in zip(models, names, strict=True)):
+        return None
+
+    def batches():
+        for start in range(0, len(images), batch_size):
+            idx = list(range(start, min(start + batch_size, len(images))))
+            part = images.subset(idx)
+            feats = [session.lookup(m, part, pts, tokens, dtype) for m, pts in zip(models, names, strict=True)]
+            images.unreadable.update(idx[i] for i in part.unreadable)
+            if len(part.unreadable) < len(idx):
+                yield next(i for k, i in enumerate(idx) if k not in part.unreadable), feats
+    return batches()
+
+
 def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, batch_size, device, dtype, progress,
                     group) -> tuple[dict, dict, int]:
     """Every model's features batch by batch, accumulated into one MinibatchCKA per pair (memory independent of n);
@@ -5791,20 +5837,19 @@ def _minibatch_maps(models, images, names, pairs, tokens, *, resamples, seed, ba
     order = batch_order(len(images), seed)
     images, source = images.subset(order), images
     accs = {p: MinibatchCKA(len(names[p[0]]), len(names[p[1]]), device=dev) for p in pairs}
-    streams, firsts = per_model_batches(models, images, batch_size, group)
     keys = []   # the first image index of each batch used: the order of the bootstrap terms
-    gens = [iter_features(m, st, pts, tokens, device, dtype) for m, st, pts in zip(models, streams, names, strict=True)]
-    bar = Progress(len(images), f"extract+CKA ({len(models)} models)", enabled=progress, unit="img")
+    held = _held_batches(models, images, names, tokens, batch_size, dtype, group)
+    bar = Progress(len(images), ("CKA of held features" if held else "extract+CKA") + f" ({len(models)} models)",
+                   enabled=progress, unit="img")
     skipped = used = 0
-    for outs in zip(*gens, strict=True):
-        feats = [f for f, _ in outs]
+    for first, feats in held or _feature_batches(models, images, names, tokens, batch_size, device, dtype, group):
         b = next(iter(feats[0].values())).shape[0]
         bar.update(b)
         if b < 4:
             skipped += b
             continue
         used += b
-        keys.append(firsts[-1])   # the batch just read (the models read it in step)
+        keys.append(first)
         if sum(map(len, names)) * b * b * 8 > GRAM_BUDGET_BYTES:   # too many to hold: pair by pair
             for (i, j), acc in accs.items():
                 acc.update([feats[i][p] for p in names[i]], [feats[j][p] for p in names[j]])
@@ -5918,14 +5963,14 @@ def standardize(train: torch.Tensor, *others):
 
 
 def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.Tensor, max_iter: int = 500,
-                 history: int = 10, tol: float = 1e-4, gram: int = 0):
+                 history: int = 10, tol: float = 1e-4, gram: int = 0, start: tuple | None = None):
     """Multinomial logistic regression for a stack of independent problems xs (P, n, d) with L2 penalties wd (P,):
     minimise CE(x_p W_p + b_p, y) + wd_p ‖W_p‖² for every p at once by L-BFGS (Nocedal & Wright 2006, alg. 7.4)
     whose two-loop recursion, curvature pairs and Armijo backtracking are all per problem, so the batch converges
     as P separate solvers would. gram = d: xs holds the scaled Grams K = X Xᵀ / d (P, n, n) of d-dimensional
     features and the problem is solved in the dual variables A, W = Xᵀ A / d (the minimiser lies in the span of
     the samples; ‖W‖² = tr(AᵀKA) / d): the same problem in n·C unknowns instead of d·C, on entries of order one;
-    returns (A, b), logits = K(test, train) A + b."""
+    returns (A, b), logits = K(test, train) A + b. start: the (W or A, b) to start from (default zeros)."""
     P, n, d = xs.shape
     C = num_classes
     wd = wd.to(xs.device, xs.dtype) / (gram or 1)
@@ -5949,7 +5994,8 @@ def _fit_softmax(xs: torch.Tensor, y: torch.Tensor, num_classes: int, wd: torch.
             ga = torch.bmm(xs.transpose(1, 2), gl) + 2 * wd[:, None, None] * a
         return losses, torch.cat([ga.reshape(P, m * C), gl.sum(1)], 1)
 
-    x = torch.zeros(P, m * C + C, device=xs.device, dtype=xs.dtype)
+    x = torch.zeros(P, m * C + C, device=xs.device, dtype=xs.dtype) if start is None else \
+        torch.cat([start[0].reshape(P, m * C), start[1].reshape(P, C)], 1).to(xs.device, xs.dtype)
     f, g = loss_grad(x)
     pairs = []   # the last `history` curvature pairs (s, y, 1/sᵀy) of every problem
     for _ in range(max_iter):
@@ -6048,7 +6094,8 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
                  progress: bool = False, dual: bool | None = None, **mae_opts) -> dict:
     """{layer: {"top1", "top5" (with ≥ 5 classes), "weight_decay"}}: test accuracy of one linear classifier per layer.
     Features are standardised on the training set; the L2 weight decay is chosen per layer on a held-out part of
-    the training set (never on test), then the classifier is refit on the whole training set; `weight_decay`
+    the training set (never on test; fits of at most SELECTION_ITERS iterations), then the classifier is refit on
+    the whole training set, starting from the chosen one; `weight_decay`
     fixes it (a float) or gives the grid (a list). Where d > n (or dual=True) each problem is solved in its dual
     on the n × n Gram: the same problem, at a cost that does not grow with d (the same classifier once converged;
     on nearly separable data at tiny weight decays neither solver converges in max_iter, and the two stop at
@@ -6085,9 +6132,9 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
             tr, te = _stacked_standardized(train, test, chunk, device)
             rows, against = _probe_inputs(tr, te, d > len(fit_idx) if dual is None else dual)   # Grams if d > n
             gram = d if rows is not tr else 0
-            best = _chosen_decays(rows, y_train, fit_idx, val_idx, C, wds, max_iter, gram) if n_val else \
-                wds[:1].repeat(len(chunk))
-            w, b = _fit_softmax(rows, y_train, C, best, max_iter, gram=gram)
+            best, start = _chosen_decays(rows, y_train, fit_idx, val_idx, C, wds, max_iter, gram) if n_val else \
+                (wds[:1].repeat(len(chunk)), None)
+            w, b = _fit_softmax(rows, y_train, C, best, max_iter, gram=gram, start=start)
             logits = torch.baddbmm(b, against, w).cpu()
             for i, k in enumerate(chunk):
                 out[k] = dict(accuracies(logits[i], y_test, C), weight_decay=float(best[i]))
@@ -6096,16 +6143,26 @@ def linear_probe(train, y_train, test, y_test, *, weight_decay=None, weight_deca
     return {k: out[k] for k in train}
 
 
-def _chosen_decays(rows, y, fit_idx, val_idx, C, wds, max_iter, gram) -> torch.Tensor:
-    """Per problem, the weight decay whose classifier (fitted on fit_idx) is most accurate on val_idx; the first
-    (smallest) among ties."""
+SELECTION_ITERS = 100   # L-BFGS iterations of the fits that choose a probe's weight decay (scikit-learn's default)
+
+
+def _chosen_decays(rows, y, fit_idx, val_idx, C, wds, max_iter, gram) -> tuple[torch.Tensor, tuple]:
+    """Per problem, the weight decay whose classifier, fitted on fit_idx by at most SELECTION_ITERS iterations, is
+    most accurate on val_idx (the first, smallest, among ties); and that classifier, where the final fit on all rows
+    starts (in the dual, the held-out rows' variables at 0: the same W = Xᵀ A / d)."""
     P = len(rows)
     fit = rows[:, fit_idx][:, :, fit_idx] if gram else rows[:, fit_idx]
-    w, b = _fit_softmax(fit.repeat_interleave(len(wds), 0), y[fit_idx], C, wds.repeat(P), max_iter, gram=gram)
+    w, b = _fit_softmax(fit.repeat_interleave(len(wds), 0), y[fit_idx], C, wds.repeat(P),
+                        min(max_iter, SELECTION_ITERS), gram=gram)
     held = rows[:, val_idx][:, :, fit_idx] if gram else rows[:, val_idx]
     logits = torch.baddbmm(b, held.repeat_interleave(len(wds), 0), w)
     acc = (logits.argmax(-1).cpu() == y[val_idx]).float().mean(1).view(P, len(wds))
-    return wds[acc.argmax(1)]
+    pick = (acc.argmax(1) + torch.arange(P) * len(wds)).to(w.device)
+    w, b = w[pick], b[pick]
+    if gram:
+        w = torch.zeros(P, rows.shape[1], w.shape[-1], dtype=w.dtype, device=w.device).index_copy_(
+            1, fit_idx.to(w.device), w)
+    return wds[acc.argmax(1)], (w, b)
 
 
 def _probe_inputs(tr: torch.Tensor, te: torch.Tensor, dual: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -7214,18 +7271,17 @@ def pca_probe(train, y_train, test, y_test, ks=(1, 2, 4, 8, 16, 32, 64), seed: i
     return out
 
 
-def _unnormalize(x, pp):
-    m, s = torch.tensor(pp["mean"]).view(1, 3, 1, 1), torch.tensor(pp["std"]).view(1, 3, 1, 1)
-    return x * s + m, (m, s)
-
-
 def gaussian_blur(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """Separable Gaussian blur of (n, c, h, w) images (σ px, radius 3σ, reflected edges): along each axis the
+    weighted sum of shifted copies (a grouped conv2d is several times slower on a CPU)."""
     r = max(1, int(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+    for dim, pad in ((-1, (r, r, 0, 0)), (-2, (0, 0, r, r))):
+        p, size = F.pad(x, pad, mode="reflect"), x.shape[dim]
+        x = p.narrow(dim, 0, size) * float(k[0] / k.sum())
+        for i in range(1, 2 * r + 1):
+            x.add_(p.narrow(dim, i, size), alpha=float(k[i] / k.sum()))
+    return x
 
 
 def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
@@ -7273,32 +7329,60 @@ def invariance_scores(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
     return out
 
 
-AUGMENT_KEEP_BYTES = 1 << 30   # invariance keeps a model's preprocessed images for all augmentations up to this
+AUGMENT_KEEP_BYTES = 1 << 30   # invariance keeps the images in [0, 1] and one augmentation of them up to this
 
 
 def invariance(model: ViT, images: ImageSet, augmentations=AUGMENTATIONS, points=None, tokens=None,
                batch_size: int = 32, seed: int = 0, device=None, dtype=None) -> dict:
     """Per layer and augmentation, invariance_scores of the model's features (cls, or mean without cls)."""
-    tokens = _probe_tokens(model, tokens)
-    names = resolve_points(model, points)
-    base = extract(model, images, names, tokens, batch_size, device, dtype)
-    held = len(images) * 3 * model.input_size ** 2 * 4 <= AUGMENT_KEEP_BYTES     # preprocessed once for every kind
-    every = lambda: (x for x, _ in model_batches(model, images, batch_size, group=UNSHARDED))   # extract() shards
-    kept = list(every()) if held else None       # every batch in one augmentation stream: the same draws at any world
-    out = {}
-    for kind in augmentations:
-        g = torch.Generator().manual_seed(seed)
-        batches = kept if held else every()
-        feats = extract(model, _augmented_batches(model, batches, kind, g), names, tokens, batch_size, device, dtype)
-        out[kind] = {k: invariance_scores(base[k], feats[k], seed) for k in names}
+    return invariance_many([model], images, augmentations, points, tokens, batch_size, seed, device, dtype)[0]
+
+
+def invariance_many(models, images: ImageSet, augmentations=AUGMENTATIONS, points=None, tokens=None,
+                    batch_size: int = 32, seed: int = 0, device=None, dtype=None) -> list[dict]:
+    """invariance() of each model. Each augmentation acts in [0, 1] pixel space on the images as the model's
+    resize and crop give them (before its mean and std), its draws from `seed` alone, over every batch in one stream
+    (the same draws at any torch.distributed world size); models resized and cropped alike share that work, and a
+    model's scores are those it gets alone."""
+    base = [extract(m, images, resolve_points(m, points), _probe_tokens(m, tokens), batch_size, device, dtype)
+            for m in models]
+    out = [{} for _ in models]
+    groups: dict[str, list[int]] = {}
+    for k, m in enumerate(models):   # the [0, 1] images: the model's preprocessing with mean 0 and std 1
+        groups.setdefault(repr(_unit_kw(preprocess_kw(m))), []).append(k)
+    for members in groups.values():
+        kw = _unit_kw(preprocess_kw(models[members[0]]))
+        every = lambda kw=kw: (x[0][0] for _, x in preprocessed_batches([kw], images, batch_size, group=UNSHARDED))
+        held = len(images) * 6 * kw["size"] ** 2 * 4 <= AUGMENT_KEEP_BYTES   # the images and one augmentation
+        kept = [x.clamp_(0, 1) for x in every()] if held else None
+        for kind in augmentations:
+            views = list(_augmented(kept, kind, seed)) if held else None
+            for k in members:
+                m = models[k]
+                stream = views if held else _augmented((x.clamp_(0, 1) for x in every()), kind, seed)
+                feats = extract(m, _normalised(stream, m), list(base[k]), _probe_tokens(m, tokens), batch_size,
+                                device, dtype)
+                out[k][kind] = {p: invariance_scores(base[k][p], feats[p], seed) for p in base[k]}
     return out
 
 
-def _augmented_batches(model: ViT, batches, kind: str, g: torch.Generator):
-    """The model's preprocessed batches with one augmentation applied in [0, 1] pixel space."""
+def _unit_kw(kw: dict) -> dict:
+    return dict(kw, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def _augmented(batches, kind: str, seed: int):
+    """Each batch of [0, 1] images with augmentation `kind`, the draws of one generator seeded by `seed`."""
+    g = torch.Generator().manual_seed(seed)
     for x in batches:
-        x01, (m, s) = _unnormalize(x, model.preprocess)
-        yield (augment_batch(x01.clamp(0, 1), kind, g) - m) / s
+        yield augment_batch(x, kind, g)
+
+
+def _normalised(batches, model):
+    """The batches in [0, 1] normalised by the model's mean and std."""
+    kw = preprocess_kw(model)
+    m, s = torch.tensor(kw["mean"]).view(1, 3, 1, 1), torch.tensor(kw["std"]).view(1, 3, 1, 1)
+    for x in batches:
+        yield (x - m) / s
 
 
 def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: float = 0.0, seed: int = 0,
@@ -7335,9 +7419,9 @@ def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: f
                 keep = torch.rand(len(x), gh * gw, generator=g).argsort(1)[:, :n_keep].sort(1).values.to(device)
             idx = keep if keep is not None else torch.arange(gh * gw, device=device).expand(len(x), -1)
             pos = torch.stack([idx // gw, idx % gw], -1).double() * p          # (B, P, 2) pixels
-            dist = torch.cdist(pos, pos)                                         # (B, P, P)
-            for li, a in enumerate(attention_maps(model, x, keep)):
-                for k, v in attention_map_stats(a.double(), dist, npre).items():
+            dist = torch.cdist(pos, pos).float()                                 # (B, P, P)
+            for li, a in enumerate(attention_maps(model, x, keep)):   # float32 maps (sums over images: float64)
+                for k, v in attention_map_stats(a.float(), dist, npre).items():
                     sums[k][li] += v.sum(0).cpu()
                     squares[k][li] += v.mean(1).square().sum().cpu()
             count += len(x)
@@ -7360,9 +7444,9 @@ def attention_map_stats(a: torch.Tensor, dist: torch.Tensor, num_prefix: int) ->
     H(q) = log P, I = H(k) − mean_q H(k | q)."""
     pp = a[:, :, num_prefix:, num_prefix:]
     pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-12)
-    ent = -(pp * pp.clamp_min(1e-12).log()).sum(-1)                 # (B, H, P)
+    ent = torch.special.entr(pp).sum(-1)                            # (B, H, P); entr(p) = −p log p, 0 at 0
     pk = pp.mean(-2)                                                 # p(k) with uniform queries
-    hk = -(pk * pk.clamp_min(1e-12).log()).sum(-1)
+    hk = torch.special.entr(pk).sum(-1)
     mi = hk - ent.mean(-1)
     return dict(distance=(pp * dist[:, None]).sum(-1).mean(-1), entropy=ent.mean(-1),
                 nmi=mi / (math.log(pp.shape[-2]) * hk).clamp_min(1e-12).sqrt())
@@ -7726,8 +7810,9 @@ def _read_info(spec: str, r: dict, last: str) -> list[str]:
 def invariance_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict, list[str]]:
     """Per-layer invariance to flip, crop, colour, grayscale and blur, against a shuffled-pair baseline."""
     out, curves, readings, bands = {}, {}, [], {}
-    for m in models:
-        inv = invariance(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device, dtype=opts.dtype)
+    every = invariance_many(models, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
+                            dtype=opts.dtype)
+    for m, inv in zip(models, every, strict=True):
         out[_spec(m)] = inv
         for kind, per in inv.items():
             curves[f"{_label(m)} {kind}"] = {k: v["centred_normalised"] for k, v in per.items()}
@@ -8102,27 +8187,28 @@ class Analysis:
     min_models: int = 1
     needs_heads: bool = False
     command: bool = True          # also a subcommand of its own (the overview is report-only: `cka` does it)
+    cost: float = 1.0             # relative time (a report on tiny models): forked processes start the heaviest first
 
 
 ANALYSES: dict[str, Analysis] = {
     "overview": Analysis(overview_analysis, "CKA between the models",
                          "CKA maps of every pair at the block outputs and the model × model matrix, by objective",
                          ("tokens", "estimator", "ci", "ci_resamples", "measures", "permutations", "null", "batch_size",
-                          "device", "dtype", "cache_dir", "seed"), min_models=2, command=False),
+                          "device", "dtype", "cache_dir", "seed"), min_models=2, command=False, cost=4),
     "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
                     "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
                     ("tokens", "estimator", "ci", "ci_resamples", "permutations", "null", "batch_size", "device", "dtype",
-                     "cache_dir", "seed"), min_models=2),
+                     "cache_dir", "seed"), min_models=2, cost=3),
     "info": Analysis(info_analysis, "Information distribution",
                      "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
-                     ("epochs", "batch_size", "device", "dtype", "seed", "cache_dir")),
+                     ("epochs", "batch_size", "device", "dtype", "seed", "cache_dir"), cost=12),
     "invariance": Analysis(invariance_analysis, "Invariance to augmentations",
-                           "per-layer invariance to flip, crop, colour, grayscale, blur"),
+                           "per-layer invariance to flip, crop, colour, grayscale, blur", cost=7),
     "attention": Analysis(attention_analysis, "Attention distance and NMI",
                           "mean attention distance, entropy and NMI per head and layer",
-                          ("mae_mask_ratio", "attention_images", "batch_size", "device", "seed")),
+                          ("mae_mask_ratio", "attention_images", "batch_size", "device", "seed"), cost=3),
     "spatial": Analysis(spatial_analysis, "Spatial specificity (per-patch probes)",
-                        "per-patch probes of position and object class on frozen patch tokens"),
+                        "per-patch probes of position and object class on frozen patch tokens", cost=2),
     "weights": Analysis(weights_analysis, "Weight distance",
                         "per-module weight distance between models of one architecture (e.g. pretrained vs "
                         "fine-tuned)", (), min_models=2),
@@ -8147,43 +8233,167 @@ def _forward_seconds(model, k: int = 4) -> float:
         model.train(was)
 
 
-def _estimate(models, images, names, opts: AnalysisOptions) -> str:
-    """A line said before the analyses run: the forward passes ahead (one over the images for every model, the
-    feature session serving the rest, plus invariance's augmented passes and attention's images) at each model's
-    timed pace; the probes' fits come on top."""
+def _forward_estimate(models, images, names, opts: AnalysisOptions) -> float:
+    """Seconds of forward passes ahead of the analyses: one over the images for every model (the feature session
+    serves the rest), plus invariance's augmented passes and attention's images, at each model's timed pace."""
+    return sum(_forward_seconds(m) for m in models) * len(images) * _passes(images, names, opts)
+
+
+def _passes(images, names, opts: AnalysisOptions) -> float:
     n = len(images)
-    passes = 1 + len(AUGMENTATIONS) * ("invariance" in names) + ("attention" in names) * min(opts.attention_images,
-                                                                                              n) / n
-    seconds = sum(_forward_seconds(m) for m in models) * n * passes
-    return (f"estimate: about {seconds:.0f} s of forward passes ahead ({passes:.1f} passes over {n} images for each "
-            f"of {len(models)} models, at the pace of 4 timed images each); the probes' fits and statistics add to it")
+    return 1 + len(AUGMENTATIONS) * ("invariance" in names) + ("attention" in names) * min(opts.attention_images, n) / n
 
 
-def run_analyses(models, images, names, opts: AnalysisOptions) -> list[tuple[str, dict, dict, list[str]]]:
+def _estimate_text(seconds: float, models, images, names, opts: AnalysisOptions) -> str:
+    """The line said before the analyses run: the forward passes ahead; the probes' fits come on top."""
+    return (f"estimate: about {seconds:.0f} s of forward passes ahead ({_passes(images, names, opts):.1f} passes over "
+            f"{len(images)} images for each of {len(models)} models, at the pace of 4 timed images each); the probes' "
+            "fits and statistics add to it")
+
+
+def run_analyses(models, images, names, opts: AnalysisOptions, jobs: int | None = 1) -> list[tuple[str, dict, dict,
+                                                                                                  list[str]]]:
     """(name, results, figures, readings) of each named analysis, in order. With several names (a report), one that
-    cannot run on these models or data is skipped with a reading that says why; alone, that is a UsageError."""
-    out = []
+    cannot run on these models or data is skipped with a reading that says why; alone, that is a UsageError. jobs:
+    analyses run at once in forked processes (analysis_jobs; None = auto); the numbers do not depend on it."""
+    return [r[:4] for r in _analysed(models, images, names, opts, jobs)]
+
+
+def analysis_jobs(jobs: int | None, names, opts: AnalysisOptions, forward_seconds: float = 0.0) -> int:
+    """How many processes run the analyses: one where fork is not the Linux one, on a GPU (CUDA does not survive a
+    fork) or under torchrun; else `jobs` (at most one per analysis), or for None (auto) one per CPU where the forward
+    passes ahead are estimated under FORK_BELOW_FORWARD_S (the analyses' own solvers, single-threaded by nature,
+    then dominate), one otherwise (forward passes of large models use a process's threads better). A forked process
+    computes with one thread: GNU OpenMP cannot run parallel regions in a child forked after the parent ran one."""
+    if len(names) < 2 or not sys.platform.startswith("linux") or _dist_active() or \
+            as_device(opts.device).type != "cpu" or jobs == 1:
+        return 1
+    if jobs is None:
+        jobs = USABLE_CPUS if forward_seconds < FORK_BELOW_FORWARD_S else 1
+    return max(1, min(jobs, len(names)))
+
+
+FORK_BELOW_FORWARD_S = 60.0   # auto --jobs: analyses in parallel processes when the forward passes are this short
+
+
+def _analysed(models, images, names, opts: AnalysisOptions, jobs: int | None = 1, out: Path | None = None) -> list:
+    """run_analyses' work; with `out`, each analysis's figures are drawn there as soon as it is done (their file
+    names a fifth element). With jobs > 1 the models' features are extracted here first (the feature session's one
+    pass) and the analyses then run in forked processes that read them, the heaviest first."""
+    seconds = 0.0
     if len(names) > 1:
         log.info(f"{len(names)} analyses of {len(models)} models on {len(images) if images else 0} images: "
                  f"{', '.join(names)}")
-        if images is not None and len(images) and opts.device in (None, "cpu"):
-            log.info(_estimate(models, images, names, opts))
+        if images is not None and len(images) and as_device(opts.device).type == "cpu":
+            seconds = _forward_estimate(models, images, names, opts)
+            log.info(_estimate_text(seconds, models, images, names, opts))
         elif images is not None and len(images):
-            log.info(f"no estimate of the forward passes ahead on {opts.device}: a first batch there times its warm-up")
-    for name in names:
-        a = ANALYSES[name]
-        try:
-            if len(models) < a.min_models:
-                raise UsageError(f"{name} needs at least {a.min_models} models")
-            t0 = time.monotonic()
-            with step(f"analysis {len(out) + 1}/{len(names)}: {name}"):
-                out.append((name, *a.fn(models, images, opts)))
-            log.info(f"analysis {len(out)}/{len(names)}: {name} done in {time.monotonic() - t0:.1f} s")
-        except UsageError as e:
-            if len(names) == 1:
-                raise
-            out.append((name, {}, {}, [f"skipped: {_one_line(e)}"]))
-    return out
+            log.info(f"no estimate of the forward passes ahead on {as_device(opts.device)}: a first batch there times "
+                     "its warm-up")
+    jobs = analysis_jobs(jobs, names, opts, seconds if seconds else float("inf"))
+    if jobs == 1:
+        return [_one_analysis(k, names, models, images, opts, out) for k in range(len(names))]
+    if images is not None and len(images):
+        with step(f"extracting each model's features once, for the {jobs} processes that run the analyses"):
+            extract_many(models, images, [None] * len(models), "all", opts.batch_size, opts.device, opts.dtype)
+    return _forked_analyses(models, images, names, opts, jobs, out)
+
+
+def _one_analysis(k: int, names, models, images, opts: AnalysisOptions, out: Path | None) -> tuple:
+    name, a = names[k], ANALYSES[names[k]]
+    try:
+        if len(models) < a.min_models:
+            raise UsageError(f"{name} needs at least {a.min_models} models")
+        t0 = time.monotonic()
+        with step(f"analysis {k + 1}/{len(names)}: {name}"):
+            res, figures, readings = a.fn(models, images, opts)
+        log.info(f"analysis {k + 1}/{len(names)}: {name} done in {time.monotonic() - t0:.1f} s")
+    except UsageError as e:
+        if len(names) == 1:
+            raise
+        res, figures, readings = {}, {}, [f"skipped: {_one_line(e)}"]
+    return name, res, figures, readings, _render_figures(figures, out) if out is not None else []
+
+
+_FORKED: dict = {}   # what run_analyses' forked processes read (inherited at the fork, never pickled)
+
+
+def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, out: Path | None) -> list:
+    """_one_analysis of every name in `jobs` processes forked from this one (each inherits the models, images and
+    feature session), the heaviest analyses (ANALYSES' cost) started first; results in the order of `names`. What
+    the processes write on stderr comes back through a pipe and is written here, line by line."""
+    import concurrent.futures
+    import multiprocessing
+    read, write = os.pipe()
+    relay = threading.Thread(target=_relay_lines, args=(read,), daemon=True, name="ssl_repsim-relay")
+    _FORKED.update(args=(names, models, images, opts, out))
+    for stream in (sys.stdout, sys.stderr):   # a child flushes what it inherited: nothing may be pending
+        stream.flush()
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
+                                                  initializer=_forked_start, initargs=(write,))
+    try:
+        with _HEARTBEAT_LOCK:   # no heartbeat line half-written as the processes fork (all at the first submit)
+            futures = {k: pool.submit(_forked_analysis, k) for k in sorted(range(len(names)),
+                                                                         key=lambda k: -ANALYSES[names[k]].cost)}
+        os.close(write)   # the processes hold the pipe now: it ends when the last exits
+        write = None
+        relay.start()
+        results = [futures[k].result() for k in range(len(names))]
+    except BaseException:
+        for p in list(getattr(pool, "_processes", {}).values()):   # Ctrl-C, SIGTERM or an error: stop the rest
+            p.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _FORKED.clear()
+        if write is not None:
+            os.close(write)
+        if relay.ident is None:   # never started: the read end is still ours to close
+            os.close(read)
+        relay.join(timeout=5)
+    return results
+
+
+def _relay_lines(fd: int):
+    """Copy whole lines from `fd` onto this process's stderr until the pipe ends (then close it)."""
+    with os.fdopen(fd, "rb") as pipe:
+        for line in pipe:
+            with _HEARTBEAT_LOCK:
+                sys.stderr.write(line.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+
+class _LineStream:
+    """A forked process's stderr: text written through in whole lines to the relay's pipe, never a terminal."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pending = fd, ""
+
+    def write(self, s: str) -> int:
+        self.pending += s
+        if "\n" in self.pending:
+            done, _, self.pending = self.pending.rpartition("\n")
+            os.write(self.fd, (done + "\n").encode("utf-8", "replace"))
+        return len(s)
+
+    def flush(self):
+        if self.pending:
+            os.write(self.fd, self.pending.encode("utf-8", "replace"))
+            self.pending = ""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _forked_start(fd: int):
+    torch.set_num_threads(1)   # see analysis_jobs
+    sys.stderr = _LineStream(fd)
+
+
+def _forked_analysis(k: int) -> tuple:
+    names, models, images, opts, out = _FORKED["args"]
+    images.workers = 0   # this process is one of the CPUs' workers already
+    return _one_analysis(k, names, models, images, opts, out)
 
 
 def model_labels(specs, given: str | None = None) -> list[str]:
@@ -8870,12 +9080,11 @@ def _cmd_analysis(args):
     _plan_points(models, len(images) if images else 0)
     with _staged_results(final) as out:
         results, sections = {}, []
-        analysed = run_analyses(models, images, names, opts)
-        with step(f"writing {args.cmd}.json" + (", report.md" if args.cmd == "report" else "") + " and "
-                  f"{sum(len(f) for _, _, f, _ in analysed)} figure(s)"):
-            for name, res, figures, readings in analysed:
+        analysed = _analysed(models, images, names, opts, getattr(args, "jobs", 1), out)   # figures drawn as it goes
+        with step(f"writing {args.cmd}.json" + (", report.md" if args.cmd == "report" else "")):
+            for name, res, figures, readings, drawn in analysed:
                 results[name] = dict(results=res, readings=readings, figures=figures)   # what `replot` redraws
-                sections.append((name, _render_figures(figures, out), readings))
+                sections.append((name, drawn, readings))
                 for r in readings:   # models by their short labels, as in report.md
                     print(f"[{name}] {_relabel(r, {_spec(m): _label(m) for m in models})}")
         meta = dict(models=[_model_meta(m) for m in models], data=dict(source=str(getattr(args, "data", None)),
@@ -9493,6 +9702,11 @@ def _device_arg(text: str) -> str:
     return text
 
 
+def _jobs_arg(text: str) -> int | None:
+    """--jobs: auto (None) or a whole number of processes, 1 – 256."""
+    return None if text == "auto" else _ranged(int, 1, 256)(text)
+
+
 def _ranged(kind, lo=None, hi=None, bounds: str = "[]"):
     """An argparse type: a `kind` number within the range, else a one-line error before any work."""
     def parse(text):
@@ -9786,6 +10000,10 @@ def _add_analysis_commands(sub):
     p.add_argument("--skip", help="comma list of analyses to leave out: " + ",".join(ANALYSES))
     p.add_argument("--labels", help="comma list of short names, one per model, for report.md's tables and readings "
                                     "(default: a registered name as it is, a file's stem, made unique)")
+    p.add_argument("--jobs", type=_jobs_arg, default=None, metavar="N|auto",
+                   help="analyses run at once, in forked processes of one thread each (default auto: one per CPU where "
+                        f"the forward passes ahead are estimated under {FORK_BELOW_FORWARD_S:.0f} s, else 1; always 1 "
+                        "on a GPU, under torchrun or off Linux). The numbers do not depend on it")
 
 
 def _add_analysis_flags(p, options, data: bool):
@@ -9872,7 +10090,8 @@ def _heartbeat(enabled: bool):
         while not stop.wait(every / 8):
             if time.monotonic() - stream.last >= every:
                 label, start = _STEPS[-1] if _STEPS else ("working", t0)
-                stream.beat(f"… {label.strip()} ({time.monotonic() - start:.0f} s)")
+                with _HEARTBEAT_LOCK:
+                    stream.beat(f"… {label.strip()} ({time.monotonic() - start:.0f} s)")
     thread = threading.Thread(target=beat, daemon=True, name="ssl_repsim-heartbeat")
     thread.start()
     try:
@@ -9886,8 +10105,9 @@ def _heartbeat(enabled: bool):
 class _StderrHandler(logging.Handler):
     """Each record as one line on whatever sys.stderr is when it is emitted."""
 
-    def emit(self, record):
-        print(self.format(record), file=sys.stderr)
+    def emit(self, record):   # one write per line: lines of forked processes never interleave mid-line
+        sys.stderr.write(self.format(record) + "\n")
+        sys.stderr.flush()
 
 
 @contextlib.contextmanager

@@ -3749,6 +3749,37 @@ def test_an_unreadable_image_is_dropped_for_every_model(tmp_path):
     assert "zz_corrupt.png" in str(e.value)
 
 
+def test_minibatch_cka_reads_held_features_and_equals_running_the_models(tmp_path, monkeypatch):
+    """Minibatch CKA (the gap's estimator for sub-layer maps) reads every batch from the feature session when it
+    holds every model's features, running no model: the same maps, bootstrap intervals and n as the models run
+    batch by batch, on a class-sorted folder (48 PNGs) with an unreadable image, two models of different size and
+    normalisation, sub-layer points, batches of 4 in the seed's random order (the unreadable image makes one batch
+    of 3, and the last holds 1: both skipped, in both paths)."""
+    train, _ = colour_folders(tmp_path / "d")
+    (train / "red" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    models = list(two_tiny_models())
+    kw = dict(points="all", tokens="mean", estimator="minibatch", batch_size=4, ci=0.9, ci_resamples=50, seed=4,
+              device="cpu")
+    ran = sr.compare_models(models, sr.load_images(train, workers=0), **kw)
+    calls = collections.Counter()
+    forward = sr.ViT.forward_features
+
+    def counted(self, x, *a, **k):
+        calls["forward"] += 1
+        return forward(self, x, *a, **k)
+    with sr.feature_session():
+        images = sr.load_images(train, workers=0)
+        sr.extract_many(models, images, ["all", "all"], "all", batch_size=5, device="cpu")   # held, other batches
+        monkeypatch.setattr(sr.ViT, "forward_features", counted)
+        held = sr.compare_models(models, images, **kw)
+    assert calls["forward"] == 0 and images.skipped == 1
+    assert held["n"] == ran["n"] == 44, (held["n"], ran["n"])   # 48 readable, 3 + 1 in short batches
+    pair, ref = held["pairs"][0], ran["pairs"][0]
+    assert len(pair["layers_a"]) > 6 and pair["layers_a"] == ref["layers_a"]
+    for key in ("cka", "cka_low", "cka_high"):
+        assert torch.allclose(torch.as_tensor(pair[key]), torch.as_tensor(ref[key]), atol=1e-5), key
+
+
 def test_pillow_resizing_stays_within_one_grey_level_of_the_torch_reference(tmp_path):
     """Decoded and resized by Pillow in the workers (to the largest size any model needs), then cropped and
     normalised per model: against naive_preprocess (torch's antialiased resize from the full image)."""
@@ -5123,6 +5154,50 @@ def test_invariance_flip_symmetric_model_scores_one():
     assert "this report reads the centred, baseline-normalised score" in readings[0]
 
 
+def test_gaussian_blur_equals_a_2d_convolution_with_reflected_edges():
+    """The shift-and-add blur against numpy: the outer product of the normalised 1-D Gaussian (radius 3σ) slid over
+    the image padded by reflection (without repeating the edge pixel, as torch's "reflect"), at every pixel."""
+    x = torch.rand(2, 3, 11, 14, generator=torch.Generator().manual_seed(0))
+    sigma, r = 1.5, 4
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k2 = np.outer(k, k) / k.sum() ** 2
+    pad = np.pad(x.double().numpy(), ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect")
+    ref = np.zeros(x.shape)
+    for i in range(x.shape[2]):
+        for j in range(x.shape[3]):
+            ref[:, :, i, j] = (pad[:, :, i:i + 2 * r + 1, j:j + 2 * r + 1] * k2).sum((2, 3))
+    assert np.abs(sr.gaussian_blur(x, sigma).double().numpy() - ref).max() < 1e-6
+
+
+def test_invariance_of_a_model_is_its_own_whatever_its_company_and_memory(monkeypatch):
+    """invariance_many shares the [0, 1] images and their augmentations among models resized and cropped alike: each
+    model's scores are those it gets alone, for three models that differ in size (32, 48), resize (bicubic vs
+    bilinear, crop 0.875 vs 1) and normalisation (two share the resize but not the mean and std), and the same
+    again when nothing is held in memory (streamed per model). Grayscale against a hand computation: the naive
+    preprocessing to [0, 1], clamped, the luma by hand, normalised, features by extract, a numpy cosine."""
+    a, b = two_tiny_models()
+    c = tiny_model(2, perturb=True)
+    c.preprocess = dict(a.preprocess, mean=(0.2, 0.4, 0.6), std=(0.3, 0.2, 0.1))
+    images = sr.synthetic_images(10, 40, seed=5)
+    kinds = ("crop", "color", "grayscale", "blur")
+    run = lambda ms: sr.invariance_many(ms, images, kinds, batch_size=4, device="cpu")
+    together = run([a, b, c])
+    assert together == [run([m])[0] for m in (a, b, c)]
+    monkeypatch.setattr(sr, "AUGMENT_KEEP_BYTES", 0)
+    assert run([c, a, b]) == [together[2], together[0], together[1]]
+    pp = c.preprocess
+    x01 = torch.stack([naive_preprocess(im, 32, pp["crop_pct"], (0, 0, 0), (1, 1, 1), pp["interp"])
+                       for im in images.items])   # the plain images' features: as preprocessed, not clamped
+    x = x01.clamp(0, 1)                           # augmentations act on the images clamped to [0, 1]
+    gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand_as(x)
+    norm = lambda t: (t - torch.tensor(pp["mean"]).view(1, 3, 1, 1)) / torch.tensor(pp["std"]).view(1, 3, 1, 1)
+    fa, fb = (sr.extract(c, norm(t), None, "cls") for t in (x01, gray))
+    for layer in fa:
+        u, v = fa[layer].double().numpy(), fb[layer].double().numpy()
+        cos = np.mean(np.sum(u * v, 1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)))
+        assert together[2]["grayscale"][layer]["raw"] == pytest.approx(cos, abs=1e-5), layer
+
+
 def test_attention_statistics_local_vs_global():
     g, p = 4, 8
     T = g * g + 1
@@ -5133,7 +5208,7 @@ def test_attention_statistics_local_vs_global():
     st = sr.attention_statistics(uni, x, batch_size=2, device="cpu")
     mean_d = patch_mean_distance(g, p)
     assert st["distance"].shape == (2, 2)
-    np.testing.assert_allclose(st["distance"].numpy(), mean_d, rtol=1e-9)
+    np.testing.assert_allclose(st["distance"].numpy(), mean_d, rtol=1e-6)   # float32 maps: the model's precision
     np.testing.assert_allclose(st["entropy"].numpy(), math.log(T - 1), rtol=1e-6)   # uniform over the patches
     np.testing.assert_allclose(st["nmi"].numpy(), 0.0, atol=1e-6)
 
@@ -5583,6 +5658,48 @@ def test_report_is_never_silent_for_long(tmp_path, monkeypatch):
                      re.MULTILINE), stream.getvalue()
 
 
+def close_trees(a, b, path="", rel=1e-6) -> list[str]:
+    """Where two JSON trees differ: keys, lengths, strings, or numbers beyond `rel` (a thread count reorders float
+    sums: 1 thread in a forked process, 2 here)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [f"{path}: keys {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else \
+            [d for k in a for d in close_trees(a[k], b[k], f"{path}/{k}", rel)]
+    if isinstance(a, list) and isinstance(b, list):
+        return [f"{path}: {len(a)} vs {len(b)} items"] if len(a) != len(b) else \
+            [d for i, (u, v) in enumerate(zip(a, b, strict=True)) for d in close_trees(u, v, f"{path}[{i}]", rel)]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if a == b or abs(a - b) <= rel * max(1.0, abs(a)) else [f"{path}: {a} vs {b}"]
+    return [] if a == b else [f"{path}: {str(a)[:80]} vs {str(b)[:80]}"]
+
+
+def test_report_numbers_do_not_depend_on_the_process_count(tmp_path):
+    """--jobs 2 runs the analyses in forked processes of one thread each; every number of report.json, every line of
+    report.md but the time and the command, and the readings are those of --jobs 1 (one process, 2 threads), on
+    models that differ in everything a process could confuse: family and layout (MAE .pth, a Hugging Face CLIP
+    folder, DINO), normalisation (ImageNet vs CLIP mean and std) and input size (32, 32, 48 px). The forked run's
+    progress (the analyses' own lines) reaches stderr through the parent."""
+    for name in ("mae", "hf_clip", "dino"):
+        (tmp_path / name).mkdir()
+    cases = [build(name, tmp_path / name, **kw) for name, kw in (("mae", {}), ("hf_clip", {}), ("dino", {"grid": 6}))]
+    runs = {}
+    for jobs in (1, 2):
+        runs[jobs] = cli("report", *(c.path for c in cases), "--num-heads", 2, "--n", 24, "--epochs", 2, "--labels",
+                         "mae,clip,dino", "--out", tmp_path / f"r{jobs}", "--jobs", jobs)
+        assert runs[jobs].returncode == 0, runs[jobs].stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"r{j}" / "report.json").read_text()) for j in (1, 2))
+    assert one["meta"]["models"][2]["input_size"] == 48 != one["meta"]["models"][0]["input_size"]
+    assert close_trees({k: v for k, v in one.items() if k != "meta"}, {k: v for k, v in two.items() if k != "meta"}) \
+        == []
+    md = [[ln for ln in (tmp_path / f"r{j}" / "report.md").read_text().splitlines() if not ln.startswith("Command:")]
+          for j in (1, 2)]
+    strip_time = lambda ln: re.sub(r"; \d+ s\.$", "", ln)
+    assert [strip_time(ln) for ln in md[0]] == [strip_time(ln) for ln in md[1]]
+    assert runs[1].stdout.splitlines()[:-1] == runs[2].stdout.splitlines()[:-1]   # the readings; then "wrote ..."
+    assert "in 2 processes" not in runs[1].stderr and "for the 2 processes that run the analyses" in runs[2].stderr
+    for name in ("info", "invariance", "attention", "spatial"):   # each forked analysis's own lines came through
+        assert re.search(rf"^analysis \d/8: {name} done in ", runs[2].stderr, re.MULTILINE), runs[2].stderr[-3000:]
+
+
 def test_report_says_an_estimate_of_its_forward_passes_before_the_analyses(tmp_path):
     """Issue 24 item 3: before long work, report says how many forward passes lie ahead: one over the images for
     every model (the feature session serves the rest), 5 augmented ones for invariance and one for attention (its
@@ -5597,34 +5714,44 @@ def test_report_says_an_estimate_of_its_forward_passes_before_the_analyses(tmp_p
     assert said < next(i for i, ln in enumerate(lines) if ln.startswith("analysis 1/2"))
 
 
-def test_report_decodes_each_image_once_and_runs_each_model_once_per_image_set(tmp_path, monkeypatch):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_report_decodes_each_image_once_and_runs_each_model_once_per_image_set(tmp_path, monkeypatch, jobs):
     """report on a folder of PNGs (two models, every analysis that reads the plain images): each file is decoded
     once (the analyses, the train/validation split and invariance's augmented views read the decoded images
     again), and each model's forward runs once per image on the plain images (invariance's augmented views and
-    attention's maps are their own passes); the same numbers as with nothing kept (the session off)."""
+    attention's maps are their own passes); the same numbers as with nothing kept (the session off). With --jobs 2
+    the analyses run in forked processes: the counts are of every process (appended to one file)."""
     colour_folders(tmp_path / "data")
     mae, dino = (build(name, tmp_path) for name in ("mae", "dino"))
-    opened, forwarded = collections.Counter(), collections.Counter()
+    log_file = tmp_path / "calls.txt"
     decode, forward = sr._Decoder.__getitem__, sr.ViT.forward_features
 
+    def said(*fields):   # one line per call, appended: whole lines from any process
+        with open(log_file, "a") as f:
+            f.write("\t".join(map(str, fields)) + "\n")
+
     def counted_decode(self, i):
-        opened[self.paths[i]] += 1
+        said("open", self.paths[i])
         return decode(self, i)
 
     def counted_forward(self, x, *a, **k):
-        forwarded[self.source["spec"], "keep" in k or bool(a)] += len(x)
+        said("forward", self.source["spec"], "keep" in k or bool(a), len(x))
         return forward(self, x, *a, **k)
     monkeypatch.setattr(sr._Decoder, "__getitem__", counted_decode)
     monkeypatch.setattr(sr.ViT, "forward_features", counted_forward)
     argv = ["report", mae.path, dino.path, "--num-heads", 2, "--data", tmp_path / "data" / "train", "--workers", 0,
-            "--epochs", 2, "--skip", "attention,weights,agreement", "--quiet"]
+            "--epochs", 2, "--skip", "attention,weights,agreement", "--quiet", "--jobs", jobs]
     assert sr.main([*argv, "--out", tmp_path / "r"]) == 0
+    calls = [ln.split("\t") for ln in log_file.read_text().splitlines()]
+    opened = collections.Counter(c[1] for c in calls if c[0] == "open")
     files = sorted(p for p in (tmp_path / "data" / "train").rglob("*.png"))
-    assert set(map(str, opened)) == {str(p) for p in files} and set(opened.values()) == {1}, opened.most_common(3)
-    plain = {spec: c for (spec, _), c in forwarded.items()}
+    assert set(opened) == {str(p) for p in files} and set(opened.values()) == {1}, opened.most_common(3)
+    plain = collections.Counter()
+    for _, spec, _, b in (c for c in calls if c[0] == "forward"):
+        plain[spec] += int(b)
     augmented = 5 * len(files)   # invariance: hflip, crop, colour, grayscale, blur views of every image
     timed = 4                    # the estimate said before the analyses times 4 random images per model
-    assert all(c == len(files) + augmented + timed for c in plain.values()), (forwarded, len(files))
+    assert len(plain) == 2 and all(c == len(files) + augmented + timed for c in plain.values()), (plain, len(files))
     monkeypatch.setattr(sr, "feature_session", lambda budget=None: contextlib.nullcontext())
     assert sr.main([*argv, "--out", tmp_path / "r0"]) == 0
     read = lambda d: {k: v["readings"] for k, v in json.loads((d / "report.json").read_text()).items() if k != "meta"}
@@ -7169,8 +7296,8 @@ def test_replot_redraws_every_figure_from_the_json_alone(tmp_path, monkeypatch):
         maps))) or real_maps(maps, path, *r, **k))
     out = tmp_path / "r"
     p = cli("report", a, b, "--num-heads", 2, "--img-size", 32, "--n", 24, "--skip",
-            "info,attention,spatial,weights,agreement,gap", "--workers", 0, "--quiet", "--out", out)
-    assert p.returncode == 0, p.stderr[-2000:]
+            "info,attention,spatial,weights,agreement,gap", "--workers", 0, "--quiet", "--out", out, "--jobs", 1)
+    assert p.returncode == 0, p.stderr[-2000:]   # one process: the figures drawn here, where `drawn` sees them
     first = sorted(drawn)
     assert {name for name, _ in first} >= {"invariance.png", "overview.png"}
     for f in out.glob("*.png"):
