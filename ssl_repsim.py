@@ -3729,8 +3729,7 @@ class FeatureSession:
             if r in entry["unreadable"]:
                 images._kept(i, None, entry["unreadable"][r])
         take = torch.tensor([entry["index"][r] for r in rows if r in entry["index"]], dtype=torch.long)
-        return {k: v.clone() for k, v in _from_raw(model, {n: entry["points"][n][take] for n in names}, points,
-                                                    tokens).items()}
+        return _from_raw(model, {n: entry["points"][n][take] for n in names}, points, tokens)   # indexing copies
 
     def wanted(self, model, images: ImageSet, points, tokens: str, reserved: int = 0) -> list[str] | None:
         """The points a miss extracts as tokens: the request's and, where all fit the budget (less what this
@@ -3742,8 +3741,9 @@ class FeatureSession:
         return more if fits(more) else names if fits(names) else None
 
     def store(self, model, images: ImageSet, raw: dict, dtype):
-        """Keep `raw`, the tokens extract returned for `images`; beside what the entry for the same model, set of
-        origin and points holds already (another subset: train after validation), else in its place."""
+        """Keep `raw`, the tokens extract returned for `images` (the tensors themselves: the caller hands them over);
+        beside what the entry for the same model, set of origin and points holds already (another subset: train
+        after validation), else in its place."""
         key = self.key(model, images, dtype)
         rows = images.rows or range(len(images))
         read = [r for i, r in enumerate(rows) if i not in images.unreadable]   # the rows extract returned
@@ -3754,8 +3754,7 @@ class FeatureSession:
             raw = {n: torch.cat([old["points"][n], raw[n][new]]) for n in raw}
             read = list(old["index"]) + [read[k] for k in new]   # the held rows, in order, then the new ones
             unreadable = {**old["unreadable"], **{rows[i]: "unreadable" for i in images.unreadable}}
-        else:
-            raw = {n: v.clone() for n, v in raw.items()}
+        else:   # taken over: the caller keeps no reference to these tensors
             unreadable = {rows[i]: "unreadable" for i in images.unreadable}
         size = sum(v.numel() * v.element_size() for v in raw.values())
         if size > self.budget - self.held:
@@ -3824,9 +3823,10 @@ def extract_many(models, images: ImageSet, points_list, tokens: str = "all", bat
         raw = _extract_many([models[k] for k in kept], images, [wanted[k] for k in kept], "all", batch_size, device,
                             dtype, progress, group)
         for k, r in zip(kept, raw, strict=True):
-            session.store(models[k], images, r, dtype)
             names = _raw_points(models[k], points_list[k], tokens)
-            out[k] = _from_raw(models[k], {n: r[n] for n in names}, points_list[k], tokens)
+            out[k] = {n: v.clone() for n, v in _from_raw(models[k], {n: r[n] for n in names}, points_list[k],
+                                                           tokens).items()}   # the session keeps `r` itself
+            session.store(models[k], images, r, dtype)
     return out
 
 
@@ -6301,6 +6301,29 @@ def mae_linear_probe(train, y_train, test, y_test, *, epochs: int = 90, batch_si
     return {k: out[k] for k in train}
 
 
+class AdamW:
+    """AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's update and defaults (β = 0.9, 0.999; ε = 1e-8):
+    p ← p (1 − lr λ), then p ← p − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε); each step reads and clears the
+    gradients. Written out because torch.optim imports torch._dynamo (about a second) on first use."""
+
+    def __init__(self, params, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.wd, self.betas, self.eps, self.t = list(params), weight_decay, betas, eps, 0
+        self.m, self.v = ([torch.zeros_like(p) for p in self.params] for _ in range(2))
+
+    @torch.no_grad()
+    def step(self, lr: float):
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            p.mul_(1 - lr * self.wd)
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps), value=-lr / (1 - b1 ** self.t))
+            p.grad = None
+
+
 def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | None = None, epochs: int = 100,
               batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
               device=None) -> dict:
@@ -6323,7 +6346,7 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
             layers += [_seeded_linear(width, h, g), nn.BatchNorm1d(h), nn.ReLU()]
             width = h
         head = nn.Sequential(*layers, _seeded_linear(width, C, g)).to(device)
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = AdamW(head.parameters(), weight_decay)
         n = len(tr)
         spe = math.ceil(n / batch_size)
         head.train()
@@ -6333,13 +6356,9 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
             idx = perm[(step % spe) * batch_size:][:batch_size]
             if len(idx) < 2 and depth > 1:
                 continue
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, epochs * spe, 0, lr)
             with torch.enable_grad():
-                loss = F.cross_entropy(head(tr[idx]), y_train[idx].to(device))
-                opt.zero_grad()
-                loss.backward()
-            opt.step()
+                F.cross_entropy(head(tr[idx]), y_train[idx].to(device)).backward()
+            opt.step(cosine_lr(step, epochs * spe, 0, lr))
         head.eval()
         with torch.no_grad():
             logits = head(te).cpu()
@@ -6348,8 +6367,10 @@ def mlp_probe(train, y_train, test, y_test, *, depth: int = 2, hidden: int | Non
 
 
 def _seeded_linear(inp: int, out: int, g: torch.Generator) -> nn.Linear:
-    """nn.Linear with PyTorch's default initialisation (U(±1/√inp) for weight and bias), drawn from `g`."""
-    lin = nn.utils.skip_init(nn.Linear, inp, out)
+    """nn.Linear with PyTorch's default initialisation (U(±1/√inp) for weight and bias), drawn from `g` (the global
+    generator left as it was; not nn.utils.skip_init, whose meta-device path imports sympy: half a second)."""
+    with torch.random.fork_rng(devices=[]):
+        lin = nn.Linear(inp, out)
     bound = 1 / math.sqrt(inp)
     with torch.no_grad():
         lin.weight.uniform_(-bound, bound, generator=g)
@@ -7478,11 +7499,12 @@ def patch_labels(model: ViT, images: ImageSet) -> torch.Tensor:
 
 
 def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 32, max_patches: int = 20000,
-                   seed: int = 0, device=None, dtype=None) -> dict:
+                   seed: int = 0, device=None, dtype=None, labels_memo: dict | None = None) -> dict:
     """Linear probes (ridge classifiers, closed form) on frozen patch tokens of every block, and of every block
     concatenated with the last: the patch's grid position (P classes) and, where the data has masks, the object
     class under the patch (0 = background). Train/test split by image. A CNN's default points are its last stage's
-    blocks, whose positions are the stride-32 grid the masks are read on."""
+    blocks, whose positions are the stride-32 grid the masks are read on. labels_memo: a dict one caller passes
+    for every model on these images, where models resized, cropped and gridded alike share their patch labels."""
     last_stage = [b for b in getattr(model, "block_names", []) if b.startswith(model.stage_names[-1] + ".")]
     names = resolve_points(model, points if points is not None or not last_stage else last_stage)
     feats = extract(model, images, names, "patch", batch_size, device, dtype)
@@ -7494,7 +7516,9 @@ def spatial_probes(model: ViT, images: ImageSet, points=None, batch_size: int = 
     tr_img, te_img = perm[: n * 3 // 4], perm[n * 3 // 4:]
     targets = {"position": torch.arange(P).expand(n, -1)}
     if images.masks is not None:
-        targets["mask"] = patch_labels(model, images)
+        memo = {} if labels_memo is None else labels_memo
+        key = (repr(_unit_kw(preprocess_kw(model))), None if isinstance(model, ConvNet) else model.cfg.patch_size, P)
+        targets["mask"] = memo[key] if key in memo else memo.setdefault(key, patch_labels(model, images))
     out = {}
     for tname, lab in targets.items():
         def take(imgs):
@@ -7866,13 +7890,13 @@ def spatial_analysis(models, images, opts: AnalysisOptions) -> tuple[dict, dict,
                     "object-class probe is left out, the position probe runs")
         readings.append("No object-class probe: the data has no per-pixel masks (only the built-in synthetic set "
                         "does); the patch-position probe alone was run.")
-    t0 = time.monotonic()
+    t0, memo = time.monotonic(), {}
     for i, m in enumerate(models):
         with step(f"spatial: model {i + 1}/{len(models)} ({_label(m)}), position" + (" and object" if images.masks
                   is not None else "") + " probes on every block's patches" + (
                   f", about {(time.monotonic() - t0) / i * (len(models) - i):.0f} s to go at the pace so far" if i else "")):
             sp = spatial_probes(m, images, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
-                                dtype=opts.dtype)
+                                dtype=opts.dtype, labels_memo=memo)
         out[_spec(m)] = sp
         for t, per in sp.items():
             curves[f"{_label(m)} {t}"], bands[f"{_label(m)} {t}"] = top1(per), _ci_band(per)
@@ -8187,28 +8211,28 @@ class Analysis:
     min_models: int = 1
     needs_heads: bool = False
     command: bool = True          # also a subcommand of its own (the overview is report-only: `cka` does it)
-    cost: float = 1.0             # relative time (a report on tiny models): forked processes start the heaviest first
+    cost: float = 0.1             # seconds in one thread on the bench's stand-ins: forked processes start the heaviest first
 
 
 ANALYSES: dict[str, Analysis] = {
     "overview": Analysis(overview_analysis, "CKA between the models",
                          "CKA maps of every pair at the block outputs and the model × model matrix, by objective",
                          ("tokens", "estimator", "ci", "ci_resamples", "measures", "permutations", "null", "batch_size",
-                          "device", "dtype", "cache_dir", "seed"), min_models=2, command=False, cost=4),
+                          "device", "dtype", "cache_dir", "seed"), min_models=2, command=False, cost=2),
     "gap": Analysis(gap_analysis, "Where the gap opens (CKA by sub-layer type)",
                     "where two models' representations diverge: CKA by sub-layer type, diagonal, distance",
                     ("tokens", "estimator", "ci", "ci_resamples", "permutations", "null", "batch_size", "device", "dtype",
-                     "cache_dir", "seed"), min_models=2, cost=3),
+                     "cache_dir", "seed"), min_models=2, cost=6),
     "info": Analysis(info_analysis, "Information distribution",
                      "information distribution: per-block probes, k-NN, marginal features, MLP/PC probes, spectra",
-                     ("epochs", "batch_size", "device", "dtype", "seed", "cache_dir"), cost=12),
+                     ("epochs", "batch_size", "device", "dtype", "seed", "cache_dir"), cost=9),
     "invariance": Analysis(invariance_analysis, "Invariance to augmentations",
-                           "per-layer invariance to flip, crop, colour, grayscale, blur", cost=7),
+                           "per-layer invariance to flip, crop, colour, grayscale, blur", cost=11),
     "attention": Analysis(attention_analysis, "Attention distance and NMI",
                           "mean attention distance, entropy and NMI per head and layer",
-                          ("mae_mask_ratio", "attention_images", "batch_size", "device", "seed"), cost=3),
+                          ("mae_mask_ratio", "attention_images", "batch_size", "device", "seed"), cost=5),
     "spatial": Analysis(spatial_analysis, "Spatial specificity (per-patch probes)",
-                        "per-patch probes of position and object class on frozen patch tokens", cost=2),
+                        "per-patch probes of position and object class on frozen patch tokens", cost=5),
     "weights": Analysis(weights_analysis, "Weight distance",
                         "per-module weight distance between models of one architecture (e.g. pretrained vs "
                         "fine-tuned)", (), min_models=2),
@@ -8320,25 +8344,30 @@ _FORKED: dict = {}   # what run_analyses' forked processes read (inherited at th
 
 def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, out: Path | None) -> list:
     """_one_analysis of every name in `jobs` processes forked from this one (each inherits the models, images and
-    feature session), the heaviest analyses (ANALYSES' cost) started first; results in the order of `names`. What
-    the processes write on stderr comes back through a pipe and is written here, line by line."""
+    feature session), the heaviest analyses (ANALYSES' cost) started first, each one's figures then drawn as tasks
+    of their own; results in the order of `names`. What the processes write on stderr comes back through a pipe and
+    is written here, line by line."""
     import concurrent.futures
     import multiprocessing
     read, write = os.pipe()
     relay = threading.Thread(target=_relay_lines, args=(read,), daemon=True, name="ssl_repsim-relay")
-    _FORKED.update(args=(names, models, images, opts, out))
+    _FORKED.update(args=(names, models, images, opts))
     for stream in (sys.stdout, sys.stderr):   # a child flushes what it inherited: nothing may be pending
         stream.flush()
+    if out is not None:   # imported once here, not in every process
+        with contextlib.suppress(ImportError):
+            import matplotlib.backends.backend_agg
+            import matplotlib.figure  # noqa: F401
     pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
                                                   initializer=_forked_start, initargs=(write,))
     try:
         with _HEARTBEAT_LOCK:   # no heartbeat line half-written as the processes fork (all at the first submit)
-            futures = {k: pool.submit(_forked_analysis, k) for k in sorted(range(len(names)),
+            futures = {pool.submit(_forked_analysis, k): k for k in sorted(range(len(names)),
                                                                          key=lambda k: -ANALYSES[names[k]].cost)}
         os.close(write)   # the processes hold the pipe now: it ends when the last exits
         write = None
         relay.start()
-        results = [futures[k].result() for k in range(len(names))]
+        return _gathered(pool, futures, len(names), out)
     except BaseException:
         for p in list(getattr(pool, "_processes", {}).values()):   # Ctrl-C, SIGTERM or an error: stop the rest
             p.terminate()
@@ -8351,7 +8380,19 @@ def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, ou
         if relay.ident is None:   # never started: the read end is still ours to close
             os.close(read)
         relay.join(timeout=5)
-    return results
+
+
+def _gathered(pool, futures: dict, count: int, out: Path | None) -> list:
+    """Each analysis's result as it completes, its figures then submitted to the pool one file a task (drawn
+    after the analyses already queued); every result with the figure files drawn, in the order of the names."""
+    import concurrent.futures
+    results, drawing = [None] * count, {}
+    for done in concurrent.futures.as_completed(futures):
+        k = futures[done]
+        results[k] = done.result()
+        if out is not None:
+            drawing[k] = [pool.submit(_render_figures, {f: kp}, out) for f, kp in results[k][2].items()]
+    return [(*r[:4], [f for task in drawing.get(k, []) for f in task.result()]) for k, r in enumerate(results)]
 
 
 def _relay_lines(fd: int):
@@ -8391,9 +8432,9 @@ def _forked_start(fd: int):
 
 
 def _forked_analysis(k: int) -> tuple:
-    names, models, images, opts, out = _FORKED["args"]
+    names, models, images, opts = _FORKED["args"]
     images.workers = 0   # this process is one of the CPUs' workers already
-    return _one_analysis(k, names, models, images, opts, out)
+    return _one_analysis(k, names, models, images, opts, None)
 
 
 def model_labels(specs, given: str | None = None) -> list[str]:
@@ -10185,5 +10226,14 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
+def _exit_now(code: int):
+    """End the process with `code` once stdout and stderr are flushed, skipping the interpreter's teardown (about a
+    second with torch's modules loaded): every result is written and closed, and child processes joined, by then."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):   # a closed pipe (output piped into head)
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -4490,6 +4490,42 @@ def test_marginal_probe_finds_intermediate_layer_information():
     assert per_layer["blocks.1"] >= 0.9 and per_layer["blocks.0"] <= 0.45
 
 
+def test_adamw_follows_torch_optim_adamw():
+    """Our AdamW (mlp_probe's optimiser) against torch.optim.AdamW on the same two-layer problem: 30 steps with the
+    learning rate changed every step (a cosine schedule) and weight decay; every parameter agrees to float rounding."""
+    def net():
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+    ours, ref = net(), net()
+    opt, topt = sr.AdamW(ours.parameters(), 0.05), torch.optim.AdamW(ref.parameters(), lr=0.1, weight_decay=0.05)
+    for t in range(30):
+        lr = sr.cosine_lr(t, 30, 3, 0.1)
+        torch.nn.functional.cross_entropy(ours(x), y).backward()
+        opt.step(lr)
+        topt.param_groups[0]["lr"] = lr
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        topt.step()
+    for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert p.grad is None and torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+    assert not torch.allclose(ours[0].weight, net()[0].weight, atol=1e-2)   # it moved
+
+
+def test_mlp_probe_draws_from_its_seed_alone():
+    """mlp_probe's heads are initialised from its seed: the global generator is left as it was, and a run after
+    other draws gives the same accuracy and per-image results."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(60, 6, generator=g), torch.arange(60) % 3
+    run = lambda: sr.mlp_probe({"l": x[:40]}, y[:40], {"l": x[40:]}, y[40:], depth=3, epochs=5, batch_size=16)
+    state = torch.get_rng_state()
+    first = run()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.randn(100)
+    assert run() == first
+
+
 def test_mlp_probe_separable_blobs():
     g = torch.Generator().manual_seed(0)
     centres = 8 * F.normalize(torch.randn(3, 16, generator=g), dim=1)
@@ -6366,7 +6402,7 @@ def test_torchrun_ranks_on_an_empty_weights_folder_download_once_and_both_load(t
                    url={url + "/deit.pth"!r}, num_heads=2, img_size={case.a.img})
         sr.REGISTRY["deit-race"] = row
         m = sr.load_model("deit-race", weights_dir={str(wdir)!r}, progress=False)
-        print("rank", os.environ["RANK"], m.family, m.cfg.embed_dim)
+        sys.stdout.write(f"rank {{os.environ['RANK']}} {{m.family}} {{m.cfg.embed_dim}}\\n")   # one write: ranks share stdout
     """))
     try:
         with started([*torchrun_argv(), "--standalone", "--nproc_per_node", 2, script],
@@ -7149,6 +7185,20 @@ def test_topk_kendall_is_tau_b_over_the_union_of_both_top_k_lists():
         want = naive_kendall_b(la[i, union].double().numpy(), lb[i, union].double().numpy())
         assert float(got[i]) == pytest.approx(want, abs=1e-12), i
     assert float(got[0]) == pytest.approx(1.0) and float(got[1]) == pytest.approx(-1.0)
+
+
+def test_spatial_patch_labels_are_shared_only_among_models_resized_alike():
+    """spatial_analysis passes one memo to every model's spatial_probes: two models resized and cropped alike but
+    normalised apart share their patch labels, a third (48 px, bilinear, no crop) gets its own, and every model's
+    results are those it gets alone."""
+    a, b = two_tiny_models()
+    c = tiny_model(2, perturb=True)
+    c.preprocess = dict(a.preprocess, mean=(0.2, 0.4, 0.6), std=(0.3, 0.2, 0.1))
+    images = sr.synthetic_images(12, 48, seed=2)
+    memo = {}
+    together = [sr.spatial_probes(m, images, batch_size=4, device="cpu", labels_memo=memo) for m in (a, b, c)]
+    assert len(memo) == 2
+    assert together == [sr.spatial_probes(m, images, batch_size=4, device="cpu") for m in (a, b, c)]
 
 
 def test_spatial_intervals_count_images_not_patches():
