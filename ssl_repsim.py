@@ -7403,7 +7403,7 @@ def _normalised(batches, model):
     kw = preprocess_kw(model)
     m, s = torch.tensor(kw["mean"]).view(1, 3, 1, 1), torch.tensor(kw["std"]).view(1, 3, 1, 1)
     for x in batches:
-        yield (x - m) / s
+        yield torch.sub(x, m).div_(s)
 
 
 def attention_statistics(model: ViT, images, batch_size: int = 16, mask_ratio: float = 0.0, seed: int = 0,
@@ -7766,7 +7766,8 @@ def _info_of(m, train: ImageSet, val: ImageSet, opts: AnalysisOptions, run: dict
         lin = linear_probe({**ftr, "official": otr}, ytr, {**fva, "official": ova}, yva, seed=opts.seed)
         k = min(20, len(ytr))
         knn = knn_accuracy(ftr, ytr, fva, yva, k=k)
-        marg = linear_probe(concat_features(ftr, last), ytr, concat_features(fva, last), yva, seed=opts.seed)
+        pairs = [{k: v for k, v in concat_features(f, last).items() if k != last} for f in (ftr, fva)]
+        marg = {last: lin[last], **linear_probe(pairs[0], ytr, pairs[1], yva, seed=opts.seed)}   # last: the probe's
     with step(f"  MLP probes of depth 1-4 on {last} ({opts.epochs} epochs each)"):
         mlp = {f"depth{d}": mlp_probe({last: ftr[last]}, ytr, {last: fva[last]}, yva, depth=d,
                                       epochs=opts.epochs, seed=opts.seed)[last] for d in (1, 2, 3, 4)}
