@@ -34,6 +34,7 @@ import logging
 import math
 import operator
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -3729,7 +3730,8 @@ class FeatureSession:
             if r in entry["unreadable"]:
                 images._kept(i, None, entry["unreadable"][r])
         take = torch.tensor([entry["index"][r] for r in rows if r in entry["index"]], dtype=torch.long)
-        return _from_raw(model, {n: entry["points"][n][take] for n in names}, points, tokens)   # indexing copies
+        return {k: _own(v) for k, v in _from_raw(model, {n: entry["points"][n][take] for n in names}, points,
+                                                  tokens).items()}   # indexing copied the tokens
 
     def wanted(self, model, images: ImageSet, points, tokens: str, reserved: int = 0) -> list[str] | None:
         """The points a miss extracts as tokens: the request's and, where all fit the budget (less what this
@@ -3762,6 +3764,11 @@ class FeatureSession:
         self.entries[key] = dict(model=weakref.ref(model), index={r: k for k, r in enumerate(read)}, size=size,
                                  points=raw, unreadable=unreadable)
         self.held += size
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy where t is a view into a larger tensor (a cls token of all tokens): the rest is then let go."""
+    return t.clone() if t._base is not None and t._base.numel() > t.numel() else t
 
 
 _SESSION: contextvars.ContextVar = contextvars.ContextVar("ssl_repsim_feature_session", default=None)
@@ -8288,13 +8295,19 @@ def analysis_jobs(jobs: int | None, names, opts: AnalysisOptions, forward_second
     """How many processes run the analyses: one where fork is not the Linux one, on a GPU (CUDA does not survive a
     fork) or under torchrun; else `jobs` (at most one per analysis), or for None (auto) one per CPU where the forward
     passes ahead are estimated under FORK_BELOW_FORWARD_S (the analyses' own solvers, single-threaded by nature,
-    then dominate), one otherwise (forward passes of large models use a process's threads better). A forked process
-    computes with one thread: GNU OpenMP cannot run parallel regions in a child forked after the parent ran one."""
-    if len(names) < 2 or not sys.platform.startswith("linux") or _dist_active() or \
-            as_device(opts.device).type != "cpu" or jobs == 1:
+    then dominate) and no feature cache is given, one otherwise (forward passes of large models use a process's
+    threads better; a warm cache spares them in one process, where jobs > 1 extracts every model's features once
+    before forking, whatever the cache holds). A forked process computes with one thread: GNU OpenMP cannot run
+    parallel regions in a child forked after the parent ran one."""
+    if len(names) < 2 or jobs == 1:
         return 1
-    if jobs is None:
-        jobs = USABLE_CPUS if forward_seconds < FORK_BELOW_FORWARD_S else 1
+    if not sys.platform.startswith("linux") or _dist_active() or as_device(opts.device).type != "cpu":
+        if jobs is not None:
+            log.warning(f"notice: {_opt('jobs')} {jobs} ignored: analyses run in forked processes on a CPU, on Linux, "
+                        "outside torchrun")
+        return 1
+    if jobs is None:   # with a feature cache, reading it (one process) spares the forward passes
+        jobs = USABLE_CPUS if forward_seconds < FORK_BELOW_FORWARD_S and not opts.cache_dir else 1
     return max(1, min(jobs, len(names)))
 
 
@@ -8360,7 +8373,7 @@ def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, ou
             import matplotlib.backends.backend_agg
             import matplotlib.figure  # noqa: F401
     pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
-                                                  initializer=_forked_start, initargs=(write,))
+                                                  initializer=_forked_start, initargs=(write, read, os.getpid()))
     try:
         with _HEARTBEAT_LOCK:   # no heartbeat line half-written as the processes fork (all at the first submit)
             futures = {pool.submit(_forked_analysis, k): k for k in sorted(range(len(names)),
@@ -8369,9 +8382,12 @@ def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, ou
         write = None
         relay.start()
         return _gathered(pool, futures, len(names), out)
-    except BaseException:
-        for p in list(getattr(pool, "_processes", {}).values()):   # Ctrl-C, SIGTERM or an error: stop the rest
-            p.terminate()
+    except concurrent.futures.process.BrokenProcessPool:
+        _stop(pool)
+        raise UsageError("a forked analysis process was killed (out of memory?): rerun with --jobs 1, or with "
+                         "fewer images or models") from None
+    except BaseException:   # Ctrl-C, SIGTERM or an error: stop the rest
+        _stop(pool)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -8383,26 +8399,40 @@ def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, ou
         relay.join(timeout=5)
 
 
+def _stop(pool):
+    """Every process of the pool ended: SIGTERM, then SIGKILL to any still alive a second later."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(timeout=1)
+        if p.is_alive():
+            p.kill()
+
+
 def _gathered(pool, futures: dict, count: int, out: Path | None) -> list:
     """Each analysis's result as it completes, its figures then submitted to the pool one file a task (drawn
-    after the analyses already queued); every result with the figure files drawn, in the order of the names."""
+    after the analyses already queued); every result with the figure files drawn, in the order of the names.
+    Results and figure data travel as plain pickles of our own objects (tensors copied: torch's own reduction
+    would hold a file descriptor per tensor here)."""
     import concurrent.futures
     results, drawing = [None] * count, {}
     for done in concurrent.futures.as_completed(futures):
         k = futures[done]
-        results[k] = done.result()
+        results[k] = pickle.loads(done.result())   # written by our own forked process just now
         if out is not None:
-            drawing[k] = [pool.submit(_render_figures, {f: kp}, out) for f, kp in results[k][2].items()]
+            drawing[k] = [pool.submit(_forked_figure, pickle.dumps({f: kp}), out) for f, kp in results[k][2].items()]
     return [(*r[:4], [f for task in drawing.get(k, []) for f in task.result()]) for k, r in enumerate(results)]
 
 
 def _relay_lines(fd: int):
-    """Copy whole lines from `fd` onto this process's stderr until the pipe ends (then close it)."""
+    """Copy whole lines from `fd` onto this process's stderr until the pipe ends (then close it); where stderr
+    cannot be written (its reader left), keep draining the pipe so that no writer blocks."""
     with os.fdopen(fd, "rb") as pipe:
         for line in pipe:
-            with _HEARTBEAT_LOCK:
+            with _HEARTBEAT_LOCK, contextlib.suppress(Exception):
                 sys.stderr.write(line.decode("utf-8", "replace"))
-            sys.stderr.flush()
+                sys.stderr.flush()
 
 
 class _LineStream:
@@ -8415,27 +8445,51 @@ class _LineStream:
         self.pending += s
         if "\n" in self.pending:
             done, _, self.pending = self.pending.rpartition("\n")
-            os.write(self.fd, (done + "\n").encode("utf-8", "replace"))
+            self._send(done + "\n")
         return len(s)
 
     def flush(self):
         if self.pending:
-            os.write(self.fd, self.pending.encode("utf-8", "replace"))
+            self._send(self.pending)
             self.pending = ""
+
+    def _send(self, text: str):
+        with contextlib.suppress(OSError):   # the parent stopped reading: the line is dropped, the work goes on
+            os.write(self.fd, text.encode("utf-8", "replace"))
 
     def isatty(self) -> bool:
         return False
 
 
-def _forked_start(fd: int):
-    torch.set_num_threads(1)   # see analysis_jobs
-    sys.stderr = _LineStream(fd)
+def _forked_start(write: int, read: int, parent: int):
+    """A forked analysis process: one torch thread (see analysis_jobs); stderr through the relay's pipe (whose read
+    end is the parent's alone, so a write fails when the parent stops reading); SIGTERM ends it at once and Ctrl-C
+    is the parent's to handle; it dies with the parent (prctl PR_SET_PDEATHSIG) and holds none of its locks."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:   # the parent died before prctl took effect
+        os._exit(1)
+    os.close(read)
+    for fd in list(_LOCK_FDS):   # the stage folder's flock stays the parent's
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    globals()["_HEARTBEAT_LOCK"] = threading.Lock()   # forked while the parent held it
+    torch.set_num_threads(1)
+    sys.stderr = _LineStream(write)
 
 
-def _forked_analysis(k: int) -> tuple:
+def _forked_analysis(k: int) -> bytes:
     names, models, images, opts = _FORKED["args"]
     images.workers = 0   # this process is one of the CPUs' workers already
-    return _one_analysis(k, names, models, images, opts, None)
+    return pickle.dumps(_one_analysis(k, names, models, images, opts, None))
+
+
+def _forked_figure(figure: bytes, out: Path) -> list[str]:
+    return _render_figures(pickle.loads(figure), out)   # pickled by the parent of this process
 
 
 def model_labels(specs, given: str | None = None) -> list[str]:
@@ -9203,12 +9257,15 @@ def _staged_results(final: Path):
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if held is not None:
-            os.close(held)
+            _unlock(held)
+
+
+_LOCK_FDS: set[int] = set()   # descriptors holding this process's stage-folder locks
 
 
 def _try_lock(folder: Path) -> int | None:
     """An open descriptor holding an exclusive flock on the folder, or None when another process holds it (or
-    locks are not available here)."""
+    locks are not available here). Listed in _LOCK_FDS until _unlock closes it (forked processes close theirs)."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
@@ -9216,10 +9273,16 @@ def _try_lock(folder: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _LOCK_FDS.add(fd)
         return fd
     except OSError:
         os.close(fd)
         return None
+
+
+def _unlock(fd: int):
+    _LOCK_FDS.discard(fd)
+    os.close(fd)
 
 
 def _sweep_stages(final: Path):
@@ -9228,7 +9291,7 @@ def _sweep_stages(final: Path):
     for stale in final.parent.glob(f".{glob.escape(final.name)}.*"):
         if stale.is_dir() and stale.suffix in (".tmp", ".old") and (fd := _try_lock(stale)) is not None:
             shutil.rmtree(stale, ignore_errors=True)
-            os.close(fd)
+            _unlock(fd)
 
 
 RESULTS_MARK = ".ssl_repsim-results"   # in every result folder: what a later run into the same --out may replace
@@ -10044,8 +10107,9 @@ def _add_analysis_commands(sub):
                                     "(default: a registered name as it is, a file's stem, made unique)")
     p.add_argument("--jobs", type=_jobs_arg, default=None, metavar="N|auto",
                    help="analyses run at once, in forked processes of one thread each (default auto: one per CPU where "
-                        f"the forward passes ahead are estimated under {FORK_BELOW_FORWARD_S:.0f} s, else 1; always 1 "
-                        "on a GPU, under torchrun or off Linux). The numbers do not depend on it")
+                        f"the forward passes ahead are estimated under {FORK_BELOW_FORWARD_S:.0f} s, timed here, and "
+                        "no --cache is given, else 1; always 1 on a GPU, under torchrun or off Linux). The numbers do "
+                        "not depend on it")
 
 
 def _add_analysis_flags(p, options, data: bool):

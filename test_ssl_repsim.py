@@ -5736,6 +5736,139 @@ def test_report_numbers_do_not_depend_on_the_process_count(tmp_path):
         assert re.search(rf"^analysis \d/8: {name} done in ", runs[2].stderr, re.MULTILINE), runs[2].stderr[-3000:]
 
 
+FORKED_SCRIPT = """
+import os, sys
+sys.path.insert(0, {here!r})
+import ssl_repsim as sr
+mode, real = os.environ["MODE"], sr.ANALYSES["attention"].fn
+
+def attention(models, images, opts):   # the analysis a test makes misbehave, in a forked process
+    with open(os.environ["PIDS"], "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    if mode == "chatty":
+        for i in range(3000):
+            sr.log.info(f"line {{i}} of a chatty analysis, long enough to fill a pipe's buffer soon")
+    if mode == "stuck":   # blocked in C for good, as a GNU OpenMP hang would be: a normal mutex locked twice
+        import ctypes
+        mutex, libc = ctypes.create_string_buffer(64), ctypes.CDLL(None)
+        libc.pthread_mutex_lock(mutex)
+        sr.log.info("stuck")
+        libc.pthread_mutex_lock(mutex)
+    return real(models, images, opts)
+sr.ANALYSES["attention"] = sr.dataclasses.replace(sr.ANALYSES["attention"], fn=attention, cost=100)
+if os.environ.get("NOFILE"):
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(os.environ["NOFILE"]),) * 2)
+sys.exit(sr.main(sys.argv[1:]))
+"""
+
+
+def forked_report(tmp_path, mode, *models, skip="info,invariance,spatial,weights,agreement", **env):
+    """A report with --jobs 2 run by FORKED_SCRIPT (its attention analysis misbehaving as `mode` says), as a
+    process of its own: (Popen, the file the forked attention processes write their pids to)."""
+    script, pids = tmp_path / "forked.py", tmp_path / f"pids-{mode}.txt"
+    script.write_text(FORKED_SCRIPT.format(here=str(HERE)))
+    models = models or tiny_pair(tmp_path)
+    argv = [sys.executable, script, "report", *models, "--num-heads", 2, "--img-size", 32, "--n", 16, "--jobs", 2,
+            "--skip", skip, "--out", tmp_path / f"r-{mode}"]
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**subprocess_env(), "MODE": mode, "PIDS": str(pids), **env}, start_new_session=True)
+    return proc, pids
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process `pid` has ended (or is a zombie nobody reaps) within `within` seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked analyses run on Linux only")
+def test_forked_report_ends_when_its_stderr_reader_leaves(tmp_path):
+    """The review's hang: with stderr piped into a reader that leaves (`2>&1 | head`), a forked analysis that keeps
+    talking filled the pipe and blocked for good, and the parent with it. Now the relay drains what it cannot
+    write and the run ends."""
+    proc, _ = forked_report(tmp_path, "chatty")
+    try:
+        for line in proc.stderr:
+            if b"line 1 of a chatty" in line:
+                break
+        proc.stderr.close()   # the reader leaves
+        assert proc.wait(60) is not None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked analyses run on Linux only")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_forked_processes_end_with_their_parent(tmp_path, sig):
+    """The review's orphans: a forked analysis stuck in C (a mutex locked twice) outlived a SIGTERM to the parent
+    (its handler only raised in Python, so the parent waited for good) and a SIGKILL (nothing told it). Now SIGTERM
+    ends the run in seconds (exit 130) and every forked process with it, and a SIGKILLed parent takes them along
+    (PR_SET_PDEATHSIG)."""
+    proc, pids = forked_report(tmp_path, "stuck")
+    try:
+        for line in proc.stderr:
+            if b"stuck" in line:
+                break
+        os.kill(proc.pid, sig)
+        rc = proc.wait(20)
+        assert rc == (130 if sig == signal.SIGTERM else -signal.SIGKILL), rc
+        children = [int(p) for p in pids.read_text().split()]
+        assert children and all(gone(p) for p in children), children
+        assert not list(tmp_path.glob(".r-stuck.*.tmp")) or sig == signal.SIGKILL   # SIGKILL leaves its stage
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked analyses run on Linux only")
+def test_forked_results_do_not_hold_a_descriptor_per_tensor(tmp_path):
+    """The review's "Too many open files": results came back through torch's descriptor-passing pickler, one
+    descriptor per tensor (157 in an overview of 6 models). Under a limit of 64 descriptors, 6 models' overview and
+    gap (their maps and figures full of tensors) run and agree with one process."""
+    models = [save_tiny(tiny_model(s), tmp_path / f"m{s}.safetensors") for s in range(6)]
+    proc, _ = forked_report(tmp_path, "quiet", *models, skip="info,invariance,spatial,weights,agreement,attention",
+                            NOFILE="64")
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 0, err[-2000:]
+    one = cli("report", *models, "--num-heads", 2, "--img-size", 32, "--n", 16, "--jobs", 1, "--skip",
+              "info,invariance,spatial,weights,agreement,attention", "--out", tmp_path / "r1")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = json.loads((tmp_path / "r-quiet" / "report.json").read_text())
+    ref = json.loads((tmp_path / "r1" / "report.json").read_text())
+    assert close_trees({k: v for k, v in two.items() if k != "meta"}, {k: v for k, v in ref.items() if k != "meta"}) \
+        == []
+
+
+def test_auto_jobs_and_held_features_own_their_memory(tmp_path):
+    """auto --jobs forks one process per CPU only where the forward passes are short and no feature cache is given
+    (a warm cache spares the passes in one process); an explicit count is kept (at most one per analysis) and said
+    to be ignored on a GPU. A cls feature read from the session is its own small tensor, not a view pinning every
+    token (the review: 17x the memory at 32 px, about 197x for a ViT-B/16)."""
+    names, cpu = ["overview", "info", "invariance"], sr.AnalysisOptions(device="cpu")
+    if sys.platform.startswith("linux"):
+        assert sr.analysis_jobs(None, names, cpu, 5.0) == min(sr.USABLE_CPUS, 3)
+        assert sr.analysis_jobs(None, names, sr.AnalysisOptions(device="cpu", cache_dir=str(tmp_path)), 5.0) == 1
+        assert sr.analysis_jobs(5, names, cpu, 500.0) == 3
+    assert sr.analysis_jobs(None, names, cpu, 500.0) == 1 and sr.analysis_jobs(4, names[:1], cpu) == 1
+    m = tiny_model(0)
+    images = sr.synthetic_images(8, 32, seed=1)
+    with sr.feature_session():
+        sr.extract(m, images, "all", "all")
+        cls = sr.extract(m, images, "blocks", "cls")
+    for v in cls.values():
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
+
+
 def test_report_says_an_estimate_of_its_forward_passes_before_the_analyses(tmp_path):
     """Issue 24 item 3: before long work, report says how many forward passes lie ahead: one over the images for
     every model (the feature session serves the rest), 5 augmented ones for invariance and one for attention (its
