@@ -668,6 +668,7 @@ _STEPS: list[tuple[str, float]] = []   # the labelled steps in progress, innermo
 
 
 _HEARTBEAT_LOCK = threading.Lock()   # held while the CLI's heartbeat writes: a fork waits for it (_forked_analyses)
+_LOCK_FDS: set[int] = set()          # descriptors holding this process's stage-folder locks (_try_lock)
 
 
 @contextlib.contextmanager
@@ -8272,6 +8273,7 @@ def _forward_estimate(models, images, names, opts: AnalysisOptions) -> float:
 
 
 def _passes(images, names, opts: AnalysisOptions) -> float:
+    """Forward passes over the images ahead, per model (_forward_estimate)."""
     n = len(images)
     return 1 + len(AUGMENTATIONS) * ("invariance" in names) + ("attention" in names) * min(opts.attention_images, n) / n
 
@@ -8283,8 +8285,7 @@ def _estimate_text(seconds: float, models, images, names, opts: AnalysisOptions)
             "fits and statistics add to it")
 
 
-def run_analyses(models, images, names, opts: AnalysisOptions, jobs: int | None = 1) -> list[tuple[str, dict, dict,
-                                                                                                  list[str]]]:
+def run_analyses(models, images, names, opts: AnalysisOptions, jobs: int | None = 1) -> list[tuple]:
     """(name, results, figures, readings) of each named analysis, in order. With several names (a report), one that
     cannot run on these models or data is skipped with a reading that says why; alone, that is a UsageError. jobs:
     analyses run at once in forked processes (analysis_jobs; None = auto); the numbers do not depend on it."""
@@ -9258,9 +9259,6 @@ def _staged_results(final: Path):
         shutil.rmtree(stage, ignore_errors=True)
         if held is not None:
             _unlock(held)
-
-
-_LOCK_FDS: set[int] = set()   # descriptors holding this process's stage-folder locks
 
 
 def _try_lock(folder: Path) -> int | None:

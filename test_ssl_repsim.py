@@ -4490,6 +4490,33 @@ def test_marginal_probe_finds_intermediate_layer_information():
     assert per_layer["blocks.1"] >= 0.9 and per_layer["blocks.0"] <= 0.45
 
 
+@pytest.mark.parametrize("dual", [False, True])
+def test_a_probe_warm_started_from_its_chosen_decay_reaches_the_cold_fit(dual):
+    """linear_probe chooses the weight decay by fits of at most SELECTION_ITERS iterations on 80% of the training
+    rows, then fits on every row starting from the chosen classifier (in the dual, the held-out rows' variables at
+    0). Converged, that is the classifier a cold fit at the same decay reaches: the same test predictions, image by
+    image, primal and dual, on overlapping classes (no separable shortcut) with widths above and below n."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.arange(120) % 4
+    x = {f"w{d}": torch.randn(4, d, generator=g)[y] * 0.8 + torch.randn(120, d, generator=g) for d in (12, 150)}
+    tr, te = {k: v[:90] for k, v in x.items()}, {k: v[90:] for k, v in x.items()}
+    grid = sr.linear_probe(tr, y[:90], te, y[90:], weight_decays=(1e-2, 1e-1), dual=dual, max_iter=3000)
+    for k, r in grid.items():
+        cold = sr.linear_probe({k: tr[k]}, y[:90], {k: te[k]}, y[90:], weight_decay=r["weight_decay"], dual=dual,
+                               max_iter=3000)[k]
+        assert cold["correct"] == r["correct"], k
+    if dual:   # the start is the chosen classifier: its fitted rows' variables where they belong, the rest 0
+        xs = sr.standardize(tr["w150"])[0][None]
+        K = torch.bmm(xs, xs.transpose(1, 2)) / 150
+        perm = torch.randperm(90, generator=torch.Generator().manual_seed(0))
+        val, fit = perm[:18], perm[18:]
+        wds = torch.tensor([1e-2, 1e-1], dtype=torch.float64)
+        best, (a, b) = sr._chosen_decays(K, y[:90], fit, val, 4, wds, 500, 150)
+        ref, ref_b = sr._fit_softmax(K[:, fit][:, :, fit], y[:90][fit], 4, best, sr.SELECTION_ITERS, gram=150)
+        assert torch.allclose(a[:, fit], ref, atol=1e-5) and torch.allclose(b, ref_b, atol=1e-5)
+        assert a[:, val].abs().max() == 0
+
+
 def test_adamw_follows_torch_optim_adamw():
     """Our AdamW (mlp_probe's optimiser) against torch.optim.AdamW on the same two-layer problem: 30 steps with the
     learning rate changed every step (a cosine schedule) and weight decay; every parameter agrees to float rounding."""
