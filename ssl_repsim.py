@@ -8332,8 +8332,9 @@ def _analysed(models, images, names, opts: AnalysisOptions, jobs: int | None = 1
     jobs = analysis_jobs(jobs, names, opts, seconds if seconds else float("inf"))
     if jobs == 1:
         return [_one_analysis(k, names, models, images, opts, out) for k in range(len(names))]
-    if images is not None and len(images):
-        with step(f"extracting each model's features once, for the {jobs} processes that run the analyses"):
+    if images is not None and len(images):   # an error here (NaN features) is each analysis's to meet and be
+        with step(f"extracting each model's features once, for the {jobs} processes that run the analyses"), \
+                contextlib.suppress(UsageError):   # skipped for, as in one process
             extract_many(models, images, [None] * len(models), "all", opts.batch_size, opts.device, opts.dtype)
     return _forked_analyses(models, images, names, opts, jobs, out)
 
@@ -8368,13 +8369,15 @@ def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, ou
     relay = threading.Thread(target=_relay_lines, args=(read,), daemon=True, name="ssl_repsim-relay")
     _FORKED.update(args=(names, models, images, opts))
     for stream in (sys.stdout, sys.stderr):   # a child flushes what it inherited: nothing may be pending
-        stream.flush()
+        with contextlib.suppress(Exception):   # None or closed where the caller closed it
+            stream.flush()
     if out is not None:   # imported once here, not in every process
         with contextlib.suppress(ImportError):
             import matplotlib.backends.backend_agg
             import matplotlib.figure  # noqa: F401
     pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
                                                   initializer=_forked_start, initargs=(write, read, os.getpid()))
+    done = False
     try:
         with _HEARTBEAT_LOCK:   # no heartbeat line half-written as the processes fork (all at the first submit)
             futures = {pool.submit(_forked_analysis, k): k for k in sorted(range(len(names)),
@@ -8382,15 +8385,15 @@ def _forked_analyses(models, images, names, opts: AnalysisOptions, jobs: int, ou
         os.close(write)   # the processes hold the pipe now: it ends when the last exits
         write = None
         relay.start()
-        return _gathered(pool, futures, len(names), out)
+        results = _gathered(pool, futures, len(names), out)
+        done = True
+        return results
     except concurrent.futures.process.BrokenProcessPool:
-        _stop(pool)
         raise UsageError("a forked analysis process was killed (out of memory?): rerun with --jobs 1, or with "
                          "fewer images or models") from None
-    except BaseException:   # Ctrl-C, SIGTERM or an error: stop the rest
-        _stop(pool)
-        raise
     finally:
+        if not done:   # Ctrl-C, SIGTERM, an error or a killed process: the rest are stopped first
+            _stop(pool)
         pool.shutdown(wait=True, cancel_futures=True)
         _FORKED.clear()
         if write is not None:
@@ -10293,8 +10296,13 @@ def _exit_now(code: int):
     """End the process with `code` once stdout and stderr are flushed, skipping the interpreter's teardown (about a
     second with torch's modules loaded): every result is written and closed, and child processes joined, by then."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):   # a closed pipe (output piped into head)
-            stream.flush()
+        try:
+            if stream is not None:
+                stream.flush()
+        except BrokenPipeError:   # output piped into head & co.: what was read is all that was wanted
+            pass
+        except (OSError, ValueError):   # output lost (a full disk): Python's own exit would say 120
+            code = code or 120
     os._exit(code)
 
 

@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -5874,6 +5875,31 @@ def test_forked_results_do_not_hold_a_descriptor_per_tensor(tmp_path):
     ref = json.loads((tmp_path / "r1" / "report.json").read_text())
     assert close_trees({k: v for k, v in two.items() if k != "meta"}, {k: v for k, v in ref.items() if k != "meta"}) \
         == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked analyses run on Linux only")
+def test_forked_report_skips_what_one_process_skips_and_runs_with_stdout_closed(tmp_path):
+    """The second review: a model whose features overflow to Inf stopped a --jobs 2 report at the extraction before
+    the fork (exit 2, no report), where one process skips the analyses it breaks and writes the rest; and with
+    stdout closed (`>&-`) the flush before the fork was an internal error. Now both run as one process does."""
+    a, _ = tiny_pair(tmp_path)
+    bad = tiny_model(3)
+    with torch.no_grad():
+        for p in bad.blocks[1].parameters():
+            p.mul_(1e37)
+    b = save_tiny(bad, tmp_path / "inf.safetensors")
+    runs = {j: cli("report", a, b, "--num-heads", 2, "--img-size", 32, "--n", 16, "--jobs", j, "--skip",
+                   "info,invariance,spatial,agreement", "--out", tmp_path / f"r{j}") for j in (1, 2)}
+    for j, p in runs.items():
+        assert p.returncode == 0, (j, p.stderr[-1500:])
+    read = lambda j: {k: v["readings"] for k, v in json.loads((tmp_path / f"r{j}" / "report.json").read_text())
+                      .items() if k != "meta"}
+    assert read(1) == read(2) and any("NaN or Inf" in r for r in read(2)["overview"]), read(2)["overview"]
+    cmd = [sys.executable, HERE / "ssl_repsim.py", "report", a, a, "--num-heads", 2, "--img-size", 32, "--n", 16,
+           "--jobs", 2, "--quiet", "--skip", "info,invariance,spatial,agreement,gap", "--out", tmp_path / "closed"]
+    p = subprocess.run(" ".join(shlex.quote(str(c)) for c in cmd) + " >&-", shell=True, capture_output=True,
+                       check=False, text=True, env=subprocess_env(), timeout=120)
+    assert p.returncode == 0 and (tmp_path / "closed" / "report.md").is_file(), p.stderr[-1500:]
 
 
 def test_auto_jobs_and_held_features_own_their_memory(tmp_path):
