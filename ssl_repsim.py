@@ -8329,7 +8329,13 @@ def _analysed(models, images, names, opts: AnalysisOptions, jobs: int | None = 1
         elif images is not None and len(images):
             log.info(f"no estimate of the forward passes ahead on {as_device(opts.device)}: a first batch there times "
                      "its warm-up")
-    jobs = analysis_jobs(jobs, names, opts, seconds if seconds else float("inf"))
+    auto, jobs = jobs is None, analysis_jobs(jobs, names, opts, seconds if seconds else float("inf"))
+    if auto and len(names) > 1:   # what the default chose, and why
+        side = "under" if seconds < FORK_BELOW_FORWARD_S else "over"
+        log.info(f"{_opt('jobs')} auto: {jobs} process{'es' * (jobs > 1)}, " + (
+            f"a {_opt('cache_dir', '--cache')} is given (read in one process)" if opts.cache_dir else
+            f"the forward passes ahead estimated at {seconds:.0f} s, {side} {FORK_BELOW_FORWARD_S:.0f} s" if seconds
+            else "forked processes run on a CPU, on Linux, outside torchrun"))
     if jobs == 1:
         return [_one_analysis(k, names, models, images, opts, out) for k in range(len(names))]
     if images is not None and len(images):   # an error here (NaN features) is each analysis's to meet and be
